@@ -1,0 +1,44 @@
+# Two entry points for a fresh Linux machine with Python 3.11+:
+#   make quickstart   set up .venv and run the main job on bundled real data on a local Ray
+#   make test         set up .venv and run the test suite
+#
+# torch is installed first and pinned: a loose requirement pulls the multi-GB CUDA build.
+# GPU users pick their CUDA build of the same version, e.g.
+#   make quickstart TORCH_PIP_ARGS="--index-url <the CUDA wheel index from pytorch.org's selector>"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test data clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist. As root we install it system-wide;
+# otherwise distill_ray.data unpacks the package into ~/.cache/distill-ray on first use.
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || \
+		echo "note: could not apt-get install dataset-fashion-mnist; the loader will try apt-get download"; \
+	fi
+
+quickstart: setup data
+	$(BIN)/distill-ray --help
+	$(BIN)/distill-ray smoke
+
+test: setup data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

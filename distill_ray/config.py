@@ -1,0 +1,596 @@
+"""The experiment config: frozen dataclasses loaded from YAML, overridden with ``--set``, validated once.
+
+Every section is a frozen dataclass whose fields carry a docstring below them. Choices and ranges
+live in the field's metadata so one generic validator checks them all and every error names the
+key path, the bad value and what is allowed. ``load_config`` is the only way in; it returns a
+fully validated ``ExperimentConfig`` or raises ``ConfigError``.
+
+This module knows nothing of Ray or torch: workers rebuild the config from a plain dict
+(``config_from_dict(cfg_dict)``) on their first line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+# Valid names, kept here so config validation needs no torch import; tests assert they equal the
+# names the implementing modules export (losses.KD_KINDS, blending.BLEND_KINDS, ...).
+KD_KINDS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "mse_logits", "soft_ce")
+LOSS_KINDS = KD_KINDS + ("focal_kd", "dkd")
+BLEND_KINDS = ("uniform", "confidence", "learned_global", "learned_per_class", "learned_gate")
+CONFIDENCE_KINDS = ("entropy", "max_prob")
+MEASURER_KINDS = ("ensemble_entropy", "teacher_disagreement", "teacher_ce", "student_loss", "sequence_length")
+SCHEDULER_KINDS = ("none", "linear_ramp", "multi_stage", "confidence")
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
+TEACHER_SOURCES = ("hf_dir", "recipe", "torch_checkpoint")
+STUDENT_ARCHS = ("mlp", "cnn", "transformer_encoder", "hf_config", "hf_dir")
+TASKS = ("classification", "causal_lm")
+DATASETS = ("fashion_mnist",)
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key path, the value and the valid choices."""
+
+
+# --- field helpers: metadata the validator reads ------------------------------------------------
+
+def _field(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, default_factory: Any = dataclasses.MISSING):
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _field("fashion_mnist", choices=DATASETS)
+    """Which dataset; bundled real data (fashion_mnist) for now."""
+    task: str = _field("classification", choices=TASKS)
+    """classification (one label per sample) or causal_lm (next-token prediction)."""
+    path: str | None = None
+    """File or directory for parquet/jsonl/text_corpus data; unused by bundled datasets."""
+    text_field: str = "text"
+    """Column holding the input text (text datasets)."""
+    label_field: str = "label"
+    """Column holding the integer label; a missing column means unlabeled data (KD only)."""
+    tokenizer: str | None = None
+    """Local tokenizer directory, or 'minilm' for the bundled all-MiniLM-L6-v2 tokenizer."""
+    max_length: int = _field(128, ge=1)
+    """Tokens per text sample after truncation."""
+    max_train_samples: int | None = _field(None, ge=1)
+    """Use at most this many training samples (a fixed, seeded subset); None = all."""
+    max_eval_samples: int | None = _field(None, ge=1)
+    """Use at most this many validation and test samples each; None = all."""
+    val_fraction: float = _field(0.1, gt=0.0, le=0.5)
+    """Fraction of the training pool held out for validation."""
+    split_seed: int = 0
+    """Seed of the fixed train/validation/test split; independent of train.seed."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    name: str
+    """Unique teacher name; used in logs, metrics, cache columns and blend weights."""
+    source: str = _field("recipe", choices=TEACHER_SOURCES)
+    """hf_dir: a local transformers directory; recipe: trained by the project; torch_checkpoint: safetensors + spec."""
+    path: str | None = None
+    """Directory of the model (hf_dir, torch_checkpoint); for recipes, where the trained model is kept."""
+    recipe: str | None = None
+    """Architecture name for source=recipe (e.g. cnn, mlp, transformer_encoder, minilm_classifier)."""
+    options: Mapping[str, Any] = _field(default_factory=dict)
+    """Architecture or recipe options (widths, depth, epochs...), passed through to the builder."""
+    num_cpus: float = _field(0.5, ge=0.0)
+    """CPUs reserved per replica actor; fractions are fine on small machines."""
+    num_gpus: float = _field(0.0, ge=0.0)
+    """GPUs per replica actor; fractions let several teachers share one GPU."""
+    replicas: int = _field(1, ge=1)
+    """Actor replicas of this teacher; batches are load-balanced across them."""
+    dtype: str = _field("float32", choices=("float32", "bfloat16", "float16"))
+    """Inference dtype; bfloat16/float16 apply on GPU only."""
+    max_restarts: int = _field(3, ge=0)
+    """How often Ray restarts a dead replica before the pool gives up on it."""
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    arch: str = _field("mlp", choices=STUDENT_ARCHS)
+    """Student architecture: a registry torch model, a transformers config, or a local HF dir."""
+    path: str | None = None
+    """For hf_dir: the directory to start from; for hf_config: a config.json to build a fresh model from."""
+    options: Mapping[str, Any] = _field(default_factory=dict)
+    """Architecture options (hidden sizes, layers, heads, ...)."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: str = _field("forward_kl", choices=LOSS_KINDS)
+    """KD divergence between the student and the blended teacher distribution."""
+    temperature: float = _field(2.0, gt=0.0)
+    """Base temperature applied to both sides (the curriculum may move it); loss is scaled by T^2."""
+    alpha: float = _field(0.5, ge=0.0, le=1.0)
+    """Weight of the KD term: loss = alpha * KD + (1 - alpha) * task loss."""
+    skew_alpha: float = _field(0.1, ge=0.0, le=1.0)
+    """Mixing coefficient of skew_kl / skew_reverse_kl."""
+    topk: int | None = _field(None, ge=1)
+    """Keep only the teacher's top-k probabilities (tail folded into one bucket); None = full logits."""
+    label_smoothing: float = _field(0.0, ge=0.0, le=0.5)
+    """Label smoothing of the hard-label task loss."""
+    focal_gamma: float = _field(2.0, ge=0.0)
+    """Focusing exponent of focal_kd."""
+    dkd_alpha: float = _field(1.0, ge=0.0)
+    """Weight of target-class KD in dkd."""
+    dkd_beta: float = _field(8.0, ge=0.0)
+    """Weight of non-target-class KD in dkd."""
+    hint_weight: float = _field(0.0, ge=0.0)
+    """Weight of the hint (feature) loss; 0 disables it."""
+    hint_kind: str = _field("mse", choices=("mse", "cosine"))
+    """Distance of the hint loss after the learned projector."""
+    attention_weight: float = _field(0.0, ge=0.0)
+    """Weight of attention transfer; 0 disables it."""
+    mixup_alpha: float = _field(0.0, ge=0.0)
+    """Beta(alpha, alpha) MixUp on inputs (online mode only); 0 disables it."""
+    cutmix_alpha: float = _field(0.0, ge=0.0)
+    """Beta(alpha, alpha) CutMix on image inputs (online mode only); 0 disables it."""
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    kind: str = _field("learned_global", choices=BLEND_KINDS)
+    """How teachers combine; learned kinds are fit to ground truth, never to the student's KD loss."""
+    lr: float = _field(0.05, gt=0.0)
+    """Learning rate of the blend parameters (their own Adam optimizer)."""
+    confidence_kind: str = _field("entropy", choices=CONFIDENCE_KINDS)
+    """Confidence signal for the confidence blend and the unlabeled fallback of learned blends."""
+    gate_hidden: int = _field(32, ge=1)
+    """Hidden width of the learned_gate MLP."""
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    scheduler: str = _field("multi_stage", choices=SCHEDULER_KINDS)
+    """How data opens: none, linear_ramp, multi_stage (POCL) or confidence-based sampling."""
+    measurers: tuple[str, ...] = _field(("ensemble_entropy", "teacher_disagreement"))
+    """Difficulty measures; two or more are fused by reciprocal rank (POCL, k = rrf_k)."""
+    rrf_k: int = _field(60, ge=1)
+    """Reciprocal-rank-fusion constant."""
+    num_stages: int = _field(4, ge=1)
+    """Buckets easy -> hard for multi_stage; one more opens each stage."""
+    stage_length: float = _field(1.0, gt=0.0)
+    """Length of a stage in stage_unit."""
+    stage_unit: str = _field("epoch", choices=("epoch", "step"))
+    """Unit of stage_length."""
+    stage_temperatures: tuple[float, ...] | None = (1.0, 1.33, 1.67, 2.0)
+    """Temperature per stage (POCL's default rises 1 -> 2); None keeps the loss temperature."""
+    stage_alphas: tuple[float, ...] | None = None
+    """Alpha per stage; None keeps loss.alpha (or the alpha schedule)."""
+    start_fraction: float = _field(0.3, gt=0.0, le=1.0)
+    """linear_ramp: fraction of the easiest data open at epoch 0."""
+    full_at_epoch: float = _field(2.0, gt=0.0)
+    """linear_ramp: epoch at which all data is open."""
+    confidence_tau: float = _field(1.0, gt=0.0)
+    """confidence: sharpness of the sampling weights."""
+    temperature_schedule: str = _field("stage", choices=SCHEDULE_KINDS)
+    """How temperature moves: constant (loss.temperature), linear/cosine to temperature_end, or per stage."""
+    temperature_end: float = _field(2.0, gt=0.0)
+    """End temperature of linear/cosine schedules."""
+    alpha_schedule: str = _field("constant", choices=SCHEDULE_KINDS)
+    """How alpha moves: constant (loss.alpha), linear/cosine to alpha_end, or per stage."""
+    alpha_end: float = _field(0.5, ge=0.0, le=1.0)
+    """End alpha of linear/cosine schedules."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = _field(1, ge=1)
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker when true."""
+    cpus_per_worker: float = _field(1.0, gt=0.0)
+    """CPUs reserved per training worker."""
+    epochs: int = _field(3, ge=1)
+    """Passes over the training split."""
+    batch_size: int = _field(128, ge=1)
+    """Global batch size, split across workers."""
+    optimizer: str = _field("adamw", choices=("adamw", "adam", "sgd"))
+    """Student optimizer."""
+    lr: float = _field(1e-3, gt=0.0)
+    """Student learning rate."""
+    weight_decay: float = _field(0.0, ge=0.0)
+    """Decoupled weight decay (adamw) or L2 (others)."""
+    mode: str = _field("cached", choices=("cached", "online"))
+    """cached: soft targets read from the Parquet store; online: teachers are asked per batch."""
+    precision: str = _field("fp32", choices=("fp32", "bf16"))
+    """bf16 autocast for the student forward (GPU)."""
+    checkpoint_every_steps: int = _field(200, ge=1)
+    """Save a resumable checkpoint every this many optimizer steps (and at each epoch end)."""
+    max_failures: int = _field(2, ge=-1)
+    """Ray Train FailureConfig.max_failures; -1 retries forever."""
+    seed: int = 0
+    """Seed of model init, shuffling and sampling; every rank derives its stream from it."""
+    baseline: bool = True
+    """Also train the same student from scratch (no teachers) for comparison."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = True
+    """Compute soft targets once and reuse them (cached mode)."""
+    dir: str = "~/.cache/distill-ray/soft_targets"
+    """Where Parquet shards and manifests live; one subdirectory per (teachers, data) fingerprint."""
+    dtype: str = _field("float16", choices=("float16", "float32"))
+    """Storage dtype of logits / top-k values."""
+    shard_rows: int = _field(8192, ge=1)
+    """Rows per Parquet shard."""
+    rebuild: bool = False
+    """Rebuild even if a valid cache exists (a stale or corrupt one is always refused)."""
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    space: str | None = None
+    """Search space file (tune_spaces/*.yaml)."""
+    num_samples: int = _field(4, ge=1)
+    """Trials to sample."""
+    max_concurrent: int = _field(2, ge=1)
+    """Trials running at once."""
+    metric: str = "val_accuracy"
+    """Metric reported by trials to rank them."""
+    mode: str = _field("max", choices=("max", "min"))
+    """Whether larger metric is better."""
+    search: str = _field("random", choices=("random", "grid", "optuna"))
+    """Search algorithm."""
+    scheduler: str = _field("asha", choices=("fifo", "asha", "pbt"))
+    """Trial scheduler: ASHA early stopping or Population Based Training."""
+    grace_period: int = _field(1, ge=1)
+    """ASHA: epochs before a trial may be stopped."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Bind address; loopback unless told otherwise."""
+    port: int = _field(8000, ge=1, le=65535)
+    """HTTP port."""
+    num_replicas: int = _field(1, ge=1)
+    """Serve replicas of the student."""
+    max_batch_size: int = _field(32, ge=1)
+    """@serve.batch max batch size."""
+    batch_wait_timeout_s: float = _field(0.01, ge=0.0)
+    """@serve.batch wait before a partial batch runs."""
+    max_inputs_per_request: int = _field(256, ge=1)
+    """Requests with more inputs get 413."""
+    max_text_chars: int = _field(10000, ge=1)
+    """Texts longer than this get 422."""
+    quantize: str = _field("none", choices=("none", "int8"))
+    """Dynamic int8 quantization of the student's linear layers at load."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    wandb: str = _field("offline", choices=("offline", "online", "disabled"))
+    """Weights & Biases mode; online only takes effect when WANDB_API_KEY is set."""
+    project: str = "distill-ray"
+    """W&B project name."""
+    log_every_steps: int = _field(10, ge=1)
+    """Per-step metrics are reported every this many steps."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    """Stable run name (no timestamps): resume and restore find runs by it."""
+    teachers: tuple[TeacherConfig, ...]
+    """The frozen teachers, at least one."""
+    run_dir: str = "runs"
+    """Parent directory of run directories (RUN_DIR = run_dir/name)."""
+    data: DataConfig = _field(default_factory=DataConfig)
+    student: StudentConfig = _field(default_factory=StudentConfig)
+    loss: LossConfig = _field(default_factory=LossConfig)
+    blend: BlendConfig = _field(default_factory=BlendConfig)
+    curriculum: CurriculumConfig = _field(default_factory=CurriculumConfig)
+    train: TrainConfig = _field(default_factory=TrainConfig)
+    cache: CacheConfig = _field(default_factory=CacheConfig)
+    tune: TuneConfig = _field(default_factory=TuneConfig)
+    serve: ServeConfig = _field(default_factory=ServeConfig)
+    tracking: TrackingConfig = _field(default_factory=TrackingConfig)
+
+    def run_path(self) -> Path:
+        """RUN_DIR: where this run's outputs, checkpoints and report live."""
+        return Path(self.run_dir).expanduser() / self.name
+
+    def teacher_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.teachers)
+
+
+# --- building from plain data -------------------------------------------------------------------
+
+def _fail(path: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{path or '<config>'}: {message}")
+
+
+def _closest(name: str, valid: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Turn YAML/CLI data into the annotated type, or fail naming the path and expected type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            _fail(path, f"expected a list, got {value!r}")
+        item_tp = args[0]
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict, typing.Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            _fail(path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        _fail(path, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            _fail(path, f"expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            _fail(path, f"expected an integer, got {value!r}")
+        if as_float != int(as_float):
+            _fail(path, f"expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            _fail(path, f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            _fail(path, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            _fail(path, f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _check_field(f: dataclasses.Field, value: Any, path: str) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None:
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if item not in choices:
+                _fail(path, f"{item!r} is not valid; choose one of: {', '.join(choices)}"
+                      + _closest(str(item), choices))
+    for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                          ("le", lambda v, b: v <= b, "<=")):
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            _fail(path, f"{value!r} is out of range; must be {word} {bound}")
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        _fail(path, f"expected a mapping of {cls.__name__} fields, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            _fail(f"{path}.{key}" if path else str(key),
+                  f"unknown key; valid keys here: {', '.join(fields)}" + _closest(str(key), fields))
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in raw:
+            value = _coerce(raw[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            _fail(sub, "is required")
+        else:
+            continue
+        _check_field(f, value, sub)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _validate_across(cfg: ExperimentConfig) -> None:
+    """Checks that involve more than one field."""
+    if not cfg.teachers:
+        _fail("teachers", "at least one teacher is required")
+    names = cfg.teacher_names()
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            _fail(f"teachers[{i}].name", f"duplicate teacher name {name!r}; names must be unique")
+    for i, t in enumerate(cfg.teachers):
+        if t.source == "recipe" and not t.recipe:
+            _fail(f"teachers[{i}].recipe", "is required when source is 'recipe'")
+        if t.source in ("hf_dir", "torch_checkpoint") and not t.path:
+            _fail(f"teachers[{i}].path", f"is required when source is {t.source!r}")
+    cur = cfg.curriculum
+    if not cur.measurers:
+        _fail("curriculum.measurers", f"needs at least one of: {', '.join(MEASURER_KINDS)}")
+    for i, m in enumerate(cur.measurers):
+        if m not in MEASURER_KINDS:
+            _fail(f"curriculum.measurers[{i}]", f"{m!r} is not valid; choose from: {', '.join(MEASURER_KINDS)}"
+                  + _closest(m, MEASURER_KINDS))
+    for key in ("stage_temperatures", "stage_alphas"):
+        values = getattr(cur, key)
+        if values is not None and len(values) != cur.num_stages:
+            _fail(f"curriculum.{key}", f"has {len(values)} values but curriculum.num_stages is {cur.num_stages}")
+    if cur.stage_temperatures is not None and min(cur.stage_temperatures) <= 0:
+        _fail("curriculum.stage_temperatures", f"{cur.stage_temperatures} must all be > 0")
+    if cur.stage_alphas is not None and not all(0 <= a <= 1 for a in cur.stage_alphas):
+        _fail("curriculum.stage_alphas", f"{cur.stage_alphas} must all be within [0, 1]")
+    if cur.temperature_schedule == "stage" and cur.stage_temperatures is None:
+        _fail("curriculum.temperature_schedule", "'stage' needs curriculum.stage_temperatures")
+    if cur.alpha_schedule == "stage" and cur.stage_alphas is None:
+        _fail("curriculum.alpha_schedule", "'stage' needs curriculum.stage_alphas")
+    if cfg.data.task == "causal_lm" and cfg.loss.kind == "dkd":
+        _fail("loss.kind", "'dkd' is defined for classification only; pick a divergence for causal_lm")
+    if cfg.loss.topk is not None and cfg.loss.kind in ("mse_logits", "focal_kd", "dkd"):
+        _fail("loss.topk", f"top-k targets do not support loss.kind={cfg.loss.kind!r}")
+    if not cfg.name or "/" in cfg.name:
+        _fail("name", f"{cfg.name!r} must be a non-empty name without '/'")
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Build and validate an ExperimentConfig from plain data (YAML or Ray's train_loop_config)."""
+    cfg = _build(ExperimentConfig, raw, "")
+    _validate_across(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain-data form (lists, dicts, scalars): dumps to YAML and loads back to an equal config."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, Mapping):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# --- dotted overrides (--set a.b=c, and Tune search spaces) --------------------------------------
+
+def valid_paths(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Every leaf key path of the config, e.g. 'loss.temperature' (teacher fields as 'teachers.N.x')."""
+    paths = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            paths.extend(valid_paths(tp, path + "."))
+        elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            paths.extend(valid_paths(typing.get_args(tp)[0], path + ".N."))
+        else:
+            paths.append(path)
+    return paths
+
+
+def _teacher_index(teachers: list, key: str, path: str) -> int:
+    if key.isdigit():
+        index = int(key)
+        if index >= len(teachers):
+            _fail(path, f"teacher index {index} out of range; there are {len(teachers)} teachers")
+        return index
+    names = [t.get("name") for t in teachers]
+    if key in names:
+        return names.index(key)
+    _fail(path, f"no teacher named {key!r}; teachers: {', '.join(map(str, names))}" + _closest(key, map(str, names)))
+
+
+def set_path(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a raw config dict, checking each part against the dataclass schema.
+
+    Teachers are addressed by index or name: ``teachers.0.num_cpus`` or ``teachers.cnn.num_cpus``.
+    The value is coerced and validated later, when the whole dict is built.
+    """
+    parts = dotted.split(".")
+    cls: Any = ExperimentConfig
+    node = raw
+    walked: list[str] = []
+    i = 0
+    while i < len(parts):
+        key = parts[i]
+        walked.append(key)
+        where = ".".join(walked)
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            _fail(where, f"unknown key; valid keys here: {', '.join(hints)}" + _closest(key, hints))
+        tp = hints[key]
+        last = i == len(parts) - 1
+        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]) and not last:
+            teachers = node.setdefault(key, [])
+            index = _teacher_index(teachers, parts[i + 1], f"{where}.{parts[i + 1]}")
+            walked.append(parts[i + 1])
+            node, cls, i = teachers[index], typing.get_args(tp)[0], i + 2
+            if i >= len(parts):
+                _fail(".".join(walked), "names a whole teacher; set one of its fields")
+            continue
+        if dataclasses.is_dataclass(tp) and not last:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node, cls, i = node[key], tp, i + 1
+            continue
+        if dataclasses.is_dataclass(tp):
+            _fail(where, f"names a whole section; set one of: {', '.join(f.name for f in dataclasses.fields(tp))}")
+        if not last:
+            _fail(where, f"is a value, not a section; cannot set {dotted!r}")
+        node[key] = value
+        return
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', parsed c). Values are read as YAML so 3, 0.5, true, [1, 2] keep their type."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. loss.temperature=4")
+    key, _, value = text.partition("=")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: typing.Iterable[str | tuple[str, Any]]) -> dict:
+    import copy
+
+    result = copy.deepcopy(dict(raw))
+    for item in overrides:
+        key, value = parse_override(item) if isinstance(item, str) else item
+        set_path(result, key, value)
+    return result
+
+
+def load_config(path: str | Path, overrides: typing.Iterable[str | tuple[str, Any]] = ()) -> ExperimentConfig:
+    """Read YAML, apply ``key=value`` overrides, validate once. Raises ConfigError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides))

@@ -1,0 +1,65 @@
+"""Metrics on logits: accuracy, agreement with teachers, expected calibration error, latency. No Ray."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill_ray.models import forward_logits
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, inputs: np.ndarray | torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits [N, C] for all inputs, in eval mode, batched to bound memory."""
+    was_training = model.training
+    model.eval()
+    x = torch.as_tensor(inputs)
+    out = [forward_logits(model, x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    """Fraction of rows whose argmax equals the label. logits [N, C], labels [N]."""
+    return (logits.argmax(-1) == torch.as_tensor(labels)).float().mean().item()
+
+
+def agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
+    """Fraction of rows where two models predict the same class."""
+    return (logits_a.argmax(-1) == logits_b.argmax(-1)).float().mean().item()
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: np.ndarray | torch.Tensor, num_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): sum over equal-width confidence bins of |accuracy - confidence| * bin share.
+
+    probs [N, C] rows on the simplex, labels [N].
+    """
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == torch.as_tensor(labels)).float()
+    # Right-closed bins so confidence 1.0 lands in the last bin and 0 < conf never falls off the left.
+    bins = torch.clamp(torch.ceil(confidence * num_bins).long() - 1, 0, num_bins - 1)
+    ece = torch.zeros((), dtype=torch.float64)
+    for b in range(num_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            share = in_bin.double().mean()
+            ece += share * (correct[in_bin].double().mean() - confidence[in_bin].double().mean()).abs()
+    return ece.item()
+
+
+@torch.no_grad()
+def single_sample_latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 200, warmup: int = 20) -> float:
+    """Median wall time of one forward pass on one sample (batch of 1), in milliseconds, CPU threads as set."""
+    model.eval()
+    x = example[:1]
+    for _ in range(warmup):
+        forward_logits(model, x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward_logits(model, x)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000.0)

@@ -26,10 +26,33 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_smoke(args: argparse.Namespace) -> int:
-    from distill_ray.smoke import run_smoke
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from distill_ray.pipeline import connect_ray, run_experiment
 
-    run_smoke(train_samples=args.train_samples, epochs=args.epochs, seed=args.seed)
+    connect_ray(args.address)
+    run_experiment(cfg, retrain_teachers=args.retrain_teachers)
+    print(f"\nrun directory: {cfg.run_path().resolve()}")
+    return 0
+
+
+def _cmd_teachers(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from distill_ray.pipeline import connect_ray, load_data, prepare_teachers
+
+    connect_ray(args.address)
+    for name, path in prepare_teachers(cfg, load_data(cfg), retrain=args.retrain_teachers).items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from distill_ray.pipeline import build_cache, connect_ray, load_data, prepare_teachers
+
+    connect_ray(args.address)
+    data = load_data(cfg)
+    build_cache(cfg, data, prepare_teachers(cfg, data), rebuild=args.rebuild)
     return 0
 
 
@@ -45,12 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
 
-    p = sub.add_parser("smoke", help="a tiny distillation on real Fashion-MNIST in pure PyTorch on CPU "
-                                     "(no Ray): checks the install and the distillation core")
-    p.add_argument("--train-samples", type=int, default=6000)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_smoke)
+    for name, func, text in (
+        ("run", _cmd_run, "the main job: teachers -> soft-target cache -> student + baseline -> test -> RUN_DIR"),
+        ("teachers", _cmd_teachers, "train the config's teacher recipes (reused when recipe and data are unchanged)"),
+        ("cache", _cmd_cache, "compute and store the teachers' soft targets as verified Parquet shards"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p)
+        p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a cluster "
+                                                       "on this machine, or a new local Ray)")
+        p.add_argument("--retrain-teachers", action="store_true", help="train recipe teachers even if saved")
+        p.add_argument("--rebuild", action="store_true", help="rebuild the soft-target cache even if valid")
+        p.set_defaults(func=func)
     return parser
 
 
@@ -60,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"distill-ray: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        # Known failure kinds (missing data, corrupt cache, bad model dir) end in one line, not a trace.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"distill-ray: {type(err).__name__}: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distill-ray: interrupted", file=sys.stderr)

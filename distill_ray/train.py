@@ -30,7 +30,7 @@ from distill_ray import curriculum as cur
 from distill_ray.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
 from distill_ray.evaluate import accuracy, agreement, expected_calibration_error
-from distill_ray.losses import dkd, focal_kd, kd_divergence_to_probs, label_smoothing_ce
+from distill_ray.losses import dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce
 from distill_ray.models import build_model, forward_logits, save_model
 
 STATE_FILE = "train_state.pt"
@@ -284,7 +284,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _allreduce_grads(blend, world)
                 blend_opt.step()
                 parts["blend_loss"] = blend_loss.item()
-            if teacher is not None and alpha > 0:
+            if teacher is not None and alpha > 0 and cfg.loss.kind == "mse_logits":
+                # Logit matching needs logits, not a mixture of distributions: blend logits linearly.
+                weights = blend.weights(teacher, features=x.flatten(1), labeled=labeled).detach()
+                target_logits = torch.einsum("nk,knc->nc", weights, teacher)
+                kd = kd_divergence(student_logits, target_logits, kind="mse_logits", temperature=temperature)
+            elif teacher is not None and alpha > 0:
                 target = blend(teacher, temperature=temperature, features=x.flatten(1), labeled=labeled).detach()
                 kd = kd_loss(cfg, student_logits, target, y if labeled else None, temperature)
             else:

@@ -1,0 +1,318 @@
+"""The driver's phases: connect to Ray, prepare teachers, cache soft targets, train, evaluate, export.
+
+Each phase is one function the CLI and the ``jobs/`` entrypoints call. Ray appears only where work
+is spread out: recipe training as tasks, soft targets through Ray Data actor pools, the student
+through Ray Train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from distill_ray import curriculum as cur
+from distill_ray.config import ExperimentConfig, config_to_dict
+from distill_ray.data import ClassificationData, cache_root, load_fashion_mnist
+from distill_ray.models import build_model, load_model, num_params, save_model
+from distill_ray.soft_targets import CacheSpec, CorruptCacheError, SoftTargets, StoreWriter, cache_dir_for, \
+    data_fingerprint
+from distill_ray.teachers import TeacherBatchUDF, TeacherPool, TeacherSpec
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join the cluster named by ``address``/RAY_ADDRESS or running on this machine; else start one.
+
+    A local Ray started here binds its dashboard to nothing (include_dashboard=False).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def load_data(cfg: ExperimentConfig) -> ClassificationData:
+    d = cfg.data
+    return load_fashion_mnist(val_fraction=d.val_fraction, split_seed=d.split_seed,
+                              max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples)
+
+
+def data_key(data: ClassificationData) -> str:
+    """Fingerprint of the exact samples and split (what a recipe was trained on, what a cache holds)."""
+    return data_fingerprint(data.train.ids, data.val.ids, data.test.ids, data.train.inputs[:256],
+                            extra=f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
+
+
+# --- teachers -------------------------------------------------------------------------------------
+
+def _recipe_dir(cfg: ExperimentConfig, index: int, key: str) -> Path:
+    t = cfg.teachers[index]
+    recipe = json.dumps({"recipe": t.recipe, "options": dict(t.options), "data": key, "seed": cfg.train.seed},
+                        sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    return Path(t.path).expanduser() if t.path else cache_root() / "teachers" / f"{t.name}-{digest}"
+
+
+def _train_recipe(name: str, recipe: str, options: dict, data: ClassificationData, seed: int, out_dir: str) -> dict:
+    """Runs as a Ray task: train one teacher from labels and save it as a model directory, atomically."""
+    from distill_ray.evaluate import accuracy, predict_logits
+    from distill_ray.recipes import train_classifier
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = build_model(recipe, data.input_shape, data.num_classes, options)
+    train_classifier(model, data.train, epochs=int(options.get("epochs", 3)), lr=float(options.get("lr", 2e-3)),
+                     seed=seed, desc=f"teacher {name}")
+    val_acc = accuracy(predict_logits(model, data.val.inputs), data.val.labels)
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    save_model(model, tmp, {"arch": recipe, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                            "options": options, "teacher": name, "val_accuracy": val_acc})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {"name": name, "val_accuracy": val_acc, "params": num_params(model)}
+
+
+def prepare_teachers(cfg: ExperimentConfig, data: ClassificationData, retrain: bool = False) -> dict[str, Path]:
+    """Model directory per teacher; recipes are trained (in parallel Ray tasks) unless already there."""
+    key = data_key(data)
+    dirs, jobs = {}, []
+    data_ref = None
+    for i, t in enumerate(cfg.teachers):
+        if t.source != "recipe":
+            dirs[t.name] = Path(t.path).expanduser()
+            continue
+        out = _recipe_dir(cfg, i, key)
+        dirs[t.name] = out
+        if (out / "distill_spec.json").is_file() and not retrain:
+            print(f"teacher {t.name}: reusing {out}")
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data_ref = data_ref or ray.put(data)
+        task = ray.remote(num_cpus=1, num_gpus=t.num_gpus)(_train_recipe)
+        jobs.append(task.remote(t.name, t.recipe, dict(t.options), data_ref, cfg.train.seed, str(out)))
+    for info in ray.get(jobs):
+        print(f"teacher {info['name']}: trained, {info['params']:,} params, val accuracy {info['val_accuracy']:.4f}")
+    return dirs
+
+
+def teacher_specs(cfg: ExperimentConfig, dirs: dict[str, Path]) -> list[TeacherSpec]:
+    return [TeacherSpec(t.name, str(dirs[t.name]), t.num_cpus, t.num_gpus, t.replicas, t.dtype, t.max_restarts)
+            for t in cfg.teachers]
+
+
+# --- soft-target cache ----------------------------------------------------------------------------
+
+def _all_samples(data: ClassificationData) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.concatenate([data.train.ids, data.val.ids, data.test.ids])
+    x = np.concatenate([data.train.inputs, data.val.inputs, data.test.inputs])
+    return ids, x
+
+
+def cache_spec(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path]) -> CacheSpec:
+    from distill_ray.models import fingerprint
+
+    prints = {}
+    for t in cfg.teachers:
+        model, _ = load_model(dirs[t.name])
+        prints[t.name] = fingerprint(model)
+    return CacheSpec(teacher_fingerprints=prints, data_fingerprint=data_key(data), num_classes=data.num_classes,
+                     topk=cfg.loss.topk, dtype=cfg.cache.dtype)
+
+
+def build_cache(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path],
+                rebuild: bool = False) -> SoftTargets:
+    """Soft targets of every teacher for every split, computed once with Ray Data actor pools."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    spec = cache_spec(cfg, data, dirs)
+    directory = cache_dir_for(Path(cfg.cache.dir).expanduser(), spec)
+    if directory.exists() and not (rebuild or cfg.cache.rebuild):
+        try:
+            targets = SoftTargets.open(directory, spec)
+            print(f"soft targets: reusing verified cache {directory}")
+            return targets
+        except CorruptCacheError as err:
+            raise CorruptCacheError(f"{err}. Rebuild it with `distill-ray cache CONFIG --rebuild`.") from None
+
+    ids, x = _all_samples(data)
+    ds = ray.data.from_arrow(pa.table({"id": ids, "x": ArrowTensorArray.from_numpy(x)}))
+    for t in teacher_specs(cfg, dirs):
+        ds = ds.map_batches(TeacherBatchUDF, fn_constructor_kwargs={"name": t.name, "model_dir": t.model_dir,
+                                                                    "dtype": t.dtype, "topk": cfg.loss.topk},
+                            compute=ray.data.ActorPoolStrategy(size=t.replicas), num_cpus=t.num_cpus,
+                            num_gpus=t.num_gpus or None, batch_size=512)
+    start = time.perf_counter()
+    with StoreWriter(directory, spec, shard_rows=cfg.cache.shard_rows) as writer:
+        for batch in ds.iter_batches(batch_size=2048, batch_format="numpy"):
+            outputs = {}
+            for t in cfg.teachers:
+                if cfg.loss.topk is None:
+                    outputs[t.name] = batch[f"{t.name}/logits"]
+                else:
+                    outputs[t.name] = (batch[f"{t.name}/topk_logprobs"], batch[f"{t.name}/topk_indices"])
+            writer.add(batch["id"], outputs)
+        writer.finish()
+    print(f"soft targets: {len(ids):,} rows x {len(cfg.teachers)} teachers cached in "
+          f"{time.perf_counter() - start:.1f}s at {directory}")
+    return SoftTargets.open(directory, spec)
+
+
+# --- training inputs ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SplitTargets:
+    train: np.ndarray  # [K, N, C]
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_targets(targets: SoftTargets, data: ClassificationData) -> SplitTargets:
+    return SplitTargets(*(targets.stacked_logits(targets.rows_for(s.ids)) for s in (data.train, data.val, data.test)))
+
+
+def teacher_difficulty(cfg: ExperimentConfig, train_logits: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    """Teacher-based difficulty of each training sample (student_loss is measured live by workers)."""
+    logits = torch.as_tensor(train_logits, dtype=torch.float32)
+    y = torch.as_tensor(labels)
+    measures = []
+    for name in cfg.curriculum.measurers:
+        if name == "ensemble_entropy":
+            measures.append(cur.ensemble_entropy(logits))
+        elif name == "teacher_disagreement":
+            measures.append(cur.teacher_disagreement(logits))
+        elif name == "teacher_ce":
+            measures.append(cur.teacher_ce(logits, y))
+    if not measures:
+        return None
+    fused = measures[0] if len(measures) == 1 else cur.reciprocal_rank_fusion(*measures, k=cfg.curriculum.rrf_k)
+    return fused.numpy()
+
+
+# --- the main job ---------------------------------------------------------------------------------
+
+def distill_data(cfg: ExperimentConfig, data: ClassificationData, st: SplitTargets | None,
+                 use_teachers: bool = True) -> "DistillData":
+    from distill_ray.train import DistillData
+
+    return DistillData(
+        train_x=data.train.inputs, train_y=data.train.labels, val_x=data.val.inputs, val_y=data.val.labels,
+        teacher_names=cfg.teacher_names(), num_classes=data.num_classes, input_shape=data.input_shape,
+        teacher_logits=st.train.astype(np.float16) if st is not None and use_teachers else None,
+        val_teacher_logits=st.val if st is not None else None,
+        difficulty=teacher_difficulty(cfg, st.train, data.train.labels) if st is not None and use_teachers else None,
+        use_teachers=use_teachers)
+
+
+def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False) -> dict:
+    """teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR."""
+    from distill_ray.blending import blend_probs
+    from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
+    from distill_ray.train import export_student, load_trained_student, run_training
+
+    run_dir = cfg.run_path().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(__import__("distill_ray.config", fromlist=["dump_config"]).dump_config(cfg))
+    timings: dict[str, float] = {}
+
+    def timed(phase: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timings[phase] = round(time.perf_counter() - start, 2)
+        return out
+
+    data = timed("data", load_data, cfg)
+    dirs = timed("teachers", prepare_teachers, cfg, data, retrain_teachers)
+    targets = timed("cache", build_cache, cfg, data, dirs)
+    st = split_targets(targets, data)
+    storage = run_dir / "ray_results"
+
+    result = timed("train_student", run_training, cfg, distill_data(cfg, data, st), str(storage), "student")
+    student, history, state = load_trained_student(cfg, distill_data(cfg, data, st), result.checkpoint)
+    baseline = None
+    if cfg.train.baseline:
+        base_result = timed("train_baseline", run_training, cfg, distill_data(cfg, data, st, use_teachers=False),
+                            str(storage), "baseline")
+        baseline, base_history, _ = load_trained_student(cfg, distill_data(cfg, data, st, False), base_result.checkpoint)
+        (run_dir / "baseline_history.json").write_text(json.dumps(base_history))
+
+    # --- test split ---
+    y = data.test.labels
+    rows: dict[str, dict] = {}
+    for k, t in enumerate(cfg.teachers):
+        logits = torch.as_tensor(st.test[k])
+        model, _ = load_model(dirs[t.name])
+        rows[t.name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
+                        "params": num_params(model),
+                        "latency_ms": single_sample_latency_ms(model, torch.as_tensor(data.test.inputs[:1]))}
+    weights = {name: float(w) for name, w in zip(cfg.teacher_names(), _final_weights(history))}
+    blend = blend_probs(torch.as_tensor(st.test), torch.tensor(list(weights.values())), temperature=1.0)
+    rows["blend"] = {"accuracy": accuracy(blend, y), "ece": expected_calibration_error(blend, y)}
+    models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
+    for name, model in models.items():
+        logits = predict_logits(model, data.test.inputs)
+        rows[name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
+                      "params": num_params(model),
+                      "latency_ms": single_sample_latency_ms(model, torch.as_tensor(data.test.inputs[:1]))}
+
+    metrics = {
+        "student": rows["student"]["accuracy"],
+        "teachers": {t.name: rows[t.name]["accuracy"] for t in cfg.teachers},
+        "blend": rows["blend"]["accuracy"],
+        "baseline": rows["baseline"]["accuracy"] if baseline is not None else None,
+        "teacher_weights": weights,
+        "params": {"student": rows["student"]["params"], "teachers": {t.name: rows[t.name]["params"] for t in cfg.teachers}},
+        "ece": {name: r["ece"] for name, r in rows.items()},
+        "latency_ms": {name: r["latency_ms"] for name, r in rows.items() if "latency_ms" in r},
+        "timings": timings,
+        "metric": "accuracy",
+        "split": "test",
+        "num_test": int(len(y)),
+    }
+    card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.name, "teachers": list(cfg.teacher_names()),
+            "teacher_weights": weights, "metrics": {"test_accuracy": metrics["student"]},
+            "loss": config_to_dict(cfg.loss), "blend": cfg.blend.kind, "curriculum": cfg.curriculum.scheduler,
+            "version": "v1", "class_names": list(data.class_names)}
+    export_student(cfg, distill_data(cfg, data, st), student, run_dir / "student", card)
+    (run_dir / "distill_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+    (run_dir / "history.json").write_text(json.dumps(history))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    print_summary(rows, cfg.teacher_names(), weights)
+    return metrics
+
+
+def _final_weights(history: list[dict]) -> list[float]:
+    for row in reversed(history):
+        found = [v for k, v in row.items() if k.startswith("teacher_weight/")]
+        if found:
+            return found
+    raise ValueError("history has no teacher weights")
+
+
+def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dict[str, float]) -> None:
+    print(f"\n{'model':<12}{'test acc':>10}{'ECE':>8}{'params':>12}{'latency ms':>12}{'weight':>8}")
+    for name in (*teachers, "blend", "baseline", "student"):
+        if name not in rows:
+            continue
+        r = rows[name]
+        params = f"{r['params']:,}" if "params" in r else "-"
+        latency = f"{r['latency_ms']:.3f}" if "latency_ms" in r else "-"
+        weight = f"{weights[name]:.3f}" if name in weights else ""
+        print(f"{name:<12}{r['accuracy']:>10.4f}{r['ece']:>8.4f}{params:>12}{latency:>12}{weight:>8}")

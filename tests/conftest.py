@@ -1,0 +1,37 @@
+"""Shared fixtures: one real local Ray for the whole session, small real data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep worker processes from oversubscribing the 2 cores of CI machines.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray, started once. Logical CPUs exceed the 2 real cores on purpose: teacher
+    actors take fractions, and most of the time they wait on each other."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_fashion_mnist():
+    """A small, fixed, real subset of Fashion-MNIST (skips with the reason if the data is missing)."""
+    from distill_ray.data import DataUnavailable, load_fashion_mnist
+
+    try:
+        return load_fashion_mnist(max_train_samples=1200, max_eval_samples=300, split_seed=0)
+    except DataUnavailable as err:
+        pytest.skip(str(err))

@@ -168,6 +168,14 @@ def _validate(model, data: DistillData, val_teacher: torch.Tensor | None) -> dic
     return metrics
 
 
+def _maybe_inject_failure(spec: dict | None, step: int, rank: int) -> None:
+    """Fault injection for tests and drills: rank 0 dies once at ``spec['step']`` (a marker file
+    remembers it happened, so the restarted worker carries on)."""
+    if spec and rank == 0 and step == spec["step"] and not Path(spec["marker"]).exists():
+        Path(spec["marker"]).write_text(str(step))
+        raise RuntimeError(f"injected failure at step {step}")
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     data: DistillData = ray.get(loop_config["data_ref"])
@@ -304,6 +312,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step += 1
             batch_in_epoch += 1
             seen += len(idx)
+            _maybe_inject_failure(loop_config.get("fail_once_at_step"), step, rank)
 
             if step % cfg.tracking.log_every_steps == 0 or batch_in_epoch == len(batches):
                 row = {"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction,
@@ -323,11 +332,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         save_checkpoint({**val, "epoch": epoch, "step": step, "kind": "epoch"})
 
 
-def run_training(cfg: ExperimentConfig, data: DistillData, storage_path: str, run_name: str) -> ray.train.Result:
+def run_training(cfg: ExperimentConfig, data: DistillData, storage_path: str, run_name: str,
+                 fail_once_at_step: dict | None = None) -> ray.train.Result:
     """Run the loop on Ray Train. Re-running with the same (storage_path, run_name) resumes."""
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(cfg), "data_ref": ray.put(data)},
+        train_loop_config={"config": config_to_dict(cfg), "data_ref": ray.put(data),
+                           "fail_once_at_step": fail_once_at_step},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=str(Path(storage_path).resolve()),

@@ -34,8 +34,7 @@ data:
 	fi
 
 quickstart: setup data
-	$(BIN)/distill-ray --help
-	$(BIN)/distill-ray smoke
+	$(BIN)/distill-ray run jobs/configs/quickstart.yaml
 
 test: setup data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

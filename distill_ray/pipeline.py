@@ -209,13 +209,17 @@ def teacher_difficulty(cfg: ExperimentConfig, train_logits: np.ndarray, labels: 
 # --- the main job ---------------------------------------------------------------------------------
 
 def distill_data(cfg: ExperimentConfig, data: ClassificationData, st: SplitTargets | None,
-                 use_teachers: bool = True) -> "DistillData":
+                 use_teachers: bool = True, pool: TeacherPool | None = None) -> "DistillData":
+    """Worker inputs. With a ``pool`` (online mode) workers ask the teacher actors per batch instead
+    of reading cached train targets; the cache still ranks difficulty and scores agreement."""
     from distill_ray.train import DistillData
 
+    online = pool is not None and use_teachers
     return DistillData(
         train_x=data.train.inputs, train_y=data.train.labels, val_x=data.val.inputs, val_y=data.val.labels,
         teacher_names=cfg.teacher_names(), num_classes=data.num_classes, input_shape=data.input_shape,
-        teacher_logits=st.train.astype(np.float16) if st is not None and use_teachers else None,
+        teacher_logits=st.train.astype(np.float16) if st is not None and use_teachers and not online else None,
+        teacher_handles=dict(pool.actor_handles()) if online else None,
         val_teacher_logits=st.val if st is not None else None,
         difficulty=teacher_difficulty(cfg, st.train, data.train.labels) if st is not None and use_teachers else None,
         use_teachers=use_teachers)
@@ -244,7 +248,13 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False) -> dic
     st = split_targets(targets, data)
     storage = run_dir / "ray_results"
 
-    result = timed("train_student", run_training, cfg, distill_data(cfg, data, st), str(storage), "student")
+    pool = TeacherPool(teacher_specs(cfg, dirs), topk=cfg.loss.topk) if cfg.train.mode == "online" else None
+    try:
+        result = timed("train_student", run_training, cfg, distill_data(cfg, data, st, pool=pool), str(storage),
+                       "student")
+    finally:
+        if pool is not None:
+            pool.shutdown()
     student, history, state = load_trained_student(cfg, distill_data(cfg, data, st), result.checkpoint)
     baseline = None
     if cfg.train.baseline:

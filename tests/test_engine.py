@@ -155,3 +155,31 @@ def test_train_loop_learns_resumes_after_failure_and_logs_weights(prepared, tiny
     # It learned: validation accuracy well above chance (10 classes) and agrees with teachers.
     assert epochs[-1]["val_accuracy"] > 0.6
     assert epochs[-1]["agreement/mlp_a"] > 0.6
+
+
+def test_online_mode_asks_the_pool_for_every_batch(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
+    import ray
+
+    from distill_ray.pipeline import distill_data, split_targets, teacher_specs
+    from distill_ray.teachers import TeacherPool
+
+    dirs, targets = prepared
+    cfg = config_from_dict(apply_overrides(
+        __import__("distill_ray.config", fromlist=["config_to_dict"]).config_to_dict(tiny_cfg),
+        [("train.mode", "online"), ("train.epochs", 1)]))
+    pool = TeacherPool(teacher_specs(cfg, dirs))
+    try:
+        data = distill_data(cfg, small_fashion_mnist, split_targets(targets, small_fashion_mnist), pool=pool)
+        assert data.teacher_logits is None
+        from distill_ray.train import load_trained_student, run_training
+
+        result = run_training(cfg, data, str(tmp_path / "ray"), "online")
+        _, history, state = load_trained_student(cfg, data, result.checkpoint)
+        served = {name: sum(s["rows"] for s in ray.get([a.stats.remote() for a in actors]))
+                  for name, actors in pool.actor_handles().items()}
+        # Epoch 0 opens half the data (stage 0 of 2): every trained row was asked of every teacher once.
+        trained_rows = state["step"] * cfg.train.batch_size
+        assert served == {name: trained_rows for name in cfg.teacher_names()}
+        assert history[-1]["val_accuracy"] > 0.4
+    finally:
+        pool.shutdown()

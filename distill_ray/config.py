@@ -459,6 +459,10 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         _fail("curriculum.temperature_schedule", "'stage' needs curriculum.stage_temperatures")
     if cur.alpha_schedule == "stage" and cur.stage_alphas is None:
         _fail("curriculum.alpha_schedule", "'stage' needs curriculum.stage_alphas")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(cfg.loss, key) > 0 and cfg.train.mode != "online":
+            _fail(f"loss.{key}", f"{getattr(cfg.loss, key)} needs train.mode=online: the teachers must see "
+                  "the mixed inputs, which cached targets cannot")
     if cfg.data.task == "causal_lm" and cfg.loss.kind == "dkd":
         _fail("loss.kind", "'dkd' is defined for classification only; pick a divergence for causal_lm")
     if cfg.loss.topk is not None and cfg.loss.kind in ("mse_logits", "focal_kd", "dkd"):

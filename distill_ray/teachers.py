@@ -67,7 +67,7 @@ class TeacherRunner:
         """Soft targets for one batch: full logits (float32) or top-k log-probs (fp16) + indices (int32)."""
         self.assert_frozen()
         start = time.perf_counter()
-        x = torch.as_tensor(inputs).to(self.device)
+        x = torch.tensor(inputs).to(self.device)  # Ray hands over read-only arrays; copy once
         if x.is_floating_point():
             x = x.to(self.dtype)
         logits = forward_logits(self.model, x).float()

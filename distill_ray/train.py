@@ -281,7 +281,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 answers = next_targets.result()
                 nxt = batch_in_epoch + 1
                 next_targets = pool.submit(x_all[batches[nxt]].numpy()) if nxt < len(batches) else None
-                teacher = torch.stack([torch.as_tensor(answers[n]["logits"]) for n in data.teacher_names]).to(device)
+                teacher = torch.stack([torch.tensor(answers[n]["logits"]) for n in data.teacher_names]).to(device)
             elif teacher_all is not None:
                 teacher = teacher_all[:, idx].to(device).float()
             else:

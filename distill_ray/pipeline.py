@@ -21,7 +21,7 @@ import ray
 import torch
 
 from distill_ray import curriculum as cur
-from distill_ray.config import ExperimentConfig, config_to_dict
+from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.data import ClassificationData, cache_root, load_fashion_mnist
 from distill_ray.models import build_model, load_model, num_params, save_model
 from distill_ray.soft_targets import CacheSpec, CorruptCacheError, SoftTargets, StoreWriter, cache_dir_for, \
@@ -233,7 +233,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False) -> dic
 
     run_dir = cfg.run_path().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(__import__("distill_ray.config", fromlist=["dump_config"]).dump_config(cfg))
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     timings: dict[str, float] = {}
 
     def timed(phase: str, fn, *args, **kwargs):

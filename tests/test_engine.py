@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_ray.config import apply_overrides, config_from_dict
+from distill_ray.config import apply_overrides, config_from_dict, config_to_dict
 from distill_ray.models import build_model, forward_logits, load_model
 
 pytestmark = pytest.mark.ray
@@ -165,7 +165,7 @@ def test_online_mode_asks_the_pool_for_every_batch(prepared, tiny_cfg, small_fas
 
     dirs, targets = prepared
     cfg = config_from_dict(apply_overrides(
-        __import__("distill_ray.config", fromlist=["config_to_dict"]).config_to_dict(tiny_cfg),
+        config_to_dict(tiny_cfg),
         [("train.mode", "online"), ("train.epochs", 1)]))
     pool = TeacherPool(teacher_specs(cfg, dirs))
     try:

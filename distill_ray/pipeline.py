@@ -249,18 +249,19 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False) -> dic
     storage = run_dir / "ray_results"
 
     pool = TeacherPool(teacher_specs(cfg, dirs), topk=cfg.loss.topk) if cfg.train.mode == "online" else None
+    # Built once: the difficulty ranking inside is the expensive part.
+    student_inputs = distill_data(cfg, data, st, pool=pool)
     try:
-        result = timed("train_student", run_training, cfg, distill_data(cfg, data, st, pool=pool), str(storage),
-                       "student")
+        result = timed("train_student", run_training, cfg, student_inputs, str(storage), "student")
     finally:
         if pool is not None:
             pool.shutdown()
-    student, history, state = load_trained_student(cfg, distill_data(cfg, data, st), result.checkpoint)
+    student, history, state = load_trained_student(cfg, student_inputs, result.checkpoint)
     baseline = None
     if cfg.train.baseline:
-        base_result = timed("train_baseline", run_training, cfg, distill_data(cfg, data, st, use_teachers=False),
-                            str(storage), "baseline")
-        baseline, base_history, _ = load_trained_student(cfg, distill_data(cfg, data, st, False), base_result.checkpoint)
+        baseline_inputs = distill_data(cfg, data, st, use_teachers=False)
+        base_result = timed("train_baseline", run_training, cfg, baseline_inputs, str(storage), "baseline")
+        baseline, base_history, _ = load_trained_student(cfg, baseline_inputs, base_result.checkpoint)
         (run_dir / "baseline_history.json").write_text(json.dumps(base_history))
 
     # --- test split ---
@@ -300,7 +301,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False) -> dic
             "teacher_weights": weights, "metrics": {"test_accuracy": metrics["student"]},
             "loss": config_to_dict(cfg.loss), "blend": cfg.blend.kind, "curriculum": cfg.curriculum.scheduler,
             "version": "v1", "class_names": list(data.class_names)}
-    export_student(cfg, distill_data(cfg, data, st), student, run_dir / "student", card)
+    export_student(cfg, student_inputs, student, run_dir / "student", card)
     (run_dir / "distill_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     (run_dir / "history.json").write_text(json.dumps(history))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

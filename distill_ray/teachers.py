@@ -112,7 +112,7 @@ class TeacherPool:
         self.retries = retries
         self.replicas: dict[str, list] = {}
         for t in teachers:
-            threads = max(1, int(t.num_cpus)) if t.num_cpus >= 1 else 1
+            threads = max(1, int(t.num_cpus))
             self.replicas[t.name] = [
                 TeacherActor.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_restarts=t.max_restarts,
                                      name=None).remote(t.name, t.model_dir, t.dtype, topk, threads)

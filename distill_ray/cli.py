@@ -56,6 +56,44 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from distill_ray.pipeline import connect_ray
+    from distill_ray.tune import resume_sweep, run_sweep
+
+    if args.resume:
+        if args.config or args.space or args.samples or args.max_concurrent or args.overrides:
+            raise ConfigError("--resume finishes a sweep as it was started: give only --resume SWEEP_DIR")
+        connect_ray(args.address)
+        out = resume_sweep(args.resume)
+    else:
+        if not args.config or not args.space:
+            raise ConfigError("tune needs CONFIG and --space tune_spaces/NAME.yaml (or --resume SWEEP_DIR)")
+        cfg = load_config(args.config, args.overrides)
+        connect_ray(args.address)
+        out = run_sweep(cfg, args.space, samples=args.samples, max_concurrent=args.max_concurrent)
+    best = out["best"]
+    print(f"\nbest trial {best['trial_id']}: {best['metric']:.4f} with {best['params']}")
+    print(f"sweep directory: {out['sweep_dir']}")
+    print(f"winner: {out['student_dir']} (registered as {out['registered']})")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from distill_ray.config import ServeConfig
+    from distill_ray.serving import StudentLoadError, start_serve
+
+    serve_cfg = load_config(args.config, args.overrides).serve if args.config else ServeConfig()
+    if args.quantize:
+        from dataclasses import replace
+
+        serve_cfg = replace(serve_cfg, quantize=args.quantize)
+    try:
+        start_serve(args.path, host=args.host, port=args.port, serve_config=serve_cfg, blocking=True)
+    except StudentLoadError as err:
+        raise ValueError(str(err)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill-ray",
@@ -80,6 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--retrain-teachers", action="store_true", help="train recipe teachers even if saved")
         p.add_argument("--rebuild", action="store_true", help="rebuild the soft-target cache even if valid")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over config keys named in a space file; the winner is "
+                                    "exported and registered")
+    p.add_argument("config", nargs="?", help="experiment YAML (not needed with --resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted path; repeatable")
+    p.add_argument("--space", help="search space YAML, e.g. tune_spaces/kd_basic.yaml")
+    p.add_argument("--samples", type=int, default=None, help="trials to sample (default: tune.num_samples)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: tune.max_concurrent)")
+    p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
+                   help="finish an interrupted sweep: unfinished trials run, finished ones are kept")
+    p.add_argument("--address", default=None, help="Ray cluster address")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (binds 127.0.0.1 unless told)")
+    p.add_argument("path", help="a run directory, a student directory, or a registry entry (registry/NAME)")
+    p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port, 8000)")
+    p.add_argument("--config", default=None, help="experiment YAML whose serve: section sets batching and limits")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (with --config), e.g. --set serve.max_batch_size=64")
+    p.add_argument("--quantize", choices=("none", "int8"), default=None,
+                   help="dynamic int8 quantization of the student's linear layers at load")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -33,7 +33,7 @@ SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
 TEACHER_SOURCES = ("hf_dir", "recipe", "torch_checkpoint")
 STUDENT_ARCHS = ("mlp", "cnn", "transformer_encoder", "hf_config", "hf_dir")
 TASKS = ("classification", "causal_lm")
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "fortunes")
 
 
 class ConfigError(ValueError):
@@ -55,7 +55,8 @@ def _field(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, 
 @dataclass(frozen=True)
 class DataConfig:
     name: str = _field("fashion_mnist", choices=DATASETS)
-    """Which dataset; bundled real data (fashion_mnist) for now."""
+    """Which dataset: fashion_mnist (images, Debian dataset-fashion-mnist) or fortunes (12-way text
+    classification, Debian fortunes, tokenized with data.tokenizer to data.max_length)."""
     task: str = _field("classification", choices=TASKS)
     """classification (one label per sample) or causal_lm (next-token prediction)."""
     path: str | None = None
@@ -254,6 +255,12 @@ class TuneConfig:
     """Trial scheduler: ASHA early stopping or Population Based Training."""
     grace_period: int = _field(1, ge=1)
     """ASHA: epochs before a trial may be stopped."""
+    sweep_dir: str = "sweeps"
+    """Parent directory of sweep directories (SWEEP_DIR = sweep_dir/name)."""
+    registry_dir: str = "registry"
+    """File-based model registry: the winner lands in registry_dir/name/vN with a `latest` pointer."""
+    cpus_per_trial: float = _field(0.25, ge=0.0)
+    """CPUs held by each trial's driver (it only waits on its TorchTrainer; workers hold their own)."""
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
+    if rank == 0 and loop_config.get("placement_group_file"):
+        # Whoever stops this run from outside (a Tune scheduler) can then free its CPUs/GPUs.
+        Path(loop_config["placement_group_file"]).write_text(ray.util.get_current_placement_group().id.hex())
     torch.manual_seed(t.seed)  # identical init on all ranks; DDP would broadcast rank 0's anyway
     np.random.seed(t.seed + rank)
     random.seed(t.seed + rank)
@@ -335,23 +338,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 save_checkpoint({**history[-1], "kind": "step"} if history else {"step": step})
 
         val = _validate(model, data, val_teacher)
+        last_step = next((r for r in reversed(history) if r.get("kind") != "epoch"), {})
         history.append({"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction, "kind": "epoch", **val})
         epoch, batch_in_epoch = epoch + 1, 0
-        save_checkpoint({**val, "epoch": epoch, "step": step, "kind": "epoch"})
+        # The epoch report carries the latest step's loss parts, schedule and teacher weights too, so
+        # dashboards (Tune's TensorBoard/W&B loggers) get every curve from one row per epoch.
+        save_checkpoint({**last_step, **val, "epoch": epoch, "step": step, "kind": "epoch"})
 
 
 def run_training(cfg: ExperimentConfig, data: DistillData, storage_path: str, run_name: str,
-                 fail_once_at_step: dict | None = None) -> ray.train.Result:
-    """Run the loop on Ray Train. Re-running with the same (storage_path, run_name) resumes."""
+                 fail_once_at_step: dict | None = None, callbacks: list | None = None,
+                 placement_group_file: str | None = None) -> ray.train.Result:
+    """Run the loop on Ray Train. Re-running with the same (storage_path, run_name) resumes.
+
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
+    ``placement_group_file`` receives the workers' placement group id (see ``tune.py``)."""
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "data_ref": ray.put(data),
-                           "fail_once_at_step": fail_once_at_step},
+                           "fail_once_at_step": fail_once_at_step, "placement_group_file": placement_group_file},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
     )
     return trainer.fit()
 

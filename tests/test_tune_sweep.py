@@ -1,0 +1,166 @@
+"""Ray Tune sweeps on a real local Ray: trials share the cache, the best trial wins, dashboards are
+written, and an interrupted sweep resumes without redoing finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill_ray.config import apply_overrides, config_from_dict
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _overrides(root: Path, name: str) -> list[tuple[str, object]]:
+    return [("name", name), ("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
+            ("teachers.0.path", str(root / "teachers/mlp_a")), ("teachers.1.path", str(root / "teachers/cnn_b")),
+            ("tune.sweep_dir", str(root / "sweeps")), ("tune.registry_dir", str(root / "registry")),
+            ("train.checkpoint_every_steps", 1000)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tune")
+
+
+def _config(root: Path, name: str):
+    raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
+    return config_from_dict(apply_overrides(raw, _overrides(root, name)))
+
+
+def _teacher_actor_count() -> int:
+    """Teacher actors ever created in this Ray (dead ones included), from the GCS actor table."""
+    from ray._private.state import actors
+
+    return sum(1 for a in actors().values() if "Teacher" in a["ActorClassName"])
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_local, root):
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers
+    from distill_ray.tune import run_sweep
+
+    cfg = _config(root, "sweep")
+    data = load_data(cfg)
+    build_cache(cfg, data, prepare_teachers(cfg, data))  # what `distill-ray cache` does before a sweep
+    manifest = next((root / "cache").rglob("manifest.json"))
+    before = (_teacher_actor_count(), manifest.stat().st_mtime_ns)
+    out = run_sweep(cfg, REPO / "tune_spaces/kd_basic.yaml", samples=4, max_concurrent=2)
+    after = (_teacher_actor_count(), manifest.stat().st_mtime_ns)
+    return cfg, out, before, after
+
+
+def test_four_trials_finish_and_the_best_metric_wins(sweep):
+    cfg, out, _, _ = sweep
+    rows = out["trials"]
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    metrics = [r["metric"] for r in rows]
+    assert all(0.3 < m <= 1.0 for m in metrics), metrics
+    assert out["best"]["metric"] == max(metrics)
+    assert out["best"]["trial_id"] == rows[0]["trial_id"]
+    # the table on disk says the same, best first
+    on_disk = json.loads((Path(out["sweep_dir"]) / "trials.json").read_text())
+    assert [r["trial_id"] for r in on_disk] == [r["trial_id"] for r in rows]
+    summary = (Path(out["sweep_dir"]) / "sweep_summary.md").read_text()
+    assert rows[0]["trial_id"] in summary.split("| 1 |")[1].splitlines()[0]
+    assert (Path(out["sweep_dir"]) / "metric_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trials_searched_what_the_space_file_names(sweep):
+    _, out, _, _ = sweep
+    for r in out["trials"]:
+        assert set(r["params"]) == {"loss.temperature", "loss.alpha", "loss.kind"}
+        assert 1.0 <= r["params"]["loss.temperature"] <= 8.0 and 0.1 <= r["params"]["loss.alpha"] <= 0.9
+    assert len({round(r["params"]["loss.temperature"], 6) for r in out["trials"]}) == 4
+
+
+def test_no_trial_ran_a_teacher_and_the_cache_was_reused(sweep):
+    _, _, before, after = sweep
+    assert after == before  # no teacher actor was ever created, the cache manifest untouched
+
+
+def test_winner_is_exported_and_registered_and_scores_what_tune_saw(sweep):
+    from distill_ray.evaluate import accuracy, predict_logits
+    from distill_ray.models import load_model
+    from distill_ray.pipeline import load_data
+    from distill_ray.tune import resolve_registry
+
+    cfg, out, _, _ = sweep
+    student, _ = load_model(out["student_dir"])
+    card = json.loads((Path(out["student_dir"]) / "distill_card.json").read_text())
+    assert card["trial_id"] == out["best"]["trial_id"] and card["metrics"]["val_accuracy"] == out["best"]["metric"]
+    data = load_data(cfg)
+    assert accuracy(predict_logits(student, data.val.inputs), data.val.labels) == pytest.approx(out["best"]["metric"],
+                                                                                               abs=1e-6)
+    registered = resolve_registry(Path(cfg.tune.registry_dir) / cfg.name)
+    assert registered == Path(out["registered"]) and registered.name == "v1"
+    assert (registered / "model.safetensors").read_bytes() == (Path(out["student_dir"]) / "model.safetensors").read_bytes()
+
+
+def test_every_trial_wrote_tensorboard_and_wandb_offline_runs(sweep):
+    _, out, _, _ = sweep
+    sweep_dir = Path(out["sweep_dir"])
+    for r in out["trials"]:
+        events = list(Path(r["path"]).glob("events.out.tfevents.*"))
+        assert events and events[0].stat().st_size > 0, r["path"]
+    offline_runs = list((sweep_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 4
+    assert all(list(run.glob("*.wandb")) for run in offline_runs)
+
+
+def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_local, root, sweep):
+    """Ctrl-C a sweep after its first trial finishes, then `--resume` it."""
+    from distill_ray.tune import resume_sweep
+
+    cfg = _config(root, "interrupted")
+    sweep_dir = Path(cfg.tune.sweep_dir) / cfg.name
+    address = ray_local.get_runtime_context().gcs_address
+    sets = [f"--set={k}={v}" for k, v in _overrides(root, "interrupted")]
+    proc = subprocess.Popen([sys.executable, "-m", "distill_ray", "tune", str(REPO / "jobs/configs/tiny.yaml"),
+                             "--space", str(REPO / "tune_spaces/kd_basic.yaml"), "--samples", "3",
+                             "--max-concurrent", "1", "--address", address, *sets],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not _finished_trials(sweep_dir):
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(1)
+        finished = _finished_trials(sweep_dir)
+        assert finished, "no trial finished within 300 s"
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    finished = _finished_trials(sweep_dir)
+    assert len(finished) < 3
+    rows_before = {d: _result_rows(d) for d in finished}
+
+    out = resume_sweep(sweep_dir)
+    assert len(out["trials"]) == 3 and all(r["metric"] is not None for r in out["trials"])
+    for trial_dir, rows in rows_before.items():
+        assert _result_rows(trial_dir) == rows  # finished trials were not run again
+    assert out["best"]["metric"] == max(r["metric"] for r in out["trials"])
+
+
+def _finished_trials(sweep_dir: Path) -> list[Path]:
+    done = []
+    for result in (sweep_dir / "trials").glob("_trial_*/result.json"):
+        rows = _result_rows(result.parent)
+        if rows and rows[-1].get("done"):
+            done.append(result.parent)
+    return done
+
+
+def _result_rows(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

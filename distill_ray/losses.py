@@ -242,6 +242,30 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     return values.to(torch.float32), indices
 
 
+def dense_from_topk(topk_logprobs: torch.Tensor, topk_indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Full log-probabilities rebuilt from a top-k teacher, for blending teachers into one target.
+
+    The k stored classes keep their log-probs; the tail mass ``1 - sum(exp(logp))`` is spread
+    evenly over the other ``V - k`` classes (the same assumption ``topk_kd_divergence`` makes), so
+    ``softmax(dense / T)`` is the tempered teacher under that assumption. Exact when k = V.
+
+    Args:
+        topk_logprobs: ``[..., k]`` float log-probabilities (temperature 1).
+        topk_indices: ``[..., k]`` int class indices.
+        num_classes: V.
+
+    Returns:
+        ``[..., V]`` float32 log-probabilities.
+    """
+    logp = topk_logprobs.float()
+    k = logp.shape[-1]
+    if k == num_classes:
+        return torch.empty(*logp.shape[:-1], num_classes).scatter_(-1, topk_indices.long(), logp)
+    tail = (1.0 - logp.exp().sum(-1, keepdim=True)).clamp_min(1e-12) / (num_classes - k)
+    dense = tail.log().expand(*logp.shape[:-1], num_classes).clone()
+    return dense.scatter_(-1, topk_indices.long(), logp)
+
+
 def topk_kd_divergence(
     student_logits: torch.Tensor,
     topk_logprobs: torch.Tensor,

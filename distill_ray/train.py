@@ -30,7 +30,7 @@ from distill_ray import curriculum as cur
 from distill_ray.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
 from distill_ray.evaluate import accuracy, agreement, expected_calibration_error
-from distill_ray.losses import dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce
+from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce
 from distill_ray.models import build_model, forward_logits, save_model
 
 STATE_FILE = "train_state.pt"
@@ -176,6 +176,14 @@ def _validate(model, data: DistillData, val_teacher: torch.Tensor | None) -> dic
     return metrics
 
 
+def _teacher_logits(answer: dict, num_classes: int) -> torch.Tensor:
+    """One teacher's answer as [N, C] logits: full logits, or log-probs rebuilt from its top k."""
+    if "logits" in answer:
+        return torch.as_tensor(answer["logits"]).float()
+    return dense_from_topk(torch.as_tensor(answer["topk_logprobs"]), torch.as_tensor(answer["topk_indices"]),
+                           num_classes)
+
+
 def _maybe_inject_failure(spec: dict | None, step: int, rank: int) -> None:
     """Fault injection for tests and drills: rank 0 dies once at ``spec['step']`` (a marker file
     remembers it happened, so the restarted worker carries on)."""
@@ -284,7 +292,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 answers = next_targets.result()
                 nxt = batch_in_epoch + 1
                 next_targets = pool.submit(x_all[batches[nxt]].numpy()) if nxt < len(batches) else None
-                teacher = torch.stack([torch.tensor(answers[n]["logits"]) for n in data.teacher_names]).to(device)
+                teacher = torch.stack([_teacher_logits(answers[n], data.num_classes)
+                                       for n in data.teacher_names]).to(device)
             elif teacher_all is not None:
                 teacher = teacher_all[:, idx].to(device).float()
             else:
@@ -331,7 +340,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        "task_loss": task.item(), "samples_per_s": seen * world / (time.perf_counter() - epoch_start),
                        **parts}
                 if teacher is not None:
-                    for name, w in zip(data.teacher_names, blend.mean_weights().tolist()):
+                    # Unlabeled batches use confidence weights whatever the blend kind: log those.
+                    used = blend.mean_weights() if labeled else \
+                        blend.weights(teacher, features=x.flatten(1), labeled=False).detach().mean(0)
+                    for name, w in zip(data.teacher_names, used.tolist()):
                         row[f"teacher_weight/{name}"] = w
                 history.append(row)
             if step % t.checkpoint_every_steps == 0 and batch_in_epoch < len(batches):

@@ -652,3 +652,19 @@ def test_soft_target_ce_reference():
 def test_module_does_not_import_ray():
     code = "import sys, distill_ray.losses; assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dense_from_topk_is_exact_when_k_is_all_classes_and_a_distribution_otherwise():
+    from distill_ray.losses import dense_from_topk, teacher_topk
+
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)) * 3
+    full = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(dense_from_topk(*teacher_topk(logits, 10), 10), full)
+    values, indices = teacher_topk(logits, 3)
+    dense = dense_from_topk(values, indices, 10)
+    torch.testing.assert_close(dense.exp().sum(-1), torch.ones(6))
+    torch.testing.assert_close(dense.gather(-1, indices), full.gather(-1, indices))
+    assert (dense.argmax(-1) == full.argmax(-1)).all()
+    tail = torch.ones(6, 10, dtype=torch.bool).scatter_(-1, indices, False)
+    expected_tail = (1 - values.exp().sum(-1, keepdim=True)) / 7
+    torch.testing.assert_close(dense.exp()[tail].view(6, 7), expected_tail.expand(6, 7))

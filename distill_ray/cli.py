@@ -94,6 +94,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
+    from distill_ray.models import load_model, num_params
+    from distill_ray.pipeline import load_data
+    from distill_ray.serving import StudentLoadError, resolve_student_dir
+
+    cfg = load_config(args.data, args.overrides)
+    try:
+        student_dir = resolve_student_dir(args.path)
+    except StudentLoadError as err:
+        raise ValueError(str(err)) from None
+    model, _ = load_model(student_dir)
+    split = getattr(load_data(cfg), args.split)
+    logits = predict_logits(model, split.inputs)
+    result = {"student": str(student_dir), "split": args.split, "num_samples": len(split),
+              "accuracy": accuracy(logits, split.labels),
+              "ece": expected_calibration_error(logits.softmax(-1), split.labels), "params": num_params(model),
+              "latency_ms": single_sample_latency_ms(model, torch.as_tensor(split.inputs[:1]))}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill-ray",
@@ -142,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("none", "int8"), default=None,
                    help="dynamic int8 quantization of the student's linear layers at load")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("eval", help="score a student (run dir, student dir or registry entry) on a config's data")
+    p.add_argument("path", help="a run directory, a student directory, or a registry entry (registry/NAME)")
+    p.add_argument("--data", required=True, metavar="CONFIG", help="experiment YAML whose data: section to score on")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.max_eval_samples=1000")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -302,7 +302,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if not data.use_teachers:
                 alpha = 0.0
 
-            student_logits = forward_logits(model, x)
+            # bf16 autocast covers the student's forward only; losses and blending stay in fp32.
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                student_logits = forward_logits(model, x)
+            student_logits = student_logits.float()
             parts: dict[str, float] = {}
             if teacher is not None and labeled and blend_opt is not None:
                 # Blend weights learn from ground truth only: the blended teachers' task loss.

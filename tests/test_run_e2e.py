@@ -44,3 +44,15 @@ def test_run_writes_metrics_student_and_card(ray_local, small_fashion_mnist, tmp
     assert np.mean(predicted == d.test.labels) == pytest.approx(on_disk["student"], abs=1e-6)
     card = json.loads((run_dir / "student" / "distill_card.json").read_text())
     assert card["teachers"] == ["mlp_a", "cnn_b"] and card["teacher_weights"] == on_disk["teacher_weights"]
+    # `distill-ray eval` scores the run's student on the same split to the same number.
+    from distill_ray.cli import main
+
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text((run_dir / "config.yaml").read_text())
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", str(run_dir), "--data", str(config_path)]) == 0
+    assert json.loads(out.getvalue())["accuracy"] == pytest.approx(on_disk["student"], abs=1e-6)

@@ -1,0 +1,53 @@
+"""Ray Jobs entrypoint that deploys a student with Ray Serve and returns (the app keeps serving).
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \\
+        -- python jobs/deploy.py --path registry/quickstart --config jobs/configs/quickstart.yaml
+
+``--path`` is a run directory, a student directory or a registry entry (its ``latest`` version).
+Serve binds the config's ``serve.host`` (127.0.0.1 unless told otherwise). Bad input exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if (_ROOT / "distill_ray" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from distill_ray.config import ConfigError, ServeConfig, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jobs/deploy.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--path", required=True, help="run dir, student dir, or registry/NAME")
+    parser.add_argument("--config", help="experiment YAML whose serve: section configures the deployment")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS / a Ray running here)")
+    args = parser.parse_args(argv)
+    try:
+        serve_cfg = load_config(args.config, args.overrides).serve if args.config else ServeConfig()
+    except ConfigError as err:
+        print(f"jobs/deploy.py: config error: {err}", file=sys.stderr)
+        return 2
+
+    from distill_ray.pipeline import connect_ray
+    from distill_ray.serving import StudentLoadError, resolve_student_dir, start_serve
+
+    try:
+        student_dir = resolve_student_dir(args.path)  # fail before touching Ray
+    except StudentLoadError as err:
+        print(f"jobs/deploy.py: {err}", file=sys.stderr)
+        return 2
+    connect_ray(args.address)
+    url = start_serve(student_dir, host=args.host, port=args.port, serve_config=serve_cfg, blocking=False)
+    print(f"deployed: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

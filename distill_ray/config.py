@@ -199,6 +199,9 @@ class TrainConfig:
     """One GPU per worker when true."""
     cpus_per_worker: float = _field(1.0, gt=0.0)
     """CPUs reserved per training worker."""
+    resources_per_worker: Mapping[str, Any] = _field(default_factory=dict)
+    """Extra Ray resources each training worker reserves, e.g. {worker_node: 1} to pin workers to
+    nodes that advertise it (CPU and GPU come from cpus_per_worker and use_gpu)."""
     epochs: int = _field(3, ge=1)
     """Passes over the training split."""
     batch_size: int = _field(128, ge=1)

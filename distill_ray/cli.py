@@ -120,6 +120,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from distill_ray.ablation import ablation_main
+
+    load_config(args.config, args.overrides)  # a bad config fails here, before any Ray work
+    ablation_main(args.config, overrides=args.overrides, seeds=args.seeds, address=args.address,
+                  out_dir=args.out, rows=args.rows.split(",") if args.rows else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill-ray",
@@ -176,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set data.max_eval_samples=1000")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("ablation", help="the quality table: scratch, single teacher, each blend, each curriculum, "
+                                        "a broken extra teacher; mean +- std over seeds")
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row (train.seed = 0..N-1)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR's sibling NAME-ablation)")
+    p.add_argument("--rows", default=None, help="comma-separated subset of rows (default: all)")
+    p.add_argument("--address", default=None, help="Ray cluster address")
+    p.set_defaults(func=_cmd_ablation)
     return parser
 
 

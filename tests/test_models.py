@@ -50,10 +50,16 @@ def test_unknown_arch_and_bad_options_name_the_problem():
 
 
 def test_param_count_of_the_quickstart_student_is_a_tenth_of_the_smallest_teacher():
-    student = build_model("mlp", (1, 28, 28), 10, {"hidden": [32]})
-    vit = build_model("transformer_encoder", (1, 28, 28), 10, {"patch": 7, "dim": 128, "layers": 3, "heads": 4})
-    assert num_params(student) == 784 * 32 + 32 + 32 * 10 + 10
-    assert num_params(student) * 10 <= num_params(vit)
+    from pathlib import Path
+
+    from distill_ray.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs/configs/quickstart.yaml")
+    student = build_model(cfg.student.arch, (1, 28, 28), 10, cfg.student.options)
+    teachers = [build_model(t.recipe, (1, 28, 28), 10, t.options) for t in cfg.teachers]
+    hidden = cfg.student.options["hidden"][0]
+    assert num_params(student) == 784 * hidden + hidden + hidden * 10 + 10
+    assert num_params(student) * 10 <= min(num_params(t) for t in teachers)
 
 
 def test_metrics_against_hand_computed_values():

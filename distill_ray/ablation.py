@@ -1,0 +1,341 @@
+"""The quality table: which parts of the distillation recipe earn their keep, over seeds.
+
+Every row trains the same student architecture on the same data split with Ray Train
+(``distill_ray.train.run_training``), only the distillation setup differs:
+
+====================== =========================================================================
+row                    what changes from the config
+====================== =========================================================================
+scratch                no teachers: the student from labels alone (alpha 0), no curriculum
+kd_best_teacher        KD from the single teacher with the best validation accuracy, no curriculum
+uniform                all teachers, equal weights, no curriculum
+confidence             all teachers, per-sample confidence (entropy) weights, no curriculum
+learned                all teachers, learned_global weights (fit to labels), no curriculum
+learned+multi_stage    learned + the config's multi-stage (POCL) curriculum
+learned+linear_ramp    learned + linear_ramp data opening
+learned+confidence     learned + confidence-based sampling
+learned+broken_teacher learned, no curriculum, plus a 4th "teacher" emitting seeded random logits
+====================== =========================================================================
+
+Rows without curriculum train at the constant ``loss.temperature`` and ``loss.alpha``. Curriculum
+rows take their settings (num_stages, stage_length, start_fraction, ...) from the config's
+curriculum section; if the config itself runs multi_stage, the multi_stage row is the config as it
+is (its stage temperatures included), otherwise temperature and alpha stay constant there too.
+Teachers are prepared and soft targets cached once; each row slices or extends the cached
+teacher logits ``[K, N, C]``. Seeds are ``train.seed, train.seed + 1, ...``; a run is named by
+its row, seed and a digest of its config, so re-running an interrupted ablation into the same
+directory resumes (finished runs are only reloaded) and a changed config never reuses a stale run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from distill_ray.config import ExperimentConfig, TeacherConfig, config_to_dict, load_config
+
+ROWS = ("scratch", "kd_best_teacher", "uniform", "confidence", "learned", "learned+multi_stage",
+        "learned+linear_ramp", "learned+confidence", "learned+broken_teacher")
+DESCRIPTIONS = {
+    "scratch": "student from labels only (alpha 0)",
+    "kd_best_teacher": "KD from the single best teacher (by validation accuracy)",
+    "uniform": "all teachers, uniform blend",
+    "confidence": "all teachers, confidence (entropy) blend",
+    "learned": "all teachers, learned_global blend, no curriculum",
+    "learned+multi_stage": "learned blend + multi-stage (POCL) curriculum",
+    "learned+linear_ramp": "learned blend + linear_ramp curriculum",
+    "learned+confidence": "learned blend + confidence-sampling curriculum",
+    "learned+broken_teacher": "learned blend, no curriculum, + a 4th teacher emitting random logits",
+}
+BROKEN = "broken_random"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every row shares: data, teacher directories, cached teacher logits per split."""
+
+    cfg: ExperimentConfig
+    data: Any  # ClassificationData
+    dirs: dict
+    st: Any  # pipeline.SplitTargets
+    teacher_val: dict[str, float]
+    teacher_test: dict[str, float]
+    timings: dict[str, float]
+
+    @property
+    def best_teacher(self) -> str:
+        """The teacher with the best validation accuracy (test accuracy is never used to choose)."""
+        return max(self.teacher_val, key=self.teacher_val.get)
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Teachers (trained once, reused) and their soft-target cache, plus each teacher's accuracy."""
+    from distill_ray.evaluate import accuracy
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers, split_targets
+
+    timings = {}
+    start = time.perf_counter()
+    data = load_data(cfg)
+    dirs = prepare_teachers(cfg, data)
+    timings["teachers"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    st = split_targets(build_cache(cfg, data, dirs), data)
+    timings["cache"] = round(time.perf_counter() - start, 2)
+    val = {t.name: accuracy(torch.as_tensor(st.val[k]).float(), data.val.labels) for k, t in enumerate(cfg.teachers)}
+    test = {t.name: accuracy(torch.as_tensor(st.test[k]).float(), data.test.labels)
+            for k, t in enumerate(cfg.teachers)}
+    return Prepared(cfg, data, dirs, st, val, test, timings)
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+def _no_curriculum(cfg: ExperimentConfig) -> ExperimentConfig:
+    c = cfg.curriculum
+    return dataclasses.replace(cfg, curriculum=dataclasses.replace(
+        c, scheduler="none",
+        temperature_schedule="constant" if c.temperature_schedule == "stage" else c.temperature_schedule,
+        alpha_schedule="constant" if c.alpha_schedule == "stage" else c.alpha_schedule))
+
+
+def _with_scheduler(cfg: ExperimentConfig, scheduler: str) -> ExperimentConfig:
+    if scheduler == "multi_stage" and cfg.curriculum.scheduler == "multi_stage":
+        return cfg  # the config's own POCL settings, temperature stages included
+    base = _no_curriculum(cfg)
+    return dataclasses.replace(base, curriculum=dataclasses.replace(base.curriculum, scheduler=scheduler))
+
+
+def random_logits(real: np.ndarray, seed: int) -> np.ndarray:
+    """Seeded Gaussian logits [N, C] with the mean and standard deviation of the real ones [K, N, C]:
+    as confident as a real teacher, right only by chance."""
+    real = np.asarray(real, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    return rng.normal(float(real.mean()), float(real.std()), size=real.shape[1:]).astype(np.float32)
+
+
+def row_setup(row: str, prep: Prepared, seed: int):
+    """(config, split targets, use_teachers) of one row at one seed."""
+    from distill_ray.pipeline import SplitTargets
+
+    base = dataclasses.replace(prep.cfg, train=dataclasses.replace(prep.cfg.train, seed=seed, baseline=False))
+    st = prep.st
+    learned = dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind="learned_global"))
+    if row == "scratch":
+        cfg = _no_curriculum(dataclasses.replace(base, loss=dataclasses.replace(base.loss, alpha=0.0)))
+        return cfg, st, False
+    if row == "kd_best_teacher":
+        k = prep.cfg.teacher_names().index(prep.best_teacher)
+        cfg = _no_curriculum(dataclasses.replace(base, teachers=(base.teachers[k],),
+                                                 blend=dataclasses.replace(base.blend, kind="uniform")))
+        return cfg, SplitTargets(st.train[k:k + 1], st.val[k:k + 1], st.test[k:k + 1]), True
+    if row in ("uniform", "confidence"):
+        return _no_curriculum(dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind=row))), st, True
+    if row == "learned":
+        return _no_curriculum(learned), st, True
+    if row.startswith("learned+") and row.split("+", 1)[1] in ("multi_stage", "linear_ramp", "confidence"):
+        return _with_scheduler(learned, row.split("+", 1)[1]), st, True
+    if row == "learned+broken_teacher":
+        broken = TeacherConfig(name=BROKEN, source="recipe", recipe="mlp")  # never built: logits are synthetic
+        cfg = _no_curriculum(dataclasses.replace(learned, teachers=(*learned.teachers, broken)))
+        extended = SplitTargets(*(np.concatenate([a, random_logits(a, 10_007 * (seed + 1) + i)[None].astype(a.dtype)])
+                                  for i, a in enumerate((st.train, st.val, st.test))))
+        return cfg, extended, True
+    raise ValueError(f"unknown ablation row {row!r}; choose from: {', '.join(ROWS)}")
+
+
+def _run_name(row: str, cfg: ExperimentConfig, seed: int) -> str:
+    digest = hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{row.replace('+', '_')}-seed{seed}-{digest}"
+
+
+def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any]:
+    """Train one row at one seed on Ray Train; test accuracy of the result and its final weights."""
+    from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits
+    from distill_ray.pipeline import distill_data
+    from distill_ray.train import load_trained_student, run_training
+
+    cfg, st, use_teachers = row_setup(row, prep, seed)
+    inputs = distill_data(cfg, prep.data, st, use_teachers=use_teachers)
+    start = time.perf_counter()
+    result = run_training(cfg, inputs, str(storage), _run_name(row, cfg, seed))
+    seconds = time.perf_counter() - start
+    student, history, _ = load_trained_student(cfg, inputs, result.checkpoint)
+    logits = predict_logits(student, prep.data.test.inputs)
+    weights = {}
+    if use_teachers:
+        for r in reversed(history):
+            found = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("teacher_weight/")}
+            if found:
+                weights = found
+                break
+    epochs = [r for r in history if r.get("kind") == "epoch"]
+    return {"row": row, "seed": seed, "test_accuracy": accuracy(logits, prep.data.test.labels),
+            "test_ece": expected_calibration_error(logits.softmax(-1), prep.data.test.labels),
+            "val_accuracy": epochs[-1]["val_accuracy"] if epochs else None,
+            "teacher_weights": weights, "train_seconds": round(seconds, 2)}
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def machine_info() -> dict[str, Any]:
+    import ray
+
+    return {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def summarize(runs: list[dict], prep: Prepared, rows: Sequence[str]) -> dict[str, Any]:
+    best = prep.best_teacher
+    best_acc = prep.teacher_test[best]
+    table: dict[str, Any] = {}
+    for row in rows:
+        mine = [r for r in runs if r["row"] == row]
+        mean, std = _mean_std([r["test_accuracy"] for r in mine])
+        weights = {}
+        for name in (mine[0]["teacher_weights"] if mine else {}):
+            weights[name] = _mean_std([r["teacher_weights"][name] for r in mine])[0]
+        table[row] = {"description": DESCRIPTIONS[row], "mean": mean, "std": std, "n": len(mine),
+                      "per_seed": {r["seed"]: r["test_accuracy"] for r in mine}, "teacher_weights": weights,
+                      "train_seconds_mean": _mean_std([r["train_seconds"] for r in mine])[0]}
+    scratch = table.get("scratch", {}).get("mean")
+    for row, entry in table.items():
+        denominator = best_acc - scratch if scratch is not None else math.nan
+        entry["gap_recovered"] = (entry["mean"] - scratch) / denominator if scratch is not None and denominator > 0 \
+            else None
+    out: dict[str, Any] = {"rows": table, "best_teacher": {"name": best, "val_accuracy": prep.teacher_val[best],
+                                                           "test_accuracy": best_acc},
+                           "teachers": {n: {"val_accuracy": prep.teacher_val[n], "test_accuracy": prep.teacher_test[n]}
+                                        for n in prep.teacher_val}}
+    if "learned" in table and "uniform" in table:
+        diffs = [table["learned"]["per_seed"][s] - table["uniform"]["per_seed"][s]
+                 for s in table["learned"]["per_seed"] if s in table["uniform"]["per_seed"]]
+        mean, std = _mean_std(diffs) if diffs else (math.nan, math.nan)
+        out["learned_vs_uniform"] = {"mean_diff": mean, "std_diff": std, "per_seed_diff": diffs,
+                                     "learned_ge_uniform": bool(table["learned"]["mean"] >= table["uniform"]["mean"])}
+    if "learned+broken_teacher" in table:
+        entry = table["learned+broken_teacher"]
+        weights = [r["teacher_weights"].get(BROKEN) for r in runs if r["row"] == "learned+broken_teacher"]
+        broken = {"final_weight_mean": _mean_std(weights)[0], "final_weight_max": max(weights),
+                  "per_seed_weight": weights}
+        if "learned" in table:
+            broken["accuracy_drop_vs_learned"] = table["learned"]["mean"] - entry["mean"]
+        out["broken_teacher"] = broken
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def ablation_markdown(result: dict[str, Any]) -> str:
+    cfg_name, m = result["config_name"], result["machine"]
+    best = result["best_teacher"]
+    lines = [f"# Ablation: {cfg_name}", "",
+             f"Command: `{result['command']}`", "",
+             f"Machine: {m['cpu_cores']} CPU cores, {m['platform']}, Python {m['python']}, torch {m['torch']}, "
+             f"ray {m['ray']}. Seeds: {', '.join(map(str, result['seeds']))} (train.seed). "
+             f"Test split: {result['num_test']} samples; student: {result['student']}. "
+             f"Wall time: {result['wall_seconds'] / 60:.1f} min.", "",
+             "Teachers (test accuracy): " + ", ".join(f"{n} {v['test_accuracy']:.4f}"
+                                                     for n, v in result["teachers"].items())
+             + f". Best by validation accuracy: **{best['name']}** (test {best['test_accuracy']:.4f}).", "",
+             "| row | setup | test accuracy (mean ± std) | per seed | gap recovered | final teacher weights |",
+             "|---|---|---:|---|---:|---|"]
+    for row, e in result["rows"].items():
+        per_seed = ", ".join(f"{v:.4f}" for v in e["per_seed"].values())
+        weights = ", ".join(f"{n} {w:.3f}" for n, w in e["teacher_weights"].items()) or "-"
+        lines.append(f"| {row} | {e['description']} | {e['mean']:.4f} ± {e['std']:.4f} | {per_seed} | "
+                     f"{_pct(e['gap_recovered'])} | {weights} |")
+    lines += ["", "Gap recovered = (row − scratch) / (best teacher − scratch), on mean test accuracy.", ""]
+    if "learned_vs_uniform" in result:
+        c = result["learned_vs_uniform"]
+        lines.append(f"Learned vs uniform blend: learned − uniform = {100 * c['mean_diff']:+.2f} ± "
+                     f"{100 * c['std_diff']:.2f} points (paired by seed: "
+                     + ", ".join(f"{100 * d:+.2f}" for d in c["per_seed_diff"]) + ").")
+    if "broken_teacher" in result:
+        b = result["broken_teacher"]
+        text = (f"Broken teacher ({BROKEN}, random logits): final learned weight {b['final_weight_mean']:.4f} "
+                f"(max over seeds {b['final_weight_max']:.4f})")
+        if "accuracy_drop_vs_learned" in b:
+            text += f"; student accuracy vs the same run without it: {-100 * b['accuracy_drop_vs_learned']:+.2f} points"
+        lines.append(text + ".")
+    return "\n".join(lines) + "\n"
+
+
+def run_ablation(cfg: ExperimentConfig, seeds: int, out_dir: str | Path, rows: Sequence[str] = ROWS,
+                 command: str | None = None) -> dict[str, Any]:
+    """Train every row at ``seeds`` seeds, write ``ablation.json`` and ``ablation.md`` into ``out_dir``.
+
+    Needs a connected Ray (``pipeline.connect_ray``). Returns the table (what ablation.json holds).
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown ablation rows {unknown}; choose from: {', '.join(ROWS)}")
+    if cfg.train.mode != "cached":
+        raise ValueError("the ablation reuses cached soft targets; use train.mode=cached")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wall = time.perf_counter()
+    prep = prepare(cfg)
+    print(f"ablation: best teacher by validation accuracy: {prep.best_teacher} "
+          f"(val {prep.teacher_val[prep.best_teacher]:.4f}, test {prep.teacher_test[prep.best_teacher]:.4f})",
+          flush=True)
+    seed_list = [cfg.train.seed + i for i in range(seeds)]
+    runs, total, done = [], len(rows) * len(seed_list), 0
+    for row in rows:
+        for seed in seed_list:
+            done += 1
+            run = run_row(row, prep, seed, out_dir / "ray_results")
+            runs.append(run)
+            weights = " ".join(f"{n}={w:.3f}" for n, w in run["teacher_weights"].items())
+            print(f"ablation [{done}/{total}] {row:<24} seed {seed}: test acc {run['test_accuracy']:.4f} "
+                  f"({run['train_seconds']:.0f}s) {weights}", flush=True)
+            (out_dir / "runs.json").write_text(json.dumps(runs, indent=2))
+    result = summarize(runs, prep, rows)
+    from distill_ray.models import build_model, num_params
+
+    student = build_model(cfg.student.arch, prep.data.input_shape, prep.data.num_classes, cfg.student.options)
+    result.update({
+        "config_name": cfg.name, "seeds": seed_list, "num_test": int(len(prep.data.test)),
+        "student": f"{cfg.student.arch} {dict(cfg.student.options)}, {num_params(student):,} params",
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv), "machine": machine_info(),
+        "wall_seconds": round(time.perf_counter() - wall, 1), "timings": prep.timings, "runs": runs,
+    })
+    (out_dir / "ablation.json").write_text(json.dumps(result, indent=2, default=str))
+    (out_dir / "ablation.md").write_text(ablation_markdown(result))
+    print(f"\n{ablation_markdown(result)}\nablation: wrote {out_dir / 'ablation.md'} and {out_dir / 'ablation.json'}")
+    return result
+
+
+def ablation_main(config_path: str | Path, overrides: Sequence[str] = (), seeds: int = 3, address: str | None = None,
+                  out_dir: str | Path | None = None, rows: Sequence[str] | None = None,
+                  command: str | None = None) -> dict[str, Any]:
+    """CLI entry: load and validate the config, join/start Ray, run the ablation.
+
+    ``out_dir`` defaults to ``<run_dir>/<name>-ablation``.
+    """
+    from distill_ray.pipeline import connect_ray
+
+    cfg = load_config(config_path, overrides)
+    connect_ray(address)
+    out = Path(out_dir) if out_dir else Path(cfg.run_dir).expanduser() / f"{cfg.name}-ablation"
+    return run_ablation(cfg, seeds, out, rows=tuple(rows) if rows else ROWS, command=command)

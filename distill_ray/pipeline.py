@@ -22,8 +22,8 @@ import torch
 
 from distill_ray import curriculum as cur
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
-from distill_ray.data import ClassificationData, cache_root, load_fashion_mnist
-from distill_ray.models import build_model, load_model, num_params, save_model
+from distill_ray.data import ClassificationData, cache_root, load_fashion_mnist, load_fortunes
+from distill_ray.models import build_model, load_model, num_params, save_model, save_tokenizer
 from distill_ray.soft_targets import CacheSpec, CorruptCacheError, SoftTargets, StoreWriter, cache_dir_for, \
     data_fingerprint
 from distill_ray.teachers import TeacherBatchUDF, TeacherPool, TeacherSpec
@@ -48,6 +48,10 @@ def connect_ray(address: str | None = None) -> None:
 
 def load_data(cfg: ExperimentConfig) -> ClassificationData:
     d = cfg.data
+    if d.name == "fortunes":
+        return load_fortunes(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
+                             tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
+                             max_eval_samples=d.max_eval_samples)
     return load_fashion_mnist(val_fraction=d.val_fraction, split_seed=d.split_seed,
                               max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples)
 
@@ -71,22 +75,25 @@ def _recipe_dir(cfg: ExperimentConfig, index: int, key: str) -> Path:
 def _train_recipe(name: str, recipe: str, options: dict, data: ClassificationData, seed: int, out_dir: str) -> dict:
     """Runs as a Ray task: train one teacher from labels and save it as a model directory, atomically."""
     from distill_ray.evaluate import accuracy, predict_logits
-    from distill_ray.recipes import train_classifier
+    from distill_ray.recipes import train_recipe
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     model = build_model(recipe, data.input_shape, data.num_classes, options)
-    train_classifier(model, data.train, epochs=int(options.get("epochs", 3)), lr=float(options.get("lr", 2e-3)),
-                     seed=seed, desc=f"teacher {name}")
+    start = time.perf_counter()
+    train_recipe(model, data.train, options, seed=seed, desc=f"teacher {name}", pad_id=data.pad_id)
+    seconds = round(time.perf_counter() - start, 1)
     val_acc = accuracy(predict_logits(model, data.val.inputs), data.val.labels)
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     save_model(model, tmp, {"arch": recipe, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-                            "options": options, "teacher": name, "val_accuracy": val_acc})
+                            "options": options, "teacher": name, "val_accuracy": val_acc, "train_seconds": seconds})
+    if data.tokenizer:  # text teachers carry their tokenizer, so the directory works on its own
+        save_tokenizer(data.tokenizer, tmp, max_length=data.input_shape[-1])
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return {"name": name, "val_accuracy": val_acc, "params": num_params(model)}
+    return {"name": name, "val_accuracy": val_acc, "params": num_params(model), "seconds": seconds}
 
 
 def prepare_teachers(cfg: ExperimentConfig, data: ClassificationData, retrain: bool = False) -> dict[str, Path]:
@@ -108,7 +115,8 @@ def prepare_teachers(cfg: ExperimentConfig, data: ClassificationData, retrain: b
         task = ray.remote(num_cpus=1, num_gpus=t.num_gpus)(_train_recipe)
         jobs.append(task.remote(t.name, t.recipe, dict(t.options), data_ref, cfg.train.seed, str(out)))
     for info in ray.get(jobs):
-        print(f"teacher {info['name']}: trained, {info['params']:,} params, val accuracy {info['val_accuracy']:.4f}")
+        print(f"teacher {info['name']}: trained in {info['seconds']:.0f}s, {info['params']:,} params, "
+              f"val accuracy {info['val_accuracy']:.4f}")
     return dirs
 
 
@@ -185,7 +193,17 @@ class SplitTargets:
 
 
 def split_targets(targets: SoftTargets, data: ClassificationData) -> SplitTargets:
-    return SplitTargets(*(targets.stacked_logits(targets.rows_for(s.ids)) for s in (data.train, data.val, data.test)))
+    """Teacher targets [K, N, C] per split: logits, or for a top-k cache the log-probs rebuilt from
+    the top k (tail mass spread evenly), which blend and temper the same way."""
+    def stacked(rows: np.ndarray) -> np.ndarray:
+        if targets.spec.topk is None:
+            return targets.stacked_logits(rows)
+        from distill_ray.losses import dense_from_topk
+
+        return np.stack([dense_from_topk(*map(torch.as_tensor, targets.topk(name, rows)), data.num_classes).numpy()
+                         for name in targets.teachers])
+
+    return SplitTargets(*(stacked(targets.rows_for(s.ids)) for s in (data.train, data.val, data.test)))
 
 
 def teacher_difficulty(cfg: ExperimentConfig, train_logits: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
@@ -218,7 +236,10 @@ def distill_data(cfg: ExperimentConfig, data: ClassificationData, st: SplitTarge
     return DistillData(
         train_x=data.train.inputs, train_y=data.train.labels, val_x=data.val.inputs, val_y=data.val.labels,
         teacher_names=cfg.teacher_names(), num_classes=data.num_classes, input_shape=data.input_shape,
-        teacher_logits=st.train.astype(np.float16) if st is not None and use_teachers and not online else None,
+        # Workers get the cache's precision: fp16 halves the object-store copy; float32 keeps targets
+        # bit-equal to what the teacher actors answer in online mode.
+        teacher_logits=st.train.astype(np.dtype(cfg.cache.dtype)) if st is not None and use_teachers and not online
+        else None,
         teacher_handles=dict(pool.actor_handles()) if online else None,
         val_teacher_logits=st.val if st is not None else None,
         difficulty=teacher_difficulty(cfg, st.train, data.train.labels) if st is not None and use_teachers else None,
@@ -233,6 +254,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False) -> dic
 
     run_dir = cfg.run_path().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside_stale_checkpoints(run_dir, dump_config(cfg))
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     timings: dict[str, float] = {}
 
@@ -302,11 +324,33 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False) -> dic
             "loss": config_to_dict(cfg.loss), "blend": cfg.blend.kind, "curriculum": cfg.curriculum.scheduler,
             "version": "v1", "class_names": list(data.class_names)}
     export_student(cfg, student_inputs, student, run_dir / "student", card)
+    if data.tokenizer:  # a text student serves raw text: its tokenizer goes with it
+        save_tokenizer(data.tokenizer, run_dir / "student", max_length=data.input_shape[-1])
     (run_dir / "distill_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     (run_dir / "history.json").write_text(json.dumps(history))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     print_summary(rows, cfg.teacher_names(), weights)
+
+    from distill_ray.report import write_report
+
+    test_probs = {t.name: torch.as_tensor(st.test[k]).float().softmax(-1) for k, t in enumerate(cfg.teachers)}
+    test_probs.update({name: predict_logits(m, data.test.inputs).softmax(-1) for name, m in models.items()})
+    report = write_report(run_dir, metrics, history, base_history if baseline is not None else None, rows,
+                          {name: (p.numpy(), y) for name, p in test_probs.items()}, config_name=cfg.name)
+    print(f"report: {report}")
     return metrics
+
+
+def _set_aside_stale_checkpoints(run_dir: Path, config_text: str) -> None:
+    """Same name, same config: the next run resumes from RUN_DIR's checkpoints. Same name, changed
+    config: those checkpoints belong to another experiment (resuming could load a different
+    architecture), so they are moved aside, not deleted, and the run starts fresh."""
+    old_config, results = run_dir / "config.yaml", run_dir / "ray_results"
+    if results.exists() and old_config.is_file() and old_config.read_text() != config_text:
+        aside = run_dir / f"ray_results.before-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(results, aside)
+        old_config.replace(aside / "config.yaml")
+        print(f"config changed since the last run in {run_dir}: its checkpoints moved to {aside}; starting fresh")
 
 
 def _final_weights(history: list[dict]) -> list[float]:

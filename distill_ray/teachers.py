@@ -18,7 +18,7 @@ import ray
 import torch
 
 from distill_ray.losses import teacher_topk
-from distill_ray.models import fingerprint, forward_logits, freeze, load_model
+from distill_ray.models import batched_logits, fingerprint, forward_logits, freeze, load_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,7 +70,8 @@ class TeacherRunner:
         x = torch.tensor(inputs).to(self.device)  # Ray hands over read-only arrays; copy once
         if x.is_floating_point():
             x = x.to(self.dtype)
-        logits = forward_logits(self.model, x).float()
+        # Token ids run in length-sorted micro-batches (each only as wide as its longest text).
+        logits = forward_logits(self.model, x).float() if x.is_floating_point() else batched_logits(self.model, x, 64)
         if self.topk is None:
             out = {"logits": logits.cpu().numpy()}
         else:

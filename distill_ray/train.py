@@ -144,8 +144,9 @@ def kd_loss(cfg: ExperimentConfig, student_logits: torch.Tensor, target_probs: t
 
 
 def _difficulty_for_epoch(cfg: ExperimentConfig, data: DistillData, model, x_all: torch.Tensor,
-                          y_all: torch.Tensor) -> torch.Tensor:
-    """Difficulty [N]: teacher-based measures are fixed (from the driver); student_loss is live."""
+                          y_all: torch.Tensor) -> torch.Tensor | None:
+    """Difficulty [N] (None when nothing measures it): teacher-based measures are fixed (from the
+    driver); student_loss is live."""
     measures = []
     for name in cfg.curriculum.measurers:
         if name == "student_loss":
@@ -155,7 +156,7 @@ def _difficulty_for_epoch(cfg: ExperimentConfig, data: DistillData, model, x_all
     if data.difficulty is not None:
         measures.insert(0, torch.as_tensor(data.difficulty, dtype=torch.float32))
     if not measures:
-        return torch.zeros(len(x_all))
+        return None
     return measures[0] if len(measures) == 1 else cur.reciprocal_rank_fusion(*measures, k=cfg.curriculum.rrf_k)
 
 
@@ -279,7 +280,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             stage, fraction = stage_and_fraction(cfg, epoch, step)
             difficulty = _difficulty_for_epoch(cfg, data, model, x_all, y_all)
-            open_idx = cur.open_subset(cur.difficulty_order(difficulty), fraction)
+            if difficulty is None:
+                # Nothing ranks the data (the baseline has no teachers): a stage opens a seeded
+                # random part of it, not the first rows in storage order.
+                order = torch.arange(len(y_all)) if fraction >= 1.0 else \
+                    torch.randperm(len(y_all), generator=torch.Generator().manual_seed(t.seed))
+            else:
+                order = cur.difficulty_order(difficulty)
+            open_idx = cur.open_subset(order, fraction)
             shard = cur.shard_for_rank(open_idx, epoch, t.seed, rank, world)
         batches = [shard[i:i + per_rank_batch] for i in range(0, len(shard) - per_rank_batch + 1, per_rank_batch)]
         next_targets = pool.submit(x_all[batches[batch_in_epoch]].numpy()) if pool and batch_in_epoch < len(batches) else None

@@ -71,8 +71,10 @@ def test_cache_is_reused_and_corruption_is_refused(prepared, tiny_cfg, small_fas
     from distill_ray.soft_targets import CorruptCacheError
 
     dirs, targets = prepared
+    udfs_before = _teacher_actors_ever()
     again = build_cache(tiny_cfg, small_fashion_mnist, dirs)
     assert "reusing verified cache" in capsys.readouterr().out
+    assert _teacher_actors_ever() == udfs_before  # a reused cache runs no teacher forward
     np.testing.assert_array_equal(again.ids, targets.ids)
     shard = sorted(Path(tiny_cfg.cache.dir).glob("*/shard-*.parquet"))[0]
     original = shard.read_bytes()
@@ -183,3 +185,92 @@ def test_online_mode_asks_the_pool_for_every_batch(prepared, tiny_cfg, small_fas
         assert history[-1]["val_accuracy"] > 0.4
     finally:
         pool.shutdown()
+
+
+def _teacher_actors_ever() -> int:
+    """Teacher actors (pool actors and Ray Data UDF actors) ever created in this Ray, from the GCS."""
+    from ray._private.state import actors
+
+    return sum(1 for a in actors().values() if "Teacher" in a["ActorClassName"])
+
+
+def _final_weights(result) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file  # noqa: F401  (checkpoint holds a torch state dict)
+
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "train_state.pt", weights_only=True)
+    return {k: v.numpy().copy() for k, v in state["student"].items()}
+
+
+def test_two_ddp_workers_cached_and_online_train_the_same_student(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
+    """Two Train workers (DDP), float32 cache: cached and online targets are the same numbers, so the
+    two modes give the same student. (With the default fp16 cache the targets differ by fp16
+    rounding, ~1e-3 relative, and so do the students.)"""
+    from distill_ray.pipeline import build_cache, distill_data, split_targets, teacher_specs
+    from distill_ray.teachers import TeacherPool
+    from distill_ray.train import load_trained_student, run_training
+
+    dirs, _ = prepared
+    cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [
+        ("cache.dtype", "float32"), ("train.num_workers", 2), ("train.cpus_per_worker", 0.5),
+        ("train.epochs", 1), ("curriculum.scheduler", "none"), ("train.checkpoint_every_steps", 1000)]))
+    st = split_targets(build_cache(cfg, small_fashion_mnist, dirs), small_fashion_mnist)
+    cached = run_training(cfg, distill_data(cfg, small_fashion_mnist, st), str(tmp_path / "ray"), "cached")
+
+    pool = TeacherPool(teacher_specs(cfg, dirs))
+    try:
+        online = run_training(cfg, distill_data(cfg, small_fashion_mnist, st, pool=pool), str(tmp_path / "ray"),
+                              "online")
+    finally:
+        pool.shutdown()
+    _, history, state = load_trained_student(cfg, distill_data(cfg, small_fashion_mnist, st), cached.checkpoint)
+    n, batch = len(small_fashion_mnist.train), cfg.train.batch_size
+    assert state["step"] == n // 2 // (batch // 2)  # each rank took its half of the data, batch/2 rows a step
+    a, b = _final_weights(cached), _final_weights(online)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-4, err_msg=name)
+    assert history[-1]["val_accuracy"] > 0.6
+
+
+def test_topk_cache_feeds_training(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
+    """A top-k cache (k=3 of 10 classes) stores only k values per teacher; training rebuilds full
+    distributions from them (tail mass spread evenly) and learns as well as from full logits."""
+    from distill_ray.pipeline import build_cache, distill_data, split_targets
+    from distill_ray.train import load_trained_student, run_training
+
+    dirs, full = prepared
+    cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("loss.topk", 3), ("train.epochs", 1),
+                                                                      ("train.checkpoint_every_steps", 1000)]))
+    topk = build_cache(cfg, small_fashion_mnist, dirs)
+    assert topk.directory != full.directory
+    st = split_targets(topk, small_fashion_mnist)
+    st_full = split_targets(full, small_fashion_mnist)
+    probs = np.exp(st.val.astype(np.float64))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=2e-3)  # fp16 storage of the top-3 log-probs
+    assert (st.val.argmax(-1) == st_full.val.argmax(-1)).mean() == 1.0
+    result = run_training(cfg, distill_data(cfg, small_fashion_mnist, st), str(tmp_path / "ray"), "topk")
+    _, history, _ = load_trained_student(cfg, distill_data(cfg, small_fashion_mnist, st), result.checkpoint)
+    assert topk.spec.topk == 3
+    assert history[-1]["val_accuracy"] > 0.4  # one epoch, half the data open (stage 0): well above chance
+
+
+def test_unlabeled_data_trains_on_kd_alone_with_confidence_weights(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
+    from dataclasses import replace
+
+    from distill_ray.pipeline import distill_data, split_targets
+    from distill_ray.train import load_trained_student, run_training
+
+    _, targets = prepared
+    cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("train.epochs", 1),
+                                                                      ("train.checkpoint_every_steps", 1000)]))
+    data = distill_data(cfg, small_fashion_mnist, split_targets(targets, small_fashion_mnist))
+    unlabeled = replace(data, train_y=np.full_like(data.train_y, -1))
+    result = run_training(cfg, unlabeled, str(tmp_path / "ray"), "unlabeled")
+    _, history, _ = load_trained_student(cfg, unlabeled, result.checkpoint)
+    steps = [r for r in history if "loss" in r]
+    assert steps and all(r["task_loss"] == 0.0 and "blend_loss" not in r for r in steps)
+    # Confidence weights move with each batch; learned global weights would sit at their init.
+    weights = {round(r["teacher_weight/mlp_a"], 6) for r in steps}
+    assert len(weights) > 1
+    assert history[-1]["val_accuracy"] > 0.5  # labels only used to score, never to train

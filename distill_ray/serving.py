@@ -388,6 +388,91 @@ def parse_predict_request(body: bytes, schema: InputSchema, limits: RequestLimit
     return PredictRequest(inputs=inputs, top_k=top_k)
 
 
+GENERATE_FIELDS = ("inputs", "max_new_tokens", "temperature")
+MAX_NEW_TOKENS = 256
+MAX_TEMPERATURE = 10.0
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A validated ``POST /generate`` body (causal-LM students)."""
+
+    prompts: tuple[str, ...]
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+
+
+def parse_generate_request(body: bytes, limits: RequestLimits) -> GenerateRequest:
+    """Validate a raw ``POST /generate`` body: ``{"inputs": [prompt, ...], "max_new_tokens": 1..256,
+    "temperature": 0..10}`` (temperature 0 is greedy). Same status codes as /predict."""
+    allowed = (f"allowed fields: 'inputs' (list of prompt strings, required), 'max_new_tokens' (integer "
+               f"1..{MAX_NEW_TOKENS}, default 32), 'temperature' (number 0..{MAX_TEMPERATURE:g}, 0 = greedy, default 0)")
+    payload = _decode_json(body)
+    if not isinstance(payload, dict):
+        raise RequestError(422, f"request body must be a JSON object; got {_a_json_type(payload)} ({allowed})")
+    unknown = [key for key in payload if key not in GENERATE_FIELDS]
+    if unknown:
+        raise RequestError(422, f"unknown field(s) {', '.join(repr(k) for k in unknown)}; {allowed}")
+    prompts = payload.get("inputs")
+    if not isinstance(prompts, list):
+        raise RequestError(422, f"'inputs' must be a list of prompt strings; got {_a_json_type(prompts)}; {allowed}")
+    if not prompts:
+        raise RequestError(422, f"'inputs' is empty; send 1 to {limits.max_inputs_per_request} prompts")
+    if len(prompts) > limits.max_inputs_per_request:
+        raise RequestError(413, f"'inputs' has {_count(len(prompts), 'prompt')}; at most "
+                                f"{limits.max_inputs_per_request} are allowed per request")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError(422, f"inputs[{i}] must be a non-empty string; got {_a_json_type(prompt)}")
+        if len(prompt) > limits.max_text_chars:
+            raise RequestError(422, f"inputs[{i}] has {len(prompt)} characters; at most {limits.max_text_chars}")
+    max_new = payload.get("max_new_tokens", 32)
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= MAX_NEW_TOKENS:
+        raise RequestError(422, f"'max_new_tokens' must be an integer in 1..{MAX_NEW_TOKENS}; got {max_new!r}")
+    temperature = payload.get("temperature", 0.0)
+    if isinstance(temperature, (bool, _NonFiniteLiteral)) or not isinstance(temperature, (int, float)) \
+            or not 0.0 <= float(temperature) <= MAX_TEMPERATURE:
+        raise RequestError(422, f"'temperature' must be a number in 0..{MAX_TEMPERATURE:g} (0 = greedy); "
+                                f"got {temperature!r}")
+    return GenerateRequest(tuple(prompts), int(max_new), float(temperature))
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return is_hf_model(model) and type(model).__name__.endswith("ForCausalLM")
+
+
+class GeneratorPredictor:
+    """A causal-LM student ready to generate: eval mode, no gradients, its own tokenizer."""
+
+    def __init__(self, student_dir: Path, model: nn.Module, spec: dict[str, Any]):
+        self.student_dir, self.model, self.spec = student_dir, model.eval(), spec
+        if not has_tokenizer(student_dir):
+            raise StudentLoadError(f"{student_dir}: a causal-LM student needs its tokenizer saved beside it")
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(student_dir), local_files_only=True)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer.padding_side = "left"  # generation continues from the right edge
+        card = read_card(student_dir)
+        self.model_id = f"{card.get('name', student_dir.name)}@{card.get('version', 'unversioned')}"
+        self.card = {**card, "quantized": None, "model": self.model_id, "task": "causal_lm"}
+
+    @torch.no_grad()
+    def generate(self, request: GenerateRequest) -> dict[str, Any]:
+        batch = self.tokenizer(list(request.prompts), return_tensors="pt", padding=True, truncation=True,
+                               max_length=int(getattr(self.model.config, "max_position_embeddings", 512))
+                               - request.max_new_tokens)
+        batch.pop("token_type_ids", None)  # BERT-style tokenizers add them; causal LMs take none
+        sampling = request.temperature > 0
+        out = self.model.generate(**batch, max_new_tokens=request.max_new_tokens, do_sample=sampling,
+                                  temperature=request.temperature if sampling else None, top_k=None, top_p=None,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        return {"generations": self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
+                "model": self.model_id}
+
+
 # --- the model side -----------------------------------------------------------------------------
 
 def _class_names(card: Mapping[str, Any], model: nn.Module, num_classes: int) -> list[str]:
@@ -552,7 +637,24 @@ class StudentService:
 
     @classmethod
     def load(cls, path: str | Path, cfg: ServeConfig, api_key_sha256: str | None = None) -> StudentService:
-        return cls(StudentPredictor(path, quantize=cfg.quantize), RequestLimits.from_serve_config(cfg), api_key_sha256)
+        student_dir = resolve_student_dir(path)
+        model, spec = _load_student_model(student_dir)
+        predictor = GeneratorPredictor(student_dir, model, spec) if is_causal_lm(model) \
+            else StudentPredictor(path, quantize=cfg.quantize)
+        return cls(predictor, RequestLimits.from_serve_config(cfg), api_key_sha256)
+
+    @property
+    def generates(self) -> bool:
+        return isinstance(self.predictor, GeneratorPredictor)
+
+    def parse_generate(self, body: bytes) -> GenerateRequest:
+        if not self.generates:
+            raise RequestError(422, "this student is a classifier: POST /generate is for causal-LM students; "
+                                    "use POST /predict")
+        return parse_generate_request(body, self.limits)
+
+    def generate(self, request: GenerateRequest) -> dict[str, Any]:
+        return self.predictor.generate(request)
 
     @property
     def auth_required(self) -> bool:
@@ -570,6 +672,9 @@ class StudentService:
             raise RequestError(401, "invalid API key in the Authorization header")
 
     def parse(self, body: bytes) -> PredictRequest:
+        if self.generates:
+            raise RequestError(422, "this student is a causal LM: use POST /generate "
+                                    "({\"inputs\": [prompt, ...], \"max_new_tokens\": n, \"temperature\": t})")
         return parse_predict_request(body, self.predictor.schema, self.limits)
 
     def batch_probabilities(self, inputs: Sequence[Any]) -> list[torch.Tensor]:

@@ -66,6 +66,16 @@ class StudentDeployment:
         except serving.RequestError as err:
             return error_response(err)
 
+    @api.post("/generate")
+    async def generate(self, request: Request) -> JSONResponse:
+        # Causal-LM students only; generation runs per request (its own batch of prompts), in a thread.
+        try:
+            self.service.authorize(request.headers.get("authorization"))
+            parsed = self.service.parse_generate(await request.body())
+            return JSONResponse(await asyncio.to_thread(self.service.generate, parsed))
+        except serving.RequestError as err:
+            return error_response(err)
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         return JSONResponse(self.service.health())

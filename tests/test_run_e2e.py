@@ -56,3 +56,18 @@ def test_run_writes_metrics_student_and_card(ray_local, small_fashion_mnist, tmp
     with contextlib.redirect_stdout(out):
         assert main(["eval", str(run_dir), "--data", str(config_path)]) == 0
     assert json.loads(out.getvalue())["accuracy"] == pytest.approx(on_disk["student"], abs=1e-6)
+    # The report: four real PNGs and a report.md naming every model.
+    for png in ("val_accuracy.png", "teacher_weights.png", "schedule.png", "reliability.png"):
+        data = (run_dir / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, png
+    report = (run_dir / "report.md").read_text()
+    assert all(name in report for name in ("mlp_a", "cnn_b", "blend", "baseline", "student"))
+    # The student beats its own untrained initialisation by a wide margin.
+    from distill_ray.models import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    untrained = build_model(cfg.student.arch, d.input_shape, d.num_classes, cfg.student.options)
+    with torch.no_grad():
+        untrained_acc = np.mean(forward_logits(untrained, torch.as_tensor(d.test.inputs)).argmax(-1).numpy()
+                                == d.test.labels)
+    assert on_disk["student"] > untrained_acc + 0.3

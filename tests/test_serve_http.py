@@ -97,6 +97,12 @@ def test_bad_requests_get_4xx_with_a_reason(url, raw, status, reason):
     assert reply.json()["status"] == status
 
 
+def test_generate_on_a_classifier_says_to_use_predict(url):
+    reply = httpx.post(f"{url}/generate", content=b'{"inputs": ["hello"]}', timeout=30,
+                       headers={"Content-Type": "application/json", **AUTH})
+    assert reply.status_code == 422 and "/predict" in reply.json()["error"]
+
+
 def test_predictions_equal_the_student_run_in_process(url, student_dir, small_fashion_mnist):
     x = small_fashion_mnist.test.inputs[:6]
     inputs = [row.reshape(-1).tolist() for row in x[:5]] + [x[5].tolist()]  # flat and nested [1, 28, 28]

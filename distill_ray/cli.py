@@ -31,7 +31,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from distill_ray.pipeline import connect_ray, run_experiment
 
     connect_ray(args.address)
-    run_experiment(cfg, retrain_teachers=args.retrain_teachers)
+    run_experiment(cfg, retrain_teachers=args.retrain_teachers, rebuild_cache=args.rebuild)
     print(f"\nrun directory: {cfg.run_path().resolve()}")
     return 0
 

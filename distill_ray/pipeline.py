@@ -246,7 +246,7 @@ def distill_data(cfg: ExperimentConfig, data: ClassificationData, st: SplitTarge
         use_teachers=use_teachers)
 
 
-def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False) -> dict:
+def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuild_cache: bool = False) -> dict:
     """teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR."""
     from distill_ray.blending import blend_probs
     from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
@@ -266,7 +266,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False) -> dic
 
     data = timed("data", load_data, cfg)
     dirs = timed("teachers", prepare_teachers, cfg, data, retrain_teachers)
-    targets = timed("cache", build_cache, cfg, data, dirs)
+    targets = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache)
     st = split_targets(targets, data)
     storage = run_dir / "ray_results"
 

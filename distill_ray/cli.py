@@ -52,7 +52,11 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     connect_ray(args.address)
     data = load_data(cfg)
-    build_cache(cfg, data, prepare_teachers(cfg, data), rebuild=args.rebuild)
+    dirs = prepare_teachers(cfg, data, retrain=args.retrain_teachers)
+    targets = build_cache(cfg, data, dirs, rebuild=args.rebuild)
+    for name, path in dirs.items():
+        print(f"teacher {name}: {path}")
+    print(f"soft targets: {targets.directory}")
     return 0
 
 

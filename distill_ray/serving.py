@@ -359,27 +359,34 @@ def _parse_text_input(value: Any, where: str, schema: InputSchema, limits: Reque
     return value
 
 
+def _request_envelope(body: bytes, fields: Sequence[str], allowed: str, each: str, noun: str,
+                      limits: RequestLimits) -> tuple[dict[str, Any], list]:
+    """The checks every POST body shares: a JSON object with known fields and a non-empty ``inputs``
+    list no longer than the limit. Returns (payload, inputs)."""
+    payload = _decode_json(body)
+    if not isinstance(payload, dict):
+        raise RequestError(422, f"request body must be a JSON object; got {_a_json_type(payload)} ({allowed})")
+    unknown = [key for key in payload if key not in fields]
+    if unknown:
+        raise RequestError(422, f"unknown field(s) {', '.join(repr(k) for k in unknown)}; {allowed}")
+    if "inputs" not in payload:
+        raise RequestError(422, f"missing required field 'inputs'; {allowed}")
+    raw_inputs = payload["inputs"]
+    if not isinstance(raw_inputs, list):
+        raise RequestError(422, f"'inputs' must be a list of {each}; got {_a_json_type(raw_inputs)}")
+    if not raw_inputs:
+        raise RequestError(422, f"'inputs' is empty; send 1 to {limits.max_inputs_per_request} {noun}s")
+    if len(raw_inputs) > limits.max_inputs_per_request:
+        raise RequestError(413, f"'inputs' has {_count(len(raw_inputs), noun)}; at most "
+                                f"{limits.max_inputs_per_request} are allowed per request, so split it into several")
+    return payload, raw_inputs
+
+
 def parse_predict_request(body: bytes, schema: InputSchema, limits: RequestLimits) -> PredictRequest:
     """Validate a raw ``POST /predict`` body. Raises ``RequestError``: 400 for bytes that are not UTF-8
     JSON, 413 for more inputs than allowed, 422 for anything else that is not a valid request."""
-    payload = _decode_json(body)
-    if not isinstance(payload, dict):
-        raise RequestError(422, f"request body must be a JSON object; got {_a_json_type(payload)} "
-                                f"({ALLOWED_FIELDS_TEXT})")
-    unknown = [key for key in payload if key not in REQUEST_FIELDS]
-    if unknown:
-        raise RequestError(422, f"unknown field(s) {', '.join(repr(k) for k in unknown)}; {ALLOWED_FIELDS_TEXT}")
-    if "inputs" not in payload:
-        raise RequestError(422, f"missing required field 'inputs'; {ALLOWED_FIELDS_TEXT}")
-    raw_inputs = payload["inputs"]
-    if not isinstance(raw_inputs, list):
-        raise RequestError(422, f"'inputs' must be a list of inputs, each {schema.describe_input(limits)}; "
-                                f"got {_a_json_type(raw_inputs)}")
-    if not raw_inputs:
-        raise RequestError(422, f"'inputs' is empty; send 1 to {limits.max_inputs_per_request} inputs")
-    if len(raw_inputs) > limits.max_inputs_per_request:
-        raise RequestError(413, f"'inputs' has {_count(len(raw_inputs), 'input')}; at most "
-                                f"{limits.max_inputs_per_request} are allowed per request, so split it into several")
+    payload, raw_inputs = _request_envelope(body, REQUEST_FIELDS, ALLOWED_FIELDS_TEXT,
+                                            f"inputs, each {schema.describe_input(limits)}", "input", limits)
     top_k = _parse_top_k(payload.get("top_k"), schema.num_classes)
     if schema.is_text:
         inputs = tuple(_parse_text_input(x, f"inputs[{i}]", schema, limits) for i, x in enumerate(raw_inputs))
@@ -407,20 +414,7 @@ def parse_generate_request(body: bytes, limits: RequestLimits) -> GenerateReques
     "temperature": 0..10}`` (temperature 0 is greedy). Same status codes as /predict."""
     allowed = (f"allowed fields: 'inputs' (list of prompt strings, required), 'max_new_tokens' (integer "
                f"1..{MAX_NEW_TOKENS}, default 32), 'temperature' (number 0..{MAX_TEMPERATURE:g}, 0 = greedy, default 0)")
-    payload = _decode_json(body)
-    if not isinstance(payload, dict):
-        raise RequestError(422, f"request body must be a JSON object; got {_a_json_type(payload)} ({allowed})")
-    unknown = [key for key in payload if key not in GENERATE_FIELDS]
-    if unknown:
-        raise RequestError(422, f"unknown field(s) {', '.join(repr(k) for k in unknown)}; {allowed}")
-    prompts = payload.get("inputs")
-    if not isinstance(prompts, list):
-        raise RequestError(422, f"'inputs' must be a list of prompt strings; got {_a_json_type(prompts)}; {allowed}")
-    if not prompts:
-        raise RequestError(422, f"'inputs' is empty; send 1 to {limits.max_inputs_per_request} prompts")
-    if len(prompts) > limits.max_inputs_per_request:
-        raise RequestError(413, f"'inputs' has {_count(len(prompts), 'prompt')}; at most "
-                                f"{limits.max_inputs_per_request} are allowed per request")
+    payload, prompts = _request_envelope(body, GENERATE_FIELDS, allowed, "prompt strings", "prompt", limits)
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError(422, f"inputs[{i}] must be a non-empty string; got {_a_json_type(prompt)}")
@@ -492,9 +486,10 @@ class StudentPredictor:
     ``path`` is a student directory or a run directory holding ``student/``.
     """
 
-    def __init__(self, path: str | Path, quantize: str | None = None):
+    def __init__(self, path: str | Path, quantize: str | None = None,
+                 loaded: tuple[nn.Module, dict[str, Any]] | None = None):
         self.student_dir = resolve_student_dir(path)
-        model, self.spec = _load_student_model(self.student_dir)
+        model, self.spec = loaded or _load_student_model(self.student_dir)
         self.quantized = normalize_quantize(quantize)
         model.eval()
         for p in model.parameters():
@@ -640,7 +635,7 @@ class StudentService:
         student_dir = resolve_student_dir(path)
         model, spec = _load_student_model(student_dir)
         predictor = GeneratorPredictor(student_dir, model, spec) if is_causal_lm(model) \
-            else StudentPredictor(path, quantize=cfg.quantize)
+            else StudentPredictor(student_dir, quantize=cfg.quantize, loaded=(model, spec))
         return cls(predictor, RequestLimits.from_serve_config(cfg), api_key_sha256)
 
     @property

@@ -9,6 +9,7 @@ prepared once, before the sweep; trials only read the cached arrays, so no trial
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -72,7 +73,7 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
     for key, spec in raw["params"].items():
         where = f"{path}: params.{key}"
         try:
-            set_path(apply_overrides(base_raw, []), key, None)  # the path exists (else: did you mean ...)
+            set_path(copy.deepcopy(base_raw), key, None)  # the path exists (else: did you mean ...)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}{_closest_path(str(key))}") from None
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
@@ -288,7 +289,8 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, samples: int | None
     if cfg.train.mode != "cached":
         raise ConfigError("tune needs train.mode=cached: trials share the soft-target cache and never run teachers")
     space = load_space(space_path, cfg)
-    _search(cfg, space), _scheduler(cfg)  # fail on a bad combination before any work
+    _search(cfg, space)  # a bad search/scheduler combination fails here, before any work
+    _scheduler(cfg)
     sweep_dir = sweep_path(cfg)
     if (sweep_dir / "trials").exists():
         raise ConfigError(f"{sweep_dir} already holds a sweep; finish it with `distill-ray tune --resume {sweep_dir}`"

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "distill_ray" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
+import _cli  # noqa: F401  (puts this checkout first on sys.path)
 from distill_ray.config import ConfigError, ServeConfig, load_config  # noqa: E402
 
 

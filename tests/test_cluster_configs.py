@@ -111,7 +111,9 @@ def test_launcher_matches_rays_schema(aws):
     jsonschema.validate(aws, schema)
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    validate_config(prepare_config(aws))  # Ray's own checks after filling in provider defaults
+    prepared = prepare_config(aws)
+    validate_config(prepared)  # Ray's own checks after filling in provider defaults
+    assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
 def test_launcher_has_a_head_and_an_autoscaling_gpu_group(aws):

@@ -236,7 +236,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resumed_shard: torch.Tensor | None = None  # a mid-epoch checkpoint keeps the epoch's exact order
 
     # --- resume -----------------------------------------------------------------------------------
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own latest checkpoint wins; a fresh run may start from one handed over (PBT exploit).
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True, map_location=device)
@@ -268,7 +269,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # --- epochs -----------------------------------------------------------------------------------
     model.train()
     stage, fraction, shard = 0, 1.0, None
-    while epoch < t.epochs:
+    # A Population Based Training segment stops early at an epoch boundary; schedules still span t.epochs.
+    last_epoch = min(t.epochs, loop_config.get("stop_at_epoch") or t.epochs)
+    while epoch < last_epoch:
         if resumed_shard is not None:
             stage, fraction, shard, resumed_shard = state["stage"], state["open_fraction"], resumed_shard, None
         elif cfg.curriculum.scheduler == "confidence":
@@ -371,15 +374,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def run_training(cfg: ExperimentConfig, data: DistillData, storage_path: str, run_name: str,
                  fail_once_at_step: dict | None = None, callbacks: list | None = None,
-                 placement_group_file: str | None = None) -> ray.train.Result:
+                 placement_group_file: str | None = None, resume_from: Checkpoint | None = None,
+                 stop_at_epoch: int | None = None) -> ray.train.Result:
     """Run the loop on Ray Train. Re-running with the same (storage_path, run_name) resumes.
 
     ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
-    ``placement_group_file`` receives the workers' placement group id (see ``tune.py``)."""
+    ``placement_group_file`` receives the workers' placement group id (see ``tune.py``).
+    ``resume_from`` starts from another run's checkpoint (used when this run has none of its own)
+    and ``stop_at_epoch`` ends after that many epochs while schedules still span ``train.epochs``:
+    together they let Population Based Training run a trial in segments."""
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "data_ref": ray.put(data),
-                           "fail_once_at_step": fail_once_at_step, "placement_group_file": placement_group_file},
+                           "fail_once_at_step": fail_once_at_step, "placement_group_file": placement_group_file,
+                           "stop_at_epoch": stop_at_epoch, "initial_checkpoint": resume_from},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                            **cfg.train.resources_per_worker}),

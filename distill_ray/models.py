@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SPEC_FILE = "distill_spec.json"
@@ -213,7 +214,23 @@ def minilm_classifier(num_classes: int, options: Mapping[str, Any]) -> nn.Module
         hf_logging.set_verbosity(verbosity)
 
 
-HF_ARCHS = ("transformer_encoder", "hf_config", "minilm_classifier")
+def causal_lm_model(vocab_size: int, options: Mapping[str, Any]) -> nn.Module:
+    """A fresh transformers causal LM from a config given as options: ``model_type`` (default
+    ``llama``) and config fields (hidden_size, num_hidden_layers, num_attention_heads,
+    intermediate_size, ...). The vocabulary is the tokenizer's (``vocab_size`` = the data's
+    ``num_classes``); ``pad_token_id`` defaults to 0 and input/output embeddings are tied."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = dict(options)
+    model_type = options.pop("model_type", "llama")
+    options.setdefault("pad_token_id", 0)
+    options.setdefault("tie_word_embeddings", True)
+    options.setdefault("max_position_embeddings", 512)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **options)
+    return AutoModelForCausalLM.from_config(config)
+
+
+HF_ARCHS = ("transformer_encoder", "hf_config", "minilm_classifier", "hf_causal_lm")
 
 
 def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int,
@@ -232,6 +249,8 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int,
         return hf_config_model(num_classes, options)
     if arch == "minilm_classifier":
         return minilm_classifier(num_classes, options)
+    if arch == "hf_causal_lm":
+        return causal_lm_model(num_classes, options)
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join([*ARCHS, *HF_ARCHS])}")
     for key in ("hidden", "channels", "widths"):
@@ -282,9 +301,10 @@ def batched_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512
     pad_id = getattr(getattr(inner, "config", None), "pad_token_id", None)
     pad_id = getattr(inner, "pad_id", 0) if pad_id is None else pad_id
     order = torch.argsort((inputs != pad_id).sum(1), stable=True)
-    out = torch.cat([forward_logits(model, inputs[order[i:i + batch_size]]).float()
-                     for i in range(0, len(inputs), batch_size)])
-    return out[torch.argsort(order)]
+    parts = [forward_logits(model, inputs[order[i:i + batch_size]]).float() for i in range(0, len(inputs), batch_size)]
+    if parts[0].dim() == 3:  # per-token logits [b, width, V]: pad each batch back to the full length
+        parts = [F.pad(p, (0, 0, 0, inputs.shape[1] - p.shape[1])) for p in parts]
+    return torch.cat(parts)[torch.argsort(order)]
 
 
 def num_params(model: nn.Module) -> int:

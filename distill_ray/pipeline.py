@@ -22,7 +22,7 @@ import torch
 
 from distill_ray import curriculum as cur
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
-from distill_ray.data import ClassificationData, cache_root, load_fashion_mnist, load_fortunes
+from distill_ray.data import ClassificationData, cache_root, load_fashion_mnist, load_fortunes, load_python_corpus, smollm2_path
 from distill_ray.models import build_model, load_model, num_params, save_model, save_tokenizer
 from distill_ray.soft_targets import CacheSpec, CorruptCacheError, SoftTargets, StoreWriter, cache_dir_for, \
     data_fingerprint
@@ -48,6 +48,10 @@ def connect_ray(address: str | None = None) -> None:
 
 def load_data(cfg: ExperimentConfig) -> ClassificationData:
     d = cfg.data
+    if d.name == "python_stdlib":
+        return load_python_corpus(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
+                                  tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
+                                  max_eval_samples=d.max_eval_samples)
     if d.name == "fortunes":
         return load_fortunes(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
                              tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
@@ -83,7 +87,13 @@ def _train_recipe(name: str, recipe: str, options: dict, data: ClassificationDat
     start = time.perf_counter()
     train_recipe(model, data.train, options, seed=seed, desc=f"teacher {name}", pad_id=data.pad_id)
     seconds = round(time.perf_counter() - start, 1)
-    val_acc = accuracy(predict_logits(model, data.val.inputs), data.val.labels)
+    if data.task == "causal_lm":  # next-token accuracy; a [N, L, V] logits tensor would not fit
+        from distill_ray.evaluate import lm_label_logprobs
+
+        _, top1 = lm_label_logprobs(model, data.val.inputs, data.val.labels)
+        val_acc = float((top1 == torch.as_tensor(data.val.labels))[torch.as_tensor(data.val.labels) >= 0].float().mean())
+    else:
+        val_acc = accuracy(predict_logits(model, data.val.inputs), data.val.labels)
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     save_model(model, tmp, {"arch": recipe, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
@@ -103,7 +113,8 @@ def prepare_teachers(cfg: ExperimentConfig, data: ClassificationData, retrain: b
     data_ref = None
     for i, t in enumerate(cfg.teachers):
         if t.source != "recipe":
-            dirs[t.name] = Path(t.path).expanduser()
+            # 'smollm2' names the pretrained SmolLM2 from PyPI (converted once); anything else is a directory.
+            dirs[t.name] = smollm2_path() if t.path == "smollm2" else Path(t.path).expanduser()
             continue
         out = _recipe_dir(cfg, i, key)
         dirs[t.name] = out
@@ -141,7 +152,8 @@ def cache_spec(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, 
         model, _ = load_model(dirs[t.name])
         prints[t.name] = fingerprint(model)
     return CacheSpec(teacher_fingerprints=prints, data_fingerprint=data_key(data), num_classes=data.num_classes,
-                     topk=cfg.loss.topk, dtype=cfg.cache.dtype)
+                     topk=cfg.loss.topk, dtype=cfg.cache.dtype,
+                     seq_len=data.input_shape[-1] if data.task == "causal_lm" else None)
 
 
 def build_cache(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path],
@@ -166,7 +178,9 @@ def build_cache(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str,
         ds = ds.map_batches(TeacherBatchUDF, fn_constructor_kwargs={"name": t.name, "model_dir": t.model_dir,
                                                                     "dtype": t.dtype, "topk": cfg.loss.topk},
                             compute=ray.data.ActorPoolStrategy(size=t.replicas), num_cpus=t.num_cpus,
-                            num_gpus=t.num_gpus or None, batch_size=512)
+                            num_gpus=t.num_gpus or None,
+                            # per-token logits [b, L, V] of a language model are big until top-k cuts them
+                            batch_size=32 if data.task == "causal_lm" else 512)
     start = time.perf_counter()
     with StoreWriter(directory, spec, shard_rows=cfg.cache.shard_rows) as writer:
         for batch in ds.iter_batches(batch_size=2048, batch_format="numpy"):
@@ -187,15 +201,22 @@ def build_cache(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str,
 
 @dataclass(frozen=True)
 class SplitTargets:
-    train: np.ndarray  # [K, N, C]
-    val: np.ndarray
-    test: np.ndarray
+    """Per split: classification logits [K, N, C]; causal LM (log-probs, indices), each [K, N, L, k]."""
+
+    train: np.ndarray | tuple[np.ndarray, np.ndarray]
+    val: np.ndarray | tuple[np.ndarray, np.ndarray]
+    test: np.ndarray | tuple[np.ndarray, np.ndarray]
 
 
 def split_targets(targets: SoftTargets, data: ClassificationData) -> SplitTargets:
-    """Teacher targets [K, N, C] per split: logits, or for a top-k cache the log-probs rebuilt from
-    the top k (tail mass spread evenly), which blend and temper the same way."""
-    def stacked(rows: np.ndarray) -> np.ndarray:
+    """Teacher targets per split: logits, or for a top-k cache the log-probs rebuilt from the top k
+    (tail mass spread evenly), which blend and temper the same way. A language model's per-token
+    top-k stay sparse (a dense [K, N, L, V] would not fit in memory)."""
+    def stacked(rows: np.ndarray):
+        if data.task == "causal_lm":
+            pairs = [targets.topk(name, rows) for name in targets.teachers]
+            return (np.stack([p[0] for p in pairs]).astype(np.float16),
+                    np.stack([p[1] for p in pairs]).astype(np.int32))
         if targets.spec.topk is None:
             return targets.stacked_logits(rows)
         from distill_ray.losses import dense_from_topk
@@ -204,6 +225,28 @@ def split_targets(targets: SoftTargets, data: ClassificationData) -> SplitTarget
                          for name in targets.teachers])
 
     return SplitTargets(*(stacked(targets.rows_for(s.ids)) for s in (data.train, data.val, data.test)))
+
+
+def sequence_difficulty(cfg: ExperimentConfig, train_topk: tuple[np.ndarray, np.ndarray], inputs: np.ndarray,
+                        labels: np.ndarray, pad_id: int | None, vocab_size: int) -> np.ndarray | None:
+    """Causal LM: per-sequence difficulty from the teachers' mean next-token NLL (teacher_ce) and
+    the count of real tokens (sequence_length), fused by reciprocal rank like classification."""
+    from distill_ray.losses import topk_label_logprobs
+
+    y = torch.as_tensor(labels)
+    mask = (y >= 0).float()
+    measures = []
+    for name in cfg.curriculum.measurers:
+        if name == "teacher_ce":
+            logp, idx = (torch.as_tensor(a) for a in train_topk)
+            nll = -topk_label_logprobs(logp, idx, y.unsqueeze(0).expand(len(logp), -1, -1), vocab_size).mean(0)
+            measures.append((nll * mask).sum(1) / mask.sum(1).clamp_min(1))
+        elif name == "sequence_length":
+            measures.append((torch.as_tensor(inputs) != (0 if pad_id is None else pad_id)).sum(1).float())
+    if not measures:
+        return None
+    fused = measures[0] if len(measures) == 1 else cur.reciprocal_rank_fusion(*measures, k=cfg.curriculum.rrf_k)
+    return fused.numpy()
 
 
 def teacher_difficulty(cfg: ExperimentConfig, train_logits: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
@@ -233,6 +276,16 @@ def distill_data(cfg: ExperimentConfig, data: ClassificationData, st: SplitTarge
     from distill_ray.train import DistillData
 
     online = pool is not None and use_teachers
+    if data.task == "causal_lm":
+        return DistillData(
+            train_x=data.train.inputs, train_y=data.train.labels, val_x=data.val.inputs, val_y=data.val.labels,
+            teacher_names=cfg.teacher_names(), num_classes=data.num_classes, input_shape=data.input_shape,
+            task="causal_lm", teacher_handles=dict(pool.actor_handles()) if online else None,
+            teacher_topk=st.train if st is not None and use_teachers and not online else None,
+            val_teacher_topk=st.val if st is not None else None,
+            difficulty=sequence_difficulty(cfg, st.train, data.train.inputs, data.train.labels, data.pad_id,
+                                           data.num_classes) if st is not None and use_teachers else None,
+            use_teachers=use_teachers)
     return DistillData(
         train_x=data.train.inputs, train_y=data.train.labels, val_x=data.val.inputs, val_y=data.val.labels,
         teacher_names=cfg.teacher_names(), num_classes=data.num_classes, input_shape=data.input_shape,
@@ -248,8 +301,6 @@ def distill_data(cfg: ExperimentConfig, data: ClassificationData, st: SplitTarge
 
 def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuild_cache: bool = False) -> dict:
     """teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR."""
-    from distill_ray.blending import blend_probs
-    from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
     from distill_ray.train import export_student, load_trained_student, run_training
 
     run_dir = cfg.run_path().resolve()
@@ -286,41 +337,32 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         baseline, base_history, _ = load_trained_student(cfg, baseline_inputs, base_result.checkpoint)
         (run_dir / "baseline_history.json").write_text(json.dumps(base_history))
 
-    # --- test split ---
-    y = data.test.labels
-    rows: dict[str, dict] = {}
-    for k, t in enumerate(cfg.teachers):
-        logits = torch.as_tensor(st.test[k])
-        model, _ = load_model(dirs[t.name])
-        rows[t.name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
-                        "params": num_params(model),
-                        "latency_ms": single_sample_latency_ms(model, torch.as_tensor(data.test.inputs[:1]))}
+    if data.task == "causal_lm":
+        rows, reliability = evaluate_language_models(cfg, data, dirs, student, baseline, history)
+        metric = "perplexity"
+    else:
+        rows, reliability = evaluate_classifiers(cfg, data, dirs, st, student, baseline, history)
+        metric = "accuracy"
     weights = {name: float(w) for name, w in zip(cfg.teacher_names(), _final_weights(history))}
-    blend = blend_probs(torch.as_tensor(st.test), torch.tensor(list(weights.values())), temperature=1.0)
-    rows["blend"] = {"accuracy": accuracy(blend, y), "ece": expected_calibration_error(blend, y)}
-    models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
-    for name, model in models.items():
-        logits = predict_logits(model, data.test.inputs)
-        rows[name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
-                      "params": num_params(model),
-                      "latency_ms": single_sample_latency_ms(model, torch.as_tensor(data.test.inputs[:1]))}
-
+    main = "perplexity" if metric == "perplexity" else "accuracy"
     metrics = {
-        "student": rows["student"]["accuracy"],
-        "teachers": {t.name: rows[t.name]["accuracy"] for t in cfg.teachers},
-        "blend": rows["blend"]["accuracy"],
-        "baseline": rows["baseline"]["accuracy"] if baseline is not None else None,
+        "student": rows["student"][main],
+        "teachers": {t.name: rows[t.name][main] for t in cfg.teachers},
+        "blend": rows["blend"][main],
+        "baseline": rows["baseline"][main] if baseline is not None else None,
         "teacher_weights": weights,
         "params": {"student": rows["student"]["params"], "teachers": {t.name: rows[t.name]["params"] for t in cfg.teachers}},
-        "ece": {name: r["ece"] for name, r in rows.items()},
+        "ece": {name: r["ece"] for name, r in rows.items() if r.get("ece") is not None},
         "latency_ms": {name: r["latency_ms"] for name, r in rows.items() if "latency_ms" in r},
         "timings": timings,
-        "metric": "accuracy",
+        "metric": metric,
         "split": "test",
-        "num_test": int(len(y)),
+        "num_test": int(len(data.test)),
     }
+    if metric == "perplexity":
+        metrics["token_accuracy"] = {name: r["accuracy"] for name, r in rows.items()}
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.name, "teachers": list(cfg.teacher_names()),
-            "teacher_weights": weights, "metrics": {"test_accuracy": metrics["student"]},
+            "teacher_weights": weights, "metrics": {f"test_{metric}": metrics["student"]},
             "loss": config_to_dict(cfg.loss), "blend": cfg.blend.kind, "curriculum": cfg.curriculum.scheduler,
             "version": "v1", "class_names": list(data.class_names)}
     export_student(cfg, student_inputs, student, run_dir / "student", card)
@@ -329,16 +371,77 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     (run_dir / "distill_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     (run_dir / "history.json").write_text(json.dumps(history))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    print_summary(rows, cfg.teacher_names(), weights)
+    print_summary(rows, cfg.teacher_names(), weights, metric)
 
     from distill_ray.report import write_report
 
-    test_probs = {t.name: torch.as_tensor(st.test[k]).float().softmax(-1) for k, t in enumerate(cfg.teachers)}
-    test_probs.update({name: predict_logits(m, data.test.inputs).softmax(-1) for name, m in models.items()})
     report = write_report(run_dir, metrics, history, base_history if baseline is not None else None, rows,
-                          {name: (p.numpy(), y) for name, p in test_probs.items()}, config_name=cfg.name)
+                          reliability, config_name=cfg.name)
     print(f"report: {report}")
     return metrics
+
+
+def evaluate_language_models(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path], student,
+                             baseline, history: list[dict]) -> tuple[dict[str, dict], dict]:
+    """Test perplexity and next-token accuracy of every teacher (run exactly, not from the top-k
+    cache), their learned blend, the baseline and the student."""
+    from distill_ray.evaluate import lm_label_logprobs, perplexity, single_sample_latency_ms
+
+    x, y = data.test.inputs, data.test.labels
+    weights = torch.tensor(_final_weights(history))
+    rows: dict[str, dict] = {}
+    teacher_logp = []
+    for t in cfg.teachers:
+        model, _ = load_model(dirs[t.name])
+        logp, top1 = lm_label_logprobs(model, x, y)
+        teacher_logp.append(logp)
+        rows[t.name] = {"perplexity": perplexity(logp, y), "accuracy": _token_accuracy(top1, y),
+                        "params": num_params(model),
+                        "latency_ms": single_sample_latency_ms(model, torch.as_tensor(x[:1]), repeats=20, warmup=3)}
+    blend_logp = torch.logsumexp(torch.stack(teacher_logp) + weights.log().view(-1, 1, 1), dim=0)
+    rows["blend"] = {"perplexity": perplexity(blend_logp, y), "accuracy": None}
+    for name, model in (("student", student), ("baseline", baseline)):
+        if model is None:
+            continue
+        logp, top1 = lm_label_logprobs(model, x, y)
+        rows[name] = {"perplexity": perplexity(logp, y), "accuracy": _token_accuracy(top1, y),
+                      "params": num_params(model),
+                      "latency_ms": single_sample_latency_ms(model, torch.as_tensor(x[:1]), repeats=20, warmup=3)}
+    return rows, {}
+
+
+def _token_accuracy(top1: torch.Tensor, labels: np.ndarray) -> float:
+    y = torch.as_tensor(labels)
+    return float((top1 == y)[y >= 0].float().mean())
+
+
+def evaluate_classifiers(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path], st: SplitTargets,
+                         student, baseline, history: list[dict]) -> tuple[dict[str, dict], dict]:
+    """Test accuracy, ECE, size and latency of every teacher (from the cache), their blend, the
+    baseline and the student; plus each one's test probabilities for the reliability diagram."""
+    from distill_ray.blending import blend_probs
+    from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
+
+    y = data.test.labels
+    rows: dict[str, dict] = {}
+    for k, t in enumerate(cfg.teachers):
+        logits = torch.as_tensor(st.test[k])
+        model, _ = load_model(dirs[t.name])
+        rows[t.name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
+                        "params": num_params(model),
+                        "latency_ms": single_sample_latency_ms(model, torch.as_tensor(data.test.inputs[:1]))}
+    weights = torch.tensor(_final_weights(history))
+    blend = blend_probs(torch.as_tensor(st.test), weights, temperature=1.0)
+    rows["blend"] = {"accuracy": accuracy(blend, y), "ece": expected_calibration_error(blend, y)}
+    models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
+    for name, model in models.items():
+        logits = predict_logits(model, data.test.inputs)
+        rows[name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
+                      "params": num_params(model),
+                      "latency_ms": single_sample_latency_ms(model, torch.as_tensor(data.test.inputs[:1]))}
+    test_probs = {t.name: torch.as_tensor(st.test[k]).float().softmax(-1) for k, t in enumerate(cfg.teachers)}
+    test_probs.update({name: predict_logits(m, data.test.inputs).softmax(-1) for name, m in models.items()})
+    return rows, {name: (p.numpy(), y) for name, p in test_probs.items()}
 
 
 def _set_aside_stale_checkpoints(run_dir: Path, config_text: str) -> None:
@@ -361,13 +464,19 @@ def _final_weights(history: list[dict]) -> list[float]:
     raise ValueError("history has no teacher weights")
 
 
-def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dict[str, float]) -> None:
-    print(f"\n{'model':<12}{'test acc':>10}{'ECE':>8}{'params':>12}{'latency ms':>12}{'weight':>8}")
+def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dict[str, float],
+                  metric: str = "accuracy") -> None:
+    lm = metric == "perplexity"
+    first, second = ("perplexity", "tok acc") if lm else ("test acc", "ECE")
+    print(f"\n{'model':<12}{first:>11}{second:>9}{'params':>13}{'latency ms':>12}{'weight':>8}")
     for name in (*teachers, "blend", "baseline", "student"):
         if name not in rows:
             continue
         r = rows[name]
+        a, b = (r.get("perplexity"), r.get("accuracy")) if lm else (r.get("accuracy"), r.get("ece"))
         params = f"{r['params']:,}" if "params" in r else "-"
         latency = f"{r['latency_ms']:.3f}" if "latency_ms" in r else "-"
         weight = f"{weights[name]:.3f}" if name in weights else ""
-        print(f"{name:<12}{r['accuracy']:>10.4f}{r['ece']:>8.4f}{params:>12}{latency:>12}{weight:>8}")
+        first_cell = f"{a:.4f}" if a is not None else "-"
+        second_cell = f"{b:.4f}" if b is not None else "-"
+        print(f"{name:<12}{first_cell:>11}{second_cell:>9}{params:>13}{latency:>12}{weight:>8}")

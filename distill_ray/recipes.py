@@ -1,4 +1,4 @@
-"""Teacher recipes: train a classifier from labels on a split. Plain PyTorch, no Ray.
+"""Teacher recipes: train a classifier (or a causal LM, on next-token labels) from labels on a split. Plain PyTorch, no Ray.
 
 The bundled examples' teachers are trained by the project itself from real data (no hub), so a
 recipe is just supervised training with Adam and a cosine learning rate, seeded.
@@ -10,11 +10,11 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from distill_ray.data import Split
+from distill_ray.losses import label_smoothing_ce
 from distill_ray.models import forward_logits
 
 
@@ -56,7 +56,10 @@ def train_classifier(model: nn.Module, train: Split, *, epochs: int = 3, lr: flo
             batches = (_length_bucketed(order, lengths, batch_size, generator) if lengths is not None
                        else [order[i:i + batch_size] for i in range(0, len(y), batch_size)])
             for idx in batches:
-                loss = F.cross_entropy(forward_logits(model, x[idx]), y[idx], label_smoothing=label_smoothing)
+                logits = forward_logits(model, x[idx])
+                # A causal LM's logits may be narrower than its labels (all-padding columns are cut).
+                loss = label_smoothing_ce(logits, y[idx][:, :logits.shape[1]] if logits.dim() == 3 else y[idx],
+                                          smoothing=label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

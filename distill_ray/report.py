@@ -182,7 +182,9 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
                     config_name: str | None = None) -> str:
     teachers = list(metrics.get("teachers", {}))
     weights = metrics.get("teacher_weights", {})
-    best_name = max(teachers, key=lambda n: metrics["teachers"][n]) if teachers else None
+    lm = metrics.get("metric") == "perplexity"  # lower is better; rows carry token accuracy, no ECE
+    pick = min if lm else max
+    best_name = pick(teachers, key=lambda n: metrics["teachers"][n]) if teachers else None
     best = metrics["teachers"][best_name] if best_name else None
     student, baseline = metrics.get("student"), metrics.get("baseline")
     gap = gap_recovered(student, baseline, best)
@@ -192,13 +194,15 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
         lines += [f"Config: `{config_name}`. "
                   f"Metric: {metrics.get('metric', 'accuracy')} on the {metrics.get('split', 'test')} split"
                   f" ({metrics.get('num_test', '?')} samples).", ""]
-    lines += ["| model | test accuracy | ECE | params | latency ms (1 sample, CPU) | teacher weight |",
+    first, second = ("perplexity", "next-token accuracy") if lm else ("test accuracy", "ECE")
+    lines += [f"| model | {first} | {second} | params | latency ms (1 sample, CPU) | teacher weight |",
               "|---|---:|---:|---:|---:|---:|"]
     for name in (*teachers, "blend", "baseline", "student"):
         if name not in rows:
             continue
         r = rows[name]
-        lines.append(f"| {name} | {_fmt(r.get('accuracy'), '.4f')} | {_fmt(r.get('ece'), '.4f')} | "
+        a, b = (r.get("perplexity"), r.get("accuracy")) if lm else (r.get("accuracy"), r.get("ece"))
+        lines.append(f"| {name} | {_fmt(a, '.4f')} | {_fmt(b, '.4f')} | "
                      f"{_fmt(r.get('params'), ',')} | {_fmt(r.get('latency_ms'), '.3f')} | "
                      f"{_fmt(weights.get(name), '.3f', '')} |")
     lines.append("")
@@ -216,8 +220,9 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
     lines += ["", "## Plots", "",
               "![validation accuracy per epoch](val_accuracy.png)", "",
               "![teacher weights over steps](teacher_weights.png)", "",
-              "![temperature, alpha and open fraction over steps](schedule.png)", "",
-              "![reliability diagram](reliability.png)", ""]
+              "![temperature, alpha and open fraction over steps](schedule.png)", ""]
+    if not lm:
+        lines += ["![reliability diagram](reliability.png)", ""]
     timings = metrics.get("timings") or {}
     if timings:
         lines += ["## Timings", "", "| phase | seconds |", "|---|---:|"]
@@ -240,7 +245,8 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], history: Seque
     plot_val_accuracy(run_dir / "val_accuracy.png", history, baseline_history)
     plot_teacher_weights(run_dir / "teacher_weights.png", history)
     plot_schedule(run_dir / "schedule.png", history)
-    plot_reliability(run_dir / "reliability.png", reliability)
+    if reliability:  # calibration of class probabilities: classification only
+        plot_reliability(run_dir / "reliability.png", reliability)
     path = run_dir / "report.md"
     path.write_text(report_markdown(metrics, rows, config_name))
     return path

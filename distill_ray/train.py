@@ -30,7 +30,8 @@ from distill_ray import curriculum as cur
 from distill_ray.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
 from distill_ray.evaluate import accuracy, agreement, expected_calibration_error
-from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce
+from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, \
+    topk_kd_divergence, topk_label_logprobs
 from distill_ray.models import build_model, forward_logits, save_model
 
 STATE_FILE = "train_state.pt"
@@ -59,6 +60,9 @@ class DistillData:
     difficulty: np.ndarray | None = None
     teacher_handles: dict[str, list] | None = None  # online mode: actor handles of the pool
     use_teachers: bool = True  # False trains the same student from labels alone (the baseline)
+    task: str = "classification"  # causal_lm: labels [N, L] are next tokens, targets are per-token top-k
+    teacher_topk: tuple[np.ndarray, np.ndarray] | None = None  # causal_lm cache: log-probs, indices [K, N, L, k]
+    val_teacher_topk: tuple[np.ndarray, np.ndarray] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -177,6 +181,53 @@ def _validate(model, data: DistillData, val_teacher: torch.Tensor | None) -> dic
     return metrics
 
 
+@torch.no_grad()
+def _validate_sequences(model, data: DistillData) -> dict[str, float]:
+    """Causal LM: perplexity and next-token accuracy on validation, top-1 agreement with each teacher."""
+    from distill_ray.evaluate import lm_label_logprobs, perplexity
+
+    m = _unwrap(model)
+    x, y = torch.as_tensor(data.val_x), torch.as_tensor(data.val_y)
+    label_logp, predicted = lm_label_logprobs(m, x, y)
+    mask = y >= 0
+    metrics = {"val_perplexity": perplexity(label_logp, y), "val_accuracy": (predicted == y)[mask].float().mean().item(),
+               "val_loss": float(-label_logp[mask].mean())}
+    if data.val_teacher_topk is not None:
+        teacher_top1 = torch.as_tensor(data.val_teacher_topk[1])[..., 0]  # [K, N, L]
+        for k, name in enumerate(data.teacher_names):
+            metrics[f"agreement/{name}"] = (predicted == teacher_top1[k])[mask].float().mean().item()
+    return metrics
+
+
+def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_logits: torch.Tensor,
+                teacher_topk: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, temperature: float,
+                world: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Causal-LM KD against per-token top-k teachers ``[K, B, L, k]``, labels ``[B, L]`` (< 0 ignored).
+
+    The learned weights are fit to ground truth like the classification blend, from each teacher's
+    log-probability of the true next token. The KD term is ``sum_k w_k D(teacher_k, student)``: for
+    forward KL and soft CE its student gradient is exactly that of the divergence to the mixture
+    ``sum_k w_k p_k`` (cross-entropy is linear in the target), without densifying a vocabulary-wide
+    mixture per token; for the other divergences it is the weighted sum of per-teacher terms."""
+    logp, idx = teacher_topk
+    mask = labels >= 0
+    parts: dict[str, float] = {}
+    if blend_opt is not None:
+        label_logp = topk_label_logprobs(logp, idx, labels.unsqueeze(0).expand(len(logp), -1, -1),
+                                         student_logits.shape[-1])
+        blend_loss = blend.weight_loss_from_label_logprobs(label_logp[:, mask])
+        blend_opt.zero_grad(set_to_none=True)
+        blend_loss.backward()
+        _allreduce_grads(blend, world)
+        blend_opt.step()
+        parts["blend_loss"] = blend_loss.item()
+    weights = blend.mean_weights().to(student_logits.device)
+    kd = sum(weights[k] * topk_kd_divergence(student_logits, logp[k], idx[k], kind=cfg.loss.kind,
+                                             temperature=temperature, mask=mask, skew_alpha=cfg.loss.skew_alpha)
+             for k in range(len(logp)))
+    return kd, parts
+
+
 def _teacher_logits(answer: dict, num_classes: int) -> torch.Tensor:
     """One teacher's answer as [N, C] logits: full logits, or log-probs rebuilt from its top k."""
     if "logits" in answer:
@@ -220,11 +271,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     x_all = torch.as_tensor(data.train_x)
     y_all = torch.as_tensor(data.train_y)
-    labeled = bool((y_all >= 0).all())
+    causal = data.task == "causal_lm"
+    labeled = causal or bool((y_all >= 0).all())  # a language model's labels are its own next tokens
     teacher_all = torch.as_tensor(data.teacher_logits) if data.teacher_logits is not None else None
+    topk_all = tuple(map(torch.as_tensor, data.teacher_topk)) if data.teacher_topk is not None else None
     val_teacher = torch.as_tensor(data.val_teacher_logits).float() if data.val_teacher_logits is not None else None
     pool = None
-    if data.use_teachers and teacher_all is None:
+    if data.use_teachers and teacher_all is None and topk_all is None:
         from distill_ray.teachers import TeacherPool
 
         pool = TeacherPool.attach(data.teacher_handles)
@@ -299,12 +352,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         while batch_in_epoch < len(batches):
             idx = batches[batch_in_epoch]
             x, y = x_all[idx].to(device), y_all[idx].to(device)
+            teacher_seq = None  # causal LM: per-token top-k (log-probs, indices) [K, B, L, k]
             if pool is not None:  # ask for the next batch before this step runs: teachers overlap the student
                 answers = next_targets.result()
                 nxt = batch_in_epoch + 1
                 next_targets = pool.submit(x_all[batches[nxt]].numpy()) if nxt < len(batches) else None
-                teacher = torch.stack([_teacher_logits(answers[n], data.num_classes)
-                                       for n in data.teacher_names]).to(device)
+                if causal:
+                    teacher, teacher_seq = None, tuple(
+                        torch.stack([torch.as_tensor(answers[n][key]) for n in data.teacher_names]).to(device)
+                        for key in ("topk_logprobs", "topk_indices"))
+                else:
+                    teacher = torch.stack([_teacher_logits(answers[n], data.num_classes)
+                                           for n in data.teacher_names]).to(device)
+            elif topk_all is not None:
+                teacher, teacher_seq = None, (topk_all[0][:, idx].to(device), topk_all[1][:, idx].to(device))
             elif teacher_all is not None:
                 teacher = teacher_all[:, idx].to(device).float()
             else:
@@ -318,6 +379,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 student_logits = forward_logits(model, x)
             student_logits = student_logits.float()
             parts: dict[str, float] = {}
+            if causal:  # all-padding columns were cut from the student's input: cut labels and targets alike
+                width = student_logits.shape[1]
+                y = y[:, :width]
+                if teacher_seq is not None:
+                    teacher_seq = tuple(t[:, :, :width] for t in teacher_seq)
             if teacher is not None and labeled and blend_opt is not None:
                 # Blend weights learn from ground truth only: the blended teachers' task loss.
                 blend_loss = blend.weight_loss(teacher, y, features=x.flatten(1))
@@ -334,6 +400,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elif teacher is not None and alpha > 0:
                 target = blend(teacher, temperature=temperature, features=x.flatten(1), labeled=labeled).detach()
                 kd = kd_loss(cfg, student_logits, target, y if labeled else None, temperature)
+            elif teacher_seq is not None and alpha > 0:
+                kd, blend_parts = sequence_kd(cfg, blend, blend_opt, student_logits, teacher_seq, y, temperature, world)
+                parts.update(blend_parts)
             else:
                 kd = torch.zeros((), device=device)
             task = label_smoothing_ce(student_logits, y, smoothing=cfg.loss.label_smoothing) if labeled \
@@ -353,6 +422,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        "temperature": temperature, "alpha": alpha, "loss": loss.item(), "kd_loss": kd.item(),
                        "task_loss": task.item(), "samples_per_s": seen * world / (time.perf_counter() - epoch_start),
                        **parts}
+                if teacher_seq is not None:
+                    for name, w in zip(data.teacher_names, blend.mean_weights().tolist()):
+                        row[f"teacher_weight/{name}"] = w
                 if teacher is not None:
                     # Unlabeled batches use confidence weights whatever the blend kind: log those.
                     used = blend.mean_weights() if labeled else \
@@ -363,7 +435,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if step % t.checkpoint_every_steps == 0 and batch_in_epoch < len(batches):
                 save_checkpoint({**history[-1], "kind": "step"} if history else {"step": step})
 
-        val = _validate(model, data, val_teacher)
+        val = _validate_sequences(model, data) if causal else _validate(model, data, val_teacher)
         last_step = next((r for r in reversed(history) if r.get("kind") != "epoch"), {})
         history.append({"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction, "kind": "epoch", **val})
         epoch, batch_in_epoch = epoch + 1, 0

@@ -114,12 +114,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except StudentLoadError as err:
         raise ValueError(str(err)) from None
     model, _ = load_model(student_dir)
-    split = getattr(load_data(cfg), args.split)
-    logits = predict_logits(model, split.inputs)
-    result = {"student": str(student_dir), "split": args.split, "num_samples": len(split),
-              "accuracy": accuracy(logits, split.labels),
-              "ece": expected_calibration_error(logits.softmax(-1), split.labels), "params": num_params(model),
-              "latency_ms": single_sample_latency_ms(model, torch.as_tensor(split.inputs[:1]))}
+    data = load_data(cfg)
+    split = getattr(data, args.split)
+    result = {"student": str(student_dir), "split": args.split, "num_samples": len(split)}
+    if data.task == "causal_lm":
+        from distill_ray.evaluate import lm_label_logprobs, perplexity
+
+        logp, top1 = lm_label_logprobs(model, split.inputs, split.labels)
+        labels = torch.as_tensor(split.labels)
+        result.update(perplexity=perplexity(logp, labels),
+                      token_accuracy=float((top1 == labels)[labels >= 0].float().mean()))
+    else:
+        logits = predict_logits(model, split.inputs)
+        result.update(accuracy=accuracy(logits, split.labels),
+                      ece=expected_calibration_error(logits.softmax(-1), split.labels))
+    result.update(params=num_params(model),
+                  latency_ms=single_sample_latency_ms(model, torch.as_tensor(split.inputs[:1])))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -182,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic int8 quantization of the student's linear layers at load")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("eval", help="score a student (run dir, student dir or registry entry) on a config's data")
+    p = sub.add_parser("eval", help="score a student (run dir, student dir or registry entry) on a config's data: "
+                       "accuracy and ECE, or perplexity for a causal LM")
     p.add_argument("path", help="a run directory, a student directory, or a registry entry (registry/NAME)")
     p.add_argument("--data", required=True, metavar="CONFIG", help="experiment YAML whose data: section to score on")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -164,4 +164,54 @@ def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path):
     val = [r["val_perplexity"] for r in history if r.get("kind") == "epoch"]
     assert len(val) == cfg.train.epochs and val[-1] < val[0]
     assert "perplexity" in (run_dir / "report.md").read_text()
+    # `distill-ray eval` scores the exported student to the same perplexity.
+    import contextlib
+    import io
+
+    from distill_ray.cli import main
+
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text((run_dir / "config.yaml").read_text())
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", str(run_dir), "--data", str(config_path)]) == 0
+    assert json.loads(out.getvalue())["perplexity"] == pytest.approx(metrics["student"], rel=1e-4)
     assert (run_dir / "student" / "config.json").is_file() and (run_dir / "student" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_tiny_lm_online_mode_asks_the_teacher_actors_per_token_batch(ray_local, tmp_path):
+    import ray
+
+    from distill_ray.data import DataUnavailable
+    from distill_ray.pipeline import build_cache, distill_data, load_data, prepare_teachers, split_targets, \
+        teacher_specs
+    from distill_ray.teachers import TeacherPool
+    from distill_ray.train import load_trained_student, run_training
+
+    cfg = config_from_dict(apply_overrides(_tiny_lm_raw(tmp_path), [
+        ("train.mode", "online"), ("train.epochs", 1), ("data.max_train_samples", 192),
+        ("teachers.0.options.epochs", 1), ("teachers.1.options.epochs", 1)]))
+    try:
+        data = load_data(cfg)
+    except DataUnavailable as err:
+        pytest.skip(str(err))
+    dirs = prepare_teachers(cfg, data)
+    st = split_targets(build_cache(cfg, data, dirs), data)
+    pool = TeacherPool(teacher_specs(cfg, dirs), topk=cfg.loss.topk)
+    try:
+        inputs = distill_data(cfg, data, st, pool=pool)
+        assert inputs.teacher_topk is None and inputs.teacher_handles
+        result = run_training(cfg, inputs, str(tmp_path / "ray"), "online")
+        _, history, state = load_trained_student(cfg, inputs, result.checkpoint)
+        served = {name: sum(s["rows"] for s in ray.get([a.stats.remote() for a in actors]))
+                  for name, actors in pool.actor_handles().items()}
+    finally:
+        pool.shutdown()
+    # Stage 0 of 2 opens half the windows: every trained window went to every teacher exactly once.
+    assert served == {name: state["step"] * cfg.train.batch_size for name in cfg.teacher_names()}
+    assert state["step"] == len(data.train) // 2 // cfg.train.batch_size
+    epoch_row = [r for r in history if r.get("kind") == "epoch"][-1]
+    assert epoch_row["val_perplexity"] < data.num_classes / 4
+    assert set(epoch_row) >= {"agreement/llama_wide", "agreement/llama_deep", "val_accuracy"}

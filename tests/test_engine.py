@@ -187,6 +187,50 @@ def test_online_mode_asks_the_pool_for_every_batch(prepared, tiny_cfg, small_fas
         pool.shutdown()
 
 
+def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepared, tiny_cfg, small_fashion_mnist,
+                                                                         tmp_path):
+    """Online mode: one teacher actor is killed while the TorchTrainer is mid-epoch. Ray restarts it
+    (max_restarts), the pool inside the Train worker retries the lost batch, and the run finishes
+    every step."""
+    import threading
+    import time
+
+    import ray
+    from ray._private.state import actors as actor_table
+
+    from distill_ray.pipeline import distill_data, split_targets, teacher_specs
+    from distill_ray.teachers import TeacherPool
+    from distill_ray.train import load_trained_student, run_training
+
+    dirs, targets = prepared
+    cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [
+        ("train.mode", "online"), ("train.epochs", 2), ("curriculum.scheduler", "none"),
+        ("train.checkpoint_every_steps", 4)]))
+    pool = TeacherPool(teacher_specs(cfg, dirs))
+    victim = pool.actor_handles()["cnn_b"][0]
+    victim_id = victim._actor_id.hex()
+    storage = tmp_path / "ray"
+    try:
+        data = distill_data(cfg, small_fashion_mnist, split_targets(targets, small_fashion_mnist), pool=pool)
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, data, str(storage), "kill")))
+        runner.start()
+        deadline = time.time() + 240
+        while not list(storage.glob("kill/checkpoint_*")) and time.time() < deadline and runner.is_alive():
+            time.sleep(0.2)
+        assert list(storage.glob("kill/checkpoint_*")), "training never reached its first checkpoint"
+        ray.kill(victim, no_restart=False)  # as if its process died: Ray restarts it
+        runner.join(timeout=300)
+        assert "result" in outcome, "the run did not finish"
+        _, history, state = load_trained_student(cfg, data, outcome["result"].checkpoint)
+        steps_per_epoch = len(small_fashion_mnist.train) // cfg.train.batch_size
+        assert state["step"] == cfg.train.epochs * steps_per_epoch
+        assert actor_table()[victim_id]["NumRestarts"] >= 1
+        assert history[-1]["val_accuracy"] > 0.4
+    finally:
+        pool.shutdown()
+
+
 def _teacher_actors_ever() -> int:
     """Teacher actors (pool actors and Ray Data UDF actors) ever created in this Ray, from the GCS."""
     from ray._private.state import actors
@@ -203,17 +247,21 @@ def _final_weights(result) -> dict[str, np.ndarray]:
 
 
 def test_two_ddp_workers_cached_and_online_train_the_same_student(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
-    """Two Train workers (DDP), float32 cache: cached and online targets are the same numbers, so the
-    two modes give the same student. (With the default fp16 cache the targets differ by fp16
-    rounding, ~1e-3 relative, and so do the students.)"""
-    from distill_ray.pipeline import build_cache, distill_data, split_targets, teacher_specs
+    """Two Train workers (DDP), three teachers, float32 cache: cached and online targets are the same
+    numbers, so the two modes give the same student. (With the default fp16 cache the targets differ
+    by fp16 rounding, ~1e-3 relative, and so do the students.)"""
+    from distill_ray.pipeline import build_cache, distill_data, prepare_teachers, split_targets, teacher_specs
     from distill_ray.teachers import TeacherPool
     from distill_ray.train import load_trained_student, run_training
 
-    dirs, _ = prepared
-    cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [
+    raw = apply_overrides(config_to_dict(tiny_cfg), [
         ("cache.dtype", "float32"), ("train.num_workers", 2), ("train.cpus_per_worker", 0.5),
-        ("train.epochs", 1), ("curriculum.scheduler", "none"), ("train.checkpoint_every_steps", 1000)]))
+        ("train.epochs", 1), ("curriculum.scheduler", "none"), ("train.checkpoint_every_steps", 1000)])
+    raw["teachers"].append({"name": "mlp_c", "source": "recipe", "recipe": "mlp", "num_cpus": 0.25,
+                            "options": {"hidden": [64], "epochs": 1}, "path": str(tmp_path / "teachers/mlp_c")})
+    cfg = config_from_dict(raw)
+    dirs = prepare_teachers(cfg, small_fashion_mnist)  # the first two are reused, the third is trained
+    assert len(dirs) == 3
     st = split_targets(build_cache(cfg, small_fashion_mnist, dirs), small_fashion_mnist)
     cached = run_training(cfg, distill_data(cfg, small_fashion_mnist, st), str(tmp_path / "ray"), "cached")
 

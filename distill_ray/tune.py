@@ -5,6 +5,11 @@ field is searchable without code changes. Each trial is a function trainable tha
 ``TorchTrainer`` as ``distill-ray run`` (Train V2: Tune drives the trainer from inside the function,
 metrics reach Tune through ``TuneReportCallback``). Teachers and their soft-target cache are
 prepared once, before the sweep; trials only read the cached arrays, so no trial runs a teacher.
+
+Population Based Training needs more than metrics: it clones a better trial's state into a weaker
+one (exploit) and perturbs the clone's values (explore). A PBT trial therefore trains in segments of
+``tune.pbt_interval`` epochs, each its own TorchTrainer run resumed from the previous segment's
+checkpoint, and hands that checkpoint to Tune with the segment's last report.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 import os
 import platform
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +31,8 @@ from distill_ray.config import ConfigError, ExperimentConfig, apply_overrides, c
     dump_config, set_path
 
 SPACE_KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
+RANGE_KINDS = ("uniform", "loguniform", "randint")
+PBT_SEARCHES = ("random", "grid")  # PBT evolves the trials it starts with; a searcher would propose new ones
 SPACE_FILE = "space.yaml"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "sweep_summary.md"
@@ -53,6 +61,10 @@ class SearchSpace:
 
     def has_grid(self) -> bool:
         return any(kind == "grid" for _, kind, _ in self.params)
+
+    def grid_size(self) -> int:
+        """Trials per sample: grid params multiply (Tune runs every grid point num_samples times)."""
+        return math.prod(len(args) for _, kind, args in self.params if kind == "grid")
 
 
 def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
@@ -127,7 +139,6 @@ def _plain(value: Any) -> Any:
 
 def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, data, targets, storage: str) -> None:
     """One Tune trial: a TorchTrainer from inside a function trainable (the Train V2 pattern)."""
-    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -136,12 +147,202 @@ def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, data, targets, 
 
     cfg = trial_config(base_raw, space, sampled)
     trial_id = tune.get_context().get_trial_id()
-    pg_file = Path(storage) / f"train-{trial_id}" / PLACEMENT_GROUP_FILE
-    pg_file.parent.mkdir(parents=True, exist_ok=True)
-    (pg_file.parent / TRIAL_ACTOR_FILE).write_text(ray.get_runtime_context().get_actor_id())
+    pg_file = _trial_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
     # The same trial id resumes the same Train run (Tuner.restore re-runs unfinished trials).
     run_training(cfg, distill_data(cfg, data, targets), storage, f"train-{trial_id}",
                  callbacks=[TuneReportCallback()], placement_group_file=str(pg_file))
+
+
+def _trial_dir(storage: str, trial_id: str) -> Path:
+    """``storage/train-ID``, holding the ids ``_release_callback`` needs to free a stopped trial's workers."""
+    import ray
+
+    path = Path(storage) / f"train-{trial_id}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / TRIAL_ACTOR_FILE).write_text(ray.get_runtime_context().get_actor_id())
+    return path
+
+
+# --- Population Based Training --------------------------------------------------------------------
+
+def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, data, targets, storage: str, slots) -> None:
+    """One PBT trial: segments of ``tune.pbt_interval`` epochs, each a TorchTrainer run resumed from the
+    previous segment's checkpoint and ending in a Tune report that carries that checkpoint.
+
+    Between segments PBT may pause the trial, clone a better trial's checkpoint into it and perturb
+    its config. Tune then calls this function again from the top: ``sampled`` holds the perturbed
+    values and ``tune.get_checkpoint()`` is the donor's state, so the donor's student continues under
+    the new values (schedules still span ``train.epochs``). Every segment gets a fresh run name: a
+    reused one would make Train resume that older run instead of the handed-over checkpoint."""
+    from ray import tune
+
+    from distill_ray.pipeline import distill_data
+    from distill_ray.train import run_training
+
+    cfg = trial_config(base_raw, space, sampled)
+    trial_dir = _trial_dir(storage, tune.get_context().get_trial_id())
+    inputs = distill_data(cfg, data, targets)
+    checkpoint = tune.get_checkpoint()
+    started_from = checkpoint.path if checkpoint else ""  # a donor's checkpoint after an exploit
+    epoch = _epochs_done(checkpoint)
+    while epoch < cfg.train.epochs:
+        # Segment ends on multiples of the interval, so every PBT decision point has a checkpoint.
+        stop = min((epoch // cfg.tune.pbt_interval + 1) * cfg.tune.pbt_interval, cfg.train.epochs)
+        with _holding(slots):
+            result = run_training(cfg, inputs, str(trial_dir), _next_segment(trial_dir),
+                                  placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
+                                  resume_from=checkpoint, stop_at_epoch=stop)
+        checkpoint = result.checkpoint
+        *earlier, last = epoch_rows(checkpoint_history(checkpoint), after_epoch=epoch)
+        for row in earlier:  # one Tune result per epoch, as TuneReportCallback gives the other schedulers
+            tune.report({**row, "resumed_from": started_from})
+        tune.report({**last, "resumed_from": started_from, "checkpoint_path": checkpoint.path},
+                    checkpoint=tune.Checkpoint.from_directory(checkpoint.path))
+        epoch = stop
+
+
+def _next_segment(trial_dir: Path) -> str:
+    return f"segment-{len(list(trial_dir.glob('segment-*'))):03d}"
+
+
+@contextmanager
+def _holding(slots):
+    import ray
+
+    ray.get(slots.acquire.remote())
+    try:
+        yield
+    finally:
+        slots.release.remote()
+
+
+def _train_slots(count: int):
+    """An actor lending ``count`` slots; a PBT trial holds one while its TorchTrainer runs.
+
+    PBT needs its whole population alive at once (it compares and clones live trials), but Tune only
+    sees a trial driver's CPUs, not its Train workers'. Drivers therefore all run, and take turns at
+    the CPUs left for workers here, first come first served; between segments a trial holds none."""
+    import asyncio
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class TrainSlots:
+        def __init__(self, count: int):
+            self._free = asyncio.Semaphore(count)
+
+        async def acquire(self) -> None:
+            await self._free.acquire()
+
+        async def release(self) -> None:
+            self._free.release()
+
+    return TrainSlots.remote(count)
+
+
+def pbt_train_slots(cfg: ExperimentConfig, population: int, cluster_cpus: float) -> int:
+    """TorchTrainer runs that fit beside the whole population's drivers (at most tune.max_concurrent).
+
+    Raises ConfigError, with the numbers, when not even one fits."""
+    drivers = population * cfg.tune.cpus_per_trial
+    per_run = cfg.train.num_workers * cfg.train.cpus_per_worker
+    fits = int((cluster_cpus - drivers) / per_run + 1e-9)
+    if fits < 1:
+        raise ConfigError(f"tune.scheduler=pbt keeps all {population} trials alive at once: their drivers hold "
+                          f"{drivers:g} CPUs (tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} each) and one "
+                          f"TorchTrainer needs {per_run:g} more (train.num_workers x train.cpus_per_worker), "
+                          f"but the cluster has {cluster_cpus:g}; lower tune.num_samples, tune.cpus_per_trial "
+                          f"or train.cpus_per_worker")
+    return min(fits, cfg.tune.max_concurrent)
+
+
+def _fit_population(cfg: ExperimentConfig, space: SearchSpace) -> tuple[ExperimentConfig, int]:
+    """PBT: every trial of the population is live at once; returns that config and the training slots."""
+    import ray
+
+    population = cfg.tune.num_samples * space.grid_size()
+    slots = pbt_train_slots(cfg, population, ray.cluster_resources().get("CPU", 0))
+    print(f"tune: PBT keeps its {population} trials alive together; {slots} train at a time")
+    return replace(cfg, tune=replace(cfg.tune, max_concurrent=population)), slots
+
+
+def pbt_mutations(space: SearchSpace) -> dict[str, Any]:
+    """What PBT may perturb: ranges as Tune distributions (explore multiplies by 0.8/1.2 or resamples),
+    choices as lists (explore steps to a neighbour or resamples). Grid params stay as sampled."""
+    distributions = space.to_tune()
+    return {path: list(args) if kind == "choice" else distributions[path]
+            for path, kind, args in space.params if kind != "grid"}
+
+
+@dataclass(frozen=True)
+class ClampToSpace:
+    """PBT's explore step multiplies a value by 0.8 or 1.2, which can leave the space (alpha 0.9 -> 1.08,
+    an invalid config); this puts it back on the nearest bound. randint values stay whole numbers."""
+
+    bounds: tuple[tuple[str, str, float, float], ...]
+
+    @classmethod
+    def of(cls, space: SearchSpace) -> "ClampToSpace":
+        return cls(tuple((path, kind, args[0], args[1]) for path, kind, args in space.params if kind in RANGE_KINDS))
+
+    def __call__(self, config: dict) -> dict:
+        for path, kind, low, high in self.bounds:
+            value = min(max(_plain(config[path]), low), high)
+            config[path] = int(round(value)) if kind == "randint" else float(value)
+        return config
+
+
+def _pbt_scheduler(cfg: ExperimentConfig, space: SearchSpace):
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    t = cfg.tune
+    if t.pbt_interval >= cfg.train.epochs:
+        raise ConfigError(f"tune.pbt_interval={t.pbt_interval} must be below train.epochs={cfg.train.epochs}: "
+                          f"PBT perturbs trials every pbt_interval epochs, never after the last one")
+    mutations = pbt_mutations(space)
+    if not mutations:
+        raise ConfigError(f"tune.scheduler=pbt needs a param to evolve, but {t.space} has only 'grid' params; "
+                          f"use uniform, loguniform, randint or choice")
+    # metric and mode come from TuneConfig, as for ASHA. One Tune result per epoch: "epoch" counts
+    # finished epochs, and the last epoch's result stops the trial before PBT sees it (RunConfig stop).
+    # Synchronous PBT ranks the population at the same epoch: under a curriculum a score depends on how
+    # much data the epoch opened, so a trial one epoch ahead would win for being ahead, not for its values.
+    return PopulationBasedTraining(time_attr="epoch", perturbation_interval=t.pbt_interval,
+                                   hyperparam_mutations=mutations, quantile_fraction=t.pbt_quantile,
+                                   custom_explore_fn=ClampToSpace.of(space), synch=True)
+
+
+def checkpoint_history(checkpoint) -> list[dict]:
+    """The history a training checkpoint carries: every logged step and epoch row of its lineage."""
+    from distill_ray.train import HISTORY_FILE
+
+    with checkpoint.as_directory() as ckpt_dir:
+        return json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
+
+
+def epoch_rows(history: list[dict], after_epoch: int = 0) -> list[dict]:
+    """Per-epoch results as the loop reports them, rebuilt from a history: the epoch's validation row
+    over the last step row before it (schedule, losses, teacher weights); ``epoch`` counts finished
+    epochs (1..). Only epochs after ``after_epoch``."""
+    rows, last_step = [], {}
+    for row in history:
+        if row.get("kind") != "epoch":
+            last_step = row
+        elif row["epoch"] + 1 > after_epoch:
+            rows.append({**last_step, **row, "epoch": row["epoch"] + 1})
+    return rows
+
+
+def _epochs_done(checkpoint) -> int:
+    rows = epoch_rows(checkpoint_history(checkpoint)) if checkpoint else []
+    return rows[-1]["epoch"] if rows else 0
+
+
+def evolved_schedule(history: list[dict], metric: str) -> list[dict]:
+    """Temperature and alpha per epoch under which a student was trained, with the metric after each
+    epoch. After an exploit the history is the donor's up to that epoch: the student's own lineage."""
+    return [{"epoch": r["epoch"], "temperature": r.get("temperature"), "alpha": r.get("alpha"),
+             metric: r.get(metric)} for r in epoch_rows(history)]
 
 
 def _release_callback(storage: str):
@@ -206,7 +407,7 @@ def _remove_group(group_id: str | None) -> None:
         remove_placement_group(pg)
 
 
-def _scheduler(cfg: ExperimentConfig):
+def _scheduler(cfg: ExperimentConfig, space: SearchSpace):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = cfg.tune
@@ -217,14 +418,16 @@ def _scheduler(cfg: ExperimentConfig):
         return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs + 1,
                              grace_period=min(t.grace_period, cfg.train.epochs), reduction_factor=2)
     if t.scheduler == "pbt":
-        raise ConfigError("tune.scheduler=pbt: Population Based Training needs Tune checkpoints, which Train V2 "
-                          "trials do not hand to Tune (TuneReportCallback forwards metrics only); "
-                          "valid choices that work today: fifo, asha")
+        return _pbt_scheduler(cfg, space)
     return FIFOScheduler()
 
 
 def _search(cfg: ExperimentConfig, space: SearchSpace):
     t = cfg.tune
+    if t.scheduler == "pbt" and t.search not in PBT_SEARCHES:
+        raise ConfigError(f"tune.search={t.search} cannot run with tune.scheduler=pbt: PBT evolves the trials it "
+                          f"starts with, a search algorithm proposes new ones (Ray refuses the pair); "
+                          f"valid choices with pbt: {', '.join(PBT_SEARCHES)}")
     if t.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -251,7 +454,7 @@ def _callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
         if mode == "offline":
             os.environ["WANDB_MODE"] = "offline"
         callbacks.append(WandbLoggerCallback(project=cfg.tracking.project, mode=mode,
-                                             dir=str(sweep_dir), excludes=["checkpoint_path"]))
+                                             dir=str(sweep_dir), excludes=["checkpoint_path", "resumed_from"]))
     return callbacks
 
 
@@ -290,7 +493,7 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, samples: int | None
         raise ConfigError("tune needs train.mode=cached: trials share the soft-target cache and never run teachers")
     space = load_space(space_path, cfg)
     _search(cfg, space)  # a bad search/scheduler combination fails here, before any work
-    _scheduler(cfg)
+    _scheduler(cfg, space)
     sweep_dir = sweep_path(cfg)
     if (sweep_dir / "trials").exists():
         raise ConfigError(f"{sweep_dir} already holds a sweep; finish it with `distill-ray tune --resume {sweep_dir}`"
@@ -318,14 +521,20 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers, split_targets
 
     _tune_env()
-    cfg = _fit_concurrency(cfg)
+    pbt = cfg.tune.scheduler == "pbt"
+    if pbt:
+        cfg, slots = _fit_population(cfg, space)
+        trial_fn, extra = _pbt_trial, {"slots": _train_slots(slots)}
+    else:
+        cfg = _fit_concurrency(cfg)
+        trial_fn, extra = _trial, {}
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)
     targets = split_targets(build_cache(cfg, data, dirs), data)  # built or verified once, before any trial
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base_raw=config_to_dict(cfg), space=space, data=data, targets=targets,
-                             storage=str(sweep_dir / "train")),
+        tune.with_parameters(trial_fn, base_raw=config_to_dict(cfg), space=space, data=data, targets=targets,
+                             storage=str(sweep_dir / "train"), **extra),
         {"cpu": cfg.tune.cpus_per_trial})
     if restore:
         tuner = tune.Tuner.restore(str(sweep_dir / "trials"), trainable=trainable, resume_unfinished=True,
@@ -335,8 +544,12 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
             trainable, param_space=space.to_tune(),
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                         max_concurrent_trials=cfg.tune.max_concurrent, search_alg=_search(cfg, space),
-                                        scheduler=_scheduler(cfg)),
-            run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir), callbacks=_callbacks(cfg, sweep_dir)),
+                                        scheduler=_scheduler(cfg, space),
+                                        # PBT pauses every trial at every perturbation: reuse its process
+                                        reuse_actors=pbt),
+            run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir), callbacks=_callbacks(cfg, sweep_dir),
+                                      # PBT: the last epoch ends the trial before PBT could clone into it
+                                      stop={"epoch": cfg.train.epochs} if pbt else None),
         )
     grid = tuner.fit()
     return finish_sweep(cfg, space, grid, sweep_dir, data, targets)
@@ -370,9 +583,14 @@ def finish_sweep(cfg: ExperimentConfig, space: SearchSpace, grid, sweep_dir: Pat
     student_dir = export_best(cfg, space, best, sweep_dir, data, targets)
     version_dir = register(student_dir, Path(cfg.tune.registry_dir).expanduser() / cfg.name)
     plot_path = plot_sweep(rows, space, cfg.tune.metric, sweep_dir / "metric_vs_params.png")
-    write_summary(cfg, space, rows, sweep_dir, plot_path, version_dir)
+    schedule = None
+    if cfg.tune.scheduler == "pbt":  # what PBT found is a schedule: the winner's values epoch by epoch
+        from ray.train import Checkpoint
+
+        schedule = evolved_schedule(checkpoint_history(Checkpoint(best["checkpoint_path"])), cfg.tune.metric)
+    write_summary(cfg, space, rows, sweep_dir, plot_path, version_dir, schedule)
     return {"best": best, "trials": rows, "student_dir": str(student_dir), "registered": str(version_dir),
-            "sweep_dir": str(sweep_dir)}
+            "sweep_dir": str(sweep_dir), "schedule": schedule}
 
 
 def export_best(cfg: ExperimentConfig, space: SearchSpace, best: dict, sweep_dir: Path, data, targets) -> Path:
@@ -470,7 +688,8 @@ def _args(space: SearchSpace, key: str) -> tuple:
 
 
 def write_summary(cfg: ExperimentConfig, space: SearchSpace, rows: list[dict], sweep_dir: Path,
-                  plot_path: Path | None, version_dir: Path) -> Path:
+                  plot_path: Path | None, version_dir: Path, schedule: list[dict] | None = None) -> Path:
+    """``sweep_summary.md``: the trial table, best first; for PBT also the winner's evolved schedule."""
     import ray
 
     keys = [k for k, _, _ in space.params]
@@ -486,11 +705,23 @@ def write_summary(cfg: ExperimentConfig, space: SearchSpace, rows: list[dict], s
         lines.append(f"| {i} | {r['trial_id']} | {values} | {_fmt(r['metric'])} | {r['epochs']} | {r['status']} |")
     lines += ["", f"Winner: trial `{rows[0]['trial_id']}`, exported to `best/student/` and registered as "
                   f"`{version_dir}`.", ""]
+    if schedule:
+        lines += _schedule_lines(schedule, cfg.tune.metric)
     if plot_path:
         lines.append(f"![metric against searched values]({plot_path.name})")
     path = sweep_dir / SUMMARY_FILE
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _schedule_lines(schedule: list[dict], metric: str) -> list[str]:
+    lines = ["## The winner's evolved schedule (PBT)", "",
+             "Values in the table above are each trial's last ones. The winning student was trained under "
+             "these, epoch by epoch; epochs before an exploit were trained by the trial it cloned.", "",
+             f"| epoch | temperature | alpha | {metric} |", "|---|---|---|---|"]
+    lines += [f"| {r['epoch']} | {_fmt(r['temperature'])} | {_fmt(r['alpha'])} | {_fmt(r[metric])} |"
+              for r in schedule]
+    return lines + [""]
 
 
 def _fmt(value: Any) -> str:

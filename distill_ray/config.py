@@ -135,11 +135,13 @@ class LossConfig:
     dkd_beta: float = _field(8.0, ge=0.0)
     """Weight of non-target-class KD in dkd."""
     hint_weight: float = _field(0.0, ge=0.0)
-    """Weight of the hint (feature) loss; 0 disables it."""
+    """Weight of the hint (feature) loss; 0 disables it. Online mode only (features are not cached)."""
     hint_kind: str = _field("mse", choices=("mse", "cosine"))
     """Distance of the hint loss after the learned projector."""
+    hint_teacher: str | None = None
+    """Teacher whose features the hint and attention losses match; None = the first teacher."""
     attention_weight: float = _field(0.0, ge=0.0)
-    """Weight of attention transfer; 0 disables it."""
+    """Weight of attention transfer; 0 disables it. Online mode only; needs CNN or transformer models."""
     mixup_alpha: float = _field(0.0, ge=0.0)
     """Beta(alpha, alpha) MixUp on inputs (online mode only); 0 disables it."""
     cutmix_alpha: float = _field(0.0, ge=0.0)
@@ -479,6 +481,16 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         if getattr(cfg.loss, key) > 0 and cfg.train.mode != "online":
             _fail(f"loss.{key}", f"{getattr(cfg.loss, key)} needs train.mode=online: the teachers must see "
                   "the mixed inputs, which cached targets cannot")
+    for key in ("hint_weight", "attention_weight"):
+        if getattr(cfg.loss, key) > 0 and cfg.train.mode != "online":
+            _fail(f"loss.{key}", f"{getattr(cfg.loss, key)} needs train.mode=online: teacher features are not "
+                  "cached; the teachers compute them for every batch")
+    for key in ("hint_weight", "attention_weight", "mixup_alpha", "cutmix_alpha"):
+        if getattr(cfg.loss, key) > 0 and cfg.data.task == "causal_lm":
+            _fail(f"loss.{key}", "feature losses and MixUp/CutMix are available for classification only")
+    if cfg.loss.hint_teacher is not None and cfg.loss.hint_teacher not in names:
+        _fail("loss.hint_teacher", f"no teacher named {cfg.loss.hint_teacher!r}; teachers: {', '.join(names)}"
+              + _closest(cfg.loss.hint_teacher, names))
     if cfg.data.task == "causal_lm":
         _validate_causal_lm(cfg)
     if cfg.data.name == "python_stdlib" and cfg.data.task != "causal_lm":

@@ -30,7 +30,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class MLP(nn.Module):
-    """Flatten -> [Linear -> ReLU]* -> Linear. ``features`` is the last hidden layer (for hint losses)."""
+    """Flatten -> [Linear -> ReLU]* -> Linear. ``features`` is the last hidden layer (for hint losses);
+    ``forward(x, return_features=True)`` returns ``(logits, {"hint": features})`` from one pass."""
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (256,),
                  dropout: float = 0.0):
@@ -47,12 +48,18 @@ class MLP(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        hidden = self.body(x)
+        logits = self.head(hidden)
+        return (logits, {"hint": hidden}) if return_features else logits
 
 
 class SmallCNN(nn.Module):
-    """[Conv3x3 -> BN -> ReLU -> MaxPool]* -> Linear -> ReLU -> Linear, for [B, C, H, W] images."""
+    """[Conv3x3 -> BN -> ReLU -> MaxPool]* -> Linear -> ReLU -> Linear, for [B, C, H, W] images.
+
+    ``forward(x, return_features=True)`` returns ``(logits, {"hint": [B, hidden], "attention":
+    [B, C, H', W']})``: the last hidden layer and the last conv block's maps, from one pass.
+    """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...] = (32, 64),
                  hidden: int = 256, dropout: float = 0.0):
@@ -71,8 +78,11 @@ class SmallCNN(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.conv(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        maps = self.conv(x)
+        hidden = self.body(maps)
+        logits = self.head(hidden)
+        return (logits, {"hint": hidden, "attention": maps}) if return_features else logits
 
 
 class TextCNN(nn.Module):
@@ -116,8 +126,10 @@ class TextCNN(nn.Module):
         pooled = [(torch.relu(conv(e))[:, :, :x.shape[1]] * mask).amax(-1) for conv in self.convs]
         return self.dropout(torch.cat(pooled, dim=1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        hidden = self.features(x)
+        logits = self.head(hidden)
+        return (logits, {"hint": hidden}) if return_features else logits
 
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "text_cnn": TextCNN}
@@ -305,6 +317,98 @@ def batched_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512
     if parts[0].dim() == 3:  # per-token logits [b, width, V]: pad each batch back to the full length
         parts = [F.pad(p, (0, 0, 0, inputs.shape[1] - p.shape[1])) for p in parts]
     return torch.cat(parts)[torch.argsort(order)]
+
+
+def forward_with_features(model: nn.Module, inputs: torch.Tensor, want_hint: bool = False,
+                          want_attention: bool = False, pad_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Logits and, when asked, features for hint and attention losses, from one forward of ``model``.
+
+    Returns ``{"logits": [N, C]}`` plus ``"hint"``: [N, D] (registry models: ``.features``, the last
+    hidden layer; transformers models: the last hidden state of the first token, CLS for encoders
+    and ViT) and ``"attention"``: [N, C', *spatial] for ``losses.attention_map`` (SmallCNN: the last
+    conv block's maps [N, C, H, W]; transformers: the last hidden state as [N, D, L], tokens or
+    patches being the spatial dim). Token-id inputs are masked as in ``forward_logits``; their
+    attention features are zero at padding and span the full input width L, so two models given the
+    same ids give maps of the same size. Other models raise ValueError for attention.
+
+    Everything comes out of a single ``model(...)`` call, on purpose: for a DDP-wrapped student that
+    call is DDP's forward, which prepares the reducer so backward all-reduces every gradient once,
+    hint and attention terms included. Calling ``model.module.features(x)`` instead would bypass
+    DDP (no sync; a second pass would even mark parameters ready twice).
+    """
+    if not (want_hint or want_attention):
+        return {"logits": forward_logits(model, inputs, pad_id)}
+    inner = getattr(model, "module", model)  # DDP wraps the student
+    if is_hf_model(inner):
+        return _hf_forward_with_features(model, inner, inputs, want_hint, want_attention, pad_id)
+    if not hasattr(inner, "features"):
+        raise ValueError(f"{type(inner).__name__} exposes no features; hint and attention losses need a "
+                         f"registry model ({', '.join(ARCHS)}) or a transformers model")
+    logits, features = model(inputs, return_features=True)
+    if want_attention and "attention" not in features:
+        raise ValueError(f"attention transfer needs a CNN or transformer model (feature maps over space or "
+                         f"tokens); {type(inner).__name__} has none")
+    out = {"logits": logits}
+    if want_hint:
+        out["hint"] = features["hint"]
+    if want_attention:
+        out["attention"] = features["attention"]
+    return out
+
+
+def _hf_forward_with_features(model: nn.Module, inner: nn.Module, inputs: torch.Tensor, want_hint: bool,
+                              want_attention: bool, pad_id: int | None) -> dict[str, torch.Tensor]:
+    mask = None
+    width = inputs.shape[-1]
+    if inputs.is_floating_point():
+        output = model(pixel_values=inputs, output_hidden_states=True)
+    else:  # the same masking and trailing-padding cut as forward_logits
+        pad_id = getattr(inner.config, "pad_token_id", None) if pad_id is None else pad_id
+        if pad_id is None:
+            output = model(input_ids=inputs, output_hidden_states=True)
+        else:
+            mask = inputs != pad_id
+            used = mask.any(0)
+            if used.any() and not used[-1]:
+                cut = int(used.nonzero().max()) + 1
+                inputs, mask = inputs[:, :cut], mask[:, :cut]
+            output = model(input_ids=inputs, attention_mask=mask.long(), output_hidden_states=True)
+    hidden = output.hidden_states[-1]  # [N, L, D]
+    out = {"logits": output.logits}
+    if want_hint:
+        out["hint"] = hidden[:, 0]
+    if want_attention:
+        if mask is not None:  # zero at padding, back to the full input width
+            hidden = F.pad(hidden * mask[..., None].to(hidden.dtype), (0, 0, 0, width - hidden.shape[1]))
+        out["attention"] = hidden.transpose(1, 2)
+    return out
+
+
+def hint_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """[N, D] features for the hint loss (see ``forward_with_features``)."""
+    return forward_with_features(model, inputs, want_hint=True)["hint"]
+
+
+def attention_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """[N, C, *spatial] activations for ``losses.attention_map`` (see ``forward_with_features``);
+    ValueError for models without spatial or token features (MLP, TextCNN)."""
+    return forward_with_features(model, inputs, want_attention=True)["attention"]
+
+
+def batched_features(model: nn.Module, inputs: torch.Tensor, want_hint: bool, want_attention: bool,
+                     batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """``forward_with_features`` over ``inputs`` in batches, float32, in input order. Token ids run in
+    length-sorted batches as in ``batched_logits``; attention features keep the full input width."""
+    order = torch.arange(len(inputs))
+    if not inputs.is_floating_point() and inputs.dim() == 2:
+        inner = getattr(model, "module", model)
+        pad_id = getattr(getattr(inner, "config", None), "pad_token_id", None)
+        pad_id = getattr(inner, "pad_id", 0) if pad_id is None else pad_id
+        order = torch.argsort((inputs != pad_id).sum(1), stable=True)
+    parts = [forward_with_features(model, inputs[order[i:i + batch_size]], want_hint, want_attention)
+             for i in range(0, len(inputs), batch_size)]
+    unsort = torch.argsort(order)
+    return {key: torch.cat([p[key].float() for p in parts])[unsort] for key in parts[0]}
 
 
 def num_params(model: nn.Module) -> int:

@@ -3,24 +3,26 @@
 ``TeacherRunner`` is the plain-Python core (load, freeze, infer, count); it runs inside a Ray actor
 (``TeacherPool``, online mode) or inside a Ray Data ``map_batches`` actor pool (``TeacherBatchUDF``,
 cache building). Teachers return plain data: ``{"logits": [N, C]}`` or ``{"topk_logprobs": [N, k],
-"topk_indices": [N, k]}`` (fp16 / int32), never model objects.
+"topk_indices": [N, k]}`` (fp16 / int32), never model objects. Asked for ``features``, they add
+``"hint"`` [N, D] and/or ``"attention"`` [N, P] (fp16) for feature distillation (online mode only).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import ray
 import torch
 
-from distill_ray.losses import teacher_topk
-from distill_ray.models import batched_logits, fingerprint, forward_logits, freeze, load_model
+from distill_ray.losses import attention_map, teacher_topk
+from distill_ray.models import batched_features, batched_logits, fingerprint, forward_logits, freeze, load_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FEATURES = ("hint", "attention")  # what a teacher can serve besides its soft targets
 
 
 @dataclass(frozen=True)
@@ -63,25 +65,56 @@ class TeacherRunner:
                                  f"params with grad: {trainable[:3]}")
 
     @torch.inference_mode()
-    def infer(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Soft targets for one batch: full logits (float32) or top-k log-probs (fp16) + indices (int32)."""
+    def infer(self, inputs: np.ndarray, features: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """Soft targets for one batch: full logits (float32) or top-k log-probs (fp16) + indices (int32).
+
+        ``features`` adds ``"hint"``: [N, D] (``models.hint_features``) and/or ``"attention"``: [N, P]
+        (``losses.attention_map`` of ``models.attention_features``, already reduced and L2-normalised),
+        both float16 to keep the payload small.
+        """
         self.assert_frozen()
         start = time.perf_counter()
+        out = self._answer(inputs, tuple(features))
+        self.seconds += time.perf_counter() - start
+        self.rows += len(inputs)
+        self.batches += 1
+        return out
+
+    @torch.inference_mode()
+    def feature_shapes(self, inputs: np.ndarray, features: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+        """Shapes without the batch dim of the ``features`` that ``infer`` answers for ``inputs`` (a
+        probe: not counted in the stats)."""
+        self.assert_frozen()
+        out = self._answer(inputs, tuple(features))
+        return {name: tuple(out[name].shape[1:]) for name in features}
+
+    def _answer(self, inputs: np.ndarray, features: tuple[str, ...]) -> dict[str, np.ndarray]:
+        unknown = [f for f in features if f not in FEATURES]
+        if unknown:
+            raise ValueError(f"teacher {self.name}: unknown features {unknown}; valid: {', '.join(FEATURES)}")
         x = torch.tensor(inputs).to(self.device)  # Ray hands over read-only arrays; copy once
         if x.is_floating_point():
             x = x.to(self.dtype)
-        # Token ids run in length-sorted micro-batches (each only as wide as its longest text).
-        logits = forward_logits(self.model, x).float() if x.is_floating_point() else batched_logits(self.model, x, 64)
+        extra = {}
+        if features:
+            # One forward gives logits and features; token ids in length-sorted micro-batches.
+            got = batched_features(self.model, x, "hint" in features, "attention" in features,
+                                   batch_size=max(1, len(x)) if x.is_floating_point() else 64)
+            logits = got["logits"]
+            if "hint" in got:
+                extra["hint"] = got["hint"].to(torch.float16).cpu().numpy()
+            if "attention" in got:
+                extra["attention"] = attention_map(got["attention"]).to(torch.float16).cpu().numpy()
+        else:
+            # Token ids run in length-sorted micro-batches (each only as wide as its longest text).
+            logits = forward_logits(self.model, x).float() if x.is_floating_point() else batched_logits(self.model, x, 64)
         if self.topk is None:
             out = {"logits": logits.cpu().numpy()}
         else:
             logprobs, indices = teacher_topk(logits, self.topk)
             out = {"topk_logprobs": logprobs.to(torch.float16).cpu().numpy(),
                    "topk_indices": indices.to(torch.int32).cpu().numpy()}
-        self.seconds += time.perf_counter() - start
-        self.rows += len(inputs)
-        self.batches += 1
-        return out
+        return {**out, **extra}
 
     def stats(self) -> dict[str, Any]:
         return {"name": self.name, "rows": self.rows, "batches": self.batches, "seconds": self.seconds,
@@ -145,20 +178,39 @@ class TeacherPool:
     def names(self) -> tuple[str, ...]:
         return tuple(self.replicas)
 
-    def submit(self, inputs: np.ndarray) -> "PendingTargets":
-        """Start every teacher on this batch now; collect later with ``.result()`` (prefetching)."""
+    def submit(self, inputs: np.ndarray,
+               features: Sequence[str] | Mapping[str, Sequence[str]] = ()) -> "PendingTargets":
+        """Start every teacher on this batch now; collect later with ``.result()`` (prefetching).
+
+        ``features`` (see ``TeacherRunner.infer``) is asked of every teacher, or, as a mapping
+        ``{teacher: features}``, of the teachers it names only.
+        """
+        wanted = self._features_by_teacher(features)
         ref = ray.put(inputs)
         started = time.perf_counter()
         calls = {}
         for name, actors in self.replicas.items():
             replica = next(self._next[name])
-            calls[name] = (replica, actors[replica].infer.remote(ref))
-        return PendingTargets(self, ref, len(inputs), calls, started)
+            calls[name] = (replica, _infer(actors[replica], ref, wanted[name]))
+        return PendingTargets(self, ref, len(inputs), calls, started, wanted)
 
-    def infer(self, inputs: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-        return self.submit(inputs).result()
+    def infer(self, inputs: np.ndarray,
+              features: Sequence[str] | Mapping[str, Sequence[str]] = ()) -> dict[str, dict[str, np.ndarray]]:
+        return self.submit(inputs, features).result()
 
-    def _retry(self, name: str, ref, failed_replica: int) -> dict[str, np.ndarray]:
+    def feature_shapes(self, name: str, inputs: np.ndarray, features: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        """Shapes (without the batch dim) of teacher ``name``'s features for ``inputs``; not counted."""
+        return ray.get(self.replicas[name][0].feature_shapes.remote(inputs, tuple(features)))
+
+    def _features_by_teacher(self, features: Sequence[str] | Mapping[str, Sequence[str]]) -> dict[str, tuple]:
+        if isinstance(features, Mapping):
+            unknown = [n for n in features if n not in self.replicas]
+            if unknown:
+                raise ValueError(f"features asked of unknown teachers {unknown}; teachers: {', '.join(self.replicas)}")
+            return {name: tuple(features.get(name, ())) for name in self.replicas}
+        return {name: tuple(features) for name in self.replicas}
+
+    def _retry(self, name: str, ref, failed_replica: int, features: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         actors = self.replicas[name]
         last_error: Exception | None = None
         for attempt in range(self.retries):
@@ -166,7 +218,7 @@ class TeacherPool:
             # Prefer another live replica; with one replica, wait for Ray to restart it.
             replica = (failed_replica + 1 + attempt) % len(actors)
             try:
-                return ray.get(actors[replica].infer.remote(ref))
+                return ray.get(_infer(actors[replica], ref, features))
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                 last_error = err
                 time.sleep(0.5 * (attempt + 1))
@@ -188,15 +240,21 @@ class TeacherPool:
         self.replicas = {}
 
 
+def _infer(actor, ref, features: tuple[str, ...]):
+    # Without features the call is the plain one, as before features existed.
+    return actor.infer.remote(ref, features) if features else actor.infer.remote(ref)
+
+
 @dataclass
 class PendingTargets:
-    """Teacher calls in flight for one batch."""
+    """Teacher calls in flight for one batch (``features``: what each teacher was asked besides targets)."""
 
     pool: TeacherPool
     ref: Any
     num_rows: int
     calls: dict[str, tuple[int, Any]]
     started: float
+    features: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def result(self) -> dict[str, dict[str, np.ndarray]]:
         out = {}
@@ -204,7 +262,7 @@ class PendingTargets:
             try:
                 out[name] = ray.get(call)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                out[name] = self.pool._retry(name, self.ref, replica)
+                out[name] = self.pool._retry(name, self.ref, replica, self.features.get(name, ()))
             self.pool.rows[name] += self.num_rows
             self.pool.batches[name] += 1
             self.pool.seconds[name] += time.perf_counter() - self.started

@@ -2,8 +2,10 @@
 
 Per step: curriculum stage -> batch of this rank's shard -> soft targets (cached arrays, or the
 teacher pool one batch ahead) -> blend with learned per-teacher weights (fit to labels, never to
-the student's KD loss) -> ``alpha * KD + (1 - alpha) * task`` -> step. Checkpoints every N steps
-carry everything needed to resume mid-epoch: student, optimizers, blend, counters, RNG, history.
+the student's KD loss) -> ``alpha * KD + (1 - alpha) * task`` (+ weighted hint and attention terms
+against one teacher's features, online mode) -> step. Online mode can MixUp/CutMix each batch before
+the teachers see it. Checkpoints every N steps carry everything needed to resume mid-epoch: student,
+optimizers, blend, hint projector, counters, RNG, history.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dic
 from distill_ray.evaluate import accuracy, agreement, expected_calibration_error
 from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, \
     topk_kd_divergence, topk_label_logprobs
-from distill_ray.models import build_model, forward_logits, save_model
+from distill_ray.losses import HintProjector, attention_map, cutmix, hint_loss, mixup
+from distill_ray.models import build_model, forward_logits, forward_with_features, save_model
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -244,6 +247,62 @@ def _maybe_inject_failure(spec: dict | None, step: int, rank: int) -> None:
         raise RuntimeError(f"injected failure at step {step}")
 
 
+def mix_generator(seed: int, rank: int, epoch: int, batch: int) -> torch.Generator:
+    """The MixUp/CutMix generator of one batch: a function of (seed, rank, epoch, batch) only, so a
+    resumed run mixes every batch exactly as an uninterrupted one (nothing to checkpoint)."""
+    entropy = np.random.SeedSequence([seed % 2**32, rank, epoch, batch]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
+def mix_batch(cfg: ExperimentConfig, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """One batch as the student and the teachers see it: ``(x, y_a, y_b, lam)``, mixed by MixUp
+    (``loss.mixup_alpha``) or CutMix (``loss.cutmix_alpha``; with both on, a coin flip per batch), the
+    task loss being ``lam * CE(y_a) + (1 - lam) * CE(y_b)``. Without mixing: ``(x, y, None, 1.0)``."""
+    if cfg.loss.mixup_alpha <= 0 and cfg.loss.cutmix_alpha <= 0:
+        return x, y, None, 1.0
+    if not x.is_floating_point():
+        raise ValueError("loss.mixup_alpha / loss.cutmix_alpha mix images; these inputs are token ids")
+    use_cutmix = cfg.loss.cutmix_alpha > 0 and (cfg.loss.mixup_alpha <= 0 or
+                                                torch.rand((), generator=generator).item() < 0.5)
+    fn, alpha = (cutmix, cfg.loss.cutmix_alpha) if use_cutmix else (mixup, cfg.loss.mixup_alpha)
+    # Unlabeled rows (-1) still mix their inputs; only their task loss is skipped.
+    mixed, _, permutation, lam = fn(x, y.clamp_min(0), num_classes, alpha, generator)
+    return mixed, y, y[permutation], lam
+
+
+def _mixed(loss_fn, y: torch.Tensor, y_b: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """``loss_fn(y)``, or ``lam * loss_fn(y) + (1 - lam) * loss_fn(y_b)`` on a mixed batch."""
+    return loss_fn(y) if y_b is None else lam * loss_fn(y) + (1 - lam) * loss_fn(y_b)
+
+
+def attention_loss(student_features: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """Attention transfer against a teacher's already reduced map [N, P] (as the teachers send it):
+    batch mean of ``||attention_map(student) - teacher_map||^2``, as in ``losses.attention_transfer``."""
+    student_map = attention_map(student_features.float())
+    if student_map.shape != teacher_map.shape:
+        raise ValueError(f"attention maps differ in size: the student's features {tuple(student_features.shape[1:])} "
+                         f"give {student_map.shape[1]} positions, the teacher's map has {teacher_map.shape[1]}; "
+                         "use a student and loss.hint_teacher with the same spatial (or token) grid")
+    return (student_map - teacher_map.detach().float()).pow(2).sum(-1).mean()
+
+
+def _feature_widths(model, pool, teacher: str, x: torch.Tensor, device, want_hint: bool,
+                    want_attention: bool) -> tuple[int, int]:
+    """(student, teacher) hint widths from one probe forward of each, before the optimizer exists (so
+    the projector's parameters join it); mismatched attention grids fail here, before any step."""
+    m = _unwrap(model)
+    was_training = m.training
+    m.eval()  # no BatchNorm statistics from the probe
+    with torch.no_grad():
+        student = forward_with_features(m, x.to(device), want_hint, want_attention)
+    m.train(was_training)
+    teacher_shapes = pool.feature_shapes(teacher, x.numpy(), ("hint",) * want_hint + ("attention",) * want_attention)
+    if want_attention:
+        attention_loss(student["attention"], torch.zeros((len(x), *teacher_shapes["attention"])))
+    return (student["hint"].shape[-1], teacher_shapes["hint"][-1]) if want_hint else (0, 0)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     data: DistillData = ray.get(loop_config["data_ref"])
@@ -267,7 +326,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          confidence_kind=cfg.blend.confidence_kind).to(device)
     blend_params = [p for p in blend.parameters() if p.requires_grad]
     blend_opt = torch.optim.Adam(blend_params, lr=cfg.blend.lr) if blend_params else None
-    optimizer = _optimizer(cfg, model.parameters())
 
     x_all = torch.as_tensor(data.train_x)
     y_all = torch.as_tensor(data.train_y)
@@ -281,6 +339,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         from distill_ray.teachers import TeacherPool
 
         pool = TeacherPool.attach(data.teacher_handles)
+
+    # Feature distillation (online): the student matches one teacher's features, through a learned
+    # projector for hints (trained with the student, checkpointed) and directly for attention maps.
+    hint_teacher = cfg.loss.hint_teacher or data.teacher_names[0]
+    want_hint = pool is not None and cfg.loss.hint_weight > 0
+    want_attention = pool is not None and cfg.loss.attention_weight > 0
+    feature_request = {hint_teacher: ("hint",) * want_hint + ("attention",) * want_attention}
+    projector = None
+    if want_hint or want_attention:
+        student_dim, teacher_dim = _feature_widths(model, pool, hint_teacher, x_all[:2], device, want_hint, want_attention)
+        projector = HintProjector(student_dim, teacher_dim).to(device) if want_hint else None
+    optimizer = _optimizer(cfg, [*model.parameters(), *(projector.parameters() if projector is not None else ())])
 
     per_rank_batch = max(1, t.batch_size // world)
     steps_per_epoch = max(1, len(y_all) // world // per_rank_batch)
@@ -298,6 +368,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _unwrap(model).load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         blend.load_state_dict(state["blend"])
+        if projector is not None:
+            projector.load_state_dict(state["projector"])
         if blend_opt is not None and state.get("blend_optimizer"):
             blend_opt.load_state_dict(state["blend_optimizer"])
         epoch, step, batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
@@ -311,7 +383,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"student": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                        "blend": blend.state_dict(),
+                        "blend": blend.state_dict(), "projector": projector.state_dict() if projector is not None else None,
                         "blend_optimizer": blend_opt.state_dict() if blend_opt else None,
                         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(),
                         "stage": stage, "open_fraction": fraction, "shard": shard if batch_in_epoch else None},
@@ -346,17 +418,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
             open_idx = cur.open_subset(order, fraction)
             shard = cur.shard_for_rank(open_idx, epoch, t.seed, rank, world)
         batches = [shard[i:i + per_rank_batch] for i in range(0, len(shard) - per_rank_batch + 1, per_rank_batch)]
-        next_targets = pool.submit(x_all[batches[batch_in_epoch]].numpy()) if pool and batch_in_epoch < len(batches) else None
+        # Each batch is read (and mixed, with MixUp/CutMix) one step ahead: the teachers get exactly
+        # the inputs the student trains on.
+        batch = mix_batch(cfg, x_all[batches[batch_in_epoch]], y_all[batches[batch_in_epoch]], data.num_classes,
+                          mix_generator(t.seed, rank, epoch, batch_in_epoch)) if batch_in_epoch < len(batches) else None
+        next_targets = pool.submit(batch[0].numpy(), feature_request) if pool and batch is not None else None
         epoch_start, seen = time.perf_counter(), 0
 
         while batch_in_epoch < len(batches):
             idx = batches[batch_in_epoch]
-            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            x, y, y_b, lam = batch  # y_b, lam: the partner labels and weight of a mixed batch (else None, 1)
+            x, y, y_b = x.to(device), y.to(device), y_b.to(device) if y_b is not None else None
+            nxt = batch_in_epoch + 1
+            batch = mix_batch(cfg, x_all[batches[nxt]], y_all[batches[nxt]], data.num_classes,
+                              mix_generator(t.seed, rank, epoch, nxt)) if nxt < len(batches) else None
             teacher_seq = None  # causal LM: per-token top-k (log-probs, indices) [K, B, L, k]
             if pool is not None:  # ask for the next batch before this step runs: teachers overlap the student
                 answers = next_targets.result()
-                nxt = batch_in_epoch + 1
-                next_targets = pool.submit(x_all[batches[nxt]].numpy()) if nxt < len(batches) else None
+                next_targets = pool.submit(batch[0].numpy(), feature_request) if batch is not None else None
                 if causal:
                     teacher, teacher_seq = None, tuple(
                         torch.stack([torch.as_tensor(answers[n][key]) for n in data.teacher_names]).to(device)
@@ -376,9 +455,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             # bf16 autocast covers the student's forward only; losses and blending stay in fp32.
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-                student_logits = forward_logits(model, x)
-            student_logits = student_logits.float()
-            parts: dict[str, float] = {}
+                # One DDP forward gives the logits and any features (see forward_with_features).
+                out = forward_with_features(model, x, want_hint, want_attention)
+            student_logits = out["logits"].float()
+            parts: dict[str, float] = {} if y_b is None else {"mix_lam": lam}
             if causal:  # all-padding columns were cut from the student's input: cut labels and targets alike
                 width = student_logits.shape[1]
                 y = y[:, :width]
@@ -386,7 +466,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     teacher_seq = tuple(t[:, :, :width] for t in teacher_seq)
             if teacher is not None and labeled and blend_opt is not None:
                 # Blend weights learn from ground truth only: the blended teachers' task loss.
-                blend_loss = blend.weight_loss(teacher, y, features=x.flatten(1))
+                blend_loss = _mixed(lambda labels: blend.weight_loss(teacher, labels, features=x.flatten(1)), y, y_b, lam)
                 blend_opt.zero_grad(set_to_none=True)
                 blend_loss.backward()
                 _allreduce_grads(blend, world)
@@ -405,12 +485,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 parts.update(blend_parts)
             else:
                 kd = torch.zeros((), device=device)
-            task = label_smoothing_ce(student_logits, y, smoothing=cfg.loss.label_smoothing) if labeled \
-                else torch.zeros((), device=device)
-            loss = alpha * kd + (1 - alpha) * task
+            task = _mixed(lambda labels: label_smoothing_ce(student_logits, labels, smoothing=cfg.loss.label_smoothing),
+                          y, y_b, lam) if labeled else torch.zeros((), device=device)
+            hint = attention = torch.zeros((), device=device)
+            if want_hint:  # FitNets: projected student features regress the hint teacher's
+                teacher_hint = torch.as_tensor(answers[hint_teacher]["hint"]).to(device).float()
+                hint = hint_loss(out["hint"].float(), teacher_hint, projector, kind=cfg.loss.hint_kind)
+                parts["hint_loss"] = hint.item()
+            if want_attention:  # attention transfer against the teacher's map
+                attention = attention_loss(out["attention"], torch.as_tensor(answers[hint_teacher]["attention"]).to(device))
+                parts["attention_loss"] = attention.item()
+            loss = alpha * kd + (1 - alpha) * task + cfg.loss.hint_weight * hint + cfg.loss.attention_weight * attention
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if projector is not None:  # outside DDP: average its gradients like the blend's
+                _allreduce_grads(projector, world)
             optimizer.step()
             step += 1
             batch_in_epoch += 1

@@ -372,6 +372,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             projector.load_state_dict(state["projector"])
         if blend_opt is not None and state.get("blend_optimizer"):
             blend_opt.load_state_dict(state["blend_optimizer"])
+        # Learning rates come from the config, not the saved optimizer (there is no lr schedule): a PBT
+        # segment resumed with a perturbed train.lr / blend.lr must train at the new rate.
+        for group in optimizer.param_groups:
+            group["lr"] = t.lr
+        for group in (blend_opt.param_groups if blend_opt is not None else ()):
+            group["lr"] = cfg.blend.lr
         epoch, step, batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         resumed_shard = state.get("shard")
         _set_rng_state(state["rng"])

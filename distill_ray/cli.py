@@ -118,12 +118,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     split = getattr(data, args.split)
     result = {"student": str(student_dir), "split": args.split, "num_samples": len(split)}
     if data.task == "causal_lm":
-        from distill_ray.evaluate import lm_label_logprobs, perplexity
+        from distill_ray.evaluate import lm_label_logprobs, perplexity, token_accuracy
 
         logp, top1 = lm_label_logprobs(model, split.inputs, split.labels)
-        labels = torch.as_tensor(split.labels)
-        result.update(perplexity=perplexity(logp, labels),
-                      token_accuracy=float((top1 == labels)[labels >= 0].float().mean()))
+        result.update(perplexity=perplexity(logp, split.labels), token_accuracy=token_accuracy(top1, split.labels))
     else:
         logits = predict_logits(model, split.inputs)
         result.update(accuracy=accuracy(logits, split.labels),

@@ -110,6 +110,12 @@ def lm_label_logprobs(model: nn.Module, inputs: np.ndarray | torch.Tensor, label
     return logp_out, top1_out
 
 
+def token_accuracy(top1: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    """Fraction of labelled positions (label >= 0) whose top-1 guess is the label."""
+    y = torch.as_tensor(labels)
+    return float((top1 == y)[y >= 0].float().mean())
+
+
 def perplexity(label_logprobs: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
     """exp(mean negative log-likelihood) over the labelled positions."""
     mask = torch.as_tensor(labels) >= 0

@@ -288,18 +288,32 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, pad_id: int | None = 
     """
     inner = getattr(model, "module", model)  # DDP wraps the transformers model
     if is_hf_model(inner):
-        if inputs.is_floating_point():
-            return model(pixel_values=inputs).logits
-        pad_id = getattr(inner.config, "pad_token_id", None) if pad_id is None else pad_id
-        if pad_id is None:
-            return model(input_ids=inputs).logits
-        mask = inputs != pad_id
-        used = mask.any(0)
-        if inputs.dim() == 2 and used.any() and not used[-1]:
-            width = int(used.nonzero().max()) + 1
-            inputs, mask = inputs[:, :width], mask[:, :width]
-        return model(input_ids=inputs, attention_mask=mask.long()).logits
+        return _hf_call(model, inner, inputs, pad_id)[0].logits
     return model(inputs)
+
+
+def _hf_call(model: nn.Module, inner: nn.Module, inputs: torch.Tensor, pad_id: int | None, **kwargs):
+    """One call of a transformers model: images as ``pixel_values``; token ids masked with
+    ``ids != pad_id`` after cutting trailing all-padding columns. Returns (output, mask or None)."""
+    if inputs.is_floating_point():
+        return model(pixel_values=inputs, **kwargs), None
+    pad_id = getattr(inner.config, "pad_token_id", None) if pad_id is None else pad_id
+    if pad_id is None:
+        return model(input_ids=inputs, **kwargs), None
+    mask = inputs != pad_id
+    used = mask.any(0)
+    if inputs.dim() == 2 and used.any() and not used[-1]:
+        width = int(used.nonzero().max()) + 1
+        inputs, mask = inputs[:, :width], mask[:, :width]
+    return model(input_ids=inputs, attention_mask=mask.long(), **kwargs), mask
+
+
+def _length_order(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Row order of token ids [N, L] by count of non-padding ids (pad id: the model's, else 0)."""
+    inner = getattr(model, "module", model)
+    pad_id = getattr(getattr(inner, "config", None), "pad_token_id", None)
+    pad_id = getattr(inner, "pad_id", 0) if pad_id is None else pad_id
+    return torch.argsort((inputs != pad_id).sum(1), stable=True)
 
 
 def batched_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -309,10 +323,7 @@ def batched_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512
     if inputs.is_floating_point() or inputs.dim() != 2 or len(inputs) <= 1:
         return torch.cat([forward_logits(model, inputs[i:i + batch_size]).float()
                           for i in range(0, len(inputs), batch_size)]) if len(inputs) else inputs.new_zeros(0)
-    inner = getattr(model, "module", model)
-    pad_id = getattr(getattr(inner, "config", None), "pad_token_id", None)
-    pad_id = getattr(inner, "pad_id", 0) if pad_id is None else pad_id
-    order = torch.argsort((inputs != pad_id).sum(1), stable=True)
+    order = _length_order(model, inputs)
     parts = [forward_logits(model, inputs[order[i:i + batch_size]]).float() for i in range(0, len(inputs), batch_size)]
     if parts[0].dim() == 3:  # per-token logits [b, width, V]: pad each batch back to the full length
         parts = [F.pad(p, (0, 0, 0, inputs.shape[1] - p.shape[1])) for p in parts]
@@ -358,21 +369,8 @@ def forward_with_features(model: nn.Module, inputs: torch.Tensor, want_hint: boo
 
 def _hf_forward_with_features(model: nn.Module, inner: nn.Module, inputs: torch.Tensor, want_hint: bool,
                               want_attention: bool, pad_id: int | None) -> dict[str, torch.Tensor]:
-    mask = None
     width = inputs.shape[-1]
-    if inputs.is_floating_point():
-        output = model(pixel_values=inputs, output_hidden_states=True)
-    else:  # the same masking and trailing-padding cut as forward_logits
-        pad_id = getattr(inner.config, "pad_token_id", None) if pad_id is None else pad_id
-        if pad_id is None:
-            output = model(input_ids=inputs, output_hidden_states=True)
-        else:
-            mask = inputs != pad_id
-            used = mask.any(0)
-            if used.any() and not used[-1]:
-                cut = int(used.nonzero().max()) + 1
-                inputs, mask = inputs[:, :cut], mask[:, :cut]
-            output = model(input_ids=inputs, attention_mask=mask.long(), output_hidden_states=True)
+    output, mask = _hf_call(model, inner, inputs, pad_id, output_hidden_states=True)  # as forward_logits
     hidden = output.hidden_states[-1]  # [N, L, D]
     out = {"logits": output.logits}
     if want_hint:
@@ -401,10 +399,7 @@ def batched_features(model: nn.Module, inputs: torch.Tensor, want_hint: bool, wa
     length-sorted batches as in ``batched_logits``; attention features keep the full input width."""
     order = torch.arange(len(inputs))
     if not inputs.is_floating_point() and inputs.dim() == 2:
-        inner = getattr(model, "module", model)
-        pad_id = getattr(getattr(inner, "config", None), "pad_token_id", None)
-        pad_id = getattr(inner, "pad_id", 0) if pad_id is None else pad_id
-        order = torch.argsort((inputs != pad_id).sum(1), stable=True)
+        order = _length_order(model, inputs)
     parts = [forward_with_features(model, inputs[order[i:i + batch_size]], want_hint, want_attention)
              for i in range(0, len(inputs), batch_size)]
     unsort = torch.argsort(order)

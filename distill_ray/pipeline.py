@@ -88,10 +88,9 @@ def _train_recipe(name: str, recipe: str, options: dict, data: ClassificationDat
     train_recipe(model, data.train, options, seed=seed, desc=f"teacher {name}", pad_id=data.pad_id)
     seconds = round(time.perf_counter() - start, 1)
     if data.task == "causal_lm":  # next-token accuracy; a [N, L, V] logits tensor would not fit
-        from distill_ray.evaluate import lm_label_logprobs
+        from distill_ray.evaluate import lm_label_logprobs, token_accuracy
 
-        _, top1 = lm_label_logprobs(model, data.val.inputs, data.val.labels)
-        val_acc = float((top1 == torch.as_tensor(data.val.labels))[torch.as_tensor(data.val.labels) >= 0].float().mean())
+        val_acc = token_accuracy(lm_label_logprobs(model, data.val.inputs, data.val.labels)[1], data.val.labels)
     else:
         val_acc = accuracy(predict_logits(model, data.val.inputs), data.val.labels)
     out = Path(out_dir)
@@ -385,7 +384,7 @@ def evaluate_language_models(cfg: ExperimentConfig, data: ClassificationData, di
                              baseline, history: list[dict]) -> tuple[dict[str, dict], dict]:
     """Test perplexity and next-token accuracy of every teacher (run exactly, not from the top-k
     cache), their learned blend, the baseline and the student."""
-    from distill_ray.evaluate import lm_label_logprobs, perplexity, single_sample_latency_ms
+    from distill_ray.evaluate import lm_label_logprobs, perplexity, single_sample_latency_ms, token_accuracy
 
     x, y = data.test.inputs, data.test.labels
     weights = torch.tensor(_final_weights(history))
@@ -395,7 +394,7 @@ def evaluate_language_models(cfg: ExperimentConfig, data: ClassificationData, di
         model, _ = load_model(dirs[t.name])
         logp, top1 = lm_label_logprobs(model, x, y)
         teacher_logp.append(logp)
-        rows[t.name] = {"perplexity": perplexity(logp, y), "accuracy": _token_accuracy(top1, y),
+        rows[t.name] = {"perplexity": perplexity(logp, y), "accuracy": token_accuracy(top1, y),
                         "params": num_params(model),
                         "latency_ms": single_sample_latency_ms(model, torch.as_tensor(x[:1]), repeats=20, warmup=3)}
     blend_logp = torch.logsumexp(torch.stack(teacher_logp) + weights.log().view(-1, 1, 1), dim=0)
@@ -404,15 +403,10 @@ def evaluate_language_models(cfg: ExperimentConfig, data: ClassificationData, di
         if model is None:
             continue
         logp, top1 = lm_label_logprobs(model, x, y)
-        rows[name] = {"perplexity": perplexity(logp, y), "accuracy": _token_accuracy(top1, y),
+        rows[name] = {"perplexity": perplexity(logp, y), "accuracy": token_accuracy(top1, y),
                       "params": num_params(model),
                       "latency_ms": single_sample_latency_ms(model, torch.as_tensor(x[:1]), repeats=20, warmup=3)}
     return rows, {}
-
-
-def _token_accuracy(top1: torch.Tensor, labels: np.ndarray) -> float:
-    y = torch.as_tensor(labels)
-    return float((top1 == y)[y >= 0].float().mean())
 
 
 def evaluate_classifiers(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path], st: SplitTargets,

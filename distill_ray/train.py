@@ -187,13 +187,13 @@ def _validate(model, data: DistillData, val_teacher: torch.Tensor | None) -> dic
 @torch.no_grad()
 def _validate_sequences(model, data: DistillData) -> dict[str, float]:
     """Causal LM: perplexity and next-token accuracy on validation, top-1 agreement with each teacher."""
-    from distill_ray.evaluate import lm_label_logprobs, perplexity
+    from distill_ray.evaluate import lm_label_logprobs, perplexity, token_accuracy
 
     m = _unwrap(model)
     x, y = torch.as_tensor(data.val_x), torch.as_tensor(data.val_y)
     label_logp, predicted = lm_label_logprobs(m, x, y)
     mask = y >= 0
-    metrics = {"val_perplexity": perplexity(label_logp, y), "val_accuracy": (predicted == y)[mask].float().mean().item(),
+    metrics = {"val_perplexity": perplexity(label_logp, y), "val_accuracy": token_accuracy(predicted, y),
                "val_loss": float(-label_logp[mask].mean())}
     if data.val_teacher_topk is not None:
         teacher_top1 = torch.as_tensor(data.val_teacher_topk[1])[..., 0]  # [K, N, L]

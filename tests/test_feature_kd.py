@@ -8,6 +8,8 @@ run whose teachers see exactly the rows that were trained.
 
 from __future__ import annotations
 
+import copy
+
 from datetime import timedelta
 from pathlib import Path
 
@@ -122,15 +124,21 @@ def test_ddp_student_gets_feature_gradients_through_ddp_forward(tmp_path):
                             timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(0)
-        model = DDP(build_model("cnn", IMAGE_SHAPE, 10, {"channels": [4, 8], "hidden": 24}))
+        plain = build_model("cnn", IMAGE_SHAPE, 10, {"channels": [4, 8], "hidden": 24})
+        model = DDP(copy.deepcopy(plain))
         x, y = _images(8), torch.arange(8)
+
+        def loss_of(out):
+            return (torch.nn.functional.cross_entropy(out["logits"], y) + out["hint"].pow(2).mean()
+                    + attention_map(out["attention"]).sum())
+
+        loss_of(forward_with_features(plain, x, want_hint=True, want_attention=True)).backward()
         for _ in range(2):  # the second step fails if the reducer was not prepared by the first forward
             model.zero_grad()
-            out = forward_with_features(model, x, want_hint=True, want_attention=True)
-            loss = (torch.nn.functional.cross_entropy(out["logits"], y) + out["hint"].pow(2).mean()
-                    + attention_map(out["attention"]).sum())
-            loss.backward()
-            assert all(p.grad is not None for p in model.parameters())
+            loss_of(forward_with_features(model, x, want_hint=True, want_attention=True)).backward()
+            # every feature term's gradient went through DDP's reducer: equal to the unwrapped model's
+            for (name, p), q in zip(model.module.named_parameters(), plain.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, msg=name)
     finally:
         dist.destroy_process_group()
 

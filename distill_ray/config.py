@@ -33,7 +33,9 @@ SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
 TEACHER_SOURCES = ("hf_dir", "recipe", "torch_checkpoint")
 STUDENT_ARCHS = ("mlp", "cnn", "transformer_encoder", "hf_config", "hf_causal_lm", "hf_dir")
 TASKS = ("classification", "causal_lm")
-DATASETS = ("fashion_mnist", "fortunes", "python_stdlib")
+PRESETS = ("fashion_mnist", "fortunes", "python_stdlib")
+FILE_FORMATS = ("parquet", "jsonl", "csv", "text", "images")
+DATA_FORMATS = FILE_FORMATS + PRESETS
 
 
 class ConfigError(ValueError):
@@ -54,27 +56,47 @@ def _field(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, 
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = _field("fashion_mnist", choices=DATASETS)
-    """Which dataset: fashion_mnist (images, Debian dataset-fashion-mnist) or fortunes (12-way text
-    classification, Debian fortunes, tokenized with data.tokenizer to data.max_length)."""
+    format: str = _field("fashion_mnist", choices=DATA_FORMATS)
+    """Where samples come from: your files (parquet, jsonl, csv, text, images) or a bundled preset
+    (fashion_mnist: Debian dataset-fashion-mnist images; fortunes: 12-way text classification from
+    Debian fortunes; python_stdlib: the standard library's source as causal-LM windows)."""
     task: str = _field("classification", choices=TASKS)
     """classification (one label per sample) or causal_lm (next-token prediction)."""
     path: str | None = None
-    """File or directory for parquet/jsonl/text_corpus data; unused by bundled datasets."""
+    """Your data: a file, a directory, a glob or any URI Ray Data reads (s3://, gs://, ...). For
+    ``images``: a folder with one subfolder per class, or a table (parquet/jsonl/csv) with data.image_field."""
+    val_path: str | None = None
+    """Validation data in the same format and schema as data.path (else data.split_field or fractions)."""
+    test_path: str | None = None
+    """Test data in the same format and schema as data.path (else data.split_field or fractions)."""
+    split_field: str | None = None
+    """Column naming each row's split (train, val/validation, test); used when no val/test paths are given."""
+    feature_fields: tuple[str, ...] | None = None
+    """Tabular inputs: the numeric columns that form a sample (None = every numeric column but the
+    label, id and split columns). Standardised with statistics of the train split."""
     text_field: str = "text"
-    """Column holding the input text (text datasets)."""
+    """Column holding the input text (jsonl/csv/parquet text data; ``text`` files fill it)."""
+    image_field: str | None = None
+    """Column holding image paths or encoded image bytes, for ``images`` read from a table."""
+    image_size: int | None = _field(None, ge=1)
+    """Resize images to this square size (None = keep the first image's size; all must match)."""
     label_field: str = "label"
-    """Column holding the integer label; a missing column means unlabeled data (KD only)."""
+    """Column holding the label: ints, or strings mapped to ids in sorted order. A missing column
+    means unlabeled data (KD only); a null label marks one row unlabeled."""
+    id_field: str | None = None
+    """Column of unique sample ids (ints, or strings hashed to ints); None = a stable hash of the row."""
     tokenizer: str | None = None
-    """Local tokenizer directory, or 'minilm' for the bundled all-MiniLM-L6-v2 tokenizer."""
+    """Local tokenizer directory, 'minilm' for the bundled all-MiniLM-L6-v2, or 'smollm2'."""
     max_length: int = _field(128, ge=1)
-    """Tokens per text sample after truncation."""
+    """Tokens per text sample after truncation (causal LM: tokens per window)."""
     max_train_samples: int | None = _field(None, ge=1)
     """Use at most this many training samples (a fixed, seeded subset); None = all."""
     max_eval_samples: int | None = _field(None, ge=1)
     """Use at most this many validation and test samples each; None = all."""
     val_fraction: float = _field(0.1, gt=0.0, le=0.5)
-    """Fraction of the training pool held out for validation."""
+    """Share of rows held out for validation, decided by the sample id (so no read order matters)."""
+    test_fraction: float = _field(0.2, ge=0.0, le=0.5)
+    """Share of rows held out for testing, decided by the sample id (presets keep their own test set)."""
     split_seed: int = 0
     """Seed of the fixed train/validation/test split; independent of train.seed."""
 
@@ -493,7 +515,12 @@ def _validate_across(cfg: ExperimentConfig) -> None:
               + _closest(cfg.loss.hint_teacher, names))
     if cfg.data.task == "causal_lm":
         _validate_causal_lm(cfg)
-    if cfg.data.name == "python_stdlib" and cfg.data.task != "causal_lm":
+    if cfg.data.format in FILE_FORMATS and not cfg.data.path:
+        _fail("data.path", f"data.format={cfg.data.format!r} reads your files: set data.path to a file, directory, "
+              "glob or URI")
+    if cfg.data.format == "images" and cfg.data.task != "classification":
+        _fail("data.task", "images are classified; set data.task=classification")
+    if cfg.data.format == "python_stdlib" and cfg.data.task != "causal_lm":
         _fail("data.task", "the python_stdlib corpus is next-token data; set data.task=causal_lm")
     if cfg.data.task == "classification" and cfg.student.arch == "hf_causal_lm":
         _fail("student.arch", "'hf_causal_lm' is a language model; it needs data.task=causal_lm")

@@ -48,11 +48,11 @@ def connect_ray(address: str | None = None) -> None:
 
 def load_data(cfg: ExperimentConfig) -> ClassificationData:
     d = cfg.data
-    if d.name == "python_stdlib":
+    if d.format == "python_stdlib":
         return load_python_corpus(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
                                   tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
                                   max_eval_samples=d.max_eval_samples)
-    if d.name == "fortunes":
+    if d.format == "fortunes":
         return load_fortunes(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
                              tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
                              max_eval_samples=d.max_eval_samples)
@@ -360,7 +360,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     }
     if metric == "perplexity":
         metrics["token_accuracy"] = {name: r["accuracy"] for name, r in rows.items()}
-    card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.name, "teachers": list(cfg.teacher_names()),
+    card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
             "teacher_weights": weights, "metrics": {f"test_{metric}": metrics["student"]},
             "loss": config_to_dict(cfg.loss), "blend": cfg.blend.kind, "curriculum": cfg.curriculum.scheduler,
             "version": "v1", "class_names": list(data.class_names)}

@@ -604,7 +604,7 @@ def export_best(cfg: ExperimentConfig, space: SearchSpace, best: dict, sweep_dir
     student, history, _ = load_trained_student(trial_cfg, inputs, Checkpoint(best["checkpoint_path"]))
     weights = next(({k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("teacher_weight/")}
                     for row in reversed(history) if any(k.startswith("teacher_weight/") for k in row)), {})
-    card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.name, "teachers": list(cfg.teacher_names()),
+    card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
             "teacher_weights": weights, "metrics": {cfg.tune.metric: best["metric"]}, "trial_id": best["trial_id"],
             "params": best["params"], "config": config_to_dict(trial_cfg), "class_names": list(data.class_names),
             "source": "tune"}

@@ -1,0 +1,85 @@
+"""The bundled datasets as thin readers: each is written once as a Parquet table (id, inputs,
+label, split) under the cache root, then read by ``sources.load_source`` like anyone's data.
+
+The samples and splits are exactly those of the historical loaders in ``data.py`` (seeded, with
+``max_*_samples`` subsets taken there), so results stay comparable across versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distill_ray.config import ExperimentConfig
+from distill_ray.data import cache_root, load_fashion_mnist, load_fortunes, load_python_corpus
+
+PRESET_VERSION = 1
+
+
+def preset_table(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
+    """(path of the preset's Parquet file, its metadata: kind, class_names), written on first use."""
+    d = cfg.data
+    params = {"format": d.format, "version": PRESET_VERSION, "split_seed": d.split_seed, "val_fraction": d.val_fraction,
+              "max_train_samples": d.max_train_samples, "max_eval_samples": d.max_eval_samples}
+    if d.format == "python_stdlib":
+        params.update(max_length=d.max_length, tokenizer=d.tokenizer)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_root() / "presets" / f"{d.format}-{key}"
+    table_path, meta_path = out / "data.parquet", out / "preset.json"
+    if table_path.is_file() and meta_path.is_file():
+        return str(table_path), json.loads(meta_path.read_text())
+    table, meta = _build(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".data.{uuid.uuid4().hex[:8]}.parquet"
+    pq.write_table(table, tmp, row_group_size=4096)
+    os.replace(tmp, table_path)  # readers never see a half-written table
+    meta_path.write_text(json.dumps({**meta, "params": params}, indent=2))
+    return str(table_path), {**meta, "params": params}
+
+
+def _tensor(x: np.ndarray) -> pa.Array:
+    from ray.data.extensions import ArrowTensorArray
+
+    return ArrowTensorArray.from_numpy(np.ascontiguousarray(x))
+
+
+def _build(cfg: ExperimentConfig) -> tuple[pa.Table, dict[str, Any]]:
+    d = cfg.data
+    if d.format == "fashion_mnist":
+        data = load_fashion_mnist(val_fraction=d.val_fraction, split_seed=d.split_seed,
+                                  max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples)
+        parts = [(name, s) for name, s in (("train", data.train), ("val", data.val), ("test", data.test))]
+        images = np.concatenate([np.rint(s.inputs[:, 0] * 255).astype(np.uint8) for _, s in parts])
+        table = pa.table({"id": np.concatenate([s.ids for _, s in parts]), "image": _tensor(images),
+                          "label": np.concatenate([s.labels for _, s in parts]),
+                          "split": [name for name, s in parts for _ in range(len(s))]})
+        return table, {"kind": "image", "class_names": list(data.class_names)}
+    if d.format == "fortunes":
+        data = load_fortunes(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
+                             tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
+                             max_eval_samples=d.max_eval_samples)
+        parts = [(name, s) for name, s in (("train", data.train), ("val", data.val), ("test", data.test))]
+        table = pa.table({"id": np.concatenate([s.ids for _, s in parts]),
+                          "text": [str(t) for _, s in parts for t in s.texts],
+                          "label": np.concatenate([s.labels for _, s in parts]),
+                          "split": [name for name, s in parts for _ in range(len(s))]})
+        return table, {"kind": "text", "class_names": list(data.class_names)}
+    if d.format == "python_stdlib":
+        data = load_python_corpus(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
+                                  tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
+                                  max_eval_samples=d.max_eval_samples)
+        parts = [(name, s) for name, s in (("train", data.train), ("val", data.val), ("test", data.test))]
+        table = pa.table({"id": np.concatenate([s.ids for _, s in parts]),
+                          "x": _tensor(np.concatenate([s.inputs for _, s in parts])),
+                          "label": _tensor(np.concatenate([s.labels for _, s in parts])),
+                          "split": [name for name, s in parts for _ in range(len(s))]})
+        return table, {"kind": "tokens", "class_names": []}
+    raise ValueError(f"no preset named {d.format!r}")

@@ -249,6 +249,14 @@ class TrainConfig:
     """Seed of model init, shuffling and sampling; every rank derives its stream from it."""
     baseline: bool = True
     """Also train the same student from scratch (no teachers) for comparison."""
+    data_mode: str = _field("auto", choices=("auto", "memory", "stream"))
+    """How a worker reads its shard of the training data: memory keeps it as tensors after one read
+    (as fast as a plain PyTorch loop), stream reads it from Ray Data every epoch (memory flat in data
+    size); auto keeps it when the shard's share of the cache is under train.memory_budget_mb."""
+    memory_budget_mb: float = _field(2048.0, gt=0.0)
+    """auto data_mode: the largest shard (on-disk MB per worker) a worker keeps in memory."""
+    shuffle_buffer_rows: int = _field(4096, ge=0)
+    """stream data_mode: rows in the seeded local shuffle buffer (0 = stream order)."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The driver's phases: connect to Ray, prepare teachers, cache soft targets, train, evaluate, export.
 
-Each phase is one function the CLI and the ``jobs/`` entrypoints call. Ray appears only where work
-is spread out: recipe training as tasks, soft targets through Ray Data actor pools, the student
-through Ray Train.
+Each phase is one function the CLI and the ``jobs/`` entrypoints call. Data moves as Ray Datasets
+from storage to the student's loss (``sources.load_source`` -> teacher actor-pool stages that write
+the cache -> ``TorchTrainer(datasets=...)``); the driver holds small facts (counts, label names,
+fingerprints, manifests), never a split.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,12 @@ import torch
 
 from distill_ray import curriculum as cur
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
-from distill_ray.data import ClassificationData, cache_root, load_fashion_mnist, load_fortunes, load_python_corpus, smollm2_path
+from distill_ray.data import Split, cache_root, smollm2_path
 from distill_ray.models import build_model, load_model, num_params, save_model, save_tokenizer
-from distill_ray.soft_targets import CacheSpec, CorruptCacheError, SoftTargets, StoreWriter, cache_dir_for, \
-    data_fingerprint
+from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, target_columns, write_cache
+from distill_ray.sources import DataInfo, SourceData, load_source
 from distill_ray.teachers import TeacherBatchUDF, TeacherPool, TeacherSpec
+from distill_ray.train import TrainInputs
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -46,24 +47,9 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
-def load_data(cfg: ExperimentConfig) -> ClassificationData:
-    d = cfg.data
-    if d.format == "python_stdlib":
-        return load_python_corpus(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
-                                  tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
-                                  max_eval_samples=d.max_eval_samples)
-    if d.format == "fortunes":
-        return load_fortunes(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
-                             tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
-                             max_eval_samples=d.max_eval_samples)
-    return load_fashion_mnist(val_fraction=d.val_fraction, split_seed=d.split_seed,
-                              max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples)
-
-
-def data_key(data: ClassificationData) -> str:
-    """Fingerprint of the exact samples and split (what a recipe was trained on, what a cache holds)."""
-    return data_fingerprint(data.train.ids, data.val.ids, data.test.ids, data.train.inputs[:256],
-                            extra=f"{len(data.train)}/{len(data.val)}/{len(data.test)}")
+def load_data(cfg: ExperimentConfig) -> SourceData:
+    """The configured data as lazy, preprocessed Ray Datasets per split (see ``sources.py``)."""
+    return load_source(cfg)
 
 
 # --- teachers -------------------------------------------------------------------------------------
@@ -76,40 +62,56 @@ def _recipe_dir(cfg: ExperimentConfig, index: int, key: str) -> Path:
     return Path(t.path).expanduser() if t.path else cache_root() / "teachers" / f"{t.name}-{digest}"
 
 
-def _train_recipe(name: str, recipe: str, options: dict, data: ClassificationData, seed: int, out_dir: str) -> dict:
-    """Runs as a Ray task: train one teacher from labels and save it as a model directory, atomically."""
-    from distill_ray.evaluate import accuracy, predict_logits
+def collect_split(dataset, labeled_only: bool = False, limit: int | None = None) -> Split:
+    """Rows of a split as numpy, inside a task that needs them in memory (a recipe's training set)."""
+    xs, ys, ids = [], [], []
+    for batch in dataset.iter_batches(batch_size=4096, batch_format="numpy"):
+        keep = np.ones(len(batch["id"]), bool) if not labeled_only else \
+            (batch["label"] >= 0 if batch["label"].ndim == 1 else np.ones(len(batch["id"]), bool))
+        xs.append(batch["x"][keep]), ys.append(batch["label"][keep]), ids.append(batch["id"][keep])
+        if limit is not None and sum(len(i) for i in ids) >= limit:
+            break
+    if not ids:
+        raise ValueError("the split is empty")
+    return Split(np.concatenate(xs), np.concatenate(ys), np.concatenate(ids))
+
+
+def _train_recipe(name: str, recipe: str, options: dict, train_ds, val_ds, info: dict, seed: int, out_dir: str) -> dict:
+    """Runs as a Ray task: read the train split's labeled rows, train one teacher from them, save it
+    as a model directory, atomically."""
+    from distill_ray.evaluate import accuracy, lm_label_logprobs, predict_logits, token_accuracy
     from distill_ray.recipes import train_recipe
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = build_model(recipe, data.input_shape, data.num_classes, options)
+    train, val = collect_split(train_ds, labeled_only=True), collect_split(val_ds, labeled_only=True)
+    if len(train) == 0:
+        raise ValueError(f"teacher {name}: the train split has no labeled rows to train a recipe on")
+    model = build_model(recipe, tuple(info["input_shape"]), info["num_classes"], options)
     start = time.perf_counter()
-    train_recipe(model, data.train, options, seed=seed, desc=f"teacher {name}", pad_id=data.pad_id)
+    train_recipe(model, train, options, seed=seed, desc=f"teacher {name}", pad_id=info["pad_id"])
     seconds = round(time.perf_counter() - start, 1)
-    if data.task == "causal_lm":  # next-token accuracy; a [N, L, V] logits tensor would not fit
-        from distill_ray.evaluate import lm_label_logprobs, token_accuracy
-
-        val_acc = token_accuracy(lm_label_logprobs(model, data.val.inputs, data.val.labels)[1], data.val.labels)
+    if info["task"] == "causal_lm":  # next-token accuracy; a [N, L, V] logits tensor would not fit
+        val_acc = token_accuracy(lm_label_logprobs(model, val.inputs, val.labels)[1], val.labels)
     else:
-        val_acc = accuracy(predict_logits(model, data.val.inputs), data.val.labels)
+        val_acc = accuracy(predict_logits(model, val.inputs), val.labels)
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    save_model(model, tmp, {"arch": recipe, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+    save_model(model, tmp, {"arch": recipe, "input_shape": list(info["input_shape"]), "num_classes": info["num_classes"],
                             "options": options, "teacher": name, "val_accuracy": val_acc, "train_seconds": seconds})
-    if data.tokenizer:  # text teachers carry their tokenizer, so the directory works on its own
-        save_tokenizer(data.tokenizer, tmp, max_length=data.input_shape[-1])
+    if info["tokenizer"]:  # text teachers carry their tokenizer, so the directory works on its own
+        save_tokenizer(info["tokenizer"], tmp, max_length=info["input_shape"][-1])
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return {"name": name, "val_accuracy": val_acc, "params": num_params(model), "seconds": seconds}
 
 
-def prepare_teachers(cfg: ExperimentConfig, data: ClassificationData, retrain: bool = False) -> dict[str, Path]:
-    """Model directory per teacher; recipes are trained (in parallel Ray tasks) unless already there."""
-    key = data_key(data)
+def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = False) -> dict[str, Path]:
+    """Model directory per teacher; recipes are trained (in parallel Ray tasks that read the train
+    split themselves) unless already there for this data."""
+    key = data.info.fingerprint
     dirs, jobs = {}, []
-    data_ref = None
     for i, t in enumerate(cfg.teachers):
         if t.source != "recipe":
             # 'smollm2' names the pretrained SmolLM2 from PyPI (converted once); anything else is a directory.
@@ -121,9 +123,9 @@ def prepare_teachers(cfg: ExperimentConfig, data: ClassificationData, retrain: b
             print(f"teacher {t.name}: reusing {out}")
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
-        data_ref = data_ref or ray.put(data)
         task = ray.remote(num_cpus=1, num_gpus=t.num_gpus)(_train_recipe)
-        jobs.append(task.remote(t.name, t.recipe, dict(t.options), data_ref, cfg.train.seed, str(out)))
+        jobs.append(task.remote(t.name, t.recipe, dict(t.options), data.train, data.val, data.info.to_dict(),
+                                cfg.train.seed, str(out)))
     for info in ray.get(jobs):
         print(f"teacher {info['name']}: trained in {info['seconds']:.0f}s, {info['params']:,} params, "
               f"val accuracy {info['val_accuracy']:.4f}")
@@ -137,169 +139,122 @@ def teacher_specs(cfg: ExperimentConfig, dirs: dict[str, Path]) -> list[TeacherS
 
 # --- soft-target cache ----------------------------------------------------------------------------
 
-def _all_samples(data: ClassificationData) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.concatenate([data.train.ids, data.val.ids, data.test.ids])
-    x = np.concatenate([data.train.inputs, data.val.inputs, data.test.inputs])
-    return ids, x
-
-
-def cache_spec(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path]) -> CacheSpec:
+def cache_spec(cfg: ExperimentConfig, info: DataInfo, dirs: dict[str, Path]) -> CacheSpec:
     from distill_ray.models import fingerprint
 
     prints = {}
     for t in cfg.teachers:
         model, _ = load_model(dirs[t.name])
         prints[t.name] = fingerprint(model)
-    return CacheSpec(teacher_fingerprints=prints, data_fingerprint=data_key(data), num_classes=data.num_classes,
+    return CacheSpec(teacher_fingerprints=prints, data_fingerprint=info.fingerprint, num_classes=info.num_classes,
                      topk=cfg.loss.topk, dtype=cfg.cache.dtype,
-                     seq_len=data.input_shape[-1] if data.task == "causal_lm" else None)
+                     seq_len=info.input_shape[-1] if info.task == "causal_lm" else None)
 
 
-def build_cache(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path],
-                rebuild: bool = False) -> SoftTargets:
-    """Soft targets of every teacher for every split, computed once with Ray Data actor pools."""
-    import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
+def finish_rows(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dtype: str, topk: int | None,
+                num_classes: int, causal: bool, pad_id: int | None) -> dict[str, np.ndarray]:
+    """The last stage before the cache: targets in the storage dtype (refusing a float16 overflow,
+    which would NaN the loss later) and every difficulty measure as a column, so any curriculum
+    config reads the same cache."""
+    from distill_ray.losses import dense_from_topk, topk_label_logprobs
 
-    spec = cache_spec(cfg, data, dirs)
+    for t in teachers:
+        key = f"{t}/logits" if topk is None else f"{t}/topk_logprobs"
+        values = np.asarray(batch[key], dtype=np.float32)
+        with np.errstate(over="ignore"):
+            stored = values.astype(dtype)
+        bad = np.isinf(stored) & np.isfinite(values)
+        if bad.any():
+            raise ValueError(f"teacher {t!r}: values overflow {dtype} (max |x| = {np.abs(values[bad]).max():.4g}); "
+                             "store them as float32 (cache.dtype=float32)")
+        batch[key] = stored
+        if topk is not None:
+            batch[f"{t}/topk_indices"] = np.asarray(batch[f"{t}/topk_indices"], dtype=np.int32)
+    labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
+    if causal:
+        logp = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_logprobs"], np.float32)) for t in teachers])
+        idx = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_indices"], np.int64)) for t in teachers])
+        mask = (labels >= 0).float()
+        nll = -topk_label_logprobs(logp, idx, labels.unsqueeze(0).expand(len(teachers), -1, -1), num_classes).mean(0)
+        batch["difficulty/teacher_ce"] = ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).numpy().astype(np.float32)
+        x = np.asarray(batch["x"])
+        batch["difficulty/sequence_length"] = (x != (0 if pad_id is None else pad_id)).sum(1).astype(np.float32)
+        return batch
+    if topk is None:
+        logits = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/logits"], np.float32)) for t in teachers])
+    else:
+        logits = torch.stack([dense_from_topk(torch.as_tensor(np.asarray(batch[f"{t}/topk_logprobs"], np.float32)),
+                                              torch.as_tensor(np.asarray(batch[f"{t}/topk_indices"], np.int64)),
+                                              num_classes) for t in teachers])
+    batch["difficulty/ensemble_entropy"] = cur.ensemble_entropy(logits).numpy().astype(np.float32)
+    batch["difficulty/teacher_disagreement"] = cur.teacher_disagreement(logits).numpy().astype(np.float32)
+    # Unlabeled rows: the mean teacher's loss on its own top guess (how unsure the teachers are).
+    mean_logp = torch.logsumexp(torch.log_softmax(logits, -1), 0) - np.log(len(teachers))
+    target = torch.where(labels >= 0, labels, mean_logp.argmax(-1))
+    batch["difficulty/teacher_ce"] = cur.teacher_ce(logits, target).numpy().astype(np.float32)
+    return batch
+
+
+def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], rebuild: bool = False) -> CachedData:
+    """Every split's rows with every teacher's soft targets and the difficulty measures, computed once
+    by Ray Data actor pools (one per teacher) whose tasks write the Parquet files themselves."""
+    spec = cache_spec(cfg, data.info, dirs)
     directory = cache_dir_for(Path(cfg.cache.dir).expanduser(), spec)
     if directory.exists() and not (rebuild or cfg.cache.rebuild):
         try:
-            targets = SoftTargets.open(directory, spec)
+            cache = CachedData.open(directory, spec)
             print(f"soft targets: reusing verified cache {directory}")
-            return targets
+            return cache
         except CorruptCacheError as err:
             raise CorruptCacheError(f"{err}. Rebuild it with `distill-ray cache CONFIG --rebuild`.") from None
 
-    ids, x = _all_samples(data)
-    ds = ray.data.from_arrow(pa.table({"id": ids, "x": ArrowTensorArray.from_numpy(x)}))
+    causal = data.info.task == "causal_lm"
+    ds = data.rows
     for t in teacher_specs(cfg, dirs):
         ds = ds.map_batches(TeacherBatchUDF, fn_constructor_kwargs={"name": t.name, "model_dir": t.model_dir,
                                                                     "dtype": t.dtype, "topk": cfg.loss.topk},
                             compute=ray.data.ActorPoolStrategy(size=t.replicas), num_cpus=t.num_cpus,
                             num_gpus=t.num_gpus or None,
                             # per-token logits [b, L, V] of a language model are big until top-k cuts them
-                            batch_size=32 if data.task == "causal_lm" else 512)
+                            batch_size=32 if causal else 512)
+    ds = ds.map_batches(finish_rows, fn_kwargs={"teachers": cfg.teacher_names(), "dtype": cfg.cache.dtype,
+                                                "topk": cfg.loss.topk, "num_classes": data.info.num_classes,
+                                                "causal": causal, "pad_id": data.info.pad_id},
+                        batch_format="numpy", batch_size=512)
     start = time.perf_counter()
-    with StoreWriter(directory, spec, shard_rows=cfg.cache.shard_rows) as writer:
-        for batch in ds.iter_batches(batch_size=2048, batch_format="numpy"):
-            outputs = {}
-            for t in cfg.teachers:
-                if cfg.loss.topk is None:
-                    outputs[t.name] = batch[f"{t.name}/logits"]
-                else:
-                    outputs[t.name] = (batch[f"{t.name}/topk_logprobs"], batch[f"{t.name}/topk_indices"])
-            writer.add(batch["id"], outputs)
-        writer.finish()
-    print(f"soft targets: {len(ids):,} rows x {len(cfg.teachers)} teachers cached in "
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    write_cache(directory, spec, ds)
+    cache = CachedData.open(directory, spec)
+    print(f"soft targets: {cache.manifest['num_rows']:,} rows x {len(cfg.teachers)} teachers cached in "
           f"{time.perf_counter() - start:.1f}s at {directory}")
-    return SoftTargets.open(directory, spec)
+    return cache
 
 
 # --- training inputs ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SplitTargets:
-    """Per split: classification logits [K, N, C]; causal LM (log-probs, indices), each [K, N, L, k]."""
-
-    train: np.ndarray | tuple[np.ndarray, np.ndarray]
-    val: np.ndarray | tuple[np.ndarray, np.ndarray]
-    test: np.ndarray | tuple[np.ndarray, np.ndarray]
-
-
-def split_targets(targets: SoftTargets, data: ClassificationData) -> SplitTargets:
-    """Teacher targets per split: logits, or for a top-k cache the log-probs rebuilt from the top k
-    (tail mass spread evenly), which blend and temper the same way. A language model's per-token
-    top-k stay sparse (a dense [K, N, L, V] would not fit in memory)."""
-    def stacked(rows: np.ndarray):
-        if data.task == "causal_lm":
-            pairs = [targets.topk(name, rows) for name in targets.teachers]
-            return (np.stack([p[0] for p in pairs]).astype(np.float16),
-                    np.stack([p[1] for p in pairs]).astype(np.int32))
-        if targets.spec.topk is None:
-            return targets.stacked_logits(rows)
-        from distill_ray.losses import dense_from_topk
-
-        return np.stack([dense_from_topk(*map(torch.as_tensor, targets.topk(name, rows)), data.num_classes).numpy()
-                         for name in targets.teachers])
-
-    return SplitTargets(*(stacked(targets.rows_for(s.ids)) for s in (data.train, data.val, data.test)))
-
-
-def sequence_difficulty(cfg: ExperimentConfig, train_topk: tuple[np.ndarray, np.ndarray], inputs: np.ndarray,
-                        labels: np.ndarray, pad_id: int | None, vocab_size: int) -> np.ndarray | None:
-    """Causal LM: per-sequence difficulty from the teachers' mean next-token NLL (teacher_ce) and
-    the count of real tokens (sequence_length), fused by reciprocal rank like classification."""
-    from distill_ray.losses import topk_label_logprobs
-
-    y = torch.as_tensor(labels)
-    mask = (y >= 0).float()
-    measures = []
-    for name in cfg.curriculum.measurers:
-        if name == "teacher_ce":
-            logp, idx = (torch.as_tensor(a) for a in train_topk)
-            nll = -topk_label_logprobs(logp, idx, y.unsqueeze(0).expand(len(logp), -1, -1), vocab_size).mean(0)
-            measures.append((nll * mask).sum(1) / mask.sum(1).clamp_min(1))
-        elif name == "sequence_length":
-            measures.append((torch.as_tensor(inputs) != (0 if pad_id is None else pad_id)).sum(1).float())
-    if not measures:
-        return None
-    fused = measures[0] if len(measures) == 1 else cur.reciprocal_rank_fusion(*measures, k=cfg.curriculum.rrf_k)
-    return fused.numpy()
-
-
-def teacher_difficulty(cfg: ExperimentConfig, train_logits: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
-    """Teacher-based difficulty of each training sample (student_loss is measured live by workers)."""
-    logits = torch.as_tensor(train_logits, dtype=torch.float32)
-    y = torch.as_tensor(labels)
-    measures = []
-    for name in cfg.curriculum.measurers:
-        if name == "ensemble_entropy":
-            measures.append(cur.ensemble_entropy(logits))
-        elif name == "teacher_disagreement":
-            measures.append(cur.teacher_disagreement(logits))
-        elif name == "teacher_ce":
-            measures.append(cur.teacher_ce(logits, y))
-    if not measures:
-        return None
-    fused = measures[0] if len(measures) == 1 else cur.reciprocal_rank_fusion(*measures, k=cfg.curriculum.rrf_k)
-    return fused.numpy()
+def training_inputs(cfg: ExperimentConfig, cache: CachedData, info: DataInfo, use_teachers: bool = True,
+                    pool: TeacherPool | None = None) -> TrainInputs:
+    """What Ray Train gets: the cache's train and val splits as datasets (only the columns this run
+    reads) and the facts about them. With a ``pool`` (online mode) the train rows carry no targets:
+    workers ask the teacher actors per batch."""
+    online = pool is not None and use_teachers
+    targets = target_columns(cache.spec)
+    measures = [c for c in cache.columns if c.startswith("difficulty/")]
+    train_columns = ["id", "x", "label", *(targets if use_teachers and not online else []),
+                     *(measures if use_teachers else [])]
+    train_bytes = sum(os.path.getsize(f) for f in cache.files("train"))
+    return TrainInputs(train=cache.dataset("train", train_columns), val=cache.dataset("val", ["id", "x", "label", *targets]),
+                       teacher_names=cfg.teacher_names(), num_classes=info.num_classes, input_shape=info.input_shape,
+                       train_rows=cache.rows("train"), train_bytes=train_bytes, task=info.task, topk=cfg.loss.topk,
+                       all_labeled=info.labeled["train"] == info.counts["train"], use_teachers=use_teachers,
+                       targets_in_rows=not online,
+                       teacher_handles=dict(pool.actor_handles()) if online else None)
 
 
 # --- the main job ---------------------------------------------------------------------------------
 
-def distill_data(cfg: ExperimentConfig, data: ClassificationData, st: SplitTargets | None,
-                 use_teachers: bool = True, pool: TeacherPool | None = None) -> "DistillData":
-    """Worker inputs. With a ``pool`` (online mode) workers ask the teacher actors per batch instead
-    of reading cached train targets; the cache still ranks difficulty and scores agreement."""
-    from distill_ray.train import DistillData
-
-    online = pool is not None and use_teachers
-    if data.task == "causal_lm":
-        return DistillData(
-            train_x=data.train.inputs, train_y=data.train.labels, val_x=data.val.inputs, val_y=data.val.labels,
-            teacher_names=cfg.teacher_names(), num_classes=data.num_classes, input_shape=data.input_shape,
-            task="causal_lm", teacher_handles=dict(pool.actor_handles()) if online else None,
-            teacher_topk=st.train if st is not None and use_teachers and not online else None,
-            val_teacher_topk=st.val if st is not None else None,
-            difficulty=sequence_difficulty(cfg, st.train, data.train.inputs, data.train.labels, data.pad_id,
-                                           data.num_classes) if st is not None and use_teachers else None,
-            use_teachers=use_teachers)
-    return DistillData(
-        train_x=data.train.inputs, train_y=data.train.labels, val_x=data.val.inputs, val_y=data.val.labels,
-        teacher_names=cfg.teacher_names(), num_classes=data.num_classes, input_shape=data.input_shape,
-        # Workers get the cache's precision: fp16 halves the object-store copy; float32 keeps targets
-        # bit-equal to what the teacher actors answer in online mode.
-        teacher_logits=st.train.astype(np.dtype(cfg.cache.dtype)) if st is not None and use_teachers and not online
-        else None,
-        teacher_handles=dict(pool.actor_handles()) if online else None,
-        val_teacher_logits=st.val if st is not None else None,
-        difficulty=teacher_difficulty(cfg, st.train, data.train.labels) if st is not None and use_teachers else None,
-        use_teachers=use_teachers)
-
-
 def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuild_cache: bool = False) -> dict:
-    """teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR."""
+    """data -> teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR."""
     from distill_ray.train import export_student, load_trained_student, run_training
 
     run_dir = cfg.run_path().resolve()
@@ -315,14 +270,13 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         return out
 
     data = timed("data", load_data, cfg)
+    info = data.info
     dirs = timed("teachers", prepare_teachers, cfg, data, retrain_teachers)
-    targets = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache)
-    st = split_targets(targets, data)
+    cache = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache)
     storage = run_dir / "ray_results"
 
     pool = TeacherPool(teacher_specs(cfg, dirs), topk=cfg.loss.topk) if cfg.train.mode == "online" else None
-    # Built once: the difficulty ranking inside is the expensive part.
-    student_inputs = distill_data(cfg, data, st, pool=pool)
+    student_inputs = training_inputs(cfg, cache, info, pool=pool)
     try:
         result = timed("train_student", run_training, cfg, student_inputs, str(storage), "student")
     finally:
@@ -331,16 +285,16 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     student, history, state = load_trained_student(cfg, student_inputs, result.checkpoint)
     baseline = None
     if cfg.train.baseline:
-        baseline_inputs = distill_data(cfg, data, st, use_teachers=False)
+        baseline_inputs = training_inputs(cfg, cache, info, use_teachers=False)
         base_result = timed("train_baseline", run_training, cfg, baseline_inputs, str(storage), "baseline")
         baseline, base_history, _ = load_trained_student(cfg, baseline_inputs, base_result.checkpoint)
         (run_dir / "baseline_history.json").write_text(json.dumps(base_history))
 
-    if data.task == "causal_lm":
-        rows, reliability = evaluate_language_models(cfg, data, dirs, student, baseline, history)
+    if info.task == "causal_lm":
+        rows, reliability = evaluate_language_models(cfg, cache, dirs, student, baseline, history)
         metric = "perplexity"
     else:
-        rows, reliability = evaluate_classifiers(cfg, data, dirs, st, student, baseline, history)
+        rows, reliability = evaluate_classifiers(cfg, cache, dirs, student, baseline, history)
         metric = "accuracy"
     weights = {name: float(w) for name, w in zip(cfg.teacher_names(), _final_weights(history))}
     main = "perplexity" if metric == "perplexity" else "accuracy"
@@ -356,17 +310,19 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         "timings": timings,
         "metric": metric,
         "split": "test",
-        "num_test": int(len(data.test)),
+        "num_test": cache.rows("test"),
+        "data": {"format": cfg.data.format, "source": info.source, "rows": dict(info.counts),
+                 "labeled": dict(info.labeled), "kind": info.kind},
     }
     if metric == "perplexity":
         metrics["token_accuracy"] = {name: r["accuracy"] for name, r in rows.items()}
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
             "teacher_weights": weights, "metrics": {f"test_{metric}": metrics["student"]},
             "loss": config_to_dict(cfg.loss), "blend": cfg.blend.kind, "curriculum": cfg.curriculum.scheduler,
-            "version": "v1", "class_names": list(data.class_names)}
-    export_student(cfg, student_inputs, student, run_dir / "student", card)
-    if data.tokenizer:  # a text student serves raw text: its tokenizer goes with it
-        save_tokenizer(data.tokenizer, run_dir / "student", max_length=data.input_shape[-1])
+            "version": "v1", "class_names": list(info.class_names)}
+    export_student(cfg, student_inputs, student, run_dir / "student", card, info.to_dict())
+    if info.tokenizer:  # a text student serves raw text: its tokenizer goes with it
+        save_tokenizer(info.tokenizer, run_dir / "student", max_length=info.input_shape[-1])
     (run_dir / "distill_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     (run_dir / "history.json").write_text(json.dumps(history))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -380,62 +336,78 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     return metrics
 
 
-def evaluate_language_models(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path], student,
+def test_batches(cache: CachedData, columns: list[str], batch_size: int = 1024):
+    """The cached test split, batch by batch, as numpy (the driver never holds it whole)."""
+    return cache.dataset("test", columns).iter_batches(batch_size=batch_size, batch_format="numpy")
+
+
+def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dict[str, Path], student,
                              baseline, history: list[dict]) -> tuple[dict[str, dict], dict]:
     """Test perplexity and next-token accuracy of every teacher (run exactly, not from the top-k
-    cache), their learned blend, the baseline and the student."""
+    cache), their learned blend, the baseline and the student, streamed over the test split."""
     from distill_ray.evaluate import lm_label_logprobs, perplexity, single_sample_latency_ms, token_accuracy
 
-    x, y = data.test.inputs, data.test.labels
+    models = {t.name: load_model(dirs[t.name])[0] for t in cfg.teachers}
+    models.update({name: m for name, m in (("student", student), ("baseline", baseline)) if m is not None})
+    logp: dict[str, list] = {name: [] for name in models}
+    top1: dict[str, list] = {name: [] for name in models}
+    labels, example = [], None
+    for batch in test_batches(cache, ["x", "label"], batch_size=64):
+        example = example if example is not None else torch.as_tensor(batch["x"][:1])
+        labels.append(torch.as_tensor(batch["label"]))
+        for name, model in models.items():
+            lp, t1 = lm_label_logprobs(model, batch["x"], batch["label"])
+            logp[name].append(lp)
+            top1[name].append(t1)
+    y = torch.cat(labels)
     weights = torch.tensor(_final_weights(history))
     rows: dict[str, dict] = {}
-    teacher_logp = []
-    for t in cfg.teachers:
-        model, _ = load_model(dirs[t.name])
-        logp, top1 = lm_label_logprobs(model, x, y)
-        teacher_logp.append(logp)
-        rows[t.name] = {"perplexity": perplexity(logp, y), "accuracy": token_accuracy(top1, y),
-                        "params": num_params(model),
-                        "latency_ms": single_sample_latency_ms(model, torch.as_tensor(x[:1]), repeats=20, warmup=3)}
-    blend_logp = torch.logsumexp(torch.stack(teacher_logp) + weights.log().view(-1, 1, 1), dim=0)
+    for name, model in models.items():
+        lp, t1 = torch.cat(logp[name]), torch.cat(top1[name])
+        rows[name] = {"perplexity": perplexity(lp, y), "accuracy": token_accuracy(t1, y), "params": num_params(model),
+                      "latency_ms": single_sample_latency_ms(model, example, repeats=20, warmup=3)}
+    teacher_logp = torch.stack([torch.cat(logp[t.name]) for t in cfg.teachers])
+    blend_logp = torch.logsumexp(teacher_logp + weights.log().view(-1, 1, 1), dim=0)
     rows["blend"] = {"perplexity": perplexity(blend_logp, y), "accuracy": None}
-    for name, model in (("student", student), ("baseline", baseline)):
-        if model is None:
-            continue
-        logp, top1 = lm_label_logprobs(model, x, y)
-        rows[name] = {"perplexity": perplexity(logp, y), "accuracy": token_accuracy(top1, y),
-                      "params": num_params(model),
-                      "latency_ms": single_sample_latency_ms(model, torch.as_tensor(x[:1]), repeats=20, warmup=3)}
-    return rows, {}
+    return {name: rows[name] for name in (*cfg.teacher_names(), "blend", "student", "baseline") if name in rows}, {}
 
 
-def evaluate_classifiers(cfg: ExperimentConfig, data: ClassificationData, dirs: dict[str, Path], st: SplitTargets,
-                         student, baseline, history: list[dict]) -> tuple[dict[str, dict], dict]:
+def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[str, Path], student, baseline,
+                         history: list[dict]) -> tuple[dict[str, dict], dict]:
     """Test accuracy, ECE, size and latency of every teacher (from the cache), their blend, the
-    baseline and the student; plus each one's test probabilities for the reliability diagram."""
+    baseline and the student, streamed over the test split; plus each one's test probabilities for
+    the reliability diagram."""
     from distill_ray.blending import blend_probs
     from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
+    from distill_ray.train import batch_targets
 
-    y = data.test.labels
+    names = cfg.teacher_names()
+    models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
+    teacher_parts, model_parts, labels, example = [], {name: [] for name in models}, [], None
+    for batch in test_batches(cache, ["x", "label", *target_columns(cache.spec)]):
+        cols = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
+        example = example if example is not None else cols["x"][:1]
+        labels.append(cols["label"])
+        teacher_parts.append(batch_targets(cols, names, cache.spec.num_classes, cache.spec.topk, False, "cpu")[0])
+        for name, model in models.items():
+            model_parts[name].append(predict_logits(model, cols["x"]))
+    y = torch.cat(labels)
+    teachers = torch.cat(teacher_parts, dim=1)
     rows: dict[str, dict] = {}
     for k, t in enumerate(cfg.teachers):
-        logits = torch.as_tensor(st.test[k])
         model, _ = load_model(dirs[t.name])
-        rows[t.name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
-                        "params": num_params(model),
-                        "latency_ms": single_sample_latency_ms(model, torch.as_tensor(data.test.inputs[:1]))}
+        rows[t.name] = {"accuracy": accuracy(teachers[k], y), "ece": expected_calibration_error(teachers[k].softmax(-1), y),
+                        "params": num_params(model), "latency_ms": single_sample_latency_ms(model, example)}
     weights = torch.tensor(_final_weights(history))
-    blend = blend_probs(torch.as_tensor(st.test), weights, temperature=1.0)
+    blend = blend_probs(teachers, weights, temperature=1.0)
     rows["blend"] = {"accuracy": accuracy(blend, y), "ece": expected_calibration_error(blend, y)}
-    models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
     for name, model in models.items():
-        logits = predict_logits(model, data.test.inputs)
+        logits = torch.cat(model_parts[name])
         rows[name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
-                      "params": num_params(model),
-                      "latency_ms": single_sample_latency_ms(model, torch.as_tensor(data.test.inputs[:1]))}
-    test_probs = {t.name: torch.as_tensor(st.test[k]).float().softmax(-1) for k, t in enumerate(cfg.teachers)}
-    test_probs.update({name: predict_logits(m, data.test.inputs).softmax(-1) for name, m in models.items()})
-    return rows, {name: (p.numpy(), y) for name, p in test_probs.items()}
+                      "params": num_params(model), "latency_ms": single_sample_latency_ms(model, example)}
+    test_probs = {t.name: teachers[k].float().softmax(-1) for k, t in enumerate(cfg.teachers)}
+    test_probs.update({name: torch.cat(model_parts[name]).softmax(-1) for name in models})
+    return rows, {name: (p.numpy(), y.numpy()) for name, p in test_probs.items()}
 
 
 def _set_aside_stale_checkpoints(run_dir: Path, config_text: str) -> None:

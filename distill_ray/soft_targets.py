@@ -1,24 +1,21 @@
-"""The soft-target store: teacher outputs computed once, kept as Parquet shards, reused everywhere.
+"""The soft-target store: teacher outputs computed once, kept as Parquet, reused by every run and trial.
 
-Computing teacher outputs is the expensive part of distillation, and every training run and Tune
-trial needs the same ones. So they are computed once per ``CacheSpec`` (teachers' weights, data,
-output layout) and written under ``root / spec.key()``::
+A cache is the whole training dataset, not a side table: every row carries ``id``, ``x`` (the
+model input), ``label`` (-1 when unlabeled), each teacher's targets (``{teacher}/logits`` [C] or
+``{teacher}/topk_logprobs`` + ``{teacher}/topk_indices`` [k] / [S, k]) and the per-row difficulty
+measures (``difficulty/{measure}``), so training reads it as a stream and joins nothing::
 
     <root>/<spec.key()>/
-        manifest.json          what the cache was computed from, and a sha256 per shard
-        shard-00000.parquet    columns: id, {teacher}/logits  (or {teacher}/topk_values,
-        shard-00001.parquet             {teacher}/topk_indices), rows in the order written
-        ...
+        manifest.json                  what the cache was computed from; rows and sha256 per file
+        split=train/<file>.parquet     written by the Ray Data tasks that ran the teachers
+        split=val/...   split=test/...
 
-Per row a teacher stores either its full logits, ``[C]`` for classification or ``[S, C]`` for
-sequences, or its top-k values and class indices, ``[k]`` / ``[S, k]``. Each is flattened into a
-Parquet FixedSizeList so shards stay plain Arrow that Ray Data can read directly.
-
-Readers call ``verify`` (or ``SoftTargets.open``, which calls it): a cache computed from other
-inputs raises ``StaleCacheError`` naming every differing field; a damaged one raises
-``CorruptCacheError``. Neither is ever silently used. ``StoreWriter`` builds a cache in a hidden
-sibling directory and renames it into place only when complete, so a reader never sees a
-half-written cache.
+Ray Data's workers write the Parquet files themselves (``Dataset.write_parquet``): nothing is
+funnelled through the driver, which only lists the files, checksums them and writes the manifest.
+The cache is built in a hidden sibling directory and renamed into place when complete, so a
+reader never sees a half-written cache. ``verify`` (and ``CachedData.open``) refuse a cache
+computed from other inputs (``StaleCacheError``, naming every differing field) or a damaged one
+(``CorruptCacheError``, naming the file); neither is ever silently used.
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ import pyarrow.parquet as pq
 
 from distill_ray import __version__
 
-if TYPE_CHECKING:  # ray is heavy; only to_ray_dataset() imports it
+if TYPE_CHECKING:  # ray is heavy; imported where datasets are made
     import ray.data
 
 __all__ = [
@@ -54,17 +51,16 @@ __all__ = [
     "CacheSpec",
     "data_fingerprint",
     "cache_dir_for",
-    "StoreWriter",
+    "write_cache",
     "verify",
-    "SoftTargets",
-    "to_ray_dataset",
+    "CachedData",
 ]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the cache holds inputs, labels, targets and difficulty, split by directory
 
 _DTYPES = ("float16", "float32")
-_SHARD_RE = re.compile(r"shard-\d{5,}\.parquet")
+_SHARD_RE = re.compile(r"split=(train|val|test)/[A-Za-z0-9_.-]+\.parquet")
 _REBUILD_HINT = "rebuild it with `distill-ray cache CONFIG --rebuild` (or set cache.rebuild=true)"
 
 
@@ -202,47 +198,21 @@ def cache_dir_for(root: str | Path, spec: CacheSpec) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Column layout, shared by writer and reader
+# Columns
 
 
-@dataclass(frozen=True)
-class _Column:
-    name: str  # Parquet column name
-    teacher: str
-    kind: str  # "logits" | "topk_values" | "topk_indices"
-    row_shape: tuple[int, ...]  # per-row shape: (C,), (S, C), (k,) or (S, k)
-    dtype: np.dtype  # storage dtype
-
-    @property
-    def width(self) -> int:
-        return int(np.prod(self.row_shape))
-
-    @property
-    def arrow_type(self) -> pa.DataType:
-        return pa.list_(pa.from_numpy_dtype(self.dtype), self.width)
+SPLITS = ("train", "val", "test")
 
 
-def _layout(spec: CacheSpec) -> list[_Column]:
-    """Teacher columns in file order (the ``id`` column comes first and is not listed)."""
-    seq = () if spec.seq_len is None else (spec.seq_len,)
-    values = np.dtype(spec.dtype)
-    cols: list[_Column] = []
-    for t in spec.teachers:
-        if spec.topk is None:
-            cols.append(_Column(f"{t}/logits", t, "logits", seq + (spec.num_classes,), values))
-        else:
-            shape = seq + (spec.topk,)
-            cols.append(_Column(f"{t}/topk_values", t, "topk_values", shape, values))
-            cols.append(_Column(f"{t}/topk_indices", t, "topk_indices", shape, np.dtype(np.int32)))
-    return cols
+def target_columns(spec: CacheSpec) -> list[str]:
+    """The teacher columns a cache of ``spec`` holds, in teacher order."""
+    if spec.topk is None:
+        return [f"{t}/logits" for t in spec.teachers]
+    return [c for t in spec.teachers for c in (f"{t}/topk_logprobs", f"{t}/topk_indices")]
 
 
-def _schema(spec: CacheSpec) -> pa.Schema:
-    return pa.schema([pa.field("id", pa.int64())] + [pa.field(c.name, c.arrow_type) for c in _layout(spec)])
-
-
-def _shard_name(i: int) -> str:
-    return f"shard-{i:05d}.parquet"
+def required_columns(spec: CacheSpec) -> list[str]:
+    return ["id", "x", "label", *target_columns(spec)]
 
 
 def _sha256_file(path: Path) -> str:
@@ -252,245 +222,83 @@ def _sha256_file(path: Path) -> str:
 
 def _is_replaceable(directory: Path) -> bool:
     """True if ``directory`` holds nothing but a cache's own files (so deleting it is safe)."""
-    return directory.is_dir() and all(
-        p.name == MANIFEST or _SHARD_RE.fullmatch(p.name) for p in directory.iterdir()
-    )
+    if not directory.is_dir():
+        return False
+    for p in directory.rglob("*"):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_dir() and re.fullmatch(r"split=(train|val|test)", rel):
+            continue
+        if rel != MANIFEST and not _SHARD_RE.fullmatch(rel):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 
 
-class StoreWriter:
-    """Append batches of teacher outputs, cut them into shards, publish the cache atomically.
+def write_cache(directory: str | Path, spec: CacheSpec, dataset: "ray.data.Dataset") -> Path:
+    """Write ``dataset`` (rows with ``split`` and ``required_columns(spec)``) as the cache of ``spec``.
 
-    Everything is written into a hidden sibling ``.{name}.tmp-{uuid}`` and renamed to
-    ``directory`` by ``finish()``. As a context manager, leaving the block with an exception
-    discards the partial cache (``abort()``); ``finish()`` is always explicit.
-
-    >>> with StoreWriter(cache_dir_for(root, spec), spec) as w:   # doctest: +SKIP
-    ...     for ids, outputs in batches:
-    ...         w.add(ids, outputs)
-    ...     w.finish()
+    Ray Data's tasks write the Parquet files (partitioned by split) into a hidden sibling
+    directory; the driver then reads only file footers and bytes for the manifest (rows, sha256),
+    and renames the directory into place. Any failure leaves no cache behind.
     """
-
-    def __init__(self, directory: str | Path, spec: CacheSpec, shard_rows: int = 8192) -> None:
-        self.directory = Path(directory).expanduser()
-        self.spec = spec
-        if isinstance(shard_rows, bool) or operator.index(shard_rows) < 1:
-            raise ValueError(f"shard_rows must be a positive int, got {shard_rows!r}")
-        self.shard_rows = int(shard_rows)
-        self._check_target()
-        self._columns = _layout(spec)
-        self._schema = _schema(spec)
-        self._tmp = self.directory.parent / f".{self.directory.name}.tmp-{uuid.uuid4().hex}"
-        self._pending_ids: list[np.ndarray] = []
-        self._pending: dict[str, list[np.ndarray]] = {c.name: [] for c in self._columns}
-        self._pending_rows = 0
-        self._shards: list[dict[str, Any]] = []
-        self._all_ids: list[np.ndarray] = []
-        self._state = "open"  # -> "finished" | "aborted"
-
-    # -- public ---------------------------------------------------------------------------------
-
-    def add(self, ids: np.ndarray, outputs: Mapping[str, Any]) -> None:
-        """Append N rows.
-
-        ids: [N] integers, unique across the whole cache.
-        outputs: teacher name -> full logits [N, C] / [N, S, C] when ``spec.topk`` is None, else a
-        tuple (values, indices), each [N, k] / [N, S, k]. Exactly the spec's teachers.
-        """
-        self._require_open("add")
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"ids must be a 1-D integer array, got dtype {ids.dtype} shape {ids.shape}")
-        n = len(ids)
-        missing = [t for t in self.spec.teachers if t not in outputs]
-        extra = [t for t in outputs if t not in self.spec.teacher_fingerprints]
-        if missing or extra:
-            raise ValueError(
-                f"outputs must hold exactly the spec's teachers {list(self.spec.teachers)}; "
-                f"missing {missing}, unexpected {extra}"
-            )
-        converted = {}
-        for teacher in self.spec.teachers:
-            converted.update(self._convert(teacher, outputs[teacher], n))
-        if n == 0:
-            return
-        self._pending_ids.append(ids.astype(np.int64, copy=False))
-        for name, arr in converted.items():
-            self._pending[name].append(arr)
-        self._pending_rows += n
-        while self._pending_rows >= self.shard_rows:
-            self._write_shard(self.shard_rows)
-
-    def finish(self) -> Path:
-        """Write the last partial shard and the manifest, then publish; returns ``directory``."""
-        self._require_open("finish")
-        try:
-            if self._pending_rows:
-                self._write_shard(self._pending_rows)
-            if not self._shards:
-                raise ValueError(f"{self.directory}: no rows were added; refusing to publish an empty cache")
-            self._check_unique_ids()
-            self._write_manifest()
-            self._publish()
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "finished"
-        return self.directory
-
-    def abort(self) -> None:
-        """Discard everything written so far (idempotent)."""
-        if self._state == "open":
-            self._state = "aborted"
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self._pending_ids, self._all_ids = [], []
-        self._pending = {c.name: [] for c in self._columns}
-        self._pending_rows = 0
-
-    def __enter__(self) -> "StoreWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._state == "open":
-            # Leaving without finish() would strand a temp dir; make the slip loud, not silent.
-            self.abort()
-            raise RuntimeError(f"{self.directory}: StoreWriter left without finish(); nothing was published")
-
-    # -- internals ------------------------------------------------------------------------------
-
-    def _require_open(self, what: str) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"{self.directory}: cannot {what}() a StoreWriter that is {self._state}")
-
-    def _check_target(self) -> None:
-        d = self.directory
-        if d.exists() and not _is_replaceable(d):
-            raise FileExistsError(
-                f"{d}: exists and is not a soft-target cache (it holds other files); refusing to replace it"
-            )
-
-    def _convert(self, teacher: str, out: Any, n: int) -> dict[str, np.ndarray]:
-        """Validate one teacher's output and return its columns as [N, width] storage arrays."""
-        spec, seq = self.spec, (() if self.spec.seq_len is None else (self.spec.seq_len,))
-        if spec.topk is None:
-            if isinstance(out, tuple):
-                raise ValueError(f"teacher {teacher!r}: the spec stores full logits, got a (values, indices) tuple")
-            logits = np.asarray(out)
-            _check_shape(teacher, "logits", logits.shape, (n, *seq, spec.num_classes))
-            return {f"{teacher}/logits": self._cast_values(teacher, logits).reshape(n, -1)}
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError(
-                f"teacher {teacher!r}: the spec stores top-{spec.topk}; expected a (values, indices) tuple, "
-                f"got {type(out).__name__}"
-            )
-        values, indices = np.asarray(out[0]), np.asarray(out[1])
-        want = (n, *seq, spec.topk)
-        _check_shape(teacher, "topk values", values.shape, want)
-        _check_shape(teacher, "topk indices", indices.shape, want)
-        if not np.issubdtype(indices.dtype, np.integer):
-            raise ValueError(f"teacher {teacher!r}: topk indices must be integers, got {indices.dtype}")
-        if indices.size and (indices.min() < 0 or indices.max() >= spec.num_classes):
-            raise ValueError(
-                f"teacher {teacher!r}: topk indices must lie in [0, {spec.num_classes}), "
-                f"got range [{indices.min()}, {indices.max()}]"
-            )
-        return {
-            f"{teacher}/topk_values": self._cast_values(teacher, values).reshape(n, -1),
-            f"{teacher}/topk_indices": indices.astype(np.int32, copy=False).reshape(n, -1),
-        }
-
-    def _cast_values(self, teacher: str, x: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):  # overflow is detected and reported below
-            out = np.ascontiguousarray(x, dtype=self.spec.dtype)
-        # float16 tops out at 65504: an overflowing logit would become inf and NaN the loss later.
-        if out.dtype != x.dtype and np.issubdtype(x.dtype, np.floating):
-            bad = np.isinf(out) & np.isfinite(x)
-            if bad.any():
-                raise ValueError(
-                    f"teacher {teacher!r}: values overflow {self.spec.dtype} "
-                    f"(max |x| = {np.abs(x[bad]).max():.4g}); store them as float32 (cache.dtype=float32)"
-                )
-        return out
-
-    def _take_pending(self, rows: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Pop the first ``rows`` buffered rows, keeping the rest buffered."""
-        ids = np.concatenate(self._pending_ids)
-        cols = {name: np.concatenate(parts) for name, parts in self._pending.items()}
-        rest = len(ids) - rows
-        self._pending_ids = [ids[rows:]] if rest else []
-        self._pending = {name: ([a[rows:]] if rest else []) for name, a in cols.items()}
-        self._pending_rows = rest
-        return ids[:rows], {name: a[:rows] for name, a in cols.items()}
-
-    def _write_shard(self, rows: int) -> None:
-        ids, cols = self._take_pending(rows)
-        arrays = [pa.array(ids, pa.int64())]
-        for c in self._columns:
-            flat = np.ascontiguousarray(cols[c.name]).reshape(-1)
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), c.width))
-        table = pa.Table.from_arrays(arrays, schema=self._schema)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        name = _shard_name(len(self._shards))
-        path = self._tmp / name
-        pq.write_table(table, path)
-        self._shards.append(
-            {"file": name, "rows": rows, "sha256": _sha256_file(path),
-             "first_id": int(ids[0]), "last_id": int(ids[-1])}
-        )
-        self._all_ids.append(ids)
-
-    def _check_unique_ids(self) -> None:
-        ids = np.concatenate(self._all_ids)
-        uniq, counts = np.unique(ids, return_counts=True)
-        if len(uniq) != len(ids):
-            dups = uniq[counts > 1][:5].tolist()
-            raise ValueError(f"{self.directory}: ids must be unique; duplicated ids include {dups}")
-
-    def _write_manifest(self) -> None:
+    target = Path(directory).expanduser()
+    if target.exists() and not _is_replaceable(target):
+        raise FileExistsError(f"{target}: exists and is not a soft-target cache (it holds other files); "
+                              "refusing to replace it")
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        dataset.write_parquet(str(tmp), partition_cols=["split"])
+        shards = []
+        for path in sorted(tmp.rglob("*.parquet")):
+            rel = path.relative_to(tmp).as_posix()
+            with pq.ParquetFile(path) as pf:
+                rows, names = pf.metadata.num_rows, pf.schema_arrow.names
+            missing = [c for c in required_columns(spec) if c not in names]
+            if missing:
+                raise ValueError(f"{rel}: the cache rows lack columns {missing}")
+            shards.append({"file": rel, "split": rel.split("/")[0].split("=")[1], "rows": rows,
+                           "sha256": _sha256_file(path)})
+        shards = [s for s in shards if s["rows"] > 0]
+        if not shards:
+            raise ValueError(f"{target}: no rows were written; refusing to publish an empty cache")
+        with pq.ParquetFile(tmp / shards[0]["file"]) as pf:
+            columns = [c for c in pf.schema_arrow.names if c != "split"]
         manifest = {
             "format_version": FORMAT_VERSION,
-            "spec": self.spec.to_dict(),
-            "teachers": list(self.spec.teachers),
-            "columns": self._schema.names,
-            "num_rows": sum(s["rows"] for s in self._shards),
-            "shards": self._shards,
+            "spec": spec.to_dict(),
+            "teachers": list(spec.teachers),
+            "columns": columns,
+            "num_rows": sum(s["rows"] for s in shards),
+            "rows_per_split": {split: sum(s["rows"] for s in shards if s["split"] == split) for split in SPLITS},
+            "shards": shards,
             "created_by": f"distill-ray {__version__}",
         }
-        with open(self._tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-
-    def _publish(self) -> None:
-        """Rename the temp dir to ``directory``, replacing an existing cache there.
-
-        A non-empty directory cannot be renamed over, so an old cache is first moved aside: a
-        concurrent reader sees the old cache, then no cache, then the new one, never a mix.
-        Crash durability is not needed from fsync: a torn shard fails its sha256 in verify().
-        """
-        target = self.directory
-        aside = None
-        if target.exists():
-            self._check_target()
-            aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-            os.replace(target, aside)
-        try:
-            os.replace(self._tmp, target)
-        except BaseException:
-            if aside is not None and not target.exists():
-                os.replace(aside, target)
-            raise
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _publish(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
-def _check_shape(teacher: str, what: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
-    if tuple(got) != tuple(want):
-        raise ValueError(f"teacher {teacher!r}: {what} have shape {tuple(got)}, expected {tuple(want)} for this spec")
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, replacing an old cache there: a concurrent reader sees the old
+    cache, then none, then the new one, never a mix."""
+    aside = None
+    if target.exists():
+        aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+        os.replace(target, aside)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if aside is not None and not target.exists():
+            os.replace(aside, target)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,30 +306,24 @@ def _check_shape(teacher: str, what: str, got: tuple[int, ...], want: tuple[int,
 
 
 def verify(directory: str | Path, expected: CacheSpec | None = None) -> dict[str, Any]:
-    """Check a cache and return its manifest (the parsed JSON, unchanged).
+    """Check a cache and return its manifest.
 
-    Raises CorruptCacheError for a missing/unparseable/other-format manifest, a missing shard, or
-    a shard whose sha256, row count or schema differs from the manifest; StaleCacheError if
-    ``expected`` is given and differs from the spec the cache was computed from. Staleness is
-    checked before the shards are hashed, so a stale cache is refused without reading it all.
+    Raises CorruptCacheError for a missing/unparseable/other-format manifest, a missing file, or a
+    file whose sha256, row count or columns differ from the manifest; StaleCacheError if
+    ``expected`` differs from the spec the cache was computed from (checked first, so a stale
+    cache is refused without reading it).
     """
-    return _verify(Path(directory).expanduser(), expected)[0]
-
-
-def _verify(d: Path, expected: CacheSpec | None) -> tuple[dict[str, Any], CacheSpec]:
+    d = Path(directory).expanduser()
     manifest, spec = _read_manifest(d)
     if expected is not None and expected != spec:
         raise StaleCacheError(_stale_message(d, spec, expected))
-    schema = _schema(spec)
-    total = 0
     for s in manifest["shards"]:
-        _verify_shard(d, s, schema)
-        total += s["rows"]
+        _verify_shard(d, s, spec)
+    total = sum(s["rows"] for s in manifest["shards"])
     if total != manifest["num_rows"]:
-        raise CorruptCacheError(
-            f"{d}: manifest num_rows={manifest['num_rows']} but its shards hold {total} rows; {_REBUILD_HINT}"
-        )
-    return manifest, spec
+        raise CorruptCacheError(f"{d}: manifest num_rows={manifest['num_rows']} but its files hold {total} rows; "
+                                f"{_REBUILD_HINT}")
+    return manifest
 
 
 def _read_manifest(d: Path) -> tuple[dict[str, Any], CacheSpec]:
@@ -529,36 +331,30 @@ def _read_manifest(d: Path) -> tuple[dict[str, Any], CacheSpec]:
     if not d.is_dir():
         raise CorruptCacheError(f"{d}: no such cache directory; build it with `distill-ray cache CONFIG`")
     try:
-        with open(path) as f:
-            m = json.load(f)
+        m = json.loads(path.read_text())
     except FileNotFoundError:
         raise CorruptCacheError(f"{d}: no {MANIFEST} (not a soft-target cache, or a write never finished); "
                                 f"{_REBUILD_HINT}") from None
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (OSError, ValueError) as e:
         raise CorruptCacheError(f"{d}: unreadable {MANIFEST} ({e}); {_REBUILD_HINT}") from e
     if not isinstance(m, dict):
         raise CorruptCacheError(f"{d}: {MANIFEST} is not a JSON object; {_REBUILD_HINT}")
     if m.get("format_version") != FORMAT_VERSION:
-        raise CorruptCacheError(
-            f"{d}: {MANIFEST} has format_version {m.get('format_version')!r}, this distill-ray "
-            f"reads {FORMAT_VERSION}; {_REBUILD_HINT}"
-        )
+        raise CorruptCacheError(f"{d}: {MANIFEST} has format_version {m.get('format_version')!r}, this distill-ray "
+                                f"reads {FORMAT_VERSION}; {_REBUILD_HINT}")
     try:
         spec = CacheSpec.from_dict(m["spec"])
-        shards = m["shards"]
         problems = []
         if m["teachers"] != list(spec.teachers):
             problems.append(f"teachers {m['teachers']} do not match the spec's {list(spec.teachers)}")
-        if m["columns"] != _schema(spec).names:
-            problems.append(f"columns {m['columns']} do not match the spec's {_schema(spec).names}")
-        if not isinstance(m["num_rows"], int) or not isinstance(shards, list):
-            problems.append("num_rows must be an int and shards a list")
-        for s in shards:
-            # The file-name pattern also keeps an edited manifest from pointing outside the cache.
-            if not (isinstance(s["file"], str) and _SHARD_RE.fullmatch(s["file"])
-                    and isinstance(s["sha256"], str)
-                    and all(isinstance(s[k], int) for k in ("rows", "first_id", "last_id"))):
-                problems.append(f"bad shard entry {s!r}")
+        missing = [c for c in required_columns(spec) if c not in m["columns"]]
+        if missing:
+            problems.append(f"columns lack {missing}")
+        for s in m["shards"]:
+            # The file pattern also keeps an edited manifest from pointing outside the cache.
+            if not (isinstance(s["file"], str) and _SHARD_RE.fullmatch(s["file"]) and ".." not in s["file"]
+                    and isinstance(s["sha256"], str) and isinstance(s["rows"], int) and s["split"] in SPLITS):
+                problems.append(f"bad file entry {s!r}")
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptCacheError(f"{d}: malformed {MANIFEST} ({type(e).__name__}: {e}); {_REBUILD_HINT}") from e
     if problems:
@@ -566,31 +362,24 @@ def _read_manifest(d: Path) -> tuple[dict[str, Any], CacheSpec]:
     return m, spec
 
 
-def _verify_shard(d: Path, s: Mapping[str, Any], schema: pa.Schema) -> None:
+def _verify_shard(d: Path, s: Mapping[str, Any], spec: CacheSpec) -> None:
     path = d / s["file"]
     if not path.is_file():
-        raise CorruptCacheError(f"{d}: shard {s['file']} listed in {MANIFEST} is missing; {_REBUILD_HINT}")
+        raise CorruptCacheError(f"{d}: file {s['file']} listed in {MANIFEST} is missing; {_REBUILD_HINT}")
     digest = _sha256_file(path)
     if digest != s["sha256"]:
-        raise CorruptCacheError(
-            f"{d}: shard {s['file']} is corrupt: sha256 {digest[:12]}… vs {s['sha256'][:12]}… "
-            f"in {MANIFEST}; {_REBUILD_HINT}"
-        )
-    # The bytes match the manifest, so the footer is the one written; the checks below catch a
-    # manifest edited to disagree with its shards, or a writer bug.
+        raise CorruptCacheError(f"{d}: file {s['file']} is corrupt: sha256 {digest[:12]}… vs {s['sha256'][:12]}… "
+                                f"in {MANIFEST}; {_REBUILD_HINT}")
     try:
         with pq.ParquetFile(path) as pf:  # reads only the footer
-            rows, got_schema = pf.metadata.num_rows, pf.schema_arrow
+            rows, names = pf.metadata.num_rows, pf.schema_arrow.names
     except (OSError, pa.ArrowException) as e:
-        raise CorruptCacheError(f"{d}: shard {s['file']} is not readable Parquet ({e}); {_REBUILD_HINT}") from e
+        raise CorruptCacheError(f"{d}: file {s['file']} is not readable Parquet ({e}); {_REBUILD_HINT}") from e
     if rows != s["rows"]:
-        raise CorruptCacheError(
-            f"{d}: shard {s['file']} holds {rows} rows, {MANIFEST} says {s['rows']}; {_REBUILD_HINT}"
-        )
-    if not got_schema.equals(schema, check_metadata=False):
-        raise CorruptCacheError(
-            f"{d}: shard {s['file']} schema {got_schema} does not match the spec's {schema}; {_REBUILD_HINT}"
-        )
+        raise CorruptCacheError(f"{d}: file {s['file']} holds {rows} rows, {MANIFEST} says {s['rows']}; {_REBUILD_HINT}")
+    missing = [c for c in required_columns(spec) if c not in names]
+    if missing:
+        raise CorruptCacheError(f"{d}: file {s['file']} lacks columns {missing}; {_REBUILD_HINT}")
 
 
 def _short(v: Any) -> str:
@@ -621,119 +410,40 @@ def _stale_message(d: Path, cached: CacheSpec, now: CacheSpec) -> str:
 # Reading
 
 
-class SoftTargets:
-    """A verified cache loaded into memory as numpy, indexable by sample id.
+@dataclass(frozen=True)
+class CachedData:
+    """A verified cache: its manifest, and each split as a lazy Ray Dataset over its files."""
 
-    Values stay in their storage dtype in memory (float16 halves the footprint) and are cast to
-    float32 per lookup. ``rows`` arguments are positions into ``ids`` (see ``rows_for``).
-    """
-
-    def __init__(self, directory: Path, manifest: dict[str, Any], spec: CacheSpec, ids: np.ndarray,
-                 columns: dict[str, np.ndarray]) -> None:
-        """Use ``SoftTargets.open``; this only wires up already-verified arrays."""
-        self.directory = directory
-        self.manifest = manifest
-        self.spec = spec
-        self.teachers: tuple[str, ...] = spec.teachers
-        self.ids = ids
-        self._columns = columns
-        # Sorted view for vectorised id -> row lookup (searchsorted), instead of a Python dict.
-        self._order = np.argsort(ids, kind="stable")
-        self._sorted_ids = ids[self._order]
-        if len(ids) > 1 and (self._sorted_ids[1:] == self._sorted_ids[:-1]).any():
-            raise CorruptCacheError(f"{directory}: duplicate ids in the cache; {_REBUILD_HINT}")
+    directory: Path
+    manifest: Mapping[str, Any]
+    spec: CacheSpec
 
     @classmethod
-    def open(cls, directory: str | Path, expected: CacheSpec | None = None) -> "SoftTargets":
-        """``verify()`` the cache, then read every shard into memory."""
+    def open(cls, directory: str | Path, expected: CacheSpec | None = None) -> "CachedData":
         d = Path(directory).expanduser()
-        manifest, spec = _verify(d, expected)
-        n = manifest["num_rows"]
-        layout = _layout(spec)
-        # Preallocated and filled shard by shard: peak memory is the cache plus one shard.
-        ids = np.empty(n, np.int64)
-        columns = {c.name: np.empty((n, *c.row_shape), c.dtype) for c in layout}
-        start = 0
-        for s in manifest["shards"]:
-            table = pq.read_table(d / s["file"])
-            stop = start + s["rows"]
-            ids[start:stop] = table.column("id").to_numpy()
-            if (ids[start], ids[stop - 1]) != (s["first_id"], s["last_id"]):
-                raise CorruptCacheError(f"{d}: shard {s['file']} ids do not match {MANIFEST}; {_REBUILD_HINT}")
-            for c in layout:
-                columns[c.name][start:stop] = _fixed_list_to_numpy(table.column(c.name), c.row_shape)
-            start = stop
-        return cls(d, manifest, spec, ids, columns)
+        manifest = verify(d, expected)
+        return cls(d, manifest, CacheSpec.from_dict(manifest["spec"]))
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        return self.spec.teachers
 
-    def rows_for(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Positions (int64, same shape as ``ids``) of the given sample ids.
+    @property
+    def columns(self) -> list[str]:
+        return list(self.manifest["columns"])
 
-        KeyError lists up to 5 ids that are not in the cache.
-        """
-        q = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self._sorted_ids, q)
-        pos_clipped = np.minimum(pos, len(self._sorted_ids) - 1)
-        found = (pos < len(self._sorted_ids)) & (self._sorted_ids[pos_clipped] == q)
-        if not found.all():
-            missing = q[~found]
-            raise KeyError(
-                f"{missing.size} id(s) not in soft-target cache {self.directory}, e.g. {missing[:5].tolist()}"
-            )
-        return self._order[pos_clipped]
+    def rows(self, split: str) -> int:
+        return int(self.manifest["rows_per_split"].get(split, 0))
 
-    def logits(self, teacher: str, rows: np.ndarray) -> np.ndarray:
-        """float32 [len(rows), C] (or [len(rows), S, C]); full-logit caches only."""
-        self._require_mode(full=True, what="logits")
-        return self._column(teacher, "logits")[rows].astype(np.float32)
+    def files(self, split: str) -> list[str]:
+        return [str(self.directory / s["file"]) for s in self.manifest["shards"] if s["split"] == split]
 
-    def topk(self, teacher: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(values float32, class indices int64), each [len(rows), k] (or [.., S, k]); top-k caches only."""
-        self._require_mode(full=False, what="topk")
-        values = self._column(teacher, "topk_values")[rows].astype(np.float32)
-        indices = self._column(teacher, "topk_indices")[rows].astype(np.int64)
-        return values, indices
+    def dataset(self, split: str, columns: Sequence[str] | None = None) -> "ray.data.Dataset":
+        """The split's rows as a Ray Dataset (only ``columns`` are read from Parquet when given)."""
+        import ray.data
 
-    def stacked_logits(self, rows: np.ndarray) -> np.ndarray:
-        """float32 [K, len(rows), C] (or [K, len(rows), S, C]), teachers in spec order."""
-        self._require_mode(full=True, what="stacked_logits")
-        first = self._column(self.teachers[0], "logits")[rows]
-        out = np.empty((len(self.teachers), *first.shape), np.float32)
-        out[0] = first
-        for i, t in enumerate(self.teachers[1:], start=1):
-            out[i] = self._column(t, "logits")[rows]  # assignment casts to float32 in place
-        return out
-
-    def _column(self, teacher: str, kind: str) -> np.ndarray:
-        if teacher not in self.spec.teacher_fingerprints:
-            raise KeyError(f"teacher {teacher!r} is not in cache {self.directory}; it holds {list(self.teachers)}")
-        return self._columns[f"{teacher}/{kind}"]
-
-    def _require_mode(self, full: bool, what: str) -> None:
-        k = self.spec.topk
-        if full and k is not None:
-            raise ValueError(f"{self.directory}: cache stores top-{k} values only; use topk(), not {what}()")
-        if not full and k is None:
-            raise ValueError(f"{self.directory}: cache stores full logits; use logits(), not {what}()")
-
-
-def _fixed_list_to_numpy(col: pa.ChunkedArray, row_shape: tuple[int, ...]) -> np.ndarray:
-    """A FixedSizeList column as [rows, *row_shape], zero-copy when it is a single chunk."""
-    # flatten() (not .values) honours a chunk's slice offset.
-    parts = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in col.chunks]
-    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return flat.reshape(-1, *row_shape)
-
-
-def to_ray_dataset(directory: str | Path, expected: CacheSpec | None = None) -> "ray.data.Dataset":
-    """The verified cache's shards as a Ray Dataset (columns as in the Parquet files).
-
-    Row order across blocks is not guaranteed by Ray; join on the ``id`` column.
-    """
-    import ray.data  # lazy: importing this module must stay light
-
-    d = Path(directory).expanduser()
-    manifest = verify(d, expected)
-    return ray.data.read_parquet([str(d / s["file"]) for s in manifest["shards"]])
+        files = self.files(split)
+        if not files:
+            raise CorruptCacheError(f"{self.directory}: the cache has no {split} rows; {_REBUILD_HINT}")
+        cols = [c for c in (columns or self.columns) if c != "split"]
+        return ray.data.read_parquet(files, columns=cols, partitioning=None)

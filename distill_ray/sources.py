@@ -81,6 +81,8 @@ class SourceData:
     """The preprocessed splits (lazy Ray Datasets: nothing is read until something iterates them)."""
 
     info: DataInfo
+    rows: ray.data.Dataset
+    """Every split's rows with a ``split`` column (what the cache builder reads, in one pass)."""
     splits: dict[str, ray.data.Dataset] = field(default_factory=dict)
 
     @property
@@ -95,15 +97,6 @@ class SourceData:
     def test(self) -> ray.data.Dataset:
         return self.splits["test"]
 
-    def all_rows(self) -> ray.data.Dataset:
-        """Every split in one Dataset with a ``split`` column (what the cache builder reads)."""
-        parts = [ds.map_batches(_with_split, fn_kwargs={"split": name}, batch_format="pyarrow")
-                 for name, ds in self.splits.items()]
-        return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-def _with_split(batch: pa.Table, split: str) -> pa.Table:
-    return batch.append_column("split", pa.array([split] * batch.num_rows, pa.string()))
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -611,7 +604,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                     fingerprint=_fingerprint(cfg, sources, meta, counts), tokenizer=tokenizer_dir, pad_id=pad_id,
                     feature_fields=feature_fields, transform=transform, image_mode=image_mode, source=str(path))
     splits = {s: pre.map_batches(_split_rows, fn_kwargs={"split": s}, batch_format="pyarrow") for s in SPLITS}
-    return SourceData(info=info, splits=splits)
+    return SourceData(info=info, rows=pre, splits=splits)
 
 
 def _tokens_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,23 +1,29 @@
 """The distillation loop: one per-worker function that reads top to bottom, and the driver that runs it.
 
-Per step: curriculum stage -> batch of this rank's shard -> soft targets (cached arrays, or the
-teacher pool one batch ahead) -> blend with learned per-teacher weights (fit to labels, never to
-the student's KD loss) -> ``alpha * KD + (1 - alpha) * task`` (+ weighted hint and attention terms
-against one teacher's features, online mode) -> step. Online mode can MixUp/CutMix each batch before
-the teachers see it. Checkpoints every N steps carry everything needed to resume mid-epoch: student,
-optimizers, blend, hint projector, counters, RNG, history.
+Data arrives as Ray Data streams: ``TorchTrainer(datasets=...)`` hands each rank its own rows of the
+cached dataset (id, x, label, teacher targets, difficulty measures; ``streams.rank_datasets``) and
+a split of validation; the worker reads them with ``ray.train.get_dataset_shard`` and keeps or
+streams its shard (``streams.KeptShard`` / ``StreamedShard``). Nothing is ``ray.put`` and no split
+is held whole anywhere.
+
+Per step: curriculum stage -> batch of this rank's shard -> soft targets (columns of the batch, or
+the teacher pool one batch ahead in online mode) -> blend with learned per-teacher weights (fit to
+labels, never to the student's KD loss) -> ``alpha * KD + (1 - alpha) * task`` (+ weighted hint and
+attention terms against one teacher's features, online mode) -> step. Checkpoints every N steps
+carry everything needed to resume mid-epoch: student, optimizers, blend, hint projector, counters,
+RNG, history, and the epoch's order (kept shards) or the count of batches done (streamed shards).
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -25,48 +31,51 @@ import ray.train
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from distill_ray import curriculum as cur
 from distill_ray.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
-from distill_ray.evaluate import accuracy, agreement, expected_calibration_error
 from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, \
     topk_kd_divergence, topk_label_logprobs
 from distill_ray.losses import HintProjector, attention_map, cutmix, hint_loss, mixup
 from distill_ray.models import build_model, forward_logits, forward_with_features, save_model
+from distill_ray.streams import KeptShard, StreamedShard, fused_difficulty, open_ids_for, rank_datasets
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 STUDENT_DIR = "student"
+ECE_BINS = 15
 
 
-@dataclass
-class DistillData:
-    """Everything a worker needs, as numpy, placed once in the object store by the driver.
+@dataclass(frozen=True)
+class TrainInputs:
+    """What the driver hands Ray Train: lazy datasets and small facts about them, never rows.
 
-    ``teacher_logits`` are cached soft targets [K, N, C] for the train split (None in online mode),
-    ``val_teacher_logits`` the same for validation (for agreement); ``difficulty`` [N] ranks the
-    train split easy -> hard for the curriculum (larger = harder).
+    ``train`` rows: ``id``, ``x``, ``label`` (-1 unlabeled; [L] next tokens for causal LM), the
+    teachers' target columns when ``targets_in_rows`` (cached mode), and ``difficulty/{measure}``.
+    ``val`` rows: ``id``, ``x``, ``label`` and the teachers' targets (for agreement).
     """
 
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray
-    val_y: np.ndarray
+    train: Any  # ray.data.Dataset
+    val: Any
     teacher_names: tuple[str, ...]
     num_classes: int
     input_shape: tuple[int, ...]
-    teacher_logits: np.ndarray | None = None
-    val_teacher_logits: np.ndarray | None = None
-    difficulty: np.ndarray | None = None
-    teacher_handles: dict[str, list] | None = None  # online mode: actor handles of the pool
+    train_rows: int
+    train_bytes: int
+    task: str = "classification"
+    topk: int | None = None
+    all_labeled: bool = True
     use_teachers: bool = True  # False trains the same student from labels alone (the baseline)
-    task: str = "classification"  # causal_lm: labels [N, L] are next tokens, targets are per-token top-k
-    teacher_topk: tuple[np.ndarray, np.ndarray] | None = None  # causal_lm cache: log-probs, indices [K, N, L, k]
-    val_teacher_topk: tuple[np.ndarray, np.ndarray] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    targets_in_rows: bool = True  # cached mode: the train rows carry the teachers' targets
+    teacher_handles: dict[str, list] | None = None  # online mode: actor handles of the pool
+
+    def meta(self) -> dict[str, Any]:
+        """The plain facts a worker needs (datasets travel through TorchTrainer, handles as they are)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("train", "val", "teacher_handles")}
+        return {**d, "teacher_names": list(self.teacher_names), "input_shape": list(self.input_shape)}
 
 
 def _optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
@@ -148,58 +157,6 @@ def kd_loss(cfg: ExperimentConfig, student_logits: torch.Tensor, target_probs: t
                    temperature=temperature)
     return kd_divergence_to_probs(student_logits, target_probs, kind=kind, temperature=temperature,
                                   skew_alpha=cfg.loss.skew_alpha)
-
-
-def _difficulty_for_epoch(cfg: ExperimentConfig, data: DistillData, model, x_all: torch.Tensor,
-                          y_all: torch.Tensor) -> torch.Tensor | None:
-    """Difficulty [N] (None when nothing measures it): teacher-based measures are fixed (from the
-    driver); student_loss is live."""
-    measures = []
-    for name in cfg.curriculum.measurers:
-        if name == "student_loss":
-            with torch.no_grad():
-                logits = torch.cat([forward_logits(_unwrap(model), x_all[i:i + 1024]) for i in range(0, len(x_all), 1024)])
-            measures.append(cur.student_loss(logits, y_all))
-    if data.difficulty is not None:
-        measures.insert(0, torch.as_tensor(data.difficulty, dtype=torch.float32))
-    if not measures:
-        return None
-    return measures[0] if len(measures) == 1 else cur.reciprocal_rank_fusion(*measures, k=cfg.curriculum.rrf_k)
-
-
-@torch.no_grad()
-def _validate(model, data: DistillData, val_teacher: torch.Tensor | None) -> dict[str, float]:
-    m = _unwrap(model)
-    was_training = m.training
-    m.eval()
-    x = torch.as_tensor(data.val_x)
-    logits = torch.cat([forward_logits(m, x[i:i + 1024]).float() for i in range(0, len(x), 1024)])
-    m.train(was_training)
-    metrics = {"val_accuracy": accuracy(logits, data.val_y),
-               "val_loss": F.cross_entropy(logits, torch.as_tensor(data.val_y)).item(),
-               "val_ece": expected_calibration_error(logits.softmax(-1), data.val_y)}
-    if val_teacher is not None:
-        for k, name in enumerate(data.teacher_names):
-            metrics[f"agreement/{name}"] = agreement(logits, val_teacher[k])
-    return metrics
-
-
-@torch.no_grad()
-def _validate_sequences(model, data: DistillData) -> dict[str, float]:
-    """Causal LM: perplexity and next-token accuracy on validation, top-1 agreement with each teacher."""
-    from distill_ray.evaluate import lm_label_logprobs, perplexity, token_accuracy
-
-    m = _unwrap(model)
-    x, y = torch.as_tensor(data.val_x), torch.as_tensor(data.val_y)
-    label_logp, predicted = lm_label_logprobs(m, x, y)
-    mask = y >= 0
-    metrics = {"val_perplexity": perplexity(label_logp, y), "val_accuracy": token_accuracy(predicted, y),
-               "val_loss": float(-label_logp[mask].mean())}
-    if data.val_teacher_topk is not None:
-        teacher_top1 = torch.as_tensor(data.val_teacher_topk[1])[..., 0]  # [K, N, L]
-        for k, name in enumerate(data.teacher_names):
-            metrics[f"agreement/{name}"] = (predicted == teacher_top1[k])[mask].float().mean().item()
-    return metrics
 
 
 def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_logits: torch.Tensor,
@@ -303,9 +260,108 @@ def _feature_widths(model, pool, teacher: str, x: torch.Tensor, device, want_hin
     return (student["hint"].shape[-1], teacher_shapes["hint"][-1]) if want_hint else (0, 0)
 
 
+def batch_targets(batch: dict[str, torch.Tensor], names: tuple[str, ...], num_classes: int, topk: int | None,
+                  causal: bool, device) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The teachers' targets in a batch's columns: classification [K, B, C] logits (log-probs rebuilt
+    from the top k, tail mass spread evenly, when the cache keeps only k); causal LM the per-token
+    top-k (log-probs, indices), each [K, B, L, k]."""
+    if topk is None:
+        return torch.stack([batch[f"{n}/logits"].float() for n in names]).to(device), None
+    logp = torch.stack([batch[f"{n}/topk_logprobs"].float() for n in names])
+    idx = torch.stack([batch[f"{n}/topk_indices"].long() for n in names])
+    if causal:
+        return None, (logp.to(device), idx.to(device))
+    return torch.stack([dense_from_topk(logp[k], idx[k], num_classes) for k in range(len(names))]).to(device), None
+
+
+def _teacher_top1(batch: dict[str, torch.Tensor], name: str, topk: int | None) -> torch.Tensor | None:
+    if f"{name}/logits" in batch:
+        return batch[f"{name}/logits"].float().argmax(-1)
+    if f"{name}/topk_indices" in batch:
+        return batch[f"{name}/topk_indices"][..., 0].long()
+    return None
+
+
+def _allreduce_sums(sums: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+    if world > 1:
+        for v in sums.values():
+            dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    return sums
+
+
+@torch.no_grad()
+def validate(model, val_batches, meta: dict, world: int, device) -> dict[str, float]:
+    """Validation metrics streamed over this rank's part of the split, summed across ranks:
+    classification accuracy, loss, ECE and agreement with each teacher; causal LM perplexity,
+    next-token accuracy and top-1 agreement."""
+    m = _unwrap(model)
+    was_training = m.training
+    m.eval()
+    names, causal = tuple(meta["teacher_names"]), meta["task"] == "causal_lm"
+    K = len(names)
+    sums = {"n": torch.zeros((), dtype=torch.float64), "correct": torch.zeros((), dtype=torch.float64),
+            "nll": torch.zeros((), dtype=torch.float64), "agree": torch.zeros(K, dtype=torch.float64),
+            "agree_n": torch.zeros(K, dtype=torch.float64), "bin_n": torch.zeros(ECE_BINS, dtype=torch.float64),
+            "bin_conf": torch.zeros(ECE_BINS, dtype=torch.float64), "bin_correct": torch.zeros(ECE_BINS, dtype=torch.float64)}
+    for batch in val_batches:
+        x, y = batch["x"].to(device), batch["label"].long()
+        logits = forward_logits(m, x).float().cpu()
+        if causal:
+            y = y[:, :logits.shape[1]]
+            mask = y >= 0
+            logp = torch.log_softmax(logits, -1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            predicted = logits.argmax(-1)
+            sums["n"] += mask.sum()
+            sums["nll"] -= logp[mask].double().sum()
+            sums["correct"] += ((predicted == y) & mask).sum()
+        else:
+            mask = y >= 0
+            probs = logits.softmax(-1)
+            confidence, predicted = probs.max(-1)
+            correct = (predicted == y) & mask
+            sums["n"] += mask.sum()
+            sums["correct"] += correct.sum()
+            sums["nll"] += F.cross_entropy(logits[mask], y[mask], reduction="sum").double() if mask.any() else 0.0
+            bins = torch.clamp(torch.ceil(confidence * ECE_BINS).long() - 1, 0, ECE_BINS - 1)[mask]
+            sums["bin_n"] += torch.bincount(bins, minlength=ECE_BINS).double()
+            sums["bin_conf"] += torch.bincount(bins, weights=confidence[mask].double(), minlength=ECE_BINS)
+            sums["bin_correct"] += torch.bincount(bins, weights=correct[mask].double(), minlength=ECE_BINS)
+        for k, name in enumerate(names):
+            top1 = _teacher_top1(batch, name, meta["topk"])
+            if top1 is not None:
+                top1 = top1[:, :predicted.shape[1]] if causal else top1
+                region = mask if causal else torch.ones_like(predicted, dtype=torch.bool)
+                sums["agree"][k] += ((predicted == top1) & region).sum()
+                sums["agree_n"][k] += region.sum()
+    m.train(was_training)
+    sums = _allreduce_sums(sums, world)
+    n = sums["n"].clamp_min(1)
+    if causal:
+        metrics = {"val_perplexity": float(torch.exp(sums["nll"] / n)), "val_accuracy": float(sums["correct"] / n),
+                   "val_loss": float(sums["nll"] / n)}
+    else:
+        gap = (sums["bin_correct"] - sums["bin_conf"]).abs()
+        metrics = {"val_accuracy": float(sums["correct"] / n), "val_loss": float(sums["nll"] / n),
+                   "val_ece": float(gap.sum() / n)}
+    for k, name in enumerate(names):
+        if sums["agree_n"][k] > 0:
+            metrics[f"agreement/{name}"] = float(sums["agree"][k] / sums["agree_n"][k])
+    return metrics
+
+
+def _all_ranks_have(batch: dict | None, world: int) -> bool:
+    """True while every rank still has a batch: DDP ranks must take the same number of steps, and
+    hashed shards differ by a few rows."""
+    if world == 1:
+        return batch is not None
+    flag = torch.tensor([1 if batch is not None else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
-    data: DistillData = ray.get(loop_config["data_ref"])
+    meta = loop_config["meta"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.train
@@ -315,52 +371,60 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(t.seed)  # identical init on all ranks; DDP would broadcast rank 0's anyway
     np.random.seed(t.seed + rank)
     random.seed(t.seed + rank)
+    names, num_classes = tuple(meta["teacher_names"]), meta["num_classes"]
+    causal = meta["task"] == "causal_lm"
+    labeled = causal or meta["all_labeled"]  # a language model's labels are its own next tokens
+
+    # --- data: this rank's own rows, kept in memory or streamed every epoch ----------------------------
+    train_iterator = ray.train.get_dataset_shard(f"train_{rank}")
+    val_iterator = ray.train.get_dataset_shard(f"val_{rank}")
+    keep = loop_config["keep_shard"]
+    shard = KeptShard(train_iterator) if keep else StreamedShard(train_iterator, t.shuffle_buffer_rows)
+    val_kept = KeptShard(val_iterator, allow_empty=True) if keep else None  # read once, like the train shard
+
+    def val_batches():
+        size = 256 if causal else 1024
+        return val_kept.all_batches(size) if keep else val_iterator.iter_torch_batches(batch_size=size, device="cpu")
 
     # --- model, blend, optimizers -----------------------------------------------------------------
-    student = build_model(cfg.student.arch, data.input_shape, data.num_classes, cfg.student.options)
+    student = build_model(cfg.student.arch, tuple(meta["input_shape"]), num_classes, cfg.student.options)
     model = ray.train.torch.prepare_model(student)
     device = ray.train.torch.get_device()
-    K = len(data.teacher_names)
-    blend = TeacherBlend(cfg.blend.kind, K, num_classes=data.num_classes,
-                         gate_in_features=int(np.prod(data.input_shape)), gate_hidden=cfg.blend.gate_hidden,
+    blend = TeacherBlend(cfg.blend.kind, len(names), num_classes=num_classes,
+                         gate_in_features=int(np.prod(meta["input_shape"])), gate_hidden=cfg.blend.gate_hidden,
                          confidence_kind=cfg.blend.confidence_kind).to(device)
     blend_params = [p for p in blend.parameters() if p.requires_grad]
     blend_opt = torch.optim.Adam(blend_params, lr=cfg.blend.lr) if blend_params else None
-
-    x_all = torch.as_tensor(data.train_x)
-    y_all = torch.as_tensor(data.train_y)
-    causal = data.task == "causal_lm"
-    labeled = causal or bool((y_all >= 0).all())  # a language model's labels are its own next tokens
-    teacher_all = torch.as_tensor(data.teacher_logits) if data.teacher_logits is not None else None
-    topk_all = tuple(map(torch.as_tensor, data.teacher_topk)) if data.teacher_topk is not None else None
-    val_teacher = torch.as_tensor(data.val_teacher_logits).float() if data.val_teacher_logits is not None else None
     pool = None
-    if data.use_teachers and teacher_all is None and topk_all is None:
+    if meta["use_teachers"] and not meta["targets_in_rows"]:
         from distill_ray.teachers import TeacherPool
 
-        pool = TeacherPool.attach(data.teacher_handles)
+        pool = TeacherPool.attach(loop_config["teacher_handles"])
 
     # Feature distillation (online): the student matches one teacher's features, through a learned
     # projector for hints (trained with the student, checkpointed) and directly for attention maps.
-    hint_teacher = cfg.loss.hint_teacher or data.teacher_names[0]
+    hint_teacher = cfg.loss.hint_teacher or names[0]
     want_hint = pool is not None and cfg.loss.hint_weight > 0
     want_attention = pool is not None and cfg.loss.attention_weight > 0
     feature_request = {hint_teacher: ("hint",) * want_hint + ("attention",) * want_attention}
     projector = None
     if want_hint or want_attention:
-        student_dim, teacher_dim = _feature_widths(model, pool, hint_teacher, x_all[:2], device, want_hint, want_attention)
+        probe = shard.columns["x"][:2] if keep else torch.as_tensor(
+            next(iter(train_iterator.iter_batches(batch_size=2, batch_format="numpy")))["x"])
+        student_dim, teacher_dim = _feature_widths(model, pool, hint_teacher, probe, device, want_hint, want_attention)
         projector = HintProjector(student_dim, teacher_dim).to(device) if want_hint else None
     optimizer = _optimizer(cfg, [*model.parameters(), *(projector.parameters() if projector is not None else ())])
 
     per_rank_batch = max(1, t.batch_size // world)
-    steps_per_epoch = max(1, len(y_all) // world // per_rank_batch)
+    steps_per_epoch = max(1, meta["train_rows"] // world // per_rank_batch)
     total_steps = t.epochs * steps_per_epoch  # upper bound for schedules: a partly open epoch has fewer steps
     epoch, step, batch_in_epoch, history = 0, 0, 0, []
-    resumed_shard: torch.Tensor | None = None  # a mid-epoch checkpoint keeps the epoch's exact order
+    resumed_order: torch.Tensor | None = None  # a kept shard's mid-epoch checkpoint keeps the epoch's order
 
     # --- resume -----------------------------------------------------------------------------------
     # The run's own latest checkpoint wins; a fresh run may start from one handed over (PBT exploit).
     checkpoint = ray.train.get_checkpoint() or loop_config.get("initial_checkpoint")
+    state: dict[str, Any] = {}
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True, map_location=device)
@@ -379,7 +443,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for group in (blend_opt.param_groups if blend_opt is not None else ()):
             group["lr"] = cfg.blend.lr
         epoch, step, batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
-        resumed_shard = state.get("shard")
+        resumed_order = state.get("order") if keep else None
         _set_rng_state(state["rng"])
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
@@ -392,71 +456,87 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "blend": blend.state_dict(), "projector": projector.state_dict() if projector is not None else None,
                         "blend_optimizer": blend_opt.state_dict() if blend_opt else None,
                         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(),
-                        "stage": stage, "open_fraction": fraction, "shard": shard if batch_in_epoch else None},
+                        "stage": stage, "open_fraction": fraction,
+                        "order": order if keep and batch_in_epoch else None},
                        Path(tmp) / STATE_FILE)
             (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
+    def student_scores(kind: str) -> torch.Tensor:
+        """Per row of a kept shard: the student's loss (``student_loss``) or confidence, live."""
+        x_all, y_all = shard.columns["x"], shard.columns["label"].long()
+        with torch.no_grad():
+            logits = torch.cat([forward_logits(_unwrap(model), x_all[i:i + 1024].to(device)).float().cpu()
+                                for i in range(0, len(x_all), 1024)])
+        return cur.student_loss(logits, y_all) if kind == "loss" else logits.softmax(-1).max(-1).values
+
+    def epoch_batches() -> Iterator[dict[str, torch.Tensor]]:
+        """This epoch's batches (from ``batch_in_epoch`` on) and, as side effects, stage/fraction/order."""
+        nonlocal stage, fraction, order, resumed_order
+        measures = shard.measures() if meta["use_teachers"] else {}
+        if keep and resumed_order is not None:
+            stage, fraction, order, resumed_order = state["stage"], state["open_fraction"], resumed_order, None
+        elif keep and cfg.curriculum.scheduler == "confidence":
+            weights = cur.ConfidenceSampling(tau=cfg.curriculum.confidence_tau).sampling_weights(student_scores("confidence"))
+            order = cur.sample_for_rank(weights, len(shard), epoch, t.seed + rank, 0, 1)
+        else:
+            stage, fraction = stage_and_fraction(cfg, epoch, step)
+            if keep:
+                if "student_loss" in cfg.curriculum.measurers and fraction < 1.0:
+                    measures = {**measures, "student_loss": student_scores("loss")}
+                difficulty = fused_difficulty(measures, cfg.curriculum.measurers, cfg.curriculum.rrf_k)
+                if difficulty is None:
+                    # Nothing ranks the data (the baseline has no teachers): a stage opens a seeded
+                    # random part of it, not the first rows in storage order.
+                    ranked = torch.arange(len(shard)) if fraction >= 1.0 else \
+                        torch.randperm(len(shard), generator=torch.Generator().manual_seed(t.seed))
+                else:
+                    ranked = cur.difficulty_order(difficulty)
+                order = cur.shard_for_rank(cur.open_subset(ranked, fraction), epoch, t.seed + rank, 0, 1)
+        if keep:
+            return shard.epoch_batches(order, per_rank_batch, start=batch_in_epoch)
+        difficulty = fused_difficulty(measures, cfg.curriculum.measurers, cfg.curriculum.rrf_k) \
+            if fraction < 1.0 else None
+        open_ids = open_ids_for(shard.ids(), difficulty, fraction, t.seed) if fraction < 1.0 else None
+        return shard.epoch_batches(epoch, t.seed + rank, per_rank_batch, open_ids, start=batch_in_epoch)
+
+    def prepared(cols: dict[str, torch.Tensor] | None, index: int):
+        """A batch as the student and the teachers see it (MixUp/CutMix applied): (cols, x, y, y_b, lam)."""
+        if cols is None:
+            return None
+        x, y, y_b, lam = mix_batch(cfg, cols["x"], cols["label"].long(), num_classes,
+                                   mix_generator(t.seed, rank, epoch, index))
+        return cols, x, y, y_b, lam
+
     # --- epochs -----------------------------------------------------------------------------------
     model.train()
-    stage, fraction, shard = 0, 1.0, None
+    stage, fraction, order = 0, 1.0, None
     # A Population Based Training segment stops early at an epoch boundary; schedules still span t.epochs.
     last_epoch = min(t.epochs, loop_config.get("stop_at_epoch") or t.epochs)
     while epoch < last_epoch:
-        if resumed_shard is not None:
-            stage, fraction, shard, resumed_shard = state["stage"], state["open_fraction"], resumed_shard, None
-        elif cfg.curriculum.scheduler == "confidence":
-            with torch.no_grad():
-                conf = torch.cat([forward_logits(_unwrap(model), x_all[i:i + 1024]).softmax(-1).max(-1).values
-                                  for i in range(0, len(x_all), 1024)])
-            weights = cur.ConfidenceSampling(tau=cfg.curriculum.confidence_tau).sampling_weights(conf)
-            shard = cur.sample_for_rank(weights, len(y_all), epoch, t.seed, rank, world)
-        else:
-            stage, fraction = stage_and_fraction(cfg, epoch, step)
-            difficulty = _difficulty_for_epoch(cfg, data, model, x_all, y_all)
-            if difficulty is None:
-                # Nothing ranks the data (the baseline has no teachers): a stage opens a seeded
-                # random part of it, not the first rows in storage order.
-                order = torch.arange(len(y_all)) if fraction >= 1.0 else \
-                    torch.randperm(len(y_all), generator=torch.Generator().manual_seed(t.seed))
-            else:
-                order = cur.difficulty_order(difficulty)
-            open_idx = cur.open_subset(order, fraction)
-            shard = cur.shard_for_rank(open_idx, epoch, t.seed, rank, world)
-        batches = [shard[i:i + per_rank_batch] for i in range(0, len(shard) - per_rank_batch + 1, per_rank_batch)]
-        # Each batch is read (and mixed, with MixUp/CutMix) one step ahead: the teachers get exactly
-        # the inputs the student trains on.
-        batch = mix_batch(cfg, x_all[batches[batch_in_epoch]], y_all[batches[batch_in_epoch]], data.num_classes,
-                          mix_generator(t.seed, rank, epoch, batch_in_epoch)) if batch_in_epoch < len(batches) else None
-        next_targets = pool.submit(batch[0].numpy(), feature_request) if pool and batch is not None else None
+        batches = epoch_batches()
+        # Each batch is read (and mixed) one step ahead: the teachers get exactly what the student trains on.
+        current = prepared(next(batches, None), batch_in_epoch)
+        next_targets = pool.submit(current[1].numpy(), feature_request) if pool and current is not None else None
         epoch_start, seen = time.perf_counter(), 0
 
-        while batch_in_epoch < len(batches):
-            idx = batches[batch_in_epoch]
-            x, y, y_b, lam = batch  # y_b, lam: the partner labels and weight of a mixed batch (else None, 1)
+        while _all_ranks_have(current, world):
+            cols, x, y, y_b, lam = current  # y_b, lam: the partner labels and weight of a mixed batch (else None, 1)
             x, y, y_b = x.to(device), y.to(device), y_b.to(device) if y_b is not None else None
-            nxt = batch_in_epoch + 1
-            batch = mix_batch(cfg, x_all[batches[nxt]], y_all[batches[nxt]], data.num_classes,
-                              mix_generator(t.seed, rank, epoch, nxt)) if nxt < len(batches) else None
-            teacher_seq = None  # causal LM: per-token top-k (log-probs, indices) [K, B, L, k]
+            upcoming = prepared(next(batches, None), batch_in_epoch + 1)
+            teacher, teacher_seq = None, None  # [K, B, C] logits; causal LM: per-token top-k [K, B, L, k]
             if pool is not None:  # ask for the next batch before this step runs: teachers overlap the student
                 answers = next_targets.result()
-                next_targets = pool.submit(batch[0].numpy(), feature_request) if batch is not None else None
+                next_targets = pool.submit(upcoming[1].numpy(), feature_request) if upcoming is not None else None
                 if causal:
-                    teacher, teacher_seq = None, tuple(
-                        torch.stack([torch.as_tensor(answers[n][key]) for n in data.teacher_names]).to(device)
-                        for key in ("topk_logprobs", "topk_indices"))
+                    teacher_seq = tuple(torch.stack([torch.as_tensor(answers[n][key]) for n in names]).to(device)
+                                        for key in ("topk_logprobs", "topk_indices"))
                 else:
-                    teacher = torch.stack([_teacher_logits(answers[n], data.num_classes)
-                                           for n in data.teacher_names]).to(device)
-            elif topk_all is not None:
-                teacher, teacher_seq = None, (topk_all[0][:, idx].to(device), topk_all[1][:, idx].to(device))
-            elif teacher_all is not None:
-                teacher = teacher_all[:, idx].to(device).float()
-            else:
-                teacher = None
+                    teacher = torch.stack([_teacher_logits(answers[n], num_classes) for n in names]).to(device)
+            elif meta["use_teachers"]:
+                teacher, teacher_seq = batch_targets(cols, names, num_classes, meta["topk"], causal, device)
             temperature, alpha = temperature_and_alpha(cfg, step, total_steps, stage)
-            if not data.use_teachers:
+            if not meta["use_teachers"]:
                 alpha = 0.0
 
             # bf16 autocast covers the student's forward only; losses and blending stay in fp32.
@@ -469,7 +549,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 width = student_logits.shape[1]
                 y = y[:, :width]
                 if teacher_seq is not None:
-                    teacher_seq = tuple(t[:, :, :width] for t in teacher_seq)
+                    teacher_seq = tuple(v[:, :, :width] for v in teacher_seq)
             if teacher is not None and labeled and blend_opt is not None:
                 # Blend weights learn from ground truth only: the blended teachers' task loss.
                 blend_loss = _mixed(lambda labels: blend.weight_loss(teacher, labels, features=x.flatten(1)), y, y_b, lam)
@@ -510,28 +590,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.step()
             step += 1
             batch_in_epoch += 1
-            seen += len(idx)
+            seen += len(y)
+            current = upcoming
             _maybe_inject_failure(loop_config.get("fail_once_at_step"), step, rank)
 
-            if step % cfg.tracking.log_every_steps == 0 or batch_in_epoch == len(batches):
+            if step % cfg.tracking.log_every_steps == 0 or current is None:
                 row = {"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction,
                        "temperature": temperature, "alpha": alpha, "loss": loss.item(), "kd_loss": kd.item(),
                        "task_loss": task.item(), "samples_per_s": seen * world / (time.perf_counter() - epoch_start),
                        **parts}
                 if teacher_seq is not None:
-                    for name, w in zip(data.teacher_names, blend.mean_weights().tolist()):
+                    for name, w in zip(names, blend.mean_weights().tolist()):
                         row[f"teacher_weight/{name}"] = w
                 if teacher is not None:
                     # Unlabeled batches use confidence weights whatever the blend kind: log those.
                     used = blend.mean_weights() if labeled else \
                         blend.weights(teacher, features=x.flatten(1), labeled=False).detach().mean(0)
-                    for name, w in zip(data.teacher_names, used.tolist()):
+                    for name, w in zip(names, used.tolist()):
                         row[f"teacher_weight/{name}"] = w
                 history.append(row)
-            if step % t.checkpoint_every_steps == 0 and batch_in_epoch < len(batches):
+            if step % t.checkpoint_every_steps == 0 and current is not None:
                 save_checkpoint({**history[-1], "kind": "step"} if history else {"step": step})
 
-        val = _validate_sequences(model, data) if causal else _validate(model, data, val_teacher)
+        val = validate(model, val_batches(), meta, world, device)
         last_step = next((r for r in reversed(history) if r.get("kind") != "epoch"), {})
         history.append({"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction, "kind": "epoch", **val})
         epoch, batch_in_epoch = epoch + 1, 0
@@ -540,25 +621,49 @@ def train_loop_per_worker(loop_config: dict) -> None:
         save_checkpoint({**last_step, **val, "epoch": epoch, "step": step, "kind": "epoch"})
 
 
-def run_training(cfg: ExperimentConfig, data: DistillData, storage_path: str, run_name: str,
+def keeps_shard(cfg: ExperimentConfig, inputs: TrainInputs) -> bool:
+    """Whether workers keep their shard in memory (train.data_mode; auto: the shard's share of the
+    cached train files is under train.memory_budget_mb)."""
+    mode = cfg.train.data_mode
+    if mode == "auto":
+        return inputs.train_bytes / cfg.train.num_workers <= cfg.train.memory_budget_mb * 2**20
+    return mode == "memory"
+
+
+def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, run_name: str,
                  fail_once_at_step: dict | None = None, callbacks: list | None = None,
                  placement_group_file: str | None = None, resume_from: Checkpoint | None = None,
                  stop_at_epoch: int | None = None) -> ray.train.Result:
     """Run the loop on Ray Train. Re-running with the same (storage_path, run_name) resumes.
 
-    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
-    ``placement_group_file`` receives the workers' placement group id (see ``tune.py``).
-    ``resume_from`` starts from another run's checkpoint (used when this run has none of its own)
-    and ``stop_at_epoch`` ends after that many epochs while schedules still span ``train.epochs``:
-    together they let Population Based Training run a trial in segments."""
+    Each rank gets its own rows of train and val as unsplit datasets (``train_{rank}``,
+    ``val_{rank}``): disjoint, fixed by the sample id, the same after a restart. ``callbacks`` are
+    Ray Train callbacks (a Tune trial passes ``TuneReportCallback``); ``placement_group_file``
+    receives the workers' placement group id (see ``tune.py``). ``resume_from`` starts from another
+    run's checkpoint (used when this run has none of its own) and ``stop_at_epoch`` ends after that
+    many epochs while schedules still span ``train.epochs``: together they let Population Based
+    Training run a trial in segments."""
+    world = cfg.train.num_workers
+    keep = keeps_shard(cfg, inputs)
+    if not keep and (cfg.curriculum.scheduler == "confidence" or (
+            "student_loss" in cfg.curriculum.measurers and cfg.curriculum.scheduler != "none")):
+        raise ValueError("curriculum.scheduler=confidence and the student_loss measurer score every row with the "
+                         "live student each epoch, which needs the shard in memory: set train.data_mode=memory "
+                         "(or raise train.memory_budget_mb), or use teacher-based measurers")
+    train_sets = rank_datasets(inputs.train, world, "train")
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    options.preserve_order = True  # a streamed epoch has one order, so a resumed epoch can skip what it did
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(cfg), "data_ref": ray.put(data),
+        train_loop_config={"config": config_to_dict(cfg), "meta": inputs.meta(), "keep_shard": keep,
+                           "teacher_handles": inputs.teacher_handles,
                            "fail_once_at_step": fail_once_at_step, "placement_group_file": placement_group_file,
                            "stop_at_epoch": stop_at_epoch, "initial_checkpoint": resume_from},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                            **cfg.train.resources_per_worker}),
+        datasets={**train_sets, **rank_datasets(inputs.val, world, "val")},
+        dataset_config=DataConfig(datasets_to_split=[], execution_options={name: options for name in train_sets}),
         run_config=RunConfig(name=run_name, storage_path=str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
@@ -566,9 +671,9 @@ def run_training(cfg: ExperimentConfig, data: DistillData, storage_path: str, ru
     return trainer.fit()
 
 
-def load_trained_student(cfg: ExperimentConfig, data: DistillData, checkpoint: Checkpoint):
+def load_trained_student(cfg: ExperimentConfig, inputs: TrainInputs, checkpoint: Checkpoint):
     """The student and its history from a run's final checkpoint (safe load, no pickle)."""
-    student = build_model(cfg.student.arch, data.input_shape, data.num_classes, cfg.student.options)
+    student = build_model(cfg.student.arch, inputs.input_shape, inputs.num_classes, cfg.student.options)
     with checkpoint.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True, map_location="cpu")
         history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
@@ -576,9 +681,17 @@ def load_trained_student(cfg: ExperimentConfig, data: DistillData, checkpoint: C
     return student.eval(), history, state
 
 
-def export_student(cfg: ExperimentConfig, data: DistillData, student, directory: Path, card: dict) -> Path:
-    spec = {"arch": cfg.student.arch, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+def export_student(cfg: ExperimentConfig, inputs: TrainInputs, student, directory: Path, card: dict,
+                   data_info: dict | None = None) -> Path:
+    """The student as a model directory; ``data_info`` (label names, tabular transform, tokenizer
+    facts) goes into its spec so Serve answers with label names and preprocesses raw requests."""
+    spec = {"arch": cfg.student.arch, "input_shape": list(inputs.input_shape), "num_classes": inputs.num_classes,
             "options": dict(cfg.student.options), "task": cfg.data.task}
+    if data_info:
+        spec.update({"class_names": list(data_info.get("class_names") or ()),
+                     "feature_fields": list(data_info.get("feature_fields") or ()),
+                     "transform": data_info.get("transform"), "data_kind": data_info.get("kind"),
+                     "image_mode": data_info.get("image_mode")})
     save_model(student, directory, spec)
     (directory / "distill_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     return directory

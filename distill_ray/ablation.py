@@ -21,8 +21,9 @@ Rows without curriculum train at the constant ``loss.temperature`` and ``loss.al
 rows take their settings (num_stages, stage_length, start_fraction, ...) from the config's
 curriculum section; if the config itself runs multi_stage, the multi_stage row is the config as it
 is (its stage temperatures included), otherwise temperature and alpha stay constant there too.
-Teachers are prepared and soft targets cached once; each row slices or extends the cached
-teacher logits ``[K, N, C]``. Seeds are ``train.seed, train.seed + 1, ...``; a run is named by
+Teachers are prepared and soft targets cached once; each row reads the cached dataset with the
+columns of its own teachers (one, for kd_best_teacher), or adds the broken teacher's seeded random
+logits as a Ray Data stage. Seeds are ``train.seed, train.seed + 1, ...``; a run is named by
 its row, seed and a digest of its config, so re-running an interrupted ablation into the same
 directory resumes (finished runs are only reloaded) and a changed config never reuses a stale run.
 """
@@ -65,12 +66,12 @@ BROKEN = "broken_random"
 
 @dataclass(frozen=True)
 class Prepared:
-    """What every row shares: data, teacher directories, cached teacher logits per split."""
+    """What every row shares: the data's facts, teacher directories, the verified cache."""
 
     cfg: ExperimentConfig
-    data: Any  # ClassificationData
+    info: Any  # sources.DataInfo
     dirs: dict
-    st: Any  # pipeline.SplitTargets
+    cache: Any  # soft_targets.CachedData
     teacher_val: dict[str, float]
     teacher_test: dict[str, float]
     timings: dict[str, float]
@@ -84,7 +85,7 @@ class Prepared:
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Teachers (trained once, reused) and their soft-target cache, plus each teacher's accuracy."""
     from distill_ray.evaluate import accuracy
-    from distill_ray.pipeline import build_cache, load_data, prepare_teachers, split_targets
+    from distill_ray.pipeline import build_cache, classifier_outputs, load_data, prepare_teachers
 
     timings = {}
     start = time.perf_counter()
@@ -92,12 +93,13 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     dirs = prepare_teachers(cfg, data)
     timings["teachers"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
-    st = split_targets(build_cache(cfg, data, dirs), data)
+    cache = build_cache(cfg, data, dirs)
     timings["cache"] = round(time.perf_counter() - start, 2)
-    val = {t.name: accuracy(torch.as_tensor(st.val[k]).float(), data.val.labels) for k, t in enumerate(cfg.teachers)}
-    test = {t.name: accuracy(torch.as_tensor(st.test[k]).float(), data.test.labels)
-            for k, t in enumerate(cfg.teachers)}
-    return Prepared(cfg, data, dirs, st, val, test, timings)
+    scores = {}
+    for split in ("val", "test"):
+        teachers, _, y = classifier_outputs(cfg, cache, split, {})
+        scores[split] = {t.name: accuracy(teachers[k], y) for k, t in enumerate(cfg.teachers)}
+    return Prepared(cfg, data.info, dirs, cache, scores["val"], scores["test"], timings)
 
 
 # --- rows -----------------------------------------------------------------------------------------
@@ -117,41 +119,53 @@ def _with_scheduler(cfg: ExperimentConfig, scheduler: str) -> ExperimentConfig:
     return dataclasses.replace(base, curriculum=dataclasses.replace(base.curriculum, scheduler=scheduler))
 
 
-def random_logits(real: np.ndarray, seed: int) -> np.ndarray:
-    """Seeded Gaussian logits [N, C] with the mean and standard deviation of the real ones [K, N, C]:
-    as confident as a real teacher, right only by chance."""
-    real = np.asarray(real, dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    return rng.normal(float(real.mean()), float(real.std()), size=real.shape[1:]).astype(np.float32)
+def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[str], topk: int | None,
+                       seed: int) -> dict[str, np.ndarray]:
+    """A Ray Data stage adding a "teacher" of seeded Gaussian logits (per row, from its id and the
+    seed) with the mean and spread of the real teachers' logits: as confident as a real teacher,
+    right only by chance."""
+    from distill_ray.losses import teacher_topk
+
+    first = batch[f"{real[0]}/logits"] if topk is None else batch[f"{real[0]}/topk_logprobs"]
+    reference = np.stack([np.asarray(batch[f"{t}/logits" if topk is None else f"{t}/topk_logprobs"], np.float32)
+                          for t in real])
+    num_classes = first.shape[-1] if topk is None else int(max(np.asarray(batch[f"{t}/topk_indices"]).max()
+                                                               for t in real)) + 1
+    logits = np.stack([np.random.default_rng([seed, int(i) & (2**63 - 1)]).normal(
+        float(reference.mean()), float(reference.std()) or 1.0, size=num_classes) for i in batch["id"]]).astype(np.float32)
+    if topk is None:
+        batch[f"{name}/logits"] = logits.astype(first.dtype)
+    else:
+        logp, idx = teacher_topk(torch.as_tensor(logits), topk)
+        batch[f"{name}/topk_logprobs"] = logp.numpy().astype(first.dtype)
+        batch[f"{name}/topk_indices"] = idx.numpy().astype(np.int32)
+    return batch
 
 
 def row_setup(row: str, prep: Prepared, seed: int):
-    """(config, split targets, use_teachers) of one row at one seed."""
-    from distill_ray.pipeline import SplitTargets
-
+    """(config, extra Ray Data stage or None, use_teachers) of one row at one seed."""
     base = dataclasses.replace(prep.cfg, train=dataclasses.replace(prep.cfg.train, seed=seed, baseline=False))
-    st = prep.st
     learned = dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind="learned_global"))
     if row == "scratch":
         cfg = _no_curriculum(dataclasses.replace(base, loss=dataclasses.replace(base.loss, alpha=0.0)))
-        return cfg, st, False
+        return cfg, None, False
     if row == "kd_best_teacher":
         k = prep.cfg.teacher_names().index(prep.best_teacher)
         cfg = _no_curriculum(dataclasses.replace(base, teachers=(base.teachers[k],),
                                                  blend=dataclasses.replace(base.blend, kind="uniform")))
-        return cfg, SplitTargets(st.train[k:k + 1], st.val[k:k + 1], st.test[k:k + 1]), True
+        return cfg, None, True
     if row in ("uniform", "confidence"):
-        return _no_curriculum(dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind=row))), st, True
+        return _no_curriculum(dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind=row))), None, True
     if row == "learned":
-        return _no_curriculum(learned), st, True
+        return _no_curriculum(learned), None, True
     if row.startswith("learned+") and row.split("+", 1)[1] in ("multi_stage", "linear_ramp", "confidence"):
-        return _with_scheduler(learned, row.split("+", 1)[1]), st, True
+        return _with_scheduler(learned, row.split("+", 1)[1]), None, True
     if row == "learned+broken_teacher":
         broken = TeacherConfig(name=BROKEN, source="recipe", recipe="mlp")  # never built: logits are synthetic
         cfg = _no_curriculum(dataclasses.replace(learned, teachers=(*learned.teachers, broken)))
-        extended = SplitTargets(*(np.concatenate([a, random_logits(a, 10_007 * (seed + 1) + i)[None].astype(a.dtype)])
-                                  for i, a in enumerate((st.train, st.val, st.test))))
-        return cfg, extended, True
+        stage = (add_broken_teacher, {"name": BROKEN, "real": list(prep.cfg.teacher_names()), "topk": cfg.loss.topk,
+                                      "seed": 10_007 * (seed + 1)})
+        return cfg, stage, True
     raise ValueError(f"unknown ablation row {row!r}; choose from: {', '.join(ROWS)}")
 
 
@@ -162,17 +176,18 @@ def _run_name(row: str, cfg: ExperimentConfig, seed: int) -> str:
 
 def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any]:
     """Train one row at one seed on Ray Train; test accuracy of the result and its final weights."""
-    from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits
-    from distill_ray.pipeline import distill_data
+    from distill_ray.evaluate import accuracy, expected_calibration_error
+    from distill_ray.pipeline import classifier_outputs, training_inputs
     from distill_ray.train import load_trained_student, run_training
 
-    cfg, st, use_teachers = row_setup(row, prep, seed)
-    inputs = distill_data(cfg, prep.data, st, use_teachers=use_teachers)
+    cfg, stage, use_teachers = row_setup(row, prep, seed)
+    inputs = training_inputs(cfg, prep.cache, prep.info, use_teachers=use_teachers, stage=stage)
     start = time.perf_counter()
     result = run_training(cfg, inputs, str(storage), _run_name(row, cfg, seed))
     seconds = time.perf_counter() - start
     student, history, _ = load_trained_student(cfg, inputs, result.checkpoint)
-    logits = predict_logits(student, prep.data.test.inputs)
+    _, outputs, y = classifier_outputs(prep.cfg, prep.cache, "test", {"student": student})
+    logits = outputs["student"]
     weights = {}
     if use_teachers:
         for r in reversed(history):
@@ -181,8 +196,8 @@ def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any
                 weights = found
                 break
     epochs = [r for r in history if r.get("kind") == "epoch"]
-    return {"row": row, "seed": seed, "test_accuracy": accuracy(logits, prep.data.test.labels),
-            "test_ece": expected_calibration_error(logits.softmax(-1), prep.data.test.labels),
+    return {"row": row, "seed": seed, "test_accuracy": accuracy(logits, y),
+            "test_ece": expected_calibration_error(logits.softmax(-1), y),
             "val_accuracy": epochs[-1]["val_accuracy"] if epochs else None,
             "teacher_weights": weights, "train_seconds": round(seconds, 2)}
 
@@ -313,9 +328,9 @@ def run_ablation(cfg: ExperimentConfig, seeds: int, out_dir: str | Path, rows: S
     result = summarize(runs, prep, rows)
     from distill_ray.models import build_model, num_params
 
-    student = build_model(cfg.student.arch, prep.data.input_shape, prep.data.num_classes, cfg.student.options)
+    student = build_model(cfg.student.arch, prep.info.input_shape, prep.info.num_classes, cfg.student.options)
     result.update({
-        "config_name": cfg.name, "seeds": seed_list, "num_test": int(len(prep.data.test)),
+        "config_name": cfg.name, "seeds": seed_list, "num_test": prep.cache.rows("test"),
         "student": f"{cfg.student.arch} {dict(cfg.student.options)}, {num_params(student):,} params",
         "command": command or " ".join(shlex.quote(a) for a in sys.argv), "machine": machine_info(),
         "wall_seconds": round(time.perf_counter() - wall, 1), "timings": prep.timings, "runs": runs,

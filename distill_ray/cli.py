@@ -11,6 +11,7 @@ import sys
 
 from distill_ray import __version__
 from distill_ray.config import ConfigError, dump_config, load_config
+from distill_ray.data import DataError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +106,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
     from distill_ray.models import load_model, num_params
-    from distill_ray.pipeline import load_data
+    from distill_ray.pipeline import connect_ray, load_data
     from distill_ray.serving import StudentLoadError, resolve_student_dir
 
     cfg = load_config(args.data, args.overrides)
@@ -114,20 +115,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except StudentLoadError as err:
         raise ValueError(str(err)) from None
     model, _ = load_model(student_dir)
+    connect_ray(args.address)
     data = load_data(cfg)
-    split = getattr(data, args.split)
-    result = {"student": str(student_dir), "split": args.split, "num_samples": len(split)}
-    if data.task == "causal_lm":
-        from distill_ray.evaluate import lm_label_logprobs, perplexity, token_accuracy
+    causal = data.info.task == "causal_lm"
+    outputs, labels, example = [], [], None
+    for batch in data.splits[args.split].iter_batches(batch_size=64 if causal else 1024, batch_format="numpy"):
+        x, y = torch.from_numpy(batch["x"].copy()), torch.from_numpy(batch["label"].copy())
+        example = x[:1] if example is None else example
+        labels.append(y)
+        if causal:
+            from distill_ray.evaluate import lm_label_logprobs
 
-        logp, top1 = lm_label_logprobs(model, split.inputs, split.labels)
-        result.update(perplexity=perplexity(logp, split.labels), token_accuracy=token_accuracy(top1, split.labels))
+            outputs.append(lm_label_logprobs(model, x, y))
+        else:
+            outputs.append(predict_logits(model, x))
+    y = torch.cat(labels)
+    result = {"student": str(student_dir), "split": args.split, "num_samples": int(len(y))}
+    if causal:
+        from distill_ray.evaluate import perplexity, token_accuracy
+
+        logp, top1 = torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+        result.update(perplexity=perplexity(logp, y), token_accuracy=token_accuracy(top1, y))
     else:
-        logits = predict_logits(model, split.inputs)
-        result.update(accuracy=accuracy(logits, split.labels),
-                      ece=expected_calibration_error(logits.softmax(-1), split.labels))
-    result.update(params=num_params(model),
-                  latency_ms=single_sample_latency_ms(model, torch.as_tensor(split.inputs[:1])))
+        logits, labeled = torch.cat(outputs), y >= 0
+        result.update(accuracy=accuracy(logits[labeled], y[labeled]),
+                      ece=expected_calibration_error(logits[labeled].softmax(-1), y[labeled]))
+    result.update(params=num_params(model), latency_ms=single_sample_latency_ms(model, example))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -197,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.max_eval_samples=1000")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--address", default=None, help="Ray cluster address")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("ablation", help="the quality table: scratch, single teacher, each blend, each curriculum, "
@@ -216,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"distill-ray: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"distill-ray: data error: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         # Known failure kinds (missing data, corrupt cache, bad model dir) end in one line, not a trace.

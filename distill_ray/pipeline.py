@@ -24,7 +24,7 @@ from distill_ray import curriculum as cur
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.data import Split, cache_root, smollm2_path
 from distill_ray.models import build_model, load_model, num_params, save_model, save_tokenizer
-from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, target_columns, write_cache
+from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
 from distill_ray.sources import DataInfo, SourceData, load_source
 from distill_ray.teachers import TeacherBatchUDF, TeacherPool, TeacherSpec
 from distill_ray.train import TrainInputs
@@ -233,22 +233,33 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
 # --- training inputs ------------------------------------------------------------------------------
 
 def training_inputs(cfg: ExperimentConfig, cache: CachedData, info: DataInfo, use_teachers: bool = True,
-                    pool: TeacherPool | None = None) -> TrainInputs:
+                    pool: TeacherPool | None = None, stage: tuple | None = None) -> TrainInputs:
     """What Ray Train gets: the cache's train and val splits as datasets (only the columns this run
-    reads) and the facts about them. With a ``pool`` (online mode) the train rows carry no targets:
-    workers ask the teacher actors per batch."""
+    reads: its own teachers' targets) and the facts about them. With a ``pool`` (online mode) the
+    train rows carry no targets: workers ask the teacher actors per batch. ``stage`` = (fn, kwargs)
+    adds a Ray Data map_batches stage to both (the ablation's synthetic teacher)."""
     online = pool is not None and use_teachers
-    targets = target_columns(cache.spec)
+    targets = teacher_columns(cfg.teacher_names(), cfg.loss.topk)
+    stored = [c for c in targets if c in cache.columns]
     measures = [c for c in cache.columns if c.startswith("difficulty/")]
-    train_columns = ["id", "x", "label", *(targets if use_teachers and not online else []),
-                     *(measures if use_teachers else [])]
+    train = cache.dataset("train", ["id", "x", "label", *(stored if use_teachers and not online else []),
+                                    *(measures if use_teachers else [])])
+    val = cache.dataset("val", ["id", "x", "label", *stored])
+    if stage is not None:
+        fn, kwargs = stage
+        train = train.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy") if use_teachers and not online else train
+        val = val.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy")
     train_bytes = sum(os.path.getsize(f) for f in cache.files("train"))
-    return TrainInputs(train=cache.dataset("train", train_columns), val=cache.dataset("val", ["id", "x", "label", *targets]),
-                       teacher_names=cfg.teacher_names(), num_classes=info.num_classes, input_shape=info.input_shape,
-                       train_rows=cache.rows("train"), train_bytes=train_bytes, task=info.task, topk=cfg.loss.topk,
-                       all_labeled=info.labeled["train"] == info.counts["train"], use_teachers=use_teachers,
-                       targets_in_rows=not online,
+    return TrainInputs(train=train, val=val, teacher_names=cfg.teacher_names(), num_classes=info.num_classes,
+                       input_shape=info.input_shape, train_rows=cache.rows("train"), train_bytes=train_bytes,
+                       task=info.task, topk=cfg.loss.topk, all_labeled=info.labeled["train"] == info.counts["train"],
+                       use_teachers=use_teachers, targets_in_rows=not online,
                        teacher_handles=dict(pool.actor_handles()) if online else None)
+
+
+def teacher_columns(names, topk: int | None) -> list[str]:
+    return [f"{t}/logits" for t in names] if topk is None else \
+        [c for t in names for c in (f"{t}/topk_logprobs", f"{t}/topk_indices")]
 
 
 # --- the main job ---------------------------------------------------------------------------------
@@ -257,10 +268,6 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     """data -> teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR."""
     from distill_ray.train import export_student, load_trained_student, run_training
 
-    run_dir = cfg.run_path().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _set_aside_stale_checkpoints(run_dir, dump_config(cfg))
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
     timings: dict[str, float] = {}
 
     def timed(phase: str, fn, *args, **kwargs):
@@ -269,7 +276,11 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         timings[phase] = round(time.perf_counter() - start, 2)
         return out
 
-    data = timed("data", load_data, cfg)
+    data = timed("data", load_data, cfg)  # bad data fails here, before anything is written
+    run_dir = cfg.run_path().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside_stale_checkpoints(run_dir, dump_config(cfg))
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     info = data.info
     dirs = timed("teachers", prepare_teachers, cfg, data, retrain_teachers)
     cache = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache)
@@ -336,11 +347,6 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     return metrics
 
 
-def test_batches(cache: CachedData, columns: list[str], batch_size: int = 1024):
-    """The cached test split, batch by batch, as numpy (the driver never holds it whole)."""
-    return cache.dataset("test", columns).iter_batches(batch_size=batch_size, batch_format="numpy")
-
-
 def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dict[str, Path], student,
                              baseline, history: list[dict]) -> tuple[dict[str, dict], dict]:
     """Test perplexity and next-token accuracy of every teacher (run exactly, not from the top-k
@@ -352,7 +358,7 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
     logp: dict[str, list] = {name: [] for name in models}
     top1: dict[str, list] = {name: [] for name in models}
     labels, example = [], None
-    for batch in test_batches(cache, ["x", "label"], batch_size=64):
+    for batch in cache.dataset("test", ["x", "label"]).iter_batches(batch_size=64, batch_format="numpy"):
         example = example if example is not None else torch.as_tensor(batch["x"][:1])
         labels.append(torch.as_tensor(batch["label"]))
         for name, model in models.items():
@@ -372,27 +378,37 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
     return {name: rows[name] for name in (*cfg.teacher_names(), "blend", "student", "baseline") if name in rows}, {}
 
 
+def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, models: dict):
+    """Streamed over a cached split: the teachers' logits [K, N, C] (from the cache), each model's
+    logits [N, C] and the labels [N]. Unlabeled rows are left out (they have nothing to score)."""
+    from distill_ray.evaluate import predict_logits
+    from distill_ray.train import batch_targets
+
+    names = cfg.teacher_names()
+    teacher_parts, model_parts, labels = [], {name: [] for name in models}, []
+    for batch in cache.dataset(split, ["x", "label", *teacher_columns(names, cache.spec.topk)]).iter_batches(
+            batch_size=1024, batch_format="numpy"):
+        cols = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
+        labeled = cols["label"] >= 0
+        cols = {k: v[labeled] for k, v in cols.items()}
+        labels.append(cols["label"])
+        teacher_parts.append(batch_targets(cols, names, cache.spec.num_classes, cache.spec.topk, False, "cpu")[0])
+        for name, model in models.items():
+            model_parts[name].append(predict_logits(model, cols["x"]))
+    return torch.cat(teacher_parts, dim=1), {n: torch.cat(p) for n, p in model_parts.items()}, torch.cat(labels)
+
+
 def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[str, Path], student, baseline,
                          history: list[dict]) -> tuple[dict[str, dict], dict]:
     """Test accuracy, ECE, size and latency of every teacher (from the cache), their blend, the
     baseline and the student, streamed over the test split; plus each one's test probabilities for
     the reliability diagram."""
     from distill_ray.blending import blend_probs
-    from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
-    from distill_ray.train import batch_targets
+    from distill_ray.evaluate import accuracy, expected_calibration_error, single_sample_latency_ms
 
-    names = cfg.teacher_names()
     models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
-    teacher_parts, model_parts, labels, example = [], {name: [] for name in models}, [], None
-    for batch in test_batches(cache, ["x", "label", *target_columns(cache.spec)]):
-        cols = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
-        example = example if example is not None else cols["x"][:1]
-        labels.append(cols["label"])
-        teacher_parts.append(batch_targets(cols, names, cache.spec.num_classes, cache.spec.topk, False, "cpu")[0])
-        for name, model in models.items():
-            model_parts[name].append(predict_logits(model, cols["x"]))
-    y = torch.cat(labels)
-    teachers = torch.cat(teacher_parts, dim=1)
+    teachers, outputs, y = classifier_outputs(cfg, cache, "test", models)
+    example = torch.from_numpy(np.array(cache.dataset("test", ["x"]).take_batch(1, batch_format="numpy")["x"]))
     rows: dict[str, dict] = {}
     for k, t in enumerate(cfg.teachers):
         model, _ = load_model(dirs[t.name])
@@ -402,11 +418,11 @@ def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[st
     blend = blend_probs(teachers, weights, temperature=1.0)
     rows["blend"] = {"accuracy": accuracy(blend, y), "ece": expected_calibration_error(blend, y)}
     for name, model in models.items():
-        logits = torch.cat(model_parts[name])
+        logits = outputs[name]
         rows[name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
                       "params": num_params(model), "latency_ms": single_sample_latency_ms(model, example)}
     test_probs = {t.name: teachers[k].float().softmax(-1) for k, t in enumerate(cfg.teachers)}
-    test_probs.update({name: torch.cat(model_parts[name]).softmax(-1) for name in models})
+    test_probs.update({name: outputs[name].softmax(-1) for name in models})
     return rows, {name: (p.numpy(), y.numpy()) for name, p in test_probs.items()}
 
 

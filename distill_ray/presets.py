@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np

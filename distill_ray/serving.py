@@ -500,7 +500,11 @@ class StudentPredictor:
         self.max_length = int((self.spec.get("options") or {}).get("max_length")
                               or self.spec.get("max_length") or DEFAULT_MAX_LENGTH)
         card = read_card(self.student_dir)
-        self.class_names = _class_names(card, self.model, self.num_classes)
+        # Label names saved with the student (the data's label map) win over the card's copy.
+        self.class_names = _class_names({"class_names": self.spec.get("class_names")} if self.spec.get("class_names")
+                                        else card, self.model, self.num_classes)
+        # Tabular students: the train split's standardisation, applied to raw feature values.
+        self.transform = self.spec.get("transform")
         self.model_id = f"{card.get('name', self.student_dir.name)}@{card.get('version', 'unversioned')}"
         self.card = {**card, "quantized": self.quantized, "model": self.model_id}
         self.schema = InputSchema(num_classes=self.num_classes, input_shape=self._input_shape(),
@@ -545,8 +549,12 @@ class StudentPredictor:
     # -- inference
 
     def _feature_tensor(self, batch_inputs: Any) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(batch_inputs, dtype=np.float32))
-        return x.reshape(len(x), *self.schema.input_shape)
+        x = np.asarray(batch_inputs, dtype=np.float32)
+        if self.transform:
+            from distill_ray.data import apply_standardise
+
+            x = apply_standardise(x.reshape(len(x), -1), self.transform)
+        return torch.as_tensor(x).reshape(len(x), *self.schema.input_shape)
 
     def _token_ids(self, item: str | Sequence[int]) -> list[int]:
         if isinstance(item, str):

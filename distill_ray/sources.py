@@ -32,7 +32,7 @@ import ray
 import ray.data
 
 from distill_ray.config import ExperimentConfig, PRESETS
-from distill_ray.data import DataError, apply_standardise, cache_root, content_ids, hash_to_id, label_ids, \
+from distill_ray.data import DataError, apply_standardise, content_ids, hash_to_id, label_ids, \
     normalise_split_names, split_by_id, id_uniform, standardise_stats
 
 SPLITS = ("train", "val", "test")

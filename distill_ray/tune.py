@@ -137,19 +137,19 @@ def _plain(value: Any) -> Any:
 
 # --- the trial ------------------------------------------------------------------------------------
 
-def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, data, targets, storage: str) -> None:
+def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str) -> None:
     """One Tune trial: a TorchTrainer from inside a function trainable (the Train V2 pattern)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distill_ray.pipeline import distill_data
+    from distill_ray.pipeline import training_inputs
     from distill_ray.train import run_training
 
     cfg = trial_config(base_raw, space, sampled)
     trial_id = tune.get_context().get_trial_id()
     pg_file = _trial_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
     # The same trial id resumes the same Train run (Tuner.restore re-runs unfinished trials).
-    run_training(cfg, distill_data(cfg, data, targets), storage, f"train-{trial_id}",
+    run_training(cfg, training_inputs(cfg, cache, info), storage, f"train-{trial_id}",
                  callbacks=[TuneReportCallback()], placement_group_file=str(pg_file))
 
 
@@ -165,7 +165,7 @@ def _trial_dir(storage: str, trial_id: str) -> Path:
 
 # --- Population Based Training --------------------------------------------------------------------
 
-def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, data, targets, storage: str, slots) -> None:
+def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str, slots) -> None:
     """One PBT trial: segments of ``tune.pbt_interval`` epochs, each a TorchTrainer run resumed from the
     previous segment's checkpoint and ending in a Tune report that carries that checkpoint.
 
@@ -176,12 +176,12 @@ def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, data, targe
     reused one would make Train resume that older run instead of the handed-over checkpoint."""
     from ray import tune
 
-    from distill_ray.pipeline import distill_data
+    from distill_ray.pipeline import training_inputs
     from distill_ray.train import run_training
 
     cfg = trial_config(base_raw, space, sampled)
     trial_dir = _trial_dir(storage, tune.get_context().get_trial_id())
-    inputs = distill_data(cfg, data, targets)
+    inputs = training_inputs(cfg, cache, info)
     checkpoint = tune.get_checkpoint()
     started_from = checkpoint.path if checkpoint else ""  # a donor's checkpoint after an exploit
     epoch = _epochs_done(checkpoint)
@@ -518,7 +518,7 @@ def resume_sweep(sweep_dir: str | Path) -> dict:
 def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore: bool) -> dict:
     from ray import tune
 
-    from distill_ray.pipeline import build_cache, load_data, prepare_teachers, split_targets
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers
 
     _tune_env()
     pbt = cfg.tune.scheduler == "pbt"
@@ -530,10 +530,11 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
         trial_fn, extra = _trial, {}
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)
-    targets = split_targets(build_cache(cfg, data, dirs), data)  # built or verified once, before any trial
+    cache = build_cache(cfg, data, dirs)  # built or verified once, before any trial
+    info = data.info
 
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, base_raw=config_to_dict(cfg), space=space, data=data, targets=targets,
+        tune.with_parameters(trial_fn, base_raw=config_to_dict(cfg), space=space, info=info, cache=cache,
                              storage=str(sweep_dir / "train"), **extra),
         {"cpu": cfg.tune.cpus_per_trial})
     if restore:
@@ -552,7 +553,7 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
                                       stop={"epoch": cfg.train.epochs} if pbt else None),
         )
     grid = tuner.fit()
-    return finish_sweep(cfg, space, grid, sweep_dir, data, targets)
+    return finish_sweep(cfg, space, grid, sweep_dir, info, cache)
 
 
 # --- results --------------------------------------------------------------------------------------
@@ -574,13 +575,13 @@ def trial_table(cfg: ExperimentConfig, space: SearchSpace, grid) -> list[dict]:
     return scored + [r for r in rows if r not in scored]
 
 
-def finish_sweep(cfg: ExperimentConfig, space: SearchSpace, grid, sweep_dir: Path, data, targets) -> dict:
+def finish_sweep(cfg: ExperimentConfig, space: SearchSpace, grid, sweep_dir: Path, info, cache) -> dict:
     rows = trial_table(cfg, space, grid)
     (sweep_dir / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
     best = next((r for r in rows if r["metric"] is not None and r["checkpoint_path"]), None)
     if best is None:
         raise RuntimeError(f"no trial reported {cfg.tune.metric!r} with a checkpoint; see {sweep_dir / 'trials'}")
-    student_dir = export_best(cfg, space, best, sweep_dir, data, targets)
+    student_dir = export_best(cfg, space, best, sweep_dir, info, cache)
     version_dir = register(student_dir, Path(cfg.tune.registry_dir).expanduser() / cfg.name)
     plot_path = plot_sweep(rows, space, cfg.tune.metric, sweep_dir / "metric_vs_params.png")
     schedule = None
@@ -593,25 +594,28 @@ def finish_sweep(cfg: ExperimentConfig, space: SearchSpace, grid, sweep_dir: Pat
             "sweep_dir": str(sweep_dir), "schedule": schedule}
 
 
-def export_best(cfg: ExperimentConfig, space: SearchSpace, best: dict, sweep_dir: Path, data, targets) -> Path:
+def export_best(cfg: ExperimentConfig, space: SearchSpace, best: dict, sweep_dir: Path, info, cache) -> Path:
     from ray.train import Checkpoint
 
-    from distill_ray.pipeline import distill_data
+    from distill_ray.pipeline import training_inputs
+    from distill_ray.models import save_tokenizer
     from distill_ray.train import export_student, load_trained_student
 
     trial_cfg = trial_config(config_to_dict(cfg), space, best["params"])
-    inputs = distill_data(trial_cfg, data, targets)
+    inputs = training_inputs(trial_cfg, cache, info)
     student, history, _ = load_trained_student(trial_cfg, inputs, Checkpoint(best["checkpoint_path"]))
     weights = next(({k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("teacher_weight/")}
                     for row in reversed(history) if any(k.startswith("teacher_weight/") for k in row)), {})
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
             "teacher_weights": weights, "metrics": {cfg.tune.metric: best["metric"]}, "trial_id": best["trial_id"],
-            "params": best["params"], "config": config_to_dict(trial_cfg), "class_names": list(data.class_names),
+            "params": best["params"], "config": config_to_dict(trial_cfg), "class_names": list(info.class_names),
             "source": "tune"}
     out = sweep_dir / "best" / "student"
     if out.exists():
         shutil.rmtree(out)
-    export_student(trial_cfg, inputs, student, out, card)
+    export_student(trial_cfg, inputs, student, out, card, info.to_dict())
+    if info.tokenizer:  # a text student serves raw text: its tokenizer goes with it
+        save_tokenizer(info.tokenizer, out, max_length=info.input_shape[-1])
     (sweep_dir / "best" / "config.yaml").write_text(dump_config(trial_cfg))
     return out
 

@@ -446,4 +446,4 @@ class CachedData:
         if not files:
             raise CorruptCacheError(f"{self.directory}: the cache has no {split} rows; {_REBUILD_HINT}")
         cols = [c for c in (columns or self.columns) if c != "split"]
-        return ray.data.read_parquet(files, columns=cols, partitioning=None)
+        return ray.data.read_parquet(files, partitioning=None).select_columns(cols)

@@ -1,23 +1,17 @@
-"""Tests for distill_ray.soft_targets: round trips, id lookup, staleness, corruption, atomicity."""
+"""Tests for distill_ray.soft_targets: the cache as a dataset written by Ray Data, staleness,
+corruption, atomic publication."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from distill_ray import __version__
 from distill_ray import soft_targets as st
-from distill_ray.soft_targets import (
-    MANIFEST,
-    CacheSpec,
-    CorruptCacheError,
-    SoftTargets,
-    StaleCacheError,
-    StoreWriter,
-)
+from distill_ray.soft_targets import MANIFEST, CacheSpec, CachedData, CorruptCacheError, StaleCacheError
 
 C = 7
 FP_A = "a" * 64
@@ -30,174 +24,84 @@ def _spec(**kw) -> CacheSpec:
     return CacheSpec(**base)
 
 
-def _rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
+def _rows(n: int = 53) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(1000)[:n].astype(np.int64) + 5  # non-contiguous, unsorted ids
+    return {"id": ids, "x": rng.standard_normal((n, 4)).astype(np.float32),
+            "label": rng.integers(-1, C, n).astype(np.int64),
+            "cnn/logits": (rng.standard_normal((n, C)) * 3).astype(np.float16),
+            "vit/logits": (rng.standard_normal((n, C)) * 3).astype(np.float16),
+            "difficulty/ensemble_entropy": rng.random(n).astype(np.float32),
+            "split": np.array(["train", "val", "test"] * (n // 3) + ["train"] * (n % 3))}
 
 
-def _full_outputs(spec: CacheSpec, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    seq = () if spec.seq_len is None else (spec.seq_len,)
-    r = _rng(seed)
-    return {t: (r.standard_normal((n, *seq, spec.num_classes)) * 3).astype(np.float32) for t in spec.teachers}
+def _dataset(rows: dict[str, np.ndarray]):
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    table = pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v for k, v in rows.items()})
+    return ray.data.from_arrow(table).repartition(4)
 
 
-def _topk_outputs(spec: CacheSpec, n: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    seq = () if spec.seq_len is None else (spec.seq_len,)
-    r = _rng(seed)
-    out = {}
-    for t in spec.teachers:
-        logits = r.standard_normal((n, *seq, spec.num_classes)).astype(np.float32)
-        idx = np.argsort(-logits, axis=-1)[..., : spec.topk]
-        out[t] = (np.take_along_axis(logits, idx, -1), idx.astype(np.int64))
-    return out
-
-
-def _write(directory: Path, spec: CacheSpec, ids: np.ndarray, outputs: dict, shard_rows: int, batch: int = 10) -> Path:
-    """Write in batches of ``batch`` rows so shards straddle add() calls."""
-    with StoreWriter(directory, spec, shard_rows=shard_rows) as w:
-        for s in range(0, len(ids), batch):
-            sl = slice(s, s + batch)
-            w.add(ids[sl], {t: (tuple(a[sl] for a in o) if isinstance(o, tuple) else o[sl]) for t, o in outputs.items()})
-        return w.finish()
+@pytest.fixture(scope="module")
+def written(ray_local, tmp_path_factory):
+    """A float16 full-logit cache of 53 rows written by Ray Data (several files per split)."""
+    rows = _rows()
+    d = st.write_cache(tmp_path_factory.mktemp("cache") / "c", _spec(), _dataset(rows))
+    return d, rows
 
 
 @pytest.fixture
-def full_cache(tmp_path):
-    """A float16 full-logit cache of 53 rows in shards of 16 (4 shards, the last partial)."""
-    spec = _spec()
-    ids = _rng(1).permutation(1000)[:53].astype(np.int64) + 5  # non-contiguous, unsorted ids
-    outputs = _full_outputs(spec, len(ids))
-    d = _write(tmp_path / "cache", spec, ids, outputs, shard_rows=16)
-    return d, spec, ids, outputs
+def cache_copy(written, tmp_path):
+    d, rows = written
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)
+    return copy, _spec(), rows
 
 
 def _manifest(d: Path) -> dict:
     return json.loads((d / MANIFEST).read_text())
 
 
-# ---------------------------------------------------------------------------------------------
-# round trips
-
-
-def test_full_logits_round_trip_across_shards(full_cache):
-    d, spec, ids, outputs = full_cache
-    m = _manifest(d)
-    assert [s["rows"] for s in m["shards"]] == [16, 16, 16, 5]
-    assert sorted(p.name for p in d.iterdir()) == [MANIFEST] + [f"shard-{i:05d}.parquet" for i in range(4)]
-    assert m["num_rows"] == 53 and m["teachers"] == ["cnn", "vit"]
-    assert m["columns"] == ["id", "cnn/logits", "vit/logits"]
-    assert m["created_by"] == f"distill-ray {__version__}"
-    assert m["shards"][1]["first_id"] == ids[16] and m["shards"][1]["last_id"] == ids[31]
-    assert CacheSpec.from_dict(m["spec"]) == spec
-
-    cache = SoftTargets.open(d, expected=spec)
-    np.testing.assert_array_equal(cache.ids, ids)  # stored order = order added
-    assert cache.ids.dtype == np.int64 and cache.teachers == ("cnn", "vit") and len(cache) == 53
-    rows = np.arange(53)
-    for t in spec.teachers:
-        got = cache.logits(t, rows)
-        assert got.dtype == np.float32 and got.shape == (53, C)
-        np.testing.assert_allclose(got, outputs[t], rtol=1e-3, atol=1e-3)  # fp16 rounding
-        np.testing.assert_array_equal(got, outputs[t].astype(np.float16).astype(np.float32))
-    stacked = cache.stacked_logits(rows[::2])
-    assert stacked.shape == (2, 27, C) and stacked.dtype == np.float32
-    np.testing.assert_array_equal(stacked[1], cache.logits("vit", rows[::2]))
-    np.testing.assert_array_equal(stacked[0], cache.logits("cnn", rows[::2]))
-
-
-def test_float32_round_trip_is_exact(tmp_path):
-    spec = _spec(dtype="float32")
-    ids = np.arange(30, dtype=np.int64)
-    outputs = _full_outputs(spec, 30, seed=3)
-    d = _write(tmp_path / "c", spec, ids, outputs, shard_rows=7)
-    cache = SoftTargets.open(d, spec)
-    for t in spec.teachers:
-        np.testing.assert_array_equal(cache.logits(t, np.arange(30)), outputs[t])
-
-
-def test_topk_round_trip(tmp_path):
-    spec = _spec(topk=3, dtype="float32")
-    ids = np.arange(100, 125, dtype=np.int64)
-    outputs = _topk_outputs(spec, 25)
-    d = _write(tmp_path / "c", spec, ids, outputs, shard_rows=10, batch=4)
-    assert _manifest(d)["columns"] == ["id", "cnn/topk_values", "cnn/topk_indices", "vit/topk_values", "vit/topk_indices"]
-    cache = SoftTargets.open(d, spec)
-    for t in spec.teachers:
-        v, i = cache.topk(t, np.arange(25))
-        assert v.dtype == np.float32 and i.dtype == np.int64 and v.shape == i.shape == (25, 3)
-        np.testing.assert_array_equal(v, outputs[t][0])
-        np.testing.assert_array_equal(i, outputs[t][1])
-    with pytest.raises(ValueError, match="topk"):
-        cache.logits("cnn", np.arange(2))
-    with pytest.raises(ValueError, match="topk"):
-        cache.stacked_logits(np.arange(2))
-
-
-def test_sequence_topk_round_trip(tmp_path):
-    spec = _spec(topk=4, seq_len=5, num_classes=50, tokenizer="gpt2-tok")
-    ids = np.arange(23, dtype=np.int64)
-    outputs = _topk_outputs(spec, 23, seed=2)
-    d = _write(tmp_path / "c", spec, ids, outputs, shard_rows=8, batch=6)
-    cache = SoftTargets.open(d, spec)
-    rows = cache.rows_for([22, 0, 9])
-    for t in spec.teachers:
-        v, i = cache.topk(t, rows)
-        assert v.shape == i.shape == (3, 5, 4)
-        np.testing.assert_allclose(v, outputs[t][0][[22, 0, 9]], rtol=1e-3, atol=1e-3)
-        np.testing.assert_array_equal(i, outputs[t][1][[22, 0, 9]])
-    with pytest.raises(ValueError, match=r"top-4 values only; use topk\(\), not logits\(\)"):
-        cache.logits("cnn", rows)
-
-
-def test_sequence_full_logits_round_trip(tmp_path):
-    spec = _spec(seq_len=3, num_classes=11)
-    ids = np.arange(9, dtype=np.int64)
-    outputs = _full_outputs(spec, 9, seed=4)
-    d = _write(tmp_path / "c", spec, ids, outputs, shard_rows=4, batch=9)
-    cache = SoftTargets.open(d, spec)
-    got = cache.stacked_logits(np.arange(9))
-    assert got.shape == (2, 9, 3, 11)
-    np.testing.assert_allclose(got[0], outputs["cnn"], rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(got[1], outputs["vit"], rtol=1e-3, atol=1e-3)
-    with pytest.raises(ValueError, match="logits"):
-        cache.topk("cnn", np.arange(2))
+pytestmark = pytest.mark.ray
 
 
 # ---------------------------------------------------------------------------------------------
-# id lookup
+# the cache is the dataset
 
 
-def test_rows_for_maps_shuffled_subset(full_cache):
-    d, spec, ids, outputs = full_cache
-    cache = SoftTargets.open(d)
-    pick = _rng(7).permutation(53)[:20]
-    rows = cache.rows_for(ids[pick])
-    np.testing.assert_array_equal(rows, pick)
-    np.testing.assert_array_equal(cache.ids[rows], ids[pick])
-    np.testing.assert_allclose(cache.logits("vit", rows), outputs["vit"][pick], rtol=1e-3, atol=1e-3)
-
-
-def test_rows_for_missing_id_raises_keyerror_naming_it(full_cache):
-    d, _, ids, _ = full_cache
-    cache = SoftTargets.open(d)
-    absent = 10_000_001
-    with pytest.raises(KeyError, match=str(absent)) as e:
-        cache.rows_for(np.array([ids[0], absent, ids[3]]))
-    assert "1 id(s)" in str(e.value)
-    with pytest.raises(KeyError, match="5 id"):  # below and above every stored id, too
-        cache.rows_for(np.array([-1, 0, 1, 2, 99_999]))
-    with pytest.raises(KeyError, match="'nope'"):
-        cache.logits("nope", np.arange(2))
+def test_every_split_round_trips_with_inputs_labels_targets_and_difficulty(written):
+    d, rows = written
+    cache = CachedData.open(d, _spec())
+    m = cache.manifest
+    assert m["num_rows"] == 53 and m["rows_per_split"] == {"train": 19, "val": 17, "test": 17}
+    assert all(s["file"].startswith(f"split={s['split']}/") for s in m["shards"])
+    for split in ("train", "val", "test"):
+        got = cache.dataset(split).to_pandas().sort_values("id")
+        want = np.sort(rows["id"][rows["split"] == split])
+        np.testing.assert_array_equal(got["id"].to_numpy(), want)
+        assert "split" not in got.columns
+        order = np.argsort(rows["id"])
+        pick = order[np.isin(rows["id"][order], want)]
+        np.testing.assert_array_equal(np.stack(got["cnn/logits"].to_numpy()), rows["cnn/logits"][pick])
+        np.testing.assert_array_equal(got["label"].to_numpy(), rows["label"][pick])
+        np.testing.assert_allclose(np.stack(got["x"].to_numpy()), rows["x"][pick])
+        np.testing.assert_allclose(got["difficulty/ensemble_entropy"].to_numpy(),
+                                   rows["difficulty/ensemble_entropy"][pick])
+    only = cache.dataset("val", ["id", "vit/logits"]).take_batch(100, batch_format="numpy")
+    assert set(only) == {"id", "vit/logits"}
 
 
 # ---------------------------------------------------------------------------------------------
 # stale
 
 
-def test_stale_teacher_fingerprint_names_field_and_teacher(full_cache):
-    d, spec, _, _ = full_cache
+def test_stale_teacher_fingerprint_names_field_and_teacher(written):
+    d, _ = written
     newer = _spec(teacher_fingerprints={"cnn": "9b2c" + "0" * 60, "vit": FP_B})
     with pytest.raises(StaleCacheError) as e:
-        SoftTargets.open(d, expected=newer)
+        CachedData.open(d, expected=newer)
     msg = str(e.value)
     assert msg.startswith(str(d))
     assert "teacher_fingerprints['cnn']: cached aaaaaaaaaaaa… vs now 9b2c00000000…" in msg
@@ -205,15 +109,13 @@ def test_stale_teacher_fingerprint_names_field_and_teacher(full_cache):
     assert "--rebuild" in msg and "cache.rebuild=true" in msg
 
 
-def test_stale_topk_and_teacher_order(full_cache):
-    d, spec, _, _ = full_cache
+def test_stale_topk_and_teacher_order(written):
+    d, _ = written
     with pytest.raises(StaleCacheError, match=r"topk: cached None vs now 5") as e:
         st.verify(d, expected=_spec(topk=5))
     assert "teacher_fingerprints" not in str(e.value)
     with pytest.raises(StaleCacheError, match="order"):
         st.verify(d, expected=_spec(teacher_fingerprints={"vit": FP_B, "cnn": FP_A}))
-    with pytest.raises(StaleCacheError, match=r"teacher_fingerprints\['new'\]: cached \(absent\)"):
-        st.verify(d, expected=_spec(teacher_fingerprints={"cnn": FP_A, "vit": FP_B, "new": FP_A}))
     assert st.verify(d, expected=_spec())["num_rows"] == 53  # an equal spec passes
 
 
@@ -221,30 +123,32 @@ def test_stale_topk_and_teacher_order(full_cache):
 # corrupt
 
 
-def test_flipped_byte_in_shard_is_corrupt_and_names_shard(full_cache):
-    d, spec, _, _ = full_cache
-    shard = d / "shard-00002.parquet"
-    data = bytearray(shard.read_bytes())
+def test_flipped_byte_in_a_file_is_corrupt_and_names_it(cache_copy):
+    d, spec, _ = cache_copy
+    entry = _manifest(d)["shards"][1]
+    path = d / entry["file"]
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
-    shard.write_bytes(bytes(data))
-    with pytest.raises(CorruptCacheError, match="shard-00002.parquet") as e:
-        SoftTargets.open(d, spec)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCacheError, match=entry["file"]) as e:
+        CachedData.open(d, spec)
     assert str(e.value).startswith(str(d)) and "sha256" in str(e.value)
 
 
-def test_missing_shard_is_corrupt(full_cache):
-    d, spec, _, _ = full_cache
-    (d / "shard-00001.parquet").unlink()
-    with pytest.raises(CorruptCacheError, match="shard-00001.parquet.*missing"):
+def test_missing_file_is_corrupt(cache_copy):
+    d, spec, _ = cache_copy
+    entry = _manifest(d)["shards"][0]
+    (d / entry["file"]).unlink()
+    with pytest.raises(CorruptCacheError, match=f"{entry['file']}.*missing"):
         st.verify(d, spec)
 
 
-def test_truncated_or_missing_manifest_is_corrupt(full_cache, tmp_path):
-    d, spec, _, _ = full_cache
+def test_truncated_or_missing_manifest_is_corrupt(cache_copy, tmp_path):
+    d, spec, _ = cache_copy
     text = (d / MANIFEST).read_text()
     (d / MANIFEST).write_text(text[: len(text) // 2])
     with pytest.raises(CorruptCacheError, match="unreadable manifest.json"):
-        SoftTargets.open(d, spec)
+        CachedData.open(d, spec)
     (d / MANIFEST).unlink()
     with pytest.raises(CorruptCacheError, match="no manifest.json"):
         st.verify(d)
@@ -252,21 +156,21 @@ def test_truncated_or_missing_manifest_is_corrupt(full_cache, tmp_path):
         st.verify(tmp_path / "never-built")
 
 
-def test_edited_row_counts_and_format_version_are_corrupt(full_cache):
-    d, spec, _, _ = full_cache
+def test_edited_counts_paths_and_format_version_are_corrupt(cache_copy):
+    d, spec, _ = cache_copy
     original = (d / MANIFEST).read_text()
 
     m = json.loads(original)
     m["num_rows"] = 52
     (d / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(CorruptCacheError, match="num_rows=52.*53 rows"):
-        SoftTargets.open(d, spec)
+        CachedData.open(d, spec)
 
-    m = json.loads(original)  # consistent totals, but one shard's count is a lie
-    m["shards"][0]["rows"] = 15
-    m["num_rows"] = 52
+    m = json.loads(original)  # consistent totals, but one file's count is a lie
+    m["shards"][0]["rows"] -= 1
+    m["num_rows"] -= 1
     (d / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(CorruptCacheError, match="shard-00000.parquet holds 16 rows"):
+    with pytest.raises(CorruptCacheError, match=f"{m['shards'][0]['file']} holds"):
         st.verify(d)
 
     m = json.loads(original)
@@ -293,111 +197,37 @@ def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-def test_exception_inside_writer_leaves_nothing(tmp_path):
-    spec = _spec()
+def test_a_failing_pipeline_leaves_nothing(tmp_path):
+    def _fail(batch):  # nested: pickled by value into the Ray task
+        raise RuntimeError("teacher died")
+
     target = tmp_path / "cache"
-    with pytest.raises(RuntimeError, match="teacher died"):
-        with StoreWriter(target, spec, shard_rows=4) as w:
-            w.add(np.arange(10), _full_outputs(spec, 10))  # two shards already on disk in the temp dir
-            assert len(list(tmp_path.glob(".cache.tmp-*/shard-*.parquet"))) == 2
-            raise RuntimeError("teacher died")
-    assert not target.exists()
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(Exception, match="teacher died"):
+        st.write_cache(target, _spec(), _dataset(_rows()).map_batches(_fail))
+    assert not target.exists() and _leftovers(tmp_path) == []
 
 
-def test_leaving_without_finish_raises_and_cleans_up(tmp_path):
-    spec = _spec()
-    with pytest.raises(RuntimeError, match="without finish"):
-        with StoreWriter(tmp_path / "cache", spec, shard_rows=4) as w:
-            w.add(np.arange(10), _full_outputs(spec, 10))
-    assert list(tmp_path.iterdir()) == []
+def test_rows_without_the_teachers_columns_are_refused(tmp_path):
+    rows = {k: v for k, v in _rows().items() if k != "vit/logits"}
+    with pytest.raises(ValueError, match="vit/logits"):
+        st.write_cache(tmp_path / "cache", _spec(), _dataset(rows))
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "cache").exists()
 
 
-def test_finish_replaces_existing_cache_entirely(full_cache):
-    d, spec, _, _ = full_cache
-    assert len(list(d.glob("shard-*.parquet"))) == 4
-    stale_marker = d / "shard-00003.parquet"
-    new_ids = np.arange(5, dtype=np.int64)
-    new_out = _full_outputs(spec, 5, seed=9)
-    _write(d, spec, new_ids, new_out, shard_rows=100)
-    assert sorted(p.name for p in d.iterdir()) == [MANIFEST, "shard-00000.parquet"]
-    assert not stale_marker.exists()
-    assert _leftovers(d.parent) == []  # neither temp nor moved-aside dirs remain
-    cache = SoftTargets.open(d, spec)
-    np.testing.assert_array_equal(cache.ids, new_ids)
-    np.testing.assert_allclose(cache.logits("cnn", np.arange(5)), new_out["cnn"], rtol=1e-3, atol=1e-3)
-
-
-def test_refuses_to_replace_a_directory_that_is_not_a_cache(tmp_path):
-    (tmp_path / "home").mkdir()
-    (tmp_path / "home" / "thesis.tex").write_text("precious")
+def test_a_rebuild_replaces_the_cache_and_other_directories_are_never_replaced(cache_copy, tmp_path):
+    d, spec, rows = cache_copy
+    old_files = {s["file"] for s in _manifest(d)["shards"]}
+    half = {k: v[:30] for k, v in rows.items()}
+    st.write_cache(d, spec, _dataset(half))
+    assert CachedData.open(d, spec).manifest["num_rows"] == 30
+    assert not old_files & {s["file"] for s in _manifest(d)["shards"]}
+    assert _leftovers(d.parent) == []
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a soft-target cache"):
-        StoreWriter(tmp_path / "home", _spec())
-    assert (tmp_path / "home" / "thesis.tex").read_text() == "precious"
-
-
-def test_finish_with_duplicate_ids_raises_and_cleans_up(tmp_path):
-    spec = _spec()
-    w = StoreWriter(tmp_path / "cache", spec, shard_rows=3)
-    w.add(np.array([1, 2, 3, 4]), _full_outputs(spec, 4))
-    w.add(np.array([9, 2]), _full_outputs(spec, 2))
-    with pytest.raises(ValueError, match=r"duplicated ids include \[2\]"):
-        w.finish()
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(RuntimeError, match="aborted"):
-        w.add(np.array([5]), _full_outputs(spec, 1))
-
-
-# ---------------------------------------------------------------------------------------------
-# add() validation
-
-
-def test_add_rejects_wrong_teacher_set(tmp_path):
-    spec = _spec()
-    w = StoreWriter(tmp_path / "c", spec)
-    outs = _full_outputs(spec, 4)
-    with pytest.raises(ValueError, match=r"missing \['vit'\]"):
-        w.add(np.arange(4), {"cnn": outs["cnn"]})
-    with pytest.raises(ValueError, match=r"unexpected \['bert'\]"):
-        w.add(np.arange(4), {**outs, "bert": outs["cnn"]})
-    w.abort()
-
-
-def test_add_rejects_wrong_shapes_naming_teacher_and_shapes(tmp_path):
-    spec = _spec()
-    w = StoreWriter(tmp_path / "c", spec)
-    outs = _full_outputs(spec, 4)
-    outs["vit"] = outs["vit"][:, :5]
-    with pytest.raises(ValueError, match=r"teacher 'vit'.*\(4, 5\).*\(4, 7\)"):
-        w.add(np.arange(4), outs)
-    with pytest.raises(ValueError, match=r"teacher 'cnn'.*\(4, 7\).*\(3, 7\)"):
-        w.add(np.arange(3), _full_outputs(spec, 4))
-    w.abort()
-
-    kspec = _spec(topk=2, seq_len=3)
-    w = StoreWriter(tmp_path / "k", kspec)
-    outs = _topk_outputs(kspec, 4)
-    outs["cnn"] = (outs["cnn"][0][..., :1], outs["cnn"][1])
-    with pytest.raises(ValueError, match=r"teacher 'cnn'.*\(4, 3, 1\).*\(4, 3, 2\)"):
-        w.add(np.arange(4), outs)
-    outs = _topk_outputs(kspec, 4)
-    outs["vit"] = outs["vit"][0]  # a bare array where a (values, indices) tuple is expected
-    with pytest.raises(ValueError, match="teacher 'vit'.*tuple"):
-        w.add(np.arange(4), outs)
-    outs = _topk_outputs(kspec, 4)
-    outs["vit"] = (outs["vit"][0], outs["vit"][1] + C)
-    with pytest.raises(ValueError, match=r"teacher 'vit'.*\[0, 7\)"):
-        w.add(np.arange(4), outs)
-    w.abort()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_add_rejects_float16_overflow(tmp_path):
-    spec = _spec()
-    outs = _full_outputs(spec, 2)
-    outs["cnn"][1, 3] = 1e6
-    with pytest.raises(ValueError, match="teacher 'cnn'.*overflow float16.*float32"):
-        StoreWriter(tmp_path / "c", spec).add(np.arange(2), outs)
+        st.write_cache(other, spec, _dataset(half))
+    assert (other / "notes.txt").read_text() == "keep me"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,16 +290,3 @@ def test_module_import_does_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
-# ---------------------------------------------------------------------------------------------
-# Ray Data
-
-
-@pytest.mark.ray
-def test_to_ray_dataset_reads_every_row(full_cache, ray_local):
-    d, spec, ids, outputs = full_cache
-    ds = st.to_ray_dataset(d, expected=spec)
-    assert ds.count() == 53
-    rows = ds.take_all()
-    got = {int(r["id"]): np.asarray(r["cnn/logits"], dtype=np.float32) for r in rows}
-    assert sorted(got) == sorted(ids.tolist())
-    np.testing.assert_allclose(got[int(ids[7])], outputs["cnn"][7], rtol=1e-3, atol=1e-3)

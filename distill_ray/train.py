@@ -196,6 +196,14 @@ def _teacher_logits(answer: dict, num_classes: int) -> torch.Tensor:
                            num_classes)
 
 
+def _trace_batch(path: str | None, rank: int, epoch: int, step: int, ids: torch.Tensor) -> None:
+    """For tests and drills: append ``rank epoch step id,id,...`` per trained batch, so a run's
+    resume guarantee (which samples each step trained, before and after a restart) can be checked."""
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{rank} {epoch} {step} {','.join(map(str, ids.tolist()))}\n")
+
+
 def _maybe_inject_failure(spec: dict | None, step: int, rank: int) -> None:
     """Fault injection for tests and drills: rank 0 dies once at ``spec['step']`` (a marker file
     remembers it happened, so the restarted worker carries on)."""
@@ -591,6 +599,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step += 1
             batch_in_epoch += 1
             seen += len(y)
+            _trace_batch(loop_config.get("trace_file"), rank, epoch, step, cols["id"])
             current = upcoming
             _maybe_inject_failure(loop_config.get("fail_once_at_step"), step, rank)
 
@@ -633,7 +642,7 @@ def keeps_shard(cfg: ExperimentConfig, inputs: TrainInputs) -> bool:
 def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, run_name: str,
                  fail_once_at_step: dict | None = None, callbacks: list | None = None,
                  placement_group_file: str | None = None, resume_from: Checkpoint | None = None,
-                 stop_at_epoch: int | None = None) -> ray.train.Result:
+                 stop_at_epoch: int | None = None, trace_file: str | None = None) -> ray.train.Result:
     """Run the loop on Ray Train. Re-running with the same (storage_path, run_name) resumes.
 
     Each rank gets its own rows of train and val as unsplit datasets (``train_{rank}``,
@@ -658,7 +667,8 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
         train_loop_config={"config": config_to_dict(cfg), "meta": inputs.meta(), "keep_shard": keep,
                            "teacher_handles": inputs.teacher_handles,
                            "fail_once_at_step": fail_once_at_step, "placement_group_file": placement_group_file,
-                           "stop_at_epoch": stop_at_epoch, "initial_checkpoint": resume_from},
+                           "stop_at_epoch": stop_at_epoch, "initial_checkpoint": resume_from,
+                           "trace_file": trace_file},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                            **cfg.train.resources_per_worker}),

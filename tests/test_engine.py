@@ -29,15 +29,64 @@ def tiny_cfg(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prepared(ray_local, tiny_cfg, small_fashion_mnist):
+def tiny_data(ray_local, tiny_cfg, small_fashion_mnist):
+    """The tiny config's data through the Ray Data spine (the Fashion-MNIST preset as Parquet)."""
+    from distill_ray.pipeline import load_data
+
+    return load_data(tiny_cfg)
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_cfg, tiny_data):
     from distill_ray.pipeline import build_cache, prepare_teachers
 
-    dirs = prepare_teachers(tiny_cfg, small_fashion_mnist)
-    targets = build_cache(tiny_cfg, small_fashion_mnist, dirs)
-    return dirs, targets
+    dirs = prepare_teachers(tiny_cfg, tiny_data)
+    cache = build_cache(tiny_cfg, tiny_data, dirs)
+    return dirs, cache
 
 
-def test_recipe_teachers_are_real_and_reused(prepared, tiny_cfg, small_fashion_mnist, capsys):
+def _inputs(cfg, prepared, tiny_data, **kw):
+    from distill_ray.pipeline import training_inputs
+
+    return training_inputs(cfg, prepared[1], tiny_data.info, **kw)
+
+
+def _trace(path: Path) -> dict[tuple[int, int], list[list[int]]]:
+    """(rank, step) -> every record of the ids trained at that step (one per attempt), with the epoch first."""
+    records: dict[tuple[int, int], list[list[int]]] = {}
+    for line in path.read_text().splitlines():
+        rank, epoch, step, ids = line.split(" ")
+        records.setdefault((int(rank), int(step)), []).append([int(epoch), *map(int, ids.split(","))])
+    return records
+
+
+def _assert_resume_guarantee(trace: dict, shard_ids: dict[int, set]) -> None:
+    """A step replayed after a restart trained exactly the samples it trained before (nothing else is
+    trained twice), and within each epoch of the final trajectory no sample appears twice."""
+    per_epoch: dict[tuple[int, int], list[int]] = {}
+    for (rank, _), attempts in trace.items():
+        assert all(a == attempts[0] for a in attempts), "a replayed step trained other samples"
+        epoch, *ids = attempts[-1]
+        per_epoch.setdefault((rank, epoch), []).extend(ids)
+        assert set(ids) <= shard_ids[rank], "a rank trained a sample outside its shard"
+    for key, ids in per_epoch.items():
+        assert len(ids) == len(set(ids)), f"rank/epoch {key}: a sample was trained twice"
+
+
+def test_preset_reads_the_same_samples_and_splits_as_the_loader(tiny_data, small_fashion_mnist):
+    """The Fashion-MNIST preset is a thin reader: the same ids, pixels and labels per split."""
+    d = small_fashion_mnist
+    for name, ref in (("train", d.train), ("val", d.val), ("test", d.test)):
+        got = tiny_data.splits[name].to_pandas().sort_values("id")
+        order = np.argsort(ref.ids)
+        np.testing.assert_array_equal(got["id"].to_numpy(), ref.ids[order])
+        np.testing.assert_array_equal(got["label"].to_numpy(), ref.labels[order])
+        np.testing.assert_allclose(np.stack(got["x"].to_numpy()), ref.inputs[order], atol=1e-6)
+    assert tiny_data.info.counts == {"train": len(d.train), "val": len(d.val), "test": len(d.test)}
+    assert tiny_data.info.class_names == d.class_names and tiny_data.info.input_shape == (1, 28, 28)
+
+
+def test_recipe_teachers_are_real_and_reused(prepared, tiny_cfg, tiny_data, small_fashion_mnist, capsys):
     from distill_ray.evaluate import accuracy, predict_logits
     from distill_ray.pipeline import prepare_teachers
 
@@ -48,42 +97,46 @@ def test_recipe_teachers_are_real_and_reused(prepared, tiny_cfg, small_fashion_m
         assert acc > 0.6, f"teacher {name} learned nothing: {acc}"
         assert spec["val_accuracy"] == pytest.approx(acc, abs=1e-6)
     mtimes = {n: (p / "distill_spec.json").stat().st_mtime for n, p in dirs.items()}
-    prepare_teachers(tiny_cfg, small_fashion_mnist)
+    prepare_teachers(tiny_cfg, tiny_data)
     assert "reusing" in capsys.readouterr().out
     assert mtimes == {n: (p / "distill_spec.json").stat().st_mtime for n, p in dirs.items()}
 
 
-def test_cache_holds_each_teachers_logits_for_every_sample(prepared, small_fashion_mnist):
-    dirs, targets = prepared
+def test_cache_holds_inputs_labels_targets_and_difficulty_for_every_sample(prepared, small_fashion_mnist):
+    dirs, cache = prepared
     d = small_fashion_mnist
-    all_ids = np.concatenate([d.train.ids, d.val.ids, d.test.ids])
-    assert sorted(targets.ids.tolist()) == sorted(all_ids.tolist())
-    rows = targets.rows_for(d.val.ids[:50])
+    for name, ref in (("train", d.train), ("val", d.val), ("test", d.test)):
+        assert sorted(cache.dataset(name, ["id"]).to_pandas()["id"]) == sorted(ref.ids.tolist())
+    val = cache.dataset("val").to_pandas().sort_values("id").head(50)
+    order = np.argsort(d.val.ids)[:50]
+    np.testing.assert_array_equal(val["label"].to_numpy(), d.val.labels[order])
+    assert {"difficulty/ensemble_entropy", "difficulty/teacher_disagreement", "difficulty/teacher_ce"} <= set(val.columns)
     for name, path in dirs.items():
         model, _ = load_model(path)
         with torch.no_grad():
-            direct = forward_logits(model, torch.as_tensor(d.val.inputs[:50])).numpy()
-        np.testing.assert_allclose(targets.logits(name, rows), direct, atol=2e-2, rtol=2e-3)  # fp16 storage
+            direct = forward_logits(model, torch.as_tensor(d.val.inputs[order])).numpy()
+        cached = np.stack(val[f"{name}/logits"].to_numpy()).astype(np.float32)
+        np.testing.assert_allclose(cached, direct, atol=2e-2, rtol=2e-3)  # fp16 storage
 
 
-def test_cache_is_reused_and_corruption_is_refused(prepared, tiny_cfg, small_fashion_mnist, capsys):
+def test_cache_is_reused_and_corruption_is_refused(prepared, tiny_cfg, tiny_data, capsys):
     from distill_ray.pipeline import build_cache
     from distill_ray.soft_targets import CorruptCacheError
 
-    dirs, targets = prepared
+    dirs, cache = prepared
     udfs_before = _teacher_actors_ever()
-    again = build_cache(tiny_cfg, small_fashion_mnist, dirs)
+    again = build_cache(tiny_cfg, tiny_data, dirs)
     assert "reusing verified cache" in capsys.readouterr().out
     assert _teacher_actors_ever() == udfs_before  # a reused cache runs no teacher forward
-    np.testing.assert_array_equal(again.ids, targets.ids)
-    shard = sorted(Path(tiny_cfg.cache.dir).glob("*/shard-*.parquet"))[0]
+    assert again.manifest == cache.manifest
+    shard = sorted(Path(tiny_cfg.cache.dir).glob("*/split=train/*.parquet"))[0]
     original = shard.read_bytes()
     try:
         corrupted = bytearray(original)
         corrupted[len(corrupted) // 2] ^= 0xFF
         shard.write_bytes(bytes(corrupted))
         with pytest.raises(CorruptCacheError, match=shard.name):
-            build_cache(tiny_cfg, small_fashion_mnist, dirs)
+            build_cache(tiny_cfg, tiny_data, dirs)
     finally:
         shard.write_bytes(original)
 
@@ -128,18 +181,20 @@ def test_teachers_are_frozen(prepared):
         runner.infer(np.zeros((1, 1, 28, 28), np.float32))
 
 
-def test_train_loop_learns_resumes_after_failure_and_logs_weights(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
-    from distill_ray.pipeline import distill_data, split_targets
+@pytest.mark.parametrize("data_mode", ["memory", "stream"])
+def test_train_loop_learns_resumes_after_failure_and_logs_weights(prepared, tiny_cfg, tiny_data, tmp_path, data_mode):
+    """Killed at step 15 (last checkpoint at step 10), the run resumes and finishes every step once;
+    the replayed steps train exactly what they trained before, and no epoch trains a sample twice,
+    whether the worker keeps its shard in memory or streams it from Ray Data every epoch."""
     from distill_ray.train import load_trained_student, run_training
 
-    _, targets = prepared
-    st = split_targets(targets, small_fashion_mnist)
-    data = distill_data(tiny_cfg, small_fashion_mnist, st)
-    marker = tmp_path / "failed_once"
-    result = run_training(tiny_cfg, data, str(tmp_path / "ray"), "student",
-                          fail_once_at_step={"step": 15, "marker": str(marker)})
+    cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("train.data_mode", data_mode)]))
+    data = _inputs(cfg, prepared, tiny_data)
+    marker, trace = tmp_path / "failed_once", tmp_path / "trace.txt"
+    result = run_training(cfg, data, str(tmp_path / "ray"), "student",
+                          fail_once_at_step={"step": 15, "marker": str(marker)}, trace_file=str(trace))
     assert marker.exists(), "the injected failure did not fire"
-    student, history, state = load_trained_student(tiny_cfg, data, result.checkpoint)
+    student, history, state = load_trained_student(cfg, data, result.checkpoint)
 
     # The run finished every step once, despite dying at step 15 (resumed from step 10's checkpoint).
     steps = [row["step"] for row in history if row.get("kind") != "epoch"]
@@ -149,8 +204,13 @@ def test_train_loop_learns_resumes_after_failure_and_logs_weights(prepared, tiny
     # Curriculum: stage 0 opens half the data at T=1, stage 1 all of it at T=2.
     assert {r["open_fraction"] for r in history if r["epoch"] == 0} == {0.5}
     assert {r["temperature"] for r in history if r["epoch"] == 1 and "temperature" in r} == {2.0}
-    n, batch = len(small_fashion_mnist.train), tiny_cfg.train.batch_size
+    n, batch = tiny_data.info.counts["train"], cfg.train.batch_size
     assert state["step"] == (n // 2) // batch + n // batch
+    records = _trace(trace)
+    assert sorted(step for _, step in records) == list(range(1, state["step"] + 1))
+    assert [len(records[(0, s)]) for s in (11, 15, 16)] == [2, 2, 1]  # steps 11-15 replayed, 16 not
+    all_ids = set(tiny_data.train.to_pandas()["id"].tolist())
+    _assert_resume_guarantee(records, {0: all_ids})
     # Teacher weights on the simplex, logged every logged step.
     weights = [sum(v for k, v in r.items() if k.startswith("teacher_weight/")) for r in history if "loss" in r]
     assert weights and all(abs(w - 1) < 1e-5 for w in weights)
@@ -159,20 +219,20 @@ def test_train_loop_learns_resumes_after_failure_and_logs_weights(prepared, tiny
     assert epochs[-1]["agreement/mlp_a"] > 0.6
 
 
-def test_online_mode_asks_the_pool_for_every_batch(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
+def test_online_mode_asks_the_pool_for_every_batch(prepared, tiny_cfg, tiny_data, tmp_path):
     import ray
 
-    from distill_ray.pipeline import distill_data, split_targets, teacher_specs
+    from distill_ray.pipeline import teacher_specs
     from distill_ray.teachers import TeacherPool
 
-    dirs, targets = prepared
+    dirs, _ = prepared
     cfg = config_from_dict(apply_overrides(
         config_to_dict(tiny_cfg),
         [("train.mode", "online"), ("train.epochs", 1)]))
     pool = TeacherPool(teacher_specs(cfg, dirs))
     try:
-        data = distill_data(cfg, small_fashion_mnist, split_targets(targets, small_fashion_mnist), pool=pool)
-        assert data.teacher_logits is None
+        data = _inputs(cfg, prepared, tiny_data, pool=pool)
+        assert not data.targets_in_rows
         from distill_ray.train import load_trained_student, run_training
 
         result = run_training(cfg, data, str(tmp_path / "ray"), "online")
@@ -187,8 +247,7 @@ def test_online_mode_asks_the_pool_for_every_batch(prepared, tiny_cfg, small_fas
         pool.shutdown()
 
 
-def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepared, tiny_cfg, small_fashion_mnist,
-                                                                         tmp_path):
+def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepared, tiny_cfg, tiny_data, tmp_path):
     """Online mode: one teacher actor is killed while the TorchTrainer is mid-epoch. Ray restarts it
     (max_restarts), the pool inside the Train worker retries the lost batch, and the run finishes
     every step."""
@@ -198,11 +257,11 @@ def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepare
     import ray
     from ray._private.state import actors as actor_table
 
-    from distill_ray.pipeline import distill_data, split_targets, teacher_specs
+    from distill_ray.pipeline import teacher_specs
     from distill_ray.teachers import TeacherPool
     from distill_ray.train import load_trained_student, run_training
 
-    dirs, targets = prepared
+    dirs, _ = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [
         ("train.mode", "online"), ("train.epochs", 2), ("curriculum.scheduler", "none"),
         ("train.checkpoint_every_steps", 4)]))
@@ -211,7 +270,7 @@ def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepare
     victim_id = victim._actor_id.hex()
     storage = tmp_path / "ray"
     try:
-        data = distill_data(cfg, small_fashion_mnist, split_targets(targets, small_fashion_mnist), pool=pool)
+        data = _inputs(cfg, prepared, tiny_data, pool=pool)
         outcome: dict = {}
         runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, data, str(storage), "kill")))
         runner.start()
@@ -223,7 +282,7 @@ def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepare
         runner.join(timeout=300)
         assert "result" in outcome, "the run did not finish"
         _, history, state = load_trained_student(cfg, data, outcome["result"].checkpoint)
-        steps_per_epoch = len(small_fashion_mnist.train) // cfg.train.batch_size
+        steps_per_epoch = tiny_data.info.counts["train"] // cfg.train.batch_size
         assert state["step"] == cfg.train.epochs * steps_per_epoch
         assert actor_table()[victim_id]["NumRestarts"] >= 1
         assert history[-1]["val_accuracy"] > 0.4
@@ -239,18 +298,18 @@ def _teacher_actors_ever() -> int:
 
 
 def _final_weights(result) -> dict[str, np.ndarray]:
-    from safetensors.torch import load_file  # noqa: F401  (checkpoint holds a torch state dict)
-
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "train_state.pt", weights_only=True)
     return {k: v.numpy().copy() for k, v in state["student"].items()}
 
 
-def test_two_ddp_workers_cached_and_online_train_the_same_student(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
-    """Two Train workers (DDP), three teachers, float32 cache: cached and online targets are the same
-    numbers, so the two modes give the same student. (With the default fp16 cache the targets differ
-    by fp16 rounding, ~1e-3 relative, and so do the students.)"""
-    from distill_ray.pipeline import build_cache, distill_data, prepare_teachers, split_targets, teacher_specs
+def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared, tiny_cfg, tiny_data, tmp_path):
+    """Two Train workers (DDP), three teachers, float32 cache. Each rank reads only its own rows (by id
+    hash; disjoint, together all of train) and both take the same number of steps. Cached and online
+    targets are the same numbers, so the two modes give the same student. (With the default fp16
+    cache the targets differ by fp16 rounding, ~1e-3 relative, and so do the students.)"""
+    from distill_ray.pipeline import build_cache, prepare_teachers, teacher_specs, training_inputs
+    from distill_ray.streams import rank_of
     from distill_ray.teachers import TeacherPool
     from distill_ray.train import load_trained_student, run_training
 
@@ -260,20 +319,29 @@ def test_two_ddp_workers_cached_and_online_train_the_same_student(prepared, tiny
     raw["teachers"].append({"name": "mlp_c", "source": "recipe", "recipe": "mlp", "num_cpus": 0.25,
                             "options": {"hidden": [64], "epochs": 1}, "path": str(tmp_path / "teachers/mlp_c")})
     cfg = config_from_dict(raw)
-    dirs = prepare_teachers(cfg, small_fashion_mnist)  # the first two are reused, the third is trained
+    dirs = prepare_teachers(cfg, tiny_data)  # the first two are reused, the third is trained
     assert len(dirs) == 3
-    st = split_targets(build_cache(cfg, small_fashion_mnist, dirs), small_fashion_mnist)
-    cached = run_training(cfg, distill_data(cfg, small_fashion_mnist, st), str(tmp_path / "ray"), "cached")
+    cache = build_cache(cfg, tiny_data, dirs)
+    trace = tmp_path / "trace.txt"
+    cached = run_training(cfg, training_inputs(cfg, cache, tiny_data.info), str(tmp_path / "ray"), "cached",
+                          trace_file=str(trace))
 
     pool = TeacherPool(teacher_specs(cfg, dirs))
     try:
-        online = run_training(cfg, distill_data(cfg, small_fashion_mnist, st, pool=pool), str(tmp_path / "ray"),
+        online = run_training(cfg, training_inputs(cfg, cache, tiny_data.info, pool=pool), str(tmp_path / "ray"),
                               "online")
     finally:
         pool.shutdown()
-    _, history, state = load_trained_student(cfg, distill_data(cfg, small_fashion_mnist, st), cached.checkpoint)
-    n, batch = len(small_fashion_mnist.train), cfg.train.batch_size
-    assert state["step"] == n // 2 // (batch // 2)  # each rank took its half of the data, batch/2 rows a step
+    _, history, state = load_trained_student(cfg, training_inputs(cfg, cache, tiny_data.info), cached.checkpoint)
+    ids = np.array(sorted(tiny_data.train.to_pandas()["id"]))
+    owner = rank_of(ids, 2)
+    shards = {r: set(ids[owner == r].tolist()) for r in (0, 1)}
+    assert not shards[0] & shards[1] and min(len(s) for s in shards.values()) > 0.4 * len(ids)
+    half = cfg.train.batch_size // 2
+    assert state["step"] == min(len(s) for s in shards.values()) // half  # the smaller shard sets the steps
+    records = _trace(trace)
+    assert {rank for rank, _ in records} == {0, 1}
+    _assert_resume_guarantee(records, shards)
     a, b = _final_weights(cached), _final_weights(online)
     assert a.keys() == b.keys()
     for name in a:
@@ -281,39 +349,50 @@ def test_two_ddp_workers_cached_and_online_train_the_same_student(prepared, tiny
     assert history[-1]["val_accuracy"] > 0.6
 
 
-def test_topk_cache_feeds_training(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
+def test_topk_cache_feeds_training(prepared, tiny_cfg, tiny_data, tmp_path):
     """A top-k cache (k=3 of 10 classes) stores only k values per teacher; training rebuilds full
     distributions from them (tail mass spread evenly) and learns as well as from full logits."""
-    from distill_ray.pipeline import build_cache, distill_data, split_targets
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.pipeline import build_cache, training_inputs
+    from distill_ray.train import batch_targets, load_trained_student, run_training
 
     dirs, full = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("loss.topk", 3), ("train.epochs", 1),
                                                                       ("train.checkpoint_every_steps", 1000)]))
-    topk = build_cache(cfg, small_fashion_mnist, dirs)
-    assert topk.directory != full.directory
-    st = split_targets(topk, small_fashion_mnist)
-    st_full = split_targets(full, small_fashion_mnist)
-    probs = np.exp(st.val.astype(np.float64))
-    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=2e-3)  # fp16 storage of the top-3 log-probs
-    assert (st.val.argmax(-1) == st_full.val.argmax(-1)).mean() == 1.0
-    result = run_training(cfg, distill_data(cfg, small_fashion_mnist, st), str(tmp_path / "ray"), "topk")
-    _, history, _ = load_trained_student(cfg, distill_data(cfg, small_fashion_mnist, st), result.checkpoint)
-    assert topk.spec.topk == 3
+    topk = build_cache(cfg, tiny_data, dirs)
+    assert topk.directory != full.directory and topk.spec.topk == 3
+    names = cfg.teacher_names()
+
+    def val_targets(cache, k):
+        rows = {c: torch.from_numpy(np.array(v)) for c, v in
+                cache.dataset("val").to_pandas().sort_values("id").to_dict("list").items()
+                if c.split("/")[0] in names or c == "id"}
+        rows = {c: torch.from_numpy(np.stack([np.asarray(x) for x in v])) if isinstance(v, list) else v
+                for c, v in rows.items()}
+        return batch_targets(rows, names, 10, k, False, "cpu")[0]
+
+    dense, exact = val_targets(topk, 3), val_targets(full, None)
+    np.testing.assert_allclose(dense.double().exp().sum(-1).numpy(), 1.0, atol=2e-3)  # fp16 top-3 log-probs
+    assert (dense.argmax(-1) == exact.argmax(-1)).float().mean() == 1.0
+    inputs = training_inputs(cfg, topk, tiny_data.info)
+    result = run_training(cfg, inputs, str(tmp_path / "ray"), "topk")
+    _, history, _ = load_trained_student(cfg, inputs, result.checkpoint)
     assert history[-1]["val_accuracy"] > 0.4  # one epoch, half the data open (stage 0): well above chance
 
 
-def test_unlabeled_data_trains_on_kd_alone_with_confidence_weights(prepared, tiny_cfg, small_fashion_mnist, tmp_path):
+def test_unlabeled_data_trains_on_kd_alone_with_confidence_weights(prepared, tiny_cfg, tiny_data, tmp_path):
     from dataclasses import replace
 
-    from distill_ray.pipeline import distill_data, split_targets
     from distill_ray.train import load_trained_student, run_training
 
-    _, targets = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("train.epochs", 1),
                                                                       ("train.checkpoint_every_steps", 1000)]))
-    data = distill_data(cfg, small_fashion_mnist, split_targets(targets, small_fashion_mnist))
-    unlabeled = replace(data, train_y=np.full_like(data.train_y, -1))
+    data = _inputs(cfg, prepared, tiny_data)
+
+    def unlabel(batch):  # nested: pickled by value into the Ray Data task
+        batch["label"] = np.full_like(batch["label"], -1)
+        return batch
+
+    unlabeled = replace(data, train=data.train.map_batches(unlabel, batch_format="numpy"), all_labeled=False)
     result = run_training(cfg, unlabeled, str(tmp_path / "ray"), "unlabeled")
     _, history, _ = load_trained_student(cfg, unlabeled, result.checkpoint)
     steps = [r for r in history if "loss" in r]

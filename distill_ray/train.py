@@ -357,6 +357,17 @@ def validate(model, val_batches, meta: dict, world: int, device) -> dict[str, fl
     return metrics
 
 
+def _peak_rss_mb(world: int) -> float:
+    """The largest peak resident memory of any rank's process so far, in MiB (flat in data size when
+    workers stream; bench/streaming_memory.py reads it)."""
+    import resource
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return round(float(peak), 1)
+
+
 def _all_ranks_have(batch: dict | None, world: int) -> bool:
     """True while every rank still has a batch: DDP ranks must take the same number of steps, and
     hashed shards differ by a few rows."""
@@ -621,7 +632,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if step % t.checkpoint_every_steps == 0 and current is not None:
                 save_checkpoint({**history[-1], "kind": "step"} if history else {"step": step})
 
-        val = validate(model, val_batches(), meta, world, device)
+        val = {**validate(model, val_batches(), meta, world, device), "peak_rss_mb": _peak_rss_mb(world)}
         last_step = next((r for r in reversed(history) if r.get("kind") != "epoch"), {})
         history.append({"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction, "kind": "epoch", **val})
         epoch, batch_in_epoch = epoch + 1, 0

@@ -121,18 +121,19 @@ def _with_scheduler(cfg: ExperimentConfig, scheduler: str) -> ExperimentConfig:
 
 def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[str], topk: int | None,
                        seed: int) -> dict[str, np.ndarray]:
-    """A Ray Data stage adding a "teacher" of seeded Gaussian logits (per row, from its id and the
-    seed) with the mean and spread of the real teachers' logits: as confident as a real teacher,
-    right only by chance."""
+    """A Ray Data stage adding a "teacher" of seeded Gaussian logits with, row by row, the mean and
+    spread of the real teachers' logits for that row: as confident as a real teacher, right only by
+    chance. Each row's logits depend only on (seed, id), never on how rows are batched."""
     from distill_ray.losses import teacher_topk
 
-    first = batch[f"{real[0]}/logits"] if topk is None else batch[f"{real[0]}/topk_logprobs"]
-    reference = np.stack([np.asarray(batch[f"{t}/logits" if topk is None else f"{t}/topk_logprobs"], np.float32)
-                          for t in real])
+    key = "logits" if topk is None else "topk_logprobs"
+    first = batch[f"{real[0]}/{key}"]
+    reference = np.stack([np.asarray(batch[f"{t}/{key}"], np.float32) for t in real], 1)  # [N, K, C or k]
     num_classes = first.shape[-1] if topk is None else int(max(np.asarray(batch[f"{t}/topk_indices"]).max()
                                                                for t in real)) + 1
-    logits = np.stack([np.random.default_rng([seed, int(i) & (2**63 - 1)]).normal(
-        float(reference.mean()), float(reference.std()) or 1.0, size=num_classes) for i in batch["id"]]).astype(np.float32)
+    mean, std = reference.mean((1, 2)), reference.std((1, 2)) + 1e-6
+    logits = np.stack([np.random.default_rng([seed, int(i) & (2**63 - 1)]).standard_normal(num_classes)
+                       for i in batch["id"]]).astype(np.float32) * std[:, None] + mean[:, None]
     if topk is None:
         batch[f"{name}/logits"] = logits.astype(first.dtype)
     else:

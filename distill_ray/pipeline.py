@@ -33,7 +33,11 @@ from distill_ray.train import TrainInputs
 def connect_ray(address: str | None = None) -> None:
     """Join the cluster named by ``address``/RAY_ADDRESS or running on this machine; else start one.
 
-    A local Ray started here binds its dashboard to nothing (include_dashboard=False).
+    A local Ray started here binds its dashboard to nothing (include_dashboard=False) and advertises
+    twice the machine's cores (at least 4) as logical CPUs: teacher actors and Train workers reserve
+    CPUs for the whole run while mostly waiting on each other, and the Ray Data tasks that read and
+    preprocess the stream beside them need CPUs of their own; with exactly the real cores reserved,
+    a 2-core laptop would deadlock (every CPU held by actors, no read task can start).
     """
     if ray.is_initialized():
         return
@@ -44,7 +48,7 @@ def connect_ray(address: str | None = None) -> None:
     try:
         ray.init(address="auto", log_to_driver=True)
     except ConnectionError:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=True, num_cpus=max(4, 2 * (os.cpu_count() or 1)))
 
 
 def load_data(cfg: ExperimentConfig) -> SourceData:
@@ -111,7 +115,7 @@ def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = Fa
     """Model directory per teacher; recipes are trained (in parallel Ray tasks that read the train
     split themselves) unless already there for this data."""
     key = data.info.fingerprint
-    dirs, jobs = {}, []
+    dirs, jobs, splits = {}, [], None
     for i, t in enumerate(cfg.teachers):
         if t.source != "recipe":
             # 'smollm2' names the pretrained SmolLM2 from PyPI (converted once); anything else is a directory.
@@ -123,8 +127,11 @@ def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = Fa
             print(f"teacher {t.name}: reusing {out}")
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
+        # Read once for all recipes, into the object store (never the driver): the tasks then hold their
+        # CPU without needing more for read tasks, and every recipe reads the same blocks.
+        splits = splits or (data.train.materialize(), data.val.materialize())
         task = ray.remote(num_cpus=1, num_gpus=t.num_gpus)(_train_recipe)
-        jobs.append(task.remote(t.name, t.recipe, dict(t.options), data.train, data.val, data.info.to_dict(),
+        jobs.append(task.remote(t.name, t.recipe, dict(t.options), *splits, data.info.to_dict(),
                                 cfg.train.seed, str(out)))
     for info in ray.get(jobs):
         print(f"teacher {info['name']}: trained in {info['seconds']:.0f}s, {info['params']:,} params, "
@@ -232,26 +239,34 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
 
 # --- training inputs ------------------------------------------------------------------------------
 
-def training_inputs(cfg: ExperimentConfig, cache: CachedData, info: DataInfo, use_teachers: bool = True,
+def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: DataInfo, use_teachers: bool = True,
                     pool: TeacherPool | None = None, stage: tuple | None = None) -> TrainInputs:
-    """What Ray Train gets: the cache's train and val splits as datasets (only the columns this run
-    reads: its own teachers' targets) and the facts about them. With a ``pool`` (online mode) the
-    train rows carry no targets: workers ask the teacher actors per batch. ``stage`` = (fn, kwargs)
-    adds a Ray Data map_batches stage to both (the ablation's synthetic teacher)."""
+    """What Ray Train gets: the train and val splits as datasets (only the columns this run reads: its
+    own teachers' targets and the difficulty measures) and the facts about them.
+
+    ``data`` is the verified cache, or (online mode without a cache) the source splits themselves.
+    With a ``pool`` (online mode) the train rows carry no targets: workers ask the teacher actors per
+    batch. ``stage`` = (fn, kwargs) adds a Ray Data map_batches stage to both (the ablation's
+    synthetic teacher)."""
     online = pool is not None and use_teachers
-    targets = teacher_columns(cfg.teacher_names(), cfg.loss.topk)
-    stored = [c for c in targets if c in cache.columns]
-    measures = [c for c in cache.columns if c.startswith("difficulty/")]
-    train = cache.dataset("train", ["id", "x", "label", *(stored if use_teachers and not online else []),
-                                    *(measures if use_teachers else [])])
-    val = cache.dataset("val", ["id", "x", "label", *stored])
+    if isinstance(data, SourceData):
+        if use_teachers and not online:
+            raise ValueError("cached mode reads the teachers' targets from the cache; pass the CachedData")
+        train, val, rows, train_bytes = data.train, data.val, info.counts["train"], 0
+    else:
+        targets = teacher_columns(cfg.teacher_names(), cfg.loss.topk)
+        stored = [c for c in targets if c in data.columns]
+        measures = [c for c in data.columns if c.startswith("difficulty/")]
+        train = data.dataset("train", ["id", "x", "label", *(stored if use_teachers and not online else []),
+                                       *(measures if use_teachers else [])])
+        val = data.dataset("val", ["id", "x", "label", *stored])
+        rows, train_bytes = data.rows("train"), sum(os.path.getsize(f) for f in data.files("train"))
     if stage is not None:
         fn, kwargs = stage
         train = train.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy") if use_teachers and not online else train
         val = val.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy")
-    train_bytes = sum(os.path.getsize(f) for f in cache.files("train"))
     return TrainInputs(train=train, val=val, teacher_names=cfg.teacher_names(), num_classes=info.num_classes,
-                       input_shape=info.input_shape, train_rows=cache.rows("train"), train_bytes=train_bytes,
+                       input_shape=info.input_shape, train_rows=rows, train_bytes=train_bytes,
                        task=info.task, topk=cfg.loss.topk, all_labeled=info.labeled["train"] == info.counts["train"],
                        use_teachers=use_teachers, targets_in_rows=not online,
                        teacher_handles=dict(pool.actor_handles()) if online else None)

@@ -141,8 +141,10 @@ def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path):
         pytest.skip(str(err))
     metrics = run_experiment(cfg)
     run_dir = cfg.run_path()
+    test = data.test.to_pandas()
+    test_x, test_y = np.stack(test["x"].to_numpy()), np.stack(test["label"].to_numpy())
 
-    assert metrics["metric"] == "perplexity" and metrics["num_test"] == len(data.test)
+    assert metrics["metric"] == "perplexity" and metrics["num_test"] == len(test)
     for key in ("student", "teachers", "blend", "baseline", "teacher_weights", "params", "timings", "token_accuracy"):
         assert key in metrics, key
     # Every model is far better than uniform guessing over the 30522-token vocabulary.
@@ -150,12 +152,12 @@ def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path):
         assert 1.0 < ppl < 5000, (name, ppl)
     # The trained student beats its own untrained initialisation by a wide margin, recomputed here.
     torch.manual_seed(cfg.train.seed)
-    untrained = build_model(cfg.student.arch, data.input_shape, data.num_classes, cfg.student.options)
-    logp, _ = lm_label_logprobs(untrained, data.test.inputs, data.test.labels)
+    untrained = build_model(cfg.student.arch, data.info.input_shape, data.info.num_classes, cfg.student.options)
+    logp, _ = lm_label_logprobs(untrained, test_x, test_y)
     exported, _ = load_model(run_dir / "student")
-    logp_student, _ = lm_label_logprobs(exported, data.test.inputs, data.test.labels)
-    assert perplexity(logp_student, data.test.labels) == pytest.approx(metrics["student"], rel=1e-4)
-    assert metrics["student"] < perplexity(logp, data.test.labels) / 10
+    logp_student, _ = lm_label_logprobs(exported, test_x, test_y)
+    assert perplexity(logp_student, test_y) == pytest.approx(metrics["student"], rel=1e-4)
+    assert metrics["student"] < perplexity(logp, test_y) / 10
     # The learned blend puts more weight on the teacher with the lower test perplexity.
     better = min(metrics["teachers"], key=metrics["teachers"].get)
     assert metrics["teacher_weights"][better] > 0.5
@@ -185,8 +187,7 @@ def test_tiny_lm_online_mode_asks_the_teacher_actors_per_token_batch(ray_local, 
     import ray
 
     from distill_ray.data import DataUnavailable
-    from distill_ray.pipeline import build_cache, distill_data, load_data, prepare_teachers, split_targets, \
-        teacher_specs
+    from distill_ray.pipeline import load_data, prepare_teachers, teacher_specs, training_inputs
     from distill_ray.teachers import TeacherPool
     from distill_ray.train import load_trained_student, run_training
 
@@ -200,11 +201,10 @@ def test_tiny_lm_online_mode_asks_the_teacher_actors_per_token_batch(ray_local, 
     except DataUnavailable as err:
         pytest.skip(str(err))
     dirs = prepare_teachers(cfg, data)
-    st = split_targets(build_cache(cfg, data, dirs), data)
     pool = TeacherPool(teacher_specs(cfg, dirs), topk=cfg.loss.topk)
     try:
-        inputs = distill_data(cfg, data, st, pool=pool)
-        assert inputs.teacher_topk is None and inputs.teacher_handles
+        inputs = training_inputs(cfg, data, data.info, pool=pool)  # online: no cache needed
+        assert not inputs.targets_in_rows and inputs.teacher_handles
         result = run_training(cfg, inputs, str(tmp_path / "ray"), "online")
         _, history, state = load_trained_student(cfg, inputs, result.checkpoint)
         served = {name: sum(s["rows"] for s in ray.get([a.stats.remote() for a in actors]))
@@ -213,7 +213,7 @@ def test_tiny_lm_online_mode_asks_the_teacher_actors_per_token_batch(ray_local, 
         pool.shutdown()
     # Stage 0 of 2 opens half the windows: every trained window went to every teacher exactly once.
     assert served == {name: state["step"] * cfg.train.batch_size for name in cfg.teacher_names()}
-    assert state["step"] == len(data.train) // 2 // cfg.train.batch_size
+    assert state["step"] == data.info.counts["train"] // 2 // cfg.train.batch_size
     epoch_row = [r for r in history if r.get("kind") == "epoch"][-1]
     assert np.isfinite(epoch_row["val_perplexity"]) and 0 <= epoch_row["agreement/llama_wide"] <= 1
     steps = [r for r in history if r.get("kind") != "epoch"]

@@ -267,7 +267,7 @@ def teacher_dirs(ray_local, small_fashion_mnist, tmp_path_factory):
     """The tiny config's two recipe teachers (an MLP and a CNN), trained once for this module."""
     import yaml
 
-    from distill_ray.pipeline import prepare_teachers
+    from distill_ray.pipeline import load_data, prepare_teachers
 
     root = tmp_path_factory.mktemp("feature_kd")
     raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
@@ -276,7 +276,7 @@ def teacher_dirs(ray_local, small_fashion_mnist, tmp_path_factory):
                                 ("teachers.1.path", str(root / "teachers/cnn_b")),
                                 ("train.mode", "online"), ("curriculum.scheduler", "none")])
     cfg = config_from_dict(raw)
-    return cfg, prepare_teachers(cfg, small_fashion_mnist)
+    return cfg, prepare_teachers(cfg, load_data(cfg))
 
 
 @pytest.mark.ray
@@ -309,16 +309,17 @@ def test_pool_asks_only_the_named_teachers_for_features_and_retries_with_them(ra
         pool.shutdown()
 
 
-def _online_run(cfg, dirs, data, storage: Path, **kwargs):
+def _online_run(cfg, dirs, storage: Path, **kwargs):
     import ray
 
-    from distill_ray.pipeline import distill_data, teacher_specs
+    from distill_ray.pipeline import load_data, teacher_specs, training_inputs
     from distill_ray.teachers import TeacherPool
     from distill_ray.train import load_trained_student, run_training
 
     pool = TeacherPool(teacher_specs(cfg, dirs))
     try:
-        inputs = distill_data(cfg, data, None, pool=pool)
+        data = load_data(cfg)  # online mode needs no cache: the teachers answer per batch
+        inputs = training_inputs(cfg, data, data.info, pool=pool)
         result = run_training(cfg, inputs, str(storage), "student", **kwargs)
         _, history, state = load_trained_student(cfg, inputs, result.checkpoint)
         served = {name: sum(s["rows"] for s in ray.get([a.stats.remote() for a in actors]))
@@ -338,7 +339,7 @@ def test_hint_and_attention_run_learns_the_teachers_features_and_resumes(teacher
         ("loss.hint_weight", 1.0), ("loss.attention_weight", 10.0), ("loss.hint_teacher", "cnn_b"),
         ("train.epochs", 3), ("train.checkpoint_every_steps", 10), ("train.lr", 0.005)]))
     marker = tmp_path / "failed_once"
-    history, state, served = _online_run(cfg, dirs, small_fashion_mnist, tmp_path / "ray",
+    history, state, served = _online_run(cfg, dirs, tmp_path / "ray",
                                          fail_once_at_step={"step": 15, "marker": str(marker)})
     assert marker.exists(), "the injected failure did not fire"
     steps = [r for r in history if r.get("kind") != "epoch"]
@@ -364,7 +365,7 @@ def test_mixup_run_sends_the_teachers_exactly_the_trained_rows(teacher_dirs, sma
     cfg = config_from_dict(apply_overrides(config_to_dict(base), [
         ("loss.mixup_alpha", 0.4), ("loss.cutmix_alpha", 1.0), ("train.epochs", 1),
         ("train.checkpoint_every_steps", 1000), ("tracking.log_every_steps", 1)]))
-    history, state, served = _online_run(cfg, dirs, small_fashion_mnist, tmp_path / "ray")
+    history, state, served = _online_run(cfg, dirs, tmp_path / "ray")
     trained_rows = state["step"] * cfg.train.batch_size
     assert trained_rows == len(small_fashion_mnist.train) // cfg.train.batch_size * cfg.train.batch_size
     assert served == {name: trained_rows for name in cfg.teacher_names()}

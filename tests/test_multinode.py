@@ -216,7 +216,7 @@ def _expected_steps(cfg) -> int:
     from distill_ray.train import stage_and_fraction
 
     assert cfg.train.num_workers == 1
-    n = len(load_data(cfg).train)
+    n = load_data(cfg).info.counts["train"]
     total = 0
     for epoch in range(cfg.train.epochs):
         _, fraction = stage_and_fraction(cfg, epoch, total)

@@ -247,10 +247,15 @@ def test_fortunes_run_end_to_end(ray_local, tmp_path):
     assert (student_dir / "distill_spec.json").is_file() and (student_dir / "tokenizer_config.json").is_file()
     hf = AutoModelForSequenceClassification.from_pretrained(str(student_dir), local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(str(student_dir), local_files_only=True)
-    data = load_data(cfg)
+    test = load_data(cfg).test.to_pandas().sort_values("id")
+    test_x, test_y = np.stack(test["x"].to_numpy()), test["label"].to_numpy()
     with torch.no_grad():
-        predicted = batched_logits(hf, torch.as_tensor(data.test.inputs)).argmax(-1).numpy()
-    assert np.mean(predicted == data.test.labels) == pytest.approx(metrics["student"], abs=1e-6)
+        predicted = batched_logits(hf, torch.as_tensor(test_x)).argmax(-1).numpy()
+    assert np.mean(predicted == test_y) == pytest.approx(metrics["student"], abs=1e-6)
     # The saved tokenizer turns raw text into the same ids the run trained on.
-    enc = tok(list(data.test.texts[:4]), padding="max_length", truncation=True)
-    np.testing.assert_array_equal(np.asarray(enc["input_ids"]), data.test.inputs[:4])
+    from distill_ray.data import load_fortunes
+
+    ref = load_fortunes(max_length=MAX_LENGTH, max_train_samples=300, max_eval_samples=96).test
+    order = np.argsort(ref.ids)[:4]
+    enc = tok(list(ref.texts[order]), padding="max_length", truncation=True)
+    np.testing.assert_array_equal(np.asarray(enc["input_ids"]), test_x[:4])

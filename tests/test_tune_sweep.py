@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -98,9 +99,9 @@ def test_winner_is_exported_and_registered_and_scores_what_tune_saw(sweep):
     student, _ = load_model(out["student_dir"])
     card = json.loads((Path(out["student_dir"]) / "distill_card.json").read_text())
     assert card["trial_id"] == out["best"]["trial_id"] and card["metrics"]["val_accuracy"] == out["best"]["metric"]
-    data = load_data(cfg)
-    assert accuracy(predict_logits(student, data.val.inputs), data.val.labels) == pytest.approx(out["best"]["metric"],
-                                                                                               abs=1e-6)
+    val = load_data(cfg).val.to_pandas()
+    val_x, val_y = np.stack(val["x"].to_numpy()), val["label"].to_numpy()
+    assert accuracy(predict_logits(student, val_x), val_y) == pytest.approx(out["best"]["metric"], abs=1e-6)
     registered = resolve_registry(Path(cfg.tune.registry_dir) / cfg.name)
     assert registered == Path(out["registered"]) and registered.name == "v1"
     assert (registered / "model.safetensors").read_bytes() == (Path(out["student_dir"]) / "model.safetensors").read_bytes()

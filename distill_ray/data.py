@@ -481,12 +481,14 @@ def normalise_split_names(values: Sequence, column: str, source: str) -> np.ndar
     return out
 
 
-def label_ids(values: Sequence, column: str, source: str, class_names: Sequence[str] | None) -> np.ndarray:
+def label_ids(values: Sequence, column: str, source: str, class_names: Sequence[str] | None,
+              nan_is_missing: bool = False) -> np.ndarray:
     """Labels as int64 class ids, -1 for an unlabeled row (null, or a negative int).
 
     Ints stay as they are; strings map through ``class_names`` (sorted unique strings, found once
     over the train data). NaN, floats that are not whole numbers, bools and mixed types are errors
-    naming the column and the source.
+    naming the column and the source. ``nan_is_missing``: the reader turned missing values into NaN
+    (JSON lines and CSV through pandas), so a NaN label marks an unlabeled row, not an error.
     """
     out = np.full(len(values), -1, dtype=np.int64)
     kinds = set()
@@ -497,6 +499,9 @@ def label_ids(values: Sequence, column: str, source: str, class_names: Sequence[
             raise DataError(f"{source}: column {column!r} holds a boolean label ({v!r}); use ints or strings")
         if isinstance(v, (str, np.str_)):
             kinds.add("string")
+            if class_names is None:  # the data's label type is numeric, yet here is a string
+                raise DataError(f"{source}: column {column!r} holds {v!r} where the data's labels are numbers: it "
+                                "mixes numbers and strings; use one type for labels")
             if class_names is not None:
                 try:
                     out[i] = class_names.index(str(v))
@@ -505,6 +510,8 @@ def label_ids(values: Sequence, column: str, source: str, class_names: Sequence[
                                     f"not have (classes: {', '.join(class_names[:20])})") from None
             continue
         if isinstance(v, (float, np.floating)):
+            if nan_is_missing and np.isnan(v):
+                continue
             if not np.isfinite(v):
                 raise DataError(f"{source}: column {column!r} holds NaN/inf labels; leave the label empty (null) "
                                 "for an unlabeled row")

@@ -242,6 +242,7 @@ class RowPlan:
     test_fraction: float
     split_seed: int
     label_from_folder: bool = False
+    nan_is_missing: bool = False  # JSON lines / CSV: the reader turns a missing label into NaN
 
 
 def _rows(batch: dict[str, np.ndarray], plan: RowPlan) -> dict[str, np.ndarray]:
@@ -271,7 +272,7 @@ def _rows(batch: dict[str, np.ndarray], plan: RowPlan) -> dict[str, np.ndarray]:
         labels = label_ids(names, "folder name", source, list(plan.class_names))
     elif plan.label_field is not None and plan.label_field in batch and plan.task == "classification":
         labels = label_ids(list(batch[plan.label_field]), plan.label_field, source,
-                           list(plan.class_names) if plan.class_names else None)
+                           list(plan.class_names) if plan.class_names else None, nan_is_missing=plan.nan_is_missing)
     else:
         labels = np.full(n, -1, dtype=np.int64)
     out = {c: batch[c] for c in plan.input_columns}
@@ -381,7 +382,7 @@ def _split_rows(batch: pa.Table, split: str) -> pa.Table:
 
 def _stats(batch: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Per block: rows and labeled rows per split, and the train rows' feature sums."""
-    out = {"split": [], "rows": [], "labeled": [], "sum": [], "sum_sq": []}
+    out = {"split": [], "rows": [], "labeled": [], "sum": [], "sum_sq": [], "label_max": []}
     label = np.asarray(batch["label"])
     labeled = (label >= 0) if label.ndim == 1 else np.ones(len(label), bool)
     for split in SPLITS:
@@ -398,8 +399,10 @@ def _stats(batch: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, n
         out["labeled"].append(int(labeled[mask].sum()))
         out["sum"].append(s)
         out["sum_sq"].append(sq)
+        out["label_max"].append(int(label[mask].max()) if label.ndim == 1 else -1)
     width = len(fields)
     return {"split": np.array(out["split"], dtype=object).astype(str), "rows": np.array(out["rows"], np.int64),
+            "label_max": np.array(out["label_max"], np.int64),
             "labeled": np.array(out["labeled"], np.int64),
             "sum": np.array(out["sum"], np.float64).reshape(len(out["rows"]), width),
             "sum_sq": np.array(out["sum_sq"], np.float64).reshape(len(out["rows"]), width)}
@@ -430,6 +433,9 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
 
     folder_images = fmt == "images" and not _is_image_table(path)
     if kind is None:  # parquet/jsonl/csv: text if the text column is there and no features are named, else tabular
+        if d.text_field != "text" and d.text_field not in columns and d.feature_fields is None:
+            raise DataError(f"data.text_field: column {d.text_field!r} is not in {path}; its columns are: "
+                            f"{', '.join(columns)}")
         kind = "text" if d.text_field in columns and d.feature_fields is None else "tabular"
     if fmt == "images":
         kind = "image"
@@ -487,7 +493,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
             values = set()
             for ds in raw.values():
                 values |= set(_run(f"reading {path}", functools.partial(ds.unique, label_field)))
-            values.discard(None)
+            values = {v for v in values if v is not None and not (isinstance(v, float) and v != v)}  # null / NaN
             if any(not isinstance(v, str) for v in values):
                 raise DataError(f"{path}: column {label_field!r} mixes numbers and strings; use one type for labels")
             class_names = tuple(sorted(values))
@@ -507,7 +513,8 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                        id_field=d.id_field if d.format not in PRESETS else "id",
                        split=None if len(raw) == 1 else split, split_field=split_field if len(raw) == 1 else None,
                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, split_seed=d.split_seed,
-                       label_from_folder=folder_images)
+                       label_from_folder=folder_images,
+                       nan_is_missing=(_table_format(path) if fmt == "images" else fmt) in ("jsonl", "csv"))
         staged = ds.map_batches(_rows, fn_kwargs={"plan": plan}, batch_format="numpy")
         rows = staged if rows is None else rows.union(staged)
     if kind == "tokens":  # a preset's windows: x and label are already there
@@ -526,6 +533,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         stats = split_stats()
     counts = {s: 0 for s in SPLITS}
     labeled = {s: 0 for s in SPLITS}
+    label_max = max([int(r["label_max"]) for r in stats] or [-1])
     total = np.zeros(len(feature_fields))
     total_sq = np.zeros(len(feature_fields))
     for row in stats:
@@ -595,7 +603,10 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
             _check_splits(counts, path, hint="lower data.max_length or add text")
 
     if d.task == "classification":
-        num_classes = len(class_names) if class_names else _max_label(rows, path) + 1
+        if not class_names and label_max < 0:
+            raise DataError(f"{path}: no row has a label; classification needs labels on some rows (a teacher "
+                            "recipe and the learned blend train on them)")
+        num_classes = len(class_names) if class_names else label_max + 1
         if class_names is None:
             class_names = tuple(str(i) for i in range(num_classes))
 
@@ -633,14 +644,6 @@ def _folder_classes(path: str) -> tuple[str, ...]:
     if not classes:
         raise DataError(f"data.path: {path} has no class subfolders; put each class's images in a folder named after it")
     return classes
-
-
-def _max_label(rows: ray.data.Dataset, path: str) -> int:
-    top = _run(f"reading {path}", functools.partial(rows.max, "label"))
-    if top is None or top < 0:
-        raise DataError(f"{path}: no row has a label; classification needs labels on some rows (a teacher "
-                        "recipe and the learned blend train on them)")
-    return int(top)
 
 
 def _check_splits(counts: Mapping[str, int], path: str, hint: str = "") -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from distill_ray.config import apply_overrides, config_from_dict, config_to_dict
-from distill_ray.models import build_model, forward_logits, load_model
+from distill_ray.models import forward_logits, load_model
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ pytestmark = pytest.mark.ray
 TEACHERS = [{"name": "t", "source": "recipe", "recipe": "mlp"}]
 
 
-def _cfg(tmp_path: Path, **data):
+def _cfg(tmp_path: Path, extra: dict | None = None, **data):
     return config_from_dict({"name": "own", "teachers": TEACHERS, "run_dir": str(tmp_path / "runs"),
-                             "cache": {"dir": str(tmp_path / "cache")}, "data": data})
+                             "cache": {"dir": str(tmp_path / "cache")}, "data": data, **(extra or {})})
 
 
 def _load(cfg):
@@ -38,7 +38,8 @@ def _table(n: int = 300, seed: int = 0) -> dict:
 
 def _rows(ds) -> dict[str, np.ndarray]:
     frame = ds.to_pandas().sort_values("id")
-    return {c: (np.stack(frame[c].to_numpy()) if c == "x" else frame[c].to_numpy()) for c in frame.columns}
+    return {c: (np.stack(frame[c].to_numpy()) if isinstance(frame[c].iloc[0], np.ndarray) else frame[c].to_numpy())
+            for c in frame.columns}
 
 
 # --- formats -----------------------------------------------------------------------------------------
@@ -147,8 +148,10 @@ def test_text_files_for_causal_lm_are_cut_into_windows(ray_local, tmp_path):
     docs.mkdir()
     for i in range(12):
         (docs / f"{i}.txt").write_text(" ".join(f"word{i}_{j} and more text" for j in range(80)))
-    src = _load(_cfg(tmp_path, format="text", path=str(docs), task="causal_lm", max_length=16, tokenizer="minilm",
-                     val_fraction=0.25, test_fraction=0.25))
+    lm = {"loss": {"topk": 8}, "student": {"arch": "hf_causal_lm"}, "blend": {"kind": "uniform"},
+          "curriculum": {"scheduler": "none"}}
+    src = _load(_cfg(tmp_path, lm, format="text", path=str(docs), task="causal_lm", max_length=16,
+                     tokenizer="minilm", val_fraction=0.25, test_fraction=0.25))
     train = _rows(src.train)
     assert src.info.kind == "text" and train["x"].shape[1] == 16
     np.testing.assert_array_equal(train["x"][:, 1:], train["label"][:, :-1])  # labels are the next tokens
@@ -214,7 +217,7 @@ def test_nan_and_mixed_labels_are_refused_naming_the_column(ray_local, tmp_path)
                    feature_fields=["sepal"]))
     a = _jsonl(tmp_path, [{"text": f"t{i}", "label": i % 2} for i in range(20)], "a.jsonl")
     _jsonl(tmp_path, [{"text": f"u{i}", "label": "cat"} for i in range(20)], "b.jsonl")
-    with pytest.raises(DataError, match="'label' mixes numbers and strings"):
+    with pytest.raises(DataError, match=r"b\.jsonl: column 'label' holds 'cat' .* mixes numbers and strings"):
         _load(_cfg(tmp_path, format="jsonl", path=str(a.parent / "*.jsonl")))
 
 

@@ -39,6 +39,9 @@ def connect_ray(address: str | None = None) -> None:
     preprocess the stream beside them need CPUs of their own; with exactly the real cores reserved,
     a 2-core laptop would deadlock (every CPU held by actors, no read task can start).
     """
+    # Ray Data's per-operator bars would print a line per update from every task and Train worker; the
+    # datasets built after this carry the setting with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

@@ -358,8 +358,10 @@ def validate(model, val_batches, meta: dict, world: int, device) -> dict[str, fl
 
 
 def _peak_rss_mb(world: int) -> float:
-    """The largest peak resident memory of any rank's process so far, in MiB (flat in data size when
-    workers stream; bench/streaming_memory.py reads it)."""
+    """The largest peak resident memory (``ru_maxrss``) of any rank's process so far, in MiB. It counts
+    shared pages too (object-store blocks mapped into the worker, page cache of files read), so a
+    streaming worker's figure rises with data size by at most about the object store's size, then
+    levels off (bench/streaming_memory.py reads it)."""
     import resource
 
     peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
@@ -492,7 +494,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def epoch_batches() -> Iterator[dict[str, torch.Tensor]]:
         """This epoch's batches (from ``batch_in_epoch`` on) and, as side effects, stage/fraction/order."""
         nonlocal stage, fraction, order, resumed_order
-        measures = shard.measures() if meta["use_teachers"] else {}
+        # Difficulty measures only matter while the curriculum holds data back (a streamed shard scans
+        # its measure columns once, on first use).
+        measures = shard.measures() if meta["use_teachers"] and (keep or stage_and_fraction(cfg, epoch, step)[1] < 1.0) \
+            else {}
         if keep and resumed_order is not None:
             stage, fraction, order, resumed_order = state["stage"], state["open_fraction"], resumed_order, None
         elif keep and cfg.curriculum.scheduler == "confidence":
@@ -539,7 +544,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         next_targets = pool.submit(current[1].numpy(), feature_request) if pool and current is not None else None
         epoch_start, seen = time.perf_counter(), 0
 
-        while _all_ranks_have(current, world):
+        # Whether every rank has another batch is decided together, once per step: logging and
+        # checkpointing (ray.train.report waits for every rank) must make the same choice on all ranks.
+        more = _all_ranks_have(current, world)
+        while more:
             cols, x, y, y_b, lam = current  # y_b, lam: the partner labels and weight of a mixed batch (else None, 1)
             x, y, y_b = x.to(device), y.to(device), y_b.to(device) if y_b is not None else None
             upcoming = prepared(next(batches, None), batch_in_epoch + 1)
@@ -612,9 +620,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             seen += len(y)
             _trace_batch(loop_config.get("trace_file"), rank, epoch, step, cols["id"])
             current = upcoming
+            more = _all_ranks_have(current, world)
             _maybe_inject_failure(loop_config.get("fail_once_at_step"), step, rank)
 
-            if step % cfg.tracking.log_every_steps == 0 or current is None:
+            if step % cfg.tracking.log_every_steps == 0 or not more:
                 row = {"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction,
                        "temperature": temperature, "alpha": alpha, "loss": loss.item(), "kd_loss": kd.item(),
                        "task_loss": task.item(), "samples_per_s": seen * world / (time.perf_counter() - epoch_start),
@@ -629,7 +638,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     for name, w in zip(names, used.tolist()):
                         row[f"teacher_weight/{name}"] = w
                 history.append(row)
-            if step % t.checkpoint_every_steps == 0 and current is not None:
+            if step % t.checkpoint_every_steps == 0 and more:
                 save_checkpoint({**history[-1], "kind": "step"} if history else {"step": step})
 
         val = {**validate(model, val_batches(), meta, world, device), "peak_rss_mb": _peak_rss_mb(world)}

@@ -314,7 +314,10 @@ def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared,
 
     raw = apply_overrides(config_to_dict(tiny_cfg), [
         ("cache.dtype", "float32"), ("train.num_workers", 2), ("train.cpus_per_worker", 0.5),
-        ("train.epochs", 1), ("curriculum.scheduler", "none"), ("train.checkpoint_every_steps", 1000)])
+        ("train.epochs", 1), ("curriculum.scheduler", "none"),
+        # Every step a checkpoint: the last step too, where the larger shard still has a batch and the
+        # smaller does not (ranks must agree to report, or ray.train.report waits forever).
+        ("train.checkpoint_every_steps", 1)])
     raw["teachers"].append({"name": "mlp_c", "source": "recipe", "recipe": "mlp", "num_cpus": 0.25,
                             "options": {"hidden": [64], "epochs": 1}, "path": str(tmp_path / "teachers/mlp_c")})
     cfg = config_from_dict(raw)
@@ -338,6 +341,7 @@ def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared,
     assert not shards[0] & shards[1] and min(len(s) for s in shards.values()) > 0.4 * len(ids)
     half = cfg.train.batch_size // 2
     assert state["step"] == min(len(s) for s in shards.values()) // half  # the smaller shard sets the steps
+    assert max(r["step"] for r in history if r.get("kind") != "epoch") == state["step"]  # the last step is logged
     records = _trace(trace)
     assert {rank for rank, _ in records} == {0, 1}
     _assert_resume_guarantee(records, shards)

@@ -517,9 +517,6 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                        nan_is_missing=(_table_format(path) if fmt == "images" else fmt) in ("jsonl", "csv"))
         staged = ds.map_batches(_rows, fn_kwargs={"plan": plan}, batch_format="numpy")
         rows = staged if rows is None else rows.union(staged)
-    if kind == "tokens":  # a preset's windows: x and label are already there
-        rows = rows.map_batches(_tokens_rows, batch_format="numpy")
-
     def split_stats():
         return _run(f"reading {path}", lambda: rows.map_batches(_stats, fn_kwargs={"fields": feature_fields},
                                                                 batch_format="numpy").take_all())
@@ -542,9 +539,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         if row["split"] == "train":
             total += np.asarray(row["sum"])
             total_sq += np.asarray(row["sum_sq"])
-    if kind == "text" and d.task == "causal_lm":
-        pass  # windows are counted after tokenization, below
-    else:
+    if not (kind == "text" and d.task == "causal_lm"):  # LM windows are counted after tokenization, below
         _check_splits(counts, path)
 
     tokenizer_dir, pad_id, transform, image_mode, num_classes = None, None, None, None, 0
@@ -616,10 +611,6 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                     feature_fields=feature_fields, transform=transform, image_mode=image_mode, source=str(path))
     splits = {s: pre.map_batches(_split_rows, fn_kwargs={"split": s}, batch_format="pyarrow") for s in SPLITS}
     return SourceData(info=info, rows=pre, splits=splits)
-
-
-def _tokens_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return batch  # preset windows carry x [L] and label [L] already; the row stage set id and split
 
 
 def _numeric(t: pa.DataType) -> bool:

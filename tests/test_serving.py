@@ -314,3 +314,26 @@ def test_text_student_without_tokenizer_takes_token_ids_only(text_student, tmp_p
     np.testing.assert_allclose(predictor.probabilities([ids]).numpy(),
                                StudentPredictor(directory).probabilities(["a short text"]).numpy(), atol=1e-5)
     expect_error(body({"inputs": ["a short text"]}), 422, "no tokenizer", schema=predictor.schema)
+
+
+def test_a_tabular_student_standardises_raw_features_and_answers_with_its_label_names(tmp_path):
+    """The student's spec carries the train split's standardisation and the data's label names (as
+    distill-ray run exports them): Serve applies the one to raw requests and answers with the other."""
+    from distill_ray.data import apply_standardise
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (3,), 2, {"hidden": [8]})
+    transform = {"mean": [10.0, -5.0, 100.0], "std": [2.0, 0.5, 30.0]}
+    spec = {"arch": "mlp", "input_shape": [3], "num_classes": 2, "options": {"hidden": [8]},
+            "task": "classification", "class_names": ["no", "yes"], "transform": transform,
+            "feature_fields": ["age", "dose", "weight"]}
+    student = save_model(model, tmp_path / "student", spec)
+    (student / "distill_card.json").write_text(json.dumps({"name": "tab", "class_names": ["0", "1"]}))
+    raw = np.array([[12.0, -4.0, 160.0], [8.0, -5.5, 40.0]], dtype=np.float32)
+    answer = StudentPredictor(student).predict(raw.tolist())
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.as_tensor(apply_standardise(raw, transform))), -1)
+        unscaled = torch.softmax(model(torch.as_tensor(raw)), -1)
+    np.testing.assert_allclose(np.asarray(answer["probabilities"]), expected.numpy(), atol=1e-6)
+    assert not np.allclose(expected.numpy(), unscaled.numpy(), atol=1e-3)  # the transform matters here
+    assert answer["predictions"] == [["no", "yes"][i] for i in expected.argmax(-1).tolist()]

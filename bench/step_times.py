@@ -21,7 +21,7 @@ from distill_ray.blending import TeacherBlend
 from distill_ray.config import load_config
 from distill_ray.losses import kd_divergence_to_probs
 from distill_ray.models import build_model, forward_logits
-from distill_ray.pipeline import build_cache, connect_ray, load_data, prepare_teachers, split_targets, teacher_specs
+from distill_ray.pipeline import build_cache, connect_ray, load_data, prepare_teachers, teacher_specs
 from distill_ray.teachers import TeacherPool
 
 
@@ -34,15 +34,18 @@ def main() -> None:
     connect_ray()
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)
-    cached = split_targets(build_cache(cfg, data, dirs), data).train.astype(np.float16)
+    cache = build_cache(cfg, data, dirs)
     pool = TeacherPool(teacher_specs(cfg, dirs))
-    x_all, y_all = torch.as_tensor(data.train.inputs), torch.as_tensor(data.train.labels)
     b, T, alpha = cfg.train.batch_size, cfg.loss.temperature, cfg.loss.alpha
+    # The first (steps + 1) batches of the cached train split, in memory (what a kept shard holds).
+    rows = cache.dataset("train").take_batch((args.steps + 1) * b, batch_format="numpy")
+    x_all, y_all = torch.from_numpy(np.array(rows["x"])), torch.from_numpy(np.array(rows["label"]))
+    cached = np.stack([rows[f"{n}/logits"] for n in cfg.teacher_names()])
     batches = [torch.arange(i * b, (i + 1) * b) for i in range(args.steps + 1)]
 
     def run(mode: str) -> float:
         torch.manual_seed(0)
-        student = build_model(cfg.student.arch, data.input_shape, data.num_classes, cfg.student.options)
+        student = build_model(cfg.student.arch, data.info.input_shape, data.info.num_classes, cfg.student.options)
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr)
         blend = TeacherBlend("learned_global", len(cfg.teachers))
         blend_opt = torch.optim.Adam(blend.parameters(), lr=cfg.blend.lr)

@@ -38,7 +38,9 @@ def test_bf16_teachers_on_fractional_gpus_match_fp32(ray_local, gpu_cfg, small_f
     from distill_ray.pipeline import prepare_teachers, teacher_specs
     from distill_ray.teachers import TeacherPool
 
-    dirs = prepare_teachers(gpu_cfg, small_fashion_mnist)
+    from distill_ray.pipeline import load_data
+
+    dirs = prepare_teachers(gpu_cfg, load_data(gpu_cfg))
     pool = TeacherPool(teacher_specs(gpu_cfg, dirs))
     try:
         x = small_fashion_mnist.val.inputs[:256]
@@ -54,12 +56,12 @@ def test_bf16_teachers_on_fractional_gpus_match_fp32(ray_local, gpu_cfg, small_f
 
 
 def test_gpu_worker_with_bf16_autocast_learns(ray_local, gpu_cfg, small_fashion_mnist, tmp_path):
-    from distill_ray.pipeline import build_cache, distill_data, prepare_teachers, split_targets
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers, training_inputs
     from distill_ray.train import load_trained_student, run_training
 
-    dirs = prepare_teachers(gpu_cfg, small_fashion_mnist)
-    st = split_targets(build_cache(gpu_cfg, small_fashion_mnist, dirs), small_fashion_mnist)
-    data = distill_data(gpu_cfg, small_fashion_mnist, st)
+    source = load_data(gpu_cfg)
+    dirs = prepare_teachers(gpu_cfg, source)
+    data = training_inputs(gpu_cfg, build_cache(gpu_cfg, source, dirs), source.info)
     result = run_training(gpu_cfg, data, str(tmp_path / "ray"), "gpu")
     _, history, _ = load_trained_student(gpu_cfg, data, result.checkpoint)
     assert history[-1]["val_accuracy"] > 0.6

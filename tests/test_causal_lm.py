@@ -215,7 +215,9 @@ def test_tiny_lm_online_mode_asks_the_teacher_actors_per_token_batch(ray_local, 
     assert served == {name: state["step"] * cfg.train.batch_size for name in cfg.teacher_names()}
     assert state["step"] == data.info.counts["train"] // 2 // cfg.train.batch_size
     epoch_row = [r for r in history if r.get("kind") == "epoch"][-1]
-    assert np.isfinite(epoch_row["val_perplexity"]) and 0 <= epoch_row["agreement/llama_wide"] <= 1
+    assert np.isfinite(epoch_row["val_perplexity"]) and 0 < epoch_row["val_accuracy"] < 1
     steps = [r for r in history if r.get("kind") != "epoch"]
     assert steps and all(r["kd_loss"] > 0 and "teacher_weight/llama_deep" in r for r in steps)
-    assert set(epoch_row) >= {"agreement/llama_wide", "agreement/llama_deep", "val_accuracy"}
+    # Without a cache the validation rows carry no teacher targets, so no agreement is claimed
+    # (run_experiment's online mode reads validation from the cache and reports it).
+    assert not any(k.startswith("agreement/") for k in epoch_row)

@@ -312,12 +312,16 @@ def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared,
     from distill_ray.teachers import TeacherPool
     from distill_ray.train import load_trained_student, run_training
 
+    ids = np.array(sorted(tiny_data.train.to_pandas()["id"]))
+    owner = rank_of(ids, 2)
+    shards = {r: set(ids[owner == r].tolist()) for r in (0, 1)}
+    last_step = min(len(s) for s in shards.values()) // (tiny_cfg.train.batch_size // 2)
     raw = apply_overrides(config_to_dict(tiny_cfg), [
         ("cache.dtype", "float32"), ("train.num_workers", 2), ("train.cpus_per_worker", 0.5),
         ("train.epochs", 1), ("curriculum.scheduler", "none"),
-        # Every step a checkpoint: the last step too, where the larger shard still has a batch and the
-        # smaller does not (ranks must agree to report, or ray.train.report waits forever).
-        ("train.checkpoint_every_steps", 1)])
+        # A checkpoint due at the last step, where the larger shard still has a batch and the smaller
+        # does not: ranks must agree to skip it, or ray.train.report waits forever for one of them.
+        ("train.checkpoint_every_steps", last_step)])
     raw["teachers"].append({"name": "mlp_c", "source": "recipe", "recipe": "mlp", "num_cpus": 0.25,
                             "options": {"hidden": [64], "epochs": 1}, "path": str(tmp_path / "teachers/mlp_c")})
     cfg = config_from_dict(raw)
@@ -335,9 +339,7 @@ def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared,
     finally:
         pool.shutdown()
     _, history, state = load_trained_student(cfg, training_inputs(cfg, cache, tiny_data.info), cached.checkpoint)
-    ids = np.array(sorted(tiny_data.train.to_pandas()["id"]))
-    owner = rank_of(ids, 2)
-    shards = {r: set(ids[owner == r].tolist()) for r in (0, 1)}
+    assert len(shards[0]) != len(shards[1]) and state["step"] == last_step
     assert not shards[0] & shards[1] and min(len(s) for s in shards.values()) > 0.4 * len(ids)
     half = cfg.train.batch_size // 2
     assert state["step"] == min(len(s) for s in shards.values()) // half  # the smaller shard sets the steps

@@ -50,35 +50,37 @@ def _tensor(x: np.ndarray) -> pa.Array:
     return ArrowTensorArray.from_numpy(np.ascontiguousarray(x))
 
 
+def _table(data, inputs: dict[str, Any], label_tensor: bool = False) -> pa.Table:
+    """One table over the loader's three splits: id, the input columns (``name -> fn(split) -> array``),
+    label and split; every column is concatenated in train, val, test order."""
+    parts = (("train", data.train), ("val", data.val), ("test", data.test))
+    labels = np.concatenate([s.labels for _, s in parts])
+    columns = {"id": np.concatenate([s.ids for _, s in parts])}
+    for name, fn in inputs.items():
+        values = [fn(s) for _, s in parts]
+        columns[name] = _tensor(np.concatenate(values)) if isinstance(values[0], np.ndarray) else sum(values, [])
+    columns.update(label=_tensor(labels) if label_tensor else labels,
+                   split=[name for name, s in parts for _ in range(len(s))])
+    return pa.table(columns)
+
+
 def _build(cfg: ExperimentConfig) -> tuple[pa.Table, dict[str, Any]]:
     d = cfg.data
     if d.format == "fashion_mnist":
         data = load_fashion_mnist(val_fraction=d.val_fraction, split_seed=d.split_seed,
                                   max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples)
-        parts = [(name, s) for name, s in (("train", data.train), ("val", data.val), ("test", data.test))]
-        images = np.concatenate([np.rint(s.inputs[:, 0] * 255).astype(np.uint8) for _, s in parts])
-        table = pa.table({"id": np.concatenate([s.ids for _, s in parts]), "image": _tensor(images),
-                          "label": np.concatenate([s.labels for _, s in parts]),
-                          "split": [name for name, s in parts for _ in range(len(s))]})
+        table = _table(data, {"image": lambda s: np.rint(s.inputs[:, 0] * 255).astype(np.uint8)})
         return table, {"kind": "image", "class_names": list(data.class_names)}
     if d.format == "fortunes":
         data = load_fortunes(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
                              tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
                              max_eval_samples=d.max_eval_samples)
-        parts = [(name, s) for name, s in (("train", data.train), ("val", data.val), ("test", data.test))]
-        table = pa.table({"id": np.concatenate([s.ids for _, s in parts]),
-                          "text": [str(t) for _, s in parts for t in s.texts],
-                          "label": np.concatenate([s.labels for _, s in parts]),
-                          "split": [name for name, s in parts for _ in range(len(s))]})
+        table = _table(data, {"text": lambda s: [str(t) for t in s.texts]})
         return table, {"kind": "text", "class_names": list(data.class_names)}
     if d.format == "python_stdlib":
         data = load_python_corpus(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
                                   tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
                                   max_eval_samples=d.max_eval_samples)
-        parts = [(name, s) for name, s in (("train", data.train), ("val", data.val), ("test", data.test))]
-        table = pa.table({"id": np.concatenate([s.ids for _, s in parts]),
-                          "x": _tensor(np.concatenate([s.inputs for _, s in parts])),
-                          "label": _tensor(np.concatenate([s.labels for _, s in parts])),
-                          "split": [name for name, s in parts for _ in range(len(s))]})
+        table = _table(data, {"x": lambda s: s.inputs}, label_tensor=True)
         return table, {"kind": "tokens", "class_names": []}
     raise ValueError(f"no preset named {d.format!r}")

@@ -85,7 +85,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from distill_ray.config import ServeConfig
-    from distill_ray.serving import StudentLoadError, start_serve
+    from distill_ray.serve_launch import start_serve
+    from distill_ray.serve_model import StudentLoadError
 
     serve_cfg = load_config(args.config, args.overrides).serve if args.config else ServeConfig()
     if args.quantize:
@@ -107,7 +108,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
     from distill_ray.models import load_model, num_params
     from distill_ray.pipeline import connect_ray, load_data
-    from distill_ray.serving import StudentLoadError, resolve_student_dir
+    from distill_ray.serve_model import StudentLoadError, resolve_student_dir
 
     cfg = load_config(args.data, args.overrides)
     try:

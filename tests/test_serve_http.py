@@ -84,6 +84,9 @@ BAD_REQUESTS = [
     ("NaN", b'{"inputs": [[NaN' + b", 0" * 783 + b"]]}", 422, "inputs[0][0] is NaN"),
     ("Infinity", b'{"inputs": [[0, Infinity' + b", 0" * 782 + b"]]}", 422, "inputs[0][1] is Infinity"),
     ("bad top_k", json.dumps({"inputs": [ZEROS], "top_k": 11}).encode(), 422, "from 1 to 10"),
+    ("top_k as a string", json.dumps({"inputs": [ZEROS], "top_k": "3"}).encode(), 422, "got string"),
+    ("wrong nested shape", json.dumps({"inputs": [[[[0.0] * 28] * 27]]}).encode(), 422, "inputs[0][0] has length 27"),
+    ("beyond float32", json.dumps({"inputs": [[1e39] + ZEROS[1:]]}).encode(), 422, "float32 range"),
     # Too-long text does not apply: this is a feature student (text limits are covered in test_serving.py).
 ]
 
@@ -95,6 +98,14 @@ def test_bad_requests_get_4xx_with_a_reason(url, raw, status, reason):
     assert reply.status_code == status, reply.text
     assert reason in reply.json()["error"]
     assert reply.json()["status"] == status
+
+
+def test_the_replica_keeps_serving_after_every_bad_request(url, small_fashion_mnist):
+    for _, raw, status, _ in BAD_REQUESTS:
+        assert post(url, raw).status_code == status
+    x = small_fashion_mnist.test.inputs[:1]
+    reply = post(url, json.dumps({"inputs": [x[0].reshape(-1).tolist()]}).encode())
+    assert reply.status_code == 200 and len(reply.json()["probabilities"][0]) == 10
 
 
 def test_generate_on_a_classifier_says_to_use_predict(url):
@@ -141,13 +152,17 @@ def test_healthz_is_open_and_model_returns_the_card(url):
     assert card["teachers"] == ["cnn", "mlp"] and len(card["class_names"]) == 10
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}],
-                         ids=["no header", "wrong key", "no scheme"])
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                                     {"Authorization": f"Basic {API_KEY}"}],
+                         ids=["no header", "wrong key", "no scheme", "basic scheme"])
 def test_without_the_api_key_requests_get_401(url, headers):
     reply = post(url, json.dumps({"inputs": [ZEROS]}).encode(), headers=headers)
     assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Bearer"
     assert "Authorization" in reply.json()["error"] or "invalid API key" in reply.json()["error"]
+    assert reply.json()["status"] == 401
     assert httpx.get(f"{url}/model", headers=headers, timeout=10).status_code == 401
+    # /generate checks the key before anything else, so a classifier's 422 stays hidden from strangers.
+    assert httpx.post(f"{url}/generate", content=b'{"inputs": ["hi"]}', headers=headers, timeout=30).status_code == 401
 
 
 def test_after_shutdown_the_port_no_longer_answers(url):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from distill_ray.config import ServeConfig
 from distill_ray.models import build_model, save_model
@@ -22,11 +23,13 @@ from distill_ray.serving import (
     StudentService,
     api_key_digest,
     format_predictions,
+    parse_generate_request,
     parse_predict_request,
     resolve_student_dir,
     settings_from_app_args,
     state_dict_bytes,
 )
+from distill_ray.serve_requests import generate_model, predict_model
 
 FEATURES = InputSchema(num_classes=10, input_shape=(1, 28, 28))
 LIMITS = RequestLimits(max_inputs_per_request=4, max_text_chars=20)
@@ -68,7 +71,7 @@ def expect_error(raw: bytes, status: int, *fragments: str, schema: InputSchema =
     (body({"inputs": [[None] + ZEROS[1:]]}), 422, ("inputs[0][0] is a null",)),
     (b'{"inputs": [[NaN' + b", 0.0" * 783 + b"]]}", 422, ("inputs[0][0] is NaN", "only finite numbers")),
     (b'{"inputs": [[0.0, -Infinity' + b", 0.0" * 782 + b"]]}", 422, ("inputs[0][1] is -Infinity",)),
-    (b'{"inputs": [[1e400' + b", 0.0" * 783 + b"]]}", 422, ("inputs[0][0] is inf", "float32 range")),
+    (b'{"inputs": [[1e400' + b", 0.0" * 783 + b"]]}", 422, ("inputs[0][0] is Infinity", "float32 range")),
     (body({"inputs": [[1e39] + ZEROS[1:]]}), 422, ("float32 range",)),
     (body({"inputs": [ZEROS] * 5}), 413, ("has 5 inputs", "at most 4", "split")),
     (body({"inputs": [ZEROS], "top_k": 0}), 422, ("'top_k' must be an integer from 1 to 10", "got 0")),
@@ -118,6 +121,71 @@ def test_text_students_take_strings_and_token_ids():
     no_tokenizer = InputSchema(num_classes=3, input_shape=None, accepts_text=False, vocab_size=100)
     expect_error(body({"inputs": ["hello"]}), 422, "no tokenizer", "token ids", schema=no_tokenizer)
 
+
+
+# --- the pydantic request models themselves ---------------------------------------------------------
+
+def error_types(model, raw) -> list[tuple[str, tuple]]:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate_json(raw)
+    return [(e["type"], tuple(e["loc"])) for e in info.value.errors()]
+
+
+def test_predict_model_forbids_extra_keys_non_finite_numbers_and_too_long_lists():
+    model = predict_model(FEATURES, LIMITS)
+    assert predict_model(FEATURES, LIMITS) is model  # built once per student and limits
+    ok = model.model_validate_json(body({"inputs": [ZEROS], "top_k": 10}))
+    assert ok.top_k == 10 and len(ok.inputs[0]) == 784
+    assert error_types(model, body({"inputs": [ZEROS], "extra": 1})) == [("extra_forbidden", ("extra",))]
+    assert error_types(model, b'{"inputs": [[NaN' + b", 0" * 783 + b"]]}") == [("finite_number", ("inputs", 0, "flat", 0))]
+    assert error_types(model, b'{"inputs": [[0, 0, Infinity' + b", 0" * 781 + b"]]}") == \
+        [("finite_number", ("inputs", 0, "flat", 2))]
+    assert error_types(model, body({"inputs": [ZEROS] * 5})) == [("too_long", ("inputs",))]
+    assert error_types(model, body({"inputs": [ZEROS + [0.0]]})) == [("too_long", ("inputs", 0, "flat"))]
+    assert error_types(model, body({"inputs": [["1.0"] + ZEROS[1:]]})) == [("float_type", ("inputs", 0, "flat", 0))]
+    assert error_types(model, body({"inputs": [ZEROS], "top_k": 11})) == [("less_than_equal", ("top_k",))]
+    # The limit is the configured one: 8 inputs pass with max_inputs_per_request=8, 9 do not.
+    wider = predict_model(FEATURES, RequestLimits(max_inputs_per_request=8))
+    assert len(wider.model_validate_json(body({"inputs": [ZEROS] * 8})).inputs) == 8
+    assert error_types(wider, body({"inputs": [ZEROS] * 9})) == [("too_long", ("inputs",))]
+
+
+def test_text_and_generate_models_limit_lengths_and_forbid_extra_keys():
+    text = predict_model(TEXT, LIMITS)
+    assert text.model_validate_json(body({"inputs": ["x" * 20, [99]]})).inputs == ["x" * 20, [99]]
+    assert error_types(text, body({"inputs": ["x" * 21]})) == [("string_too_long", ("inputs", 0, "text"))]
+    assert error_types(text, body({"inputs": [[1] * 21]})) == [("too_long", ("inputs", 0, "ids"))]
+    assert error_types(text, body({"inputs": [[100]]})) == [("less_than", ("inputs", 0, "ids", 0))]
+    generate = generate_model(RequestLimits(max_inputs_per_request=2, max_text_chars=5))
+    parsed = generate.model_validate_json(b'{"inputs": ["hello"]}')
+    assert (parsed.max_new_tokens, parsed.temperature) == (32, 0.0)  # the defaults
+    assert error_types(generate, b'{"inputs": ["hello!"]}') == [("string_too_long", ("inputs", 0))]
+    assert error_types(generate, b'{"inputs": ["a", "b", "c"]}') == [("too_long", ("inputs",))]
+    assert error_types(generate, b'{"inputs": ["a"], "temperature": Infinity}') == [("finite_number", ("temperature",))]
+    assert error_types(generate, b'{"inputs": ["a"], "top_p": 0.9}') == [("extra_forbidden", ("top_p",))]
+
+
+def test_413_and_field_messages_follow_the_configured_limits():
+    err = expect_error(body({"inputs": [[1]] * 3}), 413, "'inputs' has 3 inputs", "at most 2", schema=TEXT,
+                       limits=RequestLimits(max_inputs_per_request=2, max_text_chars=20))
+    assert err.body() == {"error": err.message, "status": 413}
+    err = expect_error(body({"inputs": [[1]], "top_k": 4}), 422, "'top_k' must be an integer from 1 to 3", "got 4",
+                       schema=TEXT)
+    with pytest.raises(RequestError, match=r"at most 1 are allowed per request") as info:
+        parse_generate_request(b'{"inputs": ["a", "b"]}', RequestLimits(max_inputs_per_request=1))
+    assert info.value.status == 413
+    with pytest.raises(RequestError, match=r"'max_new_tokens' must be an integer in 1..256; got 2.5"):
+        parse_generate_request(b'{"inputs": ["a"], "max_new_tokens": 2.5}', LIMITS)
+    allowed = expect_error(b"{}", 422, schema=TEXT).message
+    assert "'inputs' (required, a list of 1 to 4 inputs)" in allowed and "'top_k' (optional, an integer from 1 to 3)" in allowed
+
+
+def test_a_single_feature_dimension_takes_flat_lists_only():
+    tabular = InputSchema(num_classes=2, input_shape=(3,))
+    assert parse_predict_request(body({"inputs": [[1, 2.5, -3]]}), tabular, LIMITS).inputs == ([1.0, 2.5, -3.0],)
+    expect_error(body({"inputs": [[1, 2]]}), 422, "inputs[0] has 2 numbers", "expected 3", schema=tabular)
+    expect_error(body({"inputs": [[[1, 2, 3]]]}), 422, "inputs[0][0] is an array", "expected a number", schema=tabular)
+    expect_error(body({"inputs": [[1, [2], 3]]}), 422, "inputs[0][1] is an array", "expected a number", schema=tabular)
 
 # --- the predictor --------------------------------------------------------------------------------
 
@@ -262,6 +330,78 @@ def test_app_args_are_coerced_and_checked(run_dir):
     with pytest.raises(ValueError, match="max_batch_size"):
         settings_from_app_args({"student_dir": str(run_dir), "max_batch_size": 0})
 
+
+
+# --- the FastAPI layer in process (TestClient, no Ray), and the app's entry points -------------------
+
+def test_fastapi_handlers_answer_auth_and_validation_errors_as_json():
+    """Bearer auth through FastAPI's HTTPBearer dependency and FastAPI's own RequestValidationError,
+    both turned into {"error", "status"} by the handlers the deployment installs."""
+    from fastapi import Depends, FastAPI
+    from fastapi.testclient import TestClient
+
+    from distill_ray.serve_app import install_error_handlers
+    from distill_ray.serve_auth import ApiKeyCheck, bearer_scheme
+
+    app, check = install_error_handlers(FastAPI()), ApiKeyCheck(api_key_digest("s3cret"))
+
+    @app.get("/guarded")
+    def guarded(n: int, credentials=Depends(bearer_scheme)):
+        check.check(credentials)
+        return {"n": n}
+
+    client = TestClient(app)
+    for headers, reason in (({}, "missing or malformed"), ({"Authorization": "Basic s3cret"}, "missing or malformed"),
+                            ({"Authorization": "s3cret"}, "missing or malformed"),
+                            ({"Authorization": "Bearer wrong"}, "invalid API key")):
+        reply = client.get("/guarded?n=3", headers=headers)
+        assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Bearer"
+        assert reason in reply.json()["error"] and reply.json()["status"] == 401
+    assert client.get("/guarded?n=3", headers={"Authorization": "Bearer s3cret"}).json() == {"n": 3}
+    reply = client.get("/guarded?n=three", headers={"Authorization": "Bearer s3cret"})
+    assert reply.status_code == 422 and reply.json()["status"] == 422
+    assert "query.n: Input should be a valid integer" in reply.json()["error"]
+
+
+def test_the_library_never_imports_serve_app_and_serve_app_does_no_work_at_import():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys, ray\n"
+              "import distill_ray.serving, distill_ray.serve_launch, distill_ray.serve_app\n"
+              "assert 'serve.app' not in sys.modules, 'the library imported serve/app.py'\n"
+              "import serve.app\n"
+              "assert serve.app.build_app is distill_ray.serve_app.build_app\n"
+              "assert not ray.is_initialized()\n"
+              "assert not any(name.startswith('transformers') for name in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_serve_config_yaml_is_a_valid_deploy_config_whose_builder_binds_the_student(run_dir, monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text())
+    deploy = ServeDeploySchema.model_validate(raw)
+    assert deploy.http_options.host == "127.0.0.1"
+    app_cfg = deploy.applications[0]
+    module_name, _, attr = app_cfg.import_path.partition(":")
+    build_app = getattr(importlib.import_module(module_name), attr)
+    app = build_app({**app_cfg.args, "student_dir": str(run_dir)})
+    deployment = app._bound_deployment  # Ray keeps the bound deployment here; no public accessor
+    assert deployment.name == "StudentDeployment" and deployment.num_replicas == 1
+    assert deployment.max_ongoing_requests == 64  # max(2 * 32, MIN_ONGOING_REQUESTS)
+    student_dir, serve_config, key_digest = deployment.init_args
+    assert student_dir == str((run_dir / "student").resolve())
+    assert (serve_config["max_batch_size"], serve_config["max_inputs_per_request"]) == (32, 256)
+    assert key_digest is None  # no DISTILL_RAY_API_KEY here: auth off
 
 # --- a text student: tokenizer saved beside it ------------------------------------------------------
 

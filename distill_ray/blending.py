@@ -252,8 +252,12 @@ class TeacherBlend(nn.Module):
         labels: torch.Tensor,
         features: Optional[torch.Tensor] = None,
         ignore_index: int = -100,
+        reduction: str = "mean",
     ) -> torch.Tensor:
         """Mean cross-entropy of the blended teachers (T = 1) on the labels: the loss that trains the weights.
+
+        ``reduction="none"`` gives it per position ``[N]`` (0 where skipped), for mixed batches whose
+        rows weigh two labels each.
 
         ``-log sum_k w_k softmax(z_k)[y]`` per position, computed as ``-logsumexp_k(log w_k +
         log_softmax(z_k)[y])``; ``labels [N]``, positions with ``ignore_index`` skipped (all skipped
@@ -282,6 +286,8 @@ class TeacherBlend(nn.Module):
         label_logit = logits.gather(-1, safe_labels.view(1, -1, 1).expand(num_teachers, -1, 1)).squeeze(-1)
         log_p_label = (label_logit - torch.logsumexp(logits, dim=-1)).transpose(0, 1)  # [M, K]
         log_blend_label = torch.logsumexp(log_w[keep].to(dtype) + log_p_label, dim=-1)
+        if reduction == "none":
+            return torch.zeros(num_positions, dtype=dtype, device=log_w.device).masked_scatter(keep, -log_blend_label)
         return -log_blend_label.mean()
 
     def weight_loss_from_label_logprobs(self, label_logprobs: torch.Tensor) -> torch.Tensor:

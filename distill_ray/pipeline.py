@@ -26,7 +26,8 @@ from distill_ray.data import Split, cache_root, smollm2_path
 from distill_ray.models import build_model, load_model, num_params, save_model, save_tokenizer
 from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
 from distill_ray.sources import DataInfo, SourceData, load_source
-from distill_ray.teachers import TeacherBatchUDF, TeacherPool, TeacherSpec
+from distill_ray.stages import MixSettings, feature_shapes, with_teachers
+from distill_ray.teachers import TeacherSpec
 from distill_ray.train import TrainInputs
 
 
@@ -142,8 +143,13 @@ def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = Fa
     return dirs
 
 
-def teacher_specs(cfg: ExperimentConfig, dirs: dict[str, Path]) -> list[TeacherSpec]:
-    return [TeacherSpec(t.name, str(dirs[t.name]), t.num_cpus, t.num_gpus, t.replicas, t.dtype, t.max_restarts)
+def teacher_specs(cfg: ExperimentConfig, dirs: dict[str, Path], causal: bool = False,
+                  features: dict[str, tuple[str, ...]] | None = None, trace_file: str | None = None) -> list[TeacherSpec]:
+    """Each teacher as an actor-pool stage: where it lives, its actors' size, what it answers."""
+    return [TeacherSpec(t.name, str(dirs[t.name]), t.num_cpus, t.num_gpus, t.replicas, t.dtype, t.max_restarts,
+                        topk=cfg.loss.topk, features=(features or {}).get(t.name, ()),
+                        # per-token logits [b, L, V] of a language model are big until top-k cuts them
+                        batch_size=32 if causal else 512, trace_file=trace_file)
             for t in cfg.teachers]
 
 
@@ -219,14 +225,7 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
             raise CorruptCacheError(f"{err}. Rebuild it with `distill-ray cache CONFIG --rebuild`.") from None
 
     causal = data.info.task == "causal_lm"
-    ds = data.rows
-    for t in teacher_specs(cfg, dirs):
-        ds = ds.map_batches(TeacherBatchUDF, fn_constructor_kwargs={"name": t.name, "model_dir": t.model_dir,
-                                                                    "dtype": t.dtype, "topk": cfg.loss.topk},
-                            compute=ray.data.ActorPoolStrategy(size=t.replicas), num_cpus=t.num_cpus,
-                            num_gpus=t.num_gpus or None,
-                            # per-token logits [b, L, V] of a language model are big until top-k cuts them
-                            batch_size=32 if causal else 512)
+    ds = with_teachers(data.rows, tuple(teacher_specs(cfg, dirs, causal)))
     ds = ds.map_batches(finish_rows, fn_kwargs={"teachers": cfg.teacher_names(), "dtype": cfg.cache.dtype,
                                                 "topk": cfg.loss.topk, "num_classes": data.info.num_classes,
                                                 "causal": causal, "pad_id": data.info.pad_id},
@@ -243,36 +242,62 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
 # --- training inputs ------------------------------------------------------------------------------
 
 def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: DataInfo, use_teachers: bool = True,
-                    pool: TeacherPool | None = None, stage: tuple | None = None) -> TrainInputs:
+                    stage: tuple | None = None, dirs: dict[str, Path] | None = None,
+                    teacher_trace: str | None = None) -> TrainInputs:
     """What Ray Train gets: the train and val splits as datasets (only the columns this run reads: its
     own teachers' targets and the difficulty measures) and the facts about them.
 
     ``data`` is the verified cache, or (online mode without a cache) the source splits themselves.
-    With a ``pool`` (online mode) the train rows carry no targets: workers ask the teacher actors per
-    batch. ``stage`` = (fn, kwargs) adds a Ray Data map_batches stage to both (the ablation's
-    synthetic teacher)."""
-    online = pool is not None and use_teachers
+    Online mode (``train.mode=online``, teacher directories in ``dirs``) reads no targets: each rank's
+    stream passes through one actor-pool stage per teacher (``stages.rank_stream``), validation too
+    when it has no cached targets. ``stage`` = (fn, kwargs) adds a Ray Data map_batches stage to both
+    (the ablation's synthetic teacher); ``teacher_trace`` makes the online teachers log the ids they
+    answer (tests)."""
+    online = use_teachers and cfg.train.mode == "online"
+    if online and dirs is None:
+        raise ValueError("online mode runs the teachers as stages: pass their directories (dirs=)")
+    causal = info.task == "causal_lm"
     if isinstance(data, SourceData):
         if use_teachers and not online:
             raise ValueError("cached mode reads the teachers' targets from the cache; pass the CachedData")
-        train, val, rows, train_bytes = data.train, data.val, info.counts["train"], 0
+        train, val, index = data.train, data.val, data.train.select_columns(["id"])
+        rows, train_bytes = info.counts["train"], 0
     else:
         targets = teacher_columns(cfg.teacher_names(), cfg.loss.topk)
         stored = [c for c in targets if c in data.columns]
-        measures = [c for c in data.columns if c.startswith("difficulty/")]
-        train = data.dataset("train", ["id", "x", "label", *(stored if use_teachers and not online else []),
-                                       *(measures if use_teachers else [])])
+        measures = [c for c in data.columns if c.startswith("difficulty/")] if use_teachers else []
+        train = data.dataset("train", ["id", "x", "label", *(stored if use_teachers and not online else []), *measures])
+        index = data.dataset("train", ["id", *measures])
         val = data.dataset("val", ["id", "x", "label", *stored])
         rows, train_bytes = data.rows("train"), sum(os.path.getsize(f) for f in data.files("train"))
     if stage is not None:
         fn, kwargs = stage
         train = train.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy") if use_teachers and not online else train
         val = val.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy")
-    return TrainInputs(train=train, val=val, teacher_names=cfg.teacher_names(), num_classes=info.num_classes,
-                       input_shape=info.input_shape, train_rows=rows, train_bytes=train_bytes,
-                       task=info.task, topk=cfg.loss.topk, all_labeled=info.labeled["train"] == info.counts["train"],
-                       use_teachers=use_teachers, targets_in_rows=not online,
-                       teacher_handles=dict(pool.actor_handles()) if online else None)
+    teachers, shapes, probe = (), {}, None
+    if online:
+        hint_teacher = cfg.loss.hint_teacher or cfg.teacher_names()[0]
+        features = ("hint",) * (cfg.loss.hint_weight > 0) + ("attention",) * (cfg.loss.attention_weight > 0)
+        teachers = tuple(teacher_specs(cfg, dirs, causal, {hint_teacher: features}, teacher_trace))
+        if not any(c.endswith(("/logits", "/topk_logprobs")) for c in val.schema().names):
+            val = with_teachers(val, teachers)  # agreement on validation needs the teachers' answers
+        if features:  # the hint projector is sized before the first step: ask the teacher once, here
+            probe = train.select_columns(["x"]).take_batch(2, batch_format="numpy")["x"]
+            spec = next(t for t in teachers if t.name == hint_teacher)
+            shapes = ray.get(feature_shapes.options(num_cpus=spec.num_cpus).remote(spec, probe))
+    mix = MixSettings(cfg.loss.mixup_alpha, cfg.loss.cutmix_alpha, info.num_classes, cfg.train.seed)
+    # Teachers asked afresh and pairs mixed afresh every epoch: nothing to keep between epochs.
+    streamed_only = online or mix.active
+    mode = cfg.train.data_mode
+    keep = not streamed_only and (mode == "memory" or (
+        mode == "auto" and train_bytes / cfg.train.num_workers <= cfg.train.memory_budget_mb * 2**20))
+    return TrainInputs(train=train, val=val, index=index, teacher_names=cfg.teacher_names(),
+                       num_classes=info.num_classes, input_shape=info.input_shape, train_rows=rows,
+                       train_bytes=train_bytes, task=info.task, topk=cfg.loss.topk,
+                       all_labeled=info.labeled["train"] == info.counts["train"], use_teachers=use_teachers,
+                       online_teachers=teachers, mix=mix if mix.active else None, keep_shard=keep,
+                       epoch_stage=not keep and (mix.active or cfg.curriculum.scheduler != "none"),
+                       feature_shapes=shapes, probe=probe)
 
 
 def teacher_columns(names, topk: int | None) -> list[str]:
@@ -304,13 +329,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     cache = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache)
     storage = run_dir / "ray_results"
 
-    pool = TeacherPool(teacher_specs(cfg, dirs), topk=cfg.loss.topk) if cfg.train.mode == "online" else None
-    student_inputs = training_inputs(cfg, cache, info, pool=pool)
-    try:
-        result = timed("train_student", run_training, cfg, student_inputs, str(storage), "student")
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    student_inputs = training_inputs(cfg, cache, info, dirs=dirs)
+    result = timed("train_student", run_training, cfg, student_inputs, str(storage), "student")
     student, history, state = load_trained_student(cfg, student_inputs, result.checkpoint)
     baseline = None
     if cfg.train.baseline:

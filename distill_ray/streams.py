@@ -1,15 +1,17 @@
 """How a Ray Train worker reads its part of the training data: its own stream, kept or streamed.
 
-The driver gives each rank a Dataset of its own rows (``rank_datasets``: rows whose id hashes to
-the rank), so DDP workers read disjoint data and a restarted worker gets the same rows again. Each
-worker then either
+The driver gives each rank a Dataset of its own rows (``stages.rank_stream``: rows whose id hashes
+to the rank), so DDP workers read disjoint data and a restarted worker gets the same rows again.
+Each worker then either
 
 - keeps its shard (``KeptShard``): reads it once from ``ray.train.get_dataset_shard`` into tensors
   sorted by id; every epoch is a seeded permutation of it. Fast (as fast as a plain PyTorch loop),
-  and used when the shard fits ``train.shard_memory_mb``; or
+  and used when the shard fits ``train.memory_budget_mb``; or
 - streams it (``StreamedShard``): every epoch iterates the Ray Data stream again, in a fixed order
   (``preserve_order``) with Ray's seeded local shuffle, so a resumed epoch can skip exactly the
-  batches already trained. Memory stays at the stream's buffers, whatever the data size.
+  batches already trained. Memory stays at the stream's buffers, whatever the data size. The
+  curriculum ranks the shard's index (ids and difficulty columns only) and the stream's epoch stage
+  drops what it holds back (``stages.EpochStage``).
 
 Both give the loop batches as ``{column: tensor}`` of exactly ``batch_size`` rows.
 """
@@ -32,19 +34,6 @@ DIFFICULTY_PREFIX = "difficulty/"
 def rank_of(ids: np.ndarray, world: int) -> np.ndarray:
     """The rank that owns each sample id (a seeded hash, so shards are balanced and fixed)."""
     return np.minimum((id_uniform(ids, 0, salt=RANK_SALT) * world).astype(np.int64), world - 1)
-
-
-def _rows_of_rank(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
-    mask = rank_of(batch["id"], world) == rank
-    return {k: v[mask] for k, v in batch.items()}
-
-
-def rank_datasets(dataset, world: int, name: str = "train") -> dict:
-    """``{f"{name}_{r}": rows of rank r}`` for Ray Train (given whole to each worker, not split)."""
-    if world == 1:
-        return {f"{name}_0": dataset}
-    return {f"{name}_{r}": dataset.map_batches(_rows_of_rank, fn_kwargs={"rank": r, "world": world},
-                                               batch_format="numpy") for r in range(world)}
 
 
 def fused_difficulty(measures: dict[str, torch.Tensor], names: Sequence[str], rrf_k: int) -> torch.Tensor | None:
@@ -100,17 +89,17 @@ class KeptShard:
 class StreamedShard:
     """A worker's shard streamed from Ray Data every epoch, in a fixed, seeded order."""
 
-    def __init__(self, iterator, shuffle_buffer_rows: int, read_batch_rows: int = 256):
-        self.iterator = iterator
+    def __init__(self, iterator, index_iterator, shuffle_buffer_rows: int, read_batch_rows: int = 256):
+        self.iterator, self.index_iterator = iterator, index_iterator
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.read_batch_rows = read_batch_rows
         self._ids: np.ndarray | None = None
         self._measures: dict[str, torch.Tensor] | None = None
 
     def _scan(self) -> None:
-        """One pass over the shard keeping only ids and difficulty measures (a few numbers per row)."""
+        """One pass over the shard's index (ids and difficulty measures: a few numbers per row)."""
         ids, measures = [], {}
-        for batch in self.iterator.iter_batches(batch_size=4096, batch_format="numpy"):
+        for batch in self.index_iterator.iter_batches(batch_size=4096, batch_format="numpy"):
             ids.append(np.asarray(batch["id"]))
             for k, v in batch.items():
                 if k.startswith(DIFFICULTY_PREFIX):
@@ -135,11 +124,10 @@ class StreamedShard:
             self._scan()
         return self._ids
 
-    def epoch_batches(self, epoch: int, seed: int, batch_size: int, open_ids: np.ndarray | None = None,
-                      start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """This epoch's batches: the stream shuffled with a buffer seeded by (seed, epoch), rows outside
-        ``open_ids`` (sorted; None = all) dropped, re-cut into ``batch_size`` rows; batches before
-        ``start`` are read and skipped, not trained."""
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """This epoch's batches: the stream (whose epoch stage already dropped the rows the curriculum
+        holds back) shuffled with a buffer seeded by (seed, epoch), re-cut into ``batch_size`` rows;
+        batches before ``start`` are read and skipped, not trained."""
         pending: dict[str, list[np.ndarray]] = {}
         pending_rows, emitted = 0, 0
         stream = self.iterator.iter_batches(
@@ -148,10 +136,6 @@ class StreamedShard:
             local_shuffle_seed=(seed * 1_000_003 + epoch) % (2**31) if self.shuffle_buffer_rows else None)
         for batch in stream:
             batch = {k: v for k, v in batch.items() if not k.startswith(DIFFICULTY_PREFIX)}
-            if open_ids is not None:
-                pos = np.searchsorted(open_ids, batch["id"])
-                keep = (pos < len(open_ids)) & (open_ids[np.minimum(pos, len(open_ids) - 1)] == batch["id"])
-                batch = {k: v[keep] for k, v in batch.items()}
             for k, v in batch.items():
                 pending.setdefault(k, []).append(np.asarray(v))
             pending_rows += len(batch["id"])

@@ -1,21 +1,19 @@
-"""Frozen teachers in Ray actors: one actor group per teacher, a pool that fans batches out.
+"""Frozen teachers: what one is (``TeacherSpec``) and the plain-Python core that answers batches.
 
-``TeacherRunner`` is the plain-Python core (load, freeze, infer, count); it runs inside a Ray actor
-(``TeacherPool``, online mode) or inside a Ray Data ``map_batches`` actor pool (``TeacherBatchUDF``,
-cache building). Teachers return plain data: ``{"logits": [N, C]}`` or ``{"topk_logprobs": [N, k],
-"topk_indices": [N, k]}`` (fp16 / int32), never model objects. Asked for ``features``, they add
-``"hint"`` [N, D] and/or ``"attention"`` [N, P] (fp16) for feature distillation (online mode only).
+``TeacherRunner`` loads, freezes, infers and counts; it runs inside the actors of a Ray Data
+actor-pool stage (``stages.with_teachers``), both when the cache is built and in online mode.
+Teachers return plain data: ``{"logits": [N, C]}`` or ``{"topk_logprobs": [N, k], "topk_indices":
+[N, k]}`` (fp16 / int32), never model objects. Asked for ``features``, they add ``"hint"`` [N, D]
+and/or ``"attention"`` [N, P] (fp16) for feature distillation (online mode only).
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import ray
 import torch
 
 from distill_ray.losses import attention_map, teacher_topk
@@ -27,7 +25,7 @@ FEATURES = ("hint", "attention")  # what a teacher can serve besides its soft ta
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """Where a trained teacher lives and how its actors are sized."""
+    """Where a trained teacher lives, how its actors are sized and what they answer."""
 
     name: str
     model_dir: str
@@ -36,6 +34,10 @@ class TeacherSpec:
     replicas: int = 1
     dtype: str = "float32"
     max_restarts: int = 3
+    topk: int | None = None
+    features: tuple[str, ...] = ()  # "hint" / "attention", online mode
+    batch_size: int = 512
+    trace_file: str | None = None  # tests and drills: every answered batch's ids, one line each
 
 
 class TeacherRunner:
@@ -119,166 +121,3 @@ class TeacherRunner:
     def stats(self) -> dict[str, Any]:
         return {"name": self.name, "rows": self.rows, "batches": self.batches, "seconds": self.seconds,
                 "fingerprint": self.fingerprint}
-
-
-@ray.remote(max_concurrency=1)
-class TeacherActor(TeacherRunner):
-    """A teacher replica. Restarts on death (``max_restarts``); the pool retries the lost batch."""
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
-
-class TeacherPool:
-    """All teachers, each as ``replicas`` actors; one call asks every teacher in parallel.
-
-    Replicas of a teacher are used round-robin. A batch whose replica dies is retried (on the
-    restarted actor or another replica) up to ``retries`` times; rows are counted only when a
-    teacher's answer arrives, so a retried batch is never counted twice.
-    """
-
-    def __init__(self, teachers: Sequence[TeacherSpec], topk: int | None = None, retries: int = 3):
-        if not teachers:
-            raise ValueError("TeacherPool needs at least one teacher")
-        self.specs = {t.name: t for t in teachers}
-        self.retries = retries
-        self.replicas: dict[str, list] = {}
-        for t in teachers:
-            threads = max(1, int(t.num_cpus))
-            self.replicas[t.name] = [
-                TeacherActor.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_restarts=t.max_restarts,
-                                     name=None).remote(t.name, t.model_dir, t.dtype, topk, threads)
-                for _ in range(t.replicas)
-            ]
-        self._start_counters()
-
-    @classmethod
-    def attach(cls, replicas: Mapping[str, list], retries: int = 3) -> "TeacherPool":
-        """A pool over actors someone else started (e.g. the driver, for Train workers in online mode)."""
-        pool = cls.__new__(cls)
-        pool.specs = {name: None for name in replicas}
-        pool.retries = retries
-        pool.replicas = {name: list(actors) for name, actors in replicas.items()}
-        pool._start_counters()
-        return pool
-
-    def _start_counters(self) -> None:
-        self._next = {name: itertools.cycle(range(len(actors))) for name, actors in self.replicas.items()}
-        self.rows = {name: 0 for name in self.replicas}
-        self.batches = {name: 0 for name in self.replicas}
-        self.seconds = {name: 0.0 for name in self.replicas}
-        self.retried = {name: 0 for name in self.replicas}
-        # Fail fast if a teacher cannot load, and learn fingerprints once.
-        first = ray.get([actors[0].stats.remote() for actors in self.replicas.values()])
-        self.fingerprints = {name: s["fingerprint"] for name, s in zip(self.replicas, first)}
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self.replicas)
-
-    def submit(self, inputs: np.ndarray,
-               features: Sequence[str] | Mapping[str, Sequence[str]] = ()) -> "PendingTargets":
-        """Start every teacher on this batch now; collect later with ``.result()`` (prefetching).
-
-        ``features`` (see ``TeacherRunner.infer``) is asked of every teacher, or, as a mapping
-        ``{teacher: features}``, of the teachers it names only.
-        """
-        wanted = self._features_by_teacher(features)
-        ref = ray.put(inputs)
-        started = time.perf_counter()
-        calls = {}
-        for name, actors in self.replicas.items():
-            replica = next(self._next[name])
-            calls[name] = (replica, _infer(actors[replica], ref, wanted[name]))
-        return PendingTargets(self, ref, len(inputs), calls, started, wanted)
-
-    def infer(self, inputs: np.ndarray,
-              features: Sequence[str] | Mapping[str, Sequence[str]] = ()) -> dict[str, dict[str, np.ndarray]]:
-        return self.submit(inputs, features).result()
-
-    def feature_shapes(self, name: str, inputs: np.ndarray, features: Sequence[str]) -> dict[str, tuple[int, ...]]:
-        """Shapes (without the batch dim) of teacher ``name``'s features for ``inputs``; not counted."""
-        return ray.get(self.replicas[name][0].feature_shapes.remote(inputs, tuple(features)))
-
-    def _features_by_teacher(self, features: Sequence[str] | Mapping[str, Sequence[str]]) -> dict[str, tuple]:
-        if isinstance(features, Mapping):
-            unknown = [n for n in features if n not in self.replicas]
-            if unknown:
-                raise ValueError(f"features asked of unknown teachers {unknown}; teachers: {', '.join(self.replicas)}")
-            return {name: tuple(features.get(name, ())) for name in self.replicas}
-        return {name: tuple(features) for name in self.replicas}
-
-    def _retry(self, name: str, ref, failed_replica: int, features: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-        actors = self.replicas[name]
-        last_error: Exception | None = None
-        for attempt in range(self.retries):
-            self.retried[name] += 1
-            # Prefer another live replica; with one replica, wait for Ray to restart it.
-            replica = (failed_replica + 1 + attempt) % len(actors)
-            try:
-                return ray.get(_infer(actors[replica], ref, features))
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-                last_error = err
-                time.sleep(0.5 * (attempt + 1))
-        raise RuntimeError(f"teacher {name!r} failed {self.retries} retries: {last_error}")
-
-    def stats(self) -> dict[str, dict[str, float]]:
-        """Per-teacher counters as seen by the pool (survive actor restarts)."""
-        return {name: {"rows": self.rows[name], "batches": self.batches[name], "retries": self.retried[name],
-                       "rows_per_s": self.rows[name] / self.seconds[name] if self.seconds[name] else 0.0}
-                for name in self.replicas}
-
-    def actor_handles(self) -> Mapping[str, list]:
-        return self.replicas
-
-    def shutdown(self) -> None:
-        for actors in self.replicas.values():
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
-        self.replicas = {}
-
-
-def _infer(actor, ref, features: tuple[str, ...]):
-    # Without features the call is the plain one, as before features existed.
-    return actor.infer.remote(ref, features) if features else actor.infer.remote(ref)
-
-
-@dataclass
-class PendingTargets:
-    """Teacher calls in flight for one batch (``features``: what each teacher was asked besides targets)."""
-
-    pool: TeacherPool
-    ref: Any
-    num_rows: int
-    calls: dict[str, tuple[int, Any]]
-    started: float
-    features: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-    def result(self) -> dict[str, dict[str, np.ndarray]]:
-        out = {}
-        for name, (replica, call) in self.calls.items():
-            try:
-                out[name] = ray.get(call)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                out[name] = self.pool._retry(name, self.ref, replica, self.features.get(name, ()))
-            self.pool.rows[name] += self.num_rows
-            self.pool.batches[name] += 1
-            self.pool.seconds[name] += time.perf_counter() - self.started
-        return out
-
-
-class TeacherBatchUDF:
-    """Ray Data ``map_batches`` callable: adds one teacher's soft-target columns to each batch."""
-
-    def __init__(self, name: str, model_dir: str, dtype: str = "float32", topk: int | None = None,
-                 input_column: str = "x"):
-        self.runner = TeacherRunner(name, model_dir, dtype, topk)
-        self.input_column = input_column
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.runner.infer(batch[self.input_column])
-        for key, value in out.items():
-            batch[f"{self.runner.name}/{key}"] = value
-        return batch

@@ -21,7 +21,7 @@ import json
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,7 +41,9 @@ from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd
     topk_kd_divergence, topk_label_logprobs
 from distill_ray.losses import HintProjector, attention_map, cutmix, hint_loss, mixup
 from distill_ray.models import build_model, forward_logits, forward_with_features, save_model
-from distill_ray.streams import KeptShard, StreamedShard, fused_difficulty, open_ids_for, rank_datasets
+from distill_ray.stages import EpochPlan, MixSettings, rank_stream, rows_of_rank
+from distill_ray.streams import KeptShard, StreamedShard, fused_difficulty, open_ids_for
+from distill_ray.teachers import TeacherSpec
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -54,8 +56,11 @@ class TrainInputs:
     """What the driver hands Ray Train: lazy datasets and small facts about them, never rows.
 
     ``train`` rows: ``id``, ``x``, ``label`` (-1 unlabeled; [L] next tokens for causal LM), the
-    teachers' target columns when ``targets_in_rows`` (cached mode), and ``difficulty/{measure}``.
-    ``val`` rows: ``id``, ``x``, ``label`` and the teachers' targets (for agreement).
+    teachers' target columns in cached mode, and ``difficulty/{measure}``; ``index``: the same rows'
+    ``id`` and ``difficulty/*`` only (what a streaming curriculum ranks). ``val`` rows: ``id``, ``x``,
+    ``label`` and the teachers' targets (for agreement). ``online_teachers``: in online mode, the
+    teacher stages every rank's stream passes through; ``mix``: MixUp/CutMix settings of the epoch
+    stage; ``epoch_stage``: whether streamed epochs go through it (a curriculum or mixing).
     """
 
     train: Any  # ray.data.Dataset
@@ -65,17 +70,35 @@ class TrainInputs:
     input_shape: tuple[int, ...]
     train_rows: int
     train_bytes: int
+    index: Any = None
     task: str = "classification"
     topk: int | None = None
     all_labeled: bool = True
     use_teachers: bool = True  # False trains the same student from labels alone (the baseline)
-    targets_in_rows: bool = True  # cached mode: the train rows carry the teachers' targets
-    teacher_handles: dict[str, list] | None = None  # online mode: actor handles of the pool
+    online_teachers: tuple[TeacherSpec, ...] = ()
+    mix: MixSettings | None = None
+    keep_shard: bool = True
+    epoch_stage: bool = False
+    feature_shapes: dict = field(default_factory=dict)  # online hint/attention: the teacher's, per feature
+    probe: Any = None  # two input rows, for the student's own feature widths
 
     def meta(self) -> dict[str, Any]:
-        """The plain facts a worker needs (datasets travel through TorchTrainer, handles as they are)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("train", "val", "teacher_handles")}
-        return {**d, "teacher_names": list(self.teacher_names), "input_shape": list(self.input_shape)}
+        """The plain facts a worker needs (datasets travel through TorchTrainer)."""
+        return {"teacher_names": list(self.teacher_names), "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "train_rows": self.train_rows, "task": self.task,
+                "topk": self.topk, "all_labeled": self.all_labeled, "use_teachers": self.use_teachers,
+                "keep_shard": self.keep_shard, "feature_shapes": dict(self.feature_shapes), "probe": self.probe}
+
+    def datasets(self, world: int, plan=None) -> dict[str, Any]:
+        """TorchTrainer's datasets: per rank its train stream, its index and its validation rows."""
+        out = {}
+        for r in range(world):
+            out[f"train_{r}"] = rank_stream(self.train, r, world, plan if self.epoch_stage else None, self.mix,
+                                            self.online_teachers)
+            out[f"index_{r}"] = rows_of_rank(self.index if self.index is not None else self.train.select_columns(["id"]),
+                                             r, world)
+            out[f"val_{r}"] = rows_of_rank(self.val, r, world)
+        return out
 
 
 def _optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
@@ -188,14 +211,6 @@ def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_l
     return kd, parts
 
 
-def _teacher_logits(answer: dict, num_classes: int) -> torch.Tensor:
-    """One teacher's answer as [N, C] logits: full logits, or log-probs rebuilt from its top k."""
-    if "logits" in answer:
-        return torch.as_tensor(answer["logits"]).float()
-    return dense_from_topk(torch.as_tensor(answer["topk_logprobs"]), torch.as_tensor(answer["topk_indices"]),
-                           num_classes)
-
-
 def _trace_batch(path: str | None, rank: int, epoch: int, step: int, ids: torch.Tensor) -> None:
     """For tests and drills: append ``rank epoch step id,id,...`` per trained batch, so a run's
     resume guarantee (which samples each step trained, before and after a restart) can be checked."""
@@ -212,35 +227,6 @@ def _maybe_inject_failure(spec: dict | None, step: int, rank: int) -> None:
         raise RuntimeError(f"injected failure at step {step}")
 
 
-def mix_generator(seed: int, rank: int, epoch: int, batch: int) -> torch.Generator:
-    """The MixUp/CutMix generator of one batch: a function of (seed, rank, epoch, batch) only, so a
-    resumed run mixes every batch exactly as an uninterrupted one (nothing to checkpoint)."""
-    entropy = np.random.SeedSequence([seed % 2**32, rank, epoch, batch]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
-
-
-def mix_batch(cfg: ExperimentConfig, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
-    """One batch as the student and the teachers see it: ``(x, y_a, y_b, lam)``, mixed by MixUp
-    (``loss.mixup_alpha``) or CutMix (``loss.cutmix_alpha``; with both on, a coin flip per batch), the
-    task loss being ``lam * CE(y_a) + (1 - lam) * CE(y_b)``. Without mixing: ``(x, y, None, 1.0)``."""
-    if cfg.loss.mixup_alpha <= 0 and cfg.loss.cutmix_alpha <= 0:
-        return x, y, None, 1.0
-    if not x.is_floating_point():
-        raise ValueError("loss.mixup_alpha / loss.cutmix_alpha mix images; these inputs are token ids")
-    use_cutmix = cfg.loss.cutmix_alpha > 0 and (cfg.loss.mixup_alpha <= 0 or
-                                                torch.rand((), generator=generator).item() < 0.5)
-    fn, alpha = (cutmix, cfg.loss.cutmix_alpha) if use_cutmix else (mixup, cfg.loss.mixup_alpha)
-    # Unlabeled rows (-1) still mix their inputs; only their task loss is skipped.
-    mixed, _, permutation, lam = fn(x, y.clamp_min(0), num_classes, alpha, generator)
-    return mixed, y, y[permutation], lam
-
-
-def _mixed(loss_fn, y: torch.Tensor, y_b: torch.Tensor | None, lam: float) -> torch.Tensor:
-    """``loss_fn(y)``, or ``lam * loss_fn(y) + (1 - lam) * loss_fn(y_b)`` on a mixed batch."""
-    return loss_fn(y) if y_b is None else lam * loss_fn(y) + (1 - lam) * loss_fn(y_b)
-
-
 def attention_loss(student_features: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     """Attention transfer against a teacher's already reduced map [N, P] (as the teachers send it):
     batch mean of ``||attention_map(student) - teacher_map||^2``, as in ``losses.attention_transfer``."""
@@ -252,20 +238,28 @@ def attention_loss(student_features: torch.Tensor, teacher_map: torch.Tensor) ->
     return (student_map - teacher_map.detach().float()).pow(2).sum(-1).mean()
 
 
-def _feature_widths(model, pool, teacher: str, x: torch.Tensor, device, want_hint: bool,
-                    want_attention: bool) -> tuple[int, int]:
-    """(student, teacher) hint widths from one probe forward of each, before the optimizer exists (so
-    the projector's parameters join it); mismatched attention grids fail here, before any step."""
+def mixed_loss(loss_rows, y: torch.Tensor, y_b: torch.Tensor | None, lam: torch.Tensor | None) -> torch.Tensor:
+    """``loss_rows(y).mean()``, or on a mixed batch (each row mixes two inputs, with its own weight)
+    ``(lam * loss_rows(y) + (1 - lam) * loss_rows(y_b)).mean()``; ``loss_rows`` gives one loss per row."""
+    if y_b is None:
+        return loss_rows(y).mean()
+    return (lam * loss_rows(y) + (1 - lam) * loss_rows(y_b)).mean()
+
+
+def hint_projector(model, probe: np.ndarray, shapes: dict, device, want_hint: bool,
+                   want_attention: bool) -> HintProjector | None:
+    """The projector from the student's hint width to the teacher's (``shapes``, asked of the teacher
+    on the driver), sized before the optimizer exists so its parameters join it; mismatched attention
+    grids fail here, before any step."""
     m = _unwrap(model)
     was_training = m.training
     m.eval()  # no BatchNorm statistics from the probe
     with torch.no_grad():
-        student = forward_with_features(m, x.to(device), want_hint, want_attention)
+        student = forward_with_features(m, torch.as_tensor(probe).to(device), want_hint, want_attention)
     m.train(was_training)
-    teacher_shapes = pool.feature_shapes(teacher, x.numpy(), ("hint",) * want_hint + ("attention",) * want_attention)
     if want_attention:
-        attention_loss(student["attention"], torch.zeros((len(x), *teacher_shapes["attention"])))
-    return (student["hint"].shape[-1], teacher_shapes["hint"][-1]) if want_hint else (0, 0)
+        attention_loss(student["attention"], torch.zeros((len(probe), *shapes["attention"])))
+    return HintProjector(student["hint"].shape[-1], shapes["hint"][-1]).to(device) if want_hint else None
 
 
 def batch_targets(batch: dict[str, torch.Tensor], names: tuple[str, ...], num_classes: int, topk: int | None,
@@ -395,13 +389,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     names, num_classes = tuple(meta["teacher_names"]), meta["num_classes"]
     causal = meta["task"] == "causal_lm"
     labeled = causal or meta["all_labeled"]  # a language model's labels are its own next tokens
+    use_teachers = meta["use_teachers"]
 
     # --- data: this rank's own rows, kept in memory or streamed every epoch ----------------------------
-    train_iterator = ray.train.get_dataset_shard(f"train_{rank}")
+    # A streamed epoch is posted to the plan first: its Ray Data epoch stage (curriculum, mixing) and
+    # the online teachers downstream of it work on exactly the rows this epoch trains.
+    keep, plan = meta["keep_shard"], loop_config.get("epoch_plan")
     val_iterator = ray.train.get_dataset_shard(f"val_{rank}")
-    keep = loop_config["keep_shard"]
-    shard = KeptShard(train_iterator) if keep else StreamedShard(train_iterator, t.shuffle_buffer_rows)
-    val_kept = KeptShard(val_iterator, allow_empty=True) if keep else None  # read once, like the train shard
+    if keep:
+        shard = KeptShard(ray.train.get_dataset_shard(f"train_{rank}"))
+        val_kept = KeptShard(val_iterator, allow_empty=True)  # read once, like the train shard
+    else:
+        shard = StreamedShard(ray.train.get_dataset_shard(f"train_{rank}"), ray.train.get_dataset_shard(f"index_{rank}"),
+                              t.shuffle_buffer_rows)
 
     def val_batches():
         size = 256 if causal else 1024
@@ -416,24 +416,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          confidence_kind=cfg.blend.confidence_kind).to(device)
     blend_params = [p for p in blend.parameters() if p.requires_grad]
     blend_opt = torch.optim.Adam(blend_params, lr=cfg.blend.lr) if blend_params else None
-    pool = None
-    if meta["use_teachers"] and not meta["targets_in_rows"]:
-        from distill_ray.teachers import TeacherPool
-
-        pool = TeacherPool.attach(loop_config["teacher_handles"])
-
-    # Feature distillation (online): the student matches one teacher's features, through a learned
-    # projector for hints (trained with the student, checkpointed) and directly for attention maps.
+    # Feature distillation (online): the student matches one teacher's features (columns of the
+    # batch), through a learned projector for hints (trained with the student, checkpointed).
     hint_teacher = cfg.loss.hint_teacher or names[0]
-    want_hint = pool is not None and cfg.loss.hint_weight > 0
-    want_attention = pool is not None and cfg.loss.attention_weight > 0
-    feature_request = {hint_teacher: ("hint",) * want_hint + ("attention",) * want_attention}
-    projector = None
-    if want_hint or want_attention:
-        probe = shard.columns["x"][:2] if keep else torch.as_tensor(
-            next(iter(train_iterator.iter_batches(batch_size=2, batch_format="numpy")))["x"])
-        student_dim, teacher_dim = _feature_widths(model, pool, hint_teacher, probe, device, want_hint, want_attention)
-        projector = HintProjector(student_dim, teacher_dim).to(device) if want_hint else None
+    want_hint = use_teachers and "hint" in meta["feature_shapes"]
+    want_attention = use_teachers and "attention" in meta["feature_shapes"]
+    projector = hint_projector(model, meta["probe"], meta["feature_shapes"], device, want_hint, want_attention) \
+        if want_hint or want_attention else None
     optimizer = _optimizer(cfg, [*model.parameters(), *(projector.parameters() if projector is not None else ())])
 
     per_rank_batch = max(1, t.batch_size // world)
@@ -494,43 +483,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def epoch_batches() -> Iterator[dict[str, torch.Tensor]]:
         """This epoch's batches (from ``batch_in_epoch`` on) and, as side effects, stage/fraction/order."""
         nonlocal stage, fraction, order, resumed_order
+        stage, fraction = stage_and_fraction(cfg, epoch, step)
         # Difficulty measures only matter while the curriculum holds data back (a streamed shard scans
-        # its measure columns once, on first use).
-        measures = shard.measures() if meta["use_teachers"] and (keep or stage_and_fraction(cfg, epoch, step)[1] < 1.0) \
-            else {}
-        if keep and resumed_order is not None:
+        # its index once, on first use).
+        measures = shard.measures() if use_teachers and (keep or fraction < 1.0) else {}
+        if not keep:
+            difficulty = fused_difficulty(measures, cfg.curriculum.measurers, cfg.curriculum.rrf_k)
+            open_ids = open_ids_for(shard.ids(), difficulty, fraction, t.seed) if fraction < 1.0 else None
+            if plan is not None:
+                ray.get(plan.set.remote(rank, epoch, open_ids))
+            return shard.epoch_batches(epoch, t.seed + rank, per_rank_batch, start=batch_in_epoch)
+        if resumed_order is not None:
             stage, fraction, order, resumed_order = state["stage"], state["open_fraction"], resumed_order, None
-        elif keep and cfg.curriculum.scheduler == "confidence":
+        elif cfg.curriculum.scheduler == "confidence":
             weights = cur.ConfidenceSampling(tau=cfg.curriculum.confidence_tau).sampling_weights(student_scores("confidence"))
             order = cur.sample_for_rank(weights, len(shard), epoch, t.seed + rank, 0, 1)
         else:
-            stage, fraction = stage_and_fraction(cfg, epoch, step)
-            if keep:
-                if "student_loss" in cfg.curriculum.measurers and fraction < 1.0:
-                    measures = {**measures, "student_loss": student_scores("loss")}
-                difficulty = fused_difficulty(measures, cfg.curriculum.measurers, cfg.curriculum.rrf_k)
-                if difficulty is None:
-                    # Nothing ranks the data (the baseline has no teachers): a stage opens a seeded
-                    # random part of it, not the first rows in storage order.
-                    ranked = torch.arange(len(shard)) if fraction >= 1.0 else \
-                        torch.randperm(len(shard), generator=torch.Generator().manual_seed(t.seed))
-                else:
-                    ranked = cur.difficulty_order(difficulty)
-                order = cur.shard_for_rank(cur.open_subset(ranked, fraction), epoch, t.seed + rank, 0, 1)
-        if keep:
-            return shard.epoch_batches(order, per_rank_batch, start=batch_in_epoch)
-        difficulty = fused_difficulty(measures, cfg.curriculum.measurers, cfg.curriculum.rrf_k) \
-            if fraction < 1.0 else None
-        open_ids = open_ids_for(shard.ids(), difficulty, fraction, t.seed) if fraction < 1.0 else None
-        return shard.epoch_batches(epoch, t.seed + rank, per_rank_batch, open_ids, start=batch_in_epoch)
-
-    def prepared(cols: dict[str, torch.Tensor] | None, index: int):
-        """A batch as the student and the teachers see it (MixUp/CutMix applied): (cols, x, y, y_b, lam)."""
-        if cols is None:
-            return None
-        x, y, y_b, lam = mix_batch(cfg, cols["x"], cols["label"].long(), num_classes,
-                                   mix_generator(t.seed, rank, epoch, index))
-        return cols, x, y, y_b, lam
+            if "student_loss" in cfg.curriculum.measurers and fraction < 1.0:
+                measures = {**measures, "student_loss": student_scores("loss")}
+            difficulty = fused_difficulty(measures, cfg.curriculum.measurers, cfg.curriculum.rrf_k)
+            # Nothing ranks the data (the baseline has no teachers): a stage opens a seeded random part
+            # of it, not the first rows in storage order.
+            ranked = cur.difficulty_order(difficulty) if difficulty is not None else torch.arange(len(shard)) \
+                if fraction >= 1.0 else torch.randperm(len(shard), generator=torch.Generator().manual_seed(t.seed))
+            order = cur.shard_for_rank(cur.open_subset(ranked, fraction), epoch, t.seed + rank, 0, 1)
+        return shard.epoch_batches(order, per_rank_batch, start=batch_in_epoch)
 
     # --- epochs -----------------------------------------------------------------------------------
     model.train()
@@ -539,31 +516,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_epoch = min(t.epochs, loop_config.get("stop_at_epoch") or t.epochs)
     while epoch < last_epoch:
         batches = epoch_batches()
-        # Each batch is read (and mixed) one step ahead: the teachers get exactly what the student trains on.
-        current = prepared(next(batches, None), batch_in_epoch)
-        next_targets = pool.submit(current[1].numpy(), feature_request) if pool and current is not None else None
+        current = next(batches, None)
         epoch_start, seen = time.perf_counter(), 0
-
         # Whether every rank has another batch is decided together, once per step: logging and
         # checkpointing (ray.train.report waits for every rank) must make the same choice on all ranks.
         more = _all_ranks_have(current, world)
         while more:
-            cols, x, y, y_b, lam = current  # y_b, lam: the partner labels and weight of a mixed batch (else None, 1)
-            x, y, y_b = x.to(device), y.to(device), y_b.to(device) if y_b is not None else None
-            upcoming = prepared(next(batches, None), batch_in_epoch + 1)
-            teacher, teacher_seq = None, None  # [K, B, C] logits; causal LM: per-token top-k [K, B, L, k]
-            if pool is not None:  # ask for the next batch before this step runs: teachers overlap the student
-                answers = next_targets.result()
-                next_targets = pool.submit(upcoming[1].numpy(), feature_request) if upcoming is not None else None
-                if causal:
-                    teacher_seq = tuple(torch.stack([torch.as_tensor(answers[n][key]) for n in names]).to(device)
-                                        for key in ("topk_logprobs", "topk_indices"))
-                else:
-                    teacher = torch.stack([_teacher_logits(answers[n], num_classes) for n in names]).to(device)
-            elif meta["use_teachers"]:
-                teacher, teacher_seq = batch_targets(cols, names, num_classes, meta["topk"], causal, device)
+            cols = current
+            x, y = cols["x"].to(device), cols["label"].long().to(device)
+            # A mixed row (MixUp/CutMix, done upstream so the teachers saw it) counts two labels.
+            y_b = cols["label_b"].long().to(device) if "label_b" in cols else None
+            lam = cols["mix_lam"].float().to(device) if "mix_lam" in cols else None
+            teacher, teacher_seq = batch_targets(cols, names, num_classes, meta["topk"], causal, device) \
+                if use_teachers else (None, None)  # [K, B, C] logits; causal LM per-token top-k [K, B, L, k]
             temperature, alpha = temperature_and_alpha(cfg, step, total_steps, stage)
-            if not meta["use_teachers"]:
+            if not use_teachers:
                 alpha = 0.0
 
             # bf16 autocast covers the student's forward only; losses and blending stay in fp32.
@@ -571,7 +538,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # One DDP forward gives the logits and any features (see forward_with_features).
                 out = forward_with_features(model, x, want_hint, want_attention)
             student_logits = out["logits"].float()
-            parts: dict[str, float] = {} if y_b is None else {"mix_lam": lam}
+            parts: dict[str, float] = {} if lam is None else {"mix_lam": lam.mean().item()}
             if causal:  # all-padding columns were cut from the student's input: cut labels and targets alike
                 width = student_logits.shape[1]
                 y = y[:, :width]
@@ -579,7 +546,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     teacher_seq = tuple(v[:, :, :width] for v in teacher_seq)
             if teacher is not None and labeled and blend_opt is not None:
                 # Blend weights learn from ground truth only: the blended teachers' task loss.
-                blend_loss = _mixed(lambda labels: blend.weight_loss(teacher, labels, features=x.flatten(1)), y, y_b, lam)
+                blend_loss = mixed_loss(lambda labels: blend.weight_loss(teacher, labels, features=x.flatten(1),
+                                                                         reduction="none"), y, y_b, lam)
                 blend_opt.zero_grad(set_to_none=True)
                 blend_loss.backward()
                 _allreduce_grads(blend, world)
@@ -598,15 +566,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 parts.update(blend_parts)
             else:
                 kd = torch.zeros((), device=device)
-            task = _mixed(lambda labels: label_smoothing_ce(student_logits, labels, smoothing=cfg.loss.label_smoothing),
-                          y, y_b, lam) if labeled else torch.zeros((), device=device)
+            if not labeled:
+                task = torch.zeros((), device=device)
+            elif y_b is None:
+                task = label_smoothing_ce(student_logits, y, smoothing=cfg.loss.label_smoothing)
+            else:
+                task = mixed_loss(lambda labels: F.cross_entropy(student_logits, labels, reduction="none",
+                                                                 label_smoothing=cfg.loss.label_smoothing), y, y_b, lam)
             hint = attention = torch.zeros((), device=device)
             if want_hint:  # FitNets: projected student features regress the hint teacher's
-                teacher_hint = torch.as_tensor(answers[hint_teacher]["hint"]).to(device).float()
-                hint = hint_loss(out["hint"].float(), teacher_hint, projector, kind=cfg.loss.hint_kind)
+                hint = hint_loss(out["hint"].float(), cols[f"{hint_teacher}/hint"].to(device).float(), projector,
+                                 kind=cfg.loss.hint_kind)
                 parts["hint_loss"] = hint.item()
             if want_attention:  # attention transfer against the teacher's map
-                attention = attention_loss(out["attention"], torch.as_tensor(answers[hint_teacher]["attention"]).to(device))
+                attention = attention_loss(out["attention"], cols[f"{hint_teacher}/attention"].to(device))
                 parts["attention_loss"] = attention.item()
             loss = alpha * kd + (1 - alpha) * task + cfg.loss.hint_weight * hint + cfg.loss.attention_weight * attention
 
@@ -619,7 +592,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batch_in_epoch += 1
             seen += len(y)
             _trace_batch(loop_config.get("trace_file"), rank, epoch, step, cols["id"])
-            current = upcoming
+            current = next(batches, None)
             more = _all_ranks_have(current, world)
             _maybe_inject_failure(loop_config.get("fail_once_at_step"), step, rank)
 
@@ -650,15 +623,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         save_checkpoint({**last_step, **val, "epoch": epoch, "step": step, "kind": "epoch"})
 
 
-def keeps_shard(cfg: ExperimentConfig, inputs: TrainInputs) -> bool:
-    """Whether workers keep their shard in memory (train.data_mode; auto: the shard's share of the
-    cached train files is under train.memory_budget_mb)."""
-    mode = cfg.train.data_mode
-    if mode == "auto":
-        return inputs.train_bytes / cfg.train.num_workers <= cfg.train.memory_budget_mb * 2**20
-    return mode == "memory"
-
-
 def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, run_name: str,
                  fail_once_at_step: dict | None = None, callbacks: list | None = None,
                  placement_group_file: str | None = None, resume_from: Checkpoint | None = None,
@@ -666,39 +630,44 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
     """Run the loop on Ray Train. Re-running with the same (storage_path, run_name) resumes.
 
     Each rank gets its own rows of train and val as unsplit datasets (``train_{rank}``,
-    ``val_{rank}``): disjoint, fixed by the sample id, the same after a restart. ``callbacks`` are
-    Ray Train callbacks (a Tune trial passes ``TuneReportCallback``); ``placement_group_file``
-    receives the workers' placement group id (see ``tune.py``). ``resume_from`` starts from another
-    run's checkpoint (used when this run has none of its own) and ``stop_at_epoch`` ends after that
-    many epochs while schedules still span ``train.epochs``: together they let Population Based
-    Training run a trial in segments."""
+    ``val_{rank}``, ``index_{rank}``; see ``TrainInputs.datasets``): disjoint, fixed by the sample id,
+    the same after a restart. ``callbacks`` are Ray Train callbacks (a Tune trial passes
+    ``TuneReportCallback``); ``placement_group_file`` receives the workers' placement group id (see
+    ``tune.py``). ``resume_from`` starts from another run's checkpoint (used when this run has none of
+    its own) and ``stop_at_epoch`` ends after that many epochs while schedules still span
+    ``train.epochs``: together they let Population Based Training run a trial in segments."""
     world = cfg.train.num_workers
-    keep = keeps_shard(cfg, inputs)
-    if not keep and (cfg.curriculum.scheduler == "confidence" or (
+    if not inputs.keep_shard and (cfg.curriculum.scheduler == "confidence" or (
             "student_loss" in cfg.curriculum.measurers and cfg.curriculum.scheduler != "none")):
         raise ValueError("curriculum.scheduler=confidence and the student_loss measurer score every row with the "
                          "live student each epoch, which needs the shard in memory: set train.data_mode=memory "
-                         "(or raise train.memory_budget_mb), or use teacher-based measurers")
-    train_sets = rank_datasets(inputs.train, world, "train")
+                         "(or raise train.memory_budget_mb), in cached mode without mixing, or use teacher-based "
+                         "measurers")
+    plan = EpochPlan.remote() if inputs.epoch_stage else None
+    datasets = inputs.datasets(world, plan)
     options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     options.preserve_order = True  # a streamed epoch has one order, so a resumed epoch can skip what it did
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(cfg), "meta": inputs.meta(), "keep_shard": keep,
-                           "teacher_handles": inputs.teacher_handles,
+        train_loop_config={"config": config_to_dict(cfg), "meta": inputs.meta(), "epoch_plan": plan,
                            "fail_once_at_step": fail_once_at_step, "placement_group_file": placement_group_file,
                            "stop_at_epoch": stop_at_epoch, "initial_checkpoint": resume_from,
                            "trace_file": trace_file},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                            **cfg.train.resources_per_worker}),
-        datasets={**train_sets, **rank_datasets(inputs.val, world, "val")},
-        dataset_config=DataConfig(datasets_to_split=[], execution_options={name: options for name in train_sets}),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[],
+                                  execution_options={name: options for name in datasets if name.startswith("train_")}),
         run_config=RunConfig(name=run_name, storage_path=str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if plan is not None:
+            ray.kill(plan)
 
 
 def load_trained_student(cfg: ExperimentConfig, inputs: TrainInputs, checkpoint: Checkpoint):

@@ -521,6 +521,9 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
 
     _tune_env()
+    if cfg.train.mode != "cached":
+        raise ValueError(f"train.mode={cfg.train.mode}: a sweep computes the soft targets once and every trial "
+                         "reads them from the cache; use train.mode=cached")
     pbt = cfg.tune.scheduler == "pbt"
     if pbt:
         cfg, slots = _fit_population(cfg, space)

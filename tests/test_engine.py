@@ -1,4 +1,4 @@
-"""The Ray engine on a real local Ray and real Fashion-MNIST: teacher pool, cache, Train loop, resume."""
+"""The Ray engine on a real local Ray and real Fashion-MNIST: teacher stages, cache, Train loop, resume."""
 
 from __future__ import annotations
 
@@ -140,32 +140,25 @@ def test_cache_is_reused_and_corruption_is_refused(prepared, tiny_cfg, tiny_data
         shard.write_bytes(original)
 
 
-def test_pool_matches_direct_inference_and_survives_a_killed_actor(prepared, ray_local, small_fashion_mnist):
+def test_teacher_stage_columns_equal_direct_inference(prepared, ray_local, small_fashion_mnist):
+    """A teacher as a Ray Data actor-pool stage adds ``{name}/logits`` columns equal to running the
+    model directly, row for row (ids stay with their rows)."""
     import ray
 
-    from distill_ray.teachers import TeacherPool, TeacherSpec
+    from distill_ray.stages import with_teachers
+    from distill_ray.teachers import TeacherSpec
 
     dirs, _ = prepared
-    specs = [TeacherSpec(name, str(path), num_cpus=0.25, replicas=1, max_restarts=2) for name, path in dirs.items()]
-    pool = TeacherPool(specs)
-    try:
-        x = small_fashion_mnist.val.inputs[:32]
-        first = pool.infer(x)
-        for name, path in dirs.items():
-            model, _ = load_model(path)
-            with torch.no_grad():
-                direct = forward_logits(model, torch.as_tensor(x)).numpy()
-            np.testing.assert_allclose(first[name]["logits"], direct, atol=1e-5)
-        victim = pool.actor_handles()["mlp_a"][0]
-        ray.kill(victim, no_restart=False)  # Ray restarts it (max_restarts); the pool retries the batch
-        second = pool.infer(x)
-        np.testing.assert_allclose(second["mlp_a"]["logits"], first["mlp_a"]["logits"], atol=1e-6)
-        stats = pool.stats()
-        assert stats["mlp_a"]["rows"] == 64 and stats["mlp_a"]["batches"] == 2  # no batch lost or counted twice
-        assert stats["cnn_b"]["rows"] == 64
-        assert stats["mlp_a"]["retries"] >= 1
-    finally:
-        pool.shutdown()
+    x = small_fashion_mnist.val.inputs[:40]
+    ds = ray.data.from_items([{"id": i, "x": x[i]} for i in range(len(x))])
+    specs = tuple(TeacherSpec(name, str(path), num_cpus=0.25, batch_size=16) for name, path in dirs.items())
+    rows = with_teachers(ds, specs).to_pandas().sort_values("id")
+    assert rows["id"].tolist() == list(range(len(x)))
+    for name, path in dirs.items():
+        model, _ = load_model(path)
+        with torch.no_grad():
+            direct = forward_logits(model, torch.as_tensor(x)).numpy()
+        np.testing.assert_allclose(np.stack(rows[f"{name}/logits"].to_numpy()), direct, atol=1e-5)
 
 
 def test_teachers_are_frozen(prepared):
@@ -218,75 +211,79 @@ def test_train_loop_learns_resumes_after_failure_and_logs_weights(prepared, tiny
     assert epochs[-1]["agreement/mlp_a"] > 0.6
 
 
-def test_online_mode_asks_the_pool_for_every_batch(prepared, tiny_cfg, tiny_data, tmp_path):
-    import ray
+def _answered(path: Path) -> dict[str, list[int]]:
+    """Teacher name -> every id its online stage answered, in order (one trace line per batch)."""
+    out: dict[str, list[int]] = {}
+    for line in path.read_text().splitlines():
+        name, ids = line.split(" ")
+        out.setdefault(name, []).extend(map(int, ids.split(",")))
+    return out
 
-    from distill_ray.pipeline import teacher_specs
-    from distill_ray.teachers import TeacherPool
+
+def test_online_teachers_are_a_stage_that_answers_exactly_the_rows_each_epoch_opens(prepared, tiny_cfg, tiny_data,
+                                                                                     tmp_path):
+    """Online mode: the teachers are Ray Data actor-pool stages in front of the trainer. Each epoch
+    they answer every row the curriculum opens once (stage 0 opens half) and nothing it holds back;
+    the student trains on all of those rows but the last partial batch."""
+    from distill_ray.train import load_trained_student, run_training
 
     dirs, _ = prepared
-    cfg = config_from_dict(apply_overrides(
-        config_to_dict(tiny_cfg),
-        [("train.mode", "online"), ("train.epochs", 1)]))
-    pool = TeacherPool(teacher_specs(cfg, dirs))
-    try:
-        data = _inputs(cfg, prepared, tiny_data, pool=pool)
-        assert not data.targets_in_rows
-        from distill_ray.train import load_trained_student, run_training
-
-        result = run_training(cfg, data, str(tmp_path / "ray"), "online")
-        _, history, state = load_trained_student(cfg, data, result.checkpoint)
-        served = {name: sum(s["rows"] for s in ray.get([a.stats.remote() for a in actors]))
-                  for name, actors in pool.actor_handles().items()}
-        # Epoch 0 opens half the data (stage 0 of 2): every trained row was asked of every teacher once.
-        trained_rows = state["step"] * cfg.train.batch_size
-        assert served == {name: trained_rows for name in cfg.teacher_names()}
-        assert history[-1]["val_accuracy"] > 0.4
-    finally:
-        pool.shutdown()
+    cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("train.mode", "online"), ("train.epochs", 1)]))
+    answered_file, trace = tmp_path / "answered.txt", tmp_path / "trace.txt"
+    data = _inputs(cfg, prepared, tiny_data, dirs=dirs, teacher_trace=str(answered_file))
+    assert not data.keep_shard and data.epoch_stage and [t.name for t in data.online_teachers] == ["mlp_a", "cnn_b"]
+    result = run_training(cfg, data, str(tmp_path / "ray"), "online", trace_file=str(trace))
+    _, history, state = load_trained_student(cfg, data, result.checkpoint)
+    trained = [i for attempts in _trace(trace).values() for i in attempts[-1][1:]]
+    answered = _answered(answered_file)
+    n = tiny_data.info.counts["train"]
+    assert state["step"] == (n // 2) // cfg.train.batch_size
+    for name in cfg.teacher_names():
+        ids = answered[name]
+        assert len(ids) == len(set(ids)) == -(-n // 2), f"{name}: answered {len(ids)} rows, {len(set(ids))} distinct"
+        assert set(trained) <= set(ids) and len(ids) - len(trained) < cfg.train.batch_size
+    # Validation reads the cache's targets: agreement is reported without asking the teachers again.
+    assert history[-1]["val_accuracy"] > 0.4 and "agreement/cnn_b" in history[-1]
 
 
 def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepared, tiny_cfg, tiny_data, tmp_path):
-    """Online mode: one teacher actor is killed while the TorchTrainer is mid-epoch. Ray restarts it
-    (max_restarts), the pool inside the Train worker retries the lost batch, and the run finishes
-    every step."""
+    """Online mode: the process of one teacher stage's actor is killed while it serves the running
+    TorchTrainer. Ray restarts the actor and Ray Data retries its lost batch; the run finishes every step."""
+    import os
+    import signal
     import threading
     import time
 
-    import ray
     from ray._private.state import actors as actor_table
 
-    from distill_ray.pipeline import teacher_specs
-    from distill_ray.teachers import TeacherPool
     from distill_ray.train import load_trained_student, run_training
 
     dirs, _ = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [
         ("train.mode", "online"), ("train.epochs", 2), ("curriculum.scheduler", "none"),
         ("train.checkpoint_every_steps", 4)]))
-    pool = TeacherPool(teacher_specs(cfg, dirs))
-    victim = pool.actor_handles()["cnn_b"][0]
-    victim_id = victim._actor_id.hex()
-    storage = tmp_path / "ray"
-    try:
-        data = _inputs(cfg, prepared, tiny_data, pool=pool)
-        outcome: dict = {}
-        runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, data, str(storage), "kill")))
-        runner.start()
-        deadline = time.time() + 240
-        while not list(storage.glob("kill/checkpoint_*")) and time.time() < deadline and runner.is_alive():
-            time.sleep(0.2)
-        assert list(storage.glob("kill/checkpoint_*")), "training never reached its first checkpoint"
-        ray.kill(victim, no_restart=False)  # as if its process died: Ray restarts it
-        runner.join(timeout=300)
-        assert "result" in outcome, "the run did not finish"
-        _, history, state = load_trained_student(cfg, data, outcome["result"].checkpoint)
-        steps_per_epoch = tiny_data.info.counts["train"] // cfg.train.batch_size
-        assert state["step"] == cfg.train.epochs * steps_per_epoch
-        assert actor_table()[victim_id]["NumRestarts"] >= 1
-        assert history[-1]["val_accuracy"] > 0.4
-    finally:
-        pool.shutdown()
+    storage, answered = tmp_path / "ray", tmp_path / "answered.txt"
+    data = _inputs(cfg, prepared, tiny_data, dirs=dirs, teacher_trace=str(answered))
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, data, str(storage), "kill")))
+    runner.start()
+    deadline, victims = time.time() + 240, {}
+    while not victims and time.time() < deadline and runner.is_alive():
+        time.sleep(0.05)
+        # A teacher stage at work: it has answered a batch and its actor is alive.
+        if answered.exists() and answered.read_text().count("cnn_b ") >= 1:
+            victims = {actor_id: a["Pid"] for actor_id, a in actor_table().items()
+                       if "TeacherColumns" in a["ActorClassName"] and a["State"] == "ALIVE"}
+    assert victims, "no teacher stage actor was seen at work"
+    victim_id, pid = next(iter(victims.items()))
+    os.kill(pid, signal.SIGKILL)  # the process dies: Ray restarts the actor, Ray Data retries its batch
+    runner.join(timeout=300)
+    assert "result" in outcome, "the run did not finish"
+    _, history, state = load_trained_student(cfg, data, outcome["result"].checkpoint)
+    steps_per_epoch = tiny_data.info.counts["train"] // cfg.train.batch_size
+    assert state["step"] == cfg.train.epochs * steps_per_epoch
+    assert actor_table()[victim_id]["NumRestarts"] >= 1
+    assert history[-1]["val_accuracy"] > 0.4
 
 
 def _teacher_actors_ever() -> int:
@@ -307,9 +304,8 @@ def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared,
     hash; disjoint, together all of train) and both take the same number of steps. Cached and online
     targets are the same numbers, so the two modes give the same student. (With the default fp16
     cache the targets differ by fp16 rounding, ~1e-3 relative, and so do the students.)"""
-    from distill_ray.pipeline import build_cache, prepare_teachers, teacher_specs, training_inputs
+    from distill_ray.pipeline import build_cache, prepare_teachers, training_inputs
     from distill_ray.streams import rank_of
-    from distill_ray.teachers import TeacherPool
     from distill_ray.train import load_trained_student, run_training
 
     ids = np.array(sorted(tiny_data.train.to_pandas()["id"]))
@@ -319,6 +315,9 @@ def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared,
     raw = apply_overrides(config_to_dict(tiny_cfg), [
         ("cache.dtype", "float32"), ("train.num_workers", 2), ("train.cpus_per_worker", 0.5),
         ("train.epochs", 1), ("curriculum.scheduler", "none"),
+        # Online mode streams; so does the cached run here, both in storage order, so they see the
+        # same batches.
+        ("train.data_mode", "stream"), ("train.shuffle_buffer_rows", 0),
         # A checkpoint due at the last step, where the larger shard still has a batch and the smaller
         # does not: ranks must agree to skip it, or ray.train.report waits forever for one of them.
         ("train.checkpoint_every_steps", last_step)])
@@ -332,12 +331,9 @@ def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared,
     cached = run_training(cfg, training_inputs(cfg, cache, tiny_data.info), str(tmp_path / "ray"), "cached",
                           trace_file=str(trace))
 
-    pool = TeacherPool(teacher_specs(cfg, dirs))
-    try:
-        online = run_training(cfg, training_inputs(cfg, cache, tiny_data.info, pool=pool), str(tmp_path / "ray"),
-                              "online")
-    finally:
-        pool.shutdown()
+    online_cfg = config_from_dict(apply_overrides(config_to_dict(cfg), [("train.mode", "online")]))
+    online = run_training(online_cfg, training_inputs(online_cfg, cache, tiny_data.info, dirs=dirs),
+                          str(tmp_path / "ray"), "online")
     _, history, state = load_trained_student(cfg, training_inputs(cfg, cache, tiny_data.info), cached.checkpoint)
     assert len(shards[0]) != len(shards[1]) and state["step"] == last_step
     assert not shards[0] & shards[1] and min(len(s) for s in shards.values()) > 0.4 * len(ids)

@@ -1,4 +1,4 @@
-"""Feature distillation (hint + attention transfer) and MixUp/CutMix in the online loop.
+"""Feature distillation (hint + attention transfer) and MixUp/CutMix in the online stream.
 
 Fast tests need no Ray: model features, the teacher runner's feature answers, mixing, config checks.
 Two Ray runs on real Fashion-MNIST: a CNN student matching a CNN teacher's hints and attention maps
@@ -219,28 +219,28 @@ def _cfg(overrides=()):
 
 
 def test_mixing_is_deterministic_per_seed_rank_epoch_and_batch():
-    from distill_ray.train import mix_batch, mix_generator
+    from distill_ray.stages import mix_batch, mix_generator
 
     x, y = _images(16), torch.arange(16) % 10
-    cfg = _cfg([("loss.mixup_alpha", 0.4), ("loss.cutmix_alpha", 1.0)])
-    first = mix_batch(cfg, x, y, 10, mix_generator(7, 0, 2, 5))
-    again = mix_batch(cfg, x, y, 10, mix_generator(7, 0, 2, 5))
+    cfg = (0.4, 1.0)  # mixup_alpha, cutmix_alpha
+    first = mix_batch(*cfg, x, y, 10, mix_generator(7, 0, 2, 5))
+    again = mix_batch(*cfg, x, y, 10, mix_generator(7, 0, 2, 5))
     torch.testing.assert_close(first[0], again[0])
     assert torch.equal(first[2], again[2]) and first[3] == again[3]
     assert torch.equal(first[1], y) and 0.0 < first[3] < 1.0
-    others = [mix_batch(cfg, x, y, 10, mix_generator(*key)) for key in ((7, 0, 2, 6), (7, 1, 2, 5), (8, 0, 2, 5))]
+    others = [mix_batch(*cfg, x, y, 10, mix_generator(*key)) for key in ((7, 0, 2, 6), (7, 1, 2, 5), (8, 0, 2, 5))]
     assert all(not torch.equal(o[0], first[0]) for o in others)
     assert x.equal(_images(16))  # the source batch is left alone
 
-    mix_only = _cfg([("loss.mixup_alpha", 0.4)])
-    mixed, y_a, y_b, lam = mix_batch(mix_only, x, y, 10, mix_generator(7, 0, 0, 0))
+    mix_only = (0.4, 0.0)
+    mixed, y_a, y_b, lam = mix_batch(*mix_only, x, y, 10, mix_generator(7, 0, 0, 0))
     expected, _, permutation, expected_lam = mixup(x, y, 10, 0.4, mix_generator(7, 0, 0, 0))
     torch.testing.assert_close(mixed, expected)
     assert lam == expected_lam and 0 < lam < 1 and torch.equal(y_b, y[permutation]) and torch.equal(y_a, y)
-    plain = mix_batch(_cfg(), x, y, 10, mix_generator(7, 0, 0, 0))
+    plain = mix_batch(0.0, 0.0, x, y, 10, mix_generator(7, 0, 0, 0))
     assert plain[0] is x and plain[2] is None and plain[3] == 1.0
     with pytest.raises(ValueError, match="token ids"):
-        mix_batch(mix_only, torch.zeros(4, 8, dtype=torch.long), y[:4], 10, mix_generator(0, 0, 0, 0))
+        mix_batch(*mix_only, torch.zeros(4, 8, dtype=torch.long), y[:4], 10, mix_generator(0, 0, 0, 0))
 
 
 @pytest.mark.parametrize("override, must_contain", [
@@ -279,53 +279,62 @@ def teacher_dirs(ray_local, small_fashion_mnist, tmp_path_factory):
     return cfg, prepare_teachers(cfg, load_data(cfg))
 
 
-@pytest.mark.ray
-def test_pool_asks_only_the_named_teachers_for_features_and_retries_with_them(ray_local, tmp_path):
-    import ray
-
-    from distill_ray.teachers import TeacherPool, TeacherSpec
+def test_teacher_stage_adds_features_as_columns_of_the_named_teacher_only(tmp_path):
+    from distill_ray.stages import TeacherColumns
+    from distill_ray.teachers import TeacherSpec
 
     torch.manual_seed(0)
     cnn = build_model("cnn", IMAGE_SHAPE, 10, {"channels": [4, 8], "hidden": 24})
     mlp = build_model("mlp", IMAGE_SHAPE, 10, {"hidden": [16]})
-    dirs = {"cnn": _saved(cnn, tmp_path, IMAGE_SHAPE, "cnn"),
-            "mlp": str(save_model(mlp, tmp_path / "mlp", {"arch": "mlp", "input_shape": list(IMAGE_SHAPE),
-                                                          "num_classes": 10, "options": {"hidden": [16]}}))}
-    pool = TeacherPool([TeacherSpec(name, path, num_cpus=0.25, max_restarts=2) for name, path in dirs.items()])
-    try:
-        x = _images(4).numpy()
-        first = pool.infer(x, {"cnn": ("hint", "attention")})
-        assert first["cnn"].keys() == {"logits", "hint", "attention"} and first["mlp"].keys() == {"logits"}
-        assert pool.feature_shapes("cnn", x[:1], ("hint", "attention")) == {"hint": (24,), "attention": (49,)}
-        ray.kill(pool.actor_handles()["cnn"][0], no_restart=False)  # restarted by Ray; the pool retries
-        second = pool.infer(x, {"cnn": ("hint", "attention")})
-        np.testing.assert_array_equal(second["cnn"]["hint"], first["cnn"]["hint"])
-        np.testing.assert_array_equal(second["cnn"]["attention"], first["cnn"]["attention"])
-        stats = pool.stats()
-        assert stats["cnn"]["retries"] >= 1 and stats["cnn"]["rows"] == 8 and stats["mlp"]["rows"] == 8
-        with pytest.raises(ValueError, match="unknown teachers"):
-            pool.submit(x, {"vit": ("hint",)})
-    finally:
-        pool.shutdown()
+    cnn_dir = _saved(cnn, tmp_path, IMAGE_SHAPE, "cnn")
+    mlp_dir = str(save_model(mlp, tmp_path / "mlp", {"arch": "mlp", "input_shape": list(IMAGE_SHAPE),
+                                                      "num_classes": 10, "options": {"hidden": [16]}}))
+    batch = {"id": np.arange(4), "x": _images(4).numpy(), "label": np.arange(4)}
+    out = TeacherColumns(TeacherSpec("cnn", cnn_dir, features=("hint", "attention")))(dict(batch))
+    out = TeacherColumns(TeacherSpec("mlp", mlp_dir))(out)
+    assert set(out) == {"id", "x", "label", "cnn/logits", "cnn/hint", "cnn/attention", "mlp/logits"}
+    assert out["cnn/hint"].shape == (4, 24) and out["cnn/attention"].shape == (4, 49)
+    np.testing.assert_array_equal(out["x"], batch["x"])  # the batch passes through untouched
+    empty = {k: v[:0] for k, v in batch.items()}  # a batch the curriculum emptied
+    assert TeacherColumns(TeacherSpec("mlp", mlp_dir))(empty) is empty
+
+
+@pytest.mark.ray
+def test_epoch_stage_opens_the_planned_rows_and_mixes_them_per_epoch(ray_local):
+    from distill_ray.stages import EpochPlan, EpochStage, MixSettings
+
+    plan = EpochPlan.remote()
+    batch = {"id": np.arange(100, 116), "x": _images(16).numpy(), "label": np.arange(16) % 10}
+    mix = MixSettings(mixup_alpha=0.4, cutmix_alpha=0.0, num_classes=10, seed=3)
+    import ray
+
+    ray.get(plan.set.remote(1, 0, np.array([101, 103, 104, 110, 111, 112, 115, 999])))
+    first = EpochStage(plan, 1, mix)(dict(batch))
+    assert first["id"].tolist() == [101, 103, 104, 110, 111, 112, 115]  # opened rows only, in order
+    assert set(first["label_b"].tolist()) <= set(first["label"].tolist()) and len(set(first["mix_lam"])) == 1
+    again = EpochStage(plan, 1, mix)(dict(batch))
+    np.testing.assert_array_equal(first["x"], again["x"])  # same epoch, same rows: same mix
+    ray.get(plan.set.remote(1, 1, None))
+    later = EpochStage(plan, 1, mix)(dict(batch))
+    assert len(later["id"]) == 16 and not np.allclose(later["x"][:7], first["x"])  # all open, mixed afresh
+    assert EpochStage(plan, 0, None)(dict(batch))["id"].tolist() == batch["id"].tolist()  # rank 0: no plan yet
+    ray.kill(plan)
 
 
 def _online_run(cfg, dirs, storage: Path, **kwargs):
-    import ray
-
-    from distill_ray.pipeline import load_data, teacher_specs, training_inputs
-    from distill_ray.teachers import TeacherPool
+    from distill_ray.pipeline import load_data, training_inputs
     from distill_ray.train import load_trained_student, run_training
 
-    pool = TeacherPool(teacher_specs(cfg, dirs))
-    try:
-        data = load_data(cfg)  # online mode needs no cache: the teachers answer per batch
-        inputs = training_inputs(cfg, data, data.info, pool=pool)
-        result = run_training(cfg, inputs, str(storage), "student", **kwargs)
-        _, history, state = load_trained_student(cfg, inputs, result.checkpoint)
-        served = {name: sum(s["rows"] for s in ray.get([a.stats.remote() for a in actors]))
-                  for name, actors in pool.actor_handles().items()}
-    finally:
-        pool.shutdown()
+    data = load_data(cfg)  # online mode needs no cache: the teachers are stages of the stream
+    answered_file = storage.parent / "answered.txt"
+    inputs = training_inputs(cfg, data, data.info, dirs=dirs, teacher_trace=str(answered_file))
+    result = run_training(cfg, inputs, str(storage), "student", **kwargs)
+    _, history, state = load_trained_student(cfg, inputs, result.checkpoint)
+    train_ids = set(data.train.select_columns(["id"]).to_pandas()["id"].tolist())
+    served: dict[str, int] = {}
+    for line in answered_file.read_text().splitlines():  # one line per answered batch (validation too)
+        name, ids = line.split(" ")
+        served[name] = served.get(name, 0) + sum(int(i) in train_ids for i in ids.split(","))
     return history, state, served
 
 
@@ -354,13 +363,13 @@ def test_hint_and_attention_run_learns_the_teachers_features_and_resumes(teacher
     # The projector (student 32 -> teacher cnn_b's 64 hidden units) is part of the checkpoint.
     assert state["projector"]["linear.weight"].shape == (64, 32)
     assert [r for r in history if r.get("kind") == "epoch"][-1]["val_accuracy"] > 0.5
-    # Resume re-asks the teachers for the steps after the last checkpoint; never fewer rows than trained.
+    # Resume re-streams the epoch from its start (skipping what was trained): never fewer rows than trained.
     assert served["cnn_b"] >= state["step"] * cfg.train.batch_size
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_mixup_run_sends_the_teachers_exactly_the_trained_rows(teacher_dirs, small_fashion_mnist, tmp_path):
+def test_mixup_run_sends_the_teachers_the_mixed_rows_it_trains_on(teacher_dirs, small_fashion_mnist, tmp_path):
     base, dirs = teacher_dirs
     cfg = config_from_dict(apply_overrides(config_to_dict(base), [
         ("loss.mixup_alpha", 0.4), ("loss.cutmix_alpha", 1.0), ("train.epochs", 1),
@@ -368,7 +377,8 @@ def test_mixup_run_sends_the_teachers_exactly_the_trained_rows(teacher_dirs, sma
     history, state, served = _online_run(cfg, dirs, tmp_path / "ray")
     trained_rows = state["step"] * cfg.train.batch_size
     assert trained_rows == len(small_fashion_mnist.train) // cfg.train.batch_size * cfg.train.batch_size
-    assert served == {name: trained_rows for name in cfg.teacher_names()}
+    # Every train row went through the epoch stage (mixed) and then to each teacher, once.
+    assert served == {name: len(small_fashion_mnist.train) for name in cfg.teacher_names()}
     lams = [r["mix_lam"] for r in history if r.get("kind") != "epoch"]
     assert len(lams) == state["step"] and all(0 <= lam <= 1 for lam in lams) and len(set(lams)) > 1
     assert history[-1]["val_accuracy"] > 0.4

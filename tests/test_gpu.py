@@ -35,24 +35,21 @@ def gpu_cfg(tmp_path_factory):
 def test_bf16_teachers_on_fractional_gpus_match_fp32(ray_local, gpu_cfg, small_fashion_mnist):
     from distill_ray.evaluate import predict_logits
     from distill_ray.models import load_model
-    from distill_ray.pipeline import prepare_teachers, teacher_specs
-    from distill_ray.teachers import TeacherPool
+    import ray
 
-    from distill_ray.pipeline import load_data
+    from distill_ray.pipeline import load_data, prepare_teachers, teacher_specs
+    from distill_ray.stages import with_teachers
 
     dirs = prepare_teachers(gpu_cfg, load_data(gpu_cfg))
-    pool = TeacherPool(teacher_specs(gpu_cfg, dirs))
-    try:
-        x = small_fashion_mnist.val.inputs[:256]
-        answers = pool.infer(x)
-        for name, path in dirs.items():
-            model, _ = load_model(path)
-            fp32 = predict_logits(model, x).numpy()
-            bf16 = answers[name]["logits"]
-            assert (bf16.argmax(-1) == fp32.argmax(-1)).mean() > 0.98
-            np.testing.assert_allclose(bf16, fp32, atol=0.25, rtol=0.05)
-    finally:
-        pool.shutdown()
+    x = small_fashion_mnist.val.inputs[:256]
+    rows = with_teachers(ray.data.from_items([{"id": i, "x": x[i]} for i in range(len(x))]),
+                         tuple(teacher_specs(gpu_cfg, dirs))).to_pandas().sort_values("id")
+    for name, path in dirs.items():
+        model, _ = load_model(path)
+        fp32 = predict_logits(model, x).numpy()
+        bf16 = np.stack(rows[f"{name}/logits"].to_numpy())
+        assert (bf16.argmax(-1) == fp32.argmax(-1)).mean() > 0.98
+        np.testing.assert_allclose(bf16, fp32, atol=0.25, rtol=0.05)
 
 
 def test_gpu_worker_with_bf16_autocast_learns(ray_local, gpu_cfg, small_fashion_mnist, tmp_path):

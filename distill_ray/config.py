@@ -122,8 +122,6 @@ class TeacherConfig:
     """Actor replicas of this teacher; batches are load-balanced across them."""
     dtype: str = _field("float32", choices=("float32", "bfloat16", "float16"))
     """Inference dtype; bfloat16/float16 apply on GPU only."""
-    max_restarts: int = _field(3, ge=0)
-    """How often Ray restarts a dead teacher actor (its lost batch is retried) before the run fails."""
 
 
 @dataclass(frozen=True)

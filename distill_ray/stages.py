@@ -16,7 +16,6 @@ the rows of the batch), upstream of the teachers: they see exactly the mixed row
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,9 +132,7 @@ def with_teachers(ds, teachers: tuple[TeacherSpec, ...]):
     for t in teachers:
         ds = ds.map_batches(TeacherColumns, fn_constructor_args=(t,), batch_format="numpy", batch_size=t.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=t.replicas), num_cpus=t.num_cpus,
-                            num_gpus=t.num_gpus or None,
-                            # Ray Data restarts a dead actor and retries its batch; teachers[].max_restarts caps it.
-                            ray_remote_args_fn=functools.partial(dict, max_restarts=t.max_restarts))
+                            num_gpus=t.num_gpus or None)  # Ray Data restarts a dead actor and retries its batch
     return ds
 
 

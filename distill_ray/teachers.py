@@ -33,7 +33,6 @@ class TeacherSpec:
     num_gpus: float = 0.0
     replicas: int = 1
     dtype: str = "float32"
-    max_restarts: int = 3
     topk: int | None = None
     features: tuple[str, ...] = ()  # "hint" / "attention", online mode
     batch_size: int = 512

@@ -126,15 +126,25 @@ def test_causal_lm_config_errors_name_the_key_and_the_choices(override, key, wor
 
 # --- the whole run on a real local Ray --------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def lm_teachers_root(tmp_path_factory):
+    """Where this module's tiny LM teachers live: trained by the first run, reused by the next."""
+    return tmp_path_factory.mktemp("tiny_lm_teachers")
+
+
+def _with_teachers_in(raw: dict, root: Path) -> dict:
+    return apply_overrides(raw, [("teachers.0.path", str(root / "wide")), ("teachers.1.path", str(root / "deep"))])
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path):
+def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path, lm_teachers_root):
     from distill_ray.data import DataUnavailable
     from distill_ray.evaluate import lm_label_logprobs, perplexity
     from distill_ray.models import build_model, load_model
     from distill_ray.pipeline import load_data, run_experiment
 
-    cfg = config_from_dict(_tiny_lm_raw(tmp_path))
+    cfg = config_from_dict(_with_teachers_in(_tiny_lm_raw(tmp_path), lm_teachers_root))
     try:
         data = load_data(cfg)
     except DataUnavailable as err:
@@ -183,15 +193,13 @@ def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_tiny_lm_online_mode_streams_through_the_teacher_stages(ray_local, tmp_path):
+def test_tiny_lm_online_mode_streams_through_the_teacher_stages(ray_local, tmp_path, lm_teachers_root):
     from distill_ray.data import DataUnavailable
     from distill_ray.pipeline import load_data, prepare_teachers, training_inputs
     from distill_ray.train import load_trained_student, run_training
 
-    raw = apply_overrides(_tiny_lm_raw(tmp_path), [
+    raw = apply_overrides(_with_teachers_in(_tiny_lm_raw(tmp_path), lm_teachers_root), [
         ("train.mode", "online"), ("train.epochs", 1), ("data.max_train_samples", 192)])
-    for teacher in raw["teachers"]:
-        teacher["options"]["epochs"] = 1
     cfg = config_from_dict(raw)
     try:
         data = load_data(cfg)

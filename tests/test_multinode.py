@@ -302,7 +302,7 @@ def _check_resumed(history: list[dict], checkpoint_step: int, checkpoint_history
 
 # --- tests --------------------------------------------------------------------------------------
 
-def test_job_runs_on_the_two_node_cluster(cluster):
+def test_the_two_node_cluster_wants_the_token_on_loopback_only(cluster):
     nodes = [n for n in cluster.nodes() if n["state"] == "ALIVE"]
     assert len(nodes) == 2 and any("worker_node" in n["resources_total"] for n in nodes)
     # The Jobs API wants the token, and listens on loopback only.
@@ -313,19 +313,11 @@ def test_job_runs_on_the_two_node_cluster(cluster):
     for ip in {n["node_ip"] for n in nodes} - {"127.0.0.1"}:
         with pytest.raises(OSError):
             socket.create_connection((ip, port), timeout=5).close()
-    overrides = _overrides(cluster, "mn-plain")
-    cfg = _config(cluster, overrides)
-    total = _expected_steps(cfg)
-
-    job = _submit(cluster, overrides)
-    status = _wait_job(cluster, job)
-    assert status == "SUCCEEDED", _log_tail(cluster, job)
-    _check_run_records(cfg, total)
-    assert (cfg.run_path() / "student").is_dir()
-    assert len([p for p in _storage(cfg).glob("checkpoint_*") if p.is_dir()]) == 2  # num_to_keep=2
 
 
-def test_training_survives_the_death_of_its_node(cluster):
+def test_a_job_on_two_nodes_survives_the_death_of_its_node(cluster):
+    """A job submitted to the two-node cluster trains on the worker node; the node dies mid-run, a
+    replacement joins, and the job finishes from its last checkpoint with the student exported."""
     # 2 CPUs per worker: only the worker node fits one (the head has 1).
     overrides = _overrides(cluster, "mn-node-loss", "train.epochs=4", "train.cpus_per_worker=2")
     cfg = _config(cluster, overrides)
@@ -360,6 +352,8 @@ def test_training_survives_the_death_of_its_node(cluster):
     assert status == "SUCCEEDED", _log_tail(cluster, job)
     history = _check_run_records(cfg, total)
     _check_resumed(history, checkpoint_step, checkpoint_history, total)
+    assert (cfg.run_path() / "student").is_dir()
+    assert len([p for p in _storage(cfg).glob("checkpoint_*") if p.is_dir()]) == 2  # num_to_keep=2
 
     # Ray's own records: the node is dead, and this job's training workers ran on it and then on
     # the replacement.

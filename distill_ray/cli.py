@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil several frozen teachers into one small student on Ray.",
     )
     parser.add_argument("--version", action="version", version=f"distill-ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's own logs and every worker's output (default: RUN_DIR/logs/)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("config", help="validate a config (with --set overrides) and print it as YAML")
@@ -227,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from distill_ray.console import set_verbose
+
+    set_verbose(args.verbose)
     try:
         return args.func(args)
     except ConfigError as err:

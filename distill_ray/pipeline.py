@@ -22,6 +22,7 @@ import torch
 
 from distill_ray import curriculum as cur
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
+from distill_ray.console import log_to_run_dir
 from distill_ray.data import Split, cache_root, smollm2_path
 from distill_ray.models import build_model, load_model, num_params, save_model, save_tokenizer
 from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
@@ -38,24 +39,29 @@ def connect_ray(address: str | None = None) -> None:
     twice the machine's cores (at least 4) as logical CPUs: teacher actors and Train workers reserve
     CPUs for the whole run while mostly waiting on each other, and the Ray Data tasks that read and
     preprocess the stream beside them need CPUs of their own; with exactly the real cores reserved,
-    a 2-core laptop would deadlock (every CPU held by actors, no read task can start).
+    a 2-core laptop would deadlock (every CPU held by actors, no read task can start). Worker output
+    stays in Ray's logs unless ``--verbose`` (see ``console.py``).
     """
+    from distill_ray.console import is_verbose, quiet_ray_loggers
+
     # Ray Data's per-operator bars would print a line per update from every task and Train worker; the
     # datasets built after this carry the setting with them.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": is_verbose()}
     if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        # Ray Train's controller sees a worker group start or finish at its next poll (2 s apart by
-        # default); on one machine polling is cheap, and each run saves seconds of waiting.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        ray.init(include_dashboard=False, log_to_driver=True, num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+        ray.init(address=address, **quiet)
+    else:
+        try:
+            ray.init(address="auto", **quiet)
+        except ConnectionError:
+            # Ray Train's controller sees a worker group start or finish at its next poll (2 s apart by
+            # default); on one machine polling is cheap, and each run saves seconds of waiting.
+            os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+            ray.init(include_dashboard=False, num_cpus=max(4, 2 * (os.cpu_count() or 1)), **quiet)
+    quiet_ray_loggers()
 
 
 def load_data(cfg: ExperimentConfig) -> SourceData:
@@ -322,9 +328,24 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         timings[phase] = round(time.perf_counter() - start, 2)
         return out
 
+    def trained(name: str, inputs: TrainInputs) -> ray.train.Result:
+        """One Ray Train run, announced and summed up on one line each."""
+        print(f"{name}: training {cfg.train.epochs} epochs on {cfg.train.num_workers} Ray Train worker(s), "
+              f"{inputs.train_rows:,} rows, {'online teachers' if inputs.online_teachers else 'cached targets' if inputs.use_teachers else 'labels only'}",
+              flush=True)
+        result = timed(f"train_{name}", run_training, cfg, inputs, str(storage), name)
+        last = result.metrics or {}
+        score = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_accuracy", "val_perplexity") if k in last)
+        print(f"{name}: done in {timings[f'train_{name}']:.0f}s ({score})", flush=True)
+        return result
+
     data = timed("data", load_data, cfg)  # bad data fails here, before anything is written
+    counts = data.info.counts
+    print(f"data: {cfg.data.format}, {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test rows "
+          f"({data.info.labeled['train']:,} train rows labeled) in {timings['data']:.0f}s", flush=True)
     run_dir = cfg.run_path().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    log_to_run_dir(run_dir)
     _set_aside_stale_checkpoints(run_dir, dump_config(cfg))
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     info = data.info
@@ -333,12 +354,12 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     storage = run_dir / "ray_results"
 
     student_inputs = training_inputs(cfg, cache, info, dirs=dirs)
-    result = timed("train_student", run_training, cfg, student_inputs, str(storage), "student")
+    result = trained("student", student_inputs)
     student, history, state = load_trained_student(cfg, student_inputs, result.checkpoint)
     baseline = None
     if cfg.train.baseline:
         baseline_inputs = training_inputs(cfg, cache, info, use_teachers=False)
-        base_result = timed("train_baseline", run_training, cfg, baseline_inputs, str(storage), "baseline")
+        base_result = trained("baseline", baseline_inputs)
         baseline, base_history, _ = load_trained_student(cfg, baseline_inputs, base_result.checkpoint)
         (run_dir / "baseline_history.json").write_text(json.dumps(base_history))
 

@@ -1,0 +1,66 @@
+"""What the terminal shows: our phase lines and final tables; Ray's own chatter goes to files.
+
+Without ``--verbose``, worker output stays in Ray's session logs (``log_to_driver=False``: no tqdm
+lines from tasks, no per-checkpoint reports, no placement-group cleaner retries) and the driver-side
+Ray loggers write INFO to ``RUN_DIR/logs/driver.log`` while the terminal keeps their warnings.
+``RUN_DIR/logs/ray`` links to the local Ray session's logs (every worker's stdout and stderr).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+_state = {"verbose": False}
+
+
+def set_verbose(verbose: bool) -> None:
+    """Set once by the CLI (``-v``); read by ``connect_ray`` and the loggers below."""
+    _state["verbose"] = verbose
+    if not verbose:
+        os.environ.setdefault("WANDB_SILENT", "true")  # no per-trial W&B run summaries in a sweep
+
+
+def is_verbose() -> bool:
+    return _state["verbose"]
+
+
+def quiet_ray_loggers() -> None:
+    """The driver's Ray loggers show warnings and errors only (everything, with ``--verbose``)."""
+    if is_verbose():
+        return
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
+
+
+def log_to_run_dir(run_dir: Path) -> Path:
+    """Ray's driver-side log records (INFO and up) into ``run_dir/logs/driver.log``; a link to the
+    local Ray session's worker logs beside it. Returns the logs directory."""
+    logs = Path(run_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    target = str(logs / "driver.log")
+    handler = logging.FileHandler(target)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        if name != "ray" and logger.propagate:
+            continue  # its records reach the "ray" logger's handlers already
+        if not any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logger.handlers):
+            logger.addHandler(handler)
+            logger.setLevel(min(logger.level or logging.INFO, logging.INFO))
+    try:
+        import ray
+
+        session = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        link = logs / "ray"
+        if session.is_dir() and not link.exists():
+            link.symlink_to(session, target_is_directory=True)
+    except Exception:  # joined a remote cluster: its logs live there (`ray logs`), nothing to link
+        pass
+    return logs

@@ -27,15 +27,46 @@ def is_verbose() -> bool:
     return _state["verbose"]
 
 
+# Notices that say how Ray works, not what went wrong for the user: to the log file, not the terminal.
+ROUTINE_NOTICES = ("Progress bars disabled", "worker processes have been started on node",
+                   "Token authentication is enabled")
+
+
+class _NotRoutine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in ROUTINE_NOTICES)
+
+
 def quiet_ray_loggers() -> None:
-    """The driver's Ray loggers show warnings and errors only (everything, with ``--verbose``)."""
+    """The driver's Ray loggers show warnings and errors only (everything, with ``--verbose``); they
+    keep INFO for ``RUN_DIR/logs/driver.log``. The raylet's worker-pool notices (many workers start
+    at once when actors take fractions of a CPU, as here by design) go to the log too."""
     if is_verbose():
         return
     for name in RAY_LOGGERS:
         logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
         for handler in logger.handlers:
             if not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.WARNING)
+                if not any(isinstance(f, _NotRoutine) for f in handler.filters):
+                    handler.addFilter(_NotRoutine())
+    import ray._private.worker as ray_worker
+
+    printed = ray_worker.print_to_stdstream
+    if getattr(printed, "routes_routine_notices", False):
+        return
+
+    def print_or_log(data, ignore_prefix: bool):
+        # The driver prints raylet notices through this function whatever log_to_driver says.
+        if data.get("pid") == "raylet" and any(n in line for line in data.get("lines", ()) for n in ROUTINE_NOTICES):
+            for line in data["lines"]:
+                logging.getLogger("ray").info("raylet: %s", line)
+            return
+        printed(data, ignore_prefix)
+
+    print_or_log.routes_routine_notices = True
+    ray_worker.print_to_stdstream = print_or_log
 
 
 def log_to_run_dir(run_dir: Path) -> Path:

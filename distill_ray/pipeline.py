@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -49,8 +50,10 @@ def connect_ray(address: str | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
+    quiet_ray_loggers()
     address = address or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": is_verbose()}
+    # Ray's own INFO at start-up ("Started a local Ray instance") stays off the terminal too.
+    quiet = {"log_to_driver": is_verbose(), "logging_level": logging.INFO if is_verbose() else logging.WARNING}
     if address:
         ray.init(address=address, **quiet)
     else:

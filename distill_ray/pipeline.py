@@ -424,8 +424,8 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
     top1: dict[str, list] = {name: [] for name in models}
     labels, example = [], None
     for batch in cache.dataset("test", ["x", "label"]).iter_batches(batch_size=64, batch_format="numpy"):
-        example = example if example is not None else torch.as_tensor(batch["x"][:1])
-        labels.append(torch.as_tensor(batch["label"]))
+        example = example if example is not None else torch.from_numpy(np.array(batch["x"][:1]))
+        labels.append(torch.from_numpy(np.array(batch["label"])))
         for name, model in models.items():
             lp, t1 = lm_label_logprobs(model, batch["x"], batch["label"])
             logp[name].append(lp)

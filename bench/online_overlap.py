@@ -1,0 +1,219 @@
+"""Overlap in online mode: does the online step cost only its slowest part (student step or a teacher)?
+
+    .venv/bin/python bench/online_overlap.py [--config jobs/configs/quickstart.yaml] [--train-rows 8192]
+                                             [--eval-rows 1024] [--epochs 3] [--json OUT]
+
+Online mode is a Ray Data pipeline: each rank's stream = rows -> one actor-pool stage per teacher
+(``stages.TeacherColumns`` around ``teachers.TeacherRunner``) -> the Train worker, so the teachers
+should answer the next batches while the student steps. Measured in one run, per student batch
+(``train.batch_size`` rows), on the same rows:
+
+* **teacher forward**, each teacher: ``TeacherRunner.infer`` timed in this process on the train rows
+  in the batches its stage gets (``teacher_specs``' batch size), with the stage's torch threads
+  (``max(1, int(num_cpus))``) and nothing else running here; median seconds per row x batch size;
+* **student step**: the product's cached-mode step (``run_training``, ``train.mode=cached``,
+  ``data_mode=memory``) on the same rows' cache: steady-state time per step;
+* **online step**: the product in ``train.mode=online`` on the same rows: steady-state time per step.
+
+Steady state, both runs: epochs 1.. (epoch 0 is warm-up), each epoch's seconds from the product's
+own history (the epoch's last step row: ``samples_per_s`` since the epoch's first batch; see
+``bench/overhead.py``). Printed: ``online / max(student step, slowest teacher forward)`` (the bound
+when every teacher and the student have cores of their own; aim <= 1.15) and, since this machine
+has fewer cores than teachers + student, ``online / max(that, (student + all teachers) / cores)``,
+the bound the cores allow. Also printed: per epoch after the first step, the run's wall seconds
+against the seconds of its steps (the steady state above leaves out each epoch's wait for its first
+batch, validation and checkpoint; online, Ray Data also starts the teacher stages anew every epoch).
+
+Data: the config's data shrunk with ``data.max_train_samples`` / ``data.max_eval_samples``; the
+teachers are the ones trained for the config's own data, reused through ``teachers[].path`` (so
+``prepare_teachers`` trains nothing); the shrunk data's cache is built once and reused after.
+Curriculum off, no mid-epoch checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import overhead  # noqa: E402  (the product-run timing and first-step hook, shared)
+
+
+def configs(path: str, train_rows: int, eval_rows: int, epochs: int, extra: list[str]):
+    """The shrunk (cached, online) configs, their teachers pointed at the ones trained for the full data."""
+    import yaml
+
+    from distill_ray.config import apply_overrides, config_from_dict
+    from distill_ray.pipeline import load_data, prepare_teachers
+
+    raw = yaml.safe_load(Path(path).read_text())
+    full = config_from_dict(raw)
+    dirs = prepare_teachers(full, load_data(full))  # trained for the config's own data: reused
+    common = [("data.max_train_samples", train_rows), ("data.max_eval_samples", eval_rows),
+              *((f"teachers.{name}.path", str(d)) for name, d in dirs.items()),
+              "curriculum.scheduler=none", f"train.epochs={epochs}", f"train.checkpoint_every_steps={10**9}",
+              "train.num_workers=1", "train.baseline=false", "train.max_failures=0", *extra]
+    cached = config_from_dict(apply_overrides(raw, [*common, "train.mode=cached", "train.data_mode=memory"]))
+    online = config_from_dict(apply_overrides(raw, [*common, "train.mode=online"]))
+    return cached, online
+
+
+def teacher_times(cfg, dirs, cache) -> list[dict]:
+    """Each teacher's forward, in this process, on the shrunk train rows in its stage's batch size."""
+    import torch
+
+    from distill_ray.pipeline import teacher_specs
+    from distill_ray.teachers import TeacherRunner
+
+    out = []
+    for spec in teacher_specs(cfg, dirs):
+        threads = max(1, int(spec.num_cpus))
+        runner = TeacherRunner(spec.name, spec.model_dir, spec.dtype, spec.topk, torch_threads=threads)
+        per_row = []
+        for i, batch in enumerate(cache.dataset("train", ["x"]).iter_batches(batch_size=spec.batch_size,
+                                                                           batch_format="numpy", drop_last=True)):
+            x = np.asarray(batch["x"])
+            start = time.perf_counter()
+            runner.infer(x, spec.features)
+            if i:  # the first batch warms up
+                per_row.append((time.perf_counter() - start) / len(x))
+        ms_row = 1000 * float(np.median(per_row))
+        out.append({"name": spec.name, "num_cpus": spec.num_cpus, "threads": threads, "stage_batch": spec.batch_size,
+                    "batches": len(per_row), "ms_per_stage_batch": ms_row * spec.batch_size,
+                    "ms_per_student_batch": ms_row * cfg.train.batch_size, "runner_stats": runner.stats()})
+        print(f"teacher {spec.name}: {ms_row * cfg.train.batch_size:.2f} ms per student batch "
+              f"({ms_row * spec.batch_size:.1f} ms per {spec.batch_size}-row stage batch, {threads} thread)", flush=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out
+
+
+def run(args, workdir: Path) -> dict:
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers, training_inputs
+
+    cached_cfg, online_cfg = configs(args.config, args.train_rows, args.eval_rows, args.epochs, args.set)
+    data = load_data(cached_cfg)
+    dirs = prepare_teachers(cached_cfg, data)  # teachers[].path: reused, never trained
+    cache = build_cache(cached_cfg, data, dirs)  # the shrunk rows' targets: built once, reused after
+    info, batch = data.info, cached_cfg.train.batch_size
+    print(f"[{cached_cfg.name}] {cache.rows('train'):,} train rows, batch {batch}, {args.epochs} epochs "
+          f"(epoch 0 warm-up)", flush=True)
+
+    teachers = teacher_times(cached_cfg, dirs, cache)
+
+    student_run = overhead.product_run(cached_cfg, training_inputs(cached_cfg, cache, info), workdir, "overlap-cached")
+    student = overhead.steady(student_run, batch)
+    print(f"student step (cached mode): {student['ms_per_step']:.2f} ms, worker torch threads {student_run['threads']}",
+          flush=True)
+    # Validation reads the cache's targets; the train stream goes through the teacher stages.
+    online_inputs = training_inputs(online_cfg, cache, info, dirs=dirs)
+    online_run = overhead.product_run(online_cfg, online_inputs, workdir, "overlap-online")
+    online = overhead.steady(online_run, batch)
+    print(f"online step: {online['ms_per_step']:.2f} ms (run_training wall {online_run['wall_s']:.1f}s for "
+          f"{args.epochs} epochs)", flush=True)
+
+    cores = os.cpu_count() or 1
+    slowest = max(teachers, key=lambda t: t["ms_per_student_batch"])
+    ideal = max(student["ms_per_step"], slowest["ms_per_student_batch"])
+    total = student["ms_per_step"] + sum(t["ms_per_student_batch"] for t in teachers)
+    core_bound = max(ideal, total / cores)
+    import ray
+
+    return {
+        "config": args.config, "name": cached_cfg.name, "train_rows": cache.rows("train"), "batch_size": batch,
+        "epochs": args.epochs, "cores": cores, "ray_cpus": int(ray.cluster_resources().get("CPU", 0)),
+        "worker_cpus": cached_cfg.train.cpus_per_worker, "worker_threads": online_run["threads"],
+        "teachers": teachers, "student_ms_per_step": student["ms_per_step"], "online_ms_per_step": online["ms_per_step"],
+        "online_epoch_samples_per_s_range": online["epoch_spread"], "online_wall_s": online_run["wall_s"],
+        "online_fixed_s": online_run["fixed_s"], "online_timed_steps": online["steps"],
+        "cached_wall_s": student_run["wall_s"], "cached_fixed_s": student_run["fixed_s"],
+        # After the first step: wall seconds per epoch (steps, validation, checkpoint and, online, the
+        # teacher stages started anew every epoch) against the seconds of the steps themselves.
+        "online_epoch_wall_s": (online_run["wall_s"] - online_run["fixed_s"]) / args.epochs,
+        "cached_epoch_wall_s": (student_run["wall_s"] - student_run["fixed_s"]) / args.epochs,
+        "online_epoch_steps_s": sum(e["seconds"] for e in online_run["epochs"]) / args.epochs,
+        "cached_epoch_steps_s": sum(e["seconds"] for e in student_run["epochs"]) / args.epochs,
+        "slowest_teacher": slowest["name"], "ideal_ms": ideal, "serial_ms": total, "core_bound_ms": core_bound,
+        "ratio_ideal": online["ms_per_step"] / ideal, "ratio_core_bound": online["ms_per_step"] / core_bound,
+        "ratio_serial": online["ms_per_step"] / total,
+    }
+
+
+def print_table(r: dict) -> None:
+    header = f"{'part':<28} {'CPU share':>9} {'threads':>7} {'ms / batch':>10}"
+    print(header)
+    print("-" * len(header))
+    print(f"{'student step (cached mode)':<28} {r['worker_cpus']:>9} {r['worker_threads']:>7} "
+          f"{r['student_ms_per_step']:>10.2f}")
+    for t in r["teachers"]:
+        print(f"{'teacher ' + t['name'] + ' forward':<28} {t['num_cpus']:>9} {t['threads']:>7} "
+              f"{t['ms_per_student_batch']:>10.2f}")
+    print(f"{'online step':<28} {'':>9} {'':>7} {r['online_ms_per_step']:>10.2f}")
+    print("-" * len(header))
+    print(f"{'max(student, slowest)':<28} {'':>9} {'':>7} {r['ideal_ms']:>10.2f}")
+    print(f"{'(student + teachers) / cores':<28} {'':>9} {'':>7} {r['serial_ms'] / r['cores']:>10.2f}")
+    print(f"{'student + teachers (serial)':<28} {'':>9} {'':>7} {r['serial_ms']:>10.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="jobs/configs/quickstart.yaml")
+    parser.add_argument("--train-rows", type=int, default=8192, help="data.max_train_samples (default 8192)")
+    parser.add_argument("--eval-rows", type=int, default=1024, help="data.max_eval_samples (default 1024)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of both runs, the first one untimed (default 3)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    overhead.add_ray_args(parser)
+    parser.add_argument("--workdir", default=None, help="checkpoints go here (default: a temp dir, removed)")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (epoch 0 is not timed)")
+
+    import ray.cloudpickle
+
+    from distill_ray.pipeline import connect_ray
+
+    temporary = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="online-overlap-")) if temporary else Path(args.workdir).expanduser()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ray.cloudpickle.register_pickle_by_value(overhead)  # the hook travels by value: workers cannot import bench/
+    overhead.start_ray(args)
+    connect_ray()  # already up: only sets the Ray Data context
+    try:
+        r = run(args, workdir)
+    finally:
+        ray.shutdown()
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    print(f"online overlap, {r['name']}: {r['train_rows']:,} train rows, batch {r['batch_size']}, "
+          f"{r['online_timed_steps']} timed online steps; {r['cores']} cores, Ray {r['ray_cpus']} logical CPUs "
+          f"OMP_NUM_THREADS {args.omp_threads or 'unset'} (load average {os.getloadavg()[0]:.1f} at the end)")
+    print_table(r)
+    verdict = "met" if r["ratio_ideal"] <= 1.15 else "missed"
+    lo, hi = r["online_epoch_samples_per_s_range"]
+    print(f"online / max(student step, slowest teacher {r['slowest_teacher']}) = {r['ratio_ideal']:.2f} "
+          f"(aim <= 1.15 with a core per part: {verdict}; this machine has {r['cores']} cores for "
+          f"{len(r['teachers'])} teachers + 1 student)")
+    print(f"online / max(that, (student + teachers) / {r['cores']} cores) = {r['ratio_core_bound']:.2f} "
+          f"(what {r['cores']} cores allow); online / serial sum = {r['ratio_serial']:.2f} (1.00 = no overlap)")
+    print(f"online epochs {lo:,.0f}..{hi:,.0f} samples/s; run_training wall {r['online_wall_s']:.1f}s, first step "
+          f"after {r['online_fixed_s']:.1f}s")
+    print(f"per epoch after the first step, wall / its steps' seconds: online {r['online_epoch_wall_s']:.1f}s / "
+          f"{r['online_epoch_steps_s']:.1f}s, cached {r['cached_epoch_wall_s']:.1f}s / {r['cached_epoch_steps_s']:.1f}s "
+          f"(the rest: validation, checkpoint and, online, the teacher stages restarting and refilling each epoch)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2, default=str) + "\n")
+        print(f"numbers: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

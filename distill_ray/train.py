@@ -383,6 +383,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0 and loop_config.get("placement_group_file"):
         # Whoever stops this run from outside (a Tune scheduler) can then free its CPUs/GPUs.
         Path(loop_config["placement_group_file"]).write_text(ray.util.get_current_placement_group().id.hex())
+    # As many threads as CPUs reserved: torch's default (every core) oversubscribes a shared machine,
+    # 14x slower per step on 2 busy cores in bench/overhead.py.
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed)  # identical init on all ranks; DDP would broadcast rank 0's anyway
     np.random.seed(t.seed + rank)
     random.seed(t.seed + rank)

@@ -353,7 +353,6 @@ def test_a_job_on_two_nodes_survives_the_death_of_its_node(cluster):
     history = _check_run_records(cfg, total)
     _check_resumed(history, checkpoint_step, checkpoint_history, total)
     assert (cfg.run_path() / "student").is_dir()
-    assert len([p for p in _storage(cfg).glob("checkpoint_*") if p.is_dir()]) == 2  # num_to_keep=2
 
     # Ray's own records: the node is dead, and this job's training workers ran on it and then on
     # the replacement.

@@ -46,6 +46,8 @@ def test_run_writes_metrics_student_and_card(ray_local, small_fashion_mnist, tmp
     assert any(line.startswith("baseline ") for line in terminal)
     run_dir = cfg.run_path()
     assert (run_dir / "logs" / "driver.log").is_file()
+    kept = [p for p in (run_dir / "ray_results" / "student").glob("checkpoint_*") if p.is_dir()]
+    assert len(kept) == 2  # CheckpointConfig(num_to_keep=2) of a run that was never restarted
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     for key in ("student", "teachers", "baseline", "teacher_weights", "params", "timings"):
         assert key in on_disk, key

@@ -60,9 +60,6 @@ def connect_ray(address: str | None = None) -> None:
         try:
             ray.init(address="auto", **quiet)
         except ConnectionError:
-            # Ray Train's controller sees a worker group start or finish at its next poll (2 s apart by
-            # default); on one machine polling is cheap, and each run saves seconds of waiting.
-            os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
             ray.init(include_dashboard=False, num_cpus=max(4, 2 * (os.cpu_count() or 1)), **quiet)
     quiet_ray_loggers()
 

@@ -11,9 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
-# Ray Train's controller notices a finished (or started) worker group at its next poll, 2 s apart by
-# default: a test suite of many short runs spends minutes waiting on it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 
 @pytest.fixture(scope="session")

@@ -95,8 +95,9 @@ class TrainInputs:
         for r in range(world):
             out[f"train_{r}"] = rank_stream(self.train, r, world, plan if self.epoch_stage else None, self.mix,
                                             self.online_teachers)
-            out[f"index_{r}"] = rows_of_rank(self.index if self.index is not None else self.train.select_columns(["id"]),
-                                             r, world)
+            if not self.keep_shard:  # only a streamed shard ranks its rows from the index
+                out[f"index_{r}"] = rows_of_rank(
+                    self.index if self.index is not None else self.train.select_columns(["id"]), r, world)
             out[f"val_{r}"] = rows_of_rank(self.val, r, world)
         return out
 

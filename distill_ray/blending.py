@@ -319,3 +319,36 @@ class TeacherBlend(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, num_teachers={self.num_teachers}, confidence_kind={self.confidence_kind!r}"
+
+
+def fit_blend(
+    blend: TeacherBlend,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    features: Optional[torch.Tensor] = None,
+    *,
+    lr: float = 0.05,
+    steps: int = 200,
+    average_grads=None,
+) -> float:
+    """Fit a learned blend to labels the teachers did not train on (held-out rows), before the
+    student trains: ``steps`` full-batch Adam steps on :meth:`TeacherBlend.weight_loss`.
+
+    ``teacher_logits [K, N, C]``, ``labels [N]`` (-1 = skip), ``features [N, F]`` for the gate.
+    ``average_grads(blend)``, if given, runs between backward and step (DDP ranks average their
+    gradients so every rank ends with the same weights). Returns the final blended loss (0 for a
+    non-learned kind, which has nothing to fit)."""
+    params = [p for p in blend.parameters() if p.requires_grad]
+    if not blend.is_learned or not params:
+        return float(blend.weight_loss(teacher_logits, labels, features, ignore_index=-1))
+    optimizer = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = blend.weight_loss(teacher_logits, labels, features, ignore_index=-1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if average_grads is not None:
+            average_grads(blend)
+        optimizer.step()
+    with torch.no_grad():
+        return float(blend.weight_loss(teacher_logits, labels, features, ignore_index=-1))
+

@@ -45,8 +45,9 @@ class ConfigError(ValueError):
 # --- field helpers: metadata the validator reads ------------------------------------------------
 
 def _field(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, default_factory: Any = dataclasses.MISSING):
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le}
+           gt: float | None = None, le: float | None = None, lt: float | None = None,
+           default_factory: Any = dataclasses.MISSING):
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -93,6 +94,14 @@ class DataConfig:
     """Use at most this many training samples (a fixed, seeded subset); None = all."""
     max_eval_samples: int | None = _field(None, ge=1)
     """Use at most this many validation and test samples each; None = all."""
+    labeled_fraction: float | None = _field(None, gt=0.0, le=1.0)
+    """Keep labels on this seeded share of the train rows (by sample id and data.split_seed); the rest
+    become an unlabeled transfer set (KD only). Validation and test keep their labels. None = all."""
+    max_labeled_samples: int | None = _field(None, ge=1)
+    """Keep labels on about this many seeded train rows (as labeled_fraction, from the count)."""
+    unlabeled_path: str | None = None
+    """Extra unlabeled train rows in the same format and schema as data.path (labels there are ignored):
+    a transfer set the student distils on and nothing else trains on."""
     val_fraction: float = _field(0.1, gt=0.0, le=0.5)
     """Share of rows held out for validation, decided by the sample id (so no read order matters)."""
     test_fraction: float = _field(0.2, ge=0.0, le=0.5)
@@ -178,6 +187,9 @@ class BlendConfig:
     """Confidence signal for the confidence blend and the unlabeled fallback of learned blends."""
     gate_hidden: int = _field(32, ge=1)
     """Hidden width of the learned_gate MLP."""
+    fit_steps: int = _field(200, ge=1)
+    """Classifiers: full-batch Adam steps that fit the learned weights to the validation split's labels
+    before the student trains (data the recipe teachers never saw)."""
 
 
 @dataclass(frozen=True)
@@ -190,8 +202,9 @@ class CurriculumConfig:
     """Reciprocal-rank-fusion constant."""
     num_stages: int = _field(4, ge=1)
     """Buckets easy -> hard for multi_stage; one more opens each stage."""
-    stage_length: float = _field(1.0, gt=0.0)
-    """Length of a stage in stage_unit."""
+    stage_length: float | None = _field(None, gt=0.0)
+    """Length of a stage in stage_unit; None = the run spread evenly over the stages (train.epochs /
+    num_stages epochs each, as the POCL paper runs it)."""
     stage_unit: str = _field("epoch", choices=("epoch", "step"))
     """Unit of stage_length."""
     stage_temperatures: tuple[float, ...] | None = (1.0, 1.33, 1.67, 2.0)
@@ -232,7 +245,11 @@ class TrainConfig:
     optimizer: str = _field("adamw", choices=("adamw", "adam", "sgd"))
     """Student optimizer."""
     lr: float = _field(1e-3, gt=0.0)
-    """Student learning rate."""
+    """Student learning rate (the peak, under a schedule)."""
+    lr_schedule: str = _field("constant", choices=("constant", "cosine", "linear", "onecycle"))
+    """How the learning rate moves over the run's steps, for student and baseline alike."""
+    warmup_fraction: float = _field(0.0, ge=0.0, lt=1.0)
+    """Share of the steps spent warming the learning rate up linearly (onecycle: 0.3 when 0)."""
     weight_decay: float = _field(0.0, ge=0.0)
     """Decoupled weight decay (adamw) or L2 (others)."""
     mode: str = _field("cached", choices=("cached", "online"))
@@ -246,7 +263,10 @@ class TrainConfig:
     seed: int = 0
     """Seed of model init, shuffling and sampling; every rank derives its stream from it."""
     baseline: bool = True
-    """Also train the same student from scratch (no teachers) for comparison."""
+    """Also train the same student from labels alone (no teachers, labeled rows only, same lr schedule,
+    no curriculum) for comparison; both are reported at their best validation epoch."""
+    baseline_epochs: int | None = _field(None, ge=1)
+    """The baseline's epochs over the labeled rows; None = as many optimizer steps as the student takes."""
     data_mode: str = _field("auto", choices=("auto", "memory", "stream"))
     """How a worker reads its shard of the training data: memory keeps it as tensors after one read
     (as fast as a plain PyTorch loop), stream reads it from Ray Data every epoch (memory flat in data
@@ -442,7 +462,7 @@ def _check_field(f: dataclasses.Field, value: Any, path: str) -> None:
                 _fail(path, f"{item!r} is not valid; choose one of: {', '.join(choices)}"
                       + _closest(str(item), choices))
     for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                          ("le", lambda v, b: v <= b, "<=")):
+                          ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
         bound = meta.get(key)
         if bound is not None and not ok(value, bound):
             _fail(path, f"{value!r} is out of range; must be {word} {bound}")
@@ -501,10 +521,19 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         _fail("curriculum.stage_temperatures", f"{cur.stage_temperatures} must all be > 0")
     if cur.stage_alphas is not None and not all(0 <= a <= 1 for a in cur.stage_alphas):
         _fail("curriculum.stage_alphas", f"{cur.stage_alphas} must all be within [0, 1]")
+    if cur.stage_unit == "step" and cur.stage_length is None:
+        _fail("curriculum.stage_length", "is required when curriculum.stage_unit is 'step' (without it the stages "
+              "share train.epochs evenly)")
     if cur.temperature_schedule == "stage" and cur.stage_temperatures is None:
         _fail("curriculum.temperature_schedule", "'stage' needs curriculum.stage_temperatures")
     if cur.alpha_schedule == "stage" and cur.stage_alphas is None:
         _fail("curriculum.alpha_schedule", "'stage' needs curriculum.stage_alphas")
+    if cfg.data.labeled_fraction is not None and cfg.data.max_labeled_samples is not None:
+        _fail("data.max_labeled_samples", "set either data.labeled_fraction or data.max_labeled_samples, not both")
+    if cfg.data.task == "causal_lm" and (cfg.data.labeled_fraction or cfg.data.max_labeled_samples or
+                                         cfg.data.unlabeled_path):
+        _fail("data.labeled_fraction", "partly labeled data is for classification (a language model's labels "
+              "are its own next tokens)")
     for key in ("mixup_alpha", "cutmix_alpha"):
         if getattr(cfg.loss, key) > 0 and cfg.train.mode != "online":
             _fail(f"loss.{key}", f"{getattr(cfg.loss, key)} needs train.mode=online: the teachers must see "

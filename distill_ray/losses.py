@@ -81,6 +81,17 @@ def _masked_mean(per_position: torch.Tensor, mask: Optional[torch.Tensor]) -> to
     return total.sum() / keep.sum().clamp_min(1)
 
 
+def _reduce(per_position: torch.Tensor, mask: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    """``mean`` over the kept positions (see :func:`_masked_mean`), or ``none``: per position, 0 where masked."""
+    if reduction == "mean":
+        return _masked_mean(per_position, mask)
+    if reduction != "none":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if mask is None:
+        return per_position
+    return torch.where(mask.to(per_position.device) != 0, per_position, torch.zeros_like(per_position))
+
+
 def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
     """log(weight_a * a + (1 - weight_a) * b), computed in log space."""
     if weight_a == 0.0:
@@ -146,6 +157,7 @@ def kd_divergence(
     mask: Optional[torch.Tensor] = None,
     *,
     skew_alpha: float = 0.1,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Batch-mean divergence between tempered student and teacher distributions, times ``T**2``.
 
@@ -161,9 +173,10 @@ def kd_divergence(
         temperature: T > 0, applied to both sides; the result is scaled by T**2 (Hinton et al.)
             so gradient magnitudes are comparable across temperatures.
         mask: ``[B, S]`` (or ``[B]`` for ``[B, C]`` inputs), bool or 0/1; zeros are excluded.
+        reduction: ``mean`` (a scalar) or ``none`` (per position ``[B]`` / ``[B, S]``, 0 where masked).
 
     Returns:
-        Scalar tensor (float32, or float64 for float64 inputs).
+        Scalar tensor (float32, or float64 for float64 inputs), or per position.
     """
     _check_kind(kind)
     _check_temperature(temperature)
@@ -183,7 +196,7 @@ def kd_divergence(
         per_position = _divergence_per_position(
             F.log_softmax(student, dim=-1), teacher_logp.exp(), teacher_logp, kind, skew_alpha
         )
-    return _masked_mean(per_position * temperature**2, mask)
+    return _reduce(per_position * temperature**2, mask, reduction)
 
 
 def kd_divergence_to_probs(
@@ -194,6 +207,7 @@ def kd_divergence_to_probs(
     mask: Optional[torch.Tensor] = None,
     *,
     skew_alpha: float = 0.1,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Like :func:`kd_divergence`, but the teacher is an already-tempered distribution.
 
@@ -206,10 +220,10 @@ def kd_divergence_to_probs(
         teacher_probs: same shape, rows summing to 1, *not* re-tempered here; detached inside.
             Its log is floored at log(1e-12) so zero-probability classes stay finite.
         kind: any of ``KD_KINDS`` except ``mse_logits`` (no teacher logits to compare).
-        temperature, mask, skew_alpha: as in :func:`kd_divergence`.
+        temperature, mask, skew_alpha, reduction: as in :func:`kd_divergence`.
 
     Returns:
-        Scalar tensor.
+        Scalar tensor, or per position.
     """
     _check_prob_kind(kind, skew_alpha, "kd_divergence_to_probs")
     _check_temperature(temperature)
@@ -222,7 +236,7 @@ def kd_divergence_to_probs(
     teacher_logp = teacher_p.clamp_min(_PROB_FLOOR).log()
     student_logq = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     per_position = _divergence_per_position(student_logq, teacher_p, teacher_logp, kind, skew_alpha)
-    return _masked_mean(per_position * temperature**2, mask)
+    return _reduce(per_position * temperature**2, mask, reduction)
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,6 +384,7 @@ def focal_kd(
     temperature: float = 1.0,
     gamma: float = 2.0,
     mask: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Forward KL with each position weighted by ``(1 - exp(-KL_pos)) ** gamma``, times T**2.
 
@@ -402,7 +417,7 @@ def focal_kd(
     # Clamp above 0, not at 0: rounding can make KL slightly negative (a negative base breaks
     # pow), and for gamma < 1 the derivative of x**gamma at exactly 0 is inf, giving 0 * inf = NaN.
     weight = (-torch.expm1(-kl)).clamp_min(torch.finfo(kl.dtype).tiny).pow(gamma)
-    return _masked_mean(weight * kl * temperature**2, mask)
+    return _reduce(weight * kl * temperature**2, mask, reduction)
 
 
 def dkd_parts(
@@ -471,6 +486,7 @@ def dkd(
     alpha: float = 1.0,
     beta: float = 8.0,
     temperature: float = 4.0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Decoupled KD: batch-mean of ``alpha * TCKD + beta * NCKD`` (see :func:`dkd_parts`).
 
@@ -485,7 +501,7 @@ def dkd(
         Scalar tensor.
     """
     tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, temperature)
-    return (alpha * tckd + beta * nckd).mean()
+    return _reduce(alpha * tckd + beta * nckd, None, reduction)
 
 
 # --------------------------------------------------------------------------------------------

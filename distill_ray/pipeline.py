@@ -26,6 +26,7 @@ from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.console import log_to_run_dir
 from distill_ray.data import Split, cache_root, smollm2_path
 from distill_ray.models import build_model, load_model, num_params, save_model, save_tokenizer
+from distill_ray.report import gap_recovered
 from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
 from distill_ray.sources import DataInfo, SourceData, load_source
 from distill_ray.stages import MixSettings, feature_shapes, with_teachers
@@ -279,6 +280,10 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
         index = data.dataset("train", ["id", *measures])
         val = data.dataset("val", ["id", "x", "label", *stored])
         rows, train_bytes = data.rows("train"), sum(os.path.getsize(f) for f in data.files("train"))
+    if not use_teachers and info.task == "classification" and info.labeled["train"] < rows:
+        # The baseline learns from labels alone: the unlabeled transfer rows have nothing to teach it.
+        train, index, rows = train.map_batches(labeled_rows, batch_format="numpy"), None, info.labeled["train"]
+        train_bytes = train_bytes * rows // max(1, info.counts["train"])
     if stage is not None:
         fn, kwargs = stage
         train = train.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy") if use_teachers and not online else train
@@ -309,6 +314,28 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
                        feature_shapes=shapes, probe=probe)
 
 
+def labeled_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keep = np.asarray(batch["label"]) >= 0
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def baseline_config(cfg: ExperimentConfig, student_rows: int, labeled_rows: int) -> ExperimentConfig:
+    """The baseline's run: the student's architecture, optimizer and lr schedule on the labeled rows,
+    without teachers or curriculum, for train.baseline_epochs or else as many optimizer steps as the
+    student takes (so 5k labeled rows against a 54k-row transfer set get ~11x the epochs)."""
+    from dataclasses import replace
+
+    from distill_ray.train import planned_steps
+
+    epochs = cfg.train.baseline_epochs
+    if epochs is None:
+        per_epoch = max(1, labeled_rows // cfg.train.num_workers // max(1, cfg.train.batch_size // cfg.train.num_workers))
+        epochs = max(1, round(planned_steps(cfg, student_rows, cfg.train.num_workers) / per_epoch))
+    return replace(cfg, train=replace(cfg.train, epochs=epochs),
+                   curriculum=replace(cfg.curriculum, scheduler="none", temperature_schedule="constant",
+                                      alpha_schedule="constant"))
+
+
 def teacher_columns(names, topk: int | None) -> list[str]:
     return [f"{t}/logits" for t in names] if topk is None else \
         [c for t in names for c in (f"{t}/topk_logprobs", f"{t}/topk_indices")]
@@ -328,15 +355,16 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         timings[phase] = round(time.perf_counter() - start, 2)
         return out
 
-    def trained(name: str, inputs: TrainInputs) -> ray.train.Result:
+    def trained(name: str, inputs: TrainInputs, run_cfg: ExperimentConfig = cfg) -> ray.train.Result:
         """One Ray Train run, announced and summed up on one line each."""
-        print(f"{name}: training {cfg.train.epochs} epochs on {cfg.train.num_workers} Ray Train worker(s), "
-              f"{inputs.train_rows:,} rows, {'online teachers' if inputs.online_teachers else 'cached targets' if inputs.use_teachers else 'labels only'}",
+        source = 'online teachers' if inputs.online_teachers else 'cached targets' if inputs.use_teachers else 'labels only'
+        print(f"{name}: training {run_cfg.train.epochs} epochs on {run_cfg.train.num_workers} Ray Train worker(s), "
+              f"{inputs.train_rows:,} rows, {source}", flush=True)
+        result = timed(f"train_{name}", run_training, run_cfg, inputs, str(storage), name)
+        best = best_epoch_row(result)
+        score = ", ".join(f"{k} {best[k]:.4f}" for k in ("val_accuracy", "val_perplexity") if k in best)
+        print(f"{name}: done in {timings[f'train_{name}']:.0f}s (best epoch {best.get('epoch', 0) + 1}: {score})",
               flush=True)
-        result = timed(f"train_{name}", run_training, cfg, inputs, str(storage), name)
-        last = result.metrics or {}
-        score = ", ".join(f"{k} {last[k]:.4f}" for k in ("val_accuracy", "val_perplexity") if k in last)
-        print(f"{name}: done in {timings[f'train_{name}']:.0f}s ({score})", flush=True)
         return result
 
     data = timed("data", load_data, cfg)  # bad data fails here, before anything is written
@@ -356,11 +384,12 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     student_inputs = training_inputs(cfg, cache, info, dirs=dirs)
     result = trained("student", student_inputs)
     student, history, state = load_trained_student(cfg, student_inputs, result.checkpoint)
-    baseline = None
+    baseline, base_state = None, {}
     if cfg.train.baseline:
-        baseline_inputs = training_inputs(cfg, cache, info, use_teachers=False)
-        base_result = trained("baseline", baseline_inputs)
-        baseline, base_history, _ = load_trained_student(cfg, baseline_inputs, base_result.checkpoint)
+        base_cfg = baseline_config(cfg, student_inputs.train_rows, info.labeled["train"])
+        baseline_inputs = training_inputs(base_cfg, cache, info, use_teachers=False)
+        base_result = trained("baseline", baseline_inputs, base_cfg)
+        baseline, base_history, base_state = load_trained_student(base_cfg, baseline_inputs, base_result.checkpoint)
         (run_dir / "baseline_history.json").write_text(json.dumps(base_history))
 
     if info.task == "causal_lm":
@@ -377,6 +406,9 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         "blend": rows["blend"][main],
         "baseline": rows["baseline"][main] if baseline is not None else None,
         "teacher_weights": weights,
+        # Both at their best validation epoch (0-based), never at an arbitrary last one.
+        "best_epoch": {"student": state.get("best_epoch"), "baseline": base_state.get("best_epoch")},
+        "epochs": {"student": cfg.train.epochs, "baseline": base_cfg.train.epochs if baseline is not None else None},
         "params": {"student": rows["student"]["params"], "teachers": {t.name: rows[t.name]["params"] for t in cfg.teachers}},
         "ece": {name: r["ece"] for name, r in rows.items() if r.get("ece") is not None},
         "latency_ms": {name: r["latency_ms"] for name, r in rows.items() if "latency_ms" in r},
@@ -387,6 +419,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         "data": {"format": cfg.data.format, "source": info.source, "rows": dict(info.counts),
                  "labeled": dict(info.labeled), "kind": info.kind},
     }
+    metrics["gap_recovered"] = gap_recovered(metrics["student"], metrics["baseline"],
+                                             (min if metric == "perplexity" else max)(metrics["teachers"].values()))
     if metric == "perplexity":
         metrics["token_accuracy"] = {name: r["accuracy"] for name, r in rows.items()}
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
@@ -399,7 +433,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     (run_dir / "distill_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     (run_dir / "history.json").write_text(json.dumps(history))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    print_summary(rows, cfg.teacher_names(), weights, metric)
+    print_summary(rows, cfg.teacher_names(), weights, metric, metrics["gap_recovered"])
 
     from distill_ray.report import write_report
 
@@ -488,6 +522,17 @@ def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[st
     return rows, {name: (p.numpy(), y.numpy()) for name, p in test_probs.items()}
 
 
+def best_epoch_row(result: ray.train.Result) -> dict:
+    """The history row of the run's best validation epoch (what its student is reported at)."""
+    with result.checkpoint.as_directory() as ckpt_dir:
+        history = json.loads((Path(ckpt_dir) / "history.json").read_text())
+    epochs = [r for r in history if r.get("kind") == "epoch"]
+    if not epochs:
+        return {}
+    best = epochs[-1].get("best_epoch")
+    return next((r for r in epochs if r["epoch"] == best), epochs[-1])
+
+
 def _set_aside_stale_checkpoints(run_dir: Path, config_text: str) -> None:
     """Same name, same config: the next run resumes from RUN_DIR's checkpoints. Same name, changed
     config: those checkpoints belong to another experiment (resuming could load a different
@@ -509,7 +554,7 @@ def _final_weights(history: list[dict]) -> list[float]:
 
 
 def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dict[str, float],
-                  metric: str = "accuracy") -> None:
+                  metric: str = "accuracy", gap: float | None = None) -> None:
     lm = metric == "perplexity"
     first, second = ("perplexity", "tok acc") if lm else ("test acc", "ECE")
     print(f"\n{'model':<12}{first:>11}{second:>9}{'params':>13}{'latency ms':>12}{'weight':>8}")
@@ -524,3 +569,7 @@ def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dic
         first_cell = f"{a:.4f}" if a is not None else "-"
         second_cell = f"{b:.4f}" if b is not None else "-"
         print(f"{name:<12}{first_cell:>11}{second_cell:>9}{params:>13}{latency:>12}{weight:>8}")
+    if "baseline" in rows:
+        print(f"gap recovered (student - baseline) / (best teacher - baseline): "
+              f"{'n/a (no teacher beats the baseline)' if gap is None else f'{gap:.1%}'}")
+

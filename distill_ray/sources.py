@@ -288,6 +288,14 @@ def _limit(batch: dict[str, np.ndarray], keep: Mapping[str, float], seed: int) -
     return {k: v[mask] for k, v in batch.items()}
 
 
+def _keep_labels(batch: dict[str, np.ndarray], share: float, seed: int) -> dict[str, np.ndarray]:
+    """Labels stay on a seeded share of the train rows, decided by the id (data.labeled_fraction /
+    max_labeled_samples); the other train rows become unlabeled (-1), a transfer set for KD."""
+    drop = (batch["split"] == "train") & (id_uniform(batch["id"], seed, salt=2) >= share)
+    batch["label"] = np.where(drop, np.int64(-1), batch["label"])
+    return batch
+
+
 def _source_name(paths) -> str:
     if paths is None or len(paths) == 0:
         return "data"
@@ -424,8 +432,9 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
 
     kind = meta.get("kind") or {"images": "image", "text": "text"}.get(fmt) or \
         ("text" if d.task == "causal_lm" else None)
-    sources = {"train": path} if (d.val_path is None and d.test_path is None) else \
-        {"train": path, "val": d.val_path, "test": d.test_path}
+    eval_paths = d.val_path is not None or d.test_path is not None
+    sources = {"train": path, **({"val": d.val_path, "test": d.test_path} if eval_paths else {}),
+               **({"unlabeled": d.unlabeled_path} if d.unlabeled_path else {})}
     raw = {split: _run(f"reading {p}", functools.partial(_read, fmt, p, cfg)) for split, p in sources.items() if p}
     schema = _run(f"reading {path}", raw["train"].schema)
     columns = [c for c in schema.names if c != PATH_COLUMN]
@@ -476,8 +485,8 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
             continue
         other = _run(f"reading {sources[split]}", ds.schema)
         other_types = dict(zip(other.names, other.types))
-        needed = [c for c in (*feature_fields, d.text_field if kind == "text" else None, label_field, d.id_field,
-                              d.image_field) if c]
+        needed = [c for c in (*feature_fields, d.text_field if kind == "text" else None,
+                              label_field if split != "unlabeled" else None, d.id_field, d.image_field) if c]
         diff = [c for c in needed if c in types and (c not in other_types or
                                                      not _compatible(types[c], other_types[c]))]
         if diff:
@@ -491,7 +500,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
     elif class_names is None and label_field is not None and d.task == "classification":
         if pa.types.is_string(types[label_field]) or pa.types.is_large_string(types[label_field]):
             values = set()
-            for ds in raw.values():
+            for ds in (ds for split, ds in raw.items() if split != "unlabeled"):
                 values |= set(_run(f"reading {path}", functools.partial(ds.unique, label_field)))
             values = {v for v in values if v is not None and not (isinstance(v, float) and v != v)}  # null / NaN
             if any(not isinstance(v, str) for v in values):
@@ -508,12 +517,14 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         input_columns = ("text",) if d.format in PRESETS else (d.text_field,)
     rows = None
     for split, ds in raw.items():
+        # Rows of data.unlabeled_path join train without labels; the other sources keep theirs.
+        fixed = "train" if split == "unlabeled" else split if eval_paths else None
         plan = RowPlan(kind=kind, task=d.task, input_columns=input_columns,
-                       label_field=None if kind == "tokens" else label_field, class_names=class_names,
-                       id_field=d.id_field if d.format not in PRESETS else "id",
-                       split=None if len(raw) == 1 else split, split_field=split_field if len(raw) == 1 else None,
+                       label_field=None if kind == "tokens" or split == "unlabeled" else label_field,
+                       class_names=class_names, id_field=d.id_field if d.format not in PRESETS else "id",
+                       split=fixed, split_field=split_field if fixed is None else None,
                        val_fraction=d.val_fraction, test_fraction=d.test_fraction, split_seed=d.split_seed,
-                       label_from_folder=folder_images,
+                       label_from_folder=folder_images and split != "unlabeled",
                        nan_is_missing=(_table_format(path) if fmt == "images" else fmt) in ("jsonl", "csv"))
         staged = ds.map_batches(_rows, fn_kwargs={"plan": plan}, batch_format="numpy")
         rows = staged if rows is None else rows.union(staged)
@@ -527,6 +538,12 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         cap = {"train": d.max_train_samples, "val": d.max_eval_samples, "test": d.max_eval_samples}
         keep = {s: (cap[s] / seen[s] if cap[s] and seen[s] > cap[s] else 1.0) for s in SPLITS}
         rows = rows.map_batches(_limit, fn_kwargs={"keep": keep, "seed": d.split_seed}, batch_format="numpy")
+        stats = split_stats()
+    if d.labeled_fraction is not None or d.max_labeled_samples is not None:
+        labeled_train = sum(int(r["labeled"]) for r in stats if r["split"] == "train")
+        share = d.labeled_fraction if d.labeled_fraction is not None else \
+            min(1.0, d.max_labeled_samples / max(1, labeled_train))
+        rows = rows.map_batches(_keep_labels, fn_kwargs={"share": share, "seed": d.split_seed}, batch_format="numpy")
         stats = split_stats()
     counts = {s: 0 for s in SPLITS}
     labeled = {s: 0 for s in SPLITS}

@@ -35,12 +35,13 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from distill_ray import curriculum as cur
-from distill_ray.blending import TeacherBlend
+from distill_ray.blending import TeacherBlend, fit_blend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
 from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, \
     topk_kd_divergence, topk_label_logprobs
 from distill_ray.losses import HintProjector, attention_map, cutmix, hint_loss, mixup
 from distill_ray.models import build_model, forward_logits, forward_with_features, save_model
+from distill_ray.schedules import lr_factor
 from distill_ray.stages import EpochPlan, MixSettings, rank_stream, rows_of_rank
 from distill_ray.streams import KeptShard, StreamedShard, fused_difficulty, open_ids_for
 from distill_ray.teachers import TeacherSpec
@@ -147,7 +148,9 @@ def stage_and_fraction(cfg: ExperimentConfig, epoch: int, step: int) -> tuple[in
     """Curriculum stage and fraction of (easiest) data open, the same on every rank."""
     c = cfg.curriculum
     if c.scheduler == "multi_stage":
-        sched = cur.MultiStage(num_stages=c.num_stages, stage_length=c.stage_length, unit=c.stage_unit,
+        # No stage_length: the stages share the run evenly (POCL's 4 stages x 8 epochs layout).
+        length = c.stage_length if c.stage_length is not None else cfg.train.epochs / c.num_stages
+        sched = cur.MultiStage(num_stages=c.num_stages, stage_length=length, unit=c.stage_unit,
                                temperatures=c.stage_temperatures or (cfg.loss.temperature,) * c.num_stages,
                                alphas=c.stage_alphas)
         stage = sched.stage_at(epoch if c.stage_unit == "epoch" else step)
@@ -167,20 +170,60 @@ def temperature_and_alpha(cfg: ExperimentConfig, step: int, total_steps: int, st
 
 
 def kd_loss(cfg: ExperimentConfig, student_logits: torch.Tensor, target_probs: torch.Tensor,
-            labels: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """The configured KD term between the student and the (blended, detached) teacher distribution."""
+            labels: torch.Tensor | None, temperature: float, reduction: str = "mean") -> torch.Tensor:
+    """The configured KD term between the student and the (blended, detached) teacher distribution
+    (``reduction="none"``: one value per row)."""
     kind = cfg.loss.kind
     if kind in ("focal_kd", "dkd"):
         # Logits whose softmax at T is exactly the blended target: T * log p.
         teacher_logits = temperature * torch.log(target_probs.clamp_min(1e-12))
         if kind == "focal_kd":
-            return focal_kd(student_logits, teacher_logits, temperature=temperature, gamma=cfg.loss.focal_gamma)
+            return focal_kd(student_logits, teacher_logits, temperature=temperature, gamma=cfg.loss.focal_gamma,
+                            reduction=reduction)
         if labels is None:
             raise ValueError("loss.kind 'dkd' needs labels; use a divergence for unlabeled data")
         return dkd(student_logits, teacher_logits, labels, alpha=cfg.loss.dkd_alpha, beta=cfg.loss.dkd_beta,
-                   temperature=temperature)
+                   temperature=temperature, reduction=reduction)
     return kd_divergence_to_probs(student_logits, target_probs, kind=kind, temperature=temperature,
-                                  skew_alpha=cfg.loss.skew_alpha)
+                                  skew_alpha=cfg.loss.skew_alpha, reduction=reduction)
+
+
+def classifier_kd(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor, teacher: torch.Tensor,
+                  x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row ``[B]``: the configured KD term against the blended teachers ``[K, B, C]`` (weights
+    fit before training, detached: the student's loss never moves them)."""
+    if cfg.loss.kind == "mse_logits":
+        # Logit matching needs logits, not a mixture of distributions: blend logits linearly.
+        weights = blend.weights(teacher, features=x.flatten(1)).detach()
+        target_logits = torch.einsum("nk,knc->nc", weights, teacher)
+        return kd_divergence(student_logits, target_logits, kind="mse_logits", temperature=temperature,
+                             reduction="none")
+    target = blend(teacher, temperature=temperature, features=x.flatten(1)).detach()
+    return kd_loss(cfg, student_logits, target, y, temperature, reduction="none")
+
+
+def task_loss(student_logits: torch.Tensor, y: torch.Tensor, y_b: torch.Tensor | None, lam: torch.Tensor | None,
+              smoothing: float, causal: bool) -> torch.Tensor:
+    """The supervised term: per row ``[B]`` for classifiers (a mixed row weighs its two labels by
+    ``lam``; unlabeled rows get a value the caller discards), the token mean for a language model."""
+    if causal:
+        return label_smoothing_ce(student_logits, y, smoothing=smoothing)
+
+    def rows(labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(student_logits, labels.clamp_min(0), reduction="none", label_smoothing=smoothing)
+
+    return rows(y) if y_b is None else lam * rows(y) + (1 - lam) * rows(y_b)
+
+
+def planned_steps(cfg: ExperimentConfig, rows: int, world: int) -> int:
+    """Optimizer steps a run takes over ``rows`` (each epoch trains the part its curriculum stage
+    opens); what learning-rate schedules span and what the baseline's step budget matches."""
+    per_rank_batch = max(1, cfg.train.batch_size // world)
+    total = 0
+    for epoch in range(cfg.train.epochs):
+        _, fraction = stage_and_fraction(cfg, epoch, total)
+        total += max(1, int(rows * fraction) // world // per_rank_batch)
+    return total
 
 
 def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_logits: torch.Tensor,
@@ -239,14 +282,6 @@ def attention_loss(student_features: torch.Tensor, teacher_map: torch.Tensor) ->
     return (student_map - teacher_map.detach().float()).pow(2).sum(-1).mean()
 
 
-def mixed_loss(loss_rows, y: torch.Tensor, y_b: torch.Tensor | None, lam: torch.Tensor | None) -> torch.Tensor:
-    """``loss_rows(y).mean()``, or on a mixed batch (each row mixes two inputs, with its own weight)
-    ``(lam * loss_rows(y) + (1 - lam) * loss_rows(y_b)).mean()``; ``loss_rows`` gives one loss per row."""
-    if y_b is None:
-        return loss_rows(y).mean()
-    return (lam * loss_rows(y) + (1 - lam) * loss_rows(y_b)).mean()
-
-
 def hint_projector(model, probe: np.ndarray, shapes: dict, device, want_hint: bool,
                    want_attention: bool) -> HintProjector | None:
     """The projector from the student's hint width to the teacher's (``shapes``, asked of the teacher
@@ -275,6 +310,35 @@ def batch_targets(batch: dict[str, torch.Tensor], names: tuple[str, ...], num_cl
     if causal:
         return None, (logp.to(device), idx.to(device))
     return torch.stack([dense_from_topk(logp[k], idx[k], num_classes) for k in range(len(names))]).to(device), None
+
+
+def fit_blend_on_validation(cfg: ExperimentConfig, blend: TeacherBlend, val_batches, names: tuple[str, ...],
+                            num_classes: int, topk: int | None, device, world: int) -> dict[str, float]:
+    """Fit the learned teacher weights to this rank's labeled validation rows (every rank's together:
+    gradients are averaged), once, before training. Validation is data no recipe teacher trained
+    on; fit on the teachers' own training rows, the weights would favour whichever overfits most.
+    Returns the fit's loss and the rows it saw, for the history."""
+    parts, labels, features = [], [], []
+    for batch in val_batches:
+        keep = batch["label"] >= 0
+        if keep.any():
+            parts.append(batch_targets({k: v[keep] for k, v in batch.items()}, names, num_classes, topk, False, "cpu")[0])
+            labels.append(batch["label"][keep].long())
+            features.append(batch["x"][keep].flatten(1).float() if blend.kind == "learned_gate" else None)
+    found = torch.tensor([sum(len(y) for y in labels)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(found)
+    if found.item() == 0:
+        raise ValueError(f"blend.kind={cfg.blend.kind} fits the teacher weights to labeled validation rows, and the "
+                         "validation split has none: label some validation rows, or use blend.kind=uniform or confidence")
+    teacher = torch.cat(parts, dim=1).to(device) if parts else torch.zeros(len(names), 0, num_classes, device=device)
+    y = torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    x = torch.cat(features).to(device) if features and features[0] is not None else None
+    loss = fit_blend(blend, teacher, y, x, lr=cfg.blend.lr, steps=cfg.blend.fit_steps,
+                     average_grads=lambda module: _allreduce_grads(module, world))
+    if blend.kind == "learned_gate" and x is not None:
+        blend.weights(teacher, features=x)  # mean_weights() of a gate: its mean over validation
+    return {"blend_fit_loss": loss, "blend_fit_rows": int(found.item())}
 
 
 def _teacher_top1(batch: dict[str, torch.Tensor], name: str, topk: int | None) -> torch.Tensor | None:
@@ -392,7 +456,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     random.seed(t.seed + rank)
     names, num_classes = tuple(meta["teacher_names"]), meta["num_classes"]
     causal = meta["task"] == "causal_lm"
-    labeled = causal or meta["all_labeled"]  # a language model's labels are its own next tokens
     use_teachers = meta["use_teachers"]
 
     # --- data: this rank's own rows, kept in memory or streamed every epoch ----------------------------
@@ -419,7 +482,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          gate_in_features=int(np.prod(meta["input_shape"])), gate_hidden=cfg.blend.gate_hidden,
                          confidence_kind=cfg.blend.confidence_kind).to(device)
     blend_params = [p for p in blend.parameters() if p.requires_grad]
-    blend_opt = torch.optim.Adam(blend_params, lr=cfg.blend.lr) if blend_params else None
+    # A classifier's blend is fit once, before training, on validation labels (fit_blend_on_validation);
+    # a language model's learns along the way from each teacher's log-probability of the true token.
+    blend_opt = torch.optim.Adam(blend_params, lr=cfg.blend.lr) if blend_params and causal else None
     # Feature distillation (online): the student matches one teacher's features (columns of the
     # batch), through a learned projector for hints (trained with the student, checkpointed).
     hint_teacher = cfg.loss.hint_teacher or names[0]
@@ -430,9 +495,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = _optimizer(cfg, [*model.parameters(), *(projector.parameters() if projector is not None else ())])
 
     per_rank_batch = max(1, t.batch_size // world)
-    steps_per_epoch = max(1, meta["train_rows"] // world // per_rank_batch)
-    total_steps = t.epochs * steps_per_epoch  # upper bound for schedules: a partly open epoch has fewer steps
+    total_steps = planned_steps(cfg, meta["train_rows"], world)  # what the lr, T and alpha schedules span
     epoch, step, batch_in_epoch, history = 0, 0, 0, []
+    best: dict[str, Any] = {"score": None, "epoch": None, "student": None}  # the student at its best val epoch
+    blend_fit: dict[str, float] = {}
     resumed_order: torch.Tensor | None = None  # a kept shard's mid-epoch checkpoint keeps the epoch's order
 
     # --- resume -----------------------------------------------------------------------------------
@@ -450,13 +516,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             projector.load_state_dict(state["projector"])
         if blend_opt is not None and state.get("blend_optimizer"):
             blend_opt.load_state_dict(state["blend_optimizer"])
-        # Learning rates come from the config, not the saved optimizer (there is no lr schedule): a PBT
-        # segment resumed with a perturbed train.lr / blend.lr must train at the new rate.
-        for group in optimizer.param_groups:
-            group["lr"] = t.lr
+        # Learning rates come from the config (and the step), not the saved optimizer: a PBT segment
+        # resumed with a perturbed train.lr / blend.lr must train at the new rate.
         for group in (blend_opt.param_groups if blend_opt is not None else ()):
             group["lr"] = cfg.blend.lr
         epoch, step, batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        best = {"score": state.get("best_score"), "epoch": state.get("best_epoch"), "student": state.get("best_student")}
+        blend_fit = state.get("blend_fit") or {}
         resumed_order = state.get("order") if keep else None
         _set_rng_state(state["rng"])
 
@@ -471,7 +537,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "blend_optimizer": blend_opt.state_dict() if blend_opt else None,
                         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(),
                         "stage": stage, "open_fraction": fraction,
-                        "order": order if keep and batch_in_epoch else None},
+                        "order": order if keep and batch_in_epoch else None,
+                        "best_score": best["score"], "best_epoch": best["epoch"], "best_student": best["student"],
+                        "blend_fit": blend_fit},
                        Path(tmp) / STATE_FILE)
             (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
@@ -513,6 +581,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             order = cur.shard_for_rank(cur.open_subset(ranked, fraction), epoch, t.seed + rank, 0, 1)
         return shard.epoch_batches(order, per_rank_batch, start=batch_in_epoch)
 
+    # --- teacher weights, fit to held-out labels before the student trains ----------------------------
+    # (Each epoch row of the history carries the fit's loss and row count.)
+    if use_teachers and not causal and blend_params and not checkpoint:
+        blend_fit = fit_blend_on_validation(cfg, blend, val_batches(), names, num_classes, meta["topk"], device, world)
+
     # --- epochs -----------------------------------------------------------------------------------
     model.train()
     stage, fraction, order = 0, 1.0, None
@@ -536,6 +609,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             temperature, alpha = temperature_and_alpha(cfg, step, total_steps, stage)
             if not use_teachers:
                 alpha = 0.0
+            for group in optimizer.param_groups:
+                group["lr"] = t.lr * lr_factor(t.lr_schedule, step, total_steps, t.warmup_fraction)
 
             # bf16 autocast covers the student's forward only; losses and blending stay in fp32.
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
@@ -548,35 +623,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 y = y[:, :width]
                 if teacher_seq is not None:
                     teacher_seq = tuple(v[:, :, :width] for v in teacher_seq)
-            if teacher is not None and labeled and blend_opt is not None:
-                # Blend weights learn from ground truth only: the blended teachers' task loss.
-                blend_loss = mixed_loss(lambda labels: blend.weight_loss(teacher, labels, features=x.flatten(1),
-                                                                         reduction="none"), y, y_b, lam)
-                blend_opt.zero_grad(set_to_none=True)
-                blend_loss.backward()
-                _allreduce_grads(blend, world)
-                blend_opt.step()
-                parts["blend_loss"] = blend_loss.item()
-            if teacher is not None and alpha > 0 and cfg.loss.kind == "mse_logits":
-                # Logit matching needs logits, not a mixture of distributions: blend logits linearly.
-                weights = blend.weights(teacher, features=x.flatten(1), labeled=labeled).detach()
-                target_logits = torch.einsum("nk,knc->nc", weights, teacher)
-                kd = kd_divergence(student_logits, target_logits, kind="mse_logits", temperature=temperature)
-            elif teacher is not None and alpha > 0:
-                target = blend(teacher, temperature=temperature, features=x.flatten(1), labeled=labeled).detach()
-                kd = kd_loss(cfg, student_logits, target, y if labeled else None, temperature)
-            elif teacher_seq is not None and alpha > 0:
+            if teacher is not None:
+                kd = classifier_kd(cfg, blend, student_logits, teacher, x, y, temperature)  # [B]
+            elif teacher_seq is not None:
                 kd, blend_parts = sequence_kd(cfg, blend, blend_opt, student_logits, teacher_seq, y, temperature, world)
                 parts.update(blend_parts)
             else:
                 kd = torch.zeros((), device=device)
-            if not labeled:
-                task = torch.zeros((), device=device)
-            elif y_b is None:
-                task = label_smoothing_ce(student_logits, y, smoothing=cfg.loss.label_smoothing)
-            else:
-                task = mixed_loss(lambda labels: F.cross_entropy(student_logits, labels, reduction="none",
-                                                                 label_smoothing=cfg.loss.label_smoothing), y, y_b, lam)
+            task = task_loss(student_logits, y, y_b, lam, cfg.loss.label_smoothing, causal)
+            # Per row: a labeled row learns alpha * KD + (1 - alpha) * task, an unlabeled one (label -1,
+            # or either label of a mixed pair) KD alone. A language model's labels are its own tokens.
+            labeled = torch.ones((), dtype=torch.bool, device=device) if causal else \
+                (y >= 0) & (y_b >= 0 if y_b is not None else True)
+            row_loss = torch.where(labeled, alpha * kd + (1 - alpha) * task, kd)
             hint = attention = torch.zeros((), device=device)
             if want_hint:  # FitNets: projected student features regress the hint teacher's
                 hint = hint_loss(out["hint"].float(), cols[f"{hint_teacher}/hint"].to(device).float(), projector,
@@ -585,7 +644,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if want_attention:  # attention transfer against the teacher's map
                 attention = attention_loss(out["attention"], cols[f"{hint_teacher}/attention"].to(device))
                 parts["attention_loss"] = attention.item()
-            loss = alpha * kd + (1 - alpha) * task + cfg.loss.hint_weight * hint + cfg.loss.attention_weight * attention
+            loss = row_loss.mean() + cfg.loss.hint_weight * hint + cfg.loss.attention_weight * attention
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -602,23 +661,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             if step % cfg.tracking.log_every_steps == 0 or not more:
                 row = {"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction,
-                       "temperature": temperature, "alpha": alpha, "loss": loss.item(), "kd_loss": kd.item(),
-                       "task_loss": task.item(), "samples_per_s": seen * world / (time.perf_counter() - epoch_start),
-                       **parts}
+                       "temperature": temperature, "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
+                       "loss": loss.item(), "kd_loss": kd.mean().item(),
+                       "task_loss": task[labeled].mean().item() if labeled.any() else 0.0,
+                       "labeled_share": labeled.float().mean().item(),
+                       "samples_per_s": seen * world / (time.perf_counter() - epoch_start), **parts}
                 if teacher_seq is not None:
                     for name, w in zip(names, blend.mean_weights().tolist()):
                         row[f"teacher_weight/{name}"] = w
                 if teacher is not None:
-                    # Unlabeled batches use confidence weights whatever the blend kind: log those.
-                    used = blend.mean_weights() if labeled else \
-                        blend.weights(teacher, features=x.flatten(1), labeled=False).detach().mean(0)
-                    for name, w in zip(names, used.tolist()):
+                    for name, w in zip(names, blend.mean_weights().tolist()):
                         row[f"teacher_weight/{name}"] = w
                 history.append(row)
             if step % t.checkpoint_every_steps == 0 and more:
                 save_checkpoint({**history[-1], "kind": "step"} if history else {"step": step})
 
         val = {**validate(model, val_batches(), meta, world, device), "peak_rss_mb": _peak_rss_mb(world)}
+        # The student is reported at its best validation epoch, never at an arbitrary last one.
+        score = -val["val_perplexity"] if causal else val["val_accuracy"]
+        if best["score"] is None or score > best["score"]:
+            best = {"score": score, "epoch": epoch,
+                    "student": {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}}
+        val.update(best_epoch=best["epoch"], **blend_fit)
         last_step = next((r for r in reversed(history) if r.get("kind") != "epoch"), {})
         history.append({"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction, "kind": "epoch", **val})
         epoch, batch_in_epoch = epoch + 1, 0
@@ -641,6 +705,9 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
     its own) and ``stop_at_epoch`` ends after that many epochs while schedules still span
     ``train.epochs``: together they let Population Based Training run a trial in segments."""
     world = cfg.train.num_workers
+    if inputs.use_teachers and cfg.loss.kind == "dkd" and not inputs.all_labeled:
+        raise ValueError("loss.kind=dkd splits the KD term at each row's label, and some train rows are unlabeled: "
+                         "use a divergence (forward_kl, js, ...) for partly labeled data")
     if not inputs.keep_shard and (cfg.curriculum.scheduler == "confidence" or (
             "student_loss" in cfg.curriculum.measurers and cfg.curriculum.scheduler != "none")):
         raise ValueError("curriculum.scheduler=confidence and the student_loss measurer score every row with the "
@@ -680,7 +747,8 @@ def load_trained_student(cfg: ExperimentConfig, inputs: TrainInputs, checkpoint:
     with checkpoint.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True, map_location="cpu")
         history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
-    student.load_state_dict(state["student"])
+    # The best validation epoch's weights (runs from before best-epoch tracking: the last ones).
+    student.load_state_dict(state.get("best_student") or state["student"])
     return student.eval(), history, state
 
 

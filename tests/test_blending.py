@@ -338,3 +338,26 @@ def test_learned_gate_drops_the_broken_teacher(three_teachers):
     assert broken < 0.05, broken
     assert blend_accuracy >= max(single) - 0.05, (blend_accuracy, single)
     assert blend_accuracy > single[1] + 0.03  # still clearly better than the weaker useful teacher
+
+
+def test_fit_blend_on_held_out_labels_prefers_the_teacher_that_is_right_there():
+    """The learned weights are fit before training to labels the teachers did not train on: a teacher
+    right on 90% of those rows wins over one that guesses (which only overfit its own training rows)."""
+    g = torch.Generator().manual_seed(0)
+    n, c = 400, 5
+    y = torch.randint(0, c, (n,), generator=g)
+    good = torch.randn(n, c, generator=g)
+    right = torch.rand(n, generator=g) < 0.9
+    good[right, y[right]] += 4.0
+    guess = torch.randn(n, c, generator=g) * 3
+    labels = torch.where(torch.arange(n) % 10 == 0, torch.full_like(y, -1), y)  # some held-out rows unlabeled
+    calls = []
+    blend = B.TeacherBlend("learned_global", 2)
+    before = blend.weight_loss(torch.stack([good, guess]), labels, ignore_index=-1).item()
+    after = B.fit_blend(blend, torch.stack([good, guess]), labels, lr=0.05, steps=150,
+                      average_grads=lambda m: calls.append(m))
+    weights = blend.mean_weights()
+    assert weights[0] > 0.9 and after < before and len(calls) == 150
+    assert after == pytest.approx(blend.weight_loss(torch.stack([good, guess]), labels, ignore_index=-1).item())
+    uniform = B.TeacherBlend("uniform", 2)
+    assert B.fit_blend(uniform, torch.stack([good, guess]), labels) == pytest.approx(0.0)  # nothing to fit

@@ -380,7 +380,10 @@ def test_topk_cache_feeds_training(prepared, tiny_cfg, tiny_data, tmp_path):
     assert history[-1]["val_accuracy"] > 0.4  # one epoch, half the data open (stage 0): well above chance
 
 
-def test_unlabeled_data_trains_on_kd_alone_with_confidence_weights(prepared, tiny_cfg, tiny_data, tmp_path):
+def test_unlabeled_rows_train_on_kd_alone_with_weights_fit_on_validation(prepared, tiny_cfg, tiny_data, tmp_path):
+    """No train row labeled: the student learns from the teachers alone (no task loss anywhere), and
+    the learned weights are fit once, before training, to the validation labels: fixed through the
+    run, not the uniform init, favouring the stronger teacher."""
     from dataclasses import replace
 
     from distill_ray.train import load_trained_student, run_training
@@ -397,8 +400,9 @@ def test_unlabeled_data_trains_on_kd_alone_with_confidence_weights(prepared, tin
     result = run_training(cfg, unlabeled, str(tmp_path / "ray"), "unlabeled")
     _, history, _ = load_trained_student(cfg, unlabeled, result.checkpoint)
     steps = [r for r in history if "loss" in r]
-    assert steps and all(r["task_loss"] == 0.0 and "blend_loss" not in r for r in steps)
-    # Confidence weights move with each batch; learned global weights would sit at their init.
+    assert steps and all(r["task_loss"] == 0.0 and r["labeled_share"] == 0.0 and r["kd_loss"] > 0 for r in steps)
     weights = {round(r["teacher_weight/mlp_a"], 6) for r in steps}
-    assert len(weights) > 1
+    assert len(weights) == 1 and abs(weights.pop() - 0.5) > 0.05  # fit before the first step, then fixed
+    epoch = [r for r in history if r.get("kind") == "epoch"][-1]
+    assert epoch["blend_fit_rows"] == tiny_data.info.labeled["val"] and epoch["blend_fit_loss"] > 0
     assert history[-1]["val_accuracy"] > 0.5  # labels only used to score, never to train

@@ -668,3 +668,22 @@ def test_dense_from_topk_is_exact_when_k_is_all_classes_and_a_distribution_other
     tail = torch.ones(6, 10, dtype=torch.bool).scatter_(-1, indices, False)
     expected_tail = (1 - values.exp().sum(-1, keepdim=True)) / 7
     torch.testing.assert_close(dense.exp()[tail].view(6, 7), expected_tail.expand(6, 7))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "js", "mse_logits"])
+def test_per_row_reduction_averages_to_the_batch_mean_and_zeroes_masked_rows(kind):
+    """``reduction="none"`` is what the loop weighs per row (labeled: alpha * KD + (1 - alpha) * task,
+    unlabeled: KD alone): its mean is the scalar loss, masked rows are exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    rows = L.kd_divergence(student, teacher, kind=kind, temperature=2.0, reduction="none")
+    assert rows.shape == (6,) and (rows >= 0).all()
+    assert_close(rows.mean(), L.kd_divergence(student, teacher, kind=kind, temperature=2.0))
+    mask = torch.tensor([1, 0, 1, 1, 0, 1])
+    masked = L.kd_divergence(student, teacher, kind=kind, temperature=2.0, mask=mask, reduction="none")
+    assert_close(masked, rows * mask)
+    probs = torch.softmax(teacher / 2.0, -1)
+    if kind != "mse_logits":
+        assert_close(L.kd_divergence_to_probs(student, probs, kind=kind, temperature=2.0, reduction="none"), rows)
+    with pytest.raises(ValueError, match="reduction"):
+        L.kd_divergence(student, teacher, kind=kind, reduction="sum")

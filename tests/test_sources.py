@@ -254,3 +254,32 @@ def test_the_cli_prints_one_line_and_exits_2_and_writes_nothing(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("distill-ray: data error: data.feature_fields: ['nope'] not in")
     assert not (tmp_path / "runs").exists()
+
+
+def test_labels_kept_on_a_seeded_share_of_train_and_an_unlabeled_file_joins_train(ray_local, tmp_path):
+    """data.labeled_fraction keeps labels on a seeded subset of the train rows (val and test keep
+    theirs; max_labeled_samples sets the same share from a count); data.unlabeled_path adds train
+    rows without labels."""
+    t = _table(600)
+    pq.write_table(pa.table(t), tmp_path / "labeled.parquet")
+    extra = _table(200, seed=1)
+    pq.write_table(pa.table(extra), tmp_path / "more.parquet")
+    base = dict(format="parquet", path=str(tmp_path / "labeled.parquet"), label_field="species",
+                val_fraction=0.2, test_fraction=0.2)
+    full = _load(_cfg(tmp_path, **base))
+    part = _load(_cfg(tmp_path, **base, labeled_fraction=0.25))
+    assert part.info.counts == full.info.counts and part.info.fingerprint != full.info.fingerprint
+    assert part.info.labeled["val"] == full.info.counts["val"] and part.info.labeled["test"] == full.info.counts["test"]
+    share = part.info.labeled["train"] / full.info.counts["train"]
+    assert 0.17 < share < 0.33
+    before, after = _rows(full.train), _rows(part.train)
+    kept = after["label"] >= 0
+    assert kept.sum() == part.info.labeled["train"]
+    np.testing.assert_array_equal(after["label"][kept], before["label"][kept])  # kept labels unchanged
+
+    joined = _load(_cfg(tmp_path, **base, unlabeled_path=str(tmp_path / "more.parquet")))
+    assert joined.info.counts["train"] == full.info.counts["train"] + 200
+    assert joined.info.labeled == full.info.labeled
+    rows = _rows(joined.train)
+    assert (rows["label"] == -1).sum() == 200
+    assert joined.info.counts["val"] == full.info.counts["val"]  # the unlabeled file adds to train only

@@ -6,7 +6,9 @@ Every row trains the same student architecture on the same data split with Ray T
 ====================== =========================================================================
 row                    what changes from the config
 ====================== =========================================================================
-scratch                no teachers: the student from labels alone (alpha 0), no curriculum
+scratch                no teachers: the student from the labeled rows alone, no curriculum, as many
+                       optimizer steps as the ``learned`` row (the run's baseline)
+kd_labeled_only        learned, no curriculum, on the labeled rows only (no transfer set), equal steps
 kd_best_teacher        KD from the single teacher with the best validation accuracy, no curriculum
 uniform                all teachers, equal weights, no curriculum
 confidence             all teachers, per-sample confidence (entropy) weights, no curriculum
@@ -19,7 +21,8 @@ learned+broken_teacher learned, no curriculum, plus a 4th "teacher" emitting see
 
 Rows without curriculum train at the constant ``loss.temperature`` and ``loss.alpha``. Curriculum
 rows take their settings (num_stages, stage_length, start_fraction, ...) from the config's
-curriculum section; if the config itself runs multi_stage, the multi_stage row is the config as it
+curriculum section and as many epochs as it takes them to make the ``learned`` row's optimizer
+steps (a curriculum holds data back early, so at equal epochs it would simply train less); if the config itself runs multi_stage, the multi_stage row is the config as it
 is (its stage temperatures included), otherwise temperature and alpha stay constant there too.
 Teachers are prepared and soft targets cached once; each row reads the cached dataset with the
 columns of its own teachers (one, for kd_best_teacher), or adds the broken teacher's seeded random
@@ -48,10 +51,11 @@ import torch
 
 from distill_ray.config import ExperimentConfig, TeacherConfig, config_to_dict, load_config
 
-ROWS = ("scratch", "kd_best_teacher", "uniform", "confidence", "learned", "learned+multi_stage",
+ROWS = ("scratch", "kd_labeled_only", "kd_best_teacher", "uniform", "confidence", "learned", "learned+multi_stage",
         "learned+linear_ramp", "learned+confidence", "learned+broken_teacher")
 DESCRIPTIONS = {
-    "scratch": "student from labels only (alpha 0)",
+    "scratch": "student from the labeled rows only, equal steps",
+    "kd_labeled_only": "learned blend, labeled rows only (no transfer set), equal steps",
     "kd_best_teacher": "KD from the single best teacher (by validation accuracy)",
     "uniform": "all teachers, uniform blend",
     "confidence": "all teachers, confidence (entropy) blend",
@@ -105,18 +109,23 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
 # --- rows -----------------------------------------------------------------------------------------
 
 def _no_curriculum(cfg: ExperimentConfig) -> ExperimentConfig:
-    c = cfg.curriculum
-    return dataclasses.replace(cfg, curriculum=dataclasses.replace(
-        c, scheduler="none",
-        temperature_schedule="constant" if c.temperature_schedule == "stage" else c.temperature_schedule,
-        alpha_schedule="constant" if c.alpha_schedule == "stage" else c.alpha_schedule))
+    from distill_ray.pipeline import without_curriculum
+
+    return without_curriculum(cfg)
 
 
-def _with_scheduler(cfg: ExperimentConfig, scheduler: str) -> ExperimentConfig:
+def _with_scheduler(cfg: ExperimentConfig, scheduler: str, rows: int) -> ExperimentConfig:
+    """The curriculum row, with the epochs that give it the no-curriculum row's optimizer steps."""
+    from distill_ray.pipeline import epochs_for_steps
+    from distill_ray.train import planned_steps
+
     if scheduler == "multi_stage" and cfg.curriculum.scheduler == "multi_stage":
-        return cfg  # the config's own POCL settings, temperature stages included
-    base = _no_curriculum(cfg)
-    return dataclasses.replace(base, curriculum=dataclasses.replace(base.curriculum, scheduler=scheduler))
+        out = cfg  # the config's own POCL settings, temperature stages included
+    else:
+        base = _no_curriculum(cfg)
+        out = dataclasses.replace(base, curriculum=dataclasses.replace(base.curriculum, scheduler=scheduler))
+    steps = planned_steps(_no_curriculum(cfg), rows, cfg.train.num_workers)
+    return dataclasses.replace(out, train=dataclasses.replace(out.train, epochs=epochs_for_steps(out, rows, steps)))
 
 
 def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[str], topk: int | None,
@@ -144,29 +153,36 @@ def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[s
 
 
 def row_setup(row: str, prep: Prepared, seed: int):
-    """(config, extra Ray Data stage or None, use_teachers) of one row at one seed."""
+    """(config, extra Ray Data stage or None, use_teachers, labeled rows only) of one row at one seed."""
+    from distill_ray.pipeline import baseline_config, epochs_for_steps
+    from distill_ray.train import planned_steps
+
     base = dataclasses.replace(prep.cfg, train=dataclasses.replace(prep.cfg.train, seed=seed, baseline=False))
     learned = dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind="learned_global"))
+    rows, labeled = prep.info.counts["train"], prep.info.labeled["train"]
     if row == "scratch":
-        cfg = _no_curriculum(dataclasses.replace(base, loss=dataclasses.replace(base.loss, alpha=0.0)))
-        return cfg, None, False
+        return baseline_config(_no_curriculum(learned), rows, labeled), None, False, True
+    if row == "kd_labeled_only":
+        cfg = _no_curriculum(learned)
+        epochs = epochs_for_steps(cfg, labeled, planned_steps(cfg, rows, cfg.train.num_workers))
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs)), None, True, True
     if row == "kd_best_teacher":
         k = prep.cfg.teacher_names().index(prep.best_teacher)
         cfg = _no_curriculum(dataclasses.replace(base, teachers=(base.teachers[k],),
                                                  blend=dataclasses.replace(base.blend, kind="uniform")))
-        return cfg, None, True
+        return cfg, None, True, False
     if row in ("uniform", "confidence"):
-        return _no_curriculum(dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind=row))), None, True
+        return _no_curriculum(dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind=row))), None, True, False
     if row == "learned":
-        return _no_curriculum(learned), None, True
+        return _no_curriculum(learned), None, True, False
     if row.startswith("learned+") and row.split("+", 1)[1] in ("multi_stage", "linear_ramp", "confidence"):
-        return _with_scheduler(learned, row.split("+", 1)[1]), None, True
+        return _with_scheduler(learned, row.split("+", 1)[1], rows), None, True, False
     if row == "learned+broken_teacher":
         broken = TeacherConfig(name=BROKEN, source="recipe", recipe="mlp")  # never built: logits are synthetic
         cfg = _no_curriculum(dataclasses.replace(learned, teachers=(*learned.teachers, broken)))
         stage = (add_broken_teacher, {"name": BROKEN, "real": list(prep.cfg.teacher_names()), "topk": cfg.loss.topk,
                                       "seed": 10_007 * (seed + 1)})
-        return cfg, stage, True
+        return cfg, stage, True, False
     raise ValueError(f"unknown ablation row {row!r}; choose from: {', '.join(ROWS)}")
 
 
@@ -181,8 +197,9 @@ def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any
     from distill_ray.pipeline import classifier_outputs, training_inputs
     from distill_ray.train import load_trained_student, run_training
 
-    cfg, stage, use_teachers = row_setup(row, prep, seed)
-    inputs = training_inputs(cfg, prep.cache, prep.info, use_teachers=use_teachers, stage=stage)
+    cfg, stage, use_teachers, labeled_only = row_setup(row, prep, seed)
+    inputs = training_inputs(cfg, prep.cache, prep.info, use_teachers=use_teachers, stage=stage,
+                             labeled_only=labeled_only)
     start = time.perf_counter()
     result = run_training(cfg, inputs, str(storage), _run_name(row, cfg, seed))
     seconds = time.perf_counter() - start
@@ -197,9 +214,10 @@ def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any
                 weights = found
                 break
     epochs = [r for r in history if r.get("kind") == "epoch"]
+    best = next((r for r in epochs if r["epoch"] == epochs[-1].get("best_epoch")), epochs[-1]) if epochs else {}
     return {"row": row, "seed": seed, "test_accuracy": accuracy(logits, y),
             "test_ece": expected_calibration_error(logits.softmax(-1), y),
-            "val_accuracy": epochs[-1]["val_accuracy"] if epochs else None,
+            "val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"), "epochs": cfg.train.epochs,
             "teacher_weights": weights, "train_seconds": round(seconds, 2)}
 
 

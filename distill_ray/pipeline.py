@@ -253,7 +253,7 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
 
 def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: DataInfo, use_teachers: bool = True,
                     stage: tuple | None = None, dirs: dict[str, Path] | None = None,
-                    teacher_trace: str | None = None) -> TrainInputs:
+                    teacher_trace: str | None = None, labeled_only: bool | None = None) -> TrainInputs:
     """What Ray Train gets: the train and val splits as datasets (only the columns this run reads: its
     own teachers' targets and the difficulty measures) and the facts about them.
 
@@ -262,7 +262,8 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
     stream passes through one actor-pool stage per teacher (``stages.rank_stream``), validation too
     when it has no cached targets. ``stage`` = (fn, kwargs) adds a Ray Data map_batches stage to both
     (the ablation's synthetic teacher); ``teacher_trace`` makes the online teachers log the ids they
-    answer (tests)."""
+    answer (tests). ``labeled_only`` (default: when there are no teachers) trains on the labeled train
+    rows alone."""
     online = use_teachers and cfg.train.mode == "online"
     if online and dirs is None:
         raise ValueError("online mode runs the teachers as stages: pass their directories (dirs=)")
@@ -280,7 +281,8 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
         index = data.dataset("train", ["id", *measures])
         val = data.dataset("val", ["id", "x", "label", *stored])
         rows, train_bytes = data.rows("train"), sum(os.path.getsize(f) for f in data.files("train"))
-    if not use_teachers and info.task == "classification" and info.labeled["train"] < rows:
+    if (not use_teachers if labeled_only is None else labeled_only) and info.task == "classification" \
+            and info.labeled["train"] < rows:
         # The baseline learns from labels alone: the unlabeled transfer rows have nothing to teach it.
         train, index, rows = train.map_batches(labeled_rows, batch_format="numpy"), None, info.labeled["train"]
         train_bytes = train_bytes * rows // max(1, info.counts["train"])
@@ -319,6 +321,29 @@ def labeled_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[keep] for k, v in batch.items()}
 
 
+def epochs_for_steps(cfg: ExperimentConfig, rows: int, steps: int) -> int:
+    """The fewest epochs over ``rows`` in which ``cfg`` (its curriculum included) takes at least
+    ``steps`` optimizer steps: how runs on fewer rows, or holding rows back, get an equal step budget."""
+    from dataclasses import replace
+
+    from distill_ray.train import planned_steps
+
+    epochs = 1
+    while planned_steps(replace(cfg, train=replace(cfg.train, epochs=epochs)), rows, cfg.train.num_workers) < steps:
+        epochs += 1
+    return epochs
+
+
+def without_curriculum(cfg: ExperimentConfig) -> ExperimentConfig:
+    """All data open from the first step, temperature and alpha at their constant or scheduled values."""
+    from dataclasses import replace
+
+    c = cfg.curriculum
+    return replace(cfg, curriculum=replace(
+        c, scheduler="none", temperature_schedule="constant" if c.temperature_schedule == "stage" else c.temperature_schedule,
+        alpha_schedule="constant" if c.alpha_schedule == "stage" else c.alpha_schedule))
+
+
 def baseline_config(cfg: ExperimentConfig, student_rows: int, labeled_rows: int) -> ExperimentConfig:
     """The baseline's run: the student's architecture, optimizer and lr schedule on the labeled rows,
     without teachers or curriculum, for train.baseline_epochs or else as many optimizer steps as the
@@ -327,13 +352,10 @@ def baseline_config(cfg: ExperimentConfig, student_rows: int, labeled_rows: int)
 
     from distill_ray.train import planned_steps
 
-    epochs = cfg.train.baseline_epochs
-    if epochs is None:
-        per_epoch = max(1, labeled_rows // cfg.train.num_workers // max(1, cfg.train.batch_size // cfg.train.num_workers))
-        epochs = max(1, round(planned_steps(cfg, student_rows, cfg.train.num_workers) / per_epoch))
-    return replace(cfg, train=replace(cfg.train, epochs=epochs),
-                   curriculum=replace(cfg.curriculum, scheduler="none", temperature_schedule="constant",
-                                      alpha_schedule="constant"))
+    base = without_curriculum(cfg)
+    epochs = cfg.train.baseline_epochs or epochs_for_steps(
+        base, labeled_rows, planned_steps(cfg, student_rows, cfg.train.num_workers))
+    return replace(base, train=replace(base.train, epochs=epochs))
 
 
 def teacher_columns(names, topk: int | None) -> list[str]:

@@ -37,10 +37,19 @@ def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
     prep = prepare(tiny_cfg)
     assert prep.best_teacher in tiny_cfg.teacher_names() and set(prep.teacher_val) == set(tiny_cfg.teacher_names())
     assert all(0.5 < a <= 1 for a in prep.teacher_test.values())
+    from distill_ray.train import planned_steps
+
+    rows = prep.info.counts["train"]
+    steps = planned_steps(row_setup("learned", prep, seed=7)[0], rows, 1)
     for row in ALL_ROWS:
-        cfg, stage, use_teachers = row_setup(row, prep, seed=7)
+        cfg, stage, use_teachers, labeled_only = row_setup(row, prep, seed=7)
         assert cfg.train.seed == 7 and cfg.student == tiny_cfg.student and cfg.data == tiny_cfg.data
         assert use_teachers == (row != "scratch") and (stage is not None) == (row == "learned+broken_teacher")
+        assert labeled_only == (row in ("scratch", "kd_labeled_only"))
+        # Every row gets (at least, by less than one epoch) the optimizer steps of the learned row:
+        # a curriculum that holds data back trains more epochs.
+        mine = planned_steps(cfg, rows, 1)
+        assert steps <= mine < steps + rows // cfg.train.batch_size + 1, row
         expected = {"learned+multi_stage": "multi_stage", "learned+linear_ramp": "linear_ramp",
                     "learned+confidence": "confidence"}.get(row, "none")
         assert cfg.curriculum.scheduler == expected, row
@@ -55,11 +64,11 @@ def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
         return batch_targets({k: v[order] for k, v in cols.items()}, cfg.teacher_names(), 10, None, False, "cpu")[0]
 
     full = targets(tiny_cfg, None)
-    cfg, stage, _ = row_setup("kd_best_teacher", prep, seed=0)
+    cfg, stage, *_ = row_setup("kd_best_teacher", prep, seed=0)
     best = tiny_cfg.teacher_names().index(prep.best_teacher)
     assert cfg.teacher_names() == (prep.best_teacher,)
     torch.testing.assert_close(targets(cfg, stage)[0], full[best])
-    cfg, stage, _ = row_setup("learned+broken_teacher", prep, seed=0)
+    cfg, stage, *_ = row_setup("learned+broken_teacher", prep, seed=0)
     assert cfg.teacher_names() == (*tiny_cfg.teacher_names(), BROKEN) and cfg.blend.kind == "learned_global"
     extended = targets(cfg, stage)
     torch.testing.assert_close(extended[:2], full)

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from distill_ray.config import ExperimentConfig, TeacherConfig, config_to_dict, load_config
+from distill_ray.report import final_teacher_weights, gap_recovered
 
 ROWS = ("scratch", "kd_labeled_only", "kd_best_teacher", "uniform", "confidence", "learned", "learned+multi_stage",
         "learned+linear_ramp", "learned+confidence", "learned+broken_teacher")
@@ -206,13 +207,7 @@ def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any
     student, history, _ = load_trained_student(cfg, inputs, result.checkpoint)
     _, outputs, y = classifier_outputs(prep.cfg, prep.cache, "test", {"student": student})
     logits = outputs["student"]
-    weights = {}
-    if use_teachers:
-        for r in reversed(history):
-            found = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("teacher_weight/")}
-            if found:
-                weights = found
-                break
+    weights = final_teacher_weights(history) if use_teachers else {}
     epochs = [r for r in history if r.get("kind") == "epoch"]
     best = next((r for r in epochs if r["epoch"] == epochs[-1].get("best_epoch")), epochs[-1]) if epochs else {}
     return {"row": row, "seed": seed, "test_accuracy": accuracy(logits, y),
@@ -250,9 +245,7 @@ def summarize(runs: list[dict], prep: Prepared, rows: Sequence[str]) -> dict[str
                       "train_seconds_mean": _mean_std([r["train_seconds"] for r in mine])[0]}
     scratch = table.get("scratch", {}).get("mean")
     for row, entry in table.items():
-        denominator = best_acc - scratch if scratch is not None else math.nan
-        entry["gap_recovered"] = (entry["mean"] - scratch) / denominator if scratch is not None and denominator > 0 \
-            else None
+        entry["gap_recovered"] = gap_recovered(entry["mean"], scratch, best_acc)
     out: dict[str, Any] = {"rows": table, "best_teacher": {"name": best, "val_accuracy": prep.teacher_val[best],
                                                            "test_accuracy": best_acc},
                            "teachers": {n: {"val_accuracy": prep.teacher_val[n], "test_accuracy": prep.teacher_test[n]}

@@ -257,7 +257,10 @@ class TrainConfig:
     precision: str = _field("fp32", choices=("fp32", "bf16"))
     """bf16 autocast for the student forward (GPU)."""
     checkpoint_every_steps: int = _field(200, ge=1)
-    """Save a resumable checkpoint every this many optimizer steps (and at each epoch end)."""
+    """Save a resumable checkpoint every this many optimizer steps (and at each validated epoch's end)."""
+    eval_every_epochs: int = _field(1, ge=1)
+    """Validate, report and checkpoint every this many epochs (and after the last): the baseline's
+    short epochs over few labeled rows set it so it validates about as often as the student."""
     max_failures: int = _field(2, ge=-1)
     """Ray Train FailureConfig.max_failures; -1 retries forever."""
     seed: int = 0
@@ -390,10 +393,6 @@ def _fail(path: str, message: str) -> typing.NoReturn:
 def _closest(name: str, valid: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:

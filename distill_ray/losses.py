@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,7 +38,6 @@ __all__ = [
     "label_smoothing_ce",
     "mixup",
     "cutmix",
-    "soft_target_ce",
 ]
 
 KD_KINDS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "mse_logits", "soft_ce")
@@ -601,9 +601,13 @@ def attention_transfer(student_maps: torch.Tensor, teacher_maps: torch.Tensor, p
             f"attention transfer needs matching batch and spatial sizes [B, C, ...]: student "
             f"{tuple(student_maps.shape)} vs teacher {tuple(teacher_maps.shape)}"
         )
-    student = attention_map(student_maps, p)
-    teacher = attention_map(teacher_maps.detach(), p)
-    return (student - teacher).pow(2).sum(-1).mean()
+    return attention_map_distance(attention_map(student_maps, p), attention_map(teacher_maps, p))
+
+
+def attention_map_distance(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """Batch-mean ``||a_s - a_t||_2^2`` between reduced attention maps ``[B, P]`` (teacher detached):
+    the core of :func:`attention_transfer`, for teachers that send their map already reduced."""
+    return (student_map - teacher_map.detach().to(student_map.dtype)).pow(2).sum(-1).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,42 +654,15 @@ def label_smoothing_ce(
     return _masked_mean((1.0 - smoothing) * nll + smoothing * uniform_ce, keep)
 
 
-def _sample_standard_gamma_log(shape: float, generator: Optional[torch.Generator]) -> float:
-    """log of one Gamma(shape, 1) draw (Marsaglia & Tsang, 2000) using only ``generator``.
-
-    torch.distributions cannot take a generator; this keeps mixup/cutmix reproducible per
-    generator without touching the global RNG. Returned in log space because for small shapes
-    the draw itself can underflow to 0.
-    """
-    # shape < 1: Gamma(a) = Gamma(a + 1) * U ** (1 / a).
-    boosted = shape < 1.0
-    d = (shape + 1.0 if boosted else shape) - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    device = generator.device if generator is not None else "cpu"
-
-    def uniform_open0() -> float:  # in (0, 1], so its log is finite
-        return 1.0 - torch.rand((), generator=generator, dtype=torch.float64, device=device).item()
-
-    while True:
-        x = torch.randn((), generator=generator, dtype=torch.float64, device=device).item()
-        v = (1.0 + c * x) ** 3
-        if v <= 0.0:
-            continue
-        if math.log(uniform_open0()) < 0.5 * x * x + d - d * v + d * math.log(v):
-            break
-    log_draw = math.log(d * v)
-    if boosted:
-        log_draw += math.log(uniform_open0()) / shape
-    return log_draw
-
-
 def _sample_beta(alpha: float, generator: Optional[torch.Generator]) -> float:
-    """One Beta(alpha, alpha) draw as X / (X + Y), X, Y ~ Gamma(alpha); 1.0 when alpha <= 0."""
+    """One Beta(alpha, alpha) draw from numpy's sampler, seeded from ``generator`` (torch.distributions
+    cannot take a generator; this keeps mixup/cutmix reproducible per generator without touching the
+    global RNG); 1.0 when alpha <= 0."""
     if alpha <= 0:
         return 1.0
-    log_x = _sample_standard_gamma_log(alpha, generator)
-    log_y = _sample_standard_gamma_log(alpha, generator)
-    return 1.0 / (1.0 + math.exp(min(log_y - log_x, 700.0)))
+    device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=device).item())
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
 def _randperm(n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -780,19 +757,3 @@ def cutmix(
     mixed[:, :, top:bottom, left:right] = images[permutation, :, top:bottom, left:right]
     lam = 1.0 - (bottom - top) * (right - left) / (height * width)
     return mixed, _mixed_one_hot(labels, num_classes, permutation, lam), permutation, lam
-
-
-def soft_target_ce(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against soft targets: batch-mean of ``-sum(soft * log_softmax(logits))``.
-
-    Args:
-        logits: ``[B, C]`` (or ``[B, S, V]``: averaged over all positions).
-        soft_labels: same shape, rows summing to 1 (e.g. from :func:`mixup`); detached inside.
-
-    Returns:
-        Scalar tensor.
-    """
-    if logits.shape != soft_labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and soft labels {tuple(soft_labels.shape)} differ")
-    logprobs = F.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)
-    return -(soft_labels.detach().to(logprobs) * logprobs).sum(-1).mean()

@@ -26,7 +26,7 @@ from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.console import log_to_run_dir
 from distill_ray.data import Split, cache_root, smollm2_path
 from distill_ray.models import build_model, load_model, num_params, save_model, save_tokenizer
-from distill_ray.report import gap_recovered
+from distill_ray.report import final_teacher_weights, gap_recovered
 from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
 from distill_ray.sources import DataInfo, SourceData, load_source
 from distill_ray.stages import MixSettings, feature_shapes, with_teachers
@@ -242,7 +242,7 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
                         batch_format="numpy", batch_size=512)
     start = time.perf_counter()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    write_cache(directory, spec, ds)
+    write_cache(directory, spec, ds, max_rows_per_file=cfg.cache.shard_rows)
     cache = CachedData.open(directory, spec)
     print(f"soft targets: {cache.manifest['num_rows']:,} rows x {len(cfg.teachers)} teachers cached in "
           f"{time.perf_counter() - start:.1f}s at {directory}")
@@ -355,7 +355,8 @@ def baseline_config(cfg: ExperimentConfig, student_rows: int, labeled_rows: int)
     base = without_curriculum(cfg)
     epochs = cfg.train.baseline_epochs or epochs_for_steps(
         base, labeled_rows, planned_steps(cfg, student_rows, cfg.train.num_workers))
-    return replace(base, train=replace(base.train, epochs=epochs))
+    every = max(cfg.train.eval_every_epochs, round(epochs / max(1, cfg.train.epochs / cfg.train.eval_every_epochs)))
+    return replace(base, train=replace(base.train, epochs=epochs, eval_every_epochs=every))
 
 
 def teacher_columns(names, topk: int | None) -> list[str]:
@@ -420,7 +421,9 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     else:
         rows, reliability = evaluate_classifiers(cfg, cache, dirs, student, baseline, history)
         metric = "accuracy"
-    weights = {name: float(w) for name, w in zip(cfg.teacher_names(), _final_weights(history))}
+    weights = final_teacher_weights(history)
+    if not weights:
+        raise ValueError("the student's history has no teacher weights")
     main = "perplexity" if metric == "perplexity" else "accuracy"
     metrics = {
         "student": rows["student"][main],
@@ -484,7 +487,7 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
             logp[name].append(lp)
             top1[name].append(t1)
     y = torch.cat(labels)
-    weights = torch.tensor(_final_weights(history))
+    weights = torch.tensor(list(final_teacher_weights(history).values()))
     rows: dict[str, dict] = {}
     for name, model in models.items():
         lp, t1 = torch.cat(logp[name]), torch.cat(top1[name])
@@ -532,7 +535,7 @@ def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[st
         model, _ = load_model(dirs[t.name])
         rows[t.name] = {"accuracy": accuracy(teachers[k], y), "ece": expected_calibration_error(teachers[k].softmax(-1), y),
                         "params": num_params(model), "latency_ms": single_sample_latency_ms(model, example)}
-    weights = torch.tensor(_final_weights(history))
+    weights = torch.tensor(list(final_teacher_weights(history).values()))
     blend = blend_probs(teachers, weights, temperature=1.0)
     rows["blend"] = {"accuracy": accuracy(blend, y), "ece": expected_calibration_error(blend, y)}
     for name, model in models.items():
@@ -565,14 +568,6 @@ def _set_aside_stale_checkpoints(run_dir: Path, config_text: str) -> None:
         os.replace(results, aside)
         old_config.replace(aside / "config.yaml")
         print(f"config changed since the last run in {run_dir}: its checkpoints moved to {aside}; starting fresh")
-
-
-def _final_weights(history: list[dict]) -> list[float]:
-    for row in reversed(history):
-        found = [v for k, v in row.items() if k.startswith("teacher_weight/")]
-        if found:
-            return found
-    raise ValueError("history has no teacher weights")
 
 
 def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dict[str, float],

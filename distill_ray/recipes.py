@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -112,8 +111,3 @@ def train_recipe(model: nn.Module, train: Split, options: dict, *, seed: int = 0
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval()
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)

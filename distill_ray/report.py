@@ -44,6 +44,15 @@ def _epoch_rows(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]
     return [r for r in history if r.get("kind") == "epoch"]
 
 
+def final_teacher_weights(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Teacher name -> blend weight, from the last history row that logged weights ({} if none did)."""
+    for row in reversed(history):
+        found = {k[len(WEIGHT_PREFIX):]: float(v) for k, v in row.items() if k.startswith(WEIGHT_PREFIX)}
+        if found:
+            return found
+    return {}
+
+
 def gap_recovered(student: float | None, baseline: float | None, best_teacher: float | None) -> float | None:
     """``(student - baseline) / (best_teacher - baseline)``; None when undefined (no baseline, or the
     best teacher is not better than the baseline)."""

@@ -237,7 +237,8 @@ def _is_replaceable(directory: Path) -> bool:
 # Writing
 
 
-def write_cache(directory: str | Path, spec: CacheSpec, dataset: "ray.data.Dataset") -> Path:
+def write_cache(directory: str | Path, spec: CacheSpec, dataset: "ray.data.Dataset",
+                max_rows_per_file: int | None = None) -> Path:
     """Write ``dataset`` (rows with ``split`` and ``required_columns(spec)``) as the cache of ``spec``.
 
     Ray Data's tasks write the Parquet files (partitioned by split) into a hidden sibling
@@ -250,7 +251,7 @@ def write_cache(directory: str | Path, spec: CacheSpec, dataset: "ray.data.Datas
                               "refusing to replace it")
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
     try:
-        dataset.write_parquet(str(tmp), partition_cols=["split"])
+        dataset.write_parquet(str(tmp), partition_cols=["split"], max_rows_per_file=max_rows_per_file)
         shards = []
         for path in sorted(tmp.rglob("*.parquet")):
             rel = path.relative_to(tmp).as_posix()

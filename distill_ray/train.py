@@ -39,7 +39,7 @@ from distill_ray.blending import TeacherBlend, fit_blend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
 from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, \
     topk_kd_divergence, topk_label_logprobs
-from distill_ray.losses import HintProjector, attention_map, cutmix, hint_loss, mixup
+from distill_ray.losses import HintProjector, attention_map, attention_map_distance, hint_loss
 from distill_ray.models import build_model, forward_logits, forward_with_features, save_model
 from distill_ray.schedules import lr_factor
 from distill_ray.stages import EpochPlan, MixSettings, rank_stream, rows_of_rank
@@ -273,13 +273,13 @@ def _maybe_inject_failure(spec: dict | None, step: int, rank: int) -> None:
 
 def attention_loss(student_features: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     """Attention transfer against a teacher's already reduced map [N, P] (as the teachers send it):
-    batch mean of ``||attention_map(student) - teacher_map||^2``, as in ``losses.attention_transfer``."""
+    ``losses.attention_map_distance`` of the student's map, after checking the grids match."""
     student_map = attention_map(student_features.float())
     if student_map.shape != teacher_map.shape:
         raise ValueError(f"attention maps differ in size: the student's features {tuple(student_features.shape[1:])} "
                          f"give {student_map.shape[1]} positions, the teacher's map has {teacher_map.shape[1]}; "
                          "use a student and loss.hint_teacher with the same spatial (or token) grid")
-    return (student_map - teacher_map.detach().float()).pow(2).sum(-1).mean()
+    return attention_map_distance(student_map, teacher_map.float())
 
 
 def hint_projector(model, probe: np.ndarray, shapes: dict, device, want_hint: bool,
@@ -676,6 +676,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if step % t.checkpoint_every_steps == 0 and more:
                 save_checkpoint({**history[-1], "kind": "step"} if history else {"step": step})
 
+        if (epoch + 1) % t.eval_every_epochs and epoch + 1 < last_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0  # no validation, report or epoch checkpoint this epoch
+            continue
         val = {**validate(model, val_batches(), meta, world, device), "peak_rss_mb": _peak_rss_mb(world)}
         # The student is reported at its best validation epoch, never at an arbitrary last one.
         score = -val["val_perplexity"] if causal else val["val_accuracy"]

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from distill_ray.report import final_teacher_weights
 from distill_ray.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, config_to_dict, \
     dump_config, set_path
 
@@ -607,8 +608,7 @@ def export_best(cfg: ExperimentConfig, space: SearchSpace, best: dict, sweep_dir
     trial_cfg = trial_config(config_to_dict(cfg), space, best["params"])
     inputs = training_inputs(trial_cfg, cache, info)
     student, history, _ = load_trained_student(trial_cfg, inputs, Checkpoint(best["checkpoint_path"]))
-    weights = next(({k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("teacher_weight/")}
-                    for row in reversed(history) if any(k.startswith("teacher_weight/") for k in row)), {})
+    weights = final_teacher_weights(history)
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
             "teacher_weights": weights, "metrics": {cfg.tune.metric: best["metric"]}, "trial_id": best["trial_id"],
             "params": best["params"], "config": config_to_dict(trial_cfg), "class_names": list(info.class_names),

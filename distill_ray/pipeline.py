@@ -55,13 +55,16 @@ def connect_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # Ray's own INFO at start-up ("Started a local Ray instance") stays off the terminal too.
     quiet = {"log_to_driver": is_verbose(), "logging_level": logging.INFO if is_verbose() else logging.WARNING}
-    if address:
+    local = {"include_dashboard": False, "num_cpus": max(4, 2 * (os.cpu_count() or 1))}
+    if address == "local":  # a private Ray even when another runs on this machine
+        ray.init(address="local", **local, **quiet)
+    elif address:
         ray.init(address=address, **quiet)
     else:
         try:
             ray.init(address="auto", **quiet)
         except ConnectionError:
-            ray.init(include_dashboard=False, num_cpus=max(4, 2 * (os.cpu_count() or 1)), **quiet)
+            ray.init(**local, **quiet)
     quiet_ray_loggers()
 
 

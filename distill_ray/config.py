@@ -282,8 +282,6 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    enabled: bool = True
-    """Compute soft targets once and reuse them (cached mode)."""
     dir: str = "~/.cache/distill-ray/soft_targets"
     """Where Parquet shards and manifests live; one subdirectory per (teachers, data) fingerprint."""
     dtype: str = _field("float16", choices=("float16", "float32"))
@@ -347,8 +345,6 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    tensorboard: bool = True
-    """Write TensorBoard event files."""
     wandb: str = _field("offline", choices=("offline", "online", "disabled"))
     """Weights & Biases mode; online only takes effect when WANDB_API_KEY is set."""
     project: str = "distill-ray"

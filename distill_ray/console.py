@@ -95,3 +95,56 @@ def log_to_run_dir(run_dir: Path) -> Path:
     except Exception:  # joined a remote cluster: its logs live there (`ray logs`), nothing to link
         pass
     return logs
+
+
+class RunProgress:
+    """One live progress bar on the driver for a Ray Train run, fed by the file its rank 0 rewrites
+    every few steps (``write_progress``; the file lives in the run's storage, which every node of a
+    cluster shares). A thread polls the file while ``trainer.fit()`` blocks; tqdm draws nothing when
+    stderr is not a terminal (logs, CI), so those get only the start and summary lines."""
+
+    def __init__(self, path: Path, desc: str, poll_s: float = 0.5, file=None):
+        import threading
+
+        self.path, self.desc, self.poll_s, self.file = Path(path), desc, poll_s, file
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RunProgress":
+        self.path.unlink(missing_ok=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import json
+
+        from tqdm.auto import tqdm
+
+        # disable=None: off when the output is not a terminal; a given file is always drawn to.
+        with tqdm(desc=self.desc, unit="step", disable=None if self.file is None else False, leave=False,
+                  dynamic_ncols=True, file=self.file) as bar:
+            while not self._stop.wait(self.poll_s):
+                try:
+                    state = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    continue
+                bar.total = state.get("total")
+                bar.n = state.get("step", 0)
+                bar.set_postfix({k: v for k, v in state.items() if k not in ("step", "total")}, refresh=False)
+                bar.refresh()
+
+
+def write_progress(path: str | None, **state) -> None:
+    """Rank 0's side of ``RunProgress``: the latest step, total and a few figures, replaced atomically."""
+    if not path:
+        return
+    import json
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)

@@ -23,7 +23,7 @@ import torch
 
 from distill_ray import curriculum as cur
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
-from distill_ray.console import log_to_run_dir
+from distill_ray.console import RunProgress, log_to_run_dir
 from distill_ray.data import Split, cache_root, smollm2_path
 from distill_ray.models import build_model, load_model, num_params, save_model, save_tokenizer
 from distill_ray.report import final_teacher_weights, gap_recovered
@@ -386,7 +386,11 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         source = 'online teachers' if inputs.online_teachers else 'cached targets' if inputs.use_teachers else 'labels only'
         print(f"{name}: training {run_cfg.train.epochs} epochs on {run_cfg.train.num_workers} Ray Train worker(s), "
               f"{inputs.train_rows:,} rows, {source}", flush=True)
-        result = timed(f"train_{name}", run_training, run_cfg, inputs, str(storage), name)
+        storage.mkdir(parents=True, exist_ok=True)
+        progress = storage / f".{name}.progress.json"
+        with RunProgress(progress, name):
+            result = timed(f"train_{name}", run_training, run_cfg, inputs, str(storage), name,
+                           progress_file=str(progress))
         best = best_epoch_row(result)
         score = ", ".join(f"{k} {best[k]:.4f}" for k in ("val_accuracy", "val_perplexity") if k in best)
         print(f"{name}: done in {timings[f'train_{name}']:.0f}s (best epoch {best.get('epoch', 0) + 1}: {score})",

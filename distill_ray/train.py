@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 from distill_ray import curriculum as cur
 from distill_ray.blending import TeacherBlend, fit_blend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
+from distill_ray.console import write_progress
 from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, \
     topk_kd_divergence, topk_label_logprobs
 from distill_ray.losses import HintProjector, attention_map, attention_map_distance, hint_loss
@@ -499,6 +500,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     epoch, step, batch_in_epoch, history = 0, 0, 0, []
     best: dict[str, Any] = {"score": None, "epoch": None, "student": None}  # the student at its best val epoch
     blend_fit: dict[str, float] = {}
+    shown_val: dict[str, float] = {}  # the latest validation score, for the driver's progress bar
     resumed_order: torch.Tensor | None = None  # a kept shard's mid-epoch checkpoint keeps the epoch's order
 
     # --- resume -----------------------------------------------------------------------------------
@@ -673,6 +675,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     for name, w in zip(names, blend.mean_weights().tolist()):
                         row[f"teacher_weight/{name}"] = w
                 history.append(row)
+                if rank == 0:
+                    write_progress(loop_config.get("progress_file"), step=step, total=total_steps, epoch=epoch + 1,
+                                   loss=round(row["loss"], 4), **shown_val)
             if step % t.checkpoint_every_steps == 0 and more:
                 save_checkpoint({**history[-1], "kind": "step"} if history else {"step": step})
 
@@ -686,6 +691,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             best = {"score": score, "epoch": epoch,
                     "student": {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}}
         val.update(best_epoch=best["epoch"], **blend_fit)
+        shown_val = {k: round(val[k], 4) for k in ("val_accuracy", "val_perplexity") if k in val}
         last_step = next((r for r in reversed(history) if r.get("kind") != "epoch"), {})
         history.append({"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction, "kind": "epoch", **val})
         epoch, batch_in_epoch = epoch + 1, 0
@@ -697,7 +703,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, run_name: str,
                  fail_once_at_step: dict | None = None, callbacks: list | None = None,
                  placement_group_file: str | None = None, resume_from: Checkpoint | None = None,
-                 stop_at_epoch: int | None = None, trace_file: str | None = None) -> ray.train.Result:
+                 stop_at_epoch: int | None = None, trace_file: str | None = None,
+                 progress_file: str | None = None) -> ray.train.Result:
     """Run the loop on Ray Train. Re-running with the same (storage_path, run_name) resumes.
 
     Each rank gets its own rows of train and val as unsplit datasets (``train_{rank}``,
@@ -726,7 +733,7 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
         train_loop_config={"config": config_to_dict(cfg), "meta": inputs.meta(), "epoch_plan": plan,
                            "fail_once_at_step": fail_once_at_step, "placement_group_file": placement_group_file,
                            "stop_at_epoch": stop_at_epoch, "initial_checkpoint": resume_from,
-                           "trace_file": trace_file},
+                           "trace_file": trace_file, "progress_file": progress_file},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                            **cfg.train.resources_per_worker}),

@@ -70,7 +70,7 @@ def teacher_times(cfg, dirs, cache) -> list[dict]:
     """Each teacher's forward, in this process, on the shrunk train rows in its stage's batch size."""
     import torch
 
-    from distill_ray.pipeline import teacher_specs
+    from distill_ray.teacher_setup import teacher_specs
     from distill_ray.teachers import TeacherRunner
 
     out = []

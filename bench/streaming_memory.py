@@ -85,7 +85,7 @@ def make_rows(batch: dict[str, np.ndarray], features: int) -> dict[str, np.ndarr
     onehot = np.eye(NUM_CLASSES, dtype=np.float32)[label]
     logits = {"t1": 4.0 * onehot + rng.standard_normal((n, NUM_CLASSES), dtype=np.float32),
               "t2": 3.0 * onehot + 1.5 * rng.standard_normal((n, NUM_CLASSES), dtype=np.float32)}
-    # Entropy of the mean teacher distribution (what pipeline.finish_rows stores, in numpy).
+    # Entropy of the mean teacher distribution (what cache_build.finish_rows stores, in numpy).
     probs = np.stack([np.exp(v - v.max(1, keepdims=True)) for v in logits.values()])
     probs /= probs.sum(-1, keepdims=True)
     mean = probs.mean(0)

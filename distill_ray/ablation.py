@@ -90,7 +90,8 @@ class Prepared:
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Teachers (trained once, reused) and their soft-target cache, plus each teacher's accuracy."""
     from distill_ray.evaluate import accuracy
-    from distill_ray.pipeline import build_cache, classifier_outputs, load_data, prepare_teachers
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers
+    from distill_ray.scoring import classifier_outputs
 
     timings = {}
     start = time.perf_counter()
@@ -110,14 +111,14 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
 # --- rows -----------------------------------------------------------------------------------------
 
 def _no_curriculum(cfg: ExperimentConfig) -> ExperimentConfig:
-    from distill_ray.pipeline import without_curriculum
+    from distill_ray.run_inputs import without_curriculum
 
     return without_curriculum(cfg)
 
 
 def _with_scheduler(cfg: ExperimentConfig, scheduler: str, rows: int) -> ExperimentConfig:
     """The curriculum row, with the epochs that give it the no-curriculum row's optimizer steps."""
-    from distill_ray.pipeline import epochs_for_steps
+    from distill_ray.run_inputs import epochs_for_steps
     from distill_ray.train import planned_steps
 
     if scheduler == "multi_stage" and cfg.curriculum.scheduler == "multi_stage":
@@ -155,7 +156,7 @@ def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[s
 
 def row_setup(row: str, prep: Prepared, seed: int):
     """(config, extra Ray Data stage or None, use_teachers, labeled rows only) of one row at one seed."""
-    from distill_ray.pipeline import baseline_config, epochs_for_steps
+    from distill_ray.run_inputs import baseline_config, epochs_for_steps
     from distill_ray.train import planned_steps
 
     base = dataclasses.replace(prep.cfg, train=dataclasses.replace(prep.cfg.train, seed=seed, baseline=False))
@@ -195,7 +196,8 @@ def _run_name(row: str, cfg: ExperimentConfig, seed: int) -> str:
 def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any]:
     """Train one row at one seed on Ray Train; test accuracy of the result and its final weights."""
     from distill_ray.evaluate import accuracy, expected_calibration_error
-    from distill_ray.pipeline import classifier_outputs, training_inputs
+    from distill_ray.run_inputs import training_inputs
+    from distill_ray.scoring import classifier_outputs
     from distill_ray.train import load_trained_student, run_training
 
     cfg, stage, use_teachers, labeled_only = row_setup(row, prep, seed)

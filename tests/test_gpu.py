@@ -37,7 +37,8 @@ def test_bf16_teachers_on_fractional_gpus_match_fp32(ray_local, gpu_cfg, small_f
     from distill_ray.models import load_model
     import ray
 
-    from distill_ray.pipeline import load_data, prepare_teachers, teacher_specs
+    from distill_ray.pipeline import load_data, prepare_teachers
+    from distill_ray.teacher_setup import teacher_specs
     from distill_ray.stages import with_teachers
 
     dirs = prepare_teachers(gpu_cfg, load_data(gpu_cfg))

@@ -1,0 +1,108 @@
+"""The soft-target cache, built once: every split's rows through one Ray Data actor-pool stage per
+teacher, finished with the storage dtype and every difficulty measure as columns, written as
+verified Parquet by the Ray Data tasks themselves (``soft_targets.write_cache``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill_ray import curriculum as cur
+from distill_ray.config import ExperimentConfig
+from distill_ray.models import load_model
+from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
+from distill_ray.sources import DataInfo, SourceData
+from distill_ray.stages import with_teachers
+from distill_ray.teacher_setup import teacher_specs
+
+
+def cache_spec(cfg: ExperimentConfig, info: DataInfo, dirs: dict[str, Path]) -> CacheSpec:
+    from distill_ray.models import fingerprint
+
+    prints = {}
+    for t in cfg.teachers:
+        model, _ = load_model(dirs[t.name])
+        prints[t.name] = fingerprint(model)
+    return CacheSpec(teacher_fingerprints=prints, data_fingerprint=info.fingerprint, num_classes=info.num_classes,
+                     topk=cfg.loss.topk, dtype=cfg.cache.dtype,
+                     seq_len=info.input_shape[-1] if info.task == "causal_lm" else None)
+
+
+def finish_rows(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dtype: str, topk: int | None,
+                num_classes: int, causal: bool, pad_id: int | None) -> dict[str, np.ndarray]:
+    """The last stage before the cache: targets in the storage dtype (refusing a float16 overflow,
+    which would NaN the loss later) and every difficulty measure as a column, so any curriculum
+    config reads the same cache."""
+    from distill_ray.losses import dense_from_topk, topk_label_logprobs
+
+    for t in teachers:
+        key = f"{t}/logits" if topk is None else f"{t}/topk_logprobs"
+        values = np.asarray(batch[key], dtype=np.float32)
+        with np.errstate(over="ignore"):
+            stored = values.astype(dtype)
+        bad = np.isinf(stored) & np.isfinite(values)
+        if bad.any():
+            raise ValueError(f"teacher {t!r}: values overflow {dtype} (max |x| = {np.abs(values[bad]).max():.4g}); "
+                             "store them as float32 (cache.dtype=float32)")
+        batch[key] = stored
+        if topk is not None:
+            batch[f"{t}/topk_indices"] = np.asarray(batch[f"{t}/topk_indices"], dtype=np.int32)
+    labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
+    if causal:
+        logp = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_logprobs"], np.float32)) for t in teachers])
+        idx = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_indices"], np.int64)) for t in teachers])
+        mask = (labels >= 0).float()
+        nll = -topk_label_logprobs(logp, idx, labels.unsqueeze(0).expand(len(teachers), -1, -1), num_classes).mean(0)
+        batch["difficulty/teacher_ce"] = ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).numpy().astype(np.float32)
+        x = np.asarray(batch["x"])
+        batch["difficulty/sequence_length"] = (x != (0 if pad_id is None else pad_id)).sum(1).astype(np.float32)
+        return batch
+    if topk is None:
+        logits = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/logits"], np.float32)) for t in teachers])
+    else:
+        logits = torch.stack([dense_from_topk(torch.as_tensor(np.asarray(batch[f"{t}/topk_logprobs"], np.float32)),
+                                              torch.as_tensor(np.asarray(batch[f"{t}/topk_indices"], np.int64)),
+                                              num_classes) for t in teachers])
+    batch["difficulty/ensemble_entropy"] = cur.ensemble_entropy(logits).numpy().astype(np.float32)
+    batch["difficulty/teacher_disagreement"] = cur.teacher_disagreement(logits).numpy().astype(np.float32)
+    # Unlabeled rows: the mean teacher's loss on its own top guess (how unsure the teachers are).
+    mean_logp = torch.logsumexp(torch.log_softmax(logits, -1), 0) - np.log(len(teachers))
+    target = torch.where(labels >= 0, labels, mean_logp.argmax(-1))
+    batch["difficulty/teacher_ce"] = cur.teacher_ce(logits, target).numpy().astype(np.float32)
+    return batch
+
+
+def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], rebuild: bool = False) -> CachedData:
+    """Every split's rows with every teacher's soft targets and the difficulty measures, computed once
+    by Ray Data actor pools (one per teacher) whose tasks write the Parquet files themselves."""
+    spec = cache_spec(cfg, data.info, dirs)
+    directory = cache_dir_for(Path(cfg.cache.dir).expanduser(), spec)
+    if directory.exists() and not (rebuild or cfg.cache.rebuild):
+        try:
+            cache = CachedData.open(directory, spec)
+            print(f"soft targets: reusing verified cache {directory}")
+            return cache
+        except CorruptCacheError as err:
+            raise CorruptCacheError(f"{err}. Rebuild it with `distill-ray cache CONFIG --rebuild`.") from None
+
+    causal = data.info.task == "causal_lm"
+    ds = with_teachers(data.rows, tuple(teacher_specs(cfg, dirs, causal)))
+    ds = ds.map_batches(finish_rows, fn_kwargs={"teachers": cfg.teacher_names(), "dtype": cfg.cache.dtype,
+                                                "topk": cfg.loss.topk, "num_classes": data.info.num_classes,
+                                                "causal": causal, "pad_id": data.info.pad_id},
+                        batch_format="numpy", batch_size=512)
+    start = time.perf_counter()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    write_cache(directory, spec, ds, max_rows_per_file=cfg.cache.shard_rows)
+    cache = CachedData.open(directory, spec)
+    print(f"soft targets: {cache.manifest['num_rows']:,} rows x {len(cfg.teachers)} teachers cached in "
+          f"{time.perf_counter() - start:.1f}s at {directory}")
+    return cache
+
+
+def teacher_columns(names, topk: int | None) -> list[str]:
+    return [f"{t}/logits" for t in names] if topk is None else \
+        [c for t in names for c in (f"{t}/topk_logprobs", f"{t}/topk_indices")]

@@ -1,0 +1,115 @@
+"""Every model scored on the test split: the teachers (from the cache, or run exactly for language
+models), their blend at the final weights, the baseline and the student; and the final table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill_ray.cache_build import teacher_columns
+from distill_ray.config import ExperimentConfig
+from distill_ray.models import load_model, num_params
+from distill_ray.report import final_teacher_weights
+from distill_ray.soft_targets import CachedData
+
+
+def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dict[str, Path], student,
+                             baseline, history: list[dict]) -> tuple[dict[str, dict], dict]:
+    """Test perplexity and next-token accuracy of every teacher (run exactly, not from the top-k
+    cache), their learned blend, the baseline and the student, streamed over the test split."""
+    from distill_ray.evaluate import lm_label_logprobs, perplexity, single_sample_latency_ms, token_accuracy
+
+    models = {t.name: load_model(dirs[t.name])[0] for t in cfg.teachers}
+    models.update({name: m for name, m in (("student", student), ("baseline", baseline)) if m is not None})
+    logp: dict[str, list] = {name: [] for name in models}
+    top1: dict[str, list] = {name: [] for name in models}
+    labels, example = [], None
+    for batch in cache.dataset("test", ["x", "label"]).iter_batches(batch_size=64, batch_format="numpy"):
+        example = example if example is not None else torch.from_numpy(np.array(batch["x"][:1]))
+        labels.append(torch.from_numpy(np.array(batch["label"])))
+        for name, model in models.items():
+            lp, t1 = lm_label_logprobs(model, batch["x"], batch["label"])
+            logp[name].append(lp)
+            top1[name].append(t1)
+    y = torch.cat(labels)
+    weights = torch.tensor(list(final_teacher_weights(history).values()))
+    rows: dict[str, dict] = {}
+    for name, model in models.items():
+        lp, t1 = torch.cat(logp[name]), torch.cat(top1[name])
+        rows[name] = {"perplexity": perplexity(lp, y), "accuracy": token_accuracy(t1, y), "params": num_params(model),
+                      "latency_ms": single_sample_latency_ms(model, example, repeats=20, warmup=3)}
+    teacher_logp = torch.stack([torch.cat(logp[t.name]) for t in cfg.teachers])
+    blend_logp = torch.logsumexp(teacher_logp + weights.log().view(-1, 1, 1), dim=0)
+    rows["blend"] = {"perplexity": perplexity(blend_logp, y), "accuracy": None}
+    return {name: rows[name] for name in (*cfg.teacher_names(), "blend", "student", "baseline") if name in rows}, {}
+
+
+def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, models: dict):
+    """Streamed over a cached split: the teachers' logits [K, N, C] (from the cache), each model's
+    logits [N, C] and the labels [N]. Unlabeled rows are left out (they have nothing to score)."""
+    from distill_ray.evaluate import predict_logits
+    from distill_ray.train import batch_targets
+
+    names = cfg.teacher_names()
+    teacher_parts, model_parts, labels = [], {name: [] for name in models}, []
+    for batch in cache.dataset(split, ["x", "label", *teacher_columns(names, cache.spec.topk)]).iter_batches(
+            batch_size=1024, batch_format="numpy"):
+        cols = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
+        labeled = cols["label"] >= 0
+        cols = {k: v[labeled] for k, v in cols.items()}
+        labels.append(cols["label"])
+        teacher_parts.append(batch_targets(cols, names, cache.spec.num_classes, cache.spec.topk, False, "cpu")[0])
+        for name, model in models.items():
+            model_parts[name].append(predict_logits(model, cols["x"]))
+    return torch.cat(teacher_parts, dim=1), {n: torch.cat(p) for n, p in model_parts.items()}, torch.cat(labels)
+
+
+def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[str, Path], student, baseline,
+                         history: list[dict]) -> tuple[dict[str, dict], dict]:
+    """Test accuracy, ECE, size and latency of every teacher (from the cache), their blend, the
+    baseline and the student, streamed over the test split; plus each one's test probabilities for
+    the reliability diagram."""
+    from distill_ray.blending import blend_probs
+    from distill_ray.evaluate import accuracy, expected_calibration_error, single_sample_latency_ms
+
+    models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
+    teachers, outputs, y = classifier_outputs(cfg, cache, "test", models)
+    example = torch.from_numpy(np.array(cache.dataset("test", ["x"]).take_batch(1, batch_format="numpy")["x"]))
+    rows: dict[str, dict] = {}
+    for k, t in enumerate(cfg.teachers):
+        model, _ = load_model(dirs[t.name])
+        rows[t.name] = {"accuracy": accuracy(teachers[k], y), "ece": expected_calibration_error(teachers[k].softmax(-1), y),
+                        "params": num_params(model), "latency_ms": single_sample_latency_ms(model, example)}
+    weights = torch.tensor(list(final_teacher_weights(history).values()))
+    blend = blend_probs(teachers, weights, temperature=1.0)
+    rows["blend"] = {"accuracy": accuracy(blend, y), "ece": expected_calibration_error(blend, y)}
+    for name, model in models.items():
+        logits = outputs[name]
+        rows[name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
+                      "params": num_params(model), "latency_ms": single_sample_latency_ms(model, example)}
+    test_probs = {t.name: teachers[k].float().softmax(-1) for k, t in enumerate(cfg.teachers)}
+    test_probs.update({name: outputs[name].softmax(-1) for name in models})
+    return rows, {name: (p.numpy(), y.numpy()) for name, p in test_probs.items()}
+
+
+def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dict[str, float],
+                  metric: str = "accuracy", gap: float | None = None) -> None:
+    lm = metric == "perplexity"
+    first, second = ("perplexity", "tok acc") if lm else ("test acc", "ECE")
+    print(f"\n{'model':<12}{first:>11}{second:>9}{'params':>13}{'latency ms':>12}{'weight':>8}")
+    for name in (*teachers, "blend", "baseline", "student"):
+        if name not in rows:
+            continue
+        r = rows[name]
+        a, b = (r.get("perplexity"), r.get("accuracy")) if lm else (r.get("accuracy"), r.get("ece"))
+        params = f"{r['params']:,}" if "params" in r else "-"
+        latency = f"{r['latency_ms']:.3f}" if "latency_ms" in r else "-"
+        weight = f"{weights[name]:.3f}" if name in weights else ""
+        first_cell = f"{a:.4f}" if a is not None else "-"
+        second_cell = f"{b:.4f}" if b is not None else "-"
+        print(f"{name:<12}{first_cell:>11}{second_cell:>9}{params:>13}{latency:>12}{weight:>8}")
+    if "baseline" in rows:
+        print(f"gap recovered (student - baseline) / (best teacher - baseline): "
+              f"{'n/a (no teacher beats the baseline)' if gap is None else f'{gap:.1%}'}")

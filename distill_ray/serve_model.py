@@ -43,10 +43,15 @@ def resolve_student_dir(path: str | Path) -> Path:
     if (path / "student" / SPEC_FILE).is_file():
         return (path / "student").resolve()
     if (path / "latest").is_file():  # a registry entry (registry/NAME): serve its latest version
-        version = (path / "latest").read_text().strip()
-        if (path / version / SPEC_FILE).is_file():
-            return (path / version).resolve()
-        raise StudentLoadError(f"{path}/latest points at {version!r}, which holds no {SPEC_FILE}")
+        from distill_ray.registry import resolve_registry
+
+        try:
+            version = resolve_registry(path)
+        except FileNotFoundError as err:
+            raise StudentLoadError(str(err)) from None
+        if (version / SPEC_FILE).is_file():
+            return version.resolve()
+        raise StudentLoadError(f"{path}/latest points at {version.name!r}, which holds no {SPEC_FILE}")
     raise StudentLoadError(f"{path} is not a student directory: no {SPEC_FILE} in it or in {path / 'student'}; "
                            f"pass a run directory (holding student/), a registry entry (registry/NAME, "
                            f"serving its latest version) or a directory written by models.save_model")

@@ -93,7 +93,7 @@ def test_winner_is_exported_and_registered_and_scores_what_tune_saw(sweep):
     from distill_ray.evaluate import accuracy, predict_logits
     from distill_ray.models import load_model
     from distill_ray.pipeline import load_data
-    from distill_ray.tune import resolve_registry
+    from distill_ray.registry import resolve_registry
 
     cfg, out, _, _ = sweep
     student, _ = load_model(out["student_dir"])

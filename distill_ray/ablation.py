@@ -119,7 +119,7 @@ def _no_curriculum(cfg: ExperimentConfig) -> ExperimentConfig:
 def _with_scheduler(cfg: ExperimentConfig, scheduler: str, rows: int) -> ExperimentConfig:
     """The curriculum row, with the epochs that give it the no-curriculum row's optimizer steps."""
     from distill_ray.run_inputs import epochs_for_steps
-    from distill_ray.train import planned_steps
+    from distill_ray.objectives import planned_steps
 
     if scheduler == "multi_stage" and cfg.curriculum.scheduler == "multi_stage":
         out = cfg  # the config's own POCL settings, temperature stages included
@@ -157,7 +157,7 @@ def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[s
 def row_setup(row: str, prep: Prepared, seed: int):
     """(config, extra Ray Data stage or None, use_teachers, labeled rows only) of one row at one seed."""
     from distill_ray.run_inputs import baseline_config, epochs_for_steps
-    from distill_ray.train import planned_steps
+    from distill_ray.objectives import planned_steps
 
     base = dataclasses.replace(prep.cfg, train=dataclasses.replace(prep.cfg.train, seed=seed, baseline=False))
     learned = dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind="learned_global"))

@@ -245,6 +245,11 @@ def causal_lm_model(vocab_size: int, options: Mapping[str, Any]) -> nn.Module:
 HF_ARCHS = ("transformer_encoder", "hf_config", "minilm_classifier", "hf_causal_lm")
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DDP (or any ``.module``) wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
 def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int,
                 options: Mapping[str, Any] | None = None) -> nn.Module:
     """A fresh model. ``transformer_encoder`` is a transformers ViT built from a config (image inputs);

@@ -95,7 +95,7 @@ def epochs_for_steps(cfg: ExperimentConfig, rows: int, steps: int) -> int:
     ``steps`` optimizer steps: how runs on fewer rows, or holding rows back, get an equal step budget."""
     from dataclasses import replace
 
-    from distill_ray.train import planned_steps
+    from distill_ray.objectives import planned_steps
 
     epochs = 1
     while planned_steps(replace(cfg, train=replace(cfg.train, epochs=epochs)), rows, cfg.train.num_workers) < steps:
@@ -119,7 +119,7 @@ def baseline_config(cfg: ExperimentConfig, student_rows: int, labeled_rows: int)
     student takes (so 5k labeled rows against a 54k-row transfer set get ~11x the epochs)."""
     from dataclasses import replace
 
-    from distill_ray.train import planned_steps
+    from distill_ray.objectives import planned_steps
 
     base = without_curriculum(cfg)
     epochs = cfg.train.baseline_epochs or epochs_for_steps(

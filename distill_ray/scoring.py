@@ -50,7 +50,7 @@ def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, mod
     """Streamed over a cached split: the teachers' logits [K, N, C] (from the cache), each model's
     logits [N, C] and the labels [N]. Unlabeled rows are left out (they have nothing to score)."""
     from distill_ray.evaluate import predict_logits
-    from distill_ray.train import batch_targets
+    from distill_ray.objectives import batch_targets
 
     names = cfg.teacher_names()
     teacher_parts, model_parts, labels = [], {name: [] for name in models}, []

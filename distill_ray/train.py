@@ -6,10 +6,12 @@ a split of validation; the worker reads them with ``ray.train.get_dataset_shard`
 streams its shard (``streams.KeptShard`` / ``StreamedShard``). Nothing is ``ray.put`` and no split
 is held whole anywhere.
 
-Per step: curriculum stage -> batch of this rank's shard -> soft targets (columns of the batch, or
-the teacher pool one batch ahead in online mode) -> blend with learned per-teacher weights (fit to
-labels, never to the student's KD loss) -> ``alpha * KD + (1 - alpha) * task`` (+ weighted hint and
-attention terms against one teacher's features, online mode) -> step. Checkpoints every N steps
+Before the first step, learned teacher weights are fit to the validation labels (``validation.py``).
+Per step: curriculum stage -> batch of this rank's shard -> soft targets (columns of the batch: from
+the cache, or from the teacher stages upstream in online mode) -> blend at the fitted weights ->
+per row ``alpha * KD + (1 - alpha) * task`` (unlabeled rows: KD alone; + weighted hint and attention
+terms against one teacher's features, online mode) -> step at the scheduled learning rate. The
+terms themselves live in ``objectives.py``. Checkpoints every N steps
 carry everything needed to resume mid-epoch: student, optimizers, blend, hint projector, counters,
 RNG, history, and the epoch's order (kept shards) or the count of batches done (streamed shards).
 """
@@ -30,18 +32,18 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from distill_ray import curriculum as cur
-from distill_ray.blending import TeacherBlend, fit_blend
+from distill_ray.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
 from distill_ray.console import write_progress
-from distill_ray.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, \
-    topk_kd_divergence, topk_label_logprobs
-from distill_ray.losses import HintProjector, attention_map, attention_map_distance, hint_loss
-from distill_ray.models import build_model, forward_logits, forward_with_features, save_model
+from distill_ray.losses import hint_loss
+from distill_ray.models import build_model, forward_logits, forward_with_features, save_model, unwrap_model
+from distill_ray.objectives import _allreduce_grads, attention_loss, batch_targets, classifier_kd, hint_projector, \
+    planned_steps, sequence_kd, stage_and_fraction, task_loss, temperature_and_alpha
+from distill_ray.validation import _peak_rss_mb, fit_blend_on_validation, validate
 from distill_ray.schedules import lr_factor
 from distill_ray.stages import EpochPlan, MixSettings, rank_stream, rows_of_rank
 from distill_ray.streams import KeptShard, StreamedShard, fused_difficulty, open_ids_for
@@ -113,10 +115,6 @@ def _optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def _rng_state() -> dict[str, Any]:
     """RNG states as tensors and plain ints, so the checkpoint loads with ``weights_only=True``."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -135,127 +133,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
-def _allreduce_grads(module: torch.nn.Module, world_size: int) -> None:
-    """Average the blend's gradients over ranks so every rank keeps identical blend weights."""
-    if world_size == 1:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= world_size
-
-
-def stage_and_fraction(cfg: ExperimentConfig, epoch: int, step: int) -> tuple[int, float]:
-    """Curriculum stage and fraction of (easiest) data open, the same on every rank."""
-    c = cfg.curriculum
-    if c.scheduler == "multi_stage":
-        # No stage_length: the stages share the run evenly (POCL's 4 stages x 8 epochs layout).
-        length = c.stage_length if c.stage_length is not None else cfg.train.epochs / c.num_stages
-        sched = cur.MultiStage(num_stages=c.num_stages, stage_length=length, unit=c.stage_unit,
-                               temperatures=c.stage_temperatures or (cfg.loss.temperature,) * c.num_stages,
-                               alphas=c.stage_alphas)
-        stage = sched.stage_at(epoch if c.stage_unit == "epoch" else step)
-        return stage, sched.open_fraction(stage)
-    if c.scheduler == "linear_ramp":
-        return 0, cur.LinearRamp(start_fraction=c.start_fraction, full_at_epoch=c.full_at_epoch).open_fraction(epoch)
-    return 0, 1.0
-
-
-def temperature_and_alpha(cfg: ExperimentConfig, step: int, total_steps: int, stage: int) -> tuple[float, float]:
-    c, loss = cfg.curriculum, cfg.loss
-    temperature = cur.schedule_value(c.temperature_schedule, step, total_steps, loss.temperature, c.temperature_end,
-                                     stage=stage, stage_values=c.stage_temperatures)
-    alpha = cur.schedule_value(c.alpha_schedule, step, total_steps, loss.alpha, c.alpha_end,
-                               stage=stage, stage_values=c.stage_alphas)
-    return float(temperature), float(alpha)
-
-
-def kd_loss(cfg: ExperimentConfig, student_logits: torch.Tensor, target_probs: torch.Tensor,
-            labels: torch.Tensor | None, temperature: float, reduction: str = "mean") -> torch.Tensor:
-    """The configured KD term between the student and the (blended, detached) teacher distribution
-    (``reduction="none"``: one value per row)."""
-    kind = cfg.loss.kind
-    if kind in ("focal_kd", "dkd"):
-        # Logits whose softmax at T is exactly the blended target: T * log p.
-        teacher_logits = temperature * torch.log(target_probs.clamp_min(1e-12))
-        if kind == "focal_kd":
-            return focal_kd(student_logits, teacher_logits, temperature=temperature, gamma=cfg.loss.focal_gamma,
-                            reduction=reduction)
-        if labels is None:
-            raise ValueError("loss.kind 'dkd' needs labels; use a divergence for unlabeled data")
-        return dkd(student_logits, teacher_logits, labels, alpha=cfg.loss.dkd_alpha, beta=cfg.loss.dkd_beta,
-                   temperature=temperature, reduction=reduction)
-    return kd_divergence_to_probs(student_logits, target_probs, kind=kind, temperature=temperature,
-                                  skew_alpha=cfg.loss.skew_alpha, reduction=reduction)
-
-
-def classifier_kd(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor, teacher: torch.Tensor,
-                  x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per row ``[B]``: the configured KD term against the blended teachers ``[K, B, C]`` (weights
-    fit before training, detached: the student's loss never moves them)."""
-    if cfg.loss.kind == "mse_logits":
-        # Logit matching needs logits, not a mixture of distributions: blend logits linearly.
-        weights = blend.weights(teacher, features=x.flatten(1)).detach()
-        target_logits = torch.einsum("nk,knc->nc", weights, teacher)
-        return kd_divergence(student_logits, target_logits, kind="mse_logits", temperature=temperature,
-                             reduction="none")
-    target = blend(teacher, temperature=temperature, features=x.flatten(1)).detach()
-    return kd_loss(cfg, student_logits, target, y, temperature, reduction="none")
-
-
-def task_loss(student_logits: torch.Tensor, y: torch.Tensor, y_b: torch.Tensor | None, lam: torch.Tensor | None,
-              smoothing: float, causal: bool) -> torch.Tensor:
-    """The supervised term: per row ``[B]`` for classifiers (a mixed row weighs its two labels by
-    ``lam``; unlabeled rows get a value the caller discards), the token mean for a language model."""
-    if causal:
-        return label_smoothing_ce(student_logits, y, smoothing=smoothing)
-
-    def rows(labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(student_logits, labels.clamp_min(0), reduction="none", label_smoothing=smoothing)
-
-    return rows(y) if y_b is None else lam * rows(y) + (1 - lam) * rows(y_b)
-
-
-def planned_steps(cfg: ExperimentConfig, rows: int, world: int) -> int:
-    """Optimizer steps a run takes over ``rows`` (each epoch trains the part its curriculum stage
-    opens); what learning-rate schedules span and what the baseline's step budget matches."""
-    per_rank_batch = max(1, cfg.train.batch_size // world)
-    total = 0
-    for epoch in range(cfg.train.epochs):
-        _, fraction = stage_and_fraction(cfg, epoch, total)
-        total += max(1, int(rows * fraction) // world // per_rank_batch)
-    return total
-
-
-def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_logits: torch.Tensor,
-                teacher_topk: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, temperature: float,
-                world: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Causal-LM KD against per-token top-k teachers ``[K, B, L, k]``, labels ``[B, L]`` (< 0 ignored).
-
-    The learned weights are fit to ground truth like the classification blend, from each teacher's
-    log-probability of the true next token. The KD term is ``sum_k w_k D(teacher_k, student)``: for
-    forward KL and soft CE its student gradient is exactly that of the divergence to the mixture
-    ``sum_k w_k p_k`` (cross-entropy is linear in the target), without densifying a vocabulary-wide
-    mixture per token; for the other divergences it is the weighted sum of per-teacher terms."""
-    logp, idx = teacher_topk
-    mask = labels >= 0
-    parts: dict[str, float] = {}
-    if blend_opt is not None:
-        label_logp = topk_label_logprobs(logp, idx, labels.unsqueeze(0).expand(len(logp), -1, -1),
-                                         student_logits.shape[-1])
-        blend_loss = blend.weight_loss_from_label_logprobs(label_logp[:, mask])
-        blend_opt.zero_grad(set_to_none=True)
-        blend_loss.backward()
-        _allreduce_grads(blend, world)
-        blend_opt.step()
-        parts["blend_loss"] = blend_loss.item()
-    weights = blend.mean_weights().to(student_logits.device)
-    kd = sum(weights[k] * topk_kd_divergence(student_logits, logp[k], idx[k], kind=cfg.loss.kind,
-                                             temperature=temperature, mask=mask, skew_alpha=cfg.loss.skew_alpha)
-             for k in range(len(logp)))
-    return kd, parts
-
-
 def _trace_batch(path: str | None, rank: int, epoch: int, step: int, ids: torch.Tensor) -> None:
     """For tests and drills: append ``rank epoch step id,id,...`` per trained batch, so a run's
     resume guarantee (which samples each step trained, before and after a restart) can be checked."""
@@ -270,164 +147,6 @@ def _maybe_inject_failure(spec: dict | None, step: int, rank: int) -> None:
     if spec and rank == 0 and step == spec["step"] and not Path(spec["marker"]).exists():
         Path(spec["marker"]).write_text(str(step))
         raise RuntimeError(f"injected failure at step {step}")
-
-
-def attention_loss(student_features: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
-    """Attention transfer against a teacher's already reduced map [N, P] (as the teachers send it):
-    ``losses.attention_map_distance`` of the student's map, after checking the grids match."""
-    student_map = attention_map(student_features.float())
-    if student_map.shape != teacher_map.shape:
-        raise ValueError(f"attention maps differ in size: the student's features {tuple(student_features.shape[1:])} "
-                         f"give {student_map.shape[1]} positions, the teacher's map has {teacher_map.shape[1]}; "
-                         "use a student and loss.hint_teacher with the same spatial (or token) grid")
-    return attention_map_distance(student_map, teacher_map.float())
-
-
-def hint_projector(model, probe: np.ndarray, shapes: dict, device, want_hint: bool,
-                   want_attention: bool) -> HintProjector | None:
-    """The projector from the student's hint width to the teacher's (``shapes``, asked of the teacher
-    on the driver), sized before the optimizer exists so its parameters join it; mismatched attention
-    grids fail here, before any step."""
-    m = _unwrap(model)
-    was_training = m.training
-    m.eval()  # no BatchNorm statistics from the probe
-    with torch.no_grad():
-        student = forward_with_features(m, torch.as_tensor(probe).to(device), want_hint, want_attention)
-    m.train(was_training)
-    if want_attention:
-        attention_loss(student["attention"], torch.zeros((len(probe), *shapes["attention"])))
-    return HintProjector(student["hint"].shape[-1], shapes["hint"][-1]).to(device) if want_hint else None
-
-
-def batch_targets(batch: dict[str, torch.Tensor], names: tuple[str, ...], num_classes: int, topk: int | None,
-                  causal: bool, device) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The teachers' targets in a batch's columns: classification [K, B, C] logits (log-probs rebuilt
-    from the top k, tail mass spread evenly, when the cache keeps only k); causal LM the per-token
-    top-k (log-probs, indices), each [K, B, L, k]."""
-    if topk is None:
-        return torch.stack([batch[f"{n}/logits"].float() for n in names]).to(device), None
-    logp = torch.stack([batch[f"{n}/topk_logprobs"].float() for n in names])
-    idx = torch.stack([batch[f"{n}/topk_indices"].long() for n in names])
-    if causal:
-        return None, (logp.to(device), idx.to(device))
-    return torch.stack([dense_from_topk(logp[k], idx[k], num_classes) for k in range(len(names))]).to(device), None
-
-
-def fit_blend_on_validation(cfg: ExperimentConfig, blend: TeacherBlend, val_batches, names: tuple[str, ...],
-                            num_classes: int, topk: int | None, device, world: int) -> dict[str, float]:
-    """Fit the learned teacher weights to this rank's labeled validation rows (every rank's together:
-    gradients are averaged), once, before training. Validation is data no recipe teacher trained
-    on; fit on the teachers' own training rows, the weights would favour whichever overfits most.
-    Returns the fit's loss and the rows it saw, for the history."""
-    parts, labels, features = [], [], []
-    for batch in val_batches:
-        keep = batch["label"] >= 0
-        if keep.any():
-            parts.append(batch_targets({k: v[keep] for k, v in batch.items()}, names, num_classes, topk, False, "cpu")[0])
-            labels.append(batch["label"][keep].long())
-            features.append(batch["x"][keep].flatten(1).float() if blend.kind == "learned_gate" else None)
-    found = torch.tensor([sum(len(y) for y in labels)], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(found)
-    if found.item() == 0:
-        raise ValueError(f"blend.kind={cfg.blend.kind} fits the teacher weights to labeled validation rows, and the "
-                         "validation split has none: label some validation rows, or use blend.kind=uniform or confidence")
-    teacher = torch.cat(parts, dim=1).to(device) if parts else torch.zeros(len(names), 0, num_classes, device=device)
-    y = torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    x = torch.cat(features).to(device) if features and features[0] is not None else None
-    loss = fit_blend(blend, teacher, y, x, lr=cfg.blend.lr, steps=cfg.blend.fit_steps,
-                     average_grads=lambda module: _allreduce_grads(module, world))
-    if blend.kind == "learned_gate" and x is not None:
-        blend.weights(teacher, features=x)  # mean_weights() of a gate: its mean over validation
-    return {"blend_fit_loss": loss, "blend_fit_rows": int(found.item())}
-
-
-def _teacher_top1(batch: dict[str, torch.Tensor], name: str, topk: int | None) -> torch.Tensor | None:
-    if f"{name}/logits" in batch:
-        return batch[f"{name}/logits"].float().argmax(-1)
-    if f"{name}/topk_indices" in batch:
-        return batch[f"{name}/topk_indices"][..., 0].long()
-    return None
-
-
-def _allreduce_sums(sums: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
-    if world > 1:
-        for v in sums.values():
-            dist.all_reduce(v, op=dist.ReduceOp.SUM)
-    return sums
-
-
-@torch.no_grad()
-def validate(model, val_batches, meta: dict, world: int, device) -> dict[str, float]:
-    """Validation metrics streamed over this rank's part of the split, summed across ranks:
-    classification accuracy, loss, ECE and agreement with each teacher; causal LM perplexity,
-    next-token accuracy and top-1 agreement."""
-    m = _unwrap(model)
-    was_training = m.training
-    m.eval()
-    names, causal = tuple(meta["teacher_names"]), meta["task"] == "causal_lm"
-    K = len(names)
-    sums = {"n": torch.zeros((), dtype=torch.float64), "correct": torch.zeros((), dtype=torch.float64),
-            "nll": torch.zeros((), dtype=torch.float64), "agree": torch.zeros(K, dtype=torch.float64),
-            "agree_n": torch.zeros(K, dtype=torch.float64), "bin_n": torch.zeros(ECE_BINS, dtype=torch.float64),
-            "bin_conf": torch.zeros(ECE_BINS, dtype=torch.float64), "bin_correct": torch.zeros(ECE_BINS, dtype=torch.float64)}
-    for batch in val_batches:
-        x, y = batch["x"].to(device), batch["label"].long()
-        logits = forward_logits(m, x).float().cpu()
-        if causal:
-            y = y[:, :logits.shape[1]]
-            mask = y >= 0
-            logp = torch.log_softmax(logits, -1).gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            predicted = logits.argmax(-1)
-            sums["n"] += mask.sum()
-            sums["nll"] -= logp[mask].double().sum()
-            sums["correct"] += ((predicted == y) & mask).sum()
-        else:
-            mask = y >= 0
-            probs = logits.softmax(-1)
-            confidence, predicted = probs.max(-1)
-            correct = (predicted == y) & mask
-            sums["n"] += mask.sum()
-            sums["correct"] += correct.sum()
-            sums["nll"] += F.cross_entropy(logits[mask], y[mask], reduction="sum").double() if mask.any() else 0.0
-            bins = torch.clamp(torch.ceil(confidence * ECE_BINS).long() - 1, 0, ECE_BINS - 1)[mask]
-            sums["bin_n"] += torch.bincount(bins, minlength=ECE_BINS).double()
-            sums["bin_conf"] += torch.bincount(bins, weights=confidence[mask].double(), minlength=ECE_BINS)
-            sums["bin_correct"] += torch.bincount(bins, weights=correct[mask].double(), minlength=ECE_BINS)
-        for k, name in enumerate(names):
-            top1 = _teacher_top1(batch, name, meta["topk"])
-            if top1 is not None:
-                top1 = top1[:, :predicted.shape[1]] if causal else top1
-                region = mask if causal else torch.ones_like(predicted, dtype=torch.bool)
-                sums["agree"][k] += ((predicted == top1) & region).sum()
-                sums["agree_n"][k] += region.sum()
-    m.train(was_training)
-    sums = _allreduce_sums(sums, world)
-    n = sums["n"].clamp_min(1)
-    if causal:
-        metrics = {"val_perplexity": float(torch.exp(sums["nll"] / n)), "val_accuracy": float(sums["correct"] / n),
-                   "val_loss": float(sums["nll"] / n)}
-    else:
-        gap = (sums["bin_correct"] - sums["bin_conf"]).abs()
-        metrics = {"val_accuracy": float(sums["correct"] / n), "val_loss": float(sums["nll"] / n),
-                   "val_ece": float(gap.sum() / n)}
-    for k, name in enumerate(names):
-        if sums["agree_n"][k] > 0:
-            metrics[f"agreement/{name}"] = float(sums["agree"][k] / sums["agree_n"][k])
-    return metrics
-
-
-def _peak_rss_mb(world: int) -> float:
-    """The largest peak resident memory (``ru_maxrss``) of any rank's process so far, in MiB. It counts
-    shared pages too (object-store blocks mapped into the worker, page cache of files read), so a
-    streaming worker's figure rises with data size by at most about the object store's size, then
-    levels off (bench/streaming_memory.py reads it)."""
-    import resource
-
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return round(float(peak), 1)
 
 
 def _all_ranks_have(batch: dict | None, world: int) -> bool:
@@ -511,7 +230,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True, map_location=device)
             history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())
-        _unwrap(model).load_state_dict(state["student"])
+        unwrap_model(model).load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         blend.load_state_dict(state["blend"])
         if projector is not None:
@@ -534,7 +253,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"student": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            torch.save({"student": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                         "blend": blend.state_dict(), "projector": projector.state_dict() if projector is not None else None,
                         "blend_optimizer": blend_opt.state_dict() if blend_opt else None,
                         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": _rng_state(),
@@ -550,7 +269,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         """Per row of a kept shard: the student's loss (``student_loss``) or confidence, live."""
         x_all, y_all = shard.columns["x"], shard.columns["label"].long()
         with torch.no_grad():
-            logits = torch.cat([forward_logits(_unwrap(model), x_all[i:i + 1024].to(device)).float().cpu()
+            logits = torch.cat([forward_logits(unwrap_model(model), x_all[i:i + 1024].to(device)).float().cpu()
                                 for i in range(0, len(x_all), 1024)])
         return cur.student_loss(logits, y_all) if kind == "loss" else logits.softmax(-1).max(-1).values
 
@@ -689,7 +408,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         score = -val["val_perplexity"] if causal else val["val_accuracy"]
         if best["score"] is None or score > best["score"]:
             best = {"score": score, "epoch": epoch,
-                    "student": {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}}
+                    "student": {k: v.detach().cpu().clone() for k, v in unwrap_model(model).state_dict().items()}}
         val.update(best_epoch=best["epoch"], **blend_fit)
         shown_val = {k: round(val[k], 4) for k in ("val_accuracy", "val_perplexity") if k in val}
         last_step = next((r for r in reversed(history) if r.get("kind") != "epoch"), {})

@@ -32,12 +32,12 @@ def tiny_cfg(tmp_path_factory):
 def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
     from distill_ray.ablation import BROKEN, ROWS as ALL_ROWS, prepare, row_setup
     from distill_ray.pipeline import training_inputs
-    from distill_ray.train import batch_targets
+    from distill_ray.objectives import batch_targets
 
     prep = prepare(tiny_cfg)
     assert prep.best_teacher in tiny_cfg.teacher_names() and set(prep.teacher_val) == set(tiny_cfg.teacher_names())
     assert all(0.5 < a <= 1 for a in prep.teacher_test.values())
-    from distill_ray.train import planned_steps
+    from distill_ray.objectives import planned_steps
 
     rows = prep.info.counts["train"]
     steps = planned_steps(row_setup("learned", prep, seed=7)[0], rows, 1)

@@ -65,7 +65,7 @@ def test_label_logprob_weight_loss_equals_the_full_logit_weight_loss():
 
 def test_sequence_kd_gradient_equals_forward_kl_to_the_mixture():
     """The weighted sum of per-teacher forward KLs moves the student exactly like KL to the blend."""
-    from distill_ray.train import sequence_kd
+    from distill_ray.objectives import sequence_kd
 
     torch.manual_seed(2)
     V, B, L = 30, 2, 4

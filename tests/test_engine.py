@@ -354,7 +354,8 @@ def test_topk_cache_feeds_training(prepared, tiny_cfg, tiny_data, tmp_path):
     """A top-k cache (k=3 of 10 classes) stores only k values per teacher; training rebuilds full
     distributions from them (tail mass spread evenly) and learns as well as from full logits."""
     from distill_ray.pipeline import build_cache, training_inputs
-    from distill_ray.train import batch_targets, load_trained_student, run_training
+    from distill_ray.objectives import batch_targets
+    from distill_ray.train import load_trained_student, run_training
 
     dirs, full = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("loss.topk", 3), ("train.epochs", 1),

@@ -204,7 +204,7 @@ def test_text_teacher_features_keep_input_order_and_width(tmp_path):
 # --- the loop's pieces: attention loss, mixing, config ----------------------------------------------
 
 def test_attention_loss_matches_attention_transfer_and_names_mismatched_grids():
-    from distill_ray.train import attention_loss
+    from distill_ray.objectives import attention_loss
 
     student, teacher = torch.randn(4, 8, 7, 7), torch.randn(4, 16, 7, 7)
     torch.testing.assert_close(attention_loss(student, attention_map(teacher)), attention_transfer(student, teacher))

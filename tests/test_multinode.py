@@ -213,7 +213,7 @@ def _expected_steps(cfg) -> int:
 
     from distill_ray.curriculum import open_subset
     from distill_ray.pipeline import load_data
-    from distill_ray.train import stage_and_fraction
+    from distill_ray.objectives import stage_and_fraction
 
     assert cfg.train.num_workers == 1
     n = load_data(cfg).info.counts["train"]

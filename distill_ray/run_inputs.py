@@ -124,5 +124,14 @@ def baseline_config(cfg: ExperimentConfig, student_rows: int, labeled_rows: int)
     base = without_curriculum(cfg)
     epochs = cfg.train.baseline_epochs or epochs_for_steps(
         base, labeled_rows, planned_steps(cfg, student_rows, cfg.train.num_workers))
-    every = max(cfg.train.eval_every_epochs, round(epochs / max(1, cfg.train.epochs / cfg.train.eval_every_epochs)))
-    return replace(base, train=replace(base.train, epochs=epochs, eval_every_epochs=every))
+    return with_epochs(base, epochs)
+
+
+def with_epochs(cfg: ExperimentConfig, epochs: int) -> ExperimentConfig:
+    """``cfg`` trained for ``epochs``, validating about as many times as ``cfg`` did (a run of many
+    short epochs would otherwise validate, report and checkpoint after each)."""
+    from dataclasses import replace
+
+    validations = max(1, cfg.train.epochs / cfg.train.eval_every_epochs)
+    every = max(cfg.train.eval_every_epochs, round(epochs / validations))
+    return replace(cfg, train=replace(cfg.train, epochs=epochs, eval_every_epochs=every))

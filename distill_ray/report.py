@@ -221,6 +221,12 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
         lines.append(f"Gap recovered: (student − baseline) / (best teacher − baseline) = "
                      f"({student:.4f} − {baseline:.4f}) / ({best:.4f} − {baseline:.4f}) = **{gap:.1%}** "
                      f"(best teacher: {best_name}).")
+    best, epochs = metrics.get("best_epoch") or {}, metrics.get("epochs") or {}
+    trained = [f"{name} at its best validation epoch, {best[name] + 1} of {epochs[name]}"
+               for name in ("student", "baseline") if best.get(name) is not None and epochs.get(name)]
+    if trained:
+        lines.append("Reported: " + "; ".join(trained) + " (the baseline trains on the labeled rows for as many "
+                     "optimizer steps as the student).")
     params = metrics.get("params", {})
     if params.get("student") and params.get("teachers"):
         smallest = min(params["teachers"].values())

@@ -121,3 +121,14 @@ def test_gap_and_stage_boundaries():
     assert gap_recovered(0.87, None, 0.90) is None and gap_recovered(0.87, 0.9, 0.9) is None
     history, _ = _synthetic_run(steps_per_epoch=10, epochs=4)
     assert stage_boundaries(history) == [11, 21]  # stages 0 -> 1 at epoch 1, 1 -> 2 at epoch 2, then stays
+
+
+def test_report_says_at_which_epoch_student_and_baseline_are_reported():
+    from distill_ray.report import report_markdown
+
+    metrics = {"student": 0.87, "baseline": 0.84, "teachers": {"t": 0.88}, "teacher_weights": {"t": 1.0},
+               "best_epoch": {"student": 33, "baseline": 98}, "epochs": {"student": 40, "baseline": 443}}
+    rows = {"t": {"accuracy": 0.88}, "baseline": {"accuracy": 0.84}, "student": {"accuracy": 0.87}}
+    text = report_markdown(metrics, rows)
+    assert "student at its best validation epoch, 34 of 40; baseline at its best validation epoch, 99 of 443" in text
+    assert "= **75.0%**" in text

@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from distill_ray.losses import compute_dtype
+
 __all__ = [
     "BLEND_KINDS",
     "CONFIDENCE_KINDS",
@@ -41,13 +43,6 @@ LEARNED_KINDS = ("learned_global", "learned_per_class", "learned_gate")
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
 
 
 def _check_teacher_logits(teacher_logits: torch.Tensor) -> None:
@@ -78,7 +73,7 @@ def _confidence_log_weights(teacher_logits: torch.Tensor, kind: str, sharpness: 
     if not sharpness > 0:
         raise ValueError(f"sharpness must be > 0, got {sharpness}")
     with torch.no_grad():
-        logits = teacher_logits.detach().to(_compute_dtype(teacher_logits))
+        logits = teacher_logits.detach().to(compute_dtype(teacher_logits))
         log_p = torch.log_softmax(logits, dim=-1)  # [K, N, C]
         if kind == "entropy":
             # Shannon entropy H_1 = -sum p log p; xlogy-free form is safe since log_p is finite.
@@ -122,7 +117,7 @@ def blend_probs(teacher_logits: torch.Tensor, weights: torch.Tensor, temperature
         raise ValueError(
             f"weights must be [N, K] = [{num_positions}, {num_teachers}] or [K], got shape {tuple(weights.shape)}"
         )
-    dtype = _compute_dtype(teacher_logits, weights)
+    dtype = compute_dtype(teacher_logits, weights)
     probs = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)  # [K, N, C]
     return torch.einsum("nk,knc->nc", weights.to(device=probs.device, dtype=dtype), probs)
 
@@ -203,7 +198,7 @@ class TeacherBlend(nn.Module):
         teacher_logits = teacher_logits.detach()
         if self.kind == "uniform":
             return torch.full((num_positions, num_teachers), -math.log(num_teachers),
-                              device=teacher_logits.device, dtype=_compute_dtype(teacher_logits))
+                              device=teacher_logits.device, dtype=compute_dtype(teacher_logits))
         if self.kind == "confidence" or not labeled:
             return _confidence_log_weights(teacher_logits, self.confidence_kind, 1.0)
         if self.kind == "learned_global":
@@ -212,7 +207,7 @@ class TeacherBlend(nn.Module):
             if num_classes != self.num_classes:
                 raise ValueError(f"teacher_logits has {num_classes} classes, blend was built for {self.num_classes}")
             with torch.no_grad():
-                ensemble = torch.softmax(teacher_logits.to(_compute_dtype(teacher_logits)), dim=-1).mean(0)
+                ensemble = torch.softmax(teacher_logits.to(compute_dtype(teacher_logits)), dim=-1).mean(0)
                 predicted_class = ensemble.argmax(dim=-1)  # [N]
             return torch.log_softmax(self.class_logits, dim=-1)[predicted_class]
         # learned_gate
@@ -278,7 +273,7 @@ class TeacherBlend(nn.Module):
         log_w = self._log_weights(teacher_logits, features, labeled=True)  # [N, K]
         self._last_weights = log_w.detach().exp().mean(0)
         logits = teacher_logits.detach()[:, keep]
-        dtype = torch.promote_types(_compute_dtype(logits), log_w.dtype)
+        dtype = torch.promote_types(compute_dtype(logits), log_w.dtype)
         logits = logits.to(dtype)
         safe_labels = labels[keep].to(logits.device)
         if bool(((safe_labels < 0) | (safe_labels >= num_classes)).any()):

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from distill_ray.losses import compute_dtype
+
 __all__ = [
     "MEASURERS",
     "SCHEDULE_KINDS",
@@ -56,17 +58,13 @@ def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(torch.float32, tensor.dtype)
-
-
 def _teacher_log_probs(teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``[K, N, C]`` logits -> log-softmax ``[K, N, C]`` in at least float32, detached."""
     if teacher_logits.dim() != 3:
         raise ValueError(f"teacher_logits must be [K, N, C], got shape {tuple(teacher_logits.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = teacher_logits.detach().to(_compute_dtype(teacher_logits))
+    logits = teacher_logits.detach().to(compute_dtype(teacher_logits))
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
@@ -113,7 +111,7 @@ def teacher_ce(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def student_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy of the student, ``[N, C], [N] -> [N]`` (needs a student pass)."""
-    logits = student_logits.detach().to(_compute_dtype(student_logits))
+    logits = student_logits.detach().to(compute_dtype(student_logits))
     return F.cross_entropy(logits, labels.reshape(-1).to(logits.device), reduction="none")
 
 

@@ -34,19 +34,10 @@ def agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
 def expected_calibration_error(probs: torch.Tensor, labels: np.ndarray | torch.Tensor, num_bins: int = 15) -> float:
     """ECE (Guo et al. 2017): sum over equal-width confidence bins of |accuracy - confidence| * bin share.
 
-    probs [N, C] rows on the simplex, labels [N].
+    probs [N, C] rows on the simplex, labels [N]; binned as :func:`reliability_bins` (right-closed
+    bins, so confidence 1.0 lands in the last bin).
     """
-    confidence, predicted = probs.max(-1)
-    correct = (predicted == torch.as_tensor(labels)).float()
-    # Right-closed bins so confidence 1.0 lands in the last bin and 0 < conf never falls off the left.
-    bins = torch.clamp(torch.ceil(confidence * num_bins).long() - 1, 0, num_bins - 1)
-    ece = torch.zeros((), dtype=torch.float64)
-    for b in range(num_bins):
-        in_bin = bins == b
-        if in_bin.any():
-            share = in_bin.double().mean()
-            ece += share * (correct[in_bin].double().mean() - confidence[in_bin].double().mean()).abs()
-    return ece.item()
+    return reliability_bins(probs, labels, num_bins)["ece"]
 
 
 @torch.no_grad()

@@ -55,7 +55,8 @@ _LOG_PROB_FLOOR = math.log(_PROB_FLOOR)
 # helpers
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """At least float32, float64 if any input is: the dtype every loss, blend and measure computes in."""
     dtype = torch.float32
     for tensor in tensors:
         dtype = torch.promote_types(dtype, tensor.dtype)
@@ -187,7 +188,7 @@ def kd_divergence(
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
         )
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     student = student_logits.to(dtype) / temperature
     teacher = teacher_logits.detach().to(dtype) / temperature
     if kind == "mse_logits":
@@ -234,7 +235,7 @@ def kd_divergence_to_probs(
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher probs {tuple(teacher_probs.shape)} differ"
         )
-    dtype = _compute_dtype(student_logits, teacher_probs)
+    dtype = compute_dtype(student_logits, teacher_probs)
     teacher_p = teacher_probs.detach().to(dtype)
     teacher_logp = teacher_p.clamp_min(_PROB_FLOOR).log()
     student_logq = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
@@ -256,7 +257,7 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     vocab = teacher_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}] for {vocab} classes, got {k}")
-    logprobs = F.log_softmax(teacher_logits.detach().to(_compute_dtype(teacher_logits)), dim=-1)
+    logprobs = F.log_softmax(teacher_logits.detach().to(compute_dtype(teacher_logits)), dim=-1)
     values, indices = logprobs.topk(k, dim=-1)
     return values.to(torch.float32), indices
 
@@ -352,7 +353,7 @@ def topk_kd_divergence(
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}] for {vocab} classes, got {k}")
 
-    dtype = _compute_dtype(student_logits)
+    dtype = compute_dtype(student_logits)
     indices = topk_indices.to(device=student_logits.device, dtype=torch.long)
     teacher_top = topk_logprobs.detach().to(device=student_logits.device, dtype=dtype)
     student_full = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
@@ -413,7 +414,7 @@ def focal_kd(
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
         )
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     teacher_logp = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
     student_logq = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     kl = _divergence_per_position(student_logq, teacher_logp.exp(), teacher_logp, "forward_kl", 0.0)
@@ -457,7 +458,7 @@ def dkd_parts(
     if labels.shape != student_logits.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [B] for logits {tuple(student_logits.shape)}")
 
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     student = student_logits.to(dtype) / temperature
     teacher = teacher_logits.detach().to(dtype) / temperature
     target = labels.to(device=student.device, dtype=torch.long).unsqueeze(-1)
@@ -554,7 +555,7 @@ def hint_loss(
             f"student features {tuple(projected.shape)} (after projector) and teacher features "
             f"{tuple(teacher_features.shape)} differ; pass a HintProjector when widths differ"
         )
-    dtype = _compute_dtype(projected, teacher_features)
+    dtype = compute_dtype(projected, teacher_features)
     student = projected.to(dtype)
     teacher = teacher_features.detach().to(dtype)
     if kind == "mse":
@@ -577,7 +578,7 @@ def attention_map(features: torch.Tensor, p: float = 2) -> torch.Tensor:
     """
     if features.ndim < 3:
         raise ValueError(f"attention_map expects [B, C, ...] (at least one spatial dim), got {tuple(features.shape)}")
-    energy = features.to(_compute_dtype(features)).abs().pow(p).mean(dim=1).flatten(1)
+    energy = features.to(compute_dtype(features)).abs().pow(p).mean(dim=1).flatten(1)
     return F.normalize(energy, p=2, dim=1)
 
 
@@ -643,7 +644,7 @@ def label_smoothing_ce(
         raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be logits {tuple(logits.shape)} without the class dim")
-    logprobs = F.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)
+    logprobs = F.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
     labels = labels.to(logprobs.device)
     keep = labels != ignore_index
     if mask is not None:

@@ -117,8 +117,6 @@ def baseline_config(cfg: ExperimentConfig, student_rows: int, labeled_rows: int)
     """The baseline's run: the student's architecture, optimizer and lr schedule on the labeled rows,
     without teachers or curriculum, for train.baseline_epochs or else as many optimizer steps as the
     student takes (so 5k labeled rows against a 54k-row transfer set get ~11x the epochs)."""
-    from dataclasses import replace
-
     from distill_ray.objectives import planned_steps
 
     base = without_curriculum(cfg)

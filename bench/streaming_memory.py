@@ -126,7 +126,7 @@ def experiment_config(mode: str):
         "curriculum": {"scheduler": "none"},
         "train": {"epochs": 1, "num_workers": NUM_WORKERS, "cpus_per_worker": 1, "batch_size": BATCH_SIZE,
                   "data_mode": mode, "checkpoint_every_steps": 10**9, "baseline": False, "max_failures": 0},
-        "tracking": {"log_every_steps": 10, "tensorboard": False, "wandb": "disabled"},
+        "tracking": {"log_every_steps": 10, "wandb": "disabled"},
     })
 
 

@@ -65,7 +65,10 @@ def test_four_trials_finish_and_the_best_metric_wins(sweep):
     rows = out["trials"]
     assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
     metrics = [r["metric"] for r in rows]
-    assert all(0.3 < m <= 1.0 for m in metrics), metrics
+    # Trials that ran the whole schedule learned; one ASHA stopped after its first (half-open
+    # curriculum) epoch has had 9 steps, so it is only held above chance (10 classes).
+    assert all(0.3 < r["metric"] <= 1.0 for r in rows if r["epochs"] == cfg.train.epochs), rows
+    assert all(0.15 < m for m in metrics) and any(r["epochs"] == cfg.train.epochs for r in rows), rows
     assert out["best"]["metric"] == max(metrics)
     assert out["best"]["trial_id"] == rows[0]["trial_id"]
     # the table on disk says the same, best first

@@ -104,6 +104,9 @@ class DataConfig:
     unlabeled_path: str | None = None
     """Extra unlabeled train rows in the same format and schema as data.path (labels there are ignored):
     a transfer set the student distils on and nothing else trains on."""
+    transfer_set: bool = False
+    """The preset's own unlabeled transfer set joins train (fortunes: the ~9.6k fortunes of the other
+    category files). Presets with one: fortunes."""
     val_fraction: float = _field(0.1, gt=0.0, le=0.5)
     """Share of rows held out for validation, decided by the sample id (so no read order matters)."""
     test_fraction: float = _field(0.2, ge=0.0, le=0.5)
@@ -527,6 +530,9 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         _fail("curriculum.alpha_schedule", "'stage' needs curriculum.stage_alphas")
     if cfg.data.labeled_fraction is not None and cfg.data.max_labeled_samples is not None:
         _fail("data.max_labeled_samples", "set either data.labeled_fraction or data.max_labeled_samples, not both")
+    if cfg.data.transfer_set and cfg.data.format != "fortunes":
+        _fail("data.transfer_set", f"data.format={cfg.data.format!r} has no transfer set of its own; presets "
+              "with one: fortunes (or give your unlabeled rows as data.unlabeled_path)")
     if cfg.data.task == "causal_lm" and (cfg.data.labeled_fraction or cfg.data.max_labeled_samples or
                                          cfg.data.unlabeled_path):
         _fail("data.labeled_fraction", "partly labeled data is for classification (a language model's labels "

@@ -30,6 +30,8 @@ def preset_table(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
               "max_train_samples": d.max_train_samples, "max_eval_samples": d.max_eval_samples}
     if d.format == "python_stdlib":
         params.update(max_length=d.max_length, tokenizer=d.tokenizer)
+    if d.transfer_set:  # keyed only when set, so the tables written before it existed stay valid
+        params.update(transfer_set=True)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     out = cache_root() / "presets" / f"{d.format}-{key}"
     table_path, meta_path = out / "data.parquet", out / "preset.json"
@@ -74,7 +76,7 @@ def _build(cfg: ExperimentConfig) -> tuple[pa.Table, dict[str, Any]]:
     if d.format == "fortunes":
         data = load_fortunes(val_fraction=d.val_fraction, split_seed=d.split_seed, max_length=d.max_length,
                              tokenizer=d.tokenizer, max_train_samples=d.max_train_samples,
-                             max_eval_samples=d.max_eval_samples)
+                             max_eval_samples=d.max_eval_samples, transfer_set=d.transfer_set)
         table = _table(data, {"text": lambda s: [str(t) for t in s.texts]})
         return table, {"kind": "text", "class_names": list(data.class_names)}
     if d.format == "python_stdlib":

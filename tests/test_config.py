@@ -94,6 +94,7 @@ def test_overrides_are_coerced_to_the_field_type(override, getter, expected):
         ("teachers.a.source=hf_dir", ["teachers[0].path", "hf_dir"]),
         ("loss.topk=0", ["loss.topk", ">= 1"]),
         ("loss.mixup_alpha=0.2", ["loss.mixup_alpha", "train.mode=online"]),
+        ("data.transfer_set=true", ["data.transfer_set", "'fashion_mnist'", "fortunes", "data.unlabeled_path"]),
     ],
 )
 def test_errors_name_the_key_the_value_and_the_choices(override, must_contain):

@@ -49,6 +49,23 @@ def _tiny_bert(num_labels: int = 3, vocab: int = 100, seed: int = 0):
 
 # --- data -----------------------------------------------------------------------------------------
 
+def test_the_transfer_set_is_every_other_fortune_unlabeled_and_leaves_the_labeled_splits_alone(small_fortunes):
+    with_transfer = _fortunes(max_train_samples=240, max_eval_samples=60, max_length=MAX_LENGTH, split_seed=0,
+                              transfer_set=True)
+    base, d = small_fortunes, with_transfer
+    for name in ("val", "test"):
+        assert getattr(d, name).ids.tolist() == getattr(base, name).ids.tolist()
+    labeled = d.train.labels >= 0
+    assert sorted(d.train.ids[labeled].tolist()) == sorted(base.train.ids.tolist())
+    assert 9000 < int((~labeled).sum()) < 11000 and (d.train.labels[~labeled] == -1).all()
+    assert len(set(d.train.ids.tolist())) == len(d.train)
+    # No transfer text is a text of the 12 categories (whichever split it sits in), nor a repeat.
+    full = _fortunes(max_length=MAX_LENGTH, split_seed=0)
+    categorised = {" ".join(str(t).split()) for s in (full.train, full.val, full.test) for t in s.texts}
+    transfer = [" ".join(str(t).split()) for t in d.train.texts[~labeled]]
+    assert not categorised & set(transfer) and len(set(transfer)) == len(transfer)
+
+
 def test_fortunes_has_the_12_classes_and_disjoint_splits(small_fortunes):
     d = small_fortunes
     assert d.num_classes == 12 and d.class_names == FORTUNES_CATEGORIES

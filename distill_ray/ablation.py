@@ -17,6 +17,9 @@ learned+multi_stage    learned + the config's multi-stage (POCL) curriculum
 learned+linear_ramp    learned + linear_ramp data opening
 learned+confidence     learned + confidence-based sampling
 learned+broken_teacher learned, no curriculum, plus a 4th "teacher" emitting seeded random logits
+scratch+wide           scratch with a student twice as wide (every width option of the student x2)
+learned+wide           learned with that twice-as-wide student: does a wider student use more of
+                       what the teachers know, or only more of the labels?
 ====================== =========================================================================
 
 Rows without curriculum train at the constant ``loss.temperature`` and ``loss.alpha``. Curriculum
@@ -53,7 +56,7 @@ from distill_ray.config import ExperimentConfig, TeacherConfig, config_to_dict, 
 from distill_ray.report import final_teacher_weights, gap_recovered
 
 ROWS = ("scratch", "kd_labeled_only", "kd_best_teacher", "uniform", "confidence", "learned", "learned+multi_stage",
-        "learned+linear_ramp", "learned+confidence", "learned+broken_teacher")
+        "learned+linear_ramp", "learned+confidence", "learned+broken_teacher", "scratch+wide", "learned+wide")
 DESCRIPTIONS = {
     "scratch": "student from the labeled rows only, equal steps",
     "kd_labeled_only": "learned blend, labeled rows only (no transfer set), equal steps",
@@ -65,7 +68,11 @@ DESCRIPTIONS = {
     "learned+linear_ramp": "learned blend + linear_ramp curriculum",
     "learned+confidence": "learned blend + confidence-sampling curriculum",
     "learned+broken_teacher": "learned blend, no curriculum, + a 4th teacher emitting random logits",
+    "scratch+wide": "scratch, with a student twice as wide",
+    "learned+wide": "learned blend, no curriculum, with a student twice as wide",
 }
+# Student options that set a width (MLP hidden sizes, CNN channels, transformer widths): x2 in "+wide".
+WIDTH_OPTIONS = ("hidden", "hidden_size", "intermediate_size", "channels", "filters", "d_model", "dim_feedforward")
 BROKEN = "broken_random"
 
 
@@ -130,6 +137,18 @@ def _with_scheduler(cfg: ExperimentConfig, scheduler: str, rows: int) -> Experim
     return dataclasses.replace(out, train=dataclasses.replace(out.train, epochs=epochs_for_steps(out, rows, steps)))
 
 
+def wider(cfg: ExperimentConfig, factor: int = 2) -> ExperimentConfig:
+    """The config with every width option of its student (``WIDTH_OPTIONS``; ints or lists of ints)
+    multiplied by ``factor``; depth, heads and the rest unchanged."""
+    options = dict(cfg.student.options)
+    scaled = {k: [v * factor for v in options[k]] if isinstance(options[k], (list, tuple)) else options[k] * factor
+              for k in WIDTH_OPTIONS if isinstance(options.get(k), (int, list, tuple))}
+    if not scaled:
+        raise ValueError(f"student {cfg.student.arch!r} has none of the width options {', '.join(WIDTH_OPTIONS)} "
+                         "among its options; set one in student.options to run the '+wide' rows")
+    return dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, options={**options, **scaled}))
+
+
 def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[str], topk: int | None,
                        seed: int) -> dict[str, np.ndarray]:
     """A Ray Data stage adding a "teacher" of seeded Gaussian logits with, row by row, the mean and
@@ -162,6 +181,9 @@ def row_setup(row: str, prep: Prepared, seed: int):
     base = dataclasses.replace(prep.cfg, train=dataclasses.replace(prep.cfg.train, seed=seed, baseline=False))
     learned = dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind="learned_global"))
     rows, labeled = prep.info.counts["train"], prep.info.labeled["train"]
+    if row.endswith("+wide"):
+        cfg, stage, use_teachers, labeled_only = row_setup(row.removesuffix("+wide"), prep, seed)
+        return wider(cfg), stage, use_teachers, labeled_only
     if row == "scratch":
         return baseline_config(_no_curriculum(learned), rows, labeled), None, False, True
     if row == "kd_labeled_only":
@@ -196,6 +218,7 @@ def _run_name(row: str, cfg: ExperimentConfig, seed: int) -> str:
 def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any]:
     """Train one row at one seed on Ray Train; test accuracy of the result and its final weights."""
     from distill_ray.evaluate import accuracy, expected_calibration_error
+    from distill_ray.models import num_params
     from distill_ray.run_inputs import training_inputs
     from distill_ray.scoring import classifier_outputs
     from distill_ray.train import load_trained_student, run_training
@@ -215,7 +238,7 @@ def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any
     return {"row": row, "seed": seed, "test_accuracy": accuracy(logits, y),
             "test_ece": expected_calibration_error(logits.softmax(-1), y),
             "val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"), "epochs": cfg.train.epochs,
-            "teacher_weights": weights, "train_seconds": round(seconds, 2)}
+            "teacher_weights": weights, "train_seconds": round(seconds, 2), "student_params": num_params(student)}
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -244,6 +267,7 @@ def summarize(runs: list[dict], prep: Prepared, rows: Sequence[str]) -> dict[str
             weights[name] = _mean_std([r["teacher_weights"][name] for r in mine])[0]
         table[row] = {"description": DESCRIPTIONS[row], "mean": mean, "std": std, "n": len(mine),
                       "per_seed": {r["seed"]: r["test_accuracy"] for r in mine}, "teacher_weights": weights,
+                      "student_params": mine[0].get("student_params") if mine else None,
                       "train_seconds_mean": _mean_std([r["train_seconds"] for r in mine])[0]}
     scratch = table.get("scratch", {}).get("mean")
     for row, entry in table.items():
@@ -285,12 +309,14 @@ def ablation_markdown(result: dict[str, Any]) -> str:
              "Teachers (test accuracy): " + ", ".join(f"{n} {v['test_accuracy']:.4f}"
                                                      for n, v in result["teachers"].items())
              + f". Best by validation accuracy: **{best['name']}** (test {best['test_accuracy']:.4f}).", "",
-             "| row | setup | test accuracy (mean ± std) | per seed | gap recovered | final teacher weights |",
-             "|---|---|---:|---|---:|---|"]
+             "| row | setup | student params | test accuracy (mean ± std) | per seed | gap recovered | "
+             "final teacher weights |",
+             "|---|---|---:|---:|---|---:|---|"]
     for row, e in result["rows"].items():
         per_seed = ", ".join(f"{v:.4f}" for v in e["per_seed"].values())
         weights = ", ".join(f"{n} {w:.3f}" for n, w in e["teacher_weights"].items()) or "-"
-        lines.append(f"| {row} | {e['description']} | {e['mean']:.4f} ± {e['std']:.4f} | {per_seed} | "
+        params = f"{e['student_params']:,}" if e.get("student_params") else "-"
+        lines.append(f"| {row} | {e['description']} | {params} | {e['mean']:.4f} ± {e['std']:.4f} | {per_seed} | "
                      f"{_pct(e['gap_recovered'])} | {weights} |")
     lines += ["", "Gap recovered = (row − scratch) / (best teacher − scratch), on mean test accuracy.", ""]
     if "learned_vs_uniform" in result:

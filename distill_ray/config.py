@@ -105,7 +105,7 @@ class DataConfig:
     """Extra unlabeled train rows in the same format and schema as data.path (labels there are ignored):
     a transfer set the student distils on and nothing else trains on."""
     transfer_set: bool = False
-    """The preset's own unlabeled transfer set joins train (fortunes: the ~9.6k fortunes of the other
+    """The preset's own unlabeled transfer set joins train (fortunes: the ~9.9k fortunes of the other
     category files). Presets with one: fortunes."""
     val_fraction: float = _field(0.1, gt=0.0, le=0.5)
     """Share of rows held out for validation, decided by the sample id (so no read order matters)."""

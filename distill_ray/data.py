@@ -258,7 +258,7 @@ def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_s
     ordered by id (a hash), so its rows are not grouped by class. ``texts`` of each split holds the
     raw strings; ``tokenizer`` is the tokenizer directory (bundled MiniLM by default).
 
-    ``transfer_set``: the fortunes of every other category file (~9.6k after de-duplication, none of
+    ``transfer_set``: the fortunes of every other category file (~9.9k after de-duplication, none of
     them a text of the 12 categories) join train unlabeled (label -1), a transfer set for KD.
     """
     root = _debian_dataset_dir(FORTUNES_PACKAGE, FORTUNES_SUBDIR, marker=categories[0])

@@ -43,9 +43,12 @@ def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
     steps = planned_steps(row_setup("learned", prep, seed=7)[0], rows, 1)
     for row in ALL_ROWS:
         cfg, stage, use_teachers, labeled_only = row_setup(row, prep, seed=7)
-        assert cfg.train.seed == 7 and cfg.student == tiny_cfg.student and cfg.data == tiny_cfg.data
-        assert use_teachers == (row != "scratch") and (stage is not None) == (row == "learned+broken_teacher")
-        assert labeled_only == (row in ("scratch", "kd_labeled_only"))
+        wide = row.endswith("+wide")
+        assert cfg.train.seed == 7 and cfg.data == tiny_cfg.data
+        assert cfg.student.options["hidden"] == [2 * h for h in tiny_cfg.student.options["hidden"]] if wide else \
+            cfg.student == tiny_cfg.student
+        assert use_teachers == (not row.startswith("scratch")) and (stage is not None) == (row == "learned+broken_teacher")
+        assert labeled_only == (row in ("scratch", "scratch+wide", "kd_labeled_only"))
         # Every row gets (at least, by less than one epoch) the optimizer steps of the learned row:
         # a curriculum that holds data back trains more epochs.
         mine = planned_steps(cfg, rows, 1)
@@ -94,6 +97,7 @@ def test_tiny_ablation_table(ray_local, tiny_cfg, tmp_path):
     beats = table["best_teacher"]["test_accuracy"] > table["rows"]["scratch"]["mean"]
     assert table["rows"]["scratch"]["gap_recovered"] == (0.0 if beats else None)
     assert table["rows"]["scratch"]["teacher_weights"] == {}
+    assert table["rows"]["scratch"]["student_params"] == 784 * 16 + 16 + 16 * 10 + 10  # mlp, hidden [16]
     # The learned blend turns the random-logit teacher down, with the numbers of this very run.
     broken = table["broken_teacher"]
     weights = [r["teacher_weights"][BROKEN] for r in table["runs"] if r["row"] == "learned+broken_teacher"]

@@ -74,6 +74,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _save_axes(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """A one-axes plot's labels, title and grid, then saved."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
 
@@ -91,11 +100,7 @@ def plot_val_accuracy(path: Path, history: Sequence[Mapping], baseline_history: 
         ax.legend()
     else:
         _empty(ax, "no epoch rows in the history")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Validation accuracy per epoch")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save_axes(fig, ax, path, "epoch", "validation accuracy", "Validation accuracy per epoch")
 
 
 def plot_teacher_weights(path: Path, history: Sequence[Mapping]) -> Path:
@@ -111,11 +116,7 @@ def plot_teacher_weights(path: Path, history: Sequence[Mapping]) -> Path:
         ax.set_ylim(-0.02, 1.02)
     else:
         _empty(ax, "no teacher weights logged")
-    ax.set_xlabel("step")
-    ax.set_ylabel("blend weight")
-    ax.set_title("Teacher weights over training")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save_axes(fig, ax, path, "step", "blend weight", "Teacher weights over training")
 
 
 def stage_boundaries(history: Sequence[Mapping]) -> list[int]:
@@ -173,12 +174,9 @@ def plot_reliability(path: Path, reliability: Mapping[str, tuple[np.ndarray, np.
                 label=f"{name} (ECE {bins['ece']:.4f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (mean max probability in bin)")
-    ax.set_ylabel("accuracy in bin")
-    ax.set_title(f"Reliability on the test split ({n_bins} bins)")
     ax.legend(loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _save_axes(fig, ax, path, "confidence (mean max probability in bin)", "accuracy in bin",
+               f"Reliability on the test split ({n_bins} bins)")
     return eces
 
 

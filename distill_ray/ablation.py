@@ -217,7 +217,7 @@ def _run_name(row: str, cfg: ExperimentConfig, seed: int) -> str:
 
 def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any]:
     """Train one row at one seed on Ray Train; test accuracy of the result and its final weights."""
-    from distill_ray.evaluate import accuracy, expected_calibration_error
+    from distill_ray.evaluate import classifier_scores
     from distill_ray.models import num_params
     from distill_ray.run_inputs import training_inputs
     from distill_ray.scoring import classifier_outputs
@@ -231,12 +231,11 @@ def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any
     seconds = time.perf_counter() - start
     student, history, _ = load_trained_student(cfg, inputs, result.checkpoint)
     _, outputs, y = classifier_outputs(prep.cfg, prep.cache, "test", {"student": student})
-    logits = outputs["student"]
+    scores = classifier_scores(outputs["student"].softmax(-1), y)
     weights = final_teacher_weights(history) if use_teachers else {}
     epochs = [r for r in history if r.get("kind") == "epoch"]
     best = next((r for r in epochs if r["epoch"] == epochs[-1].get("best_epoch")), epochs[-1]) if epochs else {}
-    return {"row": row, "seed": seed, "test_accuracy": accuracy(logits, y),
-            "test_ece": expected_calibration_error(logits.softmax(-1), y),
+    return {"row": row, "seed": seed, "test_accuracy": scores["accuracy"], "test_ece": scores["ece"],
             "val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"), "epochs": cfg.train.epochs,
             "teacher_weights": weights, "train_seconds": round(seconds, 2), "student_params": num_params(student)}
 

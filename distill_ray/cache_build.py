@@ -16,6 +16,7 @@ from distill_ray.models import load_model
 from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
 from distill_ray.sources import DataInfo, SourceData
 from distill_ray.stages import with_teachers
+from distill_ray.streams import DIFFICULTY_PREFIX
 from distill_ray.teacher_setup import teacher_specs
 
 
@@ -55,23 +56,29 @@ def finish_rows(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dtype: 
         logp = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_logprobs"], np.float32)) for t in teachers])
         idx = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_indices"], np.int64)) for t in teachers])
         mask = (labels >= 0).float()
+        # teacher_ce per token from the top-k targets (curriculum.teacher_ce needs the dense vocabulary)
         nll = -topk_label_logprobs(logp, idx, labels.unsqueeze(0).expand(len(teachers), -1, -1), num_classes).mean(0)
-        batch["difficulty/teacher_ce"] = ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).numpy().astype(np.float32)
-        x = np.asarray(batch["x"])
-        batch["difficulty/sequence_length"] = (x != (0 if pad_id is None else pad_id)).sum(1).astype(np.float32)
-        return batch
+        batch[DIFFICULTY_PREFIX + "teacher_ce"] = ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).numpy().astype(np.float32)
+        real_tokens = torch.as_tensor(np.asarray(batch["x"]) != (0 if pad_id is None else pad_id))
+        return _measured(batch, {"sequence_length": (real_tokens,)})
     if topk is None:
         logits = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/logits"], np.float32)) for t in teachers])
     else:
         logits = torch.stack([dense_from_topk(torch.as_tensor(np.asarray(batch[f"{t}/topk_logprobs"], np.float32)),
                                               torch.as_tensor(np.asarray(batch[f"{t}/topk_indices"], np.int64)),
                                               num_classes) for t in teachers])
-    batch["difficulty/ensemble_entropy"] = cur.ensemble_entropy(logits).numpy().astype(np.float32)
-    batch["difficulty/teacher_disagreement"] = cur.teacher_disagreement(logits).numpy().astype(np.float32)
     # Unlabeled rows: the mean teacher's loss on its own top guess (how unsure the teachers are).
     mean_logp = torch.logsumexp(torch.log_softmax(logits, -1), 0) - np.log(len(teachers))
     target = torch.where(labels >= 0, labels, mean_logp.argmax(-1))
-    batch["difficulty/teacher_ce"] = cur.teacher_ce(logits, target).numpy().astype(np.float32)
+    return _measured(batch, {"ensemble_entropy": (logits,), "teacher_disagreement": (logits,),
+                             "teacher_ce": (logits, target)})
+
+
+def _measured(batch: dict[str, np.ndarray], arguments: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """``batch`` with a ``difficulty/NAME`` column per measurer, each computed by its
+    ``curriculum.MEASURERS`` function from the arguments given for it."""
+    for name, args in arguments.items():
+        batch[DIFFICULTY_PREFIX + name] = cur.MEASURERS[name](*args).numpy().astype(np.float32)
     return batch
 
 

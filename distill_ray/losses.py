@@ -68,6 +68,11 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown KD kind {kind!r}; valid kinds: {', '.join(KD_KINDS)}")
 
 
+def _check_same_shape(student_logits: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
+    if student_logits.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and {what} {tuple(teacher.shape)} differ")
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -184,10 +189,7 @@ def kd_divergence(
     """
     _check_kind(kind)
     _check_temperature(temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
-        )
+    _check_same_shape(student_logits, teacher_logits, "teacher logits")
     dtype = compute_dtype(student_logits, teacher_logits)
     student = student_logits.to(dtype) / temperature
     teacher = teacher_logits.detach().to(dtype) / temperature
@@ -231,10 +233,7 @@ def kd_divergence_to_probs(
     """
     _check_prob_kind(kind, skew_alpha, "kd_divergence_to_probs")
     _check_temperature(temperature)
-    if student_logits.shape != teacher_probs.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher probs {tuple(teacher_probs.shape)} differ"
-        )
+    _check_same_shape(student_logits, teacher_probs, "teacher probs")
     dtype = compute_dtype(student_logits, teacher_probs)
     teacher_p = teacher_probs.detach().to(dtype)
     teacher_logp = teacher_p.clamp_min(_PROB_FLOOR).log()
@@ -410,10 +409,7 @@ def focal_kd(
     _check_temperature(temperature)
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
-        )
+    _check_same_shape(student_logits, teacher_logits, "teacher logits")
     dtype = compute_dtype(student_logits, teacher_logits)
     teacher_logp = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
     student_logq = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)

@@ -22,14 +22,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from distill_ray.evaluate import reliability_bins
+from distill_ray.extras import available, install_hint, require
 
 PLOTS = ("val_accuracy.png", "teacher_weights.png", "schedule.png", "reliability.png")
 WEIGHT_PREFIX = "teacher_weight/"
 
 
-def _pyplot():
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on workers and servers)."""
+    matplotlib = require("matplotlib", "plotting")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -73,12 +74,21 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _save_axes(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """A one-axes plot's labels, title and grid, then saved."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
 def plot_val_accuracy(path: Path, history: Sequence[Mapping], baseline_history: Sequence[Mapping] | None) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for label, rows, style in (("student", history, "-o"), ("baseline", baseline_history or [], "--s")):
@@ -90,15 +100,11 @@ def plot_val_accuracy(path: Path, history: Sequence[Mapping], baseline_history: 
         ax.legend()
     else:
         _empty(ax, "no epoch rows in the history")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Validation accuracy per epoch")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save_axes(fig, ax, path, "epoch", "validation accuracy", "Validation accuracy per epoch")
 
 
 def plot_teacher_weights(path: Path, history: Sequence[Mapping]) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in _step_rows(history) if any(k.startswith(WEIGHT_PREFIX) for k in r)]
     names = sorted({k[len(WEIGHT_PREFIX):] for r in rows for k in r if k.startswith(WEIGHT_PREFIX)})
@@ -110,11 +116,7 @@ def plot_teacher_weights(path: Path, history: Sequence[Mapping]) -> Path:
         ax.set_ylim(-0.02, 1.02)
     else:
         _empty(ax, "no teacher weights logged")
-    ax.set_xlabel("step")
-    ax.set_ylabel("blend weight")
-    ax.set_title("Teacher weights over training")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save_axes(fig, ax, path, "step", "blend weight", "Teacher weights over training")
 
 
 def stage_boundaries(history: Sequence[Mapping]) -> list[int]:
@@ -129,7 +131,7 @@ def stage_boundaries(history: Sequence[Mapping]) -> list[int]:
 
 
 def plot_schedule(path: Path, history: Sequence[Mapping]) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
     rows = _step_rows(history)
     steps = [r["step"] for r in rows]
@@ -159,7 +161,7 @@ def plot_schedule(path: Path, history: Sequence[Mapping]) -> Path:
 def plot_reliability(path: Path, reliability: Mapping[str, tuple[np.ndarray, np.ndarray]],
                      n_bins: int = 15) -> dict[str, float]:
     """Reliability diagram (bin confidence vs bin accuracy) per model; returns each model's ECE."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
     eces = {}
@@ -172,12 +174,9 @@ def plot_reliability(path: Path, reliability: Mapping[str, tuple[np.ndarray, np.
                 label=f"{name} (ECE {bins['ece']:.4f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (mean max probability in bin)")
-    ax.set_ylabel("accuracy in bin")
-    ax.set_title(f"Reliability on the test split ({n_bins} bins)")
     ax.legend(loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
+    _save_axes(fig, ax, path, "confidence (mean max probability in bin)", "accuracy in bin",
+               f"Reliability on the test split ({n_bins} bins)")
     return eces
 
 
@@ -188,7 +187,7 @@ def _fmt(value: Any, spec: str, empty: str = "-") -> str:
 
 
 def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]],
-                    config_name: str | None = None) -> str:
+                    config_name: str | None = None, plots: bool = True) -> str:
     teachers = list(metrics.get("teachers", {}))
     weights = metrics.get("teacher_weights", {})
     lm = metrics.get("metric") == "perplexity"  # lower is better; rows carry token accuracy, no ECE
@@ -232,12 +231,15 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
         smallest = min(params["teachers"].values())
         lines.append(f"Student size: {params['student']:,} params, {params['student'] / smallest:.3f}× "
                      f"the smallest teacher ({smallest:,}).")
-    lines += ["", "## Plots", "",
-              "![validation accuracy per epoch](val_accuracy.png)", "",
-              "![teacher weights over steps](teacher_weights.png)", "",
-              "![temperature, alpha and open fraction over steps](schedule.png)", ""]
-    if not lm:
-        lines += ["![reliability diagram](reliability.png)", ""]
+    lines += ["", "## Plots", ""]
+    if not plots:
+        lines += [f"Not drawn: matplotlib is not installed (`{install_hint('matplotlib')}`).", ""]
+    else:
+        lines += ["![validation accuracy per epoch](val_accuracy.png)", "",
+                  "![teacher weights over steps](teacher_weights.png)", "",
+                  "![temperature, alpha and open fraction over steps](schedule.png)", ""]
+        if not lm:
+            lines += ["![reliability diagram](reliability.png)", ""]
     timings = metrics.get("timings") or {}
     if timings:
         lines += ["## Timings", "", "| phase | seconds |", "|---|---:|"]
@@ -250,6 +252,8 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], history: Seque
                  baseline_history: Sequence[Mapping[str, Any]] | None, rows: Mapping[str, Mapping[str, Any]],
                  reliability: Mapping[str, tuple[np.ndarray, np.ndarray]], config_name: str | None = None) -> Path:
     """Write the four plots and ``report.md`` into ``run_dir``; returns the path of ``report.md``.
+    Without the plots extra (matplotlib) the report keeps its numbers and says how to get the plots:
+    a finished run is not lost over a figure.
 
     ``rows``: per model (each teacher, ``blend``, ``baseline``, ``student``) a dict with
     ``accuracy``, ``ece`` and, where known, ``params`` and ``latency_ms`` (as ``run_experiment``
@@ -257,11 +261,15 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], history: Seque
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    plot_val_accuracy(run_dir / "val_accuracy.png", history, baseline_history)
-    plot_teacher_weights(run_dir / "teacher_weights.png", history)
-    plot_schedule(run_dir / "schedule.png", history)
-    if reliability:  # calibration of class probabilities: classification only
-        plot_reliability(run_dir / "reliability.png", reliability)
+    plots = available("matplotlib")
+    if plots:
+        plot_val_accuracy(run_dir / "val_accuracy.png", history, baseline_history)
+        plot_teacher_weights(run_dir / "teacher_weights.png", history)
+        plot_schedule(run_dir / "schedule.png", history)
+        if reliability:  # calibration of class probabilities: classification only
+            plot_reliability(run_dir / "reliability.png", reliability)
+    else:
+        print(f"report: plots not drawn (matplotlib is not installed: {install_hint('matplotlib')})")
     path = run_dir / "report.md"
-    path.write_text(report_markdown(metrics, rows, config_name))
+    path.write_text(report_markdown(metrics, rows, config_name, plots=plots))
     return path

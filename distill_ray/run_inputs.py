@@ -16,6 +16,7 @@ from distill_ray.config import ExperimentConfig
 from distill_ray.soft_targets import CachedData
 from distill_ray.sources import DataInfo, SourceData
 from distill_ray.stages import MixSettings, feature_shapes, with_teachers
+from distill_ray.streams import DIFFICULTY_PREFIX
 from distill_ray.teacher_setup import teacher_specs
 from distill_ray.train import TrainInputs
 
@@ -45,7 +46,7 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
     else:
         targets = teacher_columns(cfg.teacher_names(), cfg.loss.topk)
         stored = [c for c in targets if c in data.columns]
-        measures = [c for c in data.columns if c.startswith("difficulty/")] if use_teachers else []
+        measures = [c for c in data.columns if c.startswith(DIFFICULTY_PREFIX)] if use_teachers else []
         train = data.dataset("train", ["id", "x", "label", *(stored if use_teachers and not online else []), *measures])
         index = data.dataset("train", ["id", *measures])
         val = data.dataset("val", ["id", "x", "label", *stored])

@@ -15,32 +15,39 @@ from distill_ray.report import final_teacher_weights
 from distill_ray.soft_targets import CachedData
 
 
+def split_outputs(dataset, models: dict, causal: bool) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+    """Every model's outputs over a split streamed from a Ray Dataset with ``x`` and ``label``
+    columns: logits [N, C], or for a causal LM (label log-probabilities, top-1 ids), each [N, S];
+    the labels; the first input (for latency), None on an empty split."""
+    from distill_ray.evaluate import lm_label_logprobs, predict_logits
+
+    parts: dict[str, list] = {name: [] for name in models}
+    labels, example = [], None
+    for batch in dataset.iter_batches(batch_size=64 if causal else 1024, batch_format="numpy"):
+        x, y = torch.from_numpy(np.array(batch["x"])), torch.from_numpy(np.array(batch["label"]))
+        example = x[:1] if example is None else example
+        labels.append(y)
+        for name, model in models.items():
+            parts[name].append(lm_label_logprobs(model, x, y) if causal else predict_logits(model, x))
+    outputs = {name: tuple(torch.cat(p) for p in zip(*got)) if causal else torch.cat(got) for name, got in parts.items()}
+    return outputs, torch.cat(labels), example
+
+
 def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dict[str, Path], student,
                              baseline, history: list[dict]) -> tuple[dict[str, dict], dict]:
     """Test perplexity and next-token accuracy of every teacher (run exactly, not from the top-k
     cache), their learned blend, the baseline and the student, streamed over the test split."""
-    from distill_ray.evaluate import lm_label_logprobs, perplexity, single_sample_latency_ms, token_accuracy
+    from distill_ray.evaluate import lm_scores, perplexity, single_sample_latency_ms
 
     models = {t.name: load_model(dirs[t.name])[0] for t in cfg.teachers}
     models.update({name: m for name, m in (("student", student), ("baseline", baseline)) if m is not None})
-    logp: dict[str, list] = {name: [] for name in models}
-    top1: dict[str, list] = {name: [] for name in models}
-    labels, example = [], None
-    for batch in cache.dataset("test", ["x", "label"]).iter_batches(batch_size=64, batch_format="numpy"):
-        example = example if example is not None else torch.from_numpy(np.array(batch["x"][:1]))
-        labels.append(torch.from_numpy(np.array(batch["label"])))
-        for name, model in models.items():
-            lp, t1 = lm_label_logprobs(model, batch["x"], batch["label"])
-            logp[name].append(lp)
-            top1[name].append(t1)
-    y = torch.cat(labels)
+    outputs, y, example = split_outputs(cache.dataset("test", ["x", "label"]), models, causal=True)
     weights = torch.tensor(list(final_teacher_weights(history).values()))
     rows: dict[str, dict] = {}
     for name, model in models.items():
-        lp, t1 = torch.cat(logp[name]), torch.cat(top1[name])
-        rows[name] = {"perplexity": perplexity(lp, y), "accuracy": token_accuracy(t1, y), "params": num_params(model),
+        rows[name] = {**lm_scores(*outputs[name], y), "params": num_params(model),
                       "latency_ms": single_sample_latency_ms(model, example, repeats=20, warmup=3)}
-    teacher_logp = torch.stack([torch.cat(logp[t.name]) for t in cfg.teachers])
+    teacher_logp = torch.stack([outputs[t.name][0] for t in cfg.teachers])
     blend_logp = torch.logsumexp(teacher_logp + weights.log().view(-1, 1, 1), dim=0)
     rows["blend"] = {"perplexity": perplexity(blend_logp, y), "accuracy": None}
     return {name: rows[name] for name in (*cfg.teacher_names(), "blend", "student", "baseline") if name in rows}, {}
@@ -72,25 +79,23 @@ def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[st
     baseline and the student, streamed over the test split; plus each one's test probabilities for
     the reliability diagram."""
     from distill_ray.blending import blend_probs
-    from distill_ray.evaluate import accuracy, expected_calibration_error, single_sample_latency_ms
+    from distill_ray.evaluate import classifier_scores, single_sample_latency_ms
 
     models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
     teachers, outputs, y = classifier_outputs(cfg, cache, "test", models)
     example = torch.from_numpy(np.array(cache.dataset("test", ["x"]).take_batch(1, batch_format="numpy")["x"]))
     rows: dict[str, dict] = {}
-    for k, t in enumerate(cfg.teachers):
-        model, _ = load_model(dirs[t.name])
-        rows[t.name] = {"accuracy": accuracy(teachers[k], y), "ece": expected_calibration_error(teachers[k].softmax(-1), y),
-                        "params": num_params(model), "latency_ms": single_sample_latency_ms(model, example)}
-    weights = torch.tensor(list(final_teacher_weights(history).values()))
-    blend = blend_probs(teachers, weights, temperature=1.0)
-    rows["blend"] = {"accuracy": accuracy(blend, y), "ece": expected_calibration_error(blend, y)}
-    for name, model in models.items():
-        logits = outputs[name]
-        rows[name] = {"accuracy": accuracy(logits, y), "ece": expected_calibration_error(logits.softmax(-1), y),
-                      "params": num_params(model), "latency_ms": single_sample_latency_ms(model, example)}
     test_probs = {t.name: teachers[k].float().softmax(-1) for k, t in enumerate(cfg.teachers)}
     test_probs.update({name: outputs[name].softmax(-1) for name in models})
+    for k, t in enumerate(cfg.teachers):
+        model, _ = load_model(dirs[t.name])
+        rows[t.name] = {**classifier_scores(test_probs[t.name], y), "params": num_params(model),
+                        "latency_ms": single_sample_latency_ms(model, example)}
+    weights = torch.tensor(list(final_teacher_weights(history).values()))
+    rows["blend"] = classifier_scores(blend_probs(teachers, weights, temperature=1.0), y)
+    for name, model in models.items():
+        rows[name] = {**classifier_scores(test_probs[name], y), "params": num_params(model),
+                      "latency_ms": single_sample_latency_ms(model, example)}
     return rows, {name: (p.numpy(), y.numpy()) for name, p in test_probs.items()}
 
 

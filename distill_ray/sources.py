@@ -36,6 +36,7 @@ import ray
 import ray.data
 
 from distill_ray.config import ExperimentConfig, PRESETS
+from distill_ray.extras import require
 from distill_ray.data import DataError, apply_standardise, content_ids, hash_to_id, label_ids, \
     normalise_split_names, split_by_id, id_uniform, standardise_stats
 
@@ -350,9 +351,13 @@ def _features(batch: dict[str, np.ndarray], fields: tuple[str, ...], transform: 
     return {"id": batch["id"], "x": apply_standardise(x, transform), "label": batch["label"], "split": batch["split"]}
 
 
+def _pil_image():
+    return require("PIL.Image", "reading images (data.format=images, or data.image_field)")
+
+
 def decode_image(value: Any, mode: str, size: int | None, base_dir: str | None = None) -> np.ndarray:
     """One image (array, encoded bytes, or a path) as float32 [C, H, W] in [0, 1]."""
-    from PIL import Image
+    Image = _pil_image()
 
     if isinstance(value, np.ndarray) and value.dtype != object:
         img = Image.fromarray(value.astype(np.uint8))
@@ -579,9 +584,9 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         if isinstance(probe, np.ndarray) and probe.dtype != object:
             image_mode = "L" if probe.ndim == 2 or probe.shape[-1] == 1 else "RGB"
         else:
-            from PIL import Image
             import io
 
+            Image = _pil_image()
             img = Image.open(io.BytesIO(probe)) if isinstance(probe, (bytes, bytearray)) else \
                 Image.open(Path(base_dir or ".") / str(probe))
             image_mode = "L" if img.mode in ("L", "1", "I", "I;16", "F") else "RGB"

@@ -51,7 +51,6 @@ from distill_ray.teachers import TeacherSpec
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
-STUDENT_DIR = "student"
 ECE_BINS = 15
 
 

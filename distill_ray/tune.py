@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from distill_ray.config import ConfigError, ExperimentConfig, config_to_dict, dump_config
+from distill_ray.extras import available, install_hint
 from distill_ray.registry import register
 from distill_ray.report import final_teacher_weights
 from distill_ray.tune_pbt import _epochs_done, _fit_population, _pbt_scheduler, _train_slots, checkpoint_history, \
@@ -216,6 +217,13 @@ def _search(cfg: ExperimentConfig, space: SearchSpace):
     return None  # Tune's variant generator: random sampling, plus grid_search where written
 
 
+def _check_tracking(cfg: ExperimentConfig) -> None:
+    """W&B logging (on by default, offline) needs the wandb extra: say so before teachers and cache."""
+    if cfg.tracking.wandb != "disabled" and not available("wandb"):
+        raise ConfigError(f"tracking.wandb={cfg.tracking.wandb} logs the sweep to W&B and needs the wandb package: "
+                          f"{install_hint('wandb')}, or set tracking.wandb=disabled")
+
+
 def _callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
     callbacks = [_release_callback(str(sweep_dir / "train"))]
     mode = cfg.tracking.wandb
@@ -267,6 +275,7 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, samples: int | None
     space = load_space(space_path, cfg)
     _search(cfg, space)  # a bad search/scheduler combination fails here, before any work
     _scheduler(cfg, space)
+    _check_tracking(cfg)
     sweep_dir = sweep_path(cfg)
     if (sweep_dir / "trials").exists():
         raise ConfigError(f"{sweep_dir} already holds a sweep; finish it with `distill-ray tune --resume {sweep_dir}`"
@@ -285,6 +294,7 @@ def resume_sweep(sweep_dir: str | Path) -> dict:
     if not (sweep_dir / CONFIG_FILE).is_file() or not (sweep_dir / "trials").is_dir():
         raise ConfigError(f"{sweep_dir}: not a sweep directory (needs {CONFIG_FILE} and trials/)")
     cfg = load_config(sweep_dir / CONFIG_FILE)
+    _check_tracking(cfg)
     return _execute(cfg, load_space(sweep_dir / SPACE_FILE, cfg), sweep_dir, restore=True)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from distill_ray.config import ExperimentConfig
+from distill_ray.extras import available, install_hint
+from distill_ray.report import pyplot
 from distill_ray.tune_space import SearchSpace, _plain
 
 SUMMARY_FILE = "sweep_summary.md"
@@ -33,12 +35,12 @@ def trial_table(cfg: ExperimentConfig, space: SearchSpace, grid) -> list[dict]:
 
 
 def plot_sweep(rows: list[dict], space: SearchSpace, metric: str, path: Path) -> Path | None:
-    """Metric against temperature and alpha (when searched; else the first two numeric params)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Metric against temperature and alpha (when searched; else the first two numeric params).
+    None when there is nothing to plot, or without matplotlib (the plots extra: it prints how to get it)."""
+    if not available("matplotlib"):
+        print(f"sweep: metric plot not drawn (matplotlib is not installed: {install_hint('matplotlib')})")
+        return None
+    plt = pyplot()
     numeric = [k for k, kind, _ in space.params if kind in ("uniform", "loguniform", "randint")
                or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in _args(space, k))]
     preferred = [k for k in ("loss.temperature", "loss.alpha") if k in numeric]

@@ -1,20 +1,15 @@
 """What every ``jobs/*.py`` entrypoint shares: ``--config FILE`` plus the CLI's own flags, handed to
 ``distill-ray`` so a job does exactly what the command does (same validation, same one-line errors).
 
-The entrypoints run as ``python jobs/NAME.py`` (under ``ray job submit --working-dir .`` too), which
-puts jobs/ on sys.path but not the checkout: the checkout goes first so the code that runs is the
-code that was submitted.
+The entrypoints run as ``python jobs/NAME.py`` and import ``distill_ray`` like any other program:
+from the package ``make setup`` installs (editable, so it is this checkout), or, under
+``ray job submit --working-dir .``, from the uploaded checkout, which Ray puts first on the
+PYTHONPATH of the driver and of every worker. Nothing here edits ``sys.path``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "distill_ray" / "__init__.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
 
 
 def run(command: str, prog: str, argv: list[str] | None = None) -> int:

@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distill_ray.ablation import ROWS, ablation_main  # noqa: E402
+from distill_ray.ablation import ROWS, ablation_main
 
 
 def main(argv: list[str] | None = None) -> int:

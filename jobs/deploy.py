@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _cli  # noqa: F401  (puts this checkout first on sys.path)
-from distill_ray.config import ConfigError, ServeConfig, load_config  # noqa: E402
+from distill_ray.config import ConfigError, ServeConfig, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,11 @@ def main(out: Path) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from distill_ray.extras import require
+
+    # sklearn first: its extra (examples) brings Pillow too
+    load_digits = require("sklearn.datasets", "jobs/make_example_data.py").load_digits
+    Image = require("PIL.Image", "jobs/make_example_data.py")
 
     from distill_ray.data import _debian_dataset_dir, _fortune_items, FORTUNES_PACKAGE, FORTUNES_SUBDIR
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -301,3 +303,19 @@ def test_sample_for_rank_follows_the_weights():
     assert_close(frequencies, weights.double(), atol=0.015, rtol=0)
     with pytest.raises(ValueError, match="non-negative"):
         cur.sample_for_rank(torch.tensor([-1.0, 2.0]), 4, 0, 0, 0, 1)
+
+
+def test_the_cache_holds_each_measure_as_the_curriculum_computes_it():
+    from distill_ray.cache_build import finish_rows
+
+    rng = np.random.default_rng(0)
+    logits = torch.as_tensor(rng.normal(size=(2, 40, 5)).astype(np.float32) * 3)
+    labels = np.where(np.arange(40) % 4 == 0, -1, rng.integers(0, 5, 40))
+    batch = {"label": labels, "a/logits": logits[0].numpy(), "b/logits": logits[1].numpy()}
+    out = finish_rows(batch, ("a", "b"), "float32", None, 5, False, None)
+    for name in ("ensemble_entropy", "teacher_disagreement"):
+        np.testing.assert_allclose(out[f"difficulty/{name}"], cur.MEASURERS[name](logits).numpy(), rtol=1e-6)
+    labeled = labels >= 0
+    np.testing.assert_allclose(out["difficulty/teacher_ce"][labeled],
+                               cur.MEASURERS["teacher_ce"](logits[:, labeled], torch.as_tensor(labels[labeled])).numpy(),
+                               rtol=1e-6)

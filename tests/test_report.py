@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,15 @@ def test_report_says_at_which_epoch_student_and_baseline_are_reported():
     text = report_markdown(metrics, rows)
     assert "student at its best validation epoch, 34 of 40; baseline at its best validation epoch, 99 of 443" in text
     assert "= **75.0%**" in text
+
+
+def test_without_matplotlib_the_report_keeps_its_numbers_and_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plots extra were not installed
+    history, _ = _synthetic_run(epochs=2)
+    metrics = {"student": 0.8, "baseline": 0.7, "teachers": {"t": 0.9}, "teacher_weights": {"t": 1.0}}
+    rows = {"t": {"accuracy": 0.9, "ece": 0.01}, "student": {"accuracy": 0.8, "ece": 0.02}}
+    path = write_report(tmp_path, metrics, history, None, rows, {"student": (np.full((20, 10), 0.1), np.arange(20) % 10)})
+    text = path.read_text()
+    assert "| student | 0.8000 | 0.0200 |" in text and "**50.0%**" in text
+    assert "pip install 'distill-ray[plots]'" in text and not any((tmp_path / name).exists() for name in PLOTS)
+    assert "distill-ray[plots]" in capsys.readouterr().out

@@ -25,8 +25,9 @@ learned+wide           learned with that twice-as-wide student: does a wider stu
 Rows without curriculum train at the constant ``loss.temperature`` and ``loss.alpha``. Curriculum
 rows take their settings (num_stages, stage_length, start_fraction, ...) from the config's
 curriculum section and as many epochs as it takes them to make the ``learned`` row's optimizer
-steps (a curriculum holds data back early, so at equal epochs it would simply train less); if the config itself runs multi_stage, the multi_stage row is the config as it
-is (its stage temperatures included), otherwise temperature and alpha stay constant there too.
+steps (a curriculum holds data back early, so at equal epochs it would simply train less); the
+multi_stage row keeps the section's stage temperatures and alphas (POCL's T 1 -> 2 by default),
+whatever scheduler the config itself runs; the other curricula keep temperature and alpha constant.
 Teachers are prepared and soft targets cached once; each row reads the cached dataset with the
 columns of its own teachers (one, for kd_best_teacher), or adds the broken teacher's seeded random
 logits as a Ray Data stage. Seeds are ``train.seed, train.seed + 1, ...``; a run is named by
@@ -128,8 +129,8 @@ def _with_scheduler(cfg: ExperimentConfig, scheduler: str, rows: int) -> Experim
     from distill_ray.run_inputs import epochs_for_steps
     from distill_ray.objectives import planned_steps
 
-    if scheduler == "multi_stage" and cfg.curriculum.scheduler == "multi_stage":
-        out = cfg  # the config's own POCL settings, temperature stages included
+    if scheduler == "multi_stage":  # the config's own POCL settings, temperature stages included
+        out = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, scheduler="multi_stage"))
     else:
         base = _no_curriculum(cfg)
         out = dataclasses.replace(base, curriculum=dataclasses.replace(base.curriculum, scheduler=scheduler))

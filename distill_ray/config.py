@@ -223,11 +223,12 @@ class CurriculumConfig:
     confidence_tau: float = _field(1.0, gt=0.0)
     """confidence: sharpness of the sampling weights."""
     temperature_schedule: str = _field("stage", choices=SCHEDULE_KINDS)
-    """How temperature moves: constant (loss.temperature), linear/cosine to temperature_end, or per stage."""
+    """How temperature moves: constant (loss.temperature), linear/cosine to temperature_end, or per stage
+    (stage_temperatures; with a scheduler other than multi_stage there are no stages: loss.temperature)."""
     temperature_end: float = _field(2.0, gt=0.0)
     """End temperature of linear/cosine schedules."""
     alpha_schedule: str = _field("constant", choices=SCHEDULE_KINDS)
-    """How alpha moves: constant (loss.alpha), linear/cosine to alpha_end, or per stage."""
+    """How alpha moves: constant (loss.alpha), linear/cosine to alpha_end, or per stage (multi_stage only)."""
     alpha_end: float = _field(0.5, ge=0.0, le=1.0)
     """End alpha of linear/cosine schedules."""
 

@@ -37,3 +37,13 @@ def test_a_curriculum_that_holds_data_back_gets_more_epochs_for_equal_steps():
     longer = config_from_dict(apply_overrides(config_to_dict(cfg), [("train.epochs", epochs)]))
     shorter = config_from_dict(apply_overrides(config_to_dict(cfg), [("train.epochs", epochs - 1)]))
     assert planned_steps(longer, 10_000, 1) >= target > planned_steps(shorter, 10_000, 1)
+
+
+def test_per_stage_temperatures_apply_only_where_there_are_stages():
+    from distill_ray.objectives import temperature_and_alpha
+
+    cfg = load_config(REPO / "jobs/configs/fortunes_text.yaml")  # scheduler none, stage temperatures 1 -> 2
+    assert (cfg.curriculum.scheduler, cfg.curriculum.temperature_schedule) == ("none", "stage")
+    assert temperature_and_alpha(cfg, 0, 100, stage=0) == (cfg.loss.temperature, cfg.loss.alpha)
+    pocl = config_from_dict(apply_overrides(config_to_dict(cfg), [("curriculum.scheduler", "multi_stage")]))
+    assert [temperature_and_alpha(pocl, 0, 100, stage=s)[0] for s in range(4)] == [1.0, 1.33, 1.67, 2.0]

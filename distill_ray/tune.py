@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from distill_ray.config import ConfigError, ExperimentConfig, config_to_dict, dump_config
+from distill_ray.console import is_verbose
 from distill_ray.extras import available, install_hint
 from distill_ray.registry import register
 from distill_ray.report import final_teacher_weights
@@ -335,6 +336,8 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
                                         # PBT pauses every trial at every perturbation: reuse its process
                                         reuse_actors=pbt),
             run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir), callbacks=_callbacks(cfg, sweep_dir),
+                                      # the status table as trials progress; per-trial boxes only with -v
+                                      verbose=2 if is_verbose() else 1,
                                       # PBT: the last epoch ends the trial before PBT could clone into it
                                       stop={"epoch": cfg.train.epochs} if pbt else None),
         )

@@ -106,7 +106,7 @@ class DataConfig:
     a transfer set the student distils on and nothing else trains on."""
     transfer_set: bool = False
     """The preset's own unlabeled transfer set joins train (fortunes: the ~9.9k fortunes of the other
-    category files). Presets with one: fortunes."""
+    category files), whole: data.max_train_samples caps the labeled rows only. Presets with one: fortunes."""
     val_fraction: float = _field(0.1, gt=0.0, le=0.5)
     """Share of rows held out for validation, decided by the sample id (so no read order matters)."""
     test_fraction: float = _field(0.2, ge=0.0, le=0.5)

@@ -46,12 +46,14 @@ def stage_and_fraction(cfg: ExperimentConfig, epoch: int, step: int) -> tuple[in
 
 def temperature_and_alpha(cfg: ExperimentConfig, step: int, total_steps: int, stage: int) -> tuple[float, float]:
     c, loss = cfg.curriculum, cfg.loss
-    staged = c.scheduler == "multi_stage"  # without stages a per-stage value is the constant loss value
-    temperature = cur.schedule_value(
-        "constant" if c.temperature_schedule == "stage" and not staged else c.temperature_schedule, step,
-        total_steps, loss.temperature, c.temperature_end, stage=stage, stage_values=c.stage_temperatures)
-    alpha = cur.schedule_value("constant" if c.alpha_schedule == "stage" and not staged else c.alpha_schedule, step,
-                               total_steps, loss.alpha, c.alpha_end, stage=stage, stage_values=c.stage_alphas)
+
+    def kind(schedule: str) -> str:  # without stages, a per-stage value is the loss's constant one
+        return "constant" if schedule == "stage" and c.scheduler != "multi_stage" else schedule
+
+    temperature = cur.schedule_value(kind(c.temperature_schedule), step, total_steps, loss.temperature,
+                                     c.temperature_end, stage=stage, stage_values=c.stage_temperatures)
+    alpha = cur.schedule_value(kind(c.alpha_schedule), step, total_steps, loss.alpha, c.alpha_end,
+                               stage=stage, stage_values=c.stage_alphas)
     return float(temperature), float(alpha)
 
 

@@ -21,14 +21,14 @@ Top-k targets are stored in one of ``TOPK_ENCODINGS`` (recorded in the manifest'
 is always decoded the way it was written; ``CachedData.dataset`` hands every reader the same
 logical columns ``{teacher}/topk_logprobs`` (float32, descending) + ``{teacher}/topk_indices``):
 
-- ``q7`` (default): per position, the top log-prob as float16 (``{t}/topk_top``), each entry's
-  offset below it companded to 7 bits, ``q = round(127 * (1 - exp(-offset / 2)))`` (uint8,
-  ``{t}/topk_q7``: fine steps near the top, where the mass is, coarse far below it), and the
+- ``q8`` (default): per position, the top log-prob as float16 (``{t}/topk_top``), each entry's
+  offset below it companded to 8 bits, ``q = round(255 * (1 - exp(-offset / 2)))`` (uint8,
+  ``{t}/topk_q8``: fine steps near the top, where the mass is, coarse far below it), and the
   entries sorted by class index, stored as index deltas in the narrowest unsigned type the
   vocabulary allows (``{t}/topk_delta``); written with Parquet BYTE_STREAM_SPLIT + zstd. About 2x
   smaller than ``plain`` float16 (``bench/cache_size.py``).
 - ``plain``: log-probs in the spec's ``dtype`` (float16/float32) + int32 indices, descending (the
-  only format before ``q7``).
+  only format before ``q8``).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 3  # 2: inputs, labels, targets and difficulty, split by directory; 3: + spec.topk_encoding
 
 _DTYPES = ("float16", "float32")
-TOPK_ENCODINGS = ("q7", "plain")
+TOPK_ENCODINGS = ("q8", "plain")
 _SHARD_RE = re.compile(r"split=(train|val|test)/[A-Za-z0-9_.-]+\.parquet")
 _REBUILD_HINT = "rebuild it with `distill-ray cache CONFIG --rebuild` (or set cache.rebuild=true)"
 
@@ -118,7 +118,7 @@ class CacheSpec:
     """None: full logits are stored; k: only each position's k largest logits and their indices."""
     dtype: str = "float16"
     """Storage dtype of full logits, and of top-k values when ``topk_encoding='plain'``: float16 or float32."""
-    topk_encoding: str | None = "q7"
+    topk_encoding: str | None = "q8"
     """How top-k targets are stored (``TOPK_ENCODINGS``); None when full logits are stored."""
     tokenizer: str | None = None
     """Tokenizer fingerprint or name, for text data."""
@@ -230,9 +230,9 @@ SPLITS = ("train", "val", "test")
 
 
 LOGICAL_TOPK = ("topk_logprobs", "topk_indices")  # what readers get, whatever the encoding
-_STORED_TOPK = {"plain": LOGICAL_TOPK, "q7": ("topk_top", "topk_q7", "topk_delta")}
-Q7_LEVELS = 127  # 7 bits of levels in a uint8
-Q7_SCALE = 2.0  # nats: offset o is stored as u = 1 - exp(-o / Q7_SCALE), so steps grow with distance from the top
+_STORED_TOPK = {"plain": LOGICAL_TOPK, "q8": ("topk_top", "topk_q8", "topk_delta")}
+Q8_LEVELS = 255  # a uint8
+Q8_SCALE = 2.0  # nats: offset o is stored as u = 1 - exp(-o / Q8_SCALE), so steps grow with distance from the top
 
 
 def target_columns(spec: CacheSpec) -> list[str]:
@@ -255,10 +255,11 @@ def encode_topk(logprobs: np.ndarray, indices: np.ndarray, encoding: str, num_cl
     """One teacher's top-k ``[..., k]`` (log-probs at T = 1, any order; distinct indices) as the stored
     columns of ``encoding``, keyed by column suffix (``topk_top``, ... ; see the module docstring).
 
-    ``q7`` error bound: the top log-prob is float16; every other entry's offset ``o`` below it comes
-    back within half a level of ``u = 1 - exp(-o / 2)``, i.e. ``|error| <= exp(o / 2) / 127`` nats to first order (0.008
-    nats at the top, 0.02 at o = 2, ~1 at o = 10, where the entry has < 5e-5 of the top's mass);
-    offsets past ``2 * ln(254)`` = 11.1 nats are stored as that much.
+    ``q8`` error bound: the top log-prob is float16; every other entry's offset ``o`` below it comes
+    back within half a level of ``u = 1 - exp(-o / 2)``, i.e. ``|error| <= exp(o / 2) / 255`` nats to first
+    order (0.004 nats at the top, 0.011 at o = 2, 0.6 at o = 10, where the entry has < 5e-5 of the top's
+    mass); offsets past ``2 * ln(510)`` = 12.5 nats are stored as that much. Only the top class is stored
+    at offset 0 (others at least one level, 0.008 nats, below), so the top-1 survives any near-tie.
     """
     logprobs = np.asarray(logprobs, dtype=np.float32)
     indices = np.asarray(indices)
@@ -266,16 +267,24 @@ def encode_topk(logprobs: np.ndarray, indices: np.ndarray, encoding: str, num_cl
         raise ValueError(f"top-k log-probs {logprobs.shape} and indices {indices.shape} differ in shape")
     if encoding == "plain":
         return {"topk_logprobs": logprobs.astype(dtype), "topk_indices": indices.astype(np.int32)}
-    if encoding != "q7":
+    if encoding != "q8":
         raise ValueError(f"unknown top-k encoding {encoding!r}; choose one of: {', '.join(TOPK_ENCODINGS)}")
     order = np.argsort(indices, axis=-1, kind="stable")
     sorted_idx = np.take_along_axis(indices, order, -1).astype(np.int64)
     values = np.take_along_axis(logprobs, order, -1)
     top = logprobs.max(-1).astype(np.float16)
     offset = np.maximum(top.astype(np.float32)[..., None] - values, 0.0)  # inf (a -inf log-prob) stays inf
-    q = np.rint(-np.expm1(-offset / Q7_SCALE) * Q7_LEVELS).astype(np.uint8)
+    q = np.rint(-np.expm1(-offset / Q8_SCALE) * Q8_LEVELS)
+    # Only the teacher's top class is stored at level 0, so a near-tie (< 0.004 nats) cannot swap the
+    # top-1 on reading: the others are at least one level (0.008 nats) below it.
+    # the top class is the first maximum in the input's order (the teacher's, which float16 ties keep)
+    top_class = np.take_along_axis(indices, np.argmax(logprobs, axis=-1)[..., None], -1)
+    top_pos = np.argmax(sorted_idx == top_class, axis=-1)[..., None]
+    q = np.maximum(q, 1)
+    np.put_along_axis(q, top_pos, 0, -1)
+    q = q.astype(np.uint8)
     delta = np.diff(sorted_idx, axis=-1, prepend=0).astype(index_dtype(num_classes))
-    return {"topk_top": top, "topk_q7": q, "topk_delta": delta}
+    return {"topk_top": top, "topk_q8": q, "topk_delta": delta}
 
 
 def decode_topk(columns: Mapping[str, np.ndarray], encoding: str) -> tuple[np.ndarray, np.ndarray]:
@@ -284,11 +293,11 @@ def decode_topk(columns: Mapping[str, np.ndarray], encoding: str) -> tuple[np.nd
     if encoding == "plain":
         return (np.asarray(columns["topk_logprobs"], dtype=np.float32),
                 np.asarray(columns["topk_indices"], dtype=np.int32))
-    if encoding != "q7":
+    if encoding != "q8":
         raise ValueError(f"unknown top-k encoding {encoding!r}; choose one of: {', '.join(TOPK_ENCODINGS)}")
     top = np.asarray(columns["topk_top"], dtype=np.float32)
-    u = np.minimum(np.asarray(columns["topk_q7"], dtype=np.float32) / Q7_LEVELS, 1.0 - 0.5 / Q7_LEVELS)
-    values = top[..., None] + Q7_SCALE * np.log1p(-u)
+    u = np.minimum(np.asarray(columns["topk_q8"], dtype=np.float32) / Q8_LEVELS, 1.0 - 0.5 / Q8_LEVELS)
+    values = top[..., None] + Q8_SCALE * np.log1p(-u)
     indices = np.cumsum(np.asarray(columns["topk_delta"], dtype=np.int64), axis=-1)
     order = np.argsort(-values, axis=-1, kind="stable")
     return (np.take_along_axis(values, order, -1).astype(np.float32),
@@ -321,11 +330,11 @@ def parquet_options(spec: CacheSpec) -> dict[str, Any]:
     """Parquet writer options for a cache of ``spec`` (``pyarrow.dataset.ParquetFileFormat().
     make_write_options(**...)``, which is what Ray Data's ``write_parquet(**...)`` passes them to).
 
-    ``q7``: the stored top-k columns as BYTE_STREAM_SPLIT (a uint8/uint16 value is a 4-byte INT32 in
+    ``q8``: the stored top-k columns as BYTE_STREAM_SPLIT (a uint8/uint16 value is a 4-byte INT32 in
     Parquet; split into byte streams, the always-zero high bytes vanish under zstd and the low ones
-    compress to about their entropy; dictionary encoding would bit-pack them at 7-16 bits and leave
+    compress to about their entropy; dictionary encoding would bit-pack them at 8-16 bits and leave
     zstd nothing to find), and dictionaries only for the integer inputs and labels; zstd level 9.
-    ``plain`` and full logits keep Ray Data's defaults (snappy, dictionaries), as before ``q7``.
+    ``plain`` and full logits keep Ray Data's defaults (snappy, dictionaries), as before ``q8``.
     """
     if spec.topk is None or spec.topk_encoding == "plain":
         return {}

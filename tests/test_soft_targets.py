@@ -292,8 +292,8 @@ def test_module_import_does_not_import_ray():
 
 
 
-def test_a_q7_topk_cache_reads_back_as_float32_logprobs_and_indices(ray_local, tmp_path):
-    """Written by Ray Data in the q7 encoding (with its Parquet options), read back through the same
+def test_a_q8_topk_cache_reads_back_as_float32_logprobs_and_indices(ray_local, tmp_path):
+    """Written by Ray Data in the q8 encoding (with its Parquet options), read back through the same
     logical columns a plain cache has: float32 log-probs and int32 indices, descending."""
     from distill_ray.losses import teacher_topk
 
@@ -307,10 +307,10 @@ def test_a_q7_topk_cache_reads_back_as_float32_logprobs_and_indices(ray_local, t
         lp, ix = teacher_topk(logits, 4)
         logp[t], idx[t] = lp.numpy(), ix.numpy()
         rows[f"{t}/topk_logprobs"], rows[f"{t}/topk_indices"] = logp[t], idx[t]
-    d = st.write_cache(tmp_path / "q7", spec, _dataset(st.encode_targets(dict(rows), spec)))
+    d = st.write_cache(tmp_path / "q8", spec, _dataset(st.encode_targets(dict(rows), spec)))
     cache = CachedData.open(d, spec)
-    assert cache.manifest["spec"]["topk_encoding"] == "q7" and "cnn/topk_q7" in cache.manifest["columns"]
-    assert "cnn/topk_logprobs" in cache.columns and "cnn/topk_q7" not in cache.columns
+    assert cache.manifest["spec"]["topk_encoding"] == "q8" and "cnn/topk_q8" in cache.manifest["columns"]
+    assert "cnn/topk_logprobs" in cache.columns and "cnn/topk_q8" not in cache.columns
     got = cache.dataset("train").take_batch(100, batch_format="numpy")
     assert "split" not in got and set(got) == set(cache.columns)
     pick = np.searchsorted(rows["id"], got["id"], sorter=np.argsort(rows["id"]))

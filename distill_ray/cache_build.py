@@ -13,7 +13,7 @@ import torch
 from distill_ray import curriculum as cur
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import load_model
-from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
+from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, encode_topk, write_cache
 from distill_ray.sources import DataInfo, SourceData
 from distill_ray.stages import with_teachers
 from distill_ray.streams import DIFFICULTY_PREFIX
@@ -28,15 +28,26 @@ def cache_spec(cfg: ExperimentConfig, info: DataInfo, dirs: dict[str, Path]) -> 
         model, _ = load_model(dirs[t.name])
         prints[t.name] = fingerprint(model)
     return CacheSpec(teacher_fingerprints=prints, data_fingerprint=info.fingerprint, num_classes=info.num_classes,
-                     topk=cfg.loss.topk, dtype=cfg.cache.dtype,
+                     topk=cfg.loss.topk, dtype=cfg.cache.dtype, topk_encoding=cfg.cache.topk_encoding,
                      seq_len=info.input_shape[-1] if info.task == "causal_lm" else None)
 
 
 def finish_rows(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dtype: str, topk: int | None,
-                num_classes: int, causal: bool, pad_id: int | None) -> dict[str, np.ndarray]:
+                num_classes: int, causal: bool, pad_id: int | None, topk_encoding: str = "plain") -> dict[str, np.ndarray]:
     """The last stage before the cache: targets in the storage dtype (refusing a float16 overflow,
-    which would NaN the loss later) and every difficulty measure as a column, so any curriculum
-    config reads the same cache."""
+    which would NaN the loss later), every difficulty measure as a column, so any curriculum
+    config reads the same cache, and top-k targets in the stored columns of ``topk_encoding``."""
+    batch = _with_difficulty(batch, teachers, dtype, topk, num_classes, causal, pad_id)
+    if topk is not None:
+        for t in teachers:
+            logp, idx = batch.pop(f"{t}/topk_logprobs"), batch.pop(f"{t}/topk_indices")
+            for suffix, col in encode_topk(logp, idx, topk_encoding, num_classes, dtype).items():
+                batch[f"{t}/{suffix}"] = col
+    return batch
+
+
+def _with_difficulty(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dtype: str, topk: int | None,
+                     num_classes: int, causal: bool, pad_id: int | None) -> dict[str, np.ndarray]:
     from distill_ray.losses import dense_from_topk, topk_label_logprobs
 
     for t in teachers:
@@ -99,7 +110,8 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
     ds = with_teachers(data.rows, tuple(teacher_specs(cfg, dirs, causal)))
     ds = ds.map_batches(finish_rows, fn_kwargs={"teachers": cfg.teacher_names(), "dtype": cfg.cache.dtype,
                                                 "topk": cfg.loss.topk, "num_classes": data.info.num_classes,
-                                                "causal": causal, "pad_id": data.info.pad_id},
+                                                "causal": causal, "pad_id": data.info.pad_id,
+                                                "topk_encoding": spec.topk_encoding},
                         batch_format="numpy", batch_size=512)
     start = time.perf_counter()
     directory.parent.mkdir(parents=True, exist_ok=True)

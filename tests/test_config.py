@@ -93,6 +93,7 @@ def test_overrides_are_coerced_to_the_field_type(override, getter, expected):
         ("curriculum.stage_unit=minute", ["curriculum.stage_unit", "epoch, step"]),
         ("teachers.a.source=hf_dir", ["teachers[0].path", "hf_dir"]),
         ("loss.topk=0", ["loss.topk", ">= 1"]),
+        ("cache.topk_encoding=q4", ["cache.topk_encoding", "'q4'", "q8, plain"]),
         ("loss.mixup_alpha=0.2", ["loss.mixup_alpha", "train.mode=online"]),
         ("data.transfer_set=true", ["data.transfer_set", "'fashion_mnist'", "fortunes", "data.unlabeled_path"]),
     ],

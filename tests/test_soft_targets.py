@@ -290,3 +290,35 @@ def test_module_import_does_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
+
+
+def test_a_q8_topk_cache_reads_back_as_float32_logprobs_and_indices(ray_local, tmp_path):
+    """Written by Ray Data in the q8 encoding (with its Parquet options), read back through the same
+    logical columns a plain cache has: float32 log-probs and int32 indices, descending."""
+    from distill_ray.losses import teacher_topk
+
+    import torch
+
+    spec = _spec(topk=4)
+    rows = _rows()
+    logp, idx = {}, {}
+    for t in ("cnn", "vit"):
+        logits = torch.as_tensor(rows.pop(f"{t}/logits").astype(np.float32))
+        lp, ix = teacher_topk(logits, 4)
+        logp[t], idx[t] = lp.numpy(), ix.numpy()
+        rows[f"{t}/topk_logprobs"], rows[f"{t}/topk_indices"] = logp[t], idx[t]
+    d = st.write_cache(tmp_path / "q8", spec, _dataset(st.encode_targets(dict(rows), spec)))
+    cache = CachedData.open(d, spec)
+    assert cache.manifest["spec"]["topk_encoding"] == "q8" and "cnn/topk_q8" in cache.manifest["columns"]
+    assert "cnn/topk_logprobs" in cache.columns and "cnn/topk_q8" not in cache.columns
+    got = cache.dataset("train").take_batch(100, batch_format="numpy")
+    assert "split" not in got and set(got) == set(cache.columns)
+    pick = np.searchsorted(rows["id"], got["id"], sorter=np.argsort(rows["id"]))
+    pick = np.argsort(rows["id"])[pick]
+    for t in ("cnn", "vit"):
+        assert got[f"{t}/topk_logprobs"].dtype == np.float32 and got[f"{t}/topk_indices"].dtype == np.int32
+        np.testing.assert_array_equal(np.sort(got[f"{t}/topk_indices"], -1), np.sort(idx[t][pick], -1))
+        np.testing.assert_array_equal(got[f"{t}/topk_indices"][:, 0], idx[t][pick, 0])  # the top class first
+        np.testing.assert_allclose(got[f"{t}/topk_logprobs"][:, 0], logp[t][pick, 0], atol=2e-3)
+    only = cache.dataset("val", ["id", "vit/topk_indices"]).take_batch(100, batch_format="numpy")
+    assert list(only) == ["id", "vit/topk_indices"]

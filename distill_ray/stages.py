@@ -16,6 +16,8 @@ the rows of the batch), upstream of the teachers: they see exactly the mixed row
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +125,7 @@ class TeacherColumns:
         out = self.runner.infer(np.asarray(batch["x"]), self.spec.features)
         if self.spec.trace_file:
             with open(self.spec.trace_file, "a") as f:
-                f.write(f"{self.spec.name} {','.join(map(str, np.asarray(batch['id']).tolist()))}\n")
+                f.write(f"{self.spec.name} {','.join(map(str, np.asarray(batch['id']).tolist()))} {os.getpid()}\n")
         return {**batch, **{f"{self.spec.name}/{key}": value for key, value in out.items()}}
 
 

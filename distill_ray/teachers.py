@@ -36,7 +36,7 @@ class TeacherSpec:
     topk: int | None = None
     features: tuple[str, ...] = ()  # "hint" / "attention", online mode
     batch_size: int = 512
-    trace_file: str | None = None  # tests and drills: every answered batch's ids, one line each
+    trace_file: str | None = None  # tests and drills: one line per answered batch: "name ids pid"
 
 
 class TeacherRunner:

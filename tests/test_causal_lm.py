@@ -214,7 +214,7 @@ def test_tiny_lm_online_mode_streams_through_the_teacher_stages(ray_local, tmp_p
     train_ids = set(data.train.select_columns(["id"]).to_pandas()["id"].tolist())
     served: dict[str, list[int]] = {}
     for line in answered.read_text().splitlines():
-        name, ids = line.split(" ")
+        name, ids, _pid = line.split(" ")
         served.setdefault(name, []).extend(i for i in map(int, ids.split(",")) if i in train_ids)
     # Stage 0 of 2 opens half the windows: each teacher answered every open window once, per token.
     n = data.info.counts["train"]

@@ -333,7 +333,7 @@ def _online_run(cfg, dirs, storage: Path, **kwargs):
     train_ids = set(data.train.select_columns(["id"]).to_pandas()["id"].tolist())
     served: dict[str, int] = {}
     for line in answered_file.read_text().splitlines():  # one line per answered batch (validation too)
-        name, ids = line.split(" ")
+        name, ids, _pid = line.split(" ")
         served[name] = served.get(name, 0) + sum(int(i) in train_ids for i in ids.split(","))
     return history, state, served
 

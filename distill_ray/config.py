@@ -35,7 +35,7 @@ SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
 TEACHER_SOURCES = ("hf_dir", "recipe", "torch_checkpoint")
 STUDENT_ARCHS = ("mlp", "cnn", "transformer_encoder", "hf_config", "hf_causal_lm", "hf_dir")
 TASKS = ("classification", "causal_lm")
-PRESETS = ("fashion_mnist", "fortunes", "python_stdlib")
+PRESETS = ("fashion_mnist", "fortunes", "python_stdlib", "python_functions")
 FILE_FORMATS = ("parquet", "jsonl", "csv", "text", "images")
 DATA_FORMATS = FILE_FORMATS + PRESETS
 
@@ -62,7 +62,9 @@ class DataConfig:
     format: str = _field("fashion_mnist", choices=DATA_FORMATS)
     """Where samples come from: your files (parquet, jsonl, csv, text, images) or a bundled preset
     (fashion_mnist: Debian dataset-fashion-mnist images; fortunes: 12-way text classification from
-    Debian fortunes; python_stdlib: the standard library's source as causal-LM windows)."""
+    Debian fortunes; python_stdlib: the standard library's source as causal-LM windows; python_functions:
+    "write this function" instruction pairs from the standard library, prompt = signature + docstring,
+    response = body)."""
     task: str = _field("classification", choices=TASKS)
     """classification (one label per sample) or causal_lm (next-token prediction)."""
     path: str | None = None
@@ -88,10 +90,19 @@ class DataConfig:
     means unlabeled data (KD only); a null label marks one row unlabeled."""
     id_field: str | None = None
     """Column of unique sample ids (ints, or strings hashed to ints); None = a stable hash of the row."""
+    prompt_field: str | None = None
+    """causal_lm instruction data: the column of prompts (with data.response_field). Loss and KD apply to
+    the response tokens only."""
+    response_field: str | None = None
+    """causal_lm instruction data: the column of responses the model learns to write."""
+    messages_field: str | None = None
+    """causal_lm chat data: a column of turns (lists of {role, content}), rendered with the tokenizer's chat
+    template; the last assistant turn is the response, every turn before it the prompt."""
     tokenizer: str | None = None
     """Local tokenizer directory, 'minilm' for the bundled all-MiniLM-L6-v2, or 'smollm2'."""
     max_length: int = _field(128, ge=1)
-    """Tokens per text sample after truncation (causal LM: tokens per window)."""
+    """Tokens per text sample after truncation (causal LM: tokens per window, or per prompt + response,
+    longer ones cut; the data line says how many were)."""
     max_train_samples: int | None = _field(None, ge=1)
     """Use at most this many training samples (a fixed, seeded subset); None = all."""
     max_eval_samples: int | None = _field(None, ge=1)
@@ -564,14 +575,31 @@ def _validate_across(cfg: ExperimentConfig) -> None:
               "glob or URI")
     if cfg.data.format == "images" and cfg.data.task != "classification":
         _fail("data.task", "images are classified; set data.task=classification")
-    if cfg.data.format == "python_stdlib" and cfg.data.task != "causal_lm":
-        _fail("data.task", "the python_stdlib corpus is next-token data; set data.task=causal_lm")
+    if cfg.data.format in ("python_stdlib", "python_functions") and cfg.data.task != "causal_lm":
+        _fail("data.task", f"the {cfg.data.format} data is for language models; set data.task=causal_lm")
+    _validate_instruction_fields(cfg.data)
     if cfg.data.task == "classification" and cfg.student.arch == "hf_causal_lm":
         _fail("student.arch", "'hf_causal_lm' is a language model; it needs data.task=causal_lm")
     if cfg.loss.topk is not None and cfg.loss.kind in ("mse_logits", "focal_kd", "dkd"):
         _fail("loss.topk", f"top-k targets do not support loss.kind={cfg.loss.kind!r}")
     if not cfg.name or "/" in cfg.name:
         _fail("name", f"{cfg.name!r} must be a non-empty name without '/'")
+
+
+def _validate_instruction_fields(d: DataConfig) -> None:
+    if (d.prompt_field is None) != (d.response_field is None):
+        given, missing = ("prompt_field", "response_field") if d.prompt_field else ("response_field", "prompt_field")
+        _fail(f"data.{missing}", f"is required with data.{given}: instruction data is a prompt and a response")
+    if d.messages_field is not None and d.prompt_field is not None:
+        _fail("data.messages_field", "set either data.messages_field (chat turns) or data.prompt_field and "
+              "data.response_field, not both")
+    if (d.messages_field or d.prompt_field) and d.task != "causal_lm":
+        key = "messages_field" if d.messages_field else "prompt_field"
+        _fail(f"data.{key}", "instruction data is for language models; set data.task=causal_lm")
+    if (d.messages_field or d.prompt_field) and d.format not in ("parquet", "jsonl", "csv"):
+        key = "messages_field" if d.messages_field else "prompt_field"
+        _fail(f"data.{key}", f"needs a table (data.format parquet, jsonl or csv), not {d.format!r}"
+              + ("; the preset has its own prompt and response" if d.format == "python_functions" else ""))
 
 
 LM_LOSS_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")

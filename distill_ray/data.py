@@ -385,6 +385,67 @@ def load_python_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1, sp
                               tokenizer=str(tok_dir), pad_id=pad_id, task="causal_lm")
 
 
+def function_pairs(source: str) -> list[tuple[str, str, str]]:
+    """"Write this function" pairs from one Python file: (qualified name, prompt, response) for every
+    function or method with a docstring and a body after it. The prompt is the source from the ``def``
+    line through the docstring, the response the rest of the body (with its indentation), so
+    ``prompt + response`` is the function's own source, dedented to the ``def`` (it parses on its own).
+    Files that do not parse give no pairs."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.splitlines(keepends=True)
+    pairs: list[tuple[str, str, str]] = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = f"{prefix}{getattr(child, 'name', '')}"
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(child.body) > 1 \
+                    and ast.get_docstring(child, clean=False) is not None:
+                doc_end, end, indent = child.body[0].end_lineno, child.end_lineno, " " * child.col_offset
+                own = [line[len(indent):] if line.startswith(indent) else line for line in lines[child.lineno - 1:end]]
+                prompt, response = "".join(own[:doc_end - child.lineno + 1]), "".join(own[doc_end - child.lineno + 1:])
+                if response.strip():
+                    pairs.append((name, prompt, response))
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, f"{name}.")
+
+    visit(tree, "")
+    return pairs
+
+
+def load_python_functions(val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
+                          max_train_samples: int | None = None, max_eval_samples: int | None = None,
+                          max_chars: int = 4000) -> dict[str, list[tuple[int, str, str]]]:
+    """Instruction data from the standard library: ``function_pairs`` of every file (PSF licence), split
+    by file as ``load_python_corpus`` splits them (no file's functions straddle splits). Returns
+    split -> [(id, prompt, response)], pairs longer than ``max_chars`` left out, each split cut to its
+    ``max_*_samples`` in file order. Ids are stable hashes of (file, qualified name)."""
+    files = python_corpus_files()
+    root = _common_root(files)
+    rel = [str(f.relative_to(root)) for f in files]
+    order = np.argsort([_text_id("python_stdlib", r) for r in rel], kind="stable")
+    order = order[np.random.default_rng(split_seed).permutation(len(order))]
+    n_test, n_val = int(round(len(order) * test_fraction)), int(round(len(order) * val_fraction))
+
+    def split(file_idx: np.ndarray, limit: int | None) -> list[tuple[int, str, str]]:
+        out: list[tuple[int, str, str]] = []
+        for i in file_idx:
+            for name, prompt, response in function_pairs(files[i].read_text(encoding="utf-8", errors="replace")):
+                if len(prompt) + len(response) <= max_chars:
+                    out.append((_text_id(rel[i], name), prompt, response))
+                if limit is not None and len(out) >= limit:
+                    return out
+        return out
+
+    return {"train": split(order[n_test + n_val:], max_train_samples),
+            "val": split(order[n_test:n_test + n_val], max_eval_samples),
+            "test": split(order[:n_test], max_eval_samples)}
+
+
 def _common_root(files: list[Path]) -> Path:
     return Path(os.path.commonpath([str(f) for f in files]))
 

@@ -9,7 +9,7 @@ Either way nothing is unpickled: weights are safetensors, specs are JSON. ``load
 plain Hugging Face directory without ``distill_spec.json`` (teacher source ``hf_dir``).
 
 Text models take int64 token ids [B, L], right-padded with the tokenizer's pad id: transformers
-models get ``attention_mask = ids != pad_id`` (see ``forward_logits``).
+models get an ``attention_mask`` up to each row's trailing run of pad ids (see ``forward_logits``).
 
 Long because both families share one save/load/fingerprint contract that teachers, students,
 Serve and the registry all rely on; the architectures themselves are short.
@@ -290,8 +290,8 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, pad_id: int | None = 
     """Logits for a batch whatever the family: transformers models return an output object.
 
     Float inputs to a transformers model are images (``pixel_values``); integer inputs are token ids
-    [B, L], masked with ``attention_mask = ids != pad_id`` (``pad_id`` defaults to the model config's
-    ``pad_token_id``; no mask when it has none). Trailing columns that are padding in every row are
+    [B, L], right-padded: ``attention_mask`` covers each row up to its trailing run of ``pad_id``
+    (defaults to the model config's ``pad_token_id``; no mask when it has none). Trailing columns that are padding in every row are
     cut first: with the mask they change nothing but cost time.
     """
     inner = getattr(model, "module", model)  # DDP wraps the transformers model
@@ -301,14 +301,21 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, pad_id: int | None = 
 
 
 def _hf_call(model: nn.Module, inner: nn.Module, inputs: torch.Tensor, pad_id: int | None, **kwargs):
-    """One call of a transformers model: images as ``pixel_values``; token ids masked with
-    ``ids != pad_id`` after cutting trailing all-padding columns. Returns (output, mask or None)."""
+    """One call of a transformers model: images as ``pixel_values``; token ids masked up to each row's
+    trailing run of ``pad_id`` after cutting trailing all-padding columns. Returns (output, mask or None)."""
     if inputs.is_floating_point():
         return model(pixel_values=inputs, **kwargs), None
     pad_id = getattr(inner.config, "pad_token_id", None) if pad_id is None else pad_id
     if pad_id is None:
         return model(input_ids=inputs, **kwargs), None
-    mask = inputs != pad_id
+    # Right padding is the trailing run of pad ids: a pad id inside a sequence (SmolLM2 pads with its
+    # <|im_end|>, which a chat template writes between turns) is a real token and stays attended.
+    real = inputs != pad_id
+    if inputs.dim() == 2:
+        length = torch.where(real.any(1), inputs.shape[1] - real.flip(1).int().argmax(1), 0)
+        mask = torch.arange(inputs.shape[1], device=inputs.device) < length[:, None]
+    else:
+        mask = real
     used = mask.any(0)
     if inputs.dim() == 2 and used.any() and not used[-1]:
         width = int(used.nonzero().max()) + 1

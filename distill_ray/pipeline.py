@@ -100,7 +100,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     data = timed("data", load_data, cfg)  # bad data fails here, before anything is written
     counts = data.info.counts
     print(f"data: {cfg.data.format}, {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test rows "
-          f"({data.info.labeled['train']:,} train rows labeled) in {timings['data']:.0f}s", flush=True)
+          f"({data.info.labeled['train']:,} train rows labeled{_cut_note(data.info)}) in {timings['data']:.0f}s",
+          flush=True)
     run_dir = cfg.run_path().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log_to_run_dir(run_dir)
@@ -173,6 +174,12 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
                           reliability, config_name=cfg.name)
     print(f"report: {report}")
     return metrics
+
+
+def _cut_note(info) -> str:
+    """', N cut at data.max_length' for instruction data that had rows cut, else ''."""
+    cut = sum((info.truncated or {}).values())
+    return f", {cut:,} cut at data.max_length" if cut else ""
 
 
 def best_epoch_row(result: ray.train.Result) -> dict:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill_ray.config import ExperimentConfig
-from distill_ray.data import cache_root, load_fashion_mnist, load_fortunes, load_python_corpus
+from distill_ray.data import cache_root, load_fashion_mnist, load_fortunes, load_python_corpus, load_python_functions
 
 PRESET_VERSION = 1
 
@@ -85,4 +85,11 @@ def _build(cfg: ExperimentConfig) -> tuple[pa.Table, dict[str, Any]]:
                                   max_eval_samples=d.max_eval_samples)
         table = _table(data, {"x": lambda s: s.inputs}, label_tensor=True)
         return table, {"kind": "tokens", "class_names": []}
+    if d.format == "python_functions":
+        pairs = load_python_functions(val_fraction=d.val_fraction, split_seed=d.split_seed,
+                                      max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples)
+        rows = [(split, *pair) for split, split_pairs in pairs.items() for pair in split_pairs]
+        table = pa.table({"id": np.array([r[1] for r in rows], np.int64), "prompt": [r[2] for r in rows],
+                          "response": [r[3] for r in rows], "split": [r[0] for r in rows]})
+        return table, {"kind": "text", "class_names": [], "prompt_field": "prompt", "response_field": "response"}
     raise ValueError(f"no preset named {d.format!r}")

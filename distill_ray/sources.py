@@ -69,6 +69,8 @@ class DataInfo:
     """Tabular standardisation {mean, std} from the train split; saved with the student for Serve."""
     image_mode: str | None = None
     source: str = ""
+    truncated: Mapping[str, int] | None = None
+    """Instruction data: rows per split whose prompt + response was cut at data.max_length."""
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -345,6 +347,76 @@ def _windows(batch: dict[str, np.ndarray], text_field: str, tokenizer: str, max_
             "split": np.asarray(splits, dtype=object).astype(str)}
 
 
+IGNORE_LABEL = -100  # a label position that trains nothing (prompt tokens, padding), as in transformers
+
+
+def _instructions(batch: dict[str, np.ndarray], fields: tuple[str, ...], tokenizer: str, max_length: int,
+                  pad_id: int) -> dict[str, np.ndarray]:
+    """Causal-LM instruction data: prompt + response as one sequence of ``max_length`` tokens (+1 for the
+    shifted labels), right-padded with ``pad_id``. Labels are the next tokens of the response only
+    (prompt and padding positions are IGNORE_LABEL); ``cut`` marks sequences longer than max_length.
+    ``fields`` is (prompt column, response column), or (messages column,) of chat turns rendered with
+    the tokenizer's chat template."""
+    tok = _tokenizer(tokenizer)
+    n = len(batch["id"])
+    xs = np.full((n, max_length), pad_id, np.int64)
+    ys = np.full((n, max_length), IGNORE_LABEL, np.int64)
+    cut = np.zeros(n, bool)
+    for i in range(n):
+        prompt, response = _prompt_and_response(batch, i, fields, tok)
+        prompt_ids = tok(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+        response_ids = tok(response, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(fields) == 2 and tok.eos_token_id is not None:
+            response_ids = response_ids + [tok.eos_token_id]  # the model learns where a response ends
+        seq = prompt_ids + response_ids
+        cut[i] = len(seq) > max_length + 1
+        seq = seq[:max_length + 1]
+        xs[i, :len(seq) - 1] = seq[:-1]
+        # position j predicts token j + 1: the response's tokens are the labels from len(prompt) - 1 on
+        start = max(len(prompt_ids) - 1, 0)
+        ys[i, start:len(seq) - 1] = seq[start + 1:]
+    return {"id": batch["id"], "x": xs, "label": ys, "split": batch["split"], "cut": cut}
+
+
+def _prompt_and_response(batch: dict[str, np.ndarray], i: int, fields: tuple[str, ...], tok) -> tuple[str, str]:
+    if len(fields) == 2:
+        prompt, response = (batch[f][i] for f in fields)
+        return "" if prompt is None else str(prompt), "" if response is None else str(response)
+    turns = batch[fields[0]][i]
+    turns = json.loads(turns) if isinstance(turns, str) else [dict(t) for t in turns]
+    if not turns or any(not isinstance(t, Mapping) or "role" not in t or "content" not in t for t in turns) \
+            or turns[-1]["role"] != "assistant":
+        raise DataError(f"data.messages_field: column {fields[0]!r} row id {batch['id'][i]} must be a list of "
+                        "{role, content} turns ending with the assistant's")
+    turns = [{"role": str(t["role"]), "content": str(t["content"])} for t in turns]
+    if not getattr(tok, "chat_template", None):  # no template: role-prefixed lines
+        prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns[:-1]) + "assistant: "
+        return prompt, turns[-1]["content"] + (tok.eos_token or "")
+    prompt = tok.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)
+    whole = tok.apply_chat_template(turns, tokenize=False)
+    if not whole.startswith(prompt):
+        raise DataError(f"data.messages_field: the tokenizer's chat template does not render the prompt of row id "
+                        f"{batch['id'][i]} as a prefix of the whole conversation; give prompt_field/response_field")
+    return prompt, whole[len(prompt):]
+
+
+def _instruction_stats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per block and split: rows, rows cut at max_length, rows left with no response token to learn."""
+    taught = (np.asarray(batch["label"]) >= 0).any(1)
+    splits = [s for s in SPLITS if (np.asarray(batch["split"]) == s).any()]
+    masks = [np.asarray(batch["split"]) == s for s in splits]
+    return {"split": np.array(splits, dtype=object).astype(str),
+            "rows": np.array([m.sum() for m in masks], np.int64),
+            "cut": np.array([(m & batch["cut"]).sum() for m in masks], np.int64),
+            "untaught": np.array([(m & ~taught).sum() for m in masks], np.int64)}
+
+
+def _taught_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows with at least one response token in the window (a prompt that fills it teaches nothing)."""
+    keep = (np.asarray(batch["label"]) >= 0).any(1)
+    return {k: np.asarray(v)[keep] for k, v in batch.items() if k != "cut"}
+
+
 def _features(batch: dict[str, np.ndarray], fields: tuple[str, ...], transform: Mapping[str, Any]) -> dict[str, np.ndarray]:
     x = np.stack([np.asarray(batch[f], dtype=np.float32) for f in fields], axis=1) if fields else \
         np.zeros((len(batch["id"]), 0), np.float32)
@@ -450,6 +522,14 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
     types = dict(zip(schema.names, schema.types))
 
     folder_images = fmt == "images" and not _is_image_table(path)
+    instruction_fields = tuple(f for f in (meta.get("prompt_field", d.prompt_field),
+                                           meta.get("response_field", d.response_field), d.messages_field) if f)
+    for key, name in zip(("data.prompt_field", "data.response_field") if len(instruction_fields) == 2
+                         else ("data.messages_field",), instruction_fields):
+        if name not in columns:
+            raise DataError(f"{key}: column {name!r} is not in {path}; its columns are: {', '.join(columns)}")
+    if instruction_fields:
+        kind = "text"
     if kind is None:  # parquet/jsonl/csv: text if the text column is there and no features are named, else tabular
         if d.text_field != "text" and d.text_field not in columns and d.feature_fields is None:
             raise DataError(f"data.text_field: column {d.text_field!r} is not in {path}; its columns are: "
@@ -486,7 +566,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                 raise DataError(f"{path}: no numeric feature columns (columns: {', '.join(columns)}); name the "
                                 f"text column with data.text_field (now {d.text_field!r}) or the features with "
                                 "data.feature_fields")
-    elif kind == "text" and d.text_field not in columns and d.format not in PRESETS:
+    elif kind == "text" and d.text_field not in columns and d.format not in PRESETS and not instruction_fields:
         raise DataError(f"data.text_field: column {d.text_field!r} is not in {path}; its columns are: {', '.join(columns)}")
 
     for split, ds in raw.items():  # val/test files must look like train
@@ -522,6 +602,8 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         input_columns = feature_fields
     elif kind == "tokens":
         input_columns = ("x", "label")
+    elif instruction_fields:
+        input_columns = instruction_fields
     else:
         input_columns = ("text",) if d.format in PRESETS else (d.text_field,)
     rows = None
@@ -568,7 +650,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
     if not (kind == "text" and d.task == "causal_lm"):  # LM windows are counted after tokenization, below
         _check_splits(counts, path)
 
-    tokenizer_dir, pad_id, transform, image_mode, num_classes = None, None, None, None, 0
+    tokenizer_dir, pad_id, transform, image_mode, num_classes, truncated = None, None, None, None, 0, None
     if kind == "tabular":
         transform = standardise_stats(counts["train"], total, total_sq)
         pre = rows.map_batches(_features, fn_kwargs={"fields": feature_fields, "transform": transform},
@@ -609,11 +691,24 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         tokenizer_dir = str(resolve_tokenizer(d.tokenizer))
         tok = load_tokenizer(tokenizer_dir)
         pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
-        fn = _windows if d.task == "causal_lm" else _tokenize
-        pre = rows.map_batches(fn, fn_kwargs={"text_field": input_columns[0], "tokenizer": tokenizer_dir,
-                                              "max_length": d.max_length}, batch_format="numpy")
         input_shape = (d.max_length,)
-        if d.task == "causal_lm":
+        if instruction_fields:
+            pre = rows.map_batches(_instructions, fn_kwargs={"fields": instruction_fields, "tokenizer": tokenizer_dir,
+                                                             "max_length": d.max_length, "pad_id": pad_id},
+                                   batch_format="numpy")
+            seq_stats = _run(f"tokenizing {path}", lambda: pre.map_batches(_instruction_stats,
+                                                                          batch_format="numpy").take_all())
+            pre = pre.map_batches(_taught_rows, batch_format="numpy")
+            num_classes = len(tok)
+            counts, truncated = {s: 0 for s in SPLITS}, {s: 0 for s in SPLITS}
+            for row in seq_stats:
+                counts[row["split"]] += int(row["rows"]) - int(row["untaught"])
+                truncated[row["split"]] += int(row["cut"])
+            labeled = dict(counts)
+            _check_splits(counts, path, hint="raise data.max_length: prompts fill the window")
+        elif d.task == "causal_lm":
+            pre = rows.map_batches(_windows, fn_kwargs={"text_field": input_columns[0], "tokenizer": tokenizer_dir,
+                                                        "max_length": d.max_length}, batch_format="numpy")
             num_classes = len(tok)
             window_stats = _run(f"tokenizing {path}", lambda: pre.map_batches(
                 _stats, fn_kwargs={"fields": ()}, batch_format="numpy").take_all())
@@ -622,6 +717,9 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                 counts[row["split"]] += int(row["rows"])
             labeled = dict(counts)
             _check_splits(counts, path, hint="lower data.max_length or add text")
+        else:
+            pre = rows.map_batches(_tokenize, fn_kwargs={"text_field": input_columns[0], "tokenizer": tokenizer_dir,
+                                                         "max_length": d.max_length}, batch_format="numpy")
 
     if d.task == "classification":
         if not class_names and label_max < 0:
@@ -634,7 +732,8 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
     info = DataInfo(task=d.task, kind=kind, num_classes=int(num_classes), class_names=tuple(class_names or ()),
                     input_shape=tuple(int(s) for s in input_shape), counts=counts, labeled=labeled,
                     fingerprint=_fingerprint(cfg, sources, meta, counts), tokenizer=tokenizer_dir, pad_id=pad_id,
-                    feature_fields=feature_fields, transform=transform, image_mode=image_mode, source=str(path))
+                    feature_fields=feature_fields, transform=transform, image_mode=image_mode, source=str(path),
+                    truncated=truncated)
     splits = {s: pre.map_batches(_split_rows, fn_kwargs={"split": s}, batch_format="pyarrow") for s in SPLITS}
     return SourceData(info=info, rows=pre, splits=splits)
 

@@ -29,7 +29,9 @@ def is_verbose() -> bool:
 
 # Notices that say how Ray works, not what went wrong for the user: to the log file, not the terminal.
 ROUTINE_NOTICES = ("Progress bars disabled", "worker processes have been started on node",
-                   "Token authentication is enabled")
+                   "Token authentication is enabled",
+                   # Ray Data's issue detectors: memory advice for actors whose size Ray was not told
+                   "Ray only requests", "To disable issue detection")
 
 
 class _NotRoutine(logging.Filter):
@@ -67,6 +69,18 @@ def quiet_ray_loggers() -> None:
 
     print_or_log.routes_routine_notices = True
     ray_worker.print_to_stdstream = print_or_log
+
+
+def quiet_transformers() -> None:
+    """transformers' own bars ("Loading weights ...", one per model the driver loads to score it) stay
+    off the terminal unless ``--verbose``."""
+    if is_verbose():
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the text and lm extras are optional
+        return
+    hf_logging.disable_progress_bar()
 
 
 def log_to_run_dir(run_dir: Path) -> Path:

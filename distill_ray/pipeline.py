@@ -38,11 +38,12 @@ def connect_ray(address: str | None = None) -> None:
     a 2-core laptop would deadlock (every CPU held by actors, no read task can start). Worker output
     stays in Ray's logs unless ``--verbose`` (see ``console.py``).
     """
-    from distill_ray.console import is_verbose, quiet_ray_loggers
+    from distill_ray.console import is_verbose, quiet_ray_loggers, quiet_transformers
 
     # Ray Data's per-operator bars would print a line per update from every task and Train worker; the
     # datasets built after this carry the setting with them.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_transformers()
     if ray.is_initialized():
         return
     quiet_ray_loggers()
@@ -156,6 +157,9 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
                                              (min if metric == "perplexity" else max)(metrics["teachers"].values()))
     if metric == "perplexity":
         metrics["token_accuracy"] = {name: r["accuracy"] for name, r in rows.items()}
+        for key in ("rouge_l", "parses"):  # instruction data: greedy responses to held-out prompts
+            if any(key in r for r in rows.values()):
+                metrics[key] = {name: r[key] for name, r in rows.items() if key in r}
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
             "teacher_weights": weights, "metrics": {f"test_{metric}": metrics["student"]},
             "loss": config_to_dict(cfg.loss), "blend": cfg.blend.kind, "curriculum": cfg.curriculum.scheduler,

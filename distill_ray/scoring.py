@@ -50,7 +50,32 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
     teacher_logp = torch.stack([outputs[t.name][0] for t in cfg.teachers])
     blend_logp = torch.logsumexp(teacher_logp + weights.log().view(-1, 1, 1), dim=0)
     rows["blend"] = {"perplexity": perplexity(blend_logp, y), "accuracy": None}
+    if is_instruction_data(cfg):
+        for name, scores in instruction_scores(cfg, cache, models).items():
+            rows[name].update(scores)
     return {name: rows[name] for name in (*cfg.teacher_names(), "blend", "student", "baseline") if name in rows}, {}
+
+
+GENERATION_ROWS = 32  # held-out prompts each model answers greedily (CPU generation is token by token)
+
+
+def is_instruction_data(cfg: ExperimentConfig) -> bool:
+    d = cfg.data
+    return d.task == "causal_lm" and bool(d.prompt_field or d.messages_field or d.format == "python_functions")
+
+
+def instruction_scores(cfg: ExperimentConfig, cache: CachedData, models: dict) -> dict[str, dict[str, float]]:
+    """ROUGE-L of each model's greedy responses to the first GENERATION_ROWS test prompts, and for code
+    (python_functions) the share that parse: ``generation.generation_scores``."""
+    from distill_ray.data import load_tokenizer
+    from distill_ray.generation import generation_scores, prompts_and_references
+
+    batch = cache.dataset("test", ["x", "label"]).take_batch(GENERATION_ROWS, batch_format="numpy")
+    rows = prompts_and_references(np.array(batch["x"]), np.array(batch["label"]))
+    tokenizer = load_tokenizer(cache.spec.tokenizer)
+    longest = max(len(reference) for _, reference in rows)
+    return {name: generation_scores(model, tokenizer, rows, max_new_tokens=longest,
+                                    code=cfg.data.format == "python_functions") for name, model in models.items()}
 
 
 def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, models: dict):
@@ -103,7 +128,9 @@ def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dic
                   metric: str = "accuracy", gap: float | None = None) -> None:
     lm = metric == "perplexity"
     first, second = ("perplexity", "tok acc") if lm else ("test acc", "ECE")
-    print(f"\n{'model':<12}{first:>11}{second:>9}{'params':>13}{'latency ms':>12}{'weight':>8}")
+    generated = [key for key in ("rouge_l", "parses") if any(key in r for r in rows.values())]
+    extra = "".join(f"{'ROUGE-L' if key == 'rouge_l' else 'parses':>9}" for key in generated)
+    print(f"\n{'model':<12}{first:>11}{second:>9}{extra}{'params':>13}{'latency ms':>12}{'weight':>8}")
     for name in (*teachers, "blend", "baseline", "student"):
         if name not in rows:
             continue
@@ -114,7 +141,8 @@ def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dic
         weight = f"{weights[name]:.3f}" if name in weights else ""
         first_cell = f"{a:.4f}" if a is not None else "-"
         second_cell = f"{b:.4f}" if b is not None else "-"
-        print(f"{name:<12}{first_cell:>11}{second_cell:>9}{params:>13}{latency:>12}{weight:>8}")
+        extra = "".join(f"{r[key]:>9.4f}" if key in r else f"{'-':>9}" for key in generated)
+        print(f"{name:<12}{first_cell:>11}{second_cell:>9}{extra}{params:>13}{latency:>12}{weight:>8}")
     if "baseline" in rows:
         print(f"gap recovered (student - baseline) / (best teacher - baseline): "
               f"{'n/a (no teacher beats the baseline)' if gap is None else f'{gap:.1%}'}")

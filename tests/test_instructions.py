@@ -180,3 +180,17 @@ def test_jsonl_instruction_data_through_the_spine(ray_local, tmp_path):
     raw["data"]["response_field"] = "answer"
     with pytest.raises(DataError, match=r"data.response_field: column 'answer' is not in .*pairs.jsonl"):
         load_source(config_from_dict(raw))
+
+
+def test_rouge_l_and_the_parse_check_on_known_cases():
+    from distill_ray.generation import lcs_length, parses, prompts_and_references, rouge_l
+
+    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4  # the textbook pair
+    assert rouge_l("return a + b", "return a + b") == 1.0 and rouge_l("x", "y") == 0.0
+    # LCS "the cat the mat"... of 6 and 5 words: 3 common in order -> P 3/6, R 3/5
+    assert rouge_l("the cat sat on the mat", "the dog on the rug") == pytest.approx(2 * 0.5 * 0.6 / 1.1)
+    assert parses('def f(a):\n    """Doc."""\n', "    return a\n")
+    assert not parses('def f(a):\n    """Doc."""\n', "    return (a\n")
+    x = np.array([[5, 6, 7, 8, 0], [5, 6, 0, 0, 0]])
+    y = np.array([[-100, 7, 8, 9, -100], [-100] * 5])
+    assert prompts_and_references(x, y) == [([5, 6], [7, 8, 9])]  # the unlabeled row is skipped

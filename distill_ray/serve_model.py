@@ -208,8 +208,7 @@ class StudentPredictor:
         self.model = quantize_int8(model) if self.quantized == "int8" else model
         self.tokenizer = self._load_tokenizer() if has_tokenizer(self.student_dir) else None
         self.num_classes = self._num_classes()
-        self.max_length = int((self.spec.get("options") or {}).get("max_length")
-                              or self.spec.get("max_length") or DEFAULT_MAX_LENGTH)
+        self.max_length = self._max_length()
         card = read_card(self.student_dir)
         # Label names saved with the student (the data's label map) win over the card's copy.
         self.class_names = _class_names({"class_names": self.spec.get("class_names")} if self.spec.get("class_names")
@@ -245,6 +244,21 @@ class StudentPredictor:
         return bool(is_hf_model(self.model) and getattr(config, "vocab_size", None)
                     and not getattr(config, "num_channels", None))
 
+    def _max_length(self) -> int:
+        """Tokens kept per text: the spec's ``max_length``, else the padded length the student was trained
+        at (a text student's ``input_shape``), else the tokenizer's ``model_max_length`` (``save_tokenizer``
+        records it), else DEFAULT_MAX_LENGTH. Longer than trained would cost time and change answers."""
+        given = (self.spec.get("options") or {}).get("max_length") or self.spec.get("max_length")
+        if given:
+            return int(given)
+        shape = self.spec.get("input_shape")
+        if shape and self._is_text_student():
+            return int(shape[-1])
+        tokenizer_max = getattr(self.tokenizer, "model_max_length", None)
+        if tokenizer_max and tokenizer_max < 100_000:  # unset ones read as 1e30
+            return int(tokenizer_max)
+        return DEFAULT_MAX_LENGTH
+
     def _input_shape(self) -> tuple[int, ...] | None:
         if self._is_text_student():
             return None  # raw text (with a tokenizer) or token ids
@@ -274,8 +288,16 @@ class StudentPredictor:
             return self.tokenizer(item, truncation=True, max_length=self.max_length)["input_ids"]
         return [int(t) for t in item][: self.max_length]
 
+    def _token_rows(self, batch_inputs: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        """``_token_ids`` of every input, the texts tokenized in one call (the fast tokenizer's batch path)."""
+        texts = [item for item in batch_inputs if isinstance(item, str)]
+        if not texts or self.tokenizer is None:
+            return [self._token_ids(item) for item in batch_inputs]
+        encoded = iter(self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"])
+        return [next(encoded) if isinstance(item, str) else self._token_ids(item) for item in batch_inputs]
+
     def _text_logits(self, batch_inputs: Sequence[str | Sequence[int]]) -> torch.Tensor:
-        rows = [self._token_ids(item) for item in batch_inputs]
+        rows = self._token_rows(batch_inputs)
         pad_id = getattr(self.tokenizer, "pad_token_id", None)
         if pad_id is None:
             pad_id = getattr(getattr(self.model, "config", None), "pad_token_id", None) or 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -440,6 +441,27 @@ def test_text_student_tokenizes_pads_and_truncates(text_student):
     assert predictor._token_ids(long_text).__len__() == 16
     parsed = parse_predict_request(body({"inputs": ["hello", ids]}), predictor.schema, LIMITS)
     assert predictor.predict(list(parsed.inputs))["predictions"][0] in predictor.class_names
+
+
+def test_text_student_keeps_as_many_tokens_as_it_was_trained_on(text_student, tmp_path):
+    """A pipeline export records no max_length, only the padded training length (input_shape) and the
+    tokenizer's model_max_length: serving cuts texts there, not at DEFAULT_MAX_LENGTH."""
+    directory, tokenizer = text_student
+    long_text = " ".join(["word"] * 200)
+    for spec_extra, tokenizer_max, expected in (({"input_shape": [12]}, 20, 12), ({}, 20, 20), ({}, None, 128)):
+        exported = tmp_path / f"student_{expected}"
+        exported.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (exported / name).write_bytes((directory / name).read_bytes())
+        spec = json.loads((directory / "distill_spec.json").read_text())
+        spec["options"] = {}
+        (exported / "distill_spec.json").write_text(json.dumps({**spec, **spec_extra}))
+        saved = copy.deepcopy(tokenizer)
+        saved.model_max_length = tokenizer_max or int(1e30)  # what an unset model_max_length reads as
+        saved.save_pretrained(str(exported))
+        predictor = StudentPredictor(exported)
+        assert predictor.max_length == expected
+        assert len(predictor._token_rows([long_text, "short"])[0]) == expected
 
 
 def test_text_student_without_tokenizer_takes_token_ids_only(text_student, tmp_path):

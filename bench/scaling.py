@@ -162,6 +162,23 @@ def largest(processes: dict) -> tuple[float, str]:
     return p["peak_mb"], next((t for t in p["titles"] if t != "ray::IDLE"), p["titles"][0])
 
 
+def start_ray(tries: int = 3) -> None:
+    """``pipeline.connect_ray`` (RAY_ADDRESS=local: a Ray of this process's own, as the product starts
+    it), tried again when the raylet misses Ray's fixed 30 s to register, as on a heavily loaded machine."""
+    import ray
+
+    from distill_ray.pipeline import connect_ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            return connect_ray()
+        except Exception as err:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == tries:
+                raise
+            ray.shutdown()
+            print(f"Ray's start timed out (load average {os.getloadavg()[0]:.0f}); trying again", flush=True)
+
+
 # --- configs and phases --------------------------------------------------------------------------------
 
 def scaled_config(raw: dict, rows: int, eval_rows: int, dirs: dict, cache_dir: Path, workers: int, args):
@@ -330,11 +347,9 @@ def main() -> None:
 
     import ray
 
-    from distill_ray.pipeline import connect_ray
-
     workdir = Path(tempfile.mkdtemp(prefix="scaling-"))
     started = time.perf_counter()
-    connect_ray()  # RAY_ADDRESS=local: a Ray of this process's own, as the product starts it
+    start_ray()
     rss = PeakRss()
     try:
         rows = run(args, workdir, rss)

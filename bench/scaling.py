@@ -255,12 +255,14 @@ def run(args, workdir: Path, rss: PeakRss) -> list[dict]:
     for s, cfgs, data in prepared:
         row, cache = cache_phase(cfgs[workers[0]], data, dirs, rss)
         out.append({"scale": s, "workers": None, **row})
-        print(f"[{s}x] cache: {row['rows']:,} rows in {row['seconds']:.1f}s", flush=True)
+        print(f"[{s}x] cache: {row['rows']:,} rows in {row['seconds']:.1f}s (peak RSS driver {row['driver_mb']:.0f} "
+              f"MB, workers {row['workers_mb']:.0f} MB)", flush=True)
         for w in workers:
             row = train_phase(cfgs[w], cache, data.info, workdir, f"scaling-{s}x-{w}w", rss)
             out.append({"scale": s, "workers": w, **row})
             print(f"[{s}x] train, {w} worker(s): {row['rows']:,} rows in {row['seconds']:.1f}s "
-                  f"(loop {row['loop_rows_per_s']:,.0f} rows/s, {row['steps']} steps)", flush=True)
+                  f"(loop {row['loop_rows_per_s']:,.0f} rows/s, {row['steps']} steps; peak RSS driver "
+                  f"{row['driver_mb']:.0f} MB, Train workers {row['workers_mb']:.0f} MB)", flush=True)
     return out
 
 

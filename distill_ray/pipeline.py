@@ -154,7 +154,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
                  "labeled": dict(info.labeled), "kind": info.kind},
     }
     metrics["gap_recovered"] = gap_recovered(metrics["student"], metrics["baseline"],
-                                             (min if metric == "perplexity" else max)(metrics["teachers"].values()))
+                                             (min if metric == "perplexity" else max)(metrics["teachers"].values()),
+                                             lower_is_better=metric == "perplexity")
     if metric == "perplexity":
         metrics["token_accuracy"] = {name: r["accuracy"] for name, r in rows.items()}
         for key in ("rouge_l", "parses"):  # instruction data: greedy responses to held-out prompts

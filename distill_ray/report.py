@@ -54,13 +54,15 @@ def final_teacher_weights(history: Sequence[Mapping[str, Any]]) -> dict[str, flo
     return {}
 
 
-def gap_recovered(student: float | None, baseline: float | None, best_teacher: float | None) -> float | None:
-    """``(student - baseline) / (best_teacher - baseline)``; None when undefined (no baseline, or the
-    best teacher is not better than the baseline)."""
+def gap_recovered(student: float | None, baseline: float | None, best_teacher: float | None,
+                  lower_is_better: bool = False) -> float | None:
+    """``(student - baseline) / (best_teacher - baseline)``: the share of the baseline-to-teacher gap the
+    student closes, for a metric where higher is better or (``lower_is_better``, perplexity) lower is.
+    None when undefined (no baseline, or the best teacher is not better than the baseline)."""
     if student is None or baseline is None or best_teacher is None:
         return None
     denominator = best_teacher - baseline
-    if not denominator > 0:
+    if not (denominator < 0 if lower_is_better else denominator > 0):
         return None
     return (student - baseline) / denominator
 
@@ -195,7 +197,7 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
     best_name = pick(teachers, key=lambda n: metrics["teachers"][n]) if teachers else None
     best = metrics["teachers"][best_name] if best_name else None
     student, baseline = metrics.get("student"), metrics.get("baseline")
-    gap = gap_recovered(student, baseline, best)
+    gap = gap_recovered(student, baseline, best, lower_is_better=lm)
 
     lines = [f"# Distillation report: {config_name or metrics.get('name', 'run')}", ""]
     if config_name:

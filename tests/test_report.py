@@ -121,6 +121,9 @@ def test_report_without_baseline_or_weights_still_writes_everything(tmp_path):
 def test_gap_and_stage_boundaries():
     assert gap_recovered(0.87, 0.85, 0.90) == pytest.approx(0.4)
     assert gap_recovered(0.87, None, 0.90) is None and gap_recovered(0.87, 0.9, 0.9) is None
+    # Perplexity: lower is better. 683 from a baseline of 819 toward a teacher at 24 closes 17%.
+    assert gap_recovered(683.0, 819.0, 24.0, lower_is_better=True) == pytest.approx(136 / 795)
+    assert gap_recovered(1064.0, 1022.0, 1395.0, lower_is_better=True) is None  # teacher worse than baseline
     history, _ = _synthetic_run(steps_per_epoch=10, epochs=4)
     assert stage_boundaries(history) == [11, 21]  # stages 0 -> 1 at epoch 1, 1 -> 2 at epoch 2, then stays
 

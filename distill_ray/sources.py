@@ -777,7 +777,11 @@ def _fingerprint(cfg: ExperimentConfig, sources: Mapping[str, str], meta: Mappin
     """sha256 of the data config, the files (path, size, mtime) and the row counts per split."""
     from distill_ray.config import config_to_dict
 
-    h = hashlib.sha256(json.dumps(config_to_dict(cfg.data), sort_keys=True).encode())
+    data = config_to_dict(cfg.data)
+    for key in ("prompt_field", "response_field", "messages_field"):  # keys newer than the caches built
+        if data[key] is None:                                          # without them: unset, they stay out
+            del data[key]
+    h = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
     h.update(json.dumps(dict(meta), sort_keys=True, default=str).encode())
     h.update(json.dumps(dict(counts), sort_keys=True).encode())
     for split, path in sorted(sources.items()):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Keep worker processes from oversubscribing the 2 cores of CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -40,3 +44,34 @@ def small_fashion_mnist():
     except DataUnavailable as err:
         pytest.skip(str(err))
 
+
+@pytest.fixture(scope="session")
+def tiny_prepared(ray_local, tmp_path_factory):
+    """The tiny config's two recipe teachers and their soft-target cache, trained and built once for
+    the session. Returns ``fill(root, cache=True)``: it copies them to ``root/teachers/{mlp_a,cnn_b}``
+    and ``root/cache``, where a module's tiny config (with those paths) finds them, so its own
+    ``prepare_teachers`` / ``build_cache`` reuse (and verify) them instead of training again."""
+    import yaml
+
+    from distill_ray.config import apply_overrides, config_from_dict
+    from distill_ray.data import DataUnavailable
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers
+
+    root = tmp_path_factory.mktemp("tiny_prepared")
+    raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
+    cfg = config_from_dict(apply_overrides(raw, [
+        ("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
+        ("teachers.0.path", str(root / "teachers/mlp_a")), ("teachers.1.path", str(root / "teachers/cnn_b"))]))
+    try:
+        data = load_data(cfg)
+    except DataUnavailable as err:
+        pytest.skip(str(err))
+    build_cache(cfg, data, prepare_teachers(cfg, data))
+
+    def fill(dest: Path, cache: bool = True) -> Path:
+        shutil.copytree(root / "teachers", dest / "teachers", dirs_exist_ok=True)
+        if cache:
+            shutil.copytree(root / "cache", dest / "cache", dirs_exist_ok=True)
+        return dest
+
+    return fill

@@ -21,8 +21,8 @@ ROWS = ("scratch", "learned+broken_teacher")
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ablation")
+def tiny_cfg(tmp_path_factory, tiny_prepared):
+    root = tiny_prepared(tmp_path_factory.mktemp("ablation"))  # the session's teachers and cache, reused here
     raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
     return config_from_dict(apply_overrides(raw, [
         ("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),

@@ -119,7 +119,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cluster(request) -> LocalCluster:
+def cluster(request, tiny_prepared) -> LocalCluster:
     if shutil.which("setsid") is None or not Path("/proc").is_dir():
         pytest.skip("cluster/local.sh needs setsid and /proc (Linux)")
     ray_bin = Path(sys.executable).parent / "ray"
@@ -127,6 +127,9 @@ def cluster(request) -> LocalCluster:
         pytest.skip(f"no ray executable next to {sys.executable}")
     # Short path: Ray's unix sockets live under it (sun_path is limited to 107 bytes).
     root = Path(tempfile.mkdtemp(prefix="drmn-", dir="/tmp"))
+    # The tiny teachers where the jobs' configs look (_overrides): the first job reuses them instead of
+    # training them. (Not the cache: its key holds the data files' paths, which differ in the cluster.)
+    tiny_prepared(root, cache=False)
     gcs, dashboard, client, agent = _free_ports(4)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_") and k not in ("PYTEST_CURRENT_TEST",)}
@@ -168,7 +171,9 @@ def _runtime_env(cluster: LocalCluster) -> dict:
     env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     env["working_dir"] = str(REPO)
     env["env_vars"] = {**env.get("env_vars", {}), "DISTILL_RAY_CACHE": str(cluster.root / "distill-cache"),
-                       "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0"}
+                       "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0",
+                       # Train's controller polls every 0.25 s, not 2 s (see tests/conftest.py)
+                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")}
     return env
 
 

@@ -127,9 +127,10 @@ def cluster(request, tiny_prepared) -> LocalCluster:
         pytest.skip(f"no ray executable next to {sys.executable}")
     # Short path: Ray's unix sockets live under it (sun_path is limited to 107 bytes).
     root = Path(tempfile.mkdtemp(prefix="drmn-", dir="/tmp"))
-    # The tiny teachers where the jobs' configs look (_overrides): the first job reuses them instead of
-    # training them. (Not the cache: its key holds the data files' paths, which differ in the cluster.)
-    tiny_prepared(root, cache=False)
+    # The session's tiny teachers and cache where the jobs' configs look (_overrides): the first job
+    # reuses them and goes straight to training, the part under test. (The jobs read the data from the
+    # session's data cache, see _runtime_env: the cache's key holds the data file's path.)
+    tiny_prepared(root)
     gcs, dashboard, client, agent = _free_ports(4)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_") and k not in ("PYTEST_CURRENT_TEST",)}
@@ -170,7 +171,11 @@ def _runtime_env(cluster: LocalCluster) -> dict:
     """jobs/runtime_env.yaml, with this checkout as the working_dir (as `--working-dir .` does)."""
     env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     env["working_dir"] = str(REPO)
-    env["env_vars"] = {**env.get("env_vars", {}), "DISTILL_RAY_CACHE": str(cluster.root / "distill-cache"),
+    from distill_ray.data import cache_root
+
+    # The Fashion-MNIST table the session already wrote (read only here), so the data fingerprint, and
+    # with it the copied soft-target cache, is the session's.
+    env["env_vars"] = {**env.get("env_vars", {}), "DISTILL_RAY_CACHE": str(cache_root()),
                        "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0",
                        # Train's controller polls every 0.25 s, not 2 s (see tests/conftest.py)
                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")}

@@ -19,6 +19,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # the previous report was polled (a queue of one): tiny test runs that report every few steps spend
 # seconds per report and per run just waiting. Polling faster changes nothing else.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Data's Parquet reader starts 32 FooterReader actors (new worker processes, killed afterwards)
+# for every read, to fetch footers of files that here number one to a few: on 2 cores one read of the
+# 1200-row tiny cache took 131 CPU-s with 32 of them and the whole suite reads Parquet hundreds of
+# times (every load_data, cache build, Train run's train and val split). One actor reads the same
+# footers. Set before ray.init, so the raylet hands it to every worker.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY", "8")
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Speed settings tests/conftest.py gives the session's Ray, passed to the jobs' workers too.
+_TEST_RAY_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS",
+                 "RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY")
 
 
 # --- the cluster --------------------------------------------------------------------------------
@@ -177,8 +180,8 @@ def _runtime_env(cluster: LocalCluster) -> dict:
     # with it the copied soft-target cache, is the session's.
     env["env_vars"] = {**env.get("env_vars", {}), "DISTILL_RAY_CACHE": str(cache_root()),
                        "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0",
-                       # Train's controller polls every 0.25 s, not 2 s (see tests/conftest.py)
-                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")}
+                       # the test settings of tests/conftest.py (the cluster's own env drops RAY_*)
+                       **{k: os.environ[k] for k in _TEST_RAY_ENV if k in os.environ}}
     return env
 
 

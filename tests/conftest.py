@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Keep worker processes from oversubscribing the 2 cores of CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
-
+# Ray Train V2's controller polls its workers every 2 s, and a worker's ray.train.report waits until
+# the previous report was polled (a queue of one): tiny test runs that report every few steps spend
+# seconds per report and per run just waiting. Polling faster changes nothing else.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Data's Parquet reader starts 32 FooterReader actors (new worker processes, killed afterwards)
+# for every read, to fetch footers of files that here number one to a few: on 2 cores one read of the
+# 1200-row tiny cache took 131 CPU-s with 32 of them and the whole suite reads Parquet hundreds of
+# times (every load_data, cache build, Train run's train and val split). One actor reads the same
+# footers. Set before ray.init, so the raylet hands it to every worker.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY", "8")
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +50,35 @@ def small_fashion_mnist():
         return load_fashion_mnist(max_train_samples=1200, max_eval_samples=300, split_seed=0)
     except DataUnavailable as err:
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(ray_local, tmp_path_factory):
+    """The tiny config's two recipe teachers and their soft-target cache, trained and built once for
+    the session. Returns ``fill(root, cache=True)``: it copies them to ``root/teachers/{mlp_a,cnn_b}``
+    and ``root/cache``, where a module's tiny config (with those paths) finds them, so its own
+    ``prepare_teachers`` / ``build_cache`` reuse (and verify) them instead of training again."""
+    import yaml
+
+    from distill_ray.config import apply_overrides, config_from_dict
+    from distill_ray.data import DataUnavailable
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers
+
+    root = tmp_path_factory.mktemp("tiny_prepared")
+    raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
+    cfg = config_from_dict(apply_overrides(raw, [
+        ("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
+        ("teachers.0.path", str(root / "teachers/mlp_a")), ("teachers.1.path", str(root / "teachers/cnn_b"))]))
+    try:
+        data = load_data(cfg)
+    except DataUnavailable as err:
+        pytest.skip(str(err))
+    build_cache(cfg, data, prepare_teachers(cfg, data))
+
+    def fill(dest: Path, cache: bool = True) -> Path:
+        shutil.copytree(root / "teachers", dest / "teachers", dirs_exist_ok=True)
+        if cache:
+            shutil.copytree(root / "cache", dest / "cache", dirs_exist_ok=True)
+        return dest
+
+    return fill

@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tmp_path_factory):
+def tiny_cfg(tmp_path_factory, tiny_prepared):
     import yaml
 
-    root = tmp_path_factory.mktemp("engine")
+    root = tiny_prepared(tmp_path_factory.mktemp("engine"))  # the session's teachers and cache, reused here
     raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
     raw = apply_overrides(raw, [("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
                                 ("teachers.0.path", str(root / "teachers/mlp_a")),

@@ -263,13 +263,13 @@ def test_hint_teacher_must_exist():
 # --- on Ray --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def teacher_dirs(ray_local, small_fashion_mnist, tmp_path_factory):
-    """The tiny config's two recipe teachers (an MLP and a CNN), trained once for this module."""
+def teacher_dirs(ray_local, small_fashion_mnist, tmp_path_factory, tiny_prepared):
+    """The tiny config's two recipe teachers (an MLP and a CNN), trained once for the session."""
     import yaml
 
     from distill_ray.pipeline import load_data, prepare_teachers
 
-    root = tmp_path_factory.mktemp("feature_kd")
+    root = tiny_prepared(tmp_path_factory.mktemp("feature_kd"), cache=False)  # online mode: no cache
     raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
     raw = apply_overrides(raw, [("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
                                 ("teachers.0.path", str(root / "teachers/mlp_a")),

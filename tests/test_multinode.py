@@ -40,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Speed settings tests/conftest.py gives the session's Ray, passed to the jobs' workers too.
+_TEST_RAY_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS",
+                 "RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY")
 
 
 # --- the cluster --------------------------------------------------------------------------------
@@ -119,7 +122,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cluster(request) -> LocalCluster:
+def cluster(request, tiny_prepared) -> LocalCluster:
     if shutil.which("setsid") is None or not Path("/proc").is_dir():
         pytest.skip("cluster/local.sh needs setsid and /proc (Linux)")
     ray_bin = Path(sys.executable).parent / "ray"
@@ -127,6 +130,10 @@ def cluster(request) -> LocalCluster:
         pytest.skip(f"no ray executable next to {sys.executable}")
     # Short path: Ray's unix sockets live under it (sun_path is limited to 107 bytes).
     root = Path(tempfile.mkdtemp(prefix="drmn-", dir="/tmp"))
+    # The session's tiny teachers and cache where the jobs' configs look (_overrides): the first job
+    # reuses them and goes straight to training, the part under test. (The jobs read the data from the
+    # session's data cache, see _runtime_env: the cache's key holds the data file's path.)
+    tiny_prepared(root)
     gcs, dashboard, client, agent = _free_ports(4)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_") and k not in ("PYTEST_CURRENT_TEST",)}
@@ -167,8 +174,14 @@ def _runtime_env(cluster: LocalCluster) -> dict:
     """jobs/runtime_env.yaml, with this checkout as the working_dir (as `--working-dir .` does)."""
     env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     env["working_dir"] = str(REPO)
-    env["env_vars"] = {**env.get("env_vars", {}), "DISTILL_RAY_CACHE": str(cluster.root / "distill-cache"),
-                       "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0"}
+    from distill_ray.data import cache_root
+
+    # The Fashion-MNIST table the session already wrote (read only here), so the data fingerprint, and
+    # with it the copied soft-target cache, is the session's.
+    env["env_vars"] = {**env.get("env_vars", {}), "DISTILL_RAY_CACHE": str(cache_root()),
+                       "WANDB_MODE": "offline", "RAY_DEDUP_LOGS": "0",
+                       # the test settings of tests/conftest.py (the cluster's own env drops RAY_*)
+                       **{k: os.environ[k] for k in _TEST_RAY_ENV if k in os.environ}}
     return env
 
 

@@ -1,5 +1,5 @@
 """Population Based Training sweeps: mutations built from a space file, the errors that stop a bad
-PBT sweep before Ray starts, and (slow) a real 4-trial PBT sweep whose exploited trials continue the
+PBT sweep before Ray starts, and (slow) a real 2-trial PBT sweep whose exploited trial continues the
 donor's student instead of starting over."""
 
 from __future__ import annotations
@@ -159,20 +159,23 @@ def test_the_summary_shows_the_winners_schedule_per_epoch(tmp_path, base):
 # --- a real PBT sweep -------------------------------------------------------------------------------------
 
 EPOCHS = 2
+# The smallest population PBT can exploit in: at quantile 0.5 the weaker trial clones the stronger one
+# at every perturbation. Each trial trains in EPOCHS one-epoch segments, one TorchTrainer run each.
+POPULATION = 2
 
 
 @pytest.fixture(scope="module")
-def pbt_sweep(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune_pbt")
+def pbt_sweep(ray_local, tmp_path_factory, tiny_prepared):
+    root = tiny_prepared(tmp_path_factory.mktemp("tune_pbt"))  # the session's teachers and cache, reused here
     raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
     cfg = config_from_dict(apply_overrides(raw, [
         ("name", "pbt"), ("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
         ("teachers.0.path", str(root / "teachers/mlp_a")), ("teachers.1.path", str(root / "teachers/cnn_b")),
         ("tune.sweep_dir", str(root / "sweeps")), ("tune.registry_dir", str(root / "registry")),
-        ("tune.scheduler", "pbt"), ("tune.pbt_interval", 1), ("train.epochs", EPOCHS),
+        ("tune.scheduler", "pbt"), ("tune.pbt_interval", 1), ("tune.pbt_quantile", 0.5), ("train.epochs", EPOCHS),
         # every epoch sees all the data, so each epoch is the same number of steps
         ("curriculum.scheduler", "none"), ("train.checkpoint_every_steps", 1000), ("tracking.wandb", "disabled")]))
-    out = run_sweep(cfg, REPO / "tune_spaces/pbt.yaml", samples=4, max_concurrent=2)
+    out = run_sweep(cfg, REPO / "tune_spaces/pbt.yaml", samples=POPULATION, max_concurrent=2)
     rows = {r["trial_id"]: _result_rows(Path(r["path"])) for r in out["trials"]}
     return out, rows
 
@@ -200,7 +203,7 @@ def _exploits(out, rows) -> list[tuple[str, Path, dict]]:
 @pytest.mark.ray
 def test_every_trial_of_the_population_reaches_the_last_epoch(pbt_sweep):
     out, rows = pbt_sweep
-    assert len(out["trials"]) == 4 and all(r["status"] == "done" for r in out["trials"])
+    assert len(out["trials"]) == POPULATION and all(r["status"] == "done" for r in out["trials"])
     for tid, trial_rows in rows.items():
         assert trial_rows[-1]["epoch"] == EPOCHS, tid
         assert 0.3 < trial_rows[-1]["val_accuracy"] <= 1.0
@@ -213,7 +216,7 @@ def test_weak_trials_cloned_strong_ones_and_trained_with_the_perturbed_values(pb
     out, rows = pbt_sweep
     policy = (Path(out["sweep_dir"]) / "trials" / "pbt_global.txt").read_text().splitlines()
     exploits = _exploits(out, rows)
-    # synchronous PBT ranks all 4 at each of epochs 1..EPOCHS-1; the bottom quarter (1 trial) clones the top
+    # synchronous PBT ranks both at each of epochs 1..EPOCHS-1; the bottom half (1 trial) clones the top
     assert len(policy) == len(exploits) == EPOCHS - 1
     for trial_rows in rows.values():
         for row in trial_rows:  # the loop trained with the config Tune held at that time, perturbed or not

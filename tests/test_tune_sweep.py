@@ -21,21 +21,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _overrides(root: Path, name: str) -> list[tuple[str, object]]:
+def _overrides(root: Path, name: str, *extra: tuple[str, object]) -> list[tuple[str, object]]:
     return [("name", name), ("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
             ("teachers.0.path", str(root / "teachers/mlp_a")), ("teachers.1.path", str(root / "teachers/cnn_b")),
             ("tune.sweep_dir", str(root / "sweeps")), ("tune.registry_dir", str(root / "registry")),
-            ("train.checkpoint_every_steps", 1000)]
+            ("train.checkpoint_every_steps", 1000), *extra]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tune")
+def root(tmp_path_factory, tiny_prepared):
+    return tiny_prepared(tmp_path_factory.mktemp("tune"))  # the session's teachers and cache, reused here
 
 
-def _config(root: Path, name: str):
+def _config(root: Path, name: str, *extra: tuple[str, object]):
     raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
-    return config_from_dict(apply_overrides(raw, _overrides(root, name)))
+    return config_from_dict(apply_overrides(raw, _overrides(root, name, *extra)))
 
 
 def _teacher_actor_count() -> int:
@@ -125,14 +125,19 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_local,
     """Ctrl-C a sweep after its first trial finishes, then `--resume` it."""
     from distill_ray.tune import resume_sweep
 
-    cfg = _config(root, "interrupted")
+    # One-epoch trials: what is tested is which trials run again, not how long they train.
+    short = ("train.epochs", 1)
+    cfg = _config(root, "interrupted", short)
     sweep_dir = Path(cfg.tune.sweep_dir) / cfg.name
     address = ray_local.get_runtime_context().gcs_address
-    sets = [f"--set={k}={v}" for k, v in _overrides(root, "interrupted")]
+    sets = [f"--set={k}={v}" for k, v in _overrides(root, "interrupted", short)]
+    # Tune writes its experiment state (where a trial shows TERMINATED) at most every 10 s by default;
+    # every second here, so the Ctrl-C comes soon after the first trial ends.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "distill_ray", "tune", str(REPO / "jobs/configs/tiny.yaml"),
                              "--space", str(REPO / "tune_spaces/kd_basic.yaml"), "--samples", "2",
                              "--max-concurrent", "1", "--address", address, *sets],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not _finished_trials(sweep_dir):

@@ -15,10 +15,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
-# Ray Train V2's controller polls its workers every 2 s, and a worker's ray.train.report waits until
-# the previous report was polled (a queue of one): tiny test runs that report every few steps spend
-# seconds per report and per run just waiting. Polling faster changes nothing else.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Ray Data's Parquet reader starts 32 FooterReader actors (new worker processes, killed afterwards)
 # for every read, to fetch footers of files that here number one to a few: on 2 cores one read of the
 # 1200-row tiny cache took 131 CPU-s with 32 of them and the whole suite reads Parquet hundreds of

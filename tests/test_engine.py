@@ -279,8 +279,10 @@ def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepare
         lines = [line.split(" ") for line in answered.read_text().splitlines()] if answered.exists() else []
         at_work = [int(line[2]) for line in lines if line[0] == "cnn_b" and len(line) == 3 and line[2]]
         if at_work:
-            killed, seen = at_work[0], len(lines)
+            killed = at_work[0]
             os.kill(killed, signal.SIGKILL)  # the process dies: Ray restarts the actor, Ray Data retries its batch
+            _wait_until_dead(killed)
+            seen = len(answered.read_text().splitlines())  # what it answered before it died
     assert killed is not None, "no teacher stage was seen at work"
     runner.join(timeout=300)
     assert "result" in outcome, "the run did not finish"
@@ -292,6 +294,21 @@ def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepare
     pids_after = {int(pid) for name, _, pid in after if name == "cnn_b"}
     assert pids_after and killed not in pids_after, (killed, pids_after)
     assert history[-1]["val_accuracy"] > 0.4
+
+
+def _wait_until_dead(pid: int, timeout: float = 30.0) -> None:
+    """Until ``pid`` has exited (gone, or a zombie waiting for its parent)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still alive {timeout}s after SIGKILL")
 
 
 def _teacher_actors_ever() -> int:

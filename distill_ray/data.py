@@ -337,6 +337,19 @@ def python_corpus_files() -> list[Path]:
     return files
 
 
+def _python_file_splits(val_fraction: float, test_fraction: float, split_seed: int
+                        ) -> tuple[list[Path], list[str], dict[str, np.ndarray]]:
+    """The standard library's files, their paths relative to its root, and the file indices of each
+    split, by ``split_seed`` (shared by the window corpus and the function pairs)."""
+    files = python_corpus_files()
+    root = _common_root(files)
+    rel = [str(f.relative_to(root)) for f in files]
+    order = np.argsort([_text_id("python_stdlib", r) for r in rel], kind="stable")
+    order = order[np.random.default_rng(split_seed).permutation(len(order))]
+    n_test, n_val = int(round(len(order) * test_fraction)), int(round(len(order) * val_fraction))
+    return files, rel, {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
+
+
 def load_python_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
                        max_train_samples: int | None = None, max_eval_samples: int | None = None,
                        max_length: int = 64, tokenizer: str | None = None) -> ClassificationData:
@@ -348,12 +361,7 @@ def load_python_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1, sp
     straddle splits); files are tokenized only until a split has its ``max_*_samples`` windows.
     ``num_classes`` is the tokenizer's vocabulary size. Ids are stable hashes of (file, window).
     """
-    files = python_corpus_files()
-    root = _common_root(files)
-    rel = [str(f.relative_to(root)) for f in files]
-    order = np.argsort([_text_id("python_stdlib", r) for r in rel], kind="stable")
-    order = order[np.random.default_rng(split_seed).permutation(len(order))]
-    n_test, n_val = int(round(len(order) * test_fraction)), int(round(len(order) * val_fraction))
+    files, rel, by_split = _python_file_splits(val_fraction, test_fraction, split_seed)
     tok_dir = resolve_tokenizer(tokenizer)
     tok = load_tokenizer(tok_dir)
 
@@ -378,9 +386,9 @@ def load_python_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1, sp
                      np.asarray(ids, dtype=np.int64))
 
     pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
-    return ClassificationData(train=split(order[n_test + n_val:], max_train_samples),
-                              val=split(order[n_test:n_test + n_val], max_eval_samples),
-                              test=split(order[:n_test], max_eval_samples),
+    return ClassificationData(train=split(by_split["train"], max_train_samples),
+                              val=split(by_split["val"], max_eval_samples),
+                              test=split(by_split["test"], max_eval_samples),
                               num_classes=len(tok), class_names=(), input_shape=(max_length,),
                               tokenizer=str(tok_dir), pad_id=pad_id, task="causal_lm")
 
@@ -424,12 +432,7 @@ def load_python_functions(val_fraction: float = 0.1, test_fraction: float = 0.1,
     by file as ``load_python_corpus`` splits them (no file's functions straddle splits). Returns
     split -> [(id, prompt, response)], pairs longer than ``max_chars`` left out, each split cut to its
     ``max_*_samples`` in file order. Ids are stable hashes of (file, qualified name)."""
-    files = python_corpus_files()
-    root = _common_root(files)
-    rel = [str(f.relative_to(root)) for f in files]
-    order = np.argsort([_text_id("python_stdlib", r) for r in rel], kind="stable")
-    order = order[np.random.default_rng(split_seed).permutation(len(order))]
-    n_test, n_val = int(round(len(order) * test_fraction)), int(round(len(order) * val_fraction))
+    files, rel, by_split = _python_file_splits(val_fraction, test_fraction, split_seed)
 
     def split(file_idx: np.ndarray, limit: int | None) -> list[tuple[int, str, str]]:
         out: list[tuple[int, str, str]] = []
@@ -441,9 +444,8 @@ def load_python_functions(val_fraction: float = 0.1, test_fraction: float = 0.1,
                     return out
         return out
 
-    return {"train": split(order[n_test + n_val:], max_train_samples),
-            "val": split(order[n_test:n_test + n_val], max_eval_samples),
-            "test": split(order[:n_test], max_eval_samples)}
+    return {name: split(idx, max_train_samples if name == "train" else max_eval_samples)
+            for name, idx in by_split.items()}
 
 
 def _common_root(files: list[Path]) -> Path:

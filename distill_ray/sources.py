@@ -362,10 +362,12 @@ def _instructions(batch: dict[str, np.ndarray], fields: tuple[str, ...], tokeniz
     xs = np.full((n, max_length), pad_id, np.int64)
     ys = np.full((n, max_length), IGNORE_LABEL, np.int64)
     cut = np.zeros(n, bool)
-    for i in range(n):
-        prompt, response = _prompt_and_response(batch, i, fields, tok)
-        prompt_ids = tok(prompt, add_special_tokens=False, verbose=False)["input_ids"]
-        response_ids = tok(response, add_special_tokens=False, verbose=False)["input_ids"]
+    pairs = [_prompt_and_response(batch, i, fields, tok) for i in range(n)]
+    # one tokenizer call per column: the fast tokenizer's batch path
+    encode = functools.partial(tok, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    prompt_rows = encode([p for p, _ in pairs])["input_ids"] if n else []
+    response_rows = encode([r for _, r in pairs])["input_ids"] if n else []
+    for i, (prompt_ids, response_ids) in enumerate(zip(prompt_rows, response_rows)):
         if len(fields) == 2 and tok.eos_token_id is not None:
             response_ids = response_ids + [tok.eos_token_id]  # the model learns where a response ends
         seq = prompt_ids + response_ids

@@ -86,10 +86,15 @@ def start_ray(args) -> None:
     """A Ray of its own (never one a test suite runs beside it), sized like connect_ray's local one."""
     import ray
 
+    from distill_ray.pipeline import _local_parquet_settings
+
+    _local_parquet_settings(str(max(1, (os.cpu_count() or 2) // 2)))  # the product's local-Ray Parquet reader
     env = {"worker_process_setup_hook": first_step_hook}
     if args.omp_threads:
         env["env_vars"] = {"OMP_NUM_THREADS": str(args.omp_threads)}
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env,
+             logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 # --- configs ------------------------------------------------------------------------------------------

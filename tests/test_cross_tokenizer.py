@@ -119,6 +119,7 @@ def test_unaligned_positions_are_masked_out_of_the_sequence_kd_and_give_no_nan_g
 
 # --- one tiny run on a real local Ray -----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_wordpiece_teacher_teaches_a_smollm2_student_through_the_cache(ray_local, tmp_path, mode="map"):
     """A tiny Llama trained here on MiniLM WordPiece windows teaches a tiny Llama student that reads

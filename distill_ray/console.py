@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
@@ -69,6 +70,30 @@ def quiet_ray_loggers() -> None:
 
     print_or_log.routes_routine_notices = True
     ray_worker.print_to_stdstream = print_or_log
+
+
+def native_stderr_to(path: Path) -> bool:
+    """Send what native code writes to this process's stderr (Ray's C++ core worker: e.g. "Actor ...
+    has constructor arguments in the object store" once per teacher pool) to ``path``, while Python's
+    ``sys.stderr`` (our progress lines, warnings, tracebacks) stays on the terminal. Only for an
+    interactive terminal without ``--verbose``, once per process; returns whether it redirected.
+    (C++ writes to file descriptor 2 directly, which no logging setting reaches.)"""
+    if is_verbose() or _state.get("native_stderr") or not sys.stderr.isatty():
+        return False
+    old = sys.stderr
+    old.flush()
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stderr = terminal
+    # Handlers that captured the old stderr object (it writes to descriptor 2, now the file) follow.
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(terminal)
+    _state["native_stderr"] = str(path)
+    return True
 
 
 def quiet_transformers() -> None:

@@ -38,7 +38,7 @@ def connect_ray(address: str | None = None) -> None:
     a 2-core laptop would deadlock (every CPU held by actors, no read task can start). Worker output
     stays in Ray's logs unless ``--verbose`` (see ``console.py``).
     """
-    from distill_ray.console import is_verbose, quiet_ray_loggers, quiet_transformers
+    from distill_ray.console import is_verbose, native_stderr_to, quiet_ray_loggers, quiet_transformers
 
     # Ray Data's per-operator bars would print a line per update from every task and Train worker; the
     # datasets built after this carry the setting with them.
@@ -67,6 +67,10 @@ def connect_ray(address: str | None = None) -> None:
             _local_parquet_settings(footer_actors)
             ray.init(**local, **quiet)
     quiet_ray_loggers()
+    try:  # Ray's C++ messages to the session's logs (RUN_DIR/logs/ray links there), not the terminal
+        native_stderr_to(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "driver_native.err")
+    except (AttributeError, OSError):  # a client connection has no local session directory
+        pass
 
 
 def _local_parquet_settings(footer_actors: str) -> None:

@@ -2,8 +2,11 @@
 
 import io
 import time
+from pathlib import Path
 
 from distill_ray.console import RunProgress, write_progress
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_run_progress_draws_what_rank_zero_last_wrote(tmp_path):
@@ -26,3 +29,42 @@ def test_a_missing_or_half_written_file_is_skipped(tmp_path):
         time.sleep(0.1)
     write_progress(None, step=1)  # no file configured: nothing written, no error
     assert "baseline: 0step" in out.getvalue()  # no step count was ever read
+
+
+def test_native_stderr_goes_to_a_file_while_python_stderr_stays_on_the_terminal(tmp_path):
+    """Ray's C++ core worker writes to file descriptor 2; on a terminal that goes to a log file,
+    while sys.stderr (progress lines, warnings, logging handlers) still reaches the terminal."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    log = tmp_path / "native.err"
+    code = f"""
+import logging, os, sys
+from distill_ray.console import native_stderr_to
+handler = logging.StreamHandler()  # captured the old sys.stderr
+logging.getLogger("probe").addHandler(handler)
+assert native_stderr_to({str(log)!r}) and not native_stderr_to({str(log)!r})
+os.write(2, b"native chatter\\n")
+print("python line", file=sys.stderr, flush=True)
+logging.getLogger("probe").warning("logged warning")
+"""
+    master, slave = pty.openpty()
+    proc = subprocess.run([sys.executable, "-c", code], stderr=slave, stdout=subprocess.DEVNULL,
+                          cwd=REPO, timeout=120)
+    os.close(slave)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(master)
+    assert proc.returncode == 0, terminal.decode()
+    assert b"python line" in terminal and b"logged warning" in terminal
+    assert b"native chatter" not in terminal
+    assert log.read_text() == "native chatter\n"

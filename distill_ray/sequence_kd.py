@@ -122,8 +122,6 @@ def generate_responses(model: torch.nn.Module, prompts: list[list[int]], decodin
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     device = next(model.parameters()).device
-    # A fresh config: the model's own generation defaults (sampling, penalties) must not change
-    # what the cache's manifest says the responses were generated with.
     config = GenerationConfig(max_new_tokens=max(1, max(limits)), do_sample=False, eos_token_id=eos_id,
                               pad_token_id=pad_id)
     processors = LogitsProcessorList()
@@ -132,8 +130,15 @@ def generate_responses(model: torch.nn.Module, prompts: list[list[int]], decodin
             raise ValueError("sampling needs one seed per prompt (sequence_kd.row_seed)")
         processors.append(SeededSampling(decoding.temperature, decoding.top_p,
                                          [torch.Generator().manual_seed(s) for s in seeds]))
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                         logits_processor=processors)[:, width:].cpu().tolist()
+    # generate fills every setting left unset (eos None, a penalty) from the model's own generation
+    # config (a recipe Llama's default eos is 2, a word of another tokenizer); with a blank one in its
+    # place for the call, the manifest's settings are all that decides the responses.
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             logits_processor=processors)[:, width:].cpu().tolist()
+    finally:
+        model.generation_config = own
     responses = []
     for row, limit in zip(out, limits):
         row = row[:limit]

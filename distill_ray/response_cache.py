@@ -162,7 +162,7 @@ def generate(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, Path], 
     specs = {t.name: t for t in teacher_specs(cfg, dirs, causal=True)}
     eos = load_tokenizer(data.info.tokenizer).eos_token_id
     args = (decoding_of(cfg), eos, int(data.info.pad_id or 0), data.info.input_shape[-1], trace_file)
-    parts = [data.train.select_columns(["id", "x", "label", "split"]).map_batches(
+    parts = [data.train.select_columns(["id", "x", "label"]).map_batches(
         ResponseRows, fn_constructor_args=(specs[t], *args), batch_format="numpy", batch_size=specs[t].batch_size,
         compute=ray.data.ActorPoolStrategy(size=specs[t].replicas), num_cpus=specs[t].num_cpus,
         num_gpus=specs[t].num_gpus or None) for t in names]
@@ -276,9 +276,11 @@ def with_responses(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, P
     files = [str(directory / s["file"]) for s in manifest["shards"]]
     responses = ray.data.read_parquet(files, partitioning=None).select_columns(list(COLUMNS))
     rows = data.rows.map_batches(reference_columns, batch_format="numpy").select_columns(list(COLUMNS))
-    splits = {s: ds.map_batches(reference_columns, batch_format="numpy").select_columns(list(COLUMNS))
+    # The splits' rows carry no ``split`` column (``sources._split_rows``); the responses are train rows.
+    per_split = [c for c in COLUMNS if c != "split"]
+    splits = {s: ds.map_batches(reference_columns, batch_format="numpy").select_columns(per_split)
               for s, ds in data.splits.items()}
-    splits["train"] = splits["train"].union(responses)
+    splits["train"] = splits["train"].union(responses.select_columns(per_split))
     info = data.info
     fingerprint = hashlib.sha256(f"{info.fingerprint}/responses/{spec.key()}".encode()).hexdigest()[:16]
     counts = {**info.counts, "train": info.counts["train"] + manifest["num_rows"]}

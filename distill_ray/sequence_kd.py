@@ -150,7 +150,7 @@ def generate_responses(model: torch.nn.Module, prompts: list[list[int]], decodin
 
 def teacher_rows(batch: dict[str, np.ndarray], teacher: str, responses: list[list[int]], prompts: list[list[int]],
                  max_length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """The rows ``teacher`` wrote for ``batch`` (its responses, in batch order): new ids, prompt +
+    """The rows ``teacher`` wrote for ``batch`` of train rows (its responses, in batch order): new ids, prompt +
     response packed like a reference, ``source`` = teacher, ``generated_by`` = the teacher, ``prompt_id``
     = the reference row's id. Rows whose response is empty or fell outside the window are left out
     (nothing to learn)."""
@@ -162,7 +162,7 @@ def teacher_rows(batch: dict[str, np.ndarray], teacher: str, responses: list[lis
     keep = (ys >= 0).any(1)
     ids = np.asarray(batch["id"], np.int64)
     return {"id": teacher_row_ids(ids, teacher)[keep], "x": xs[keep], "label": ys[keep],
-            "split": np.asarray(batch["split"]).astype(str)[keep], "source": np.full(keep.sum(), TEACHER, dtype=object).astype(str),
+            "split": np.full(keep.sum(), "train"), "source": np.full(keep.sum(), TEACHER, dtype=object).astype(str),
             "generated_by": np.full(keep.sum(), teacher, dtype=object).astype(str), "prompt_id": ids[keep]}
 
 

@@ -9,9 +9,9 @@ For each config (default: the quickstart's MLP student and the text example's ti
   ``train.data_mode=memory``) on the config's verified soft-target cache;
 * **plain**: a loop written here, in this process: the same cached train rows (read once into tensors, teacher logits
   stacked as float32 ``[K, N, C]`` once), the same student, batch size, optimizer and seed, and the
-  same math per step as the product's cached path (``train_loop_per_worker``): the learned blend's
-  own Adam step on the blended teachers' task loss, ``alpha * KD(student, blend(T)) + (1 - alpha) *
-  CE``, one optimizer step. It runs once before the product with ``train.cpus_per_worker`` torch
+  same math per step as the product's cached path (``train_loop_per_worker``): the blend at the
+  weights fit once on the labeled validation rows before training, then per row ``alpha * KD(student,
+  blend(T)) + (1 - alpha) * CE`` on a labeled row and KD alone on an unlabeled one, one optimizer step. It runs once before the product with ``train.cpus_per_worker`` torch
   threads (what the worker reserves; column ``plain 1thr/s``), and once after it with as many torch
   threads as the product's worker actually ran with (reported by the worker): the ratio compares
   these two, like for like.
@@ -108,11 +108,11 @@ def bench_config(path: str, epochs: int, extra: list[str]):
 
 # --- the plain loop -----------------------------------------------------------------------------------
 
-def read_rows(cache, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The cached train split's rows as numpy, sorted by id (what the product's kept shard holds)."""
+def read_rows(cache, names: tuple[str, ...], split: str = "train") -> dict[str, np.ndarray]:
+    """A cached split's rows as numpy, sorted by id (what the product's kept shard holds)."""
     cols = ["id", "x", "label", *(f"{n}/logits" for n in names)]
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in cache.dataset("train", cols).iter_batches(batch_size=4096, batch_format="numpy"):
+    for batch in cache.dataset(split, cols).iter_batches(batch_size=4096, batch_format="numpy"):
         for k, v in batch.items():
             parts.setdefault(k, []).append(np.asarray(v))
     rows = {k: np.concatenate(v) for k, v in parts.items()}
@@ -120,28 +120,47 @@ def read_rows(cache, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in rows.items()}
 
 
+def fit_weights(blend, teachers: torch.Tensor, labels: torch.Tensor, lr: float, steps: int) -> None:
+    """The learned blend's weights fit once, before training, to the labeled validation rows (the
+    product's rule): full-batch Adam on the blended teachers' NLL of the labels."""
+    params = [p for p in blend.parameters() if p.requires_grad]
+    keep = labels >= 0
+    teachers, labels = teachers[:, keep], labels[keep]
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        loss = blend.weight_loss(teachers, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def plain_loop(cfg, cache, info, threads: int) -> dict:
-    """A plain PyTorch KD loop, the product's cached-mode math, timed per epoch."""
+    """A plain PyTorch KD loop, the product's cached-mode math, timed per epoch: blend weights fit on
+    validation before the first step and fixed after; per row, a labeled row learns
+    ``alpha * KD + (1 - alpha) * CE``, an unlabeled one (label -1, the transfer set) KD alone."""
+    import torch.nn.functional as F
+
     from distill_ray.blending import TeacherBlend
-    from distill_ray.losses import kd_divergence_to_probs, label_smoothing_ce
+    from distill_ray.losses import kd_divergence_to_probs
     from distill_ray.models import build_model, forward_logits
 
     t, loss_cfg = cfg.train, cfg.loss
     torch.set_num_threads(threads)
     names = cfg.teacher_names()
     start = time.perf_counter()
-    rows = read_rows(cache, names)
+    rows, val = read_rows(cache, names), read_rows(cache, names, "val")
     x_all = torch.from_numpy(np.ascontiguousarray(rows["x"]))
     y_all = torch.from_numpy(rows["label"].astype(np.int64))
     teachers = torch.from_numpy(np.stack([rows[f"{n}/logits"].astype(np.float32) for n in names]))  # [K, N, C]
     torch.manual_seed(t.seed)
     student = build_model(cfg.student.arch, tuple(info.input_shape), info.num_classes, cfg.student.options)
     student.train()
-    blend = TeacherBlend(cfg.blend.kind, len(names), num_classes=info.num_classes,
-                         gate_in_features=int(np.prod(info.input_shape)), gate_hidden=cfg.blend.gate_hidden,
-                         confidence_kind=cfg.blend.confidence_kind)
-    blend_params = [p for p in blend.parameters() if p.requires_grad]
-    blend_opt = torch.optim.Adam(blend_params, lr=cfg.blend.lr) if blend_params else None
+    if cfg.blend.kind not in ("uniform", "learned_global"):
+        raise SystemExit(f"the plain loop blends uniform or learned_global teachers, not {cfg.blend.kind}")
+    blend = TeacherBlend(cfg.blend.kind, len(names), num_classes=info.num_classes)
+    if cfg.blend.kind == "learned_global":
+        fit_weights(blend, torch.from_numpy(np.stack([val[f"{n}/logits"].astype(np.float32) for n in names])),
+                    torch.from_numpy(val["label"].astype(np.int64)), cfg.blend.lr, cfg.blend.fit_steps)
     opt = {"sgd": lambda p: torch.optim.SGD(p, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay),
            "adam": lambda p: torch.optim.Adam(p, lr=t.lr, weight_decay=t.weight_decay),
            "adamw": lambda p: torch.optim.AdamW(p, lr=t.lr, weight_decay=t.weight_decay)}[t.optimizer](
@@ -158,15 +177,12 @@ def plain_loop(cfg, cache, info, threads: int) -> dict:
             idx = order[b * batch:(b + 1) * batch]
             x, y, teacher = x_all[idx], y_all[idx], teachers[:, idx]
             logits = forward_logits(student, x).float()
-            if blend_opt is not None:
-                blend_loss = blend.weight_loss(teacher, y, features=x.flatten(1))
-                blend_opt.zero_grad(set_to_none=True)
-                blend_loss.backward()
-                blend_opt.step()
-            target = blend(teacher, temperature=T, features=x.flatten(1), labeled=True).detach()
+            with torch.no_grad():
+                target = blend(teacher, temperature=T)
             kd = kd_divergence_to_probs(logits, target, kind=loss_cfg.kind, temperature=T,
-                                        skew_alpha=loss_cfg.skew_alpha)
-            loss = alpha * kd + (1 - alpha) * label_smoothing_ce(logits, y, smoothing=smoothing)
+                                        skew_alpha=loss_cfg.skew_alpha, reduction="none")
+            task = F.cross_entropy(logits, y.clamp_min(0), reduction="none", label_smoothing=smoothing)
+            loss = torch.where(y >= 0, alpha * kd + (1 - alpha) * task, kd).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

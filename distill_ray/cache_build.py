@@ -28,6 +28,8 @@ def cache_spec(cfg: ExperimentConfig, info: DataInfo, dirs: dict[str, Path]) -> 
     for t in cfg.teachers:
         model, _ = load_model(dirs[t.name])
         prints[t.name] = fingerprint(model)
+        if t.tokenizer:  # the same weights read through another tokenizer, or carried another way, answer otherwise
+            prints[t.name] += f"|tokenizer={t.tokenizer}|{cfg.loss.cross_tokenizer}"
     return CacheSpec(teacher_fingerprints=prints, data_fingerprint=info.fingerprint, num_classes=info.num_classes,
                      topk=cfg.loss.topk, dtype=cfg.cache.dtype, topk_encoding=cfg.cache.topk_encoding,
                      seq_len=info.input_shape[-1] if info.task == "causal_lm" else None)
@@ -67,9 +69,12 @@ def _with_difficulty(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dt
     if causal:
         logp = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_logprobs"], np.float32)) for t in teachers])
         idx = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_indices"], np.int64)) for t in teachers])
-        mask = (labels >= 0).float()
+        # A teacher with its own tokenizer leaves NaN where it has no aligned position: those tokens count for none.
+        aligned = ~torch.isnan(logp[..., 0]).any(0)
+        mask = ((labels >= 0) & aligned).float()
         # teacher_ce per token from the top-k targets (curriculum.teacher_ce needs the dense vocabulary)
-        nll = -topk_label_logprobs(logp, idx, labels.unsqueeze(0).expand(len(teachers), -1, -1), num_classes).mean(0)
+        nll = -topk_label_logprobs(logp.nan_to_num(0.0), idx, labels.unsqueeze(0).expand(len(teachers), -1, -1),
+                                   num_classes).mean(0)
         batch[DIFFICULTY_PREFIX + "teacher_ce"] = ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).numpy().astype(np.float32)
         real_tokens = torch.as_tensor(np.asarray(batch["x"]) != (0 if pad_id is None else pad_id))
         return _measured(batch, {"sequence_length": (real_tokens,)})

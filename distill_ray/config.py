@@ -35,6 +35,7 @@ SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
 TEACHER_SOURCES = ("hf_dir", "recipe", "torch_checkpoint")
 STUDENT_ARCHS = ("mlp", "cnn", "transformer_encoder", "hf_config", "hf_causal_lm", "hf_dir")
 TASKS = ("classification", "causal_lm")
+CROSS_TOKENIZER_KINDS = ("map", "uld")
 PRESETS = ("fashion_mnist", "fortunes", "python_stdlib", "python_functions")
 FILE_FORMATS = ("parquet", "jsonl", "csv", "text", "images")
 DATA_FORMATS = FILE_FORMATS + PRESETS
@@ -150,6 +151,11 @@ class TeacherConfig:
     """Actor replicas of this teacher; batches are load-balanced across them."""
     dtype: str = _field("float32", choices=("float32", "bfloat16", "float16"))
     """Inference dtype; bfloat16/float16 apply on GPU only."""
+    tokenizer: str | None = None
+    """causal_lm: the teacher's own tokenizer when it is not the student's (data.tokenizer): a local
+    directory, 'minilm' or 'smollm2' (byte-level BPE or WordPiece). The teacher reads each row's text (the
+    student's ids decoded) tokenized its own way, and its targets are aligned to the student's positions
+    by character (see loss.cross_tokenizer). None = it shares the student's tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,10 @@ class LossConfig:
     """Mixing coefficient of skew_kl / skew_reverse_kl."""
     topk: int | None = _field(None, ge=1)
     """Keep only the teacher's top-k probabilities (tail folded into one bucket); None = full logits."""
+    cross_tokenizer: str = _field("map", choices=CROSS_TOKENIZER_KINDS)
+    """How a teacher with its own tokenizer (teachers[].tokenizer) teaches: map (its top-k carried onto the
+    tokens both vocabularies share, the mass of the others left in the tail) or uld (Universal Logit
+    Distillation: sorted probabilities, no mapping; needs blend.kind=uniform)."""
     label_smoothing: float = _field(0.0, ge=0.0, le=0.5)
     """Label smoothing of the hard-label task loss."""
     focal_gamma: float = _field(2.0, ge=0.0)
@@ -599,6 +609,11 @@ def _validate_across(cfg: ExperimentConfig) -> None:
               + _closest(cfg.loss.hint_teacher, names))
     if cfg.data.task == "causal_lm":
         _validate_causal_lm(cfg)
+    else:
+        for i, t in enumerate(cfg.teachers):
+            if t.tokenizer is not None:
+                _fail(f"teachers[{i}].tokenizer", "a tokenizer of the teacher's own is for causal_lm (per-token "
+                      "targets aligned by character); a classifier's teachers share data.tokenizer")
     if cfg.data.format in FILE_FORMATS and not cfg.data.path:
         _fail("data.path", f"data.format={cfg.data.format!r} reads your files: set data.path to a file, directory, "
               "glob or URI")
@@ -646,6 +661,10 @@ def _validate_sequence_kd(cfg: ExperimentConfig) -> None:
               "data.prompt_field + data.response_field, or data.messages_field); choose 'off' otherwise")
     if cfg.train.mode != "cached":
         _fail("sequence_kd.mode", f"{s.mode!r} needs train.mode=cached: the responses are generated once and cached")
+    own = [t.name for t in cfg.teachers if t.tokenizer]
+    if own:  # generation writes the data's token ids; these teachers read and write their own
+        _fail("sequence_kd.mode", f"{s.mode!r}: teachers {own} have a tokenizer of their own (teachers[].tokenizer); "
+              "sequence-level KD needs every teacher on the data's tokenizer")
 
 
 LM_LOSS_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")
@@ -672,6 +691,17 @@ def _validate_causal_lm(cfg: ExperimentConfig) -> None:
               f"{', '.join(LM_SCHEDULERS)}")
     if cfg.student.arch not in ("hf_causal_lm", "hf_dir"):
         _fail("student.arch", f"{cfg.student.arch!r} is not a language model; causal_lm needs hf_causal_lm or hf_dir")
+    cross = [i for i, t in enumerate(cfg.teachers) if t.tokenizer is not None]
+    if cross and cfg.teachers[cross[0]].source == "recipe":
+        _fail(f"teachers[{cross[0]}].tokenizer", "a recipe teacher is trained on the student's tokens; give a "
+              "trained teacher (source hf_dir or torch_checkpoint) for a tokenizer of its own")
+    if cross and cfg.loss.cross_tokenizer == "uld":
+        if cfg.blend.kind != "uniform":
+            _fail("blend.kind", f"{cfg.blend.kind!r} learns weights from each teacher's probability of the true "
+                  "token, which loss.cross_tokenizer=uld does not keep; choose: uniform")
+        if cfg.curriculum.scheduler != "none" and "teacher_ce" in cfg.curriculum.measurers:
+            _fail("curriculum.measurers", "teacher_ce needs each teacher's probability of the true token, which "
+                  "loss.cross_tokenizer=uld does not keep; choose from: sequence_length")
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:

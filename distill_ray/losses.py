@@ -29,6 +29,7 @@ __all__ = [
     "kd_divergence_to_probs",
     "teacher_topk",
     "topk_kd_divergence",
+    "uld_divergence",
     "topk_label_logprobs",
     "dense_from_topk",
     "focal_kd",
@@ -379,6 +380,61 @@ def topk_kd_divergence(
         student_logq, teacher_p, teacher_logp.clamp_min(_LOG_PROB_FLOOR), kind, skew_alpha
     )
     return _masked_mean(per_position * temperature**2, mask)
+
+
+def uld_divergence(
+    student_logits: torch.Tensor,
+    teacher_sorted_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    teacher_vocab: Optional[int] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al., 2024): L1 distance between the *sorted* probability
+    vectors of teacher and student, times T**2. It needs no vocabulary mapping, so it is the fallback
+    for a teacher whose tokenizer differs from the student's (only the shape of its belief transfers,
+    not which token it believes in).
+
+    Both sides keep their k largest probabilities (the teacher's are all that is stored); the shorter
+    is padded with zeros, as the paper pads the smaller vocabulary. The teacher is tempered the way
+    :func:`topk_kd_divergence` tempers a top-k (its tail mass spread evenly over ``teacher_vocab - k``
+    classes, exact at T = 1 or when k = ``teacher_vocab``); the student is ``softmax(z / T)``.
+
+    Args:
+        student_logits: ``[..., V]``.
+        teacher_sorted_logprobs: ``[..., k]`` teacher log-probs at T = 1, descending (fp16 accepted);
+            detached inside.
+        temperature: T > 0.
+        mask: ``[...]`` positions to keep (bool or 0/1).
+        teacher_vocab: the teacher's vocabulary size (tail tempering); None = no tail (k is all of it).
+        reduction: ``mean`` over kept positions, or ``none`` (per position, 0 where masked).
+
+    Returns:
+        Scalar tensor, or per position.
+    """
+    _check_temperature(temperature)
+    k = teacher_sorted_logprobs.shape[-1]
+    if teacher_sorted_logprobs.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"teacher sorted log-probs {tuple(teacher_sorted_logprobs.shape)} and student logits "
+                         f"{tuple(student_logits.shape)} differ before the last dim")
+    dtype = compute_dtype(student_logits)
+    teacher = teacher_sorted_logprobs.detach().to(device=student_logits.device, dtype=dtype)
+    weights = teacher / temperature
+    num_tail = 0 if teacher_vocab is None else teacher_vocab - k
+    if num_tail < 0:
+        raise ValueError(f"k={k} exceeds teacher_vocab={teacher_vocab}")
+    if num_tail:
+        tail_mass = (1.0 - teacher.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+        tail = math.log(num_tail) + (tail_mass.log() - math.log(num_tail)) / temperature
+        teacher_p = F.softmax(torch.cat([weights, tail], dim=-1), dim=-1)[..., :k]
+    else:
+        teacher_p = F.softmax(weights, dim=-1)
+    student_p = F.softmax(student_logits.to(dtype) / temperature, dim=-1)
+    student_p = student_p.topk(min(k, student_p.shape[-1]), dim=-1).values
+    width = max(k, student_p.shape[-1])
+    per_position = (F.pad(teacher_p, (0, width - k)) - F.pad(student_p, (0, width - student_p.shape[-1]))).abs().sum(-1)
+    return _reduce(per_position * temperature**2, mask, reduction)
 
 
 def focal_kd(

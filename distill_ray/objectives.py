@@ -5,6 +5,8 @@ columns, the KD and task terms per row, causal-LM sequence KD, hint and attentio
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -14,7 +16,7 @@ from distill_ray import curriculum as cur
 from distill_ray.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig
 from distill_ray.losses import HintProjector, attention_map, attention_map_distance, dense_from_topk, dkd, focal_kd, \
-    kd_divergence, kd_divergence_to_probs, label_smoothing_ce, topk_kd_divergence, topk_label_logprobs
+    kd_divergence, kd_divergence_to_probs, label_smoothing_ce, topk_kd_divergence, topk_label_logprobs, uld_divergence
 from distill_ray.models import forward_with_features, unwrap_model
 
 
@@ -126,19 +128,31 @@ def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_l
     mixture per token; for the other divergences it is the weighted sum of per-teacher terms."""
     logp, idx = teacher_topk
     mask = labels >= 0
+    # A teacher with its own tokenizer marks positions it has no aligned answer for with NaN: they are
+    # masked out of its KD term (and of the blend fit), and replaced by finite numbers so that no NaN
+    # reaches a gradient through the masked branch.
+    aligned = ~torch.isnan(logp[..., 0])  # [K, B, L]
+    logp = torch.where(aligned.unsqueeze(-1), logp, torch.full_like(logp, -math.log(logp.shape[-1])))
+    uld = [t.tokenizer is not None and cfg.loss.cross_tokenizer == "uld" for t in cfg.teachers]
     parts: dict[str, float] = {}
+    if not aligned.all():
+        parts["aligned_share"] = (aligned & mask).sum().item() / max(mask.sum().item() * len(logp), 1)
     if blend_opt is not None:
         label_logp = topk_label_logprobs(logp, idx, labels.unsqueeze(0).expand(len(logp), -1, -1),
                                          student_logits.shape[-1])
-        blend_loss = blend.weight_loss_from_label_logprobs(label_logp[:, mask])
+        blend_loss = blend.weight_loss_from_label_logprobs(label_logp[:, mask & aligned.all(0)])
         blend_opt.zero_grad(set_to_none=True)
         blend_loss.backward()
         _allreduce_grads(blend, world)
         blend_opt.step()
         parts["blend_loss"] = blend_loss.item()
     weights = blend.mean_weights().to(student_logits.device)
-    kd = sum(weights[k] * topk_kd_divergence(student_logits, logp[k], idx[k], kind=cfg.loss.kind,
-                                             temperature=temperature, mask=mask, skew_alpha=cfg.loss.skew_alpha)
+    # ULD's teacher tail is tempered as if spread over the student's vocabulary (the teacher's size is
+    # not carried with the targets; exact at temperature 1, where the tail is not tempered).
+    kd = sum(weights[k] * (uld_divergence(student_logits, logp[k], temperature, mask & aligned[k],
+                                          teacher_vocab=max(student_logits.shape[-1], logp.shape[-1])) if uld[k] else
+                           topk_kd_divergence(student_logits, logp[k], idx[k], kind=cfg.loss.kind, temperature=temperature,
+                                              mask=mask & aligned[k], skew_alpha=cfg.loss.skew_alpha))
              for k in range(len(logp)))
     return kd, parts
 

@@ -56,7 +56,7 @@ def connect_ray(address: str | None = None) -> None:
     # 9.7 CPU-s for one read of a 1,200-row cache on 2 cores). Set before ray.init: workers inherit it.
     footer_actors = str(max(1, (os.cpu_count() or 2) // 2))
     if address == "local":  # a private Ray even when another runs on this machine
-        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", footer_actors)
+        _local_parquet_settings(footer_actors)
         ray.init(address="local", **local, **quiet)
     elif address:
         ray.init(address=address, **quiet)
@@ -64,9 +64,21 @@ def connect_ray(address: str | None = None) -> None:
         try:
             ray.init(address="auto", **quiet)
         except ConnectionError:
-            os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", footer_actors)
+            _local_parquet_settings(footer_actors)
             ray.init(**local, **quiet)
     quiet_ray_loggers()
+
+
+def _local_parquet_settings(footer_actors: str) -> None:
+    """Parquet reading for a Ray this process starts on one machine (set before ``ray.init``: the
+    workers inherit the environment). Ray Data 2.60's V2 Parquet reader lists files through a pool of
+    footer-reading actors, new processes per read, sized for thousands of remote files; for the few
+    local files of a cache the V1 reader is ~3x faster per read (``bench/parquet_read.py``), and every
+    run reads Parquet many times (each split, each epoch of a curriculum, each Train run's shard).
+    A user's own setting wins; a cluster keeps Ray's defaults."""
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", footer_actors)
+    os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
+    ray.data.DataContext.get_current().use_datasource_v2 = os.environ["RAY_DATA_USE_DATASOURCE_V2"] != "0"
 
 
 def load_data(cfg: ExperimentConfig) -> SourceData:

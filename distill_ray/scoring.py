@@ -39,7 +39,10 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
     cache), their learned blend, the baseline and the student, streamed over the test split."""
     from distill_ray.evaluate import lm_scores, perplexity, single_sample_latency_ms
 
-    models = {t.name: load_model(dirs[t.name])[0] for t in cfg.teachers}
+    # A teacher with a tokenizer of its own reads other tokens: its perplexity is not one on the student's
+    # tokens, so it (and the blend, when it is in it) is left out of this table.
+    same = [t.name for t in cfg.teachers if t.tokenizer is None]
+    models = {name: load_model(dirs[name])[0] for name in same}
     models.update({name: m for name, m in (("student", student), ("baseline", baseline)) if m is not None})
     outputs, y, example = split_outputs(cache.dataset("test", ["x", "label"]), models, causal=True)
     weights = torch.tensor(list(final_teacher_weights(history).values()))
@@ -47,9 +50,10 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
     for name, model in models.items():
         rows[name] = {**lm_scores(*outputs[name], y), "params": num_params(model),
                       "latency_ms": single_sample_latency_ms(model, example, repeats=20, warmup=3)}
-    teacher_logp = torch.stack([outputs[t.name][0] for t in cfg.teachers])
-    blend_logp = torch.logsumexp(teacher_logp + weights.log().view(-1, 1, 1), dim=0)
-    rows["blend"] = {"perplexity": perplexity(blend_logp, y), "accuracy": None}
+    if len(same) == len(cfg.teachers):
+        teacher_logp = torch.stack([outputs[name][0] for name in same])
+        blend_logp = torch.logsumexp(teacher_logp + weights.log().view(-1, 1, 1), dim=0)
+        rows["blend"] = {"perplexity": perplexity(blend_logp, y), "accuracy": None}
     if is_instruction_data(cfg):
         for name, scores in instruction_scores(cfg, cache, models).items():
             rows[name].update(scores)

@@ -274,7 +274,8 @@ def encode_topk(logprobs: np.ndarray, indices: np.ndarray, encoding: str, num_cl
     values = np.take_along_axis(logprobs, order, -1)
     top = logprobs.max(-1).astype(np.float16)
     offset = np.maximum(top.astype(np.float32)[..., None] - values, 0.0)  # inf (a -inf log-prob) stays inf
-    q = np.rint(-np.expm1(-offset / Q8_SCALE) * Q8_LEVELS)
+    # NaN (a cross-tokenizer teacher's unaligned position) stays NaN through the float16 top; its levels are 0.
+    q = np.rint(np.nan_to_num(-np.expm1(-offset / Q8_SCALE) * Q8_LEVELS))
     # Only the teacher's top class is stored at level 0, so a near-tie (< 0.004 nats) cannot swap the
     # top-1 on reading: the others are at least one level (0.008 nats) below it.
     # the top class is the first maximum in the input's order (the teacher's, which float16 ties keep)

@@ -115,14 +115,15 @@ class TeacherColumns:
     """Ray Data callable: one teacher's soft targets (and asked-for features) as ``{name}/...`` columns."""
 
     def __init__(self, spec: TeacherSpec):
-        self.runner = TeacherRunner(spec.name, spec.model_dir, spec.dtype, spec.topk,
-                                    torch_threads=max(1, int(spec.num_cpus)))
+        self.runner = TeacherRunner.from_spec(spec, torch_threads=max(1, int(spec.num_cpus)))
         self.spec = spec
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not len(batch["id"]):
             return batch
-        out = self.runner.infer(np.asarray(batch["x"]), self.spec.features)
+        # A teacher with its own tokenizer also reads the labels: the last one is the last position's next token.
+        labels = np.asarray(batch["label"]) if self.spec.tokenizer is not None else None
+        out = self.runner.infer(np.asarray(batch["x"]), self.spec.features, labels)
         if self.spec.trace_file:
             with open(self.spec.trace_file, "a") as f:
                 f.write(f"{self.spec.name} {','.join(map(str, np.asarray(batch['id']).tolist()))} {os.getpid()}\n")
@@ -163,4 +164,4 @@ def rank_stream(ds, rank: int, world: int, plan=None, mix: MixSettings | None = 
 def feature_shapes(stage: TeacherSpec, x: np.ndarray) -> dict[str, tuple[int, ...]]:
     """Shapes (without the batch dim) of the features ``stage`` answers for ``x`` (a probe on the driver's
     side, so workers can size the hint projector before their first step)."""
-    return TeacherRunner(stage.name, stage.model_dir, stage.dtype, stage.topk).feature_shapes(x, stage.features)
+    return TeacherRunner.from_spec(stage).feature_shapes(x, stage.features)

@@ -17,7 +17,7 @@ import ray
 import torch
 
 from distill_ray.config import ExperimentConfig
-from distill_ray.data import Split, cache_root, smollm2_path
+from distill_ray.data import Split, cache_root, resolve_tokenizer, smollm2_path
 from distill_ray.models import build_model, num_params, save_model, save_tokenizer
 from distill_ray.sources import SourceData
 from distill_ray.teachers import TeacherSpec
@@ -107,8 +107,12 @@ def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = Fa
 def teacher_specs(cfg: ExperimentConfig, dirs: dict[str, Path], causal: bool = False,
                   features: dict[str, tuple[str, ...]] | None = None, trace_file: str | None = None) -> list[TeacherSpec]:
     """Each teacher as an actor-pool stage: where it lives, its actors' size, what it answers."""
+    student_tokenizer = str(resolve_tokenizer(cfg.data.tokenizer)) if any(t.tokenizer for t in cfg.teachers) else None
     return [TeacherSpec(t.name, str(dirs[t.name]), t.num_cpus, t.num_gpus, t.replicas, t.dtype,
                         topk=cfg.loss.topk, features=(features or {}).get(t.name, ()),
                         # per-token logits [b, L, V] of a language model are big until top-k cuts them
-                        batch_size=32 if causal else 512, trace_file=trace_file)
+                        batch_size=32 if causal else 512, trace_file=trace_file,
+                        tokenizer=str(resolve_tokenizer(t.tokenizer)) if t.tokenizer else None,
+                        student_tokenizer=student_tokenizer if t.tokenizer else None,
+                        cross_tokenizer=cfg.loss.cross_tokenizer)
             for t in cfg.teachers]

@@ -3,7 +3,8 @@
 ``TeacherRunner`` loads, freezes, infers and counts; it runs inside the actors of a Ray Data
 actor-pool stage (``stages.with_teachers``), both when the cache is built and in online mode.
 Teachers return plain data: ``{"logits": [N, C]}`` or ``{"topk_logprobs": [N, k], "topk_indices":
-[N, k]}`` (fp16 / int32), never model objects. Asked for ``features``, they add ``"hint"`` [N, D]
+[N, k]}`` (fp16 / int32), never model objects. A causal-LM teacher with a tokenizer of its own
+answers the same columns for the student's positions and vocabulary (``cross_tokenizer.py``). Asked for ``features``, they add ``"hint"`` [N, D]
 and/or ``"attention"`` [N, P] (fp16) for feature distillation (online mode only).
 """
 
@@ -37,13 +38,16 @@ class TeacherSpec:
     features: tuple[str, ...] = ()  # "hint" / "attention", online mode
     batch_size: int = 512
     trace_file: str | None = None  # tests and drills: one line per answered batch: "name ids pid"
+    tokenizer: str | None = None  # causal LM: the teacher's own tokenizer directory (cross_tokenizer.py)
+    student_tokenizer: str | None = None  # ... and the student's, whose ids the rows hold
+    cross_tokenizer: str = "map"  # map | uld: how its targets reach the student's vocabulary
 
 
 class TeacherRunner:
     """Loads one teacher (eval, no grad), answers batches, and counts what it did."""
 
     def __init__(self, name: str, model_dir: str, dtype: str = "float32", topk: int | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, cross=None):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.name = name
@@ -55,11 +59,21 @@ class TeacherRunner:
         # Reduced precision only on GPU: CPU bf16 matmuls are slower and change the targets.
         self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.dtype)
+        self.cross = cross  # a CrossTokenizerTeacher when the teacher has a tokenizer of its own
         self.rows = 0
         self.batches = 0
         self.seconds = 0.0
         self.generate_calls = 0  # sequence-level KD: batched generate calls and the responses they wrote
         self.generated_rows = 0
+
+    @classmethod
+    def from_spec(cls, spec: TeacherSpec, torch_threads: int | None = None) -> "TeacherRunner":
+        cross = None
+        if spec.tokenizer is not None:
+            from distill_ray.cross_tokenizer import CrossTokenizerTeacher
+
+            cross = CrossTokenizerTeacher(spec.student_tokenizer, spec.tokenizer, spec.cross_tokenizer, spec.topk)
+        return cls(spec.name, spec.model_dir, spec.dtype, spec.topk, torch_threads, cross)
 
     def assert_frozen(self) -> None:
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -68,7 +82,8 @@ class TeacherRunner:
                                  f"params with grad: {trainable[:3]}")
 
     @torch.inference_mode()
-    def infer(self, inputs: np.ndarray, features: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    def infer(self, inputs: np.ndarray, features: tuple[str, ...] = (), labels: np.ndarray | None = None
+              ) -> dict[str, np.ndarray]:
         """Soft targets for one batch: full logits (float32) or top-k log-probs (fp16) + indices (int32).
 
         ``features`` adds ``"hint"``: [N, D] (``models.hint_features``) and/or ``"attention"``: [N, P]
@@ -77,7 +92,12 @@ class TeacherRunner:
         """
         self.assert_frozen()
         start = time.perf_counter()
-        out = self._answer(inputs, tuple(features))
+        if self.cross is not None:
+            if features:
+                raise ValueError(f"teacher {self.name}: features are not available from a teacher with its own tokenizer")
+            out = self.cross.answer(self.model, inputs, labels, self.device)
+        else:
+            out = self._answer(inputs, tuple(features))
         self.seconds += time.perf_counter() - start
         self.rows += len(inputs)
         self.batches += 1
@@ -134,6 +154,9 @@ class TeacherRunner:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "rows": self.rows, "batches": self.batches, "seconds": self.seconds,
-                "fingerprint": self.fingerprint, "generate_calls": self.generate_calls,
-                "generated_rows": self.generated_rows}
+        out = {"name": self.name, "rows": self.rows, "batches": self.batches, "seconds": self.seconds,
+               "fingerprint": self.fingerprint, "generate_calls": self.generate_calls,
+               "generated_rows": self.generated_rows}
+        if self.cross is not None:  # the share of labeled student positions the teacher could answer
+            out["aligned_share"] = self.cross.aligned / max(self.cross.positions, 1)
+        return out

@@ -48,7 +48,9 @@ def _teacher_top1(batch: dict[str, torch.Tensor], name: str, topk: int | None) -
     if f"{name}/logits" in batch:
         return batch[f"{name}/logits"].float().argmax(-1)
     if f"{name}/topk_indices" in batch:
-        return batch[f"{name}/topk_indices"][..., 0].long()
+        top1 = batch[f"{name}/topk_indices"][..., 0].long()
+        # -1 where a teacher with its own tokenizer has no aligned position: it agrees with no prediction
+        return top1.masked_fill(torch.isnan(batch[f"{name}/topk_logprobs"][..., 0].float()), -1)
     return None
 
 
@@ -100,7 +102,7 @@ def validate(model, val_batches, meta: dict, world: int, device) -> dict[str, fl
             top1 = _teacher_top1(batch, name, meta["topk"])
             if top1 is not None:
                 top1 = top1[:, :predicted.shape[1]] if causal else top1
-                region = mask if causal else torch.ones_like(predicted, dtype=torch.bool)
+                region = mask & (top1 >= 0) if causal else torch.ones_like(predicted, dtype=torch.bool)
                 sums["agree"][k] += ((predicted == top1) & region).sum()
                 sums["agree_n"][k] += region.sum()
     m.train(was_training)

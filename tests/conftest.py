@@ -22,6 +22,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # footers. Set before ray.init, so the raylet hands it to every worker.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY", "8")
+# And the V1 Parquet reader, as distill_ray.pipeline.connect_ray picks for a local Ray: no footer
+# actors at all, ~3x faster per small read (bench/parquet_read.py).
+os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 
 
 @pytest.fixture(scope="session")

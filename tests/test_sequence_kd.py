@@ -156,6 +156,9 @@ def test_sequence_kd_is_off_by_default_and_checked_once():
         config_from_dict(_instruct_raw(("sequence_kd.max_new_tokens", 0)))
     with pytest.raises(ConfigError, match=r"sequence_kd.mode: 'teacher' needs train.mode=cached"):
         config_from_dict(_instruct_raw(("sequence_kd.mode", "teacher"), ("train.mode", "online")))
+    with pytest.raises(ConfigError, match=r"sequence_kd.mode: 'mixed': teachers \['llama_deep'\] have a tokenizer"):
+        config_from_dict(_instruct_raw(("sequence_kd.mode", "mixed"), ("teachers.llama_deep.tokenizer", "smollm2"),
+                                       ("teachers.llama_deep.source", "hf_dir"), ("teachers.llama_deep.path", "t")))
     lm = yaml.safe_load((REPO / "jobs/configs/tiny_lm.yaml").read_text())
     with pytest.raises(ConfigError, match=r"sequence_kd.mode: 'teacher' needs instruction data"):
         config_from_dict(apply_overrides(lm, [("sequence_kd.mode", "teacher")]))

@@ -13,6 +13,7 @@ import torch
 from distill_ray import curriculum as cur
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import load_model
+from distill_ray.response_cache import with_responses
 from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, encode_topk, write_cache
 from distill_ray.sources import DataInfo, SourceData
 from distill_ray.stages import with_teachers
@@ -98,9 +99,14 @@ def _measured(batch: dict[str, np.ndarray], arguments: dict[str, tuple]) -> dict
     return batch
 
 
-def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], rebuild: bool = False) -> CachedData:
+def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], rebuild: bool = False,
+                trace_file: str | None = None) -> CachedData:
     """Every split's rows with every teacher's soft targets and the difficulty measures, computed once
-    by Ray Data actor pools (one per teacher) whose tasks write the Parquet files themselves."""
+    by Ray Data actor pools (one per teacher) whose tasks write the Parquet files themselves.
+    ``trace_file`` (tests): one line per teacher ``generate`` call of sequence-level KD."""
+    # Sequence-level KD: the teachers' responses join the train rows first (generated once, cached), so
+    # their token-level targets are cached with everything else.
+    data = with_responses(cfg, data, dirs, rebuild=rebuild, trace_file=trace_file)
     spec = cache_spec(cfg, data.info, dirs)
     directory = cache_dir_for(Path(cfg.cache.dir).expanduser(), spec)
     if directory.exists() and not (rebuild or cfg.cache.rebuild):

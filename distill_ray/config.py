@@ -39,6 +39,9 @@ CROSS_TOKENIZER_KINDS = ("map", "uld")
 PRESETS = ("fashion_mnist", "fortunes", "python_stdlib", "python_functions")
 FILE_FORMATS = ("parquet", "jsonl", "csv", "text", "images")
 DATA_FORMATS = FILE_FORMATS + PRESETS
+SEQKD_MODES = ("off", "teacher", "mixed")
+SEQKD_DECODINGS = ("greedy", "sample")
+SEQKD_TEACHERS = ("best", "all")
 
 
 class ConfigError(ValueError):
@@ -325,6 +328,31 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class SequenceKDConfig:
+    """Sequence-level KD on instruction data: the teachers write responses to the training prompts
+    (once, cached as Parquet beside the soft targets), and the student trains on them; the soft-target
+    cache is built from those rows, so token-level KD applies to them too."""
+
+    mode: str = _field("off", choices=SEQKD_MODES)
+    """off: train on the references; teacher: on the teachers' responses alone; mixed: on the references
+    and the teachers' responses as extra rows. The baseline always trains on the references alone."""
+    teachers: str = _field("best", choices=SEQKD_TEACHERS)
+    """Who writes: best (the teacher with the lowest token NLL on the validation references, the held-out
+    ground truth the learned weights are fit to) or all (one extra row per teacher and prompt)."""
+    decoding: str = _field("greedy", choices=SEQKD_DECODINGS)
+    """greedy, or sample (sequence_kd.temperature, sequence_kd.top_p, seeded per row by sequence_kd.seed)."""
+    max_new_tokens: int = _field(64, ge=1)
+    """Most tokens a response gets (and never more than data.max_length leaves after its prompt)."""
+    temperature: float = _field(1.0, gt=0.0)
+    """Sampling temperature (decoding=sample)."""
+    top_p: float = _field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: the smallest set of tokens with this much probability (decoding=sample; 1 = all)."""
+    seed: int = 0
+    """Seed of sampling; each row draws from its own generator (seed, row id, teacher), so the responses do
+    not depend on batching."""
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     space: str | None = None
     """Search space file (tune_spaces/*.yaml)."""
@@ -400,6 +428,7 @@ class ExperimentConfig:
     curriculum: CurriculumConfig = _field(default_factory=CurriculumConfig)
     train: TrainConfig = _field(default_factory=TrainConfig)
     cache: CacheConfig = _field(default_factory=CacheConfig)
+    sequence_kd: SequenceKDConfig = _field(default_factory=SequenceKDConfig)
     tune: TuneConfig = _field(default_factory=TuneConfig)
     serve: ServeConfig = _field(default_factory=ServeConfig)
     tracking: TrackingConfig = _field(default_factory=TrackingConfig)
@@ -593,6 +622,7 @@ def _validate_across(cfg: ExperimentConfig) -> None:
     if cfg.data.format in ("python_stdlib", "python_functions") and cfg.data.task != "causal_lm":
         _fail("data.task", f"the {cfg.data.format} data is for language models; set data.task=causal_lm")
     _validate_instruction_fields(cfg.data)
+    _validate_sequence_kd(cfg)
     if cfg.data.task == "classification" and cfg.student.arch == "hf_causal_lm":
         _fail("student.arch", "'hf_causal_lm' is a language model; it needs data.task=causal_lm")
     if cfg.loss.topk is not None and cfg.loss.kind in ("mse_logits", "focal_kd", "dkd"):
@@ -615,6 +645,26 @@ def _validate_instruction_fields(d: DataConfig) -> None:
         key = "messages_field" if d.messages_field else "prompt_field"
         _fail(f"data.{key}", f"needs a table (data.format parquet, jsonl or csv), not {d.format!r}"
               + ("; the preset has its own prompt and response" if d.format == "python_functions" else ""))
+
+
+def _validate_sequence_kd(cfg: ExperimentConfig) -> None:
+    s, d = cfg.sequence_kd, cfg.data
+    if s.decoding == "greedy":
+        for key, default in (("temperature", 1.0), ("top_p", 1.0)):
+            if getattr(s, key) != default:
+                _fail(f"sequence_kd.{key}", f"{getattr(s, key)} applies to sampling; set sequence_kd.decoding=sample "
+                      "(choices: " + ", ".join(SEQKD_DECODINGS) + ")")
+    if s.mode == "off":
+        return
+    if not (d.format == "python_functions" or d.prompt_field or d.messages_field):
+        _fail("sequence_kd.mode", f"{s.mode!r} needs instruction data (data.format=python_functions, or "
+              "data.prompt_field + data.response_field, or data.messages_field); choose 'off' otherwise")
+    if cfg.train.mode != "cached":
+        _fail("sequence_kd.mode", f"{s.mode!r} needs train.mode=cached: the responses are generated once and cached")
+    own = [t.name for t in cfg.teachers if t.tokenizer]
+    if own:  # generation writes the data's token ids; these teachers read and write their own
+        _fail("sequence_kd.mode", f"{s.mode!r}: teachers {own} have a tokenizer of their own (teachers[].tokenizer); "
+              "sequence-level KD needs every teacher on the data's tokenizer")
 
 
 LM_LOSS_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")

@@ -13,6 +13,8 @@ import ray
 
 from distill_ray.cache_build import teacher_columns
 from distill_ray.config import ExperimentConfig
+from distill_ray.response_cache import rows_of_source, train_sources
+from distill_ray.sequence_kd import rows_from
 from distill_ray.soft_targets import CachedData
 from distill_ray.sources import DataInfo, SourceData
 from distill_ray.stages import MixSettings, feature_shapes, with_teachers
@@ -47,10 +49,19 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
         targets = teacher_columns(cfg.teacher_names(), cfg.loss.topk)
         stored = [c for c in targets if c in data.columns]
         measures = [c for c in data.columns if c.startswith(DIFFICULTY_PREFIX)] if use_teachers else []
-        train = data.dataset("train", ["id", "x", "label", *(stored if use_teachers and not online else []), *measures])
+        train_columns = ["id", "x", "label", *(stored if use_teachers and not online else []), *measures]
+        train = data.dataset("train", train_columns)
         index = data.dataset("train", ["id", *measures])
         val = data.dataset("val", ["id", "x", "label", *stored])
         rows, train_bytes = data.rows("train"), sum(os.path.getsize(f) for f in data.files("train"))
+        source = train_sources(cfg, use_teachers) if "source" in data.columns else None
+        if source is not None:  # sequence-level KD: the references, or the teachers' responses, alone
+            train = data.dataset("train", [*train_columns, "source"]).map_batches(
+                rows_from, fn_kwargs={"source": source}, batch_format="numpy")
+            index = data.dataset("train", ["id", *measures, "source"]).map_batches(
+                rows_from, fn_kwargs={"source": source}, batch_format="numpy")
+            kept = rows_of_source(data.files("train"), source)
+            rows, train_bytes = kept, train_bytes * kept // max(1, rows)
     if (not use_teachers if labeled_only is None else labeled_only) and info.task == "classification" \
             and info.labeled["train"] < rows:
         # The baseline learns from labels alone: the unlabeled transfer rows have nothing to teach it.

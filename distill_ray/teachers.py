@@ -63,6 +63,8 @@ class TeacherRunner:
         self.rows = 0
         self.batches = 0
         self.seconds = 0.0
+        self.generate_calls = 0  # sequence-level KD: batched generate calls and the responses they wrote
+        self.generated_rows = 0
 
     @classmethod
     def from_spec(cls, spec: TeacherSpec, torch_threads: int | None = None) -> "TeacherRunner":
@@ -137,9 +139,24 @@ class TeacherRunner:
                    "topk_indices": indices.to(torch.int32).cpu().numpy()}
         return {**out, **extra}
 
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], decoding, eos_id: int | None, pad_id: int,
+                 seeds: list[int] | None = None, max_new_tokens: list[int] | None = None) -> list[list[int]]:
+        """Responses to ``prompts`` (token ids) by one batched ``generate``: ``sequence_kd.generate_responses``."""
+        from distill_ray.sequence_kd import generate_responses
+
+        self.assert_frozen()
+        start = time.perf_counter()
+        out = generate_responses(self.model, prompts, decoding, eos_id, pad_id, seeds, max_new_tokens)
+        self.seconds += time.perf_counter() - start
+        self.generate_calls += 1
+        self.generated_rows += len(prompts)
+        return out
+
     def stats(self) -> dict[str, Any]:
         out = {"name": self.name, "rows": self.rows, "batches": self.batches, "seconds": self.seconds,
-               "fingerprint": self.fingerprint}
+               "fingerprint": self.fingerprint, "generate_calls": self.generate_calls,
+               "generated_rows": self.generated_rows}
         if self.cross is not None:  # the share of labeled student positions the teacher could answer
             out["aligned_share"] = self.cross.aligned / max(self.cross.positions, 1)
         return out

@@ -220,6 +220,7 @@ def test_a_stale_or_damaged_responses_cache_is_refused_naming_what_changed(tmp_p
 
 # --- end to end on Ray ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_responses_are_generated_once_cached_and_reused_without_generate(ray_local, tmp_path, capsys):
     """Two tiny teachers both write (teachers=all, sampled): the responses cache records every teacher's

@@ -14,8 +14,10 @@ from distill_ray.config import ConfigError, apply_overrides, config_from_dict
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tiny_instruct(*overrides):
+def _tiny_instruct(*overrides, teachers: tuple[str, ...] | None = None):
     raw = yaml.safe_load((REPO / "jobs/configs/tiny_instruct.yaml").read_text())
+    if teachers is not None:
+        raw["teachers"] = [t for t in raw["teachers"] if t["name"] in teachers]
     return config_from_dict(apply_overrides(raw, list(overrides)))
 
 
@@ -116,3 +118,50 @@ def test_row_measures_are_the_references_loss_and_rouge_per_row():
     # The generation budget is each row's reference length, capped by max_new_tokens.
     capped, _ = row_measures(model, _WordTokenizer(), x, y, max_new_tokens=1, pad_id=0)
     assert capped[0] <= 2 * 1 / (1 + 2) + 1e-6  # one word against two: ROUGE-L F1 at most 2/3
+
+
+@pytest.mark.ray
+def test_pocl_ranks_every_train_row_by_rrf_and_stage_0_opens_the_easiest(ray_local, tmp_path):
+    """Tiny instruction data end to end: a scratch reference measures every train row at cache-build
+    time; the cached difficulty is the RRF (k = 60) of the recorded ROUGE-L and loss; the multi-stage
+    run trains epoch 0 (stage 0 of 4) on the easiest quarter only, epoch 1 (stage 2) on the easiest 3/4."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from distill_ray import curriculum as cur
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers
+    from distill_ray.reference import COLUMN, LOSS_COLUMN, ROUGE_COLUMN
+    from distill_ray.run_inputs import training_inputs
+    from distill_ray.train import run_training
+
+    cfg = _tiny_instruct(
+        "data.max_train_samples=160", "data.max_eval_samples=30", "curriculum.scheduler=multi_stage",
+        "curriculum.measurers=[reference_rouge_loss]", "curriculum.reference_max_new_tokens=24",
+        "train.epochs=2", "train.batch_size=8", "train.baseline=false",
+        f"cache.dir={tmp_path / 'cache'}", f"run_dir={tmp_path / 'runs'}", teachers=("llama_deep",))
+    data = load_data(cfg)
+    cache = build_cache(cfg, data, prepare_teachers(cfg, data))
+    train = cache.dataset("train", ["id", ROUGE_COLUMN, LOSS_COLUMN, COLUMN]).to_pandas().sort_values("id")
+    assert len(train) == data.info.counts["train"] == cache.rows("train") > 100
+    rouge, loss = np.array(train[ROUGE_COLUMN], np.float32), np.array(train[LOSS_COLUMN], np.float32)
+    difficulty = np.array(train[COLUMN], np.float64)
+    assert difficulty.dtype == np.float64 and np.isfinite(difficulty).all() and np.isfinite(loss).all()
+    assert ((0 <= rouge) & (rouge <= 1)).all() and len(np.unique(rouge)) > 3  # ROUGE-L varies across rows
+    np.testing.assert_array_equal(
+        difficulty, cur.reference_rouge_loss(torch.from_numpy(rouge), torch.from_numpy(loss), k=60).numpy())
+    assert np.isnan(cache.dataset("val", [COLUMN]).to_pandas()[COLUMN].to_numpy(np.float64)).all()  # train only
+
+    trace = tmp_path / "trace.txt"
+    run_training(cfg, training_inputs(cfg, cache, data.info), str(tmp_path / "ray"), "pocl", trace_file=str(trace))
+    ids = train["id"].to_numpy()
+    easy_to_hard = ids[np.argsort(difficulty, kind="stable")]  # ties by id, as the loop's id-sorted shard
+    trained = {0: set(), 1: set()}
+    for line in trace.read_text().splitlines():
+        _, epoch, _, row_ids = line.split()
+        trained[int(epoch)].update(int(i) for i in row_ids.split(","))
+    for epoch, fraction in ((0, 1 / 4), (1, 3 / 4)):
+        opened = set(easy_to_hard[:math.ceil(fraction * len(ids))].tolist())
+        assert trained[epoch] <= opened
+        assert len(opened) - len(trained[epoch]) < cfg.train.batch_size  # only a last partial batch is left out

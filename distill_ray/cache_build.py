@@ -13,6 +13,7 @@ import torch
 from distill_ray import curriculum as cur
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import load_model
+from distill_ray.reference import reference_key, with_reference_difficulty
 from distill_ray.response_cache import with_responses
 from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, encode_topk, write_cache
 from distill_ray.sources import DataInfo, SourceData
@@ -30,7 +31,8 @@ def cache_spec(cfg: ExperimentConfig, info: DataInfo, dirs: dict[str, Path]) -> 
         prints[t.name] = fingerprint(model)
         if t.tokenizer:  # the same weights read through another tokenizer, or carried another way, answer otherwise
             prints[t.name] += f"|tokenizer={t.tokenizer}|{cfg.loss.cross_tokenizer}"
-    return CacheSpec(teacher_fingerprints=prints, data_fingerprint=info.fingerprint, num_classes=info.num_classes,
+    return CacheSpec(teacher_fingerprints=prints, data_fingerprint=info.fingerprint + reference_key(cfg, info.fingerprint),
+                     num_classes=info.num_classes,
                      topk=cfg.loss.topk, dtype=cfg.cache.dtype, topk_encoding=cfg.cache.topk_encoding,
                      seq_len=info.input_shape[-1] if info.task == "causal_lm" else None)
 
@@ -119,6 +121,7 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
 
     causal = data.info.task == "causal_lm"
     ds = with_teachers(data.rows, tuple(teacher_specs(cfg, dirs, causal)))
+    ds = with_reference_difficulty(cfg, data, dirs, ds)  # POCL's reference_rouge_loss, when configured
     ds = ds.map_batches(finish_rows, fn_kwargs={"teachers": cfg.teacher_names(), "dtype": cfg.cache.dtype,
                                                 "topk": cfg.loss.topk, "num_classes": data.info.num_classes,
                                                 "causal": causal, "pad_id": data.info.pad_id,

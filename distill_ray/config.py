@@ -29,7 +29,8 @@ KD_KINDS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl
 LOSS_KINDS = KD_KINDS + ("focal_kd", "dkd")
 BLEND_KINDS = ("uniform", "confidence", "learned_global", "learned_per_class", "learned_gate")
 CONFIDENCE_KINDS = ("entropy", "max_prob")
-MEASURER_KINDS = ("ensemble_entropy", "teacher_disagreement", "teacher_ce", "student_loss", "sequence_length")
+MEASURER_KINDS = ("ensemble_entropy", "teacher_disagreement", "teacher_ce", "student_loss", "sequence_length",
+                  "reference_rouge_loss")
 SCHEDULER_KINDS = ("none", "linear_ramp", "multi_stage", "confidence")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
 TEACHER_SOURCES = ("hf_dir", "recipe", "torch_checkpoint")
@@ -229,6 +230,15 @@ class CurriculumConfig:
     """Difficulty measures; two or more are fused by reciprocal rank (POCL, k = rrf_k)."""
     rrf_k: int = _field(60, ge=1)
     """Reciprocal-rank-fusion constant."""
+    reference: str = "scratch"
+    """reference_rouge_loss (POCL): the model whose ROUGE-L and loss on each train row rank it: scratch
+    (the student's architecture trained from the labels alone for reference_epochs, before the cache is
+    built) or the name of one of the teachers."""
+    reference_epochs: int = _field(1, ge=1)
+    """reference_rouge_loss with reference=scratch: epochs the reference trains (at train.lr, train.batch_size)."""
+    reference_max_new_tokens: int = _field(64, ge=1)
+    """reference_rouge_loss: at most this many greedy tokens per row (each row stops at its reference's
+    length): bounds the cost of generating for every train row."""
     num_stages: int = _field(4, ge=1)
     """Buckets easy -> hard for multi_stage; one more opens each stage."""
     stage_length: float | None = _field(None, gt=0.0)
@@ -569,6 +579,10 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         if m not in MEASURER_KINDS:
             _fail(f"curriculum.measurers[{i}]", f"{m!r} is not valid; choose from: {', '.join(MEASURER_KINDS)}"
                   + _closest(m, MEASURER_KINDS))
+    if "reference_rouge_loss" in cur.measurers and cfg.data.task != "causal_lm":
+        _fail("curriculum.measurers", "reference_rouge_loss ranks instruction rows of a language model; it needs "
+              f"data.task=causal_lm; for {cfg.data.task} choose from: "
+              + ", ".join(m for m in MEASURER_KINDS if m != "reference_rouge_loss"))
     for key in ("stage_temperatures", "stage_alphas"):
         values = getattr(cur, key)
         if values is not None and len(values) != cur.num_stages:
@@ -669,7 +683,7 @@ def _validate_sequence_kd(cfg: ExperimentConfig) -> None:
 
 LM_LOSS_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")
 LM_BLEND_KINDS = ("uniform", "learned_global")
-LM_MEASURERS = ("teacher_ce", "sequence_length")
+LM_MEASURERS = ("teacher_ce", "sequence_length", "reference_rouge_loss")
 LM_SCHEDULERS = ("none", "linear_ramp", "multi_stage")
 
 
@@ -686,6 +700,7 @@ def _validate_causal_lm(cfg: ExperimentConfig) -> None:
     bad = [m for m in cfg.curriculum.measurers if m not in LM_MEASURERS]
     if bad and cfg.curriculum.scheduler != "none":
         _fail("curriculum.measurers", f"{bad} are not available for causal_lm; choose from: {', '.join(LM_MEASURERS)}")
+    _validate_reference(cfg)
     if cfg.curriculum.scheduler not in LM_SCHEDULERS:
         _fail("curriculum.scheduler", f"{cfg.curriculum.scheduler!r} is not available for causal_lm; choose one of: "
               f"{', '.join(LM_SCHEDULERS)}")
@@ -702,6 +717,24 @@ def _validate_causal_lm(cfg: ExperimentConfig) -> None:
         if cfg.curriculum.scheduler != "none" and "teacher_ce" in cfg.curriculum.measurers:
             _fail("curriculum.measurers", "teacher_ce needs each teacher's probability of the true token, which "
                   "loss.cross_tokenizer=uld does not keep; choose from: sequence_length")
+
+
+def _validate_reference(cfg: ExperimentConfig) -> None:
+    """reference_rouge_loss needs prompts and reference responses (instruction data) and a reference
+    that reads the student's tokens."""
+    c, d = cfg.curriculum, cfg.data
+    if "reference_rouge_loss" not in c.measurers:
+        return
+    if not (d.prompt_field or d.messages_field or d.format == "python_functions"):
+        _fail("curriculum.measurers", "reference_rouge_loss scores a reference model's responses against each row's "
+              "reference response: it needs instruction data (data.prompt_field and data.response_field, "
+              "data.messages_field, or data.format=python_functions); choose from: teacher_ce, sequence_length")
+    names = cfg.teacher_names()
+    if c.reference != "scratch" and c.reference not in names:
+        _fail("curriculum.reference", f"{c.reference!r} is not valid; choose from: scratch, {', '.join(names)}")
+    if c.reference in names and cfg.teachers[names.index(c.reference)].tokenizer is not None:
+        _fail("curriculum.reference", f"teacher {c.reference!r} reads another tokenizer's tokens; choose scratch or "
+              "a teacher on the student's tokenizer")
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,8 @@ __all__ = [
     "sequence_length",
     "measurer",
     "reciprocal_rank_fusion",
+    "fuse_ranks",
+    "reference_rouge_loss",
     "difficulty_order",
     "difficulty_buckets",
     "schedule_value",
@@ -122,21 +124,6 @@ def sequence_length(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask != 0).sum(-1).to(torch.float32)
 
 
-MEASURERS = {
-    "ensemble_entropy": ensemble_entropy,
-    "teacher_disagreement": teacher_disagreement,
-    "teacher_ce": teacher_ce,
-    "student_loss": student_loss,
-    "sequence_length": sequence_length,
-}
-
-
-def measurer(name: str):
-    """The measurer function called ``name`` (ValueError listing :data:`MEASURERS` otherwise)."""
-    _check_choice("difficulty measurer", name, tuple(MEASURERS))
-    return MEASURERS[name]
-
-
 # --------------------------------------------------------------------------------------------
 # ordering and fusion
 
@@ -156,26 +143,90 @@ def _ranks_easy_to_hard(difficulty: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def reciprocal_rank_fusion(*difficulties: torch.Tensor, k: int = 60) -> torch.Tensor:
+def _average_ranks(difficulty: torch.Tensor) -> torch.Tensor:
+    """Rank of each sample, 1 = easiest, ``[N] -> float64 [N]``; tied values share the mean of the
+    ranks they span (fractional ranking: ``[5, 7, 7, 9] -> [1, 2.5, 2.5, 4]``), so a score depends on
+    values only, never on row order."""
+    ordered, order = torch.sort(difficulty.to(torch.float64), stable=True)
+    _, counts = torch.unique_consecutive(ordered, return_counts=True)
+    last = torch.cumsum(counts, 0).to(torch.float64)  # 1-based rank of each tie group's last member
+    mean_rank = last - (counts.to(torch.float64) - 1) / 2
+    ranks = torch.empty(len(order), dtype=torch.float64, device=difficulty.device)
+    ranks[order] = torch.repeat_interleave(mean_rank, counts)
+    return ranks
+
+
+TIES = ("first", "average")
+
+
+def reciprocal_rank_fusion(*difficulties: torch.Tensor, k: int = 60, ties: str = "first") -> torch.Tensor:
     """Fuse several difficulty measures by reciprocal rank (Cormack et al., 2009; used by POCL).
 
-    Each measure ranks the samples easy -> hard (rank 1 = easiest, ties by index); a sample's
-    easiness score is ``sum_m 1 / (k + rank_m)``. Returns ``-score`` (float64, ``[N]``) so that,
-    as everywhere here, larger = harder. Ranks make measures on different scales comparable, and
-    ``k`` damps the influence of any single measure's extreme ranks.
+    Each measure ranks the samples easy -> hard (rank 1 = easiest); a sample's easiness score is
+    ``sum_m 1 / (k + rank_m)``. Returns ``-score`` (float64, ``[N]``) so that, as everywhere here,
+    larger = harder. Ranks make measures on different scales comparable, and ``k`` damps the
+    influence of any single measure's extreme ranks. Tied values are ranked by index
+    (``ties="first"``) or share their mean rank (``ties="average"``, see :func:`_average_ranks`).
     """
     if not difficulties:
         raise ValueError("reciprocal_rank_fusion needs at least one difficulty measure")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    _check_choice("tie rule", ties, TIES)
     sizes = {tuple(d.shape) for d in difficulties}
     if len(sizes) != 1 or len(next(iter(sizes))) != 1:
         raise ValueError(f"every difficulty must be the same [N] shape, got {sorted(sizes)}")
     device = difficulties[0].device
     score = torch.zeros(difficulties[0].shape[0], dtype=torch.float64, device=device)
     for difficulty in difficulties:
-        score += 1.0 / (k + _ranks_easy_to_hard(difficulty.to(device)).to(torch.float64))
+        difficulty = difficulty.to(device)
+        ranks = _average_ranks(difficulty) if ties == "average" else _ranks_easy_to_hard(difficulty).to(torch.float64)
+        score += 1.0 / (k + ranks)
     return -score
+
+
+def fuse_ranks(scores: Mapping[str, torch.Tensor], higher_is_harder: Mapping[str, bool], k: int = 60) -> torch.Tensor:
+    """Reciprocal-rank fusion of named per-sample scores, each with its own direction: ``[N]`` each ->
+    float64 ``[N]``, larger = harder.
+
+    Per score, rank 1 is the easiest sample: the smallest value where ``higher_is_harder[name]``
+    (a loss), the largest where not (a ROUGE-L). Tied values share their mean rank, so the result
+    depends on the values alone, not on row order. The fused value of sample ``i`` is
+    ``-sum_name 1 / (k + rank_name(i))``. NaN has no rank and is refused.
+    """
+    if set(scores) != set(higher_is_harder):
+        raise ValueError(f"higher_is_harder must name exactly the scores {sorted(scores)}, got {sorted(higher_is_harder)}")
+    difficulties = []
+    for name, values in scores.items():
+        values = torch.as_tensor(values).detach().to(torch.float64)
+        if bool(torch.isnan(values).any()):
+            raise ValueError(f"score {name!r} has NaN values; every sample needs a value to be ranked")
+        difficulties.append(values if higher_is_harder[name] else -values)
+    return reciprocal_rank_fusion(*difficulties, k=k, ties="average")
+
+
+def reference_rouge_loss(rouge_l: torch.Tensor, loss: torch.Tensor, k: int = 60) -> torch.Tensor:
+    """POCL's difficulty (``[N], [N] -> float64 [N]``, larger = harder): reciprocal-rank fusion of a
+    reference model's ROUGE-L against each sample's reference response (lower = harder) and its mean
+    token loss on that response (higher = harder). Ranks are over all ``N`` samples, so this runs on a
+    whole split, not per batch (``reference.py`` gathers the two measures first)."""
+    return fuse_ranks({"rouge_l": rouge_l, "loss": loss}, {"rouge_l": False, "loss": True}, k=k)
+
+
+MEASURERS = {
+    "ensemble_entropy": ensemble_entropy,
+    "teacher_disagreement": teacher_disagreement,
+    "teacher_ce": teacher_ce,
+    "student_loss": student_loss,
+    "sequence_length": sequence_length,
+    "reference_rouge_loss": reference_rouge_loss,
+}
+
+
+def measurer(name: str):
+    """The measurer function called ``name`` (ValueError listing :data:`MEASURERS` otherwise)."""
+    _check_choice("difficulty measurer", name, tuple(MEASURERS))
+    return MEASURERS[name]
 
 
 def difficulty_buckets(difficulty: torch.Tensor, num_buckets: int) -> torch.Tensor:

@@ -92,3 +92,38 @@ def generation_scores(model: nn.Module, tokenizer, rows: list[tuple[list[int], l
         if code and parses(prompt_text, reference_text):
             parsed.append(parses(prompt_text, text))
     return {"rouge_l": float(np.mean(scores)), **({"parses": float(np.mean(parsed))} if parsed else {})}
+
+
+@torch.no_grad()
+def batched_greedy_responses(model: nn.Module, prompts: list[list[int]], max_new_tokens: list[int], eos_id: int | None,
+                             pad_id: int, batch_size: int = 32) -> list[list[int]]:
+    """Greedy continuations of many prompts, each cut at eos and at its own ``max_new_tokens[i]``.
+
+    Prompts go in batches of similar length (sorted, then left-padded with an attention mask, which
+    ``generate`` turns into position ids), so a batch wastes little on padding; on CPU this is what
+    makes generating for every training row affordable. A batch generates for its longest budget."""
+    if len(max_new_tokens) != len(prompts):
+        raise ValueError(f"need one max_new_tokens per prompt, got {len(max_new_tokens)} for {len(prompts)} prompts")
+    inner = getattr(model, "module", model)
+    was_training = inner.training
+    inner.eval()
+    out: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        budget = max(max_new_tokens[i] for i in rows)
+        if budget <= 0:
+            continue
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+            mask[r, width - len(prompts[i]):] = 1
+        generated = inner.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+                                   eos_token_id=eos_id, pad_token_id=pad_id)[:, width:].tolist()
+        for r, i in enumerate(rows):
+            tokens = generated[r][:max_new_tokens[i]]
+            out[i] = tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+    inner.train(was_training)
+    return out

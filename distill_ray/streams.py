@@ -38,7 +38,8 @@ def rank_of(ids: np.ndarray, world: int) -> np.ndarray:
 
 def fused_difficulty(measures: dict[str, torch.Tensor], names: Sequence[str], rrf_k: int) -> torch.Tensor | None:
     """One difficulty per row from the configured measures (reciprocal-rank fusion when several)."""
-    found = [measures[n].float() for n in names if n in measures]
+    # float64: a rank-fused measure (reference_rouge_loss) separates neighbours by ~1/N^2, below float32's resolution.
+    found = [measures[n].double() for n in names if n in measures]
     if not found:
         return None
     return found[0] if len(found) == 1 else cur.reciprocal_rank_fusion(*found, k=rrf_k)

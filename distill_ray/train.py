@@ -313,8 +313,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_epoch = min(t.epochs, loop_config.get("stop_at_epoch") or t.epochs)
     while epoch < last_epoch:
         batches = epoch_batches()
+        asked = time.perf_counter()
         current = next(batches, None)
+        # The wait for an epoch's first batch is the pipeline filling (online: teacher stages starting
+        # anew); kept apart from samples_per_s, which is the steady rate after it.
         epoch_start, seen = time.perf_counter(), 0
+        first_batch_s = epoch_start - asked
         # Whether every rank has another batch is decided together, once per step: logging and
         # checkpointing (ray.train.report waits for every rank) must make the same choice on all ranks.
         more = _all_ranks_have(current, world)
@@ -411,7 +415,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         val.update(best_epoch=best["epoch"], **blend_fit)
         shown_val = {k: round(val[k], 4) for k in ("val_accuracy", "val_perplexity") if k in val}
         last_step = next((r for r in reversed(history) if r.get("kind") != "epoch"), {})
-        history.append({"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction, "kind": "epoch", **val})
+        history.append({"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction, "kind": "epoch",
+                        "first_batch_s": first_batch_s, **val})
         epoch, batch_in_epoch = epoch + 1, 0
         # The epoch report carries the latest step's loss parts, schedule and teacher weights too, so
         # dashboards (Tune's TensorBoard/W&B loggers) get every curve from one row per epoch.

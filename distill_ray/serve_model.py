@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill_ray.chat import render_chat_prompt
 from distill_ray.models import SPEC_FILE, WEIGHTS_FILE, forward_logits, is_hf_model, load_model
 from distill_ray.serve_requests import GenerateRequest, InputSchema
 
@@ -163,9 +164,23 @@ class GeneratorPredictor:
         self.model_id = f"{card.get('name', student_dir.name)}@{card.get('version', 'unversioned')}"
         self.card = {**card, "quantized": None, "model": self.model_id, "task": "causal_lm"}
 
+    def prompt_texts(self, request: GenerateRequest) -> list[str]:
+        """What the student continues from, written as in its training: ``messages`` rendered with its
+        chat template; a plain prompt as written, or, for a student trained on chat turns
+        (``data.messages_field``), as one user turn rendered the same way."""
+        if request.conversations:
+            return [render_chat_prompt(self.tokenizer, [{"role": r, "content": c} for r, c in conversation])
+                    for conversation in request.conversations]
+        if self.spec.get("prompt_format") == "chat":
+            return [render_chat_prompt(self.tokenizer, [{"role": "user", "content": p}]) for p in request.prompts]
+        return list(request.prompts)
+
     @torch.no_grad()
     def generate(self, request: GenerateRequest) -> dict[str, Any]:
-        batch = self.tokenizer(list(request.prompts), return_tensors="pt", padding=True, truncation=True,
+        # No special tokens added: training tokenized prompts without them (a WordPiece tokenizer would
+        # otherwise wrap each prompt in [CLS] ... [SEP], which the student never saw before a response).
+        batch = self.tokenizer(self.prompt_texts(request), return_tensors="pt", padding=True, truncation=True,
+                               add_special_tokens=False,
                                max_length=int(getattr(self.model.config, "max_position_embeddings", 512))
                                - request.max_new_tokens)
         batch.pop("token_type_ids", None)  # BERT-style tokenizers add them; causal LMs take none

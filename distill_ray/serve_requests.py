@@ -100,9 +100,11 @@ class PredictRequest:
 class GenerateRequest:
     """A validated ``POST /generate`` body (causal-LM students)."""
 
-    prompts: tuple[str, ...]
+    prompts: tuple[str, ...] = ()
     max_new_tokens: int = 32
     temperature: float = 0.0
+    conversations: tuple[tuple[tuple[str, str], ...], ...] = ()
+    """``messages``: each a conversation of (role, content) turns, rendered with the student's chat template."""
 
 
 # --- the request models -------------------------------------------------------------------------
@@ -163,9 +165,17 @@ def predict_model(schema: InputSchema, limits: RequestLimits) -> type[BaseModel]
 def generate_model(limits: RequestLimits) -> type[BaseModel]:
     """The pydantic model of a ``POST /generate`` body (temperature 0 is greedy)."""
     prompt = Annotated[str, Strict(), Field(min_length=1, max_length=limits.max_text_chars, pattern=r"\S")]
+    turn = create_model("Turn", __config__=FORBID_EXTRA,
+                        role=(Annotated[str, Strict(), Field(min_length=1, max_length=32, pattern=r"\S")], ...),
+                        content=(Annotated[str, Strict(), Field(max_length=limits.max_text_chars)], ...))
+    conversation = Annotated[list[turn], Field(min_length=1, max_length=64)]
+    inputs, inputs_info = _inputs_field(prompt, limits, "prompt strings")
+    messages, messages_info = _inputs_field(conversation, limits, "conversations (lists of {role, content} turns)")
     return create_model(
         "GenerateBody", __config__=FORBID_EXTRA,
-        inputs=_inputs_field(prompt, limits, "prompt strings"),
+        inputs=(Optional[inputs], Field(None, description=inputs_info.description + "; or give 'messages'")),
+        messages=(Optional[messages], Field(None, description=messages_info.description
+                                            + ", rendered with the student's chat template")),
         max_new_tokens=(Annotated[int, Strict(), Field(ge=1, le=MAX_NEW_TOKENS)],
                         Field(32, description=f"an integer in 1..{MAX_NEW_TOKENS}")),
         temperature=(Annotated[float, Strict(), Field(ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)],
@@ -207,7 +217,12 @@ def parse_generate_request(body: bytes, limits: RequestLimits) -> GenerateReques
     except ValidationError as err:
         raise request_error(err.errors(), model, limits, "prompt", "prompt strings",
                             lambda e: _prompt_error(e, limits)) from None
-    return GenerateRequest(tuple(parsed.inputs), parsed.max_new_tokens, parsed.temperature)
+    if (parsed.inputs is None) == (parsed.messages is None):
+        raise RequestError(422, "give exactly one of 'inputs' (prompt strings, used as written) or 'messages' "
+                                "(conversations of {role, content} turns, rendered with the student's chat "
+                                f"template); {allowed_fields(model)}")
+    conversations = tuple(tuple((t.role, t.content) for t in c) for c in parsed.messages or ())
+    return GenerateRequest(tuple(parsed.inputs or ()), parsed.max_new_tokens, parsed.temperature, conversations)
 
 
 def _flatten(value: Any) -> list[float]:
@@ -283,27 +298,34 @@ def request_error(errors: list[dict], model: type[BaseModel], limits: RequestLim
                                  "{\"inputs\": [...]}")
     if kind == "model_type":
         return RequestError(422, f"request body must be a JSON object; got {_a_json_type(first['input'])} ({allowed})")
-    if kind == "extra_forbidden":
-        unknown = ", ".join(repr(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if kind == "extra_forbidden" and len(loc) == 1:
+        unknown = ", ".join(repr(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1)
         return RequestError(422, f"unknown field(s) {unknown}; {allowed}")
-    if kind == "missing":
+    if kind == "missing" and len(loc) == 1:
         return RequestError(422, f"missing required field '{loc[0]}'; {allowed}")
     if loc == ("inputs",):
         return _inputs_list_error(first, limits, noun, each)
+    if loc == ("messages",):
+        return _inputs_list_error(first, limits, "conversation", "conversations (lists of {role, content} turns)",
+                                  field="messages")
+    if loc[0] == "messages":  # inside one conversation: where, and what a turn is
+        return RequestError(422, f"{_where(loc)}{'.' + str(loc[-1]) if isinstance(loc[-1], str) else ''}: "
+                                 f"{first['msg']}; a conversation is a list of 1 to 64 turns "
+                                 "{\"role\": non-empty string, \"content\": string}")
     if len(loc) == 1:  # a scalar field: say what it must be, from its description
         return RequestError(422, f"'{loc[0]}' must be {model.model_fields[loc[0]].description}; "
                                  f"got {_shown(first['input'])}")
     return item_error(first) or RequestError(422, f"{_where(loc)}: {first['msg']}")
 
 
-def _inputs_list_error(error: dict, limits: RequestLimits, noun: str, each: str) -> RequestError:
+def _inputs_list_error(error: dict, limits: RequestLimits, noun: str, each: str, field: str = "inputs") -> RequestError:
     most = limits.max_inputs_per_request
     if error["type"] == "too_long":
-        return RequestError(413, f"'inputs' has {_count(len(error['input']), noun)}; at most {most} are allowed "
+        return RequestError(413, f"'{field}' has {_count(len(error['input']), noun)}; at most {most} are allowed "
                                  "per request, so split it into several")
     if error["type"] == "too_short":
-        return RequestError(422, f"'inputs' is empty; send 1 to {most} {noun}s")
-    return RequestError(422, f"'inputs' must be a list of {each}; got {_a_json_type(error['input'])}")
+        return RequestError(422, f"'{field}' is empty; send 1 to {most} {noun}s")
+    return RequestError(422, f"'{field}' must be a list of {each}; got {_a_json_type(error['input'])}")
 
 
 def _number_error(error: dict, where: str) -> RequestError | None:

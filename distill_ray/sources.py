@@ -35,6 +35,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
+from distill_ray.chat import render_chat_prompt
 from distill_ray.config import ExperimentConfig, PRESETS
 from distill_ray.extras import require
 from distill_ray.data import DataError, apply_standardise, content_ids, hash_to_id, label_ids, \
@@ -391,10 +392,9 @@ def _prompt_and_response(batch: dict[str, np.ndarray], i: int, fields: tuple[str
         raise DataError(f"data.messages_field: column {fields[0]!r} row id {batch['id'][i]} must be a list of "
                         "{role, content} turns ending with the assistant's")
     turns = [{"role": str(t["role"]), "content": str(t["content"])} for t in turns]
-    if not getattr(tok, "chat_template", None):  # no template: role-prefixed lines
-        prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns[:-1]) + "assistant: "
+    prompt = render_chat_prompt(tok, turns[:-1])
+    if not getattr(tok, "chat_template", None):
         return prompt, turns[-1]["content"] + (tok.eos_token or "")
-    prompt = tok.apply_chat_template(turns[:-1], tokenize=False, add_generation_prompt=True)
     whole = tok.apply_chat_template(turns, tokenize=False)
     if not whole.startswith(prompt):
         raise DataError(f"data.messages_field: the tokenizer's chat template does not render the prompt of row id "

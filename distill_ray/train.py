@@ -491,6 +491,8 @@ def export_student(cfg: ExperimentConfig, inputs: TrainInputs, student, director
     facts) goes into its spec so Serve answers with label names and preprocesses raw requests."""
     spec = {"arch": cfg.student.arch, "input_shape": list(inputs.input_shape), "num_classes": inputs.num_classes,
             "options": dict(cfg.student.options), "task": cfg.data.task}
+    if cfg.data.task == "causal_lm":  # how Serve's /generate writes a plain prompt for this student
+        spec["prompt_format"] = "chat" if cfg.data.messages_field else "plain"
     if data_info:
         spec.update({"class_names": list(data_info.get("class_names") or ()),
                      "feature_fields": list(data_info.get("feature_fields") or ()),

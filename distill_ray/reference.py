@@ -15,7 +15,7 @@ test rows get NaN: only the train split is ever ordered.
 
 Cost on CPU is greedy generation: one token per step for each train row, up to the row's reference
 length capped by ``curriculum.reference_max_new_tokens``, in length-sorted batches
-(``generation.batched_greedy_responses``).
+(``generation.batched_responses``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ MEASURER = "reference_rouge_loss"
 COLUMN = DIFFICULTY_PREFIX + MEASURER
 ROUGE_COLUMN, LOSS_COLUMN = "reference/rouge_l", "reference/loss"
 ROWS_PER_BATCH = 128  # rows one Ray Data batch gives the reference; generation sorts them by prompt length
-GENERATE_BATCH = 32  # prompts generated together
 
 
 def wanted(cfg: ExperimentConfig) -> bool:
@@ -55,7 +54,7 @@ def row_measures(model, tokenizer, inputs: np.ndarray, labels: np.ndarray, max_n
     and ``max_new_tokens`` tokens. ROUGE-L compares decoded whitespace words (as the run's scores do).
     A row with no labelled token has nothing to answer: loss inf and ROUGE-L 0, the hardest."""
     from distill_ray.evaluate import lm_label_logprobs
-    from distill_ray.generation import batched_greedy_responses, rouge_l
+    from distill_ray.generation import GENERATE_BATCH, batched_responses, rouge_l
 
     x, y = np.asarray(inputs), np.asarray(labels)
     taught = y >= 0
@@ -67,8 +66,8 @@ def row_measures(model, tokenizer, inputs: np.ndarray, labels: np.ndarray, max_n
     prompts = [x[i, :np.flatnonzero(taught[i])[0] + 1].tolist() for i in rows]
     references = [y[i, taught[i]].tolist() for i in rows]
     eos = tokenizer.eos_token_id
-    responses = batched_greedy_responses(model, prompts, [min(len(r), max_new_tokens) for r in references], eos,
-                                         pad_id, batch_size=GENERATE_BATCH)
+    responses = batched_responses(model, prompts, [min(len(r), max_new_tokens) for r in references], eos, pad_id,
+                                  batch_size=GENERATE_BATCH)
     rouge = np.zeros(len(x), np.float32)
     for i, response, reference in zip(rows, responses, references):
         rouge[i] = rouge_l(tokenizer.decode(response, skip_special_tokens=True),

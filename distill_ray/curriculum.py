@@ -24,6 +24,7 @@ __all__ = [
     "MEASURERS",
     "SCHEDULE_KINDS",
     "SCHEDULER_KINDS",
+    "DIFFICULTY_SCHEDULERS",
     "ensemble_entropy",
     "teacher_disagreement",
     "teacher_ce",
@@ -47,6 +48,9 @@ __all__ = [
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
 SCHEDULER_KINDS = ("none", "linear_ramp", "multi_stage", "confidence")
+# The schedulers that open the easiest rows first: the only ones a difficulty measure decides anything
+# for (none opens every row; confidence ranks by the student's own confidence, live).
+DIFFICULTY_SCHEDULERS = ("linear_ramp", "multi_stage")
 STAGE_UNITS = ("epoch", "step")
 
 # Slack for float boundaries: 0.3 * 10 is 3.0000000000000004 and 3 / 0.1 is 29.999999999999996;

@@ -11,7 +11,9 @@ The reference is the student's architecture trained from the labels for
 are unchanged) or one of the teachers. It runs once, when the cache is built, as a Ray Data
 actor-pool stage over the train rows; ranks need every row, so the driver gathers (id, ROUGE-L,
 loss), 16 bytes a row, fuses, and a last stage joins the result onto the rows being cached. Val and
-test rows get NaN: only the train split is ever ordered.
+test rows get NaN: only the train split is ever ordered. With ``curriculum.scheduler`` none or
+confidence nothing reads the ranking, so no reference is trained (``wanted``), unless a sweep varies
+the scheduler.
 
 Cost on CPU is greedy generation: one token per step for each train row, up to the row's reference
 length capped by ``curriculum.reference_max_new_tokens``, in length-sorted batches
@@ -39,8 +41,13 @@ ROUGE_COLUMN, LOSS_COLUMN = "reference/rouge_l", "reference/loss"
 ROWS_PER_BATCH = 128  # rows one Ray Data batch gives the reference; generation sorts them by prompt length
 
 
-def wanted(cfg: ExperimentConfig) -> bool:
-    return MEASURER in cfg.curriculum.measurers
+def wanted(cfg: ExperimentConfig, any_scheduler: bool = False) -> bool:
+    """Whether the cache gets the reference's columns: the measurer is listed and a scheduler that
+    opens rows by difficulty (``curriculum.DIFFICULTY_SCHEDULERS``) will read them, the config's own
+    or, ``any_scheduler``, whichever a sweep's trials run. Under ``none`` or ``confidence`` alone no
+    reference is trained: nothing would read what it costs."""
+    c = cfg.curriculum
+    return MEASURER in c.measurers and (any_scheduler or c.scheduler in cur.DIFFICULTY_SCHEDULERS)
 
 
 # --- per row, no Ray --------------------------------------------------------------------------------
@@ -128,10 +135,11 @@ def _scratch_name(cfg: ExperimentConfig, data_fingerprint: str) -> str:
     return f"scratch-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def reference_key(cfg: ExperimentConfig, data_fingerprint: str) -> str:
-    """What the cached difficulty depends on, '' without the measurer: part of the cache's key, so a
-    changed reference (or its settings) never reuses another reference's ranking."""
-    if not wanted(cfg):
+def reference_key(cfg: ExperimentConfig, data_fingerprint: str, any_scheduler: bool = False) -> str:
+    """What the cached difficulty depends on, '' without it (``wanted``): part of the cache's key, so a
+    changed reference (or its settings) never reuses another reference's ranking, and a cache built
+    without the reference is never taken for one with it."""
+    if not wanted(cfg, any_scheduler):
         return ""
     c = cfg.curriculum
     # A teacher's weights are already in the key (the cache's teacher fingerprints).
@@ -185,9 +193,9 @@ def measure_train_rows(cfg: ExperimentConfig, data, model_dir: Path) -> dict[str
     return {"ids": ids, "rouge_l": rouge, "loss": loss, "difficulty": difficulty.numpy()}
 
 
-def with_reference_difficulty(cfg: ExperimentConfig, data, dirs: dict[str, Path], ds):
-    """``ds`` (every split's rows) with the reference columns when the measurer is configured, else ``ds``."""
-    if not wanted(cfg):
+def with_reference_difficulty(cfg: ExperimentConfig, data, dirs: dict[str, Path], ds, any_scheduler: bool = False):
+    """``ds`` (every split's rows) with the reference columns when ``wanted``, else ``ds``."""
+    if not wanted(cfg, any_scheduler):
         return ds
     measures = measure_train_rows(cfg, data, prepare_reference(cfg, data, dirs))
     return ds.map_batches(add_reference_columns, fn_kwargs=measures, batch_format="numpy")

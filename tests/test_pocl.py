@@ -55,6 +55,36 @@ def test_a_teacher_may_be_the_reference():
     assert cfg.curriculum.reference == "llama_deep"
 
 
+@pytest.mark.parametrize("scheduler, trained", [("none", False), ("multi_stage", True), ("linear_ramp", True)])
+def test_the_reference_is_trained_only_for_a_scheduler_that_reads_difficulty(monkeypatch, scheduler, trained):
+    """Under none nothing reads the reference's ranking (confidence, which reads none either, is
+    refused for language models): no reference is trained or measured and the cache's key says so;
+    a sweep that varies the scheduler keeps it (no Ray here)."""
+    from distill_ray import reference
+    from distill_ray.tune_space import SearchSpace
+
+    calls = []
+    monkeypatch.setattr(reference, "prepare_reference", lambda *a: calls.append("train") or Path("ref"))
+    monkeypatch.setattr(reference, "measure_train_rows", lambda *a: calls.append("measure") or {})
+
+    class Rows:  # the cache's rows, as Ray Data would get the reference's stage
+        def map_batches(self, fn, **kwargs):
+            calls.append(fn.__name__)
+            return self
+
+    cfg = _tiny_instruct(f"curriculum.scheduler={scheduler}", "curriculum.measurers=[reference_rouge_loss]")
+    rows = Rows()
+    assert reference.with_reference_difficulty(cfg, None, {}, rows) is rows
+    assert calls == (["train", "measure", "add_reference_columns"] if trained else [])
+    assert bool(reference.reference_key(cfg, "data")) == trained
+    # A sweep over the scheduler builds one cache for all its trials: the reference stays.
+    assert SearchSpace((("curriculum.scheduler", "choice", ("none", "multi_stage")),)).sets("curriculum.scheduler")
+    assert reference.reference_key(cfg, "data", any_scheduler=True)
+    calls.clear()
+    reference.with_reference_difficulty(cfg, None, {}, rows, any_scheduler=True)
+    assert calls == ["train", "measure", "add_reference_columns"]
+
+
 def _tiny_lm(seed: int = 0, vocab: int = 40):
     import torch
 

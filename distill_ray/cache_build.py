@@ -22,7 +22,7 @@ from distill_ray.streams import DIFFICULTY_PREFIX
 from distill_ray.teacher_setup import teacher_specs
 
 
-def cache_spec(cfg: ExperimentConfig, info: DataInfo, dirs: dict[str, Path]) -> CacheSpec:
+def cache_spec(cfg: ExperimentConfig, info: DataInfo, dirs: dict[str, Path], any_scheduler: bool = False) -> CacheSpec:
     from distill_ray.models import fingerprint
 
     prints = {}
@@ -31,7 +31,7 @@ def cache_spec(cfg: ExperimentConfig, info: DataInfo, dirs: dict[str, Path]) -> 
         prints[t.name] = fingerprint(model)
         if t.tokenizer:  # the same weights read through another tokenizer, or carried another way, answer otherwise
             prints[t.name] += f"|tokenizer={t.tokenizer}|{cfg.loss.cross_tokenizer}"
-    return CacheSpec(teacher_fingerprints=prints, data_fingerprint=info.fingerprint + reference_key(cfg, info.fingerprint),
+    return CacheSpec(teacher_fingerprints=prints, data_fingerprint=info.fingerprint + reference_key(cfg, info.fingerprint, any_scheduler),
                      num_classes=info.num_classes,
                      topk=cfg.loss.topk, dtype=cfg.cache.dtype, topk_encoding=cfg.cache.topk_encoding,
                      seq_len=info.input_shape[-1] if info.task == "causal_lm" else None)
@@ -102,14 +102,16 @@ def _measured(batch: dict[str, np.ndarray], arguments: dict[str, tuple]) -> dict
 
 
 def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], rebuild: bool = False,
-                trace_file: str | None = None) -> CachedData:
+                trace_file: str | None = None, any_scheduler: bool = False) -> CachedData:
     """Every split's rows with every teacher's soft targets and the difficulty measures, computed once
     by Ray Data actor pools (one per teacher) whose tasks write the Parquet files themselves.
-    ``trace_file`` (tests): one line per teacher ``generate`` call of sequence-level KD."""
+    ``trace_file`` (tests): one line per teacher ``generate`` call of sequence-level KD.
+    ``any_scheduler``: runs on this cache may use another curriculum scheduler than ``cfg``'s (a sweep),
+    so measures only some schedulers read are computed anyway (``reference.wanted``)."""
     # Sequence-level KD: the teachers' responses join the train rows first (generated once, cached), so
     # their token-level targets are cached with everything else.
     data = with_responses(cfg, data, dirs, rebuild=rebuild, trace_file=trace_file)
-    spec = cache_spec(cfg, data.info, dirs)
+    spec = cache_spec(cfg, data.info, dirs, any_scheduler)
     directory = cache_dir_for(Path(cfg.cache.dir).expanduser(), spec)
     if directory.exists() and not (rebuild or cfg.cache.rebuild):
         try:
@@ -121,7 +123,7 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
 
     causal = data.info.task == "causal_lm"
     ds = with_teachers(data.rows, tuple(teacher_specs(cfg, dirs, causal)))
-    ds = with_reference_difficulty(cfg, data, dirs, ds)  # POCL's reference_rouge_loss, when configured
+    ds = with_reference_difficulty(cfg, data, dirs, ds, any_scheduler)  # POCL's reference_rouge_loss, when read
     ds = ds.map_batches(finish_rows, fn_kwargs={"teachers": cfg.teacher_names(), "dtype": cfg.cache.dtype,
                                                 "topk": cfg.loss.topk, "num_classes": data.info.num_classes,
                                                 "causal": causal, "pad_id": data.info.pad_id,

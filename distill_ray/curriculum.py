@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ __all__ = [
     "MEASURERS",
     "SCHEDULE_KINDS",
     "SCHEDULER_KINDS",
+    "DIFFICULTY_SCHEDULERS",
     "ensemble_entropy",
     "teacher_disagreement",
     "teacher_ce",
@@ -31,7 +32,6 @@ __all__ = [
     "sequence_length",
     "measurer",
     "reciprocal_rank_fusion",
-    "fuse_ranks",
     "reference_rouge_loss",
     "difficulty_order",
     "difficulty_buckets",
@@ -48,6 +48,9 @@ __all__ = [
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
 SCHEDULER_KINDS = ("none", "linear_ramp", "multi_stage", "confidence")
+# The schedulers that open the easiest rows first: the only ones a difficulty measure decides anything
+# for (none opens every row; confidence ranks by the student's own confidence, live).
+DIFFICULTY_SCHEDULERS = ("linear_ramp", "multi_stage")
 STAGE_UNITS = ("epoch", "step")
 
 # Slack for float boundaries: 0.3 * 10 is 3.0000000000000004 and 3 / 0.1 is 29.999999999999996;
@@ -185,32 +188,18 @@ def reciprocal_rank_fusion(*difficulties: torch.Tensor, k: int = 60, ties: str =
     return -score
 
 
-def fuse_ranks(scores: Mapping[str, torch.Tensor], higher_is_harder: Mapping[str, bool], k: int = 60) -> torch.Tensor:
-    """Reciprocal-rank fusion of named per-sample scores, each with its own direction: ``[N]`` each ->
-    float64 ``[N]``, larger = harder.
-
-    Per score, rank 1 is the easiest sample: the smallest value where ``higher_is_harder[name]``
-    (a loss), the largest where not (a ROUGE-L). Tied values share their mean rank, so the result
-    depends on the values alone, not on row order. The fused value of sample ``i`` is
-    ``-sum_name 1 / (k + rank_name(i))``. NaN has no rank and is refused.
-    """
-    if set(scores) != set(higher_is_harder):
-        raise ValueError(f"higher_is_harder must name exactly the scores {sorted(scores)}, got {sorted(higher_is_harder)}")
-    difficulties = []
-    for name, values in scores.items():
-        values = torch.as_tensor(values).detach().to(torch.float64)
-        if bool(torch.isnan(values).any()):
-            raise ValueError(f"score {name!r} has NaN values; every sample needs a value to be ranked")
-        difficulties.append(values if higher_is_harder[name] else -values)
-    return reciprocal_rank_fusion(*difficulties, k=k, ties="average")
-
-
 def reference_rouge_loss(rouge_l: torch.Tensor, loss: torch.Tensor, k: int = 60) -> torch.Tensor:
     """POCL's difficulty (``[N], [N] -> float64 [N]``, larger = harder): reciprocal-rank fusion of a
     reference model's ROUGE-L against each sample's reference response (lower = harder) and its mean
-    token loss on that response (higher = harder). Ranks are over all ``N`` samples, so this runs on a
-    whole split, not per batch (``reference.py`` gathers the two measures first)."""
-    return fuse_ranks({"rouge_l": rouge_l, "loss": loss}, {"rouge_l": False, "loss": True}, k=k)
+    token loss on that response (higher = harder). Tied values share their mean rank, so the result
+    depends on the values alone, not on row order. Ranks are over all ``N`` samples, so this runs on a
+    whole split, not per batch (``reference.py`` gathers the two measures first). NaN has no rank and
+    is refused."""
+    rouge_l, loss = (torch.as_tensor(v).detach().to(torch.float64) for v in (rouge_l, loss))
+    for name, values in (("rouge_l", rouge_l), ("loss", loss)):
+        if bool(torch.isnan(values).any()):
+            raise ValueError(f"score {name!r} has NaN values; every sample needs a value to be ranked")
+    return reciprocal_rank_fusion(-rouge_l, loss, k=k, ties="average")
 
 
 MEASURERS = {

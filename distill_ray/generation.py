@@ -1,5 +1,7 @@
 """What LLM users read about an instruction-following model: greedy responses to held-out prompts,
-their ROUGE-L against the references, and for code whether prompt + response parses. No Ray.
+their ROUGE-L against the references, and for code whether prompt + response parses; and the one
+generator every response in the project comes from (``batched_responses``: evaluation, serving's
+/generate, sequence KD's teacher responses, POCL's reference). No Ray.
 
 Prompts and references come from the instruction rows themselves (``sources._instructions``): the
 prompt is every token before the first labelled position plus that position's input, the reference
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+GENERATE_BATCH = 32  # prompts generated together where many are answered (evaluation, POCL's reference)
 
 def prompts_and_references(inputs: np.ndarray, labels: np.ndarray) -> list[tuple[list[int], list[int]]]:
     """(prompt token ids, reference token ids) of each instruction row; rows with no label are skipped."""
@@ -58,23 +61,6 @@ def parses(prompt: str, response: str) -> bool:
     return True
 
 
-@torch.no_grad()
-def greedy_responses(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
-                     pad_id: int) -> list[list[int]]:
-    """Greedy continuations of each prompt (one at a time: no padding to get wrong), cut at eos."""
-    inner = getattr(model, "module", model)
-    was_training = inner.training
-    inner.eval()
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt], dtype=torch.long)
-        generated = inner.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                   do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id)[0, len(prompt):].tolist()
-        out.append(generated[:generated.index(eos_id)] if eos_id in generated else generated)
-    inner.train(was_training)
-    return out
-
-
 def generation_scores(model: nn.Module, tokenizer, rows: list[tuple[list[int], list[int]]], max_new_tokens: int,
                       code: bool) -> dict[str, float]:
     """Mean ROUGE-L of greedy responses against the references and, for code, the share of responses
@@ -82,7 +68,8 @@ def generation_scores(model: nn.Module, tokenizer, rows: list[tuple[list[int], l
     round-trip whitespace, like WordPiece, leaves none: then no ``parses``)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    responses = greedy_responses(model, [p for p, _ in rows], max_new_tokens, eos, pad)
+    responses = batched_responses(model, [p for p, _ in rows], max_new_tokens, eos, pad,
+                                  batch_size=GENERATE_BATCH)
     scores, parsed = [], []
     for (prompt, reference), response in zip(rows, responses):
         text = tokenizer.decode(response, skip_special_tokens=True)
@@ -94,36 +81,93 @@ def generation_scores(model: nn.Module, tokenizer, rows: list[tuple[list[int], l
     return {"rouge_l": float(np.mean(scores)), **({"parses": float(np.mean(parsed))} if parsed else {})}
 
 
-@torch.no_grad()
-def batched_greedy_responses(model: nn.Module, prompts: list[list[int]], max_new_tokens: list[int], eos_id: int | None,
-                             pad_id: int, batch_size: int = 32) -> list[list[int]]:
-    """Greedy continuations of many prompts, each cut at eos and at its own ``max_new_tokens[i]``.
+class SeededSampling:
+    """A ``generate`` logits processor: temperature, top-p, then per-row Gumbel noise from each row's
+    own generator, so greedy decoding of the result samples, reproducibly per row.
 
-    Prompts go in batches of similar length (sorted, then left-padded with an attention mask, which
-    ``generate`` turns into position ids), so a batch wastes little on padding; on CPU this is what
-    makes generating for every training row affordable. A batch generates for its longest budget."""
-    if len(max_new_tokens) != len(prompts):
-        raise ValueError(f"need one max_new_tokens per prompt, got {len(max_new_tokens)} for {len(prompts)} prompts")
-    inner = getattr(model, "module", model)
+    Gumbel-max: adding per-row Gumbel noise to the tempered, top-p-filtered scores and taking the
+    argmax (``generate``'s greedy path) is a draw from the same distribution as multinomial sampling,
+    and a row's draws come from its generator alone, whatever else is in the batch."""
+
+    def __init__(self, temperature: float, top_p: float, generators: list[torch.Generator]):
+        self.temperature, self.top_p, self.generators = temperature, top_p, generators
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = scores.sort(-1, descending=True)
+            mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
+            drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, mass_before >= self.top_p)
+            scores = scores.masked_fill(drop, float("-inf"))  # the top token always stays (mass before it: 0)
+        # One [V] draw per row and step from the row's generator, whoever else is in the batch.
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
+        return scores - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+
+
+@torch.no_grad()
+def batched_responses(model: nn.Module, prompts: list[list[int]], max_new_tokens: int | list[int], eos_id: int | None,
+                      pad_id: int, *, batch_size: int | None = None, temperature: float | None = None,
+                      top_p: float = 1.0, seeds: list[int] | None = None, keep_eos: bool = False) -> list[list[int]]:
+    """Each prompt's response (token ids), cut at its eos and at its own ``max_new_tokens`` (one int
+    for all, or one per prompt).
+
+    Prompts are left-padded with an attention mask (``generate`` turns it into position ids; the
+    newest token of every row sits at the right edge). ``batch_size=None``: one ``generate`` over the
+    prompts as given; else batches of ``batch_size`` prompts of similar length (sorted), so a batch
+    wastes little on padding, which on CPU is what makes generating for every training row
+    affordable. A batch generates for its longest budget.
+
+    Greedy unless ``temperature`` is given: then sampling at that temperature and ``top_p``, each
+    row from its own generator seeded by ``seeds[i]`` (``SeededSampling``), so a response does not
+    depend on which rows share its batch. ``keep_eos``: the response ends with its eos (sequence KD:
+    the student learns where to stop) rather than before it.
+
+    Only these arguments decide the responses: the model's own generation config (its eos, a
+    repetition penalty, sampling defaults) is set aside for the call."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+    if len(limits) != len(prompts):
+        raise ValueError(f"need one max_new_tokens per prompt, got {len(limits)} for {len(prompts)} prompts")
+    if temperature is not None and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("sampling needs one seed per prompt (sequence_kd.row_seed)")
+    inner = getattr(model, "module", model)  # DDP keeps generate on the wrapped model
+    device = next(inner.parameters()).device
     was_training = inner.training
     inner.eval()
+    # generate fills every setting left unset (eos None, a penalty) from the model's own generation
+    # config (a recipe Llama's default eos is 2, a word of another tokenizer); with a blank one in its
+    # place for the call, the arguments here are all that decides the responses.
+    own, inner.generation_config = inner.generation_config, GenerationConfig()
     out: list[list[int]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        budget = max(max_new_tokens[i] for i in rows)
-        if budget <= 0:
-            continue
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
-            mask[r, width - len(prompts[i]):] = 1
-        generated = inner.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
-                                   eos_token_id=eos_id, pad_token_id=pad_id)[:, width:].tolist()
-        for r, i in enumerate(rows):
-            tokens = generated[r][:max_new_tokens[i]]
-            out[i] = tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
-    inner.train(was_training)
+    order = list(range(len(prompts))) if batch_size is None else \
+        sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    step = batch_size or max(len(order), 1)
+    try:
+        for start in range(0, len(order), step):
+            rows = order[start:start + step]
+            budget = max(limits[i] for i in rows)
+            if budget <= 0:
+                continue
+            width = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+                mask[r, width - len(prompts[i]):] = 1
+            processors = LogitsProcessorList()
+            if temperature is not None:
+                processors.append(SeededSampling(temperature, top_p, [torch.Generator().manual_seed(seeds[i])
+                                                                      for i in rows]))
+            config = GenerationConfig(max_new_tokens=budget, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id)
+            generated = inner.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       generation_config=config, logits_processor=processors)[:, width:].cpu().tolist()
+            for r, i in enumerate(rows):
+                tokens = generated[r][:limits[i]]
+                if eos_id is not None and eos_id in tokens:
+                    tokens = tokens[:tokens.index(eos_id) + (1 if keep_eos else 0)]
+                out[i] = tokens
+    finally:
+        inner.generation_config = own
+        inner.train(was_training)
     return out

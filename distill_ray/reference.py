@@ -11,11 +11,13 @@ The reference is the student's architecture trained from the labels for
 are unchanged) or one of the teachers. It runs once, when the cache is built, as a Ray Data
 actor-pool stage over the train rows; ranks need every row, so the driver gathers (id, ROUGE-L,
 loss), 16 bytes a row, fuses, and a last stage joins the result onto the rows being cached. Val and
-test rows get NaN: only the train split is ever ordered.
+test rows get NaN: only the train split is ever ordered. With ``curriculum.scheduler`` none or
+confidence nothing reads the ranking, so no reference is trained (``wanted``), unless a sweep varies
+the scheduler.
 
 Cost on CPU is greedy generation: one token per step for each train row, up to the row's reference
 length capped by ``curriculum.reference_max_new_tokens``, in length-sorted batches
-(``generation.batched_greedy_responses``).
+(``generation.batched_responses``).
 """
 
 from __future__ import annotations
@@ -37,11 +39,15 @@ MEASURER = "reference_rouge_loss"
 COLUMN = DIFFICULTY_PREFIX + MEASURER
 ROUGE_COLUMN, LOSS_COLUMN = "reference/rouge_l", "reference/loss"
 ROWS_PER_BATCH = 128  # rows one Ray Data batch gives the reference; generation sorts them by prompt length
-GENERATE_BATCH = 32  # prompts generated together
 
 
-def wanted(cfg: ExperimentConfig) -> bool:
-    return MEASURER in cfg.curriculum.measurers
+def wanted(cfg: ExperimentConfig, any_scheduler: bool = False) -> bool:
+    """Whether the cache gets the reference's columns: the measurer is listed and a scheduler that
+    opens rows by difficulty (``curriculum.DIFFICULTY_SCHEDULERS``) will read them, the config's own
+    or, ``any_scheduler``, whichever a sweep's trials run. Under ``none`` or ``confidence`` alone no
+    reference is trained: nothing would read what it costs."""
+    c = cfg.curriculum
+    return MEASURER in c.measurers and (any_scheduler or c.scheduler in cur.DIFFICULTY_SCHEDULERS)
 
 
 # --- per row, no Ray --------------------------------------------------------------------------------
@@ -55,7 +61,7 @@ def row_measures(model, tokenizer, inputs: np.ndarray, labels: np.ndarray, max_n
     and ``max_new_tokens`` tokens. ROUGE-L compares decoded whitespace words (as the run's scores do).
     A row with no labelled token has nothing to answer: loss inf and ROUGE-L 0, the hardest."""
     from distill_ray.evaluate import lm_label_logprobs
-    from distill_ray.generation import batched_greedy_responses, rouge_l
+    from distill_ray.generation import GENERATE_BATCH, batched_responses, rouge_l
 
     x, y = np.asarray(inputs), np.asarray(labels)
     taught = y >= 0
@@ -67,8 +73,8 @@ def row_measures(model, tokenizer, inputs: np.ndarray, labels: np.ndarray, max_n
     prompts = [x[i, :np.flatnonzero(taught[i])[0] + 1].tolist() for i in rows]
     references = [y[i, taught[i]].tolist() for i in rows]
     eos = tokenizer.eos_token_id
-    responses = batched_greedy_responses(model, prompts, [min(len(r), max_new_tokens) for r in references], eos,
-                                         pad_id, batch_size=GENERATE_BATCH)
+    responses = batched_responses(model, prompts, [min(len(r), max_new_tokens) for r in references], eos, pad_id,
+                                  batch_size=GENERATE_BATCH)
     rouge = np.zeros(len(x), np.float32)
     for i, response, reference in zip(rows, responses, references):
         rouge[i] = rouge_l(tokenizer.decode(response, skip_special_tokens=True),
@@ -129,10 +135,11 @@ def _scratch_name(cfg: ExperimentConfig, data_fingerprint: str) -> str:
     return f"scratch-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def reference_key(cfg: ExperimentConfig, data_fingerprint: str) -> str:
-    """What the cached difficulty depends on, '' without the measurer: part of the cache's key, so a
-    changed reference (or its settings) never reuses another reference's ranking."""
-    if not wanted(cfg):
+def reference_key(cfg: ExperimentConfig, data_fingerprint: str, any_scheduler: bool = False) -> str:
+    """What the cached difficulty depends on, '' without it (``wanted``): part of the cache's key, so a
+    changed reference (or its settings) never reuses another reference's ranking, and a cache built
+    without the reference is never taken for one with it."""
+    if not wanted(cfg, any_scheduler):
         return ""
     c = cfg.curriculum
     # A teacher's weights are already in the key (the cache's teacher fingerprints).
@@ -186,9 +193,9 @@ def measure_train_rows(cfg: ExperimentConfig, data, model_dir: Path) -> dict[str
     return {"ids": ids, "rouge_l": rouge, "loss": loss, "difficulty": difficulty.numpy()}
 
 
-def with_reference_difficulty(cfg: ExperimentConfig, data, dirs: dict[str, Path], ds):
-    """``ds`` (every split's rows) with the reference columns when the measurer is configured, else ``ds``."""
-    if not wanted(cfg):
+def with_reference_difficulty(cfg: ExperimentConfig, data, dirs: dict[str, Path], ds, any_scheduler: bool = False):
+    """``ds`` (every split's rows) with the reference columns when ``wanted``, else ``ds``."""
+    if not wanted(cfg, any_scheduler):
         return ds
     measures = measure_train_rows(cfg, data, prepare_reference(cfg, data, dirs))
     return ds.map_batches(add_reference_columns, fn_kwargs=measures, batch_format="numpy")

@@ -33,11 +33,11 @@ import pyarrow.parquet as pq
 import ray
 
 from distill_ray import __version__
+from distill_ray.cache_files import abbreviated, publish_directory, sha256_file
 from distill_ray.config import ExperimentConfig
 from distill_ray.sequence_kd import (REFERENCE, TEACHER, Decoding, prompt_of, reference_columns, row_seed,
                                      teacher_rows, window_budget)
-# the soft-target store's file helpers: the same atomic rename, checksums and short fingerprints
-from distill_ray.soft_targets import CorruptCacheError, StaleCacheError, _publish, _sha256_file, _short
+from distill_ray.soft_targets import CorruptCacheError, StaleCacheError
 from distill_ray.sources import SourceData
 from distill_ray.teachers import TeacherRunner, TeacherSpec
 
@@ -176,7 +176,7 @@ def generate(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, Path], 
             table = pq.read_table(path, columns=["generated_by"])
             for t, n in zip(*np.unique(table.column("generated_by").to_numpy(zero_copy_only=False), return_counts=True)):
                 by_teacher[str(t)] += int(n)
-            shards.append({"file": path.name, "rows": table.num_rows, "sha256": _sha256_file(path)})
+            shards.append({"file": path.name, "rows": table.num_rows, "sha256": sha256_file(path)})
         shards = [s for s in shards if s["rows"]]
         if not shards:
             raise ValueError("the teachers wrote no responses (every prompt fills data.max_length)")
@@ -187,7 +187,7 @@ def generate(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, Path], 
         for path in tmp.glob("*.parquet"):
             if path.name not in {s["file"] for s in shards}:
                 path.unlink()
-        _publish(tmp, directory)
+        publish_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -215,7 +215,7 @@ def verify(directory: Path, expected: ResponseSpec | None = None) -> dict:
         path = directory / str(s["file"])
         if "/" in str(s["file"]) or not path.is_file():
             raise CorruptCacheError(f"{directory}: file {s['file']} listed in {MANIFEST} is missing; {_HINT}")
-        if _sha256_file(path) != s["sha256"]:
+        if sha256_file(path) != s["sha256"]:
             raise CorruptCacheError(f"{directory}: file {s['file']} is corrupt (sha256 differs from {MANIFEST}); {_HINT}")
     return m
 
@@ -228,9 +228,9 @@ def changes(old: ResponseSpec, new: ResponseSpec) -> list[str]:
         if isinstance(a[key], dict):
             for k in dict.fromkeys([*a[key], *b[key]]):
                 if a[key].get(k) != b[key].get(k):
-                    out.append(f"{key}.{k}: cached {_short(a[key].get(k))} vs now {_short(b[key].get(k))}")
+                    out.append(f"{key}.{k}: cached {abbreviated(a[key].get(k))} vs now {abbreviated(b[key].get(k))}")
         elif a[key] != b[key]:
-            out.append(f"{key}: cached {_short(a[key])} vs now {_short(b[key])}")
+            out.append(f"{key}: cached {abbreviated(a[key])} vs now {abbreviated(b[key])}")
     return out
 
 

@@ -6,9 +6,8 @@ to ``max_length``, ``label`` = the next token at every response position and IGN
 prompt and the padding, so the loss and the token-level teacher stage treat it like a reference row.
 
 Sampling draws every row's noise from its own generator, seeded by (seed, row id, teacher): a row's
-response is the same whichever rows share its batch and whatever the batch size (Gumbel-max: adding
-per-row Gumbel noise to the tempered, top-p-filtered scores and taking the argmax, which ``generate``'s
-greedy path does, is a draw from the same distribution as multinomial sampling).
+response is the same whichever rows share its batch and whatever the batch size
+(``generation.SeededSampling``).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from distill_ray.data import hash_to_id
+from distill_ray.generation import batched_responses
 from distill_ray.sources import IGNORE_LABEL
 
 MODES = ("off", "teacher", "mixed")
@@ -82,70 +82,17 @@ def teacher_row_ids(ids: np.ndarray, teacher: str) -> np.ndarray:
     return hash_to_id([f"{int(i)}/seqkd/{teacher}" for i in np.asarray(ids)])
 
 
-class SeededSampling:
-    """A ``generate`` logits processor: temperature, top-p, then per-row Gumbel noise from each row's
-    own generator, so greedy decoding of the result samples, reproducibly per row."""
-
-    def __init__(self, temperature: float, top_p: float, generators: list[torch.Generator]):
-        self.temperature, self.top_p, self.generators = temperature, top_p, generators
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            ordered, order = scores.sort(-1, descending=True)
-            mass_before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)
-            drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, mass_before >= self.top_p)
-            scores = scores.masked_fill(drop, float("-inf"))  # the top token always stays (mass before it: 0)
-        # One [V] draw per row and step from the row's generator, whoever else is in the batch.
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
-        return scores - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-
-
-@torch.inference_mode()
 def generate_responses(model: torch.nn.Module, prompts: list[list[int]], decoding: Decoding, eos_id: int | None,
                        pad_id: int, seeds: list[int] | None = None,
                        max_new_tokens: list[int] | None = None) -> list[list[int]]:
-    """Each prompt's response by one batched ``generate`` over the prompts left-padded (the newest token
-    of every row at the right edge), cut after its eos (kept: the student learns where to stop) or
+    """Each prompt's response as ``decoding`` says, by one batched ``generate`` over the prompts
+    (``generation.batched_responses``), cut after its eos (kept: the student learns where to stop) or
     at its own ``max_new_tokens`` (default ``decoding.max_new_tokens``). ``seeds``: one per prompt,
     for sampling (``row_seed``)."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    n = len(prompts)
-    if n == 0:
-        return []
-    limits = list(max_new_tokens) if max_new_tokens is not None else [decoding.max_new_tokens] * n
-    width = max(len(p) for p in prompts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    device = next(model.parameters()).device
-    config = GenerationConfig(max_new_tokens=max(1, max(limits)), do_sample=False, eos_token_id=eos_id,
-                              pad_token_id=pad_id)
-    processors = LogitsProcessorList()
-    if decoding.decoding == "sample":
-        if seeds is None or len(seeds) != n:
-            raise ValueError("sampling needs one seed per prompt (sequence_kd.row_seed)")
-        processors.append(SeededSampling(decoding.temperature, decoding.top_p,
-                                         [torch.Generator().manual_seed(s) for s in seeds]))
-    # generate fills every setting left unset (eos None, a penalty) from the model's own generation
-    # config (a recipe Llama's default eos is 2, a word of another tokenizer); with a blank one in its
-    # place for the call, the manifest's settings are all that decides the responses.
-    own, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             logits_processor=processors)[:, width:].cpu().tolist()
-    finally:
-        model.generation_config = own
-    responses = []
-    for row, limit in zip(out, limits):
-        row = row[:limit]
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id) + 1]
-        responses.append(row)
-    return responses
+    sample = decoding.decoding == "sample"
+    return batched_responses(model, prompts, decoding.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                             eos_id, pad_id, temperature=decoding.temperature if sample else None,
+                             top_p=decoding.top_p if sample else 1.0, seeds=seeds, keep_eos=True)
 
 
 def teacher_rows(batch: dict[str, np.ndarray], teacher: str, responses: list[list[int]], prompts: list[list[int]],

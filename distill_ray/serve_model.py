@@ -159,7 +159,6 @@ class GeneratorPredictor:
         self.tokenizer = AutoTokenizer.from_pretrained(str(student_dir), local_files_only=True)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.tokenizer.padding_side = "left"  # generation continues from the right edge
         card = read_card(student_dir)
         self.model_id = f"{card.get('name', student_dir.name)}@{card.get('version', 'unversioned')}"
         self.card = {**card, "quantized": None, "model": self.model_id, "task": "causal_lm"}
@@ -175,21 +174,23 @@ class GeneratorPredictor:
             return [render_chat_prompt(self.tokenizer, [{"role": "user", "content": p}]) for p in request.prompts]
         return list(request.prompts)
 
-    @torch.no_grad()
     def generate(self, request: GenerateRequest) -> dict[str, Any]:
+        """The request's prompts answered together (``generation.batched_responses``, left-padded),
+        greedy at temperature 0; each stops at the tokenizer's eos or ``max_new_tokens``."""
+        from distill_ray.generation import batched_responses
+
         # No special tokens added: training tokenized prompts without them (a WordPiece tokenizer would
         # otherwise wrap each prompt in [CLS] ... [SEP], which the student never saw before a response).
-        batch = self.tokenizer(self.prompt_texts(request), return_tensors="pt", padding=True, truncation=True,
-                               add_special_tokens=False,
-                               max_length=int(getattr(self.model.config, "max_position_embeddings", 512))
-                               - request.max_new_tokens)
-        batch.pop("token_type_ids", None)  # BERT-style tokenizers add them; causal LMs take none
+        prompts = self.tokenizer(self.prompt_texts(request), truncation=True, add_special_tokens=False,
+                                 max_length=int(getattr(self.model.config, "max_position_embeddings", 512))
+                                 - request.max_new_tokens)["input_ids"]
         sampling = request.temperature > 0
-        out = self.model.generate(**batch, max_new_tokens=request.max_new_tokens, do_sample=sampling,
-                                  temperature=request.temperature if sampling else None, top_k=None, top_p=None,
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
-        return {"generations": self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
+        # A fresh draw per request, as sampling should be, yet one torch.manual_seed still repeats it.
+        seeds = torch.randint(2**62, (len(prompts),)).tolist() if sampling else None
+        responses = batched_responses(self.model, prompts, request.max_new_tokens, self.tokenizer.eos_token_id,
+                                      self.tokenizer.pad_token_id, temperature=request.temperature if sampling else None,
+                                      seeds=seeds)
+        return {"generations": self.tokenizer.batch_decode(responses, skip_special_tokens=True),
                 "model": self.model_id}
 
 

@@ -37,7 +37,6 @@ import dataclasses
 import hashlib
 import json
 import operator
-import os
 import re
 import shutil
 import uuid
@@ -51,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill_ray import __version__
+from distill_ray.cache_files import abbreviated, publish_directory, sha256_file
 
 if TYPE_CHECKING:  # ray is heavy; imported where datasets are made
     import ray.data
@@ -368,11 +368,6 @@ def required_columns(spec: CacheSpec) -> list[str]:
     return ["id", "x", "label", *target_columns(spec)]
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()  # reads in chunks
-
-
 def _is_replaceable(directory: Path) -> bool:
     """True if ``directory`` holds nothing but a cache's own files (so deleting it is safe)."""
     if not directory.is_dir():
@@ -416,7 +411,7 @@ def write_cache(directory: str | Path, spec: CacheSpec, dataset: "ray.data.Datas
             if missing:
                 raise ValueError(f"{rel}: the cache rows lack columns {missing}")
             shards.append({"file": rel, "split": rel.split("/")[0].split("=")[1], "rows": rows,
-                           "sha256": _sha256_file(path)})
+                           "sha256": sha256_file(path)})
         shards = [s for s in shards if s["rows"] > 0]
         if not shards:
             raise ValueError(f"{target}: no rows were written; refusing to publish an empty cache")
@@ -433,28 +428,11 @@ def write_cache(directory: str | Path, spec: CacheSpec, dataset: "ray.data.Datas
             "created_by": f"distill-ray {__version__}",
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _publish(tmp, target)
+        publish_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``, replacing an old cache there: a concurrent reader sees the old
-    cache, then none, then the new one, never a mix."""
-    aside = None
-    if target.exists():
-        aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-        os.replace(target, aside)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if aside is not None and not target.exists():
-            os.replace(aside, target)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +500,7 @@ def _verify_shard(d: Path, s: Mapping[str, Any], spec: CacheSpec) -> None:
     path = d / s["file"]
     if not path.is_file():
         raise CorruptCacheError(f"{d}: file {s['file']} listed in {MANIFEST} is missing; {_REBUILD_HINT}")
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if digest != s["sha256"]:
         raise CorruptCacheError(f"{d}: file {s['file']} is corrupt: sha256 {digest[:12]}… vs {s['sha256'][:12]}… "
                                 f"in {MANIFEST}; {_REBUILD_HINT}")
@@ -538,13 +516,6 @@ def _verify_shard(d: Path, s: Mapping[str, Any], spec: CacheSpec) -> None:
         raise CorruptCacheError(f"{d}: file {s['file']} lacks columns {missing}; {_REBUILD_HINT}")
 
 
-def _short(v: Any) -> str:
-    """Long fingerprints abbreviated the way people read them."""
-    if isinstance(v, str):
-        return v[:12] + "…" if len(v) > 16 else v
-    return repr(v)
-
-
 def _stale_message(d: Path, cached: CacheSpec, now: CacheSpec) -> str:
     lines = []
     for f in dataclasses.fields(CacheSpec):
@@ -553,11 +524,11 @@ def _stale_message(d: Path, cached: CacheSpec, now: CacheSpec) -> str:
             for t in dict.fromkeys([*a, *b]):  # union, order kept
                 fa, fb = a.get(t, "(absent)"), b.get(t, "(absent)")
                 if fa != fb:
-                    lines.append(f"teacher_fingerprints[{t!r}]: cached {_short(fa)} vs now {_short(fb)}")
+                    lines.append(f"teacher_fingerprints[{t!r}]: cached {abbreviated(fa)} vs now {abbreviated(fb)}")
             if set(a) == set(b) and list(a) != list(b):
                 lines.append(f"teacher_fingerprints order: cached {list(a)} vs now {list(b)}")
         elif a != b:
-            lines.append(f"{f.name}: cached {_short(a)} vs now {_short(b)}")
+            lines.append(f"{f.name}: cached {abbreviated(a)} vs now {abbreviated(b)}")
     detail = "\n  ".join(lines)
     return f"{d}: stale soft-target cache, computed from other inputs than now:\n  {detail}\nTo fix: {_REBUILD_HINT}."
 

@@ -317,7 +317,8 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
         trial_fn, extra = _trial, {}
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)
-    cache = build_cache(cfg, data, dirs)  # built or verified once, before any trial
+    # Built or verified once, before any trial, with every measure the trials' schedulers may read.
+    cache = build_cache(cfg, data, dirs, any_scheduler=space.sets("curriculum.scheduler"))
     info = data.info
 
     trainable = tune.with_resources(

@@ -34,6 +34,10 @@ class SearchSpace:
                   "choice": lambda a: tune.choice(list(a)), "grid": lambda a: tune.grid_search(list(a))}
         return {path: makers[kind](args) for path, kind, args in self.params}
 
+    def sets(self, key: str) -> bool:
+        """Whether trials may run another ``key`` than the base config's (a param or a fixed override)."""
+        return any(k == key for k, _, _ in self.params) or any(k == key for k, _ in self.fixed)
+
     def has_grid(self) -> bool:
         return any(kind == "grid" for _, kind, _ in self.params)
 

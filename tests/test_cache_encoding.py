@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from distill_ray import soft_targets as st
+from distill_ray.cache_files import sha256_file
 from distill_ray.losses import teacher_topk, topk_kd_divergence
 from distill_ray.soft_targets import CacheSpec, CorruptCacheError, StaleCacheError
 
@@ -129,7 +130,7 @@ def _write_cache_by_hand(d, spec: CacheSpec) -> None:
                 "columns": table.column_names, "num_rows": table.num_rows,
                 "rows_per_split": {"train": table.num_rows, "val": 0, "test": 0},
                 "shards": [{"file": rel, "split": "train", "rows": table.num_rows,
-                            "sha256": st._sha256_file(d / rel)}]}
+                            "sha256": sha256_file(d / rel)}]}
     (d / st.MANIFEST).write_text(json.dumps(manifest))
 
 

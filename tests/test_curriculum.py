@@ -145,40 +145,34 @@ def test_average_ranks_share_tied_positions():
     assert cur._average_ranks(torch.tensor([2.0, 2.0])).tolist() == [1.5, 1.5]
 
 
-def test_fuse_ranks_hand_computed_with_directions_and_ties():
+def test_reference_rouge_loss_hand_computed_with_directions_and_ties():
     # ROUGE-L (lower = harder): idx3 (1.0) rank 1; idx0, idx2 (0.5) share ranks 2-3 -> 2.5; idx1 (0.0) rank 4.
     # loss (higher = harder):   idx2 (1.0) rank 1; idx0, idx3 (2.0) share ranks 2-3 -> 2.5; idx1 (3.0) rank 4.
     rouge = torch.tensor([0.5, 0.0, 0.5, 1.0])
     loss = torch.tensor([2.0, 3.0, 1.0, 2.0])
-    fused = cur.fuse_ranks({"rouge_l": rouge, "loss": loss}, {"rouge_l": False, "loss": True}, k=60)
+    fused = cur.reference_rouge_loss(rouge, loss, k=60)
     expected = -torch.tensor([2 / 62.5, 2 / 64, 1 / 62.5 + 1 / 61, 1 / 61 + 1 / 62.5], dtype=torch.float64)
     assert fused.dtype == torch.float64
     assert_close(fused, expected, rtol=0, atol=1e-15)
     # idx2 and idx3 fuse to exactly the same value; the order then keeps index order (deterministic).
     assert fused[2].item() == fused[3].item()
     assert cur.difficulty_order(fused).tolist() == [2, 3, 0, 1]
-    assert_close(cur.reference_rouge_loss(rouge, loss, k=60), expected, rtol=0, atol=1e-15)
     # k only changes the weights: k = 0 gives plain reciprocal ranks.
     assert_close(cur.reference_rouge_loss(rouge, loss, k=0),
                  -torch.tensor([2 / 2.5, 2 / 4, 1 / 2.5 + 1, 1 + 1 / 2.5], dtype=torch.float64), rtol=0, atol=1e-15)
 
 
-def test_fuse_ranks_depends_on_values_not_row_order():
+def test_reference_rouge_loss_depends_on_values_not_row_order():
     rouge = torch.tensor([0.0, 0.2, 0.0, 0.7, 0.2, 1.0, 0.0, 0.4])
     loss = torch.tensor([3.0, 1.5, 2.5, 0.5, 1.5, 0.1, 2.5, 1.0])
     fused = cur.reference_rouge_loss(rouge, loss)
     permutation = torch.randperm(len(rouge), generator=_gen(5))
     assert_close(cur.reference_rouge_loss(rouge[permutation], loss[permutation]), fused[permutation], rtol=0, atol=0)
-    # Flipping a direction is the same as negating that score.
-    assert_close(cur.fuse_ranks({"a": rouge, "b": loss}, {"a": False, "b": True}),
-                 cur.fuse_ranks({"a": -rouge, "b": loss}, {"a": True, "b": True}), rtol=0, atol=0)
 
 
-def test_fuse_ranks_refuses_nan_and_unnamed_directions():
+def test_rank_fusion_refuses_nan_and_unknown_tie_rules():
     with pytest.raises(ValueError, match="NaN"):
-        cur.fuse_ranks({"loss": torch.tensor([1.0, float("nan")])}, {"loss": True})
-    with pytest.raises(ValueError, match="exactly"):
-        cur.fuse_ranks({"loss": torch.tensor([1.0])}, {"rouge_l": False})
+        cur.reference_rouge_loss(torch.tensor([0.5, 0.2]), torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="tie rule"):
         cur.reciprocal_rank_fusion(torch.tensor([1.0]), ties="dense")
 

@@ -55,6 +55,36 @@ def test_a_teacher_may_be_the_reference():
     assert cfg.curriculum.reference == "llama_deep"
 
 
+@pytest.mark.parametrize("scheduler, trained", [("none", False), ("multi_stage", True), ("linear_ramp", True)])
+def test_the_reference_is_trained_only_for_a_scheduler_that_reads_difficulty(monkeypatch, scheduler, trained):
+    """Under none nothing reads the reference's ranking (confidence, which reads none either, is
+    refused for language models): no reference is trained or measured and the cache's key says so;
+    a sweep that varies the scheduler keeps it (no Ray here)."""
+    from distill_ray import reference
+    from distill_ray.tune_space import SearchSpace
+
+    calls = []
+    monkeypatch.setattr(reference, "prepare_reference", lambda *a: calls.append("train") or Path("ref"))
+    monkeypatch.setattr(reference, "measure_train_rows", lambda *a: calls.append("measure") or {})
+
+    class Rows:  # the cache's rows, as Ray Data would get the reference's stage
+        def map_batches(self, fn, **kwargs):
+            calls.append(fn.__name__)
+            return self
+
+    cfg = _tiny_instruct(f"curriculum.scheduler={scheduler}", "curriculum.measurers=[reference_rouge_loss]")
+    rows = Rows()
+    assert reference.with_reference_difficulty(cfg, None, {}, rows) is rows
+    assert calls == (["train", "measure", "add_reference_columns"] if trained else [])
+    assert bool(reference.reference_key(cfg, "data")) == trained
+    # A sweep over the scheduler builds one cache for all its trials: the reference stays.
+    assert SearchSpace((("curriculum.scheduler", "choice", ("none", "multi_stage")),)).sets("curriculum.scheduler")
+    assert reference.reference_key(cfg, "data", any_scheduler=True)
+    calls.clear()
+    reference.with_reference_difficulty(cfg, None, {}, rows, any_scheduler=True)
+    assert calls == ["train", "measure", "add_reference_columns"]
+
+
 def _tiny_lm(seed: int = 0, vocab: int = 40):
     import torch
 
@@ -69,17 +99,32 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     """Left padding with an attention mask must not change what greedy decoding says."""
     import torch
 
-    from distill_ray.generation import batched_greedy_responses, greedy_responses
+    from distill_ray.generation import batched_responses
 
     model = _tiny_lm()
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 40, (int(n),), generator=generator).tolist() for n in (3, 9, 5, 5, 12, 1, 7)]
     budgets = [6, 2, 8, 8, 4, 5, 1]
     eos = 2
-    one_by_one = [greedy_responses(model, [p], b, eos, 0)[0] for p, b in zip(prompts, budgets)]
-    assert batched_greedy_responses(model, prompts, budgets, eos, 0, batch_size=3) == one_by_one
-    assert batched_greedy_responses(model, prompts, budgets, eos, 0, batch_size=32) == one_by_one
+    one_by_one = [batched_responses(model, [p], b, eos, 0)[0] for p, b in zip(prompts, budgets)]
+    assert batched_responses(model, prompts, budgets, eos, 0, batch_size=3) == one_by_one
+    assert batched_responses(model, prompts, budgets, eos, 0, batch_size=32) == one_by_one
     assert all(len(r) <= b for r, b in zip(one_by_one, budgets))
+
+def test_responses_end_before_eos_unless_kept_and_sampling_ignores_the_batching():
+    """Evaluation and the reference score a response without its eos; sequence KD keeps it. Seeded
+    sampling in length-sorted batches gives what one batch in the given order gives."""
+    from distill_ray.generation import batched_responses
+
+    model = _tiny_lm(vocab=6)
+    prompts = [[3, 4], [4, 5, 3], [5], [3, 3, 3, 3], [4]]
+    seeds = list(range(100, 105))
+    kept = batched_responses(model, prompts, 12, 2, 0, temperature=1.0, seeds=seeds, keep_eos=True)
+    cut = batched_responses(model, prompts, 12, 2, 0, temperature=1.0, seeds=seeds)
+    assert any(r[-1:] == [2] for r in kept)  # a 6-token vocabulary says eos within 12 tokens somewhere
+    assert cut == [r[:-1] if r[-1:] == [2] else r for r in kept]
+    assert batched_responses(model, prompts, 12, 2, 0, temperature=1.0, seeds=seeds, batch_size=2) == cut
+
 
 
 class _WordTokenizer:
@@ -96,7 +141,7 @@ def test_row_measures_are_the_references_loss_and_rouge_per_row():
     import torch
 
     from distill_ray.evaluate import lm_label_logprobs
-    from distill_ray.generation import greedy_responses, rouge_l
+    from distill_ray.generation import batched_responses, rouge_l
     from distill_ray.reference import row_measures
 
     model = _tiny_lm(3)
@@ -112,7 +157,7 @@ def test_row_measures_are_the_references_loss_and_rouge_per_row():
     logp, _ = lm_label_logprobs(model, x[:2], y[:2])
     np.testing.assert_allclose(loss[:2], [-logp[0, 2:5].mean().item(), -logp[1, 1:3].mean().item()], rtol=1e-5)
     for i, (prompt, reference) in enumerate((([5, 6, 7], [8, 9, 2]), ([11, 12], [13, 2]))):
-        response = greedy_responses(model, [prompt], len(reference), 2, 0)[0]
+        response = batched_responses(model, [prompt], len(reference), 2, 0)[0]
         assert rouge[i] == np.float32(rouge_l(_WordTokenizer().decode(response), _WordTokenizer().decode(reference)))
     assert loss[2] == np.inf and rouge[2] == 0.0
     # The generation budget is each row's reference length, capped by max_new_tokens.

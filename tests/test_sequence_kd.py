@@ -179,14 +179,15 @@ def test_the_baseline_reads_references_and_the_student_what_the_mode_says():
 # --- the cache's checks -------------------------------------------------------------------------------
 
 def _fake_cache(root: Path, spec) -> Path:
-    from distill_ray.response_cache import MANIFEST, _sha256_file
+    from distill_ray.cache_files import sha256_file
+    from distill_ray.response_cache import MANIFEST
 
     d = root / spec.key()
     d.mkdir(parents=True)
     pq.write_table(pa.table({"id": [1, 2], "generated_by": ["a", "a"]}), d / "part.parquet")
     (d / MANIFEST).write_text(json.dumps({"format_version": 1, "spec": spec.to_dict(), "generated_by": {"a": 2},
                                           "num_rows": 2, "shards": [{"file": "part.parquet", "rows": 2,
-                                                                     "sha256": _sha256_file(d / "part.parquet")}]}))
+                                                                     "sha256": sha256_file(d / "part.parquet")}]}))
     return d
 
 

@@ -115,10 +115,12 @@ def test_prompts_are_tokenized_as_in_training_without_special_tokens(lm_student)
     tok, model = service.predictor.tokenizer, service.predictor.model
     ids = tok("the cat sat", add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert tok.cls_token_id not in ids[0].tolist() and tok.sep_token_id not in ids[0].tolist()
-    with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    from distill_ray.generation import batched_responses
+
+    expected = batched_responses(model, [ids[0].tolist()], 6, tok.eos_token_id, tok.pad_token_id)[0]
     assert _generations(service, {"inputs": ["the cat sat"]}) == [tok.decode(expected, skip_special_tokens=True)]
+    with_special = batched_responses(model, [tok("the cat sat")["input_ids"]], 6, tok.eos_token_id, tok.pad_token_id)[0]
+    assert with_special != expected  # the check can tell the two apart
 
 
 @pytest.mark.parametrize("body, status, needle", [

@@ -201,11 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("ablation", help="the quality table: scratch, single teacher, each blend, each curriculum, "
-                                        "a broken extra teacher; mean +- std over seeds")
+                                        "a broken extra teacher; for a causal LM (data.task=causal_lm) scratch, "
+                                        "token/sequence-level KD and POCL; mean +- std over seeds")
     _add_config_args(p)
     p.add_argument("--seeds", type=int, default=3, help="seeds per row (train.seed = 0..N-1)")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR's sibling NAME-ablation)")
-    p.add_argument("--rows", default=None, help="comma-separated subset of rows (default: all)")
+    p.add_argument("--rows", default=None, help="comma-separated subset of rows (default: all of the config's "
+                                                "task; a row of the other task is refused, naming the valid ones)")
     p.add_argument("--address", default=None, help="Ray cluster address")
     p.set_defaults(func=_cmd_ablation)
     return parser

@@ -171,3 +171,50 @@ def batched_responses(model: nn.Module, prompts: list[list[int]], max_new_tokens
         inner.generation_config = own
         inner.train(was_training)
     return out
+
+
+class BlendedLM(nn.Module):
+    """The teachers' blend as a language model that ``greedy_responses`` can decode: the next-token
+    distribution is the mixture ``sum_k w_k p_k`` of the teachers' (the blend whose perplexity the test
+    table reports), and ``generate`` takes its argmax token by token. Every step runs each teacher over
+    the whole sequence (no key-value cache): meant for scoring a few dozen held-out prompts."""
+
+    def __init__(self, models: list[nn.Module], weights: list[float] | torch.Tensor):
+        super().__init__()
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if len(weights) != len(models) or not (weights >= 0).all() or weights.sum() <= 0:
+            raise ValueError(f"need one non-negative weight per model, got {weights.tolist()} for {len(models)}")
+        self.models = nn.ModuleList(models)
+        self.register_buffer("log_weights", (weights / weights.sum()).log())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Log-probabilities of the mixture, [B, L, V] (the last ``logits_to_keep`` positions only, when
+        set: the vocabulary projection is most of a small model's cost); left padding is masked and
+        positioned past."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        logp = torch.stack([torch.log_softmax(m(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                                logits_to_keep=logits_to_keep).logits.float(), -1)
+                            for m in self.models])
+        return torch.logsumexp(logp + self.log_weights.view(-1, 1, 1, 1), dim=0)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 1,
+                 do_sample: bool = False, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 **_) -> torch.Tensor:
+        """Greedy continuation, prompt included (``transformers``' ``generate`` layout); stops once every
+        row has written eos. Tokens after a row's eos are what the mixture says next (callers cut at eos)."""
+        if do_sample:
+            raise ValueError("BlendedLM decodes greedily only")
+        ids = input_ids
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+        done = torch.zeros(len(ids), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            token = self(ids, mask, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+            if eos_token_id is not None:
+                done |= token[:, 0].cpu() == eos_token_id
+                if done.all():
+                    break
+        return ids

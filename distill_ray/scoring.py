@@ -60,6 +60,20 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
     return {name: rows[name] for name in (*cfg.teacher_names(), "blend", "student", "baseline") if name in rows}, {}
 
 
+def language_model_scores(cfg: ExperimentConfig, cache: CachedData, models: dict) -> dict[str, dict[str, float]]:
+    """Each model's test perplexity and next-token accuracy (streamed over the test split) and, on
+    instruction data, the ROUGE-L (and for code, parses) of its greedy responses: the figures of an
+    instruction run's test table, without sizes and latencies (the ablation scores its rows with it)."""
+    from distill_ray.evaluate import lm_scores
+
+    outputs, y, _ = split_outputs(cache.dataset("test", ["x", "label"]), models, causal=True)
+    rows = {name: lm_scores(*outputs[name], y) for name in models}
+    if is_instruction_data(cfg):
+        for name, scores in instruction_scores(cfg, cache, models).items():
+            rows[name].update(scores)
+    return rows
+
+
 GENERATION_ROWS = 32  # held-out prompts each model answers greedily (CPU generation is token by token)
 
 

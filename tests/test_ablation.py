@@ -119,3 +119,53 @@ def test_tiny_ablation_table(ray_local, tiny_cfg, tmp_path):
     for row in ROWS:
         assert f"| {row} |" in text
     assert "Broken teacher" in text and "pytest tiny ablation" in text
+
+
+# --- causal language models -----------------------------------------------------------------------
+
+LM_ROWS = ("scratch", "token+seq_kd+pocl")  # both caches' work in one: responses, reference ranking, targets
+
+
+def test_tiny_instruct_ablation_table_and_resume(ray_local, tmp_path, capsys):
+    """tiny_instruct at a fraction of its rows, two untrained teachers (what they write does not matter
+    here), one seed: the scratch row and sequence + token KD with POCL train, the table has perplexity
+    and ROUGE-L per row and the teachers' and blend's once; a second run into the same directory
+    reuses the finished runs instead of training them again."""
+    from distill_ray.ablation import run_ablation
+    from distill_ray.models import causal_lm_model
+
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        causal_lm_model(30522, {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                "intermediate_size": 32}).save_pretrained(tmp_path / name)
+    raw = yaml.safe_load((REPO / "jobs/configs/tiny_instruct.yaml").read_text())
+    teachers = [{"name": n, "source": "hf_dir", "path": str(tmp_path / n), "num_cpus": 0.25} for n in ("a", "b")]
+    cfg = config_from_dict(apply_overrides(raw, [
+        ("run_dir", str(tmp_path / "runs")), ("cache.dir", str(tmp_path / "cache")), ("teachers", teachers),
+        ("data.max_train_samples", 60), ("data.max_eval_samples", 20),
+        ("sequence_kd.max_new_tokens", 8), ("curriculum.reference_max_new_tokens", 8), ("train.batch_size", 16)]))
+    out = tmp_path / "ablation"
+    table = run_ablation(cfg, seeds=1, out_dir=out, rows=LM_ROWS, command="pytest tiny_instruct ablation")
+
+    assert table["task"] == "causal_lm" and list(table["rows"]) == list(LM_ROWS)
+    for row, entry in table["rows"].items():
+        assert entry["n"] == 1 and entry["perplexity"]["std"] == 0.0, row
+        assert 1 < entry["perplexity"]["mean"] < 1e6 and 0 <= entry["rouge_l"]["mean"] <= 1, row
+        assert entry["parses"] is None  # WordPiece does not round-trip code's whitespace
+    scratch, pocl = table["rows"]["scratch"], table["rows"]["token+seq_kd+pocl"]
+    assert pocl["train_rows"] > scratch["train_rows"] == table["counts"]["reference"]  # references + responses
+    assert pocl["train_rows"] == table["counts"]["reference"] + table["counts"]["teacher"]
+    assert scratch["steps"] <= pocl["steps"] and scratch["teacher_weights"] == {}
+    assert set(pocl["teacher_weights"]) == {"a", "b"}
+    assert set(table["teachers"]) == {"a", "b"} and all(t["perplexity"] > 1 for t in table["teachers"].values())
+    assert table["blend"]["weights_from"] == "token+seq_kd+pocl" and 0 <= table["blend"]["rouge_l"] <= 1
+    assert table["blend"]["weights"] == pytest.approx(pocl["teacher_weights"])
+    on_disk = json.loads((out / "ablation.json").read_text())
+    assert on_disk["command"] == "pytest tiny_instruct ablation" and on_disk["wall_seconds"] > 0
+    text = (out / "ablation.md").read_text()
+    assert all(f"| {row} |" in text for row in LM_ROWS) and "| blend (" in text
+
+    capsys.readouterr()
+    again = run_ablation(cfg, seeds=1, out_dir=out, rows=LM_ROWS, command="pytest tiny_instruct ablation")
+    assert capsys.readouterr().out.count("reused from runs.json") == 2
+    assert again["runs"] == table["runs"]

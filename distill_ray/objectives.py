@@ -147,12 +147,18 @@ def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_l
         blend_opt.step()
         parts["blend_loss"] = blend_loss.item()
     weights = blend.mean_weights().to(student_logits.device)
+    # Only positions that train (a response token some teacher answers) go through the vocabulary-wide
+    # math: prompt and padding positions would cost each teacher's log-softmax and tail sums over the
+    # whole vocabulary, forward and backward, for a term masked to zero. Each teacher's mean is over
+    # the same positions as before (its aligned ones among them).
+    keep = mask & aligned.any(0)
+    student_kept, logp, idx, aligned = student_logits[keep], logp[:, keep], idx[:, keep], aligned[:, keep]
     # ULD's teacher tail is tempered as if spread over the student's vocabulary (the teacher's size is
     # not carried with the targets; exact at temperature 1, where the tail is not tempered).
-    kd = sum(weights[k] * (uld_divergence(student_logits, logp[k], temperature, mask & aligned[k],
+    kd = sum(weights[k] * (uld_divergence(student_kept, logp[k], temperature, aligned[k],
                                           teacher_vocab=max(student_logits.shape[-1], logp.shape[-1])) if uld[k] else
-                           topk_kd_divergence(student_logits, logp[k], idx[k], kind=cfg.loss.kind, temperature=temperature,
-                                              mask=mask & aligned[k], skew_alpha=cfg.loss.skew_alpha))
+                           topk_kd_divergence(student_kept, logp[k], idx[k], kind=cfg.loss.kind, temperature=temperature,
+                                              mask=aligned[k], skew_alpha=cfg.loss.skew_alpha))
              for k in range(len(logp)))
     return kd, parts
 

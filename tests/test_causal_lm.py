@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,40 @@ def test_sequence_kd_gradient_equals_forward_kl_to_the_mixture():
     mixture = torch.einsum("k,kblv->blv", w, torch.softmax(teacher_logits, -1))
     kd_divergence(student, torch.log(mixture), kind="forward_kl", temperature=1.0).backward()
     assert torch.allclose(grad_sum, student.grad, atol=1e-6)
+
+
+def test_sequence_kd_on_the_trained_positions_only_equals_the_masked_full_computation():
+    """Prompt/padding labels (-100) and a teacher's unaligned positions (NaN) are left out before the
+    vocabulary-wide math: the loss and the student's gradient are those of each teacher's divergence
+    over every position with its mask, and masked positions get exactly zero gradient."""
+    from distill_ray.losses import topk_kd_divergence
+    from distill_ray.objectives import sequence_kd
+
+    torch.manual_seed(3)
+    V, B, L, k = 40, 3, 6, 5
+    logp, idx = teacher_topk(torch.randn(2, B, L, V), k)
+    logp[1, 0, 1:3] = float("nan")  # the second teacher has no answer there (another tokenizer)
+    labels = torch.randint(0, V, (B, L))
+    labels[:, :2], labels[2, 4:] = -100, -100  # prompt and padding
+    blend = TeacherBlend("learned_global", 2)
+    with torch.no_grad():
+        blend.global_logits.copy_(torch.tensor([0.3, -0.2]))
+    w = torch.softmax(blend.global_logits.detach(), -1)
+    cfg = config_from_dict(apply_overrides(_tiny_lm_raw(), [("loss.kind", "reverse_kl")]))
+
+    student = torch.randn(B, L, V, requires_grad=True)
+    kd, _ = sequence_kd(cfg, blend, None, student, (logp, idx), labels, temperature=2.0, world=1)
+    kd.backward()
+    fast = student.grad.clone()
+    student.grad = None
+    aligned = ~torch.isnan(logp[..., 0])
+    reference = sum(w[t] * topk_kd_divergence(student, torch.nan_to_num(logp[t], nan=-math.log(k)), idx[t],
+                                              kind="reverse_kl", temperature=2.0, mask=(labels >= 0) & aligned[t])
+                    for t in range(2))
+    reference.backward()
+    assert torch.allclose(kd, reference, atol=1e-6)
+    assert torch.allclose(fast, student.grad, atol=1e-7)
+    assert fast[labels < 0].abs().max() == 0
 
 
 # --- data and config --------------------------------------------------------------------------------

@@ -156,7 +156,8 @@ class TeacherConfig:
     """causal_lm: the teacher's own tokenizer when it is not the student's (data.tokenizer): a local
     directory, 'minilm' or 'smollm2' (byte-level BPE or WordPiece). The teacher reads each row's text (the
     student's ids decoded) tokenized its own way, and its targets are aligned to the student's positions
-    by character (see loss.cross_tokenizer). None = it shares the student's tokenizer."""
+    by character (see loss.cross_tokenizer). A recipe teacher with one trains on the same data tokenized
+    its way. None = it shares the student's tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -707,9 +708,6 @@ def _validate_causal_lm(cfg: ExperimentConfig) -> None:
     if cfg.student.arch not in ("hf_causal_lm", "hf_dir"):
         _fail("student.arch", f"{cfg.student.arch!r} is not a language model; causal_lm needs hf_causal_lm or hf_dir")
     cross = [i for i, t in enumerate(cfg.teachers) if t.tokenizer is not None]
-    if cross and cfg.teachers[cross[0]].source == "recipe":
-        _fail(f"teachers[{cross[0]}].tokenizer", "a recipe teacher is trained on the student's tokens; give a "
-              "trained teacher (source hf_dir or torch_checkpoint) for a tokenizer of its own")
     if cross and cfg.loss.cross_tokenizer == "uld":
         if cfg.blend.kind != "uniform":
             _fail("blend.kind", f"{cfg.blend.kind!r} learns weights from each teacher's probability of the true "

@@ -158,8 +158,9 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     main = "perplexity" if metric == "perplexity" else "accuracy"
     metrics = {
         "student": rows["student"][main],
-        "teachers": {t.name: rows[t.name][main] for t in cfg.teachers},
-        "blend": rows["blend"][main],
+        # None for a teacher with its own tokenizer (and the blend, when one is in it): no score on these tokens
+        "teachers": {t.name: rows[t.name].get(main) for t in cfg.teachers},
+        "blend": rows.get("blend", {}).get(main),
         "baseline": rows["baseline"][main] if baseline is not None else None,
         "teacher_weights": weights,
         # Both at their best validation epoch (0-based), never at an arbitrary last one.
@@ -175,11 +176,16 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         "data": {"format": cfg.data.format, "source": info.source, "rows": dict(info.counts),
                  "labeled": dict(info.labeled), "kind": info.kind},
     }
+    scored = [v for v in metrics["teachers"].values() if v is not None]
     metrics["gap_recovered"] = gap_recovered(metrics["student"], metrics["baseline"],
-                                             (min if metric == "perplexity" else max)(metrics["teachers"].values()),
+                                             (min if metric == "perplexity" else max)(scored) if scored else None,
                                              lower_is_better=metric == "perplexity")
     if metric == "perplexity":
-        metrics["token_accuracy"] = {name: r["accuracy"] for name, r in rows.items()}
+        metrics["token_accuracy"] = {name: r.get("accuracy") for name, r in rows.items()}
+        own = {name: {k: r[k] for k in ("own_perplexity", "own_accuracy", "own_tokenizer")}
+               for name, r in rows.items() if "own_perplexity" in r}
+        if own:  # per token of the teacher's own tokenizer, on the test split tokenized its way
+            metrics["own_tokenizer"] = own
         for key in ("rouge_l", "parses"):  # instruction data: greedy responses to held-out prompts
             if any(key in r for r in rows.values()):
                 metrics[key] = {name: r[key] for name, r in rows.items() if key in r}

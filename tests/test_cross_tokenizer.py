@@ -32,7 +32,6 @@ def _cross_raw(teacher_path: str = "/nonexistent/teacher", **loss) -> dict:
 @pytest.mark.parametrize("edit, key, words", [
     (lambda r: r["loss"].update(cross_tokenizer="sorted"), "loss.cross_tokenizer", "map, uld"),
     (lambda r: r["loss"].update(cross_tokenizer="uld"), "blend.kind", "uniform"),
-    (lambda r: r["teachers"][0].update(source="recipe", recipe="hf_causal_lm"), "teachers[0].tokenizer", "trained"),
     (lambda r: r.update(data={"format": "fortunes", "tokenizer": "minilm"}, student={"arch": "mlp"},
                         loss={"topk": None}, blend={"kind": "uniform"}, curriculum={"scheduler": "none"}),
      "teachers[0].tokenizer", "causal_lm"),
@@ -46,6 +45,14 @@ def test_cross_tokenizer_config_errors_name_the_key_and_the_choices(edit, key, w
     ok = config_from_dict(apply_overrides(_cross_raw(cross_tokenizer="uld"), [
         ("blend.kind", "uniform"), ("curriculum.scheduler", "none")]))
     assert ok.teachers[0].tokenizer == "minilm" and ok.loss.cross_tokenizer == "uld"
+
+
+def test_a_recipe_teacher_may_have_a_tokenizer_of_its_own():
+    """It trains on the data tokenized its way (teacher_setup.teacher_data), so the config takes it."""
+    raw = _cross_raw()
+    raw["teachers"][0].update(source="recipe", recipe="hf_causal_lm", path=None)
+    cfg = config_from_dict(raw)
+    assert (cfg.teachers[0].source, cfg.teachers[0].tokenizer, cfg.data.tokenizer) == ("recipe", "minilm", "smollm2")
 
 
 def _tiny_llama(vocab: int, seed: int = 0):
@@ -122,36 +129,36 @@ def test_unaligned_positions_are_masked_out_of_the_sequence_kd_and_give_no_nan_g
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_wordpiece_teacher_teaches_a_smollm2_student_through_the_cache(ray_local, tmp_path, mode="map"):
-    """A tiny Llama trained here on MiniLM WordPiece windows teaches a tiny Llama student that reads
-    SmolLM2's byte-level BPE: the cache holds its targets on the student's positions and vocabulary,
-    most labeled positions align, the carried top-1 is often the student's true next token (map), and
-    the student's KD loss falls. (``uld`` takes the same path to the cache; its loss is tested above: one
-    run keeps this test near half a minute.)"""
-    from distill_ray.data import DataUnavailable, load_python_corpus
-    from distill_ray.models import causal_lm_model, save_model, save_tokenizer
+    """A tiny Llama recipe teacher with MiniLM's WordPiece tokenizer of its own, trained here on the
+    data's train windows tokenized its way, teaches a tiny Llama student that reads SmolLM2's byte-level
+    BPE: the recipe has the WordPiece vocabulary and tokenizer, the cache holds its targets on the
+    student's positions and vocabulary, most labeled positions align, the carried top-1 is often the
+    student's true next token (map), and the student's KD loss falls. (``uld`` takes the same path to the
+    cache; its loss is tested above: one run keeps this test near half a minute.)"""
+    import json
+
+    from distill_ray.data import load_tokenizer
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
-    from distill_ray.recipes import train_classifier
     from distill_ray.run_inputs import training_inputs
     from distill_ray.train import load_trained_student, run_training
 
-    try:
-        corpus = load_python_corpus(max_train_samples=400, max_eval_samples=8, max_length=16, tokenizer="minilm")
-    except DataUnavailable as err:
-        pytest.skip(str(err))
-    torch.manual_seed(0)
-    teacher = causal_lm_model(corpus.num_classes, {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                                    "intermediate_size": 64})
-    train_classifier(teacher, corpus.train, epochs=2, lr=1e-2, batch_size=32)
-    save_model(teacher, tmp_path / "teacher", {"arch": "hf_causal_lm", "task": "causal_lm"})
-    save_tokenizer(corpus.tokenizer, tmp_path / "teacher")
-    raw = apply_overrides(_cross_raw(str(tmp_path / "teacher"), cross_tokenizer=mode, topk=8), [
-        ("data.max_length", 16), ("data.max_train_samples", 64), ("data.max_eval_samples", 16),
+    raw = apply_overrides(_cross_raw(cross_tokenizer=mode, topk=8), [
+        ("data.max_length", 16), ("data.max_train_samples", 400), ("data.max_eval_samples", 16),
         ("blend.kind", "uniform"), ("curriculum.scheduler", "none"), ("curriculum.measurers", ["sequence_length"]),
-        ("train.epochs", 1), ("train.batch_size", 16), ("train.baseline", False), ("tracking.log_every_steps", 1),
+        ("train.epochs", 1), ("train.batch_size", 32), ("train.baseline", False), ("tracking.log_every_steps", 1),
         ("run_dir", str(tmp_path / "runs")), ("cache.dir", str(tmp_path / "cache"))])
+    raw["teachers"][0].update(source="recipe", recipe="hf_causal_lm", path=str(tmp_path / "teacher"), options={
+        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+        "epochs": 2, "lr": 1e-2, "batch_size": 32})
     cfg = config_from_dict(raw)
     data = load_data(cfg)
-    cache = build_cache(cfg, data, prepare_teachers(cfg, data))
+    dirs = prepare_teachers(cfg, data)
+    spec = json.loads((tmp_path / "teacher" / "distill_spec.json").read_text())
+    wordpiece, bpe = load_tokenizer(str(tmp_path / "teacher")), load_tokenizer(data.info.tokenizer)
+    # trained on WordPiece ids: MiniLM's vocabulary (30,522), not the student's (49,152), and its tokenizer
+    assert spec["num_classes"] == len(wordpiece) == 30522 and data.info.num_classes == len(bpe) == 49152
+    assert wordpiece.tokenize("def add(a, b):") == ["def", "add", "(", "a", ",", "b", ")", ":"]
+    cache = build_cache(cfg, data, dirs)
     rows = cache.dataset("train").to_pandas()
     logp = np.stack([np.stack(v) for v in rows["wp_teacher/topk_logprobs"]])
     idx = np.stack([np.stack(v) for v in rows["wp_teacher/topk_indices"]])
@@ -169,6 +176,7 @@ def test_a_wordpiece_teacher_teaches_a_smollm2_student_through_the_cache(ray_loc
     result = run_training(cfg, inputs, str(tmp_path / "ray"), mode)
     _, history, _ = load_trained_student(cfg, inputs, result.checkpoint)
     steps = [r for r in history if r.get("kind") != "epoch"]
-    assert all(0.6 < r["aligned_share"] < 1.0 for r in steps)
+    # per batch of 32 windows: 0.59-0.65 when written (the 400 windows align less than the first 64 did)
+    assert all(0.5 < r["aligned_share"] < 1.0 for r in steps), [r.get("aligned_share") for r in steps]
     first, last = np.mean([r["kd_loss"] for r in steps[:2]]), np.mean([r["kd_loss"] for r in steps[-2:]])
     assert last < first, (first, last)

@@ -139,6 +139,26 @@ def test_report_says_at_which_epoch_student_and_baseline_are_reported():
     assert "= **75.0%**" in text
 
 
+def test_a_teacher_on_its_own_tokenizer_is_reported_apart_and_left_out_of_the_gap(capsys):
+    """Its perplexity is per token of another tokenizer: the table leaves the cell empty, a note gives it,
+    and the gap is measured to the best teacher scored on the student's tokens."""
+    from distill_ray.report import report_markdown
+    from distill_ray.scoring import print_summary
+
+    metrics = {"student": 30.0, "baseline": 40.0, "teachers": {"smol": 20.0, "wp": None}, "metric": "perplexity",
+               "teacher_weights": {"smol": 0.7, "wp": 0.3}, "params": {"student": 10, "teachers": {"smol": 200, "wp": 50}}}
+    wp = {"own_perplexity": 12.5, "own_accuracy": 0.25, "own_tokenizer": "minilm", "params": 50, "rouge_l": 0.1}
+    rows = {"smol": {"perplexity": 20.0, "accuracy": 0.5, "params": 200, "rouge_l": 0.3}, "wp": wp,
+            "baseline": {"perplexity": 40.0, "accuracy": 0.3}, "student": {"perplexity": 30.0, "accuracy": 0.4}}
+    text = report_markdown(metrics, rows, plots=False)
+    assert "| wp | - | - | 50 |" in text and "(best teacher: smol)" in text and "= **50.0%**" in text
+    assert "wp reads its own tokenizer (minilm): perplexity 12.5000, next-token accuracy 0.2500" in text
+    print_summary(rows, ("smol", "wp"), metrics["teacher_weights"], "perplexity", 0.5)
+    out = capsys.readouterr().out
+    assert "wp: perplexity 12.5000, tok acc 0.2500 per token of its own tokenizer (minilm)" in out
+    assert "gap recovered (student - baseline) / (best teacher - baseline): 50.0%" in out
+
+
 def test_without_matplotlib_the_report_keeps_its_numbers_and_names_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plots extra were not installed
     history, _ = _synthetic_run(epochs=2)

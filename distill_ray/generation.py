@@ -174,7 +174,7 @@ def batched_responses(model: nn.Module, prompts: list[list[int]], max_new_tokens
 
 
 class BlendedLM(nn.Module):
-    """The teachers' blend as a language model that ``greedy_responses`` can decode: the next-token
+    """The teachers' blend as a language model that ``batched_responses`` can decode: the next-token
     distribution is the mixture ``sum_k w_k p_k`` of the teachers' (the blend whose perplexity the test
     table reports), and ``generate`` takes its argmax token by token. Every step runs each teacher over
     the whole sequence (no key-value cache): meant for scoring a few dozen held-out prompts."""
@@ -186,6 +186,9 @@ class BlendedLM(nn.Module):
             raise ValueError(f"need one non-negative weight per model, got {weights.tolist()} for {len(models)}")
         self.models = nn.ModuleList(models)
         self.register_buffer("log_weights", (weights / weights.sum()).log())
+        from transformers import GenerationConfig
+
+        self.generation_config = GenerationConfig()  # batched_responses sets it aside like a model's own
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 logits_to_keep: int = 0) -> torch.Tensor:
@@ -200,12 +203,16 @@ class BlendedLM(nn.Module):
         return torch.logsumexp(logp + self.log_weights.view(-1, 1, 1, 1), dim=0)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 1,
-                 do_sample: bool = False, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 **_) -> torch.Tensor:
-        """Greedy continuation, prompt included (``transformers``' ``generate`` layout); stops once every
-        row has written eos. Tokens after a row's eos are what the mixture says next (callers cut at eos)."""
-        if do_sample:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, generation_config=None,
+                 logits_processor=None, max_new_tokens: int = 1, do_sample: bool = False,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, **_) -> torch.Tensor:
+        """Greedy continuation, prompt included (``transformers``' ``generate`` layout, settings as
+        arguments or in a ``generation_config``); stops once every row has written eos. Tokens after a
+        row's eos are what the mixture says next (callers cut at eos)."""
+        if generation_config is not None:
+            max_new_tokens, do_sample = generation_config.max_new_tokens, generation_config.do_sample
+            eos_token_id = generation_config.eos_token_id
+        if do_sample or logits_processor:
             raise ValueError("BlendedLM decodes greedily only")
         ids = input_ids
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask

@@ -120,7 +120,10 @@ def _lm(seed: int, vocab: int = 30):
 
 
 def test_the_blend_decodes_the_teachers_mixture_greedily():
-    from distill_ray.generation import BlendedLM, batched_greedy_responses, greedy_responses
+    from distill_ray.generation import BlendedLM, batched_responses
+
+    def one_by_one(model, prompts):
+        return [batched_responses(model, [p], 6, 2, 0)[0] for p in prompts]
 
     a, b = _lm(0), _lm(1)
     x = torch.randint(3, 30, (3, 7), generator=torch.Generator().manual_seed(2))
@@ -128,10 +131,9 @@ def test_the_blend_decodes_the_teachers_mixture_greedily():
     torch.testing.assert_close(BlendedLM([a, b], [0.3, 0.7])(x), mixture)
     prompts = [[5, 6, 7], [9], [4, 4, 8, 3, 11]]
     # One teacher at all the weight, or the same teacher twice, is that teacher.
-    assert greedy_responses(BlendedLM([a, b], [1.0, 0.0]), prompts, 6, 2, 0) == greedy_responses(a, prompts, 6, 2, 0)
-    assert greedy_responses(BlendedLM([b, b], [0.5, 0.5]), prompts, 6, 2, 0) == greedy_responses(b, prompts, 6, 2, 0)
+    assert one_by_one(BlendedLM([a, b], [1.0, 0.0]), prompts) == one_by_one(a, prompts)
+    assert one_by_one(BlendedLM([b, b], [0.5, 0.5]), prompts) == one_by_one(b, prompts)
     blend = BlendedLM([a, b], [0.3, 0.7])
-    one_by_one = greedy_responses(blend, prompts, 6, 2, 0)
-    assert batched_greedy_responses(blend, prompts, [6] * 3, 2, 0, batch_size=3) == one_by_one  # left padding
+    assert batched_responses(blend, prompts, 6, 2, 0, batch_size=3) == one_by_one(blend, prompts)  # left padding
     with pytest.raises(ValueError, match="one non-negative weight per model"):
         BlendedLM([a, b], [1.0])

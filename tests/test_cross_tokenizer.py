@@ -143,7 +143,7 @@ def test_a_wordpiece_teacher_teaches_a_smollm2_student_through_the_cache(ray_loc
     from distill_ray.train import load_trained_student, run_training
 
     raw = apply_overrides(_cross_raw(cross_tokenizer=mode, topk=8), [
-        ("data.max_length", 16), ("data.max_train_samples", 400), ("data.max_eval_samples", 16),
+        ("data.max_length", 16), ("data.max_train_samples", 256), ("data.max_eval_samples", 16),
         ("blend.kind", "uniform"), ("curriculum.scheduler", "none"), ("curriculum.measurers", ["sequence_length"]),
         ("train.epochs", 1), ("train.batch_size", 32), ("train.baseline", False), ("tracking.log_every_steps", 1),
         ("run_dir", str(tmp_path / "runs")), ("cache.dir", str(tmp_path / "cache"))])
@@ -176,7 +176,7 @@ def test_a_wordpiece_teacher_teaches_a_smollm2_student_through_the_cache(ray_loc
     result = run_training(cfg, inputs, str(tmp_path / "ray"), mode)
     _, history, _ = load_trained_student(cfg, inputs, result.checkpoint)
     steps = [r for r in history if r.get("kind") != "epoch"]
-    # per batch of 32 windows: 0.59-0.65 when written (the 400 windows align less than the first 64 did)
+    # per batch of 32 windows: 0.59-0.65 when written on 400 windows (they align less than the first 64 did)
     assert all(0.5 < r["aligned_share"] < 1.0 for r in steps), [r.get("aligned_share") for r in steps]
     first, last = np.mean([r["kd_loss"] for r in steps[:2]]), np.mean([r["kd_loss"] for r in steps[-2:]])
     assert last < first, (first, last)

@@ -25,9 +25,6 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY", "8")
 # And the V1 Parquet reader, as distill_ray.pipeline.connect_ray picks for a local Ray: no footer
 # actors at all, ~3x faster per small read (bench/parquet_read.py).
 os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
-# Ray Train V2's controller polls its running workers every 2 s: a finished (or failed) run is seen
-# ~1 s late on average, and the suite makes dozens of Train runs.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Speed settings tests/conftest.py gives the session's Ray, passed to the jobs' workers too.
 _TEST_RAY_ENV = ("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY",
-                 "RAY_DATA_USE_DATASOURCE_V2", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+                 "RAY_DATA_USE_DATASOURCE_V2")
 
 
 # --- the cluster --------------------------------------------------------------------------------

@@ -646,8 +646,6 @@ def lm_ablation_markdown(result: dict[str, Any]) -> str:
 
 def _run_lm_ablation(cfg: ExperimentConfig, seeds: int, out_dir: Path, rows: Sequence[str], command: str | None,
                      wall: float) -> dict[str, Any]:
-    from distill_ray.models import build_model, num_params
-
     prep = prepare_lm(cfg, rows)
     print(f"ablation: {prep.counts['reference']:,} reference train rows"
           + (f", {prep.counts['teacher']:,} teacher responses" if "teacher" in prep.counts else "")
@@ -675,17 +673,26 @@ def _run_lm_ablation(cfg: ExperimentConfig, seeds: int, out_dir: Path, rows: Seq
     reference = lm_reference_scores(prep, runs)
     prep.timings["score_teachers_and_blend"] = round(time.perf_counter() - start, 2)
     result = summarize_lm(runs, rows, reference)
+    result["counts"] = prep.counts
+    return _finish(result, cfg, prep, next(iter(prep.caches.values())).rows("test"), seed_list, runs, command, wall,
+                   out_dir, lm_ablation_markdown)
+
+
+def _finish(result: dict[str, Any], cfg: ExperimentConfig, prep, num_test: int, seed_list: list[int], runs: list[dict],
+            command: str | None, wall: float, out_dir: Path, markdown) -> dict[str, Any]:
+    """Both tables' common tail: what was run, where and how long, then ablation.json and ablation.md."""
+    from distill_ray.models import build_model, num_params
+
     student = build_model(cfg.student.arch, prep.info.input_shape, prep.info.num_classes, cfg.student.options)
     result.update({
-        "config_name": cfg.name, "seeds": seed_list, "num_test": next(iter(prep.caches.values())).rows("test"),
-        "counts": prep.counts,
+        "config_name": cfg.name, "seeds": seed_list, "num_test": num_test,
         "student": f"{cfg.student.arch} {dict(cfg.student.options)}, {num_params(student):,} params",
         "command": command or " ".join(shlex.quote(a) for a in sys.argv), "machine": machine_info(),
         "wall_seconds": round(time.perf_counter() - wall, 1), "timings": prep.timings, "runs": runs,
     })
     (out_dir / "ablation.json").write_text(json.dumps(result, indent=2, default=str))
-    (out_dir / "ablation.md").write_text(lm_ablation_markdown(result))
-    print(f"\n{lm_ablation_markdown(result)}\nablation: wrote {out_dir / 'ablation.md'} and {out_dir / 'ablation.json'}")
+    (out_dir / "ablation.md").write_text(markdown(result))
+    print(f"\n{markdown(result)}\nablation: wrote {out_dir / 'ablation.md'} and {out_dir / 'ablation.json'}")
     return result
 
 
@@ -722,20 +729,8 @@ def run_ablation(cfg: ExperimentConfig, seeds: int, out_dir: str | Path, rows: S
             print(f"ablation [{done}/{total}] {row:<24} seed {seed}: test acc {run['test_accuracy']:.4f} "
                   f"({run['train_seconds']:.0f}s) {weights}", flush=True)
             (out_dir / "runs.json").write_text(json.dumps(runs, indent=2))
-    result = summarize(runs, prep, rows)
-    from distill_ray.models import build_model, num_params
-
-    student = build_model(cfg.student.arch, prep.info.input_shape, prep.info.num_classes, cfg.student.options)
-    result.update({
-        "config_name": cfg.name, "seeds": seed_list, "num_test": prep.cache.rows("test"),
-        "student": f"{cfg.student.arch} {dict(cfg.student.options)}, {num_params(student):,} params",
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv), "machine": machine_info(),
-        "wall_seconds": round(time.perf_counter() - wall, 1), "timings": prep.timings, "runs": runs,
-    })
-    (out_dir / "ablation.json").write_text(json.dumps(result, indent=2, default=str))
-    (out_dir / "ablation.md").write_text(ablation_markdown(result))
-    print(f"\n{ablation_markdown(result)}\nablation: wrote {out_dir / 'ablation.md'} and {out_dir / 'ablation.json'}")
-    return result
+    return _finish(summarize(runs, prep, rows), cfg, prep, prep.cache.rows("test"), seed_list, runs, command, wall,
+                   out_dir, ablation_markdown)
 
 
 def ablation_main(config_path: str | Path, overrides: Sequence[str] = (), seeds: int = 3, address: str | None = None,

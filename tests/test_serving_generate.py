@@ -124,22 +124,6 @@ def test_prompts_are_tokenized_as_in_training_without_special_tokens(lm_student)
 
 
 @pytest.mark.parametrize("body, status, needle", [
-    (b'{"max_new_tokens": 3}', 422, "exactly one of 'inputs'"),
-    (b'{"inputs": ["x"], "messages": [[{"role": "user", "content": "x"}]]}', 422, "exactly one of 'inputs'"),
-    (b'{"messages": [[{"role": "user"}]]}', 422, "messages[0][0].content"),
-    (b'{"messages": [[{"role": "user", "content": "x", "name": "y"}]]}', 422, "messages[0][0].name"),
-    (b'{"messages": [[]]}', 422, "messages[0]"),
-    (b'{"messages": "hi"}', 422, "list of conversations"),
-    (b'{"messages": [[{"role": "u", "content": "x"}], [{"role": "u", "content": "x"}], [{"role": "u", "content": "x"}],'
-     b' [{"role": "u", "content": "x"}], [{"role": "u", "content": "x"}]]}', 413, "at most 4"),
-])
-def test_bad_messages_get_the_reason(body, status, needle):
-    with pytest.raises(RequestError) as err:
-        parse_generate_request(body, RequestLimits(max_inputs_per_request=4, max_text_chars=200))
-    assert err.value.status == status and needle in str(err.value)
-
-
-@pytest.mark.parametrize("body, status, needle", [
     (b"\xff\xfe", 400, "UTF-8"),
     (b"{not json", 400, "JSON"),
     (b'{"prompt": "x"}', 422, "unknown field"),
@@ -152,6 +136,15 @@ def test_bad_messages_get_the_reason(body, status, needle):
     (b'{"inputs": ["x"], "max_new_tokens": 1000}', 422, "max_new_tokens"),
     (b'{"inputs": ["x"], "temperature": -1}', 422, "temperature"),
     (b'{"inputs": ["x"], "temperature": NaN}', 422, "temperature"),
+    # messages: conversations instead of prompt strings
+    (b'{"max_new_tokens": 3}', 422, "exactly one of 'inputs'"),
+    (b'{"inputs": ["x"], "messages": [[{"role": "user", "content": "x"}]]}', 422, "exactly one of 'inputs'"),
+    (b'{"messages": [[{"role": "user"}]]}', 422, "messages[0][0].content"),
+    (b'{"messages": [[{"role": "user", "content": "x", "name": "y"}]]}', 422, "messages[0][0].name"),
+    (b'{"messages": [[]]}', 422, "messages[0]"),
+    (b'{"messages": "hi"}', 422, "list of conversations"),
+    (b'{"messages": [[{"role": "u", "content": "x"}], [{"role": "u", "content": "x"}], [{"role": "u", "content": "x"}],'
+     b' [{"role": "u", "content": "x"}], [{"role": "u", "content": "x"}]]}', 413, "at most 4"),
 ])
 def test_bad_generate_requests_get_the_reason(body, status, needle):
     with pytest.raises(RequestError) as err:

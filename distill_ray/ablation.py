@@ -384,10 +384,14 @@ def valid_rows(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 
 def check_rows(rows: Sequence[str], cfg: ExperimentConfig) -> None:
-    """ValueError naming the rows ``cfg``'s task has no use for and the rows it has."""
+    """ValueError naming the rows ``cfg``'s task has no use for and the rows it has; ConfigError (the key
+    and why) for a row whose variant of ``cfg`` is not valid."""
     valid = valid_rows(cfg)
     bad = [r for r in rows if r not in valid]
     if not bad:
+        if cfg.data.task == "causal_lm":  # each row's config checked now, not after the caches are built
+            for row in rows:
+                _lm_variant(cfg, "mixed" if "seq_kd" in row else "off", row.endswith("+pocl"))
         return
     causal = cfg.data.task == "causal_lm"
     other = [r for r in bad if r in (ROWS if causal else LM_ROWS) and r not in valid]

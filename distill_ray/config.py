@@ -676,10 +676,16 @@ def _validate_sequence_kd(cfg: ExperimentConfig) -> None:
               "data.prompt_field + data.response_field, or data.messages_field); choose 'off' otherwise")
     if cfg.train.mode != "cached":
         _fail("sequence_kd.mode", f"{s.mode!r} needs train.mode=cached: the responses are generated once and cached")
+    # Generation writes the data's token ids; a teacher with a tokenizer of its own reads and writes its
+    # own. With `best` only the teachers on the data's tokenizer compete to write (the others still teach
+    # token by token on every row, the written ones included); `all` would need each of them to write.
     own = [t.name for t in cfg.teachers if t.tokenizer]
-    if own:  # generation writes the data's token ids; these teachers read and write their own
-        _fail("sequence_kd.mode", f"{s.mode!r}: teachers {own} have a tokenizer of their own (teachers[].tokenizer); "
-              "sequence-level KD needs every teacher on the data's tokenizer")
+    if own and s.teachers == "all":
+        _fail("sequence_kd.teachers", f"'all': teachers {own} have a tokenizer of their own (teachers[].tokenizer) "
+              "and cannot write the data's tokens; choose 'best' (the teachers on the data's tokenizer compete)")
+    if own and len(own) == len(cfg.teachers):
+        _fail("sequence_kd.mode", f"{s.mode!r}: every teacher ({own}) has a tokenizer of its own "
+              "(teachers[].tokenizer); sequence-level KD needs a teacher on the data's tokenizer to write")
 
 
 LM_LOSS_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")

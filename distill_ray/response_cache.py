@@ -52,7 +52,7 @@ class ResponseSpec:
     """What a responses cache was generated from; equal specs mean it can be reused."""
 
     teacher_fingerprints: Mapping[str, str]
-    """Every teacher's weights, in order (best: any of them could be picked; all: each writes)."""
+    """Every candidate writer's weights (``candidates``), in order (best: any of them could be picked; all: each writes)."""
     teachers: str
     """best or all (``SequenceKDConfig.teachers``)."""
     decoding: Mapping[str, Any]
@@ -86,8 +86,14 @@ def decoding_of(cfg: ExperimentConfig) -> Decoding:
     return Decoding.of(s.decoding, s.max_new_tokens, s.temperature, s.top_p, s.seed)
 
 
+def candidates(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The teachers that may write: those on the data's tokenizer (a teacher with its own writes other
+    token ids; config validation keeps it out of ``all``)."""
+    return tuple(t.name for t in cfg.teachers if t.tokenizer is None)
+
+
 def response_spec(cfg: ExperimentConfig, data_fingerprint: str, prints: Mapping[str, str]) -> ResponseSpec:
-    return ResponseSpec({t: prints[t] for t in cfg.teacher_names()}, cfg.sequence_kd.teachers,
+    return ResponseSpec({t: prints[t] for t in candidates(cfg)}, cfg.sequence_kd.teachers,
                         dataclasses.asdict(decoding_of(cfg)), data_fingerprint)
 
 
@@ -141,11 +147,12 @@ def _validation_nll(model_dir: str, val) -> float:
 
 
 def writers(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, Path]) -> tuple[tuple[str, ...], dict]:
-    """The teachers that write responses, and for ``best`` each teacher's validation NLL (the lowest writes)."""
-    names = cfg.teacher_names()
+    """The teachers that write responses, and for ``best`` each candidate's validation NLL (the lowest writes)."""
+    names = candidates(cfg)
     if cfg.sequence_kd.teachers == "all" or len(names) == 1:
         return names, {}
-    jobs = [ray.remote(num_cpus=t.num_cpus)(_validation_nll).remote(str(dirs[t.name]), data.val) for t in cfg.teachers]
+    jobs = [ray.remote(num_cpus=t.num_cpus)(_validation_nll).remote(str(dirs[t.name]), data.val)
+            for t in cfg.teachers if t.name in names]
     nll = dict(zip(names, (round(v, 6) for v in ray.get(jobs))))
     return (min(names, key=nll.__getitem__),), {"validation_nll": nll}
 

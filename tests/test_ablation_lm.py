@@ -12,7 +12,7 @@ import torch
 
 from distill_ray.ablation import (LM_ROWS, ROWS, check_rows, lm_ablation_markdown, lm_row_setup, summarize_lm,
                                   valid_rows)
-from distill_ray.config import load_config
+from distill_ray.config import ConfigError, load_config
 from distill_ray.objectives import planned_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +38,14 @@ def test_rows_follow_the_task_and_the_other_tables_rows_are_refused_by_name(inst
         check_rows(("seq_kd",), tiny)
     with pytest.raises(ValueError, match=r"need instruction data.*choose from: scratch, token_kd$"):
         check_rows(("token+seq_kd",), plain_lm)
+    # A row whose config is invalid is refused by its key before any teacher or cache is built: here
+    # no teacher shares the data's tokenizer, so none can write responses (token-level KD still can).
+    own = {"tokenizer": "smollm2", "source": "hf_dir", "path": "t"}
+    foreign = load_config(REPO / "jobs/configs/tiny_instruct.yaml",
+                          [f"teachers.{t}.{k}={v}" for t in ("llama_wide", "llama_deep") for k, v in own.items()])
+    check_rows(("scratch", "token_kd", "token_kd+pocl"), foreign)
+    with pytest.raises(ConfigError, match=r"sequence_kd.mode: 'mixed': every teacher"):
+        check_rows(("token_kd", "seq_kd"), foreign)
 
 
 def test_each_row_trains_what_it_names_at_the_token_kd_rows_steps(instruct):

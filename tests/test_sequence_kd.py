@@ -156,12 +156,35 @@ def test_sequence_kd_is_off_by_default_and_checked_once():
         config_from_dict(_instruct_raw(("sequence_kd.max_new_tokens", 0)))
     with pytest.raises(ConfigError, match=r"sequence_kd.mode: 'teacher' needs train.mode=cached"):
         config_from_dict(_instruct_raw(("sequence_kd.mode", "teacher"), ("train.mode", "online")))
-    with pytest.raises(ConfigError, match=r"sequence_kd.mode: 'mixed': teachers \['llama_deep'\] have a tokenizer"):
-        config_from_dict(_instruct_raw(("sequence_kd.mode", "mixed"), ("teachers.llama_deep.tokenizer", "smollm2"),
-                                       ("teachers.llama_deep.source", "hf_dir"), ("teachers.llama_deep.path", "t")))
+    own = (("teachers.llama_deep.tokenizer", "smollm2"), ("teachers.llama_deep.source", "hf_dir"),
+           ("teachers.llama_deep.path", "t"))
+    with pytest.raises(ConfigError, match=r"sequence_kd.teachers: 'all': teachers \['llama_deep'\] have a tokenizer"
+                                          r".*choose 'best'"):
+        config_from_dict(_instruct_raw(("sequence_kd.mode", "mixed"), ("sequence_kd.teachers", "all"), *own))
+    everyone = [(f"teachers.{t}.{k}", v) for t in ("llama_wide", "llama_deep")
+                for k, v in (("tokenizer", "smollm2"), ("source", "hf_dir"), ("path", "t"))]
+    with pytest.raises(ConfigError, match=r"sequence_kd.mode: 'mixed': every teacher .* has a tokenizer of its own"):
+        config_from_dict(_instruct_raw(("sequence_kd.mode", "mixed"), *everyone))
     lm = yaml.safe_load((REPO / "jobs/configs/tiny_lm.yaml").read_text())
     with pytest.raises(ConfigError, match=r"sequence_kd.mode: 'teacher' needs instruction data"):
         config_from_dict(apply_overrides(lm, [("sequence_kd.mode", "teacher")]))
+
+
+def test_with_best_only_the_teachers_on_the_datas_tokenizer_compete_to_write():
+    """A teacher with a tokenizer of its own still teaches token by token but cannot write the data's
+    token ids: it is no candidate, the only one left writes without a validation contest (no Ray), and
+    the responses cache's spec does not change with that teacher's weights."""
+    from distill_ray.response_cache import candidates, response_spec, writers
+
+    raw = _instruct_raw(("sequence_kd.mode", "mixed"), ("teachers.llama_deep.tokenizer", "smollm2"),
+                        ("teachers.llama_deep.source", "hf_dir"), ("teachers.llama_deep.path", "t"))
+    cfg = config_from_dict(raw)
+    assert cfg.teacher_names() == ("llama_wide", "llama_deep") and candidates(cfg) == ("llama_wide",)
+    assert writers(cfg, data=None, dirs={}) == (("llama_wide",), {})
+    spec = response_spec(cfg, "data", {"llama_wide": "w1", "llama_deep": "d1"})
+    assert dict(spec.teacher_fingerprints) == {"llama_wide": "w1"}
+    assert spec == response_spec(cfg, "data", {"llama_wide": "w1", "llama_deep": "d2"})
+    assert spec != response_spec(cfg, "data", {"llama_wide": "w2", "llama_deep": "d1"})
 
 
 def test_the_baseline_reads_references_and_the_student_what_the_mode_says():

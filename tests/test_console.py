@@ -68,3 +68,25 @@ logging.getLogger("probe").warning("logged warning")
     assert b"python line" in terminal and b"logged warning" in terminal
     assert b"native chatter" not in terminal
     assert log.read_text() == "native chatter\n"
+
+
+def test_ray_datas_wrapped_memory_advice_leaves_the_terminal_and_errors_stay(tmp_path):
+    """The issue detector's advice, as Ray 2.60 wraps it, is a routine notice (to the log file only);
+    a real warning still reaches the terminal's handler."""
+    import io
+    import logging
+
+    from distill_ray.console import quiet_ray_loggers
+
+    logger, terminal = logging.getLogger("ray.data"), io.StringIO()
+    handler = logging.StreamHandler(terminal)
+    logger.addHandler(handler)
+    try:
+        quiet_ray_loggers()
+        logger.warning("\n\nOperator\n'MapBatches(_rows)->MapBatches(TeacherColumns)'\nuses 3.0GiB of memory per "
+                       "worker on average (up to 3.1GiB), but Ray\nonly requests 0.0B per worker at the start of "
+                       "the pipeline.\n\nTo avoid out-of-memory errors, consider setting `memory=4150579200`")
+        logger.warning("Failed to read shard-00001.parquet")
+    finally:
+        logger.removeHandler(handler)
+    assert terminal.getvalue() == "Failed to read shard-00001.parquet\n"

@@ -5,13 +5,13 @@ own process group, own temp dir and ports), started once for this module in subp
 stopped by pid in a finalizer. The pytest process never joins it (it may already be connected to
 the session's ``ray_local``): it talks HTTP to the dashboard with ``Authorization: Bearer``.
 
-Faults injected, and what is checked afterwards in the run's own records (metrics.json,
+Faults injected into one run, and what is checked afterwards in its own records (metrics.json,
 history.json, Ray Train's checkpoint_manager_snapshot.json, the state API's actor table):
-  * none: the job succeeds, the student learns, history has every step;
-  * the worker node's raylet is SIGKILLed mid-run (training placed there by CPUs: the head has 1,
-    a worker needs 2), a replacement node joins: Train V2 restarts the worker group there and
+  * the job is stopped mid-run and submitted again with the same run name: it resumes;
+  * then the worker node's raylet is SIGKILLed mid-run (training placed there by CPUs: the head has
+    1, a worker needs 2), a replacement node joins: Train V2 restarts the worker group there and
     resumes from the latest checkpoint;
-  * the job is stopped mid-run and submitted again with the same run name: it resumes.
+  * in the end the job succeeds, the student learns, history has every step once.
 """
 
 from __future__ import annotations
@@ -253,11 +253,14 @@ def _registered_checkpoint(cfg) -> tuple[Path, dict] | None:
     return _storage(cfg) / latest["checkpoint_dir_name"], latest["metrics"]
 
 
-def _wait_for_mid_run_checkpoint(cluster: LocalCluster, job: str, cfg, total: int, timeout: float = 420):
+def _wait_for_mid_run_checkpoint(cluster: LocalCluster, job: str, cfg, total: int, timeout: float = 420,
+                                 after_step: int = 0):
+    """The first registered checkpoint past ``after_step`` (a resumed run's own, not the one it resumed
+    from); fails if the job ends first or the run was already done."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = _registered_checkpoint(cfg)
-        if found and (found[0] / "history.json").is_file():
+        if found and found[1]["step"] > after_step and (found[0] / "history.json").is_file():
             assert found[1]["step"] < total, f"the run was already done when a checkpoint was seen: {found[1]}"
             return found
         status = _status(cluster, job)
@@ -328,21 +331,40 @@ def test_the_two_node_cluster_wants_the_token_on_loopback_only(cluster):
             socket.create_connection((ip, port), timeout=5).close()
 
 
-def test_a_job_on_two_nodes_survives_the_death_of_its_node(cluster):
-    """A job submitted to the two-node cluster trains on the worker node; the node dies mid-run, a
-    replacement joins, and the job finishes from its last checkpoint with the student exported."""
+def test_a_job_resumes_after_a_stop_and_again_after_its_node_dies(cluster):
+    """Both faults in one run's life (one run name, so the cluster starts one tiny run, not two): the
+    job is stopped mid-run and submitted again, and the new job resumes from the stopped one's last
+    checkpoint; then the worker node it trains on dies (its raylet SIGKILLed), a replacement joins,
+    Train V2 restarts the worker group there from the latest checkpoint, and the job finishes with
+    every step recorded once and the student exported."""
     # 2 CPUs per worker: only the worker node fits one (the head has 1).
-    overrides = _overrides(cluster, "mn-node-loss", "train.epochs=4", "train.cpus_per_worker=2")
+    overrides = _overrides(cluster, "mn-faults", "train.epochs=6", "train.cpus_per_worker=2")
     cfg = _config(cluster, overrides)
     total = _expected_steps(cfg)
+    t0 = time.monotonic()
+
+    # Fault 1: the job is stopped; the Train controller and its workers die with the stopped driver.
+    first = _submit(cluster, overrides)
+    _wait_for_mid_run_checkpoint(cluster, first, cfg, total)
+    cluster.client().stop_job(first)
+    assert _wait_job(cluster, first, timeout=120) == "STOPPED"
+    first_id = cluster.client().get_job_info(first).job_id
+    for _ in range(120):
+        if not [a for a in _train_workers(cluster, first_id) if a["state"] != "DEAD"]:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"training workers of the stopped job still alive: {_train_workers(cluster, first_id)}")
+    stop_step, stop_history = _checkpoint_history(cfg)
+    assert not (cfg.run_path() / "metrics.json").exists()
+    print(f"stopped at step {stop_step} after {time.monotonic() - t0:.0f}s")
+
+    # Fault 2: the same job submitted again resumes, checkpoints further on, and loses its node.
     doomed = [n for n in cluster.nodes() if n["state"] == "ALIVE" and "worker_node" in n["resources_total"]]
     assert len(doomed) == 1
     doomed_id = doomed[0]["node_id"]
-
-    t0 = time.monotonic()
-    job = _submit(cluster, overrides)
-    _wait_for_mid_run_checkpoint(cluster, job, cfg, total)
-    print(f"checkpoint seen after {time.monotonic() - t0:.0f}s")
+    second = _submit(cluster, overrides)
+    _wait_for_mid_run_checkpoint(cluster, second, cfg, total, after_step=stop_step)
     # Kill the worker node's raylet; its `ray start --block` then takes the node's other processes
     # down, like a machine that vanished.
     node_pid = cluster.node_pid("worker-1")
@@ -355,48 +377,23 @@ def test_a_job_on_two_nodes_survives_the_death_of_its_node(cluster):
         time.sleep(0.5)
     assert not _alive(node_pid), "the worker node's processes outlived its raylet"
     # Nothing trains until a node with 2 free CPUs joins: this is what a restart resumes from.
-    checkpoint_step, checkpoint_history = _checkpoint_history(cfg)
+    node_step, node_history = _checkpoint_history(cfg)
     added = cluster.sh("add-worker", timeout=300)
     assert added.returncode == 0, added.stderr + cluster.logs()
-    print(f"killed at step {checkpoint_step}; replacement node up after {time.monotonic() - t0:.0f}s")
+    print(f"killed at step {node_step}; replacement node up after {time.monotonic() - t0:.0f}s")
 
-    status = _wait_job(cluster, job, timeout=480)
+    status = _wait_job(cluster, second, timeout=480)
     print(f"job {status} after {time.monotonic() - t0:.0f}s")
-    assert status == "SUCCEEDED", _log_tail(cluster, job)
-    history = _check_run_records(cfg, total)
-    _check_resumed(history, checkpoint_step, checkpoint_history, total)
-    assert (cfg.run_path() / "student").is_dir()
-
-    # Ray's own records: the node is dead, and this job's training workers ran on it and then on
-    # the replacement.
-    states = {n["node_id"]: n["state"] for n in cluster.nodes()}
-    assert states[doomed_id] == "DEAD"
-    worker_nodes = {a["node_id"] for a in _train_workers(cluster, cluster.client().get_job_info(job).job_id)}
-    assert doomed_id in worker_nodes and len(worker_nodes) >= 2, (doomed_id, worker_nodes)
-
-
-def test_stopped_job_resumes_when_submitted_again(cluster):
-    overrides = _overrides(cluster, "mn-stop", "train.epochs=4")
-    cfg = _config(cluster, overrides)
-    total = _expected_steps(cfg)
-
-    first = _submit(cluster, overrides)
-    _wait_for_mid_run_checkpoint(cluster, first, cfg, total)
-    cluster.client().stop_job(first)
-    assert _wait_job(cluster, first, timeout=120) == "STOPPED"
-    # The Train controller and its workers die with the stopped driver.
-    first_id = cluster.client().get_job_info(first).job_id
-    for _ in range(120):
-        if not [a for a in _train_workers(cluster, first_id) if a["state"] != "DEAD"]:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"training workers of the stopped job still alive: {_train_workers(cluster, first_id)}")
-    checkpoint_step, checkpoint_history = _checkpoint_history(cfg)
-    assert not (cfg.run_path() / "metrics.json").exists()
-
-    second = _submit(cluster, overrides)
-    status = _wait_job(cluster, second)
     assert status == "SUCCEEDED", _log_tail(cluster, second)
     history = _check_run_records(cfg, total)
-    _check_resumed(history, checkpoint_step, checkpoint_history, total)
+    assert stop_step < node_step
+    _check_resumed(history, stop_step, stop_history, total)  # the resubmitted job went on from the stop
+    _check_resumed(history, node_step, node_history, total)  # the restarted workers from the node's death
+    assert (cfg.run_path() / "student").is_dir()
+
+    # Ray's own records: the node is dead, and the second job's training workers ran on it and then
+    # on the replacement.
+    states = {n["node_id"]: n["state"] for n in cluster.nodes()}
+    assert states[doomed_id] == "DEAD"
+    worker_nodes = {a["node_id"] for a in _train_workers(cluster, cluster.client().get_job_info(second).job_id)}
+    assert doomed_id in worker_nodes and len(worker_nodes) >= 2, (doomed_id, worker_nodes)

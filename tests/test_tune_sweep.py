@@ -45,6 +45,11 @@ def _teacher_actor_count() -> int:
     return sum(1 for a in actors().values() if "Teacher" in a["ActorClassName"])
 
 
+# Two trials run side by side (max_concurrent=2): one wave of Ray Train runs, which is what a trial
+# costs here; the search, ASHA and the summary are the same code for any number.
+TRIALS = 2
+
+
 @pytest.fixture(scope="module")
 def sweep(ray_local, root):
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
@@ -55,15 +60,15 @@ def sweep(ray_local, root):
     build_cache(cfg, data, prepare_teachers(cfg, data))  # what `distill-ray cache` does before a sweep
     manifest = next((root / "cache").rglob("manifest.json"))
     before = (_teacher_actor_count(), manifest.stat().st_mtime_ns)
-    out = run_sweep(cfg, REPO / "tune_spaces/kd_basic.yaml", samples=4, max_concurrent=2)
+    out = run_sweep(cfg, REPO / "tune_spaces/kd_basic.yaml", samples=TRIALS, max_concurrent=2)
     after = (_teacher_actor_count(), manifest.stat().st_mtime_ns)
     return cfg, out, before, after
 
 
-def test_four_trials_finish_and_the_best_metric_wins(sweep):
+def test_every_trial_finishes_and_the_best_metric_wins(sweep):
     cfg, out, _, _ = sweep
     rows = out["trials"]
-    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    assert len(rows) == TRIALS and all(r["status"] == "done" for r in rows)
     metrics = [r["metric"] for r in rows]
     # Trials that ran the whole schedule learned; one ASHA stopped after its first (half-open
     # curriculum) epoch has had 9 steps, so it is only held above chance (10 classes).
@@ -84,7 +89,7 @@ def test_trials_searched_what_the_space_file_names(sweep):
     for r in out["trials"]:
         assert set(r["params"]) == {"loss.temperature", "loss.alpha", "loss.kind"}
         assert 1.0 <= r["params"]["loss.temperature"] <= 8.0 and 0.1 <= r["params"]["loss.alpha"] <= 0.9
-    assert len({round(r["params"]["loss.temperature"], 6) for r in out["trials"]}) == 4
+    assert len({round(r["params"]["loss.temperature"], 6) for r in out["trials"]}) == TRIALS
 
 
 def test_no_trial_ran_a_teacher_and_the_cache_was_reused(sweep):
@@ -117,7 +122,7 @@ def test_every_trial_wrote_tensorboard_and_wandb_offline_runs(sweep):
         events = list(Path(r["path"]).glob("events.out.tfevents.*"))
         assert events and events[0].stat().st_size > 0, r["path"]
     offline_runs = list((sweep_dir / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 4
+    assert len(offline_runs) == TRIALS
     assert all(list(run.glob("*.wandb")) for run in offline_runs)
 
 

@@ -51,13 +51,24 @@ def finish_rows(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dtype: 
     return batch
 
 
+def _dense(values, dtype) -> np.ndarray:
+    """A tensor column as one ``[N, ...]`` array of ``dtype``. Ray Data hands it over as an object array
+    of per-row arrays when it concatenated blocks whose tensor types differ (e.g. a teacher stage's empty
+    block, re-bundled for the next teacher's batch size, makes the column variable-shaped); rows of
+    one shape stack back."""
+    values = np.asarray(values)
+    if values.dtype == object:
+        values = np.stack(values) if len(values) else values.astype(dtype)
+    return values.astype(dtype, copy=False)
+
+
 def _with_difficulty(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dtype: str, topk: int | None,
                      num_classes: int, causal: bool, pad_id: int | None) -> dict[str, np.ndarray]:
     from distill_ray.losses import dense_from_topk, topk_label_logprobs
 
     for t in teachers:
         key = f"{t}/logits" if topk is None else f"{t}/topk_logprobs"
-        values = np.asarray(batch[key], dtype=np.float32)
+        values = _dense(batch[key], np.float32)
         with np.errstate(over="ignore"):
             stored = values.astype(dtype)
         bad = np.isinf(stored) & np.isfinite(values)
@@ -66,8 +77,8 @@ def _with_difficulty(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dt
                              "store them as float32 (cache.dtype=float32)")
         batch[key] = stored
         if topk is not None:
-            batch[f"{t}/topk_indices"] = np.asarray(batch[f"{t}/topk_indices"], dtype=np.int32)
-    labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
+            batch[f"{t}/topk_indices"] = _dense(batch[f"{t}/topk_indices"], np.int32)
+    labels = torch.as_tensor(_dense(batch["label"], np.int64))
     if causal:
         logp = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_logprobs"], np.float32)) for t in teachers])
         idx = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_indices"], np.int64)) for t in teachers])

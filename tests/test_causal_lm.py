@@ -271,3 +271,34 @@ def test_tiny_lm_online_mode_streams_through_the_teacher_stages(ray_local, tmp_p
     assert steps and all(r["kd_loss"] > 0 and "teacher_weight/llama_deep" in r for r in steps)
     # Without a cache, validation streams through the teacher stages too: agreement is measured.
     assert all(0 < epoch_row[f"agreement/{name}"] <= 1 for name in cfg.teacher_names())
+
+
+def test_the_cache_stage_reads_a_teachers_columns_handed_over_as_per_row_arrays():
+    """Ray Data hands a tensor column over as an object array of per-row arrays when it concatenated
+    blocks of different tensor types (seen with sequence KD and a teacher with its own tokenizer: the
+    first teacher's top-k came through the second's stage that way, and the cache build failed). The
+    cache stage stores the same numbers as from one dense array."""
+    from distill_ray.cache_build import finish_rows
+
+    rng = np.random.default_rng(0)
+    n, length, k, vocab = 3, 6, 4, 50
+    logp = np.log(rng.dirichlet(np.ones(k + 1), size=(n, length))[..., :k]).astype(np.float16)
+    idx = np.stack([np.stack([rng.choice(vocab, k, replace=False) for _ in range(length)]) for _ in range(n)])
+    labels = np.where(np.arange(length) < 2, -1, rng.integers(0, vocab, (n, length)))
+
+    def per_row(a):
+        out = np.empty(len(a), dtype=object)
+        for i, row in enumerate(a):
+            out[i] = row
+        return out
+
+    x = rng.integers(1, vocab, (n, length))
+
+    def batch(wrap):
+        return {"x": x.copy(), "label": labels.copy(), "t/topk_logprobs": wrap(logp.copy()), "t/topk_indices": wrap(idx.astype(np.int32))}
+
+    dense = finish_rows(batch(lambda a: a), ("t",), "float16", k, vocab, True, 0)
+    rows = finish_rows(batch(per_row), ("t",), "float16", k, vocab, True, 0)
+    assert dense.keys() == rows.keys()
+    for key in dense:
+        np.testing.assert_array_equal(np.asarray(rows[key]), np.asarray(dense[key]), err_msg=key)

@@ -100,7 +100,7 @@ def response_spec(cfg: ExperimentConfig, data_fingerprint: str, prints: Mapping[
 def teacher_fingerprints(cfg: ExperimentConfig, dirs: Mapping[str, Path]) -> dict[str, str]:
     from distill_ray.models import fingerprint, load_model
 
-    return {t: fingerprint(load_model(dirs[t])[0]) for t in cfg.teacher_names()}
+    return {t: fingerprint(load_model(dirs[t])[0]) for t in candidates(cfg)}  # only writers key the responses
 
 
 # --- generating ----------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     data = timed("data", load_data, cfg)  # bad data fails here, before anything is written
     counts = data.info.counts
     print(f"data: {cfg.data.format}, {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test rows "
-          f"({data.info.labeled['train']:,} train rows labeled{_cut_note(data.info)}) in {timings['data']:.0f}s",
+          f"({data.info.labeled['train']:,} train rows labeled{_cut_note(data.info)}{_transfer_note(cfg, data.info)}) "
+          f"in {timings['data']:.0f}s",
           flush=True)
     run_dir = cfg.run_path().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         "split": "test",
         "num_test": cache.rows("test"),
         "data": {"format": cfg.data.format, "source": info.source, "rows": dict(info.counts),
-                 "labeled": dict(info.labeled), "kind": info.kind},
+                 "labeled": dict(info.labeled), "kind": info.kind,
+                 "transfer": info.transfer, "transfer_rows": info.transfer_rows},
     }
     scored = [v for v in metrics["teachers"].values() if v is not None]
     metrics["gap_recovered"] = gap_recovered(metrics["student"], metrics["baseline"],
@@ -207,6 +209,13 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
                           reliability, config_name=cfg.name)
     print(f"report: {report}")
     return metrics
+
+
+def _transfer_note(cfg: ExperimentConfig, info) -> str:
+    """', N of them a transfer set (KIND x SIZE, KD only)' when data.transfer made rows, else ''."""
+    if not info.transfer_rows:
+        return ""
+    return f"; {info.transfer_rows:,} transfer rows by data.transfer={info.transfer} x{cfg.data.transfer_size}, KD only"
 
 
 def _cut_note(info) -> str:

@@ -38,6 +38,7 @@ import ray.data
 from distill_ray.chat import render_chat_prompt
 from distill_ray.config import ExperimentConfig, PRESETS
 from distill_ray.extras import require
+from distill_ray.transfer import resolve_transfer, with_transfer_rows
 from distill_ray.data import DataError, apply_standardise, content_ids, hash_to_id, label_ids, \
     normalise_split_names, split_by_id, id_uniform, standardise_stats
 
@@ -72,6 +73,10 @@ class DataInfo:
     source: str = ""
     truncated: Mapping[str, int] | None = None
     """Instruction data: rows per split whose prompt + response was cut at data.max_length."""
+    transfer: str = "none"
+    """The transfer set's kind (data.transfer resolved: none, mixup, noise or augment)."""
+    transfer_rows: int = 0
+    """Train rows made by data.transfer (KD only; counted in counts['train'], not in labeled)."""
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -723,6 +728,18 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
             pre = rows.map_batches(_tokenize, fn_kwargs={"text_field": input_columns[0], "tokenizer": tokenizer_dir,
                                                          "max_length": d.max_length}, batch_format="numpy")
 
+    transfer = resolve_transfer(d.transfer, kind, d.task, labeled["train"], counts["train"] - labeled["train"])
+    transfer_rows = 0
+    if transfer != "none":
+        tokens = None
+        if kind == "text":  # tok: the tokenizer loaded above
+            tokens = {"pad_id": pad_id, "mask_id": tok.mask_token_id, "special_ids": list(tok.all_special_ids)}
+        pre = pre.map_batches(with_transfer_rows, fn_kwargs={"kind": transfer, "data_kind": kind,
+                                                             "copies": d.transfer_size, "seed": d.split_seed,
+                                                             "tokens": tokens}, batch_format="numpy")
+        transfer_rows = counts["train"] * d.transfer_size
+        counts = {**counts, "train": counts["train"] + transfer_rows}
+
     if d.task == "classification":
         if not class_names and label_max < 0:
             raise DataError(f"{path}: no row has a label; classification needs labels on some rows (a teacher "
@@ -735,7 +752,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                     input_shape=tuple(int(s) for s in input_shape), counts=counts, labeled=labeled,
                     fingerprint=_fingerprint(cfg, sources, meta, counts), tokenizer=tokenizer_dir, pad_id=pad_id,
                     feature_fields=feature_fields, transform=transform, image_mode=image_mode, source=str(path),
-                    truncated=truncated)
+                    truncated=truncated, transfer=transfer, transfer_rows=transfer_rows)
     splits = {s: pre.map_batches(_split_rows, fn_kwargs={"split": s}, batch_format="pyarrow") for s in SPLITS}
     return SourceData(info=info, rows=pre, splits=splits)
 

@@ -32,7 +32,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from distill_ray.pipeline import connect_ray, run_experiment
 
     connect_ray(args.address)
-    run_experiment(cfg, retrain_teachers=args.retrain_teachers, rebuild_cache=args.rebuild)
+    found = None
+    if args.search:
+        from distill_ray.search import run_search
+
+        cfg, found = run_search(cfg, args.search)
+    run_experiment(cfg, retrain_teachers=args.retrain_teachers, rebuild_cache=args.rebuild, search=found)
     print(f"\nrun directory: {cfg.run_path().resolve()}")
     return 0
 
@@ -164,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "on this machine, or a new local Ray)")
         p.add_argument("--retrain-teachers", action="store_true", help="train recipe teachers even if saved")
         p.add_argument("--rebuild", action="store_true", help="rebuild the soft-target cache even if valid")
+        if name == "run":
+            p.add_argument("--search", type=int, default=0, metavar="N",
+                           help="first a Ray Tune search of N trials over loss.temperature, loss.alpha and the "
+                                "transfer set (data.transfer, data.transfer_size) on the validation split; the "
+                                "student then trains with the winner")
         p.set_defaults(func=func)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over config keys named in a space file; the winner is "

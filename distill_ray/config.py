@@ -133,7 +133,7 @@ class DataConfig:
     the train split has at least as many unlabeled rows as labeled ones (they are the transfer set) or the
     task is causal_lm, else the kind docs/first_try.md measured best for the data's kind (tables: mixup,
     images and text: augment)."""
-    transfer_size: int = _field(4, ge=1)
+    transfer_size: int = _field(4, ge=1, le=15)
     """Transfer rows made per train row (data.transfer), each from its own seeded draw."""
     val_fraction: float = _field(0.1, gt=0.0, le=0.5)
     """Share of rows held out for validation, decided by the sample id (so no read order matters)."""

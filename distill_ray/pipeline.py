@@ -92,8 +92,10 @@ def load_data(cfg: ExperimentConfig) -> SourceData:
 
 # --- the main job ---------------------------------------------------------------------------------
 
-def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuild_cache: bool = False) -> dict:
-    """data -> teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR."""
+def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuild_cache: bool = False,
+                   search: dict | None = None) -> dict:
+    """data -> teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR.
+    ``search``: what ``--search`` found (``search.run_search``), kept in metrics.json."""
     from distill_ray.train import export_student, load_trained_student, run_training
 
     timings: dict[str, float] = {}
@@ -178,6 +180,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
                  "labeled": dict(info.labeled), "kind": info.kind,
                  "transfer": info.transfer, "transfer_rows": info.transfer_rows},
     }
+    if search is not None:
+        metrics["search"] = search
     scored = [v for v in metrics["teachers"].values() if v is not None]
     metrics["gap_recovered"] = gap_recovered(metrics["student"], metrics["baseline"],
                                              (min if metric == "perplexity" else max)(scored) if scored else None,

@@ -73,6 +73,9 @@ class DataInfo:
     source: str = ""
     truncated: Mapping[str, int] | None = None
     """Instruction data: rows per split whose prompt + response was cut at data.max_length."""
+    source_fingerprint: str = ""
+    """The fingerprint of the source rows alone (no transfer rows): what recipe teachers, which train on
+    the labeled rows, are keyed by."""
     transfer: str = "none"
     """The transfer set's kind (data.transfer resolved: none, mixup, noise or augment)."""
     transfer_rows: int = 0
@@ -728,6 +731,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
             pre = rows.map_batches(_tokenize, fn_kwargs={"text_field": input_columns[0], "tokenizer": tokenizer_dir,
                                                          "max_length": d.max_length}, batch_format="numpy")
 
+    source_fingerprint = _fingerprint(cfg, sources, meta, counts)
     transfer = resolve_transfer(d.transfer, kind, d.task, labeled["train"], counts["train"] - labeled["train"])
     transfer_rows = 0
     if transfer != "none":
@@ -750,11 +754,20 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
 
     info = DataInfo(task=d.task, kind=kind, num_classes=int(num_classes), class_names=tuple(class_names or ()),
                     input_shape=tuple(int(s) for s in input_shape), counts=counts, labeled=labeled,
-                    fingerprint=_fingerprint(cfg, sources, meta, counts), tokenizer=tokenizer_dir, pad_id=pad_id,
+                    fingerprint=_with_transfer(source_fingerprint, transfer, d.transfer_size),
+                    source_fingerprint=source_fingerprint, tokenizer=tokenizer_dir, pad_id=pad_id,
                     feature_fields=feature_fields, transform=transform, image_mode=image_mode, source=str(path),
                     truncated=truncated, transfer=transfer, transfer_rows=transfer_rows)
     splits = {s: pre.map_batches(_split_rows, fn_kwargs={"split": s}, batch_format="pyarrow") for s in SPLITS}
     return SourceData(info=info, rows=pre, splits=splits)
+
+
+def _with_transfer(fingerprint: str, transfer: str, size: int) -> str:
+    """The data's fingerprint with its transfer rows: unchanged without them (caches built before
+    data.transfer existed stay valid)."""
+    if transfer == "none":
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}+transfer={transfer}x{size}".encode()).hexdigest()[:16]
 
 
 def _numeric(t: pa.DataType) -> bool:
@@ -800,6 +813,8 @@ def _fingerprint(cfg: ExperimentConfig, sources: Mapping[str, str], meta: Mappin
     for key in ("prompt_field", "response_field", "messages_field"):  # keys newer than the caches built
         if data[key] is None:                                          # without them: unset, they stay out
             del data[key]
+    for key in ("transfer", "transfer_size"):  # the source rows only: transfer rows extend it (with_transfer)
+        del data[key]
     h = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
     h.update(json.dumps(dict(meta), sort_keys=True, default=str).encode())
     h.update(json.dumps(dict(counts), sort_keys=True).encode())

@@ -100,7 +100,7 @@ def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = Fa
         if t.tokenizer not in sources:
             sources[t.tokenizer] = teacher_data(cfg, t.tokenizer)
         own = sources[t.tokenizer]
-        out = _recipe_dir(cfg, i, own.info.fingerprint)
+        out = _recipe_dir(cfg, i, own.info.source_fingerprint or own.info.fingerprint)  # transfer rows teach no recipe
         dirs[t.name] = out
         if (out / "distill_spec.json").is_file() and not retrain:
             print(f"teacher {t.name}: reusing {out}")

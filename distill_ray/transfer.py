@@ -54,11 +54,26 @@ def resolve_transfer(requested: str, kind: str, task: str, labeled: int, unlabel
     return requested
 
 
+MAX_COPIES = 15  # the copy number lives in an id's low 4 bits
+
+
 def transfer_ids(ids: np.ndarray, copy: int) -> np.ndarray:
-    """The id of copy ``copy`` (1-based) of each source row: a fixed scramble of (id, copy), non-negative."""
+    """The id of copy ``copy`` (1..MAX_COPIES) of each source row: a fixed scramble of (id, copy),
+    non-negative, whose low 4 bits are ``copy``, so the first k copies of every row can be kept from a
+    cache built with more (``first_copies``: the built-in search tries several sizes on one cache)."""
+    if not 1 <= copy <= MAX_COPIES:
+        raise ValueError(f"copy must be within 1..{MAX_COPIES}, got {copy}")
     with np.errstate(over="ignore"):
         key = np.asarray(ids).astype(np.int64).view(np.uint64) + np.uint64(copy) * np.uint64(0x9E3779B97F4A7C15)
-    return (_mix64(key) >> np.uint64(1)).astype(np.int64)
+    scrambled = (_mix64(key) >> np.uint64(5)) << np.uint64(4)
+    return (scrambled | np.uint64(copy)).astype(np.int64)
+
+
+def first_copies(batch: dict[str, np.ndarray], copies: int) -> dict[str, np.ndarray]:
+    """The labeled rows and the first ``copies`` transfer copies of ``batch`` (a Ray Data stage). Every
+    unlabeled row is taken for a transfer row: use it only on data whose unlabeled rows all are."""
+    keep = (np.asarray(batch["label"]) >= 0) | ((np.asarray(batch["id"]) & MAX_COPIES) <= copies)
+    return {k: v[keep] for k, v in batch.items()}
 
 
 def _row_rngs(ids: np.ndarray, seed: int) -> list[np.random.Generator]:

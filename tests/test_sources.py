@@ -19,6 +19,7 @@ TEACHERS = [{"name": "t", "source": "recipe", "recipe": "mlp"}]
 
 
 def _cfg(tmp_path: Path, extra: dict | None = None, **data):
+    data = {"transfer": "none", **data}  # the rows as read; test_transfer_rows_* add the transfer set
     return config_from_dict({"name": "own", "teachers": TEACHERS, "run_dir": str(tmp_path / "runs"),
                              "cache": {"dir": str(tmp_path / "cache")}, "data": data, **(extra or {})})
 
@@ -283,3 +284,21 @@ def test_labels_kept_on_a_seeded_share_of_train_and_an_unlabeled_file_joins_trai
     rows = _rows(joined.train)
     assert (rows["label"] == -1).sum() == 200
     assert joined.info.counts["val"] == full.info.counts["val"]  # the unlabeled file adds to train only
+
+
+def test_transfer_rows_join_train_only_unlabeled_and_change_the_cache_key_but_not_the_teachers_key(tabular):
+    cfg, src, t = tabular
+    auto = _load(_cfg(Path(cfg.run_dir).parent, format="parquet", path=cfg.data.path, label_field="species",
+                      val_fraction=0.2, test_fraction=0.2, transfer="auto", transfer_size=3))
+    info = auto.info
+    assert info.transfer == "mixup" and info.transfer_rows == 3 * src.info.counts["train"]  # auto on a table
+    assert info.counts == {**src.info.counts, "train": 4 * src.info.counts["train"]} and info.labeled == src.info.labeled
+    assert info.fingerprint != src.info.fingerprint and info.source_fingerprint == src.info.source_fingerprint
+    train = _rows(auto.splits["train"])
+    assert len(train["id"]) == info.counts["train"] and len(set(train["id"].tolist())) == len(train["id"])
+    made = ~np.isin(train["id"], _rows(src.splits["train"])["id"])
+    assert made.sum() == info.transfer_rows and (train["label"][made] == -1).all() and (train["label"][~made] >= 0).all()
+    lo, hi = train["x"][~made].min(0), train["x"][~made].max(0)
+    assert ((train["x"][made] >= lo - 1e-5) & (train["x"][made] <= hi + 1e-5)).all()  # mixes stay in the hull's box
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(_rows(auto.splits[split])["id"], _rows(src.splits[split])["id"])

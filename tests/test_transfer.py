@@ -94,3 +94,17 @@ def test_token_masking_keeps_special_and_pad_tokens_and_masks_or_drops_some_real
     assert 60 * 0.75 < np.mean(touched) < 60 * 0.95  # about 15% of the 60 real tokens masked or dropped
     assert (out == mask).any() and (np.array([(o != pad).sum() for o in out]) < 62).any()  # both happen
     assert all((o == sep).sum() == 1 for o in out)
+
+
+def test_the_first_copies_of_every_row_can_be_kept_from_a_larger_transfer_set():
+    from distill_ray.transfer import first_copies
+
+    batch = _batch(np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32), ["train"] * 5)
+    out = with_transfer_rows(dict(batch), "mixup", "tabular", copies=8, seed=0)
+    for k in (0, 2, 8):
+        kept = first_copies(dict(out), k)
+        assert len(kept["id"]) == 5 + 5 * k
+        np.testing.assert_array_equal(kept["id"], with_transfer_rows(dict(batch), "mixup", "tabular", 8, 0)["id"]
+                                      [np.r_[0:5, 5:5 + 5 * k]])  # copies 1..k of every row, in order
+    with pytest.raises(ValueError, match="copy must be within 1..15"):
+        transfer_ids(batch["id"], 16)

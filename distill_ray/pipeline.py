@@ -19,6 +19,7 @@ import ray
 from distill_ray.cache_build import build_cache
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.console import RunProgress, log_to_run_dir
+from distill_ray.data import columns_summary
 from distill_ray.models import save_tokenizer
 from distill_ray.report import final_teacher_weights, gap_recovered
 from distill_ray.run_inputs import baseline_config, training_inputs
@@ -123,8 +124,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     data = timed("data", load_data, cfg)  # bad data fails here, before anything is written
     counts = data.info.counts
     print(f"data: {cfg.data.format}, {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test rows "
-          f"({data.info.labeled['train']:,} train rows labeled{_cut_note(data.info)}) in {timings['data']:.0f}s",
-          flush=True)
+          f"({data.info.labeled['train']:,} train rows labeled{_cut_note(data.info)}) in {timings['data']:.0f}s"
+          f"{_columns_note(data.info)}", flush=True)
     run_dir = cfg.run_path().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log_to_run_dir(run_dir)
@@ -174,7 +175,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         "split": "test",
         "num_test": cache.rows("test"),
         "data": {"format": cfg.data.format, "source": info.source, "rows": dict(info.counts),
-                 "labeled": dict(info.labeled), "kind": info.kind},
+                 "labeled": dict(info.labeled), "kind": info.kind, "feature_fields": list(info.feature_fields),
+                 "left_out": dict(info.left_out)},
     }
     scored = [v for v in metrics["teachers"].values() if v is not None]
     metrics["gap_recovered"] = gap_recovered(metrics["student"], metrics["baseline"],
@@ -213,6 +215,12 @@ def _cut_note(info) -> str:
     """', N cut at data.max_length' for instruction data that had rows cut, else ''."""
     cut = sum((info.truncated or {}).values())
     return f", {cut:,} cut at data.max_length" if cut else ""
+
+
+def _columns_note(info) -> str:
+    """'; N feature columns (...); left out: col (why), ...' when there are columns to name, else ''."""
+    summary = columns_summary(info.feature_fields, info.left_out)
+    return f"; {summary}" if summary else ""
 
 
 def best_epoch_row(result: ray.train.Result) -> dict:

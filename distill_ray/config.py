@@ -84,7 +84,9 @@ class DataConfig:
     """Column naming each row's split (train, val/validation, test); used when no val/test paths are given."""
     feature_fields: tuple[str, ...] | None = None
     """Tabular inputs: the numeric columns that form a sample (None = every numeric column but the
-    label, id and split columns). Standardised with statistics of the train split."""
+    label, id and split columns; a string column of mostly numbers is then an error, one of mostly
+    words is left out). Standardised with statistics of the train split. The data line names the
+    feature columns and every column left out, with why."""
     text_field: str = "text"
     """Column holding the input text (jsonl/csv/parquet text data; ``text`` files fill it)."""
     image_field: str | None = None
@@ -92,8 +94,9 @@ class DataConfig:
     image_size: int | None = _field(None, ge=1)
     """Resize images to this square size (None = keep the first image's size; all must match)."""
     label_field: str = "label"
-    """Column holding the label: ints, or strings mapped to ids in sorted order. A missing column
-    means unlabeled data (KD only); a null label marks one row unlabeled."""
+    """Column holding the label: ints, or strings mapped to ids in sorted order. Classification data
+    must have it (image folders are labeled by folder name; rows of data.unlabeled_path need none); a
+    null label marks one row unlabeled (KD only)."""
     id_field: str | None = None
     """Column of unique sample ids (ints, or strings hashed to ints); None = a stable hash of the row."""
     prompt_field: str | None = None

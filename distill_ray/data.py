@@ -634,3 +634,26 @@ def apply_standardise(x: np.ndarray, transform: Mapping[str, Sequence[float]]) -
     mean = np.asarray(transform["mean"], dtype=np.float32)
     std = np.asarray(transform["std"], dtype=np.float32)
     return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32)
+
+
+def is_number(value: Any) -> bool:
+    """Whether a stored value reads as a float ("1.5", "2", " -3e4 "): how a string column is judged."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def columns_summary(feature_fields: Sequence[str], left_out: Mapping[str, str], named: int = 6) -> str:
+    """The columns part of the run's data line: the feature columns (first..last when there are more
+    than ``named``, so 300 pixels stay one short phrase) and every column left out with its reason,
+    in full: a column that silently drops out is what this line exists to prevent. '' if neither."""
+    parts = []
+    if feature_fields:
+        n = len(feature_fields)
+        names = ", ".join(feature_fields) if n <= named else f"{feature_fields[0]}..{feature_fields[-1]}"
+        parts.append(f"{n} feature column{'s' if n != 1 else ''} ({names})")
+    if left_out:
+        parts.append("left out: " + ", ".join(f"{c} ({why})" for c, why in left_out.items()))
+    return "; ".join(parts)

@@ -19,6 +19,7 @@ import ray
 from distill_ray.cache_build import build_cache
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.console import RunProgress, log_to_run_dir
+from distill_ray.data import columns_summary
 from distill_ray.models import save_tokenizer
 from distill_ray.report import final_teacher_weights, gap_recovered
 from distill_ray.run_inputs import baseline_config, training_inputs
@@ -126,8 +127,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     counts = data.info.counts
     print(f"data: {cfg.data.format}, {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test rows "
           f"({data.info.labeled['train']:,} train rows labeled{_cut_note(data.info)}{_transfer_note(cfg, data.info)}) "
-          f"in {timings['data']:.0f}s",
-          flush=True)
+          f"in {timings['data']:.0f}s{_columns_note(data.info)}", flush=True)
     run_dir = cfg.run_path().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log_to_run_dir(run_dir)
@@ -178,7 +178,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         "num_test": cache.rows("test"),
         "data": {"format": cfg.data.format, "source": info.source, "rows": dict(info.counts),
                  "labeled": dict(info.labeled), "kind": info.kind,
-                 "transfer": info.transfer, "transfer_rows": info.transfer_rows},
+                 "transfer": info.transfer, "transfer_rows": info.transfer_rows,
+                 "feature_fields": list(info.feature_fields), "left_out": dict(info.left_out)},
     }
     if search is not None:
         metrics["search"] = search
@@ -226,6 +227,12 @@ def _cut_note(info) -> str:
     """', N cut at data.max_length' for instruction data that had rows cut, else ''."""
     cut = sum((info.truncated or {}).values())
     return f", {cut:,} cut at data.max_length" if cut else ""
+
+
+def _columns_note(info) -> str:
+    """'; N feature columns (...); left out: col (why), ...' when there are columns to name, else ''."""
+    summary = columns_summary(info.feature_fields, info.left_out)
+    return f"; {summary}" if summary else ""
 
 
 def best_epoch_row(result: ray.train.Result) -> dict:

@@ -8,7 +8,8 @@ per-model test rows, and writes:
 * ``schedule.png``: temperature, alpha and open data fraction over steps, with curriculum stage
   boundaries as vertical lines;
 * ``reliability.png``: reliability diagram of every model given, ECE in the legend;
-* ``report.md``: the final table, the gap recovered, the plots, the timings.
+* ``report.md``: the final table, the gap recovered, the data (feature columns, columns left out
+  and why), the plots, the timings.
 
 matplotlib runs on the Agg backend (files only, no display).
 """
@@ -240,6 +241,7 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
         smallest = min(params["teachers"].values())
         lines.append(f"Student size: {params['student']:,} params, {params['student'] / smallest:.3f}× "
                      f"the smallest teacher ({smallest:,}).")
+    lines += _data_lines(metrics.get("data") or {})
     lines += ["", "## Plots", ""]
     if not plots:
         lines += [f"Not drawn: matplotlib is not installed (`{install_hint('matplotlib')}`).", ""]
@@ -255,6 +257,28 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
         lines += [f"| {phase} | {seconds:.2f} |" for phase, seconds in timings.items()]
         lines += [f"| total | {sum(timings.values()):.2f} |", ""]
     return "\n".join(lines)
+
+
+def _data_lines(data: Mapping[str, Any]) -> list[str]:
+    """The report's data section: where the rows came from, every feature column, and every column
+    left out with why (the run's data line shortens the features; here they are all)."""
+    if not data:
+        return []
+    rows, labeled = data.get("rows") or {}, (data.get("labeled") or {}).get("train")
+    counts = " / ".join(f"{rows[s]:,} {s}" for s in ("train", "val", "test") if s in rows)
+    lines = ["", "## Data", "",
+             f"{data.get('format')} ({data.get('kind')}) from `{data.get('source')}`: {counts} rows"
+             + (f", {labeled:,} train rows labeled." if labeled is not None else ".")]
+    if data.get("transfer_rows"):
+        lines += ["", f"Transfer set: {data['transfer_rows']:,} train rows made from the train rows by "
+                      f"`data.transfer` = {data.get('transfer')} (KD only; never in validation or test)."]
+    features = data.get("feature_fields") or []
+    if features:
+        lines += ["", f"Feature columns ({len(features)}): {', '.join(f'`{f}`' for f in features)}."]
+    left_out = data.get("left_out") or {}
+    if left_out:
+        lines += ["", "| column left out | why |", "|---|---|", *(f"| `{c}` | {why} |" for c, why in left_out.items())]
+    return lines
 
 
 def write_report(run_dir: str | Path, metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]],

@@ -7,7 +7,9 @@ The path from storage to the model input is Ray Data stages end to end:
     decode images: one map_batches) -> filter per split
 
 Nothing is collected on the driver but small statistics: rows and labeled rows per split, label
-names, and the train split's feature sums for standardisation. Splits come from ``data.val_path`` /
+names, the train split's feature sums for standardisation, and a sample of the train file's first
+rows to judge string columns. Every column is either an input or named in ``DataInfo.left_out``
+with why, so none drops out in silence. Splits come from ``data.val_path`` /
 ``data.test_path``, else a ``data.split_field`` column, else seeded fractions decided by the sample id
 (``data.id_uniform``), so a split never depends on read order or parallelism. The bundled presets
 are written once as Parquet (with their historical splits in a ``split`` column) and then read like
@@ -39,7 +41,7 @@ from distill_ray.chat import render_chat_prompt
 from distill_ray.config import ExperimentConfig, PRESETS
 from distill_ray.extras import require
 from distill_ray.transfer import resolve_transfer, with_transfer_rows
-from distill_ray.data import DataError, apply_standardise, content_ids, hash_to_id, label_ids, \
+from distill_ray.data import DataError, apply_standardise, content_ids, hash_to_id, is_number, label_ids, \
     normalise_split_names, split_by_id, id_uniform, standardise_stats
 
 SPLITS = ("train", "val", "test")
@@ -80,6 +82,9 @@ class DataInfo:
     """The transfer set's kind (data.transfer resolved: none, mixup, noise or augment)."""
     transfer_rows: int = 0
     """Train rows made by data.transfer (KD only; counted in counts['train'], not in labeled)."""
+    left_out: Mapping[str, str] = field(default_factory=dict)
+    """Columns of data.path that are not model inputs -> why ("label column", "mostly text", ...), in
+    column order: the data line and the report name them, so no column drops out in silence."""
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -89,6 +94,7 @@ class DataInfo:
         d = dict(d)
         for key in ("class_names", "input_shape", "feature_fields"):
             d[key] = tuple(d.get(key) or ())
+        d["left_out"] = dict(d.get("left_out") or {})  # absent in infos saved before it existed
         return cls(**d)
 
 
@@ -547,9 +553,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         kind = "text" if d.text_field in columns and d.feature_fields is None else "tabular"
     if fmt == "images":
         kind = "image"
-    label_field = d.label_field if d.label_field in columns else None
-    if folder_images:
-        label_field = None
+    label_field = _label_column(d, columns, path, folder_images)
     for key, name in (("data.id_field", d.id_field), ("data.split_field", split_field),
                       ("data.image_field", d.image_field if fmt == "images" and not folder_images else None)):
         if name is not None and name not in columns:
@@ -558,24 +562,13 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         raise DataError("data.image_field: images read from a table need the column of image paths or bytes; "
                         f"columns of {path}: {', '.join(columns)}")
 
+    # Why a column is not an input, for the columns every kind sets aside (the label only where it is one).
+    reasons = {c: why for c, why in ((label_field if d.task == "classification" else None, "label column"),
+                                     (d.id_field, "id column"), (split_field, "split column")) if c}
     feature_fields: tuple[str, ...] = ()
+    left_out: dict[str, str] = {}
     if kind == "tabular":
-        reserved = {label_field, d.id_field, split_field, PATH_COLUMN}
-        if d.feature_fields is not None:
-            missing = [f for f in d.feature_fields if f not in columns]
-            if missing:
-                raise DataError(f"data.feature_fields: {missing} not in {path}; its columns are: {', '.join(columns)}")
-            bad = [f for f in d.feature_fields if not _numeric(types[f])]
-            if bad:
-                raise DataError(f"data.feature_fields: {', '.join(f'{f!r} ({types[f]})' for f in bad)} in {path} "
-                                "are not numeric; list numeric columns only, or encode these first")
-            feature_fields = tuple(d.feature_fields)
-        else:
-            feature_fields = tuple(c for c in columns if c not in reserved and _numeric(types[c]))
-            if not feature_fields:
-                raise DataError(f"{path}: no numeric feature columns (columns: {', '.join(columns)}); name the "
-                                f"text column with data.text_field (now {d.text_field!r}) or the features with "
-                                "data.feature_fields")
+        feature_fields, left_out = _tabular_columns(d, raw["train"], path, columns, types, reasons)
     elif kind == "text" and d.text_field not in columns and d.format not in PRESETS and not instruction_fields:
         raise DataError(f"data.text_field: column {d.text_field!r} is not in {path}; its columns are: {', '.join(columns)}")
 
@@ -616,6 +609,8 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         input_columns = instruction_fields
     else:
         input_columns = ("text",) if d.format in PRESETS else (d.text_field,)
+    if kind != "tabular" and d.format not in PRESETS:  # a preset's own columns are no news to anyone
+        left_out = {c: reasons.get(c, "not used") for c in columns if c not in input_columns}
     rows = None
     for split, ds in raw.items():
         # Rows of data.unlabeled_path join train without labels; the other sources keep theirs.
@@ -757,7 +752,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                     fingerprint=_with_transfer(source_fingerprint, transfer, d.transfer_size),
                     source_fingerprint=source_fingerprint, tokenizer=tokenizer_dir, pad_id=pad_id,
                     feature_fields=feature_fields, transform=transform, image_mode=image_mode, source=str(path),
-                    truncated=truncated, transfer=transfer, transfer_rows=transfer_rows)
+                    truncated=truncated, transfer=transfer, transfer_rows=transfer_rows, left_out=left_out)
     splits = {s: pre.map_batches(_split_rows, fn_kwargs={"split": s}, batch_format="pyarrow") for s in SPLITS}
     return SourceData(info=info, rows=pre, splits=splits)
 
@@ -768,6 +763,109 @@ def _with_transfer(fingerprint: str, transfer: str, size: int) -> str:
     if transfer == "none":
         return fingerprint
     return hashlib.sha256(f"{fingerprint}+transfer={transfer}x{size}".encode()).hexdigest()[:16]
+def _label_column(d, columns: list[str], path: str, folder_images: bool) -> str | None:
+    """data.label_field when it is a column of data.path. Classification data without it is refused
+    here, by name: read as unlabeled it would only fail later with "no row has a label". Image
+    folders are labeled by folder name, causal LM needs no label column, and a preset keeps its own
+    (rows of data.unlabeled_path are unlabeled by design: only data.path is asked)."""
+    if folder_images:
+        return None
+    if d.label_field in columns:
+        return d.label_field
+    if d.task == "classification" and d.format not in PRESETS:
+        raise DataError(f"data.label_field: column {d.label_field!r} is not in {path}; its columns are: "
+                        f"{', '.join(columns)}")
+    return None
+
+
+def _tabular_columns(d, ds: ray.data.Dataset, path: str, columns: list[str], types: Mapping[str, pa.DataType],
+                     reasons: Mapping[str, str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The feature columns, and every other column with why it is left out (column order).
+    data.feature_fields is used as given; else every numeric column but label/id/split is a feature
+    and a string column is judged on a sample of the train file (``_judge_strings``)."""
+    if d.feature_fields is not None:
+        missing = [f for f in d.feature_fields if f not in columns]
+        if missing:
+            raise DataError(f"data.feature_fields: {missing} not in {path}; its columns are: {', '.join(columns)}")
+        bad = [f for f in d.feature_fields if not _numeric(types[f])]
+        if bad:
+            raise DataError(f"data.feature_fields: {', '.join(f'{f!r} ({types[f]})' for f in bad)} in {path} "
+                            "are not numeric; list numeric columns only, or encode these first")
+        features = tuple(d.feature_fields)
+        return features, {c: reasons.get(c, "not in data.feature_fields") for c in columns if c not in features}
+    strings = [c for c in columns if c not in reasons and _is_text(types[c])]
+    judged = _judge_strings(ds, path, strings) if strings else {}
+    features, left_out = [], {}
+    for c in columns:
+        if c in reasons:
+            left_out[c] = reasons[c]
+        elif _numeric(types[c]):
+            features.append(c)
+        else:
+            left_out[c] = judged.get(c) or f"not numeric ({types[c]})"
+    if not features:
+        raise DataError(f"{path}: no numeric feature columns (columns: {', '.join(columns)}); name the "
+                        f"text column with data.text_field (now {d.text_field!r}) or the features with "
+                        "data.feature_fields")
+    return tuple(features), left_out
+
+
+SAMPLE_ROWS = 1000
+"""Rows of the train file read on the driver to judge a string column (a sample, never a split)."""
+
+
+def _judge_strings(ds: ray.data.Dataset, path: str, columns: list[str]) -> dict[str, str]:
+    """Why each string column is left out, judged on the first SAMPLE_ROWS rows: mostly words is
+    text ("mostly text"). Mostly numbers is a feature stored as strings, often with a few bad values
+    (a stray "oops" turns a whole CSV/Parquet column into strings): dropping it would lose a real
+    feature without a word, so it raises, naming a value that is not a number."""
+    sample = _run(f"reading {path}", lambda: ds.select_columns([*columns, PATH_COLUMN]).take(SAMPLE_ROWS))
+    judged = {}
+    for column in columns:
+        values = [(r[column], r[PATH_COLUMN]) for r in sample if _present(r[column])]
+        if not values:
+            judged[column] = "not numeric (string)"  # nothing to judge by: no value in the sample
+        elif 2 * sum(is_number(v) for v, _ in values) < len(values):
+            judged[column] = "mostly text"
+        else:
+            raise _numbers_as_strings(ds, path, column, values)
+    return judged
+
+
+def _numbers_as_strings(ds: ray.data.Dataset, path: str, column: str, sample: list[tuple[Any, str]]) -> DataError:
+    """The error for a string column of mostly numbers, naming a value that is not one: from the
+    sample, else the first the workers find in the whole column (one value comes back, not the column)."""
+    bad = next(((v, f) for v, f in sample if not is_number(v)), None)
+    if bad is None:
+        found = _run(f"reading {path}", lambda: ds.select_columns([column, PATH_COLUMN]).map_batches(
+            _first_non_number, fn_kwargs={"column": column}, batch_format="numpy").take(1))
+        bad = (found[0]["value"], found[0][PATH_COLUMN]) if found else None
+    leave = "or leave the column out with data.feature_fields (the numeric columns to use)"
+    if bad is None:
+        return DataError(f"{path}: column {column!r} holds numbers stored as strings (e.g. {str(sample[0][0])!r}); "
+                         f"store it as a numeric column, {leave}")
+    value, file = bad
+    return DataError(f"{file}: column {column!r} holds numbers stored as strings, but {str(value)!r} is not a number; "
+                     f"clean that value (and any like it) and store the column as numbers, {leave}")
+
+
+def _first_non_number(batch: dict[str, np.ndarray], column: str) -> dict[str, np.ndarray]:
+    """At most one row per block: the first present value of ``column`` that is not a number, and its file."""
+    for value, file in zip(batch[column], batch[PATH_COLUMN]):
+        if _present(value) and not is_number(value):
+            return {"value": np.array([str(value)]), PATH_COLUMN: np.array([str(file)])}
+    return {"value": np.array([], dtype=str), PATH_COLUMN: np.array([], dtype=str)}
+
+
+def _present(value: Any) -> bool:
+    """Not a missing value: null, NaN and blank strings say nothing about what a column holds."""
+    return value is not None and not (isinstance(value, float) and value != value) and str(value).strip() != ""
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):  # a categorical column (pandas "category") holds its values as strings
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _numeric(t: pa.DataType) -> bool:

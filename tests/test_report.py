@@ -139,6 +139,22 @@ def test_report_says_at_which_epoch_student_and_baseline_are_reported():
     assert "= **75.0%**" in text
 
 
+def test_report_names_every_feature_column_and_every_column_left_out():
+    from distill_ray.report import report_markdown
+
+    data = {"format": "parquet", "kind": "tabular", "source": "/d/t.parquet",
+            "rows": {"train": 1200, "val": 150, "test": 300}, "labeled": {"train": 1200, "val": 150, "test": 300},
+            "feature_fields": [f"f{i}" for i in range(36) if i != 3],
+            "left_out": {"f3": "not in data.feature_fields", "label": "label column"}}
+    metrics = {"student": 0.8, "baseline": None, "teachers": {"t": 0.9}, "teacher_weights": {"t": 1.0}, "data": data}
+    text = report_markdown(metrics, {"t": {"accuracy": 0.9}, "student": {"accuracy": 0.8}}, plots=False)
+    assert "## Data\n\nparquet (tabular) from `/d/t.parquet`: 1,200 train / 150 val / 300 test rows, " \
+           "1,200 train rows labeled.\n" in text
+    assert "Feature columns (35): `f0`, `f1`, `f2`, `f4`, " in text and "`f34`, `f35`.\n" in text  # all, in full
+    assert "| column left out | why |\n|---|---|\n| `f3` | not in data.feature_fields |\n| `label` | label column |" in text
+    assert "## Data" not in report_markdown({**metrics, "data": {}}, {"student": {"accuracy": 0.8}}, plots=False)
+
+
 def test_a_teacher_on_its_own_tokenizer_is_reported_apart_and_left_out_of_the_gap(capsys):
     """Its perplexity is per token of another tokenizer: the table leaves the cell empty, a note gives it,
     and the gap is measured to the best teacher scored on the student's tokens."""

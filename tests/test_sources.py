@@ -61,7 +61,8 @@ def tabular(ray_local, tmp_path_factory):
 def test_parquet_table_gives_standardised_features_sorted_label_names_and_id_splits(tabular):
     cfg, src, t = tabular
     info = src.info
-    assert info.kind == "tabular" and info.feature_fields == ("sepal", "petal", "count")  # 'note' is text
+    assert info.kind == "tabular" and info.feature_fields == ("sepal", "petal", "count")
+    assert info.left_out == {"species": "label column", "note": "mostly text"}  # named, in column order
     assert info.class_names == ("setosa", "versicolor", "virginica") and info.num_classes == 3
     assert sum(info.counts.values()) == 300 and info.counts == info.labeled
     rows = {s: _rows(src.splits[s]) for s in ("train", "val", "test")}
@@ -100,6 +101,7 @@ def test_jsonl_text_with_partial_labels_and_an_id_field(ray_local, tmp_path):
                      id_field="uid", max_length=16, tokenizer="minilm"))
     info = src.info
     assert info.kind == "text" and info.input_shape == (16,) and info.class_names == ("cats", "dogs")
+    assert info.left_out == {"uid": "id column", "topic": "label column"}
     assert sum(info.counts.values()) == 120 and sum(info.labeled.values()) == 80
     train = _rows(src.train)
     assert train["x"].shape[1] == 16 and train["x"].dtype == np.int64 and (train["x"][:, 0] == 101).all()  # [CLS]
@@ -250,7 +252,7 @@ def test_the_cli_prints_one_line_and_exits_2_and_writes_nothing(tmp_path, capsys
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"name": "bad", "teachers": TEACHERS, "run_dir": str(tmp_path / "runs"),
                                "data": {"format": "parquet", "path": str(tmp_path / "t.parquet"),
-                                        "feature_fields": ["nope"]}}))
+                                        "label_field": "species", "feature_fields": ["nope"]}}))
     assert main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("distill-ray: data error: data.feature_fields: ['nope'] not in")
@@ -263,7 +265,7 @@ def test_labels_kept_on_a_seeded_share_of_train_and_an_unlabeled_file_joins_trai
     rows without labels."""
     t = _table(600)
     pq.write_table(pa.table(t), tmp_path / "labeled.parquet")
-    extra = _table(200, seed=1)
+    extra = {k: v for k, v in _table(200, seed=1).items() if k != "species"}  # unlabeled: no label column needed
     pq.write_table(pa.table(extra), tmp_path / "more.parquet")
     base = dict(format="parquet", path=str(tmp_path / "labeled.parquet"), label_field="species",
                 val_fraction=0.2, test_fraction=0.2)
@@ -302,3 +304,76 @@ def test_transfer_rows_join_train_only_unlabeled_and_change_the_cache_key_but_no
     assert ((train["x"][made] >= lo - 1e-5) & (train["x"][made] <= hi + 1e-5)).all()  # mixes stay in the hull's box
     for split in ("val", "test"):
         np.testing.assert_array_equal(_rows(auto.splits[split])["id"], _rows(src.splits[split])["id"])
+# --- columns: every one used or named, none left out in silence --------------------------------------
+
+def _f3_table(n: int = 40, bad_row: int | None = 7) -> pa.Table:
+    """f0..f2 numbers, f3 numbers stored as strings ('oops' at ``bad_row``), an int label."""
+    rng = np.random.default_rng(0)
+    f3 = [str(v) for v in np.round(rng.normal(size=n), 2)]
+    if bad_row is not None:
+        f3[bad_row] = "oops"
+    return pa.table({"f0": rng.normal(size=n), "f1": rng.normal(size=n), "f2": rng.normal(size=n), "f3": f3,
+                     "label": np.arange(n) % 2})
+
+
+def test_a_string_column_of_mostly_numbers_is_refused_naming_the_bad_value(ray_local, tmp_path):
+    pq.write_table(_f3_table(), tmp_path / "t.parquet")
+    with pytest.raises(DataError) as err:
+        _load(_cfg(tmp_path, format="parquet", path=str(tmp_path / "t.parquet")))
+    assert str(err.value) == (f"{tmp_path / 't.parquet'}: column 'f3' holds numbers stored as strings, but 'oops' is "
+                              "not a number; clean that value (and any like it) and store the column as numbers, or "
+                              "leave the column out with data.feature_fields (the numeric columns to use)")
+    # The same file with data.feature_fields leaving f3 out loads, and says what was left out and why.
+    info = _load(_cfg(tmp_path, format="parquet", path=str(tmp_path / "t.parquet"),
+                      feature_fields=["f0", "f1", "f2"])).info
+    assert info.feature_fields == ("f0", "f1", "f2") and info.input_shape == (3,)
+    assert info.left_out == {"f3": "not in data.feature_fields", "label": "label column"}
+
+
+def test_a_bad_value_past_the_sample_is_found_by_the_workers(ray_local, tmp_path, monkeypatch):
+    from distill_ray import sources
+
+    monkeypatch.setattr(sources, "SAMPLE_ROWS", 10)  # the sample is all numbers; row 30 is not
+    pq.write_table(_f3_table(bad_row=30), tmp_path / "late.parquet")
+    with pytest.raises(DataError, match=r"late\.parquet: column 'f3' holds numbers stored as strings, but 'oops' is "
+                                        r"not a number"):
+        _load(_cfg(tmp_path, format="parquet", path=str(tmp_path / "late.parquet")))
+    pq.write_table(_f3_table(bad_row=None), tmp_path / "clean.parquet")  # every value a number, as strings
+    with pytest.raises(DataError) as err:
+        _load(_cfg(tmp_path, format="parquet", path=str(tmp_path / "clean.parquet")))
+    first = _f3_table(bad_row=None).column("f3")[0].as_py()
+    assert str(err.value) == (f"{tmp_path / 'clean.parquet'}: column 'f3' holds numbers stored as strings "
+                              f"(e.g. {first!r}); store it as a numeric column, or leave the column out with "
+                              "data.feature_fields (the numeric columns to use)")
+
+
+def test_a_label_field_that_is_not_a_column_is_named(ray_local, tmp_path):
+    pq.write_table(_f3_table(), tmp_path / "t.parquet")
+    with pytest.raises(DataError) as err:
+        _load(_cfg(tmp_path, format="parquet", path=str(tmp_path / "t.parquet"), label_field="digit"))
+    assert str(err.value) == (f"data.label_field: column 'digit' is not in {tmp_path / 't.parquet'}; its columns "
+                              "are: f0, f1, f2, f3, label")
+
+
+def test_the_data_line_shortens_many_features_and_names_every_column_left_out():
+    from distill_ray.data import columns_summary
+
+    features = tuple(f"f{i}" for i in range(36) if i != 3)
+    assert columns_summary(features, {"f3": "not in data.feature_fields", "label": "label column"}) == \
+        "35 feature columns (f0..f35); left out: f3 (not in data.feature_fields), label (label column)"
+    assert columns_summary(("sepal",), {}) == "1 feature column (sepal)"
+    assert columns_summary(("a", "b", "c"), {"note": "mostly text"}) == \
+        "3 feature columns (a, b, c); left out: note (mostly text)"
+    assert columns_summary((), {"score": "not used"}) == "left out: score (not used)"
+    assert columns_summary((), {}) == ""
+
+
+def test_a_data_info_saved_before_left_out_existed_still_loads():
+    from distill_ray.sources import DataInfo
+
+    old = {"task": "classification", "kind": "tabular", "num_classes": 2, "class_names": ["a", "b"],
+           "input_shape": [3], "counts": {"train": 1}, "labeled": {"train": 1}, "fingerprint": "x",
+           "feature_fields": ["f0", "f1", "f2"]}
+    info = DataInfo.from_dict(old)
+    assert info.left_out == {} and info.feature_fields == ("f0", "f1", "f2")
+    assert DataInfo.from_dict(info.to_dict()) == info

@@ -15,6 +15,7 @@ rows of its own keeps its configured transfer set and the search moves temperatu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -37,7 +38,8 @@ def _transfer_kinds(data_kind: str) -> tuple[str, ...]:
 
 
 def search_space(cfg: ExperimentConfig, info) -> tuple[dict[str, tuple], dict[str, Any]]:
-    """The choices per config key, and the config's own values (the first trial)."""
+    """The choices per searched key, and the config's own values (the first trial). The transfer set is
+    one key, ``transfer``: "none" or "KIND xSIZE" (a size without a kind would repeat "none")."""
     own = {"loss.temperature": cfg.loss.temperature, "loss.alpha": cfg.loss.alpha}
     choices: dict[str, tuple] = {"loss.temperature": TEMPERATURES, "loss.alpha": ALPHAS}
     own_unlabeled = info.counts["train"] - info.transfer_rows - info.labeled["train"]
@@ -45,11 +47,20 @@ def search_space(cfg: ExperimentConfig, info) -> tuple[dict[str, tuple], dict[st
     source_rows = info.counts["train"] - info.transfer_rows
     sizes = tuple(s for s in TRANSFER_SIZES if s * source_rows <= MAX_TRANSFER_ROWS) or (min(TRANSFER_SIZES),)
     if kinds:
-        choices["data.transfer"] = ("none", *kinds)
-        choices["data.transfer_size"] = sizes
-        own["data.transfer"] = info.transfer
-        own["data.transfer_size"] = cfg.data.transfer_size if info.transfer != "none" else sizes[0]
+        choices["transfer"] = ("none", *(f"{k} x{s}" for k in kinds for s in sizes))
+        own["transfer"] = "none" if info.transfer == "none" else f"{info.transfer} x{cfg.data.transfer_size}"
     return choices, own
+
+
+def config_values(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's sampled values as config keys (``transfer`` -> data.transfer, data.transfer_size)."""
+    values = {k: _plain(v) for k, v in params.items() if k != "transfer"}
+    if "transfer" in params:
+        kind, _, size = str(params["transfer"]).partition(" x")
+        values["data.transfer"] = kind
+        if size:
+            values["data.transfer_size"] = int(size)
+    return values
 
 
 def _with(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
@@ -69,8 +80,7 @@ def _trial(sampled: dict, *, base_raw: dict, caches: dict, storage: str) -> None
     from distill_ray.transfer import first_copies
     from distill_ray.tune import PLACEMENT_GROUP_FILE, _trial_dir
 
-    cfg = config_from_dict(apply_overrides(base_raw, [(k, v.item() if hasattr(v, "item") else v)
-                                                      for k, v in sampled.items()]))
+    cfg = config_from_dict(apply_overrides(base_raw, list(config_values(sampled).items())))
     kind = cfg.data.transfer if cfg.data.transfer in caches else next(iter(caches))
     cache, info, built = caches[kind]
     copies = 0 if cfg.data.transfer == "none" else cfg.data.transfer_size
@@ -102,44 +112,47 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
     choices, own = search_space(cfg, data.info)
     dirs = prepare_teachers(cfg, data)
     caches: dict[str, tuple] = {}
-    for kind in choices.get("data.transfer", ("none",)):
-        if kind == "none" and len(choices.get("data.transfer", ())) > 1:
-            continue  # a trial without a transfer set keeps no copies of another kind's cache
-        kind_cfg = _with(cfg, {"data.transfer": kind, "data.transfer_size": max(choices["data.transfer_size"])}) \
-            if "data.transfer" in choices else cfg
-        kind_data = load_source(kind_cfg) if kind_cfg is not cfg else data
-        caches[kind] = (build_cache(kind_cfg, kind_data, dirs), kind_data.info,
-                        "data.transfer" in choices)
+    transfers = [config_values({"transfer": t}) for t in choices.get("transfer", ())[1:]]
+    for kind in dict.fromkeys(t["data.transfer"] for t in transfers):  # one cache per kind, at its largest size
+        size = max(t["data.transfer_size"] for t in transfers if t["data.transfer"] == kind)
+        kind_cfg = _with(cfg, {"data.transfer": kind, "data.transfer_size": size})
+        kind_data = load_source(kind_cfg)
+        caches[kind] = (build_cache(kind_cfg, kind_data, dirs), kind_data.info, True)
+    if not caches:  # nothing to search in the transfer set: the config's own data and cache
+        caches["none"] = (build_cache(cfg, data, dirs), data.info, False)
     search_dir = (cfg.run_path() / SEARCH_DIR).resolve()
     search_dir.mkdir(parents=True, exist_ok=True)
     tune_cfg = _fit_concurrency(dataclasses.replace(cfg, tune=dataclasses.replace(
         cfg.tune, scheduler="asha", metric="val_accuracy", mode="max", num_samples=samples)))
+    log = search_dir / "tune.log"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base_raw=config_to_dict(cfg), caches=caches, storage=str(search_dir / "train")),
         {"cpu": tune_cfg.tune.cpus_per_trial})
     print(f"search: {samples} trials over {', '.join(choices)} (the config's own values first), ASHA on "
-          f"val_accuracy, {tune_cfg.tune.max_concurrent} at a time", flush=True)
+          f"val_accuracy, {tune_cfg.tune.max_concurrent} at a time (Tune's log: {log})", flush=True)
     tuner = tune.Tuner(
         trainable, param_space={k: tune.choice(list(v)) for k, v in choices.items()},
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", num_samples=samples,
-                                    max_concurrent_trials=tune_cfg.tune.max_concurrent,
-                                    search_alg=BasicVariantGenerator(points_to_evaluate=[own]),
+                                    search_alg=BasicVariantGenerator(points_to_evaluate=[own],
+                                                                     max_concurrent=tune_cfg.tune.max_concurrent),
                                     scheduler=_scheduler(tune_cfg, None)),
         run_config=tune.RunConfig(name="trials", storage_path=str(search_dir),
                                   callbacks=_callbacks(dataclasses.replace(cfg, tracking=dataclasses.replace(
                                       cfg.tracking, wandb="disabled")), search_dir), verbose=0))
-    grid = tuner.fit()
+    with log.open("a") as out, contextlib.redirect_stdout(out):  # Tune's tables: a file, not the terminal
+        grid = tuner.fit()
     rows = []
     for result in grid:
         history = result.metrics_dataframe
         best = float(history["val_accuracy"].max()) if history is not None and "val_accuracy" in history else None
-        rows.append({"params": {k: _plain(result.config.get(k)) for k in choices}, "val_accuracy": best,
+        rows.append({"params": config_values({k: result.config.get(k) for k in choices}), "val_accuracy": best,
                      "epochs": (result.metrics or {}).get("epoch"), "error": str(result.error) if result.error else None})
     scored = sorted((r for r in rows if r["val_accuracy"] is not None), key=lambda r: -r["val_accuracy"])
     if not scored:
         raise RuntimeError(f"no search trial reported val_accuracy; see {search_dir / 'trials'}")
     winner = scored[0]
-    own_row = next((r for r in scored if r["params"] == {k: _plain(v) for k, v in own.items()}), None)
+    own = config_values(own)
+    own_row = next((r for r in scored if r["params"] == own), None)
     found = {"trials": scored + [r for r in rows if r["val_accuracy"] is None], "picked": winner["params"],
              "own": own, "own_val_accuracy": own_row["val_accuracy"] if own_row else None}
     (search_dir / "search.json").write_text(json.dumps(found, indent=2))

@@ -67,6 +67,11 @@ def main() -> None:
         for variant, args in variants:
             runs = [_one(config.resolve(), variant, args, seed, opts.out.resolve()) for seed in range(opts.seeds)]
             student = [m["student"] for m in runs]
+            if any(m["baseline"] is None for m in runs):  # a variant run with train.baseline=false
+                lines.append(f"| {config.stem} | {variant} | {_ms(student)} | - | - | - | - | "
+                             f"{runs[0]['data'].get('transfer_rows', 0):,} |")
+                print(lines[-1], flush=True)
+                continue
             baseline = [m["baseline"] for m in runs]
             teacher = [max(v for v in m["teachers"].values() if v is not None) for m in runs]
             diffs = [100 * (s - b) for s, b in zip(student, baseline)]

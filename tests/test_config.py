@@ -175,3 +175,22 @@ def test_cli_reports_a_bad_key_in_one_line_and_exits_2(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "distill_ray", "config", str(path), "--set", "loss.kind=js"],
                         capture_output=True, text=True, check=True)
     assert yaml.safe_load(ok.stdout)["loss"]["kind"] == "js"
+
+
+def test_a_minimal_config_resolves_to_the_documented_defaults():
+    """docs/defaults.md's table is what a config naming only data, teachers and a student gets: each row's
+    key resolves to its documented value (and the table names the figure that chose it)."""
+    import re
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "defaults.md").read_text()
+    rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \| (.+) \|$", table, flags=re.M)
+    assert len(rows) >= 10, "docs/defaults.md lost its table"
+    cfg = config_from_dict({"name": "mine", "data": {"format": "parquet", "path": "my.parquet", "label_field": "y"},
+                            "teachers": [{"name": "big", "source": "recipe", "recipe": "mlp"}],
+                            "student": {"arch": "mlp", "options": {"hidden": [16]}}})
+    for key, documented, evidence in rows:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value == yaml.safe_load(documented), f"{key}: docs say {documented}, the config gives {value!r}"
+        assert evidence.strip(), f"{key}: no evidence named"

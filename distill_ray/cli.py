@@ -32,8 +32,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from distill_ray.pipeline import connect_ray, run_experiment
 
     connect_ray(args.address)
+    # run_experiment prints the run directory itself: the verdict must stay the run's last lines.
     run_experiment(cfg, retrain_teachers=args.retrain_teachers, rebuild_cache=args.rebuild)
-    print(f"\nrun directory: {cfg.run_path().resolve()}")
     return 0
 
 

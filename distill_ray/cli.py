@@ -37,8 +37,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from distill_ray.search import run_search
 
         cfg, found = run_search(cfg, args.search)
+    # run_experiment prints the run directory itself: the verdict must stay the run's last lines.
     run_experiment(cfg, retrain_teachers=args.retrain_teachers, rebuild_cache=args.rebuild, search=found)
-    print(f"\nrun directory: {cfg.run_path().resolve()}")
     return 0
 
 

@@ -125,3 +125,15 @@ def perplexity(label_logprobs: torch.Tensor, labels: np.ndarray | torch.Tensor) 
 def lm_scores(label_logprobs: torch.Tensor, top1: torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float]:
     """Perplexity and next-token accuracy from :func:`lm_label_logprobs`' outputs, ``[N, L]`` each."""
     return {"perplexity": perplexity(label_logprobs, labels), "accuracy": token_accuracy(top1, labels)}
+
+
+def disagreements(scores_a: torch.Tensor | np.ndarray, scores_b: torch.Tensor | np.ndarray,
+                  labels: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """Of the labeled rows (label >= 0), how many model A gets right and B wrong, and the reverse:
+    the paired counts behind the noise of an accuracy difference (``verdict.paired_se``). Scores
+    [N, C]: logits or probabilities (only the argmax counts)."""
+    y = torch.as_tensor(labels)
+    labeled = y >= 0
+    right_a = (torch.as_tensor(scores_a).argmax(-1) == y) & labeled
+    right_b = (torch.as_tensor(scores_b).argmax(-1) == y) & labeled
+    return int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())

@@ -20,13 +20,16 @@ from distill_ray.cache_build import build_cache
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.console import RunProgress, log_to_run_dir
 from distill_ray.data import columns_summary
+from distill_ray.evaluate import disagreements
 from distill_ray.models import save_tokenizer
 from distill_ray.report import final_teacher_weights, gap_recovered
 from distill_ray.run_inputs import baseline_config, training_inputs
-from distill_ray.scoring import evaluate_classifiers, evaluate_language_models, print_summary
+from distill_ray.scoring import evaluate_classifiers, evaluate_language_models, print_summary, train_accuracy
+from distill_ray.soft_targets import CachedData
 from distill_ray.sources import SourceData, load_source
 from distill_ray.teacher_setup import prepare_teachers
 from distill_ray.train import TrainInputs
+from distill_ray.verdict import Verdict, classification_verdict
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -196,6 +199,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         for key in ("rouge_l", "parses"):  # instruction data: greedy responses to held-out prompts
             if any(key in r for r in rows.values()):
                 metrics[key] = {name: r[key] for name, r in rows.items() if key in r}
+    verdict = run_verdict(cfg, cache, student, metrics, reliability) if baseline is not None else None
+    metrics["verdict"] = verdict.to_dict() if verdict is not None else None
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
             "teacher_weights": weights, "metrics": {f"test_{metric}": metrics["student"]},
             "loss": config_to_dict(cfg.loss), "blend": cfg.blend.kind, "curriculum": cfg.curriculum.scheduler,
@@ -212,7 +217,9 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
 
     report = write_report(run_dir, metrics, history, base_history if baseline is not None else None, rows,
                           reliability, config_name=cfg.name)
-    print(f"report: {report}")
+    print(f"\nrun directory: {run_dir}\nreport: {report}")
+    if verdict is not None:  # the run's last lines: did distillation pay, and if not, what to try
+        print("\n" + "\n".join(verdict.lines), flush=True)
     return metrics
 
 
@@ -221,6 +228,27 @@ def _transfer_note(cfg: ExperimentConfig, info) -> str:
     if not info.transfer_rows:
         return ""
     return f"; {info.transfer_rows:,} transfer rows by data.transfer={info.transfer} x{cfg.data.transfer_size}, KD only"
+
+
+def run_verdict(cfg: ExperimentConfig, cache: CachedData, student, metrics: dict,
+                reliability: dict) -> Verdict | None:
+    """The verdict on a classifier run with a baseline (``verdict.classification_verdict``), from its own
+    figures: test accuracies, the rows student and baseline disagree on (``reliability`` holds both
+    models' test probabilities and the labels), train rows labeled or not, whether every teacher is a
+    recipe (trained on those labeled rows) and the reported student's accuracy on its train rows.
+    None for a causal LM (see ``verdict.py``)."""
+    if metrics["metric"] != "accuracy" or metrics.get("baseline") is None or "baseline" not in reliability:
+        return None
+    (student_probs, labels), (baseline_probs, _) = reliability["student"], reliability["baseline"]
+    student_only, baseline_only = disagreements(student_probs, baseline_probs, labels)
+    data = metrics["data"]
+    return classification_verdict(
+        student=metrics["student"], baseline=metrics["baseline"], teachers=metrics["teachers"],
+        num_test=int((labels >= 0).sum()), student_only=student_only, baseline_only=baseline_only,
+        train_rows=data["rows"]["train"], labeled_rows=data["labeled"]["train"],
+        transfer_rows=int(data.get("transfer_rows") or 0),
+        teachers_are_recipes=all(t.source == "recipe" for t in cfg.teachers),
+        student_train_accuracy=train_accuracy(cache, student))
 
 
 def _cut_note(info) -> str:

@@ -8,8 +8,8 @@ per-model test rows, and writes:
 * ``schedule.png``: temperature, alpha and open data fraction over steps, with curriculum stage
   boundaries as vertical lines;
 * ``reliability.png``: reliability diagram of every model given, ECE in the legend;
-* ``report.md``: the final table, the gap recovered, the data (feature columns, columns left out
-  and why), the plots, the timings.
+* ``report.md``: the final table, the gap recovered, the verdict (``metrics['verdict']``, the lines the
+  run printed last), the data (feature columns, columns left out and why), the plots, the timings.
 
 matplotlib runs on the Agg backend (files only, no display).
 """
@@ -241,6 +241,9 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
         smallest = min(params["teachers"].values())
         lines.append(f"Student size: {params['student']:,} params, {params['student'] / smallest:.3f}× "
                      f"the smallest teacher ({smallest:,}).")
+    verdict = metrics.get("verdict")
+    if verdict:  # the same lines the run printed last (distill_ray/verdict.py)
+        lines += ["", "## Verdict", "", *(f"- {line}" for line in verdict["lines"])]
     lines += _data_lines(metrics.get("data") or {})
     lines += ["", "## Plots", ""]
     if not plots:

@@ -180,6 +180,31 @@ def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[st
     return rows, {name: (p.numpy(), y.numpy()) for name, p in test_probs.items()}
 
 
+TRAIN_FIT_ROWS = 5000  # train rows (a seeded sample of a larger split) the student's fit is measured on
+
+
+def train_accuracy(cache: CachedData, model, rows: int = TRAIN_FIT_ROWS) -> float | None:
+    """A classifier's accuracy on the labeled rows of the cached train split, at the weights it is
+    reported with (eval mode): how well it fits the data it learned from (the verdict compares it with
+    the teachers). Above ``rows`` train rows, on a seeded sample of about that many: the figure is
+    read to a point, and a split of millions need not pass through the student again. None without
+    labeled train rows."""
+    from distill_ray.evaluate import predict_logits
+
+    dataset, total = cache.dataset("train", ["x", "label"]), cache.rows("train")
+    if total > rows:  # a sample across the split: its storage order may follow the classes
+        dataset = dataset.random_sample(rows / total, seed=0)
+    right = seen = 0
+    for batch in dataset.iter_batches(batch_size=1024, batch_format="numpy"):
+        y = torch.from_numpy(np.array(batch["label"]))
+        labeled = y >= 0
+        if labeled.any():
+            x = torch.from_numpy(np.array(batch["x"]))[labeled]
+            right += int((predict_logits(model, x).argmax(-1) == y[labeled]).sum())
+            seen += int(labeled.sum())
+    return right / seen if seen else None
+
+
 def print_summary(rows: dict[str, dict], teachers: tuple[str, ...], weights: dict[str, float],
                   metric: str = "accuracy", gap: float | None = None) -> None:
     lm = metric == "perplexity"

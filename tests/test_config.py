@@ -159,7 +159,7 @@ def test_choice_lists_match_the_modules_that_implement_them():
 
 def test_pure_modules_do_not_import_ray():
     code = ("import sys; import distill_ray.config, distill_ray.losses, distill_ray.blending, "
-            "distill_ray.curriculum, distill_ray.data; "
+            "distill_ray.curriculum, distill_ray.data, distill_ray.verdict; "
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -103,7 +103,7 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
     from distill_ray.cache_build import build_cache
     from distill_ray.sources import load_source
     from distill_ray.teacher_setup import prepare_teachers
-    from distill_ray.tune import _callbacks, _fit_concurrency, _scheduler, _tune_env
+    from distill_ray.tune import _callbacks, _fit_concurrency, _tune_env
 
     if cfg.train.mode != "cached":
         raise ValueError("--search reads the cached soft targets in every trial; set train.mode=cached")
@@ -135,7 +135,7 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", num_samples=samples,
                                     search_alg=BasicVariantGenerator(points_to_evaluate=[own],
                                                                      max_concurrent=tune_cfg.tune.max_concurrent),
-                                    scheduler=_scheduler(tune_cfg, None)),
+                                    scheduler=_step_asha(cfg, choices, caches)),
         run_config=tune.RunConfig(name="trials", storage_path=str(search_dir),
                                   callbacks=_callbacks(dataclasses.replace(cfg, tracking=dataclasses.replace(
                                       cfg.tracking, wandb="disabled")), search_dir), verbose=0))
@@ -158,6 +158,25 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
     (search_dir / "search.json").write_text(json.dumps(found, indent=2))
     _print_found(found)
     return _with(cfg, winner["params"]), found
+
+
+def _step_asha(cfg: ExperimentConfig, choices: dict, caches: dict):
+    """ASHA that compares trials at equal optimizer steps, not epochs: an epoch with a transfer set of 8
+    copies takes 9x the steps of one without, and a trial must not lose for having seen less."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from distill_ray.objectives import planned_steps
+
+    info = next(iter(caches.values()))[1]
+    source = info.counts["train"] - info.transfer_rows
+    rows = [source * (1 + config_values({"transfer": t}).get("data.transfer_size", 0)) if t != "none" else source
+            for t in choices.get("transfer", ("none",))]
+    if "transfer" not in choices:
+        rows = [info.counts["train"]]
+    steps = [planned_steps(cfg, r, cfg.train.num_workers) for r in rows]
+    # Rungs from one epoch of the smallest set, doubling; no trial is stopped at its own last report.
+    return ASHAScheduler(time_attr="step", max_t=max(steps) + 1,
+                         grace_period=max(1, min(steps) // cfg.train.epochs), reduction_factor=2)
 
 
 def _plain(value: Any) -> Any:

@@ -408,8 +408,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             continue
         val = {**validate(model, val_batches(), meta, world, device), "peak_rss_mb": _peak_rss_mb(world)}
         # The student is reported at its best validation epoch, never at an arbitrary last one.
-        score = -val["val_perplexity"] if causal else val["val_accuracy"]
-        if best["score"] is None or score > best["score"]:
+        # Ties on accuracy are common on a small validation split (274/278 for 10 epochs running): the
+        # lower validation loss breaks them, so an undertrained early epoch is not the one reported.
+        score = (-val["val_perplexity"], 0.0) if causal else (val["val_accuracy"], -val.get("val_loss", 0.0))
+        if isinstance(best["score"], (int, float)):  # a checkpoint from before the tie-break
+            best["score"] = (best["score"], float("-inf"))
+        if best["score"] is None or tuple(score) > tuple(best["score"]):
             best = {"score": score, "epoch": epoch,
                     "student": {k: v.detach().cpu().clone() for k, v in unwrap_model(model).state_dict().items()}}
         val.update(best_epoch=best["epoch"], **blend_fit)

@@ -121,7 +121,7 @@ def classification_verdict(*, student: float, baseline: float, teachers: Mapping
                 f"below its baseline trained from labels alone ({baseline:.4f}), more than the noise "
                 f"(±{_points(noise)} points: {how})")
     else:
-        head = (f"verdict: distillation did not pay: the student ({student:.4f}) does not beat its baseline trained "
+        head = (f"verdict: no clear gain: the student ({student:.4f}) does not beat its baseline trained "
                 f"from labels alone ({baseline:.4f}) by more than the noise: {difference * 100:+.1f} points, "
                 f"noise ±{_points(noise)} points ({how})")
     lines, rules = [head], []

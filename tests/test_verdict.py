@@ -85,7 +85,7 @@ def test_a_tie_with_no_rule_triggered_suggests_a_search():
                                teachers_are_recipes=True, student_train_accuracy=0.77)
     assert v.outcome == "tie" and v.rules == ("search",)
     assert v.lines == (
-        "verdict: distillation did not pay: the student (0.7700) does not beat its baseline trained from labels "
+        "verdict: no clear gain: the student (0.7700) does not beat its baseline trained from labels "
         f"alone (0.7400) by more than the noise: +3.0 points, noise ±3.7 points ({HOW})", SEARCH)
 
 

@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test data clean
+.PHONY: setup quickstart test data check-data clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,23 @@ data:
 		 (apt-get update -qq && apt-get install -y -qq fortunes >/dev/null)) || \
 		echo "note: could not apt-get install fortunes; the loader will try apt-get download"; \
 	fi
+
+# The held-out check sets of jobs/configs/firsttry/ (jobs/make_check_data.py), written to
+# ~/.cache/distill-ray/check: Debian's r-cran-mlbench and r-cran-janeaustenr (as root installed
+# system-wide, with --no-install-recommends; they depend on r-base-core) and PyPI's animal-mnist
+# (--no-deps: its declared tensorflow only serves its own loader). Otherwise the script unpacks the
+# Debian packages from `apt-get download` and reads animal-mnist's wheel from `pip download`.
+check-data: setup
+	$(BIN)/python -m pip install --quiet -e ".[check]"
+	$(BIN)/python -m pip install --quiet --no-deps animal-mnist==0.4
+	@for pkg in r-cran-mlbench r-cran-janeaustenr; do \
+		if ! dpkg -s $$pkg >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get install -y -qq --no-install-recommends $$pkg >/dev/null 2>&1 || \
+			 (apt-get update -qq && apt-get install -y -qq --no-install-recommends $$pkg >/dev/null)) || \
+			echo "note: could not apt-get install $$pkg; jobs/make_check_data.py will try apt-get download"; \
+		fi; \
+	done
+	$(BIN)/python jobs/make_check_data.py
 
 quickstart: setup data
 	$(BIN)/distill-ray run jobs/configs/quickstart.yaml

@@ -13,7 +13,8 @@ from distill_ray import config as C
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+CONFIGS = REPO / "jobs" / "configs"
+SHIPPED_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))  # with the subfolders (firsttry/: the held-out check sets)
 
 MINIMAL = {"name": "t", "teachers": [{"name": "a", "recipe": "cnn"}, {"name": "b", "recipe": "mlp"}]}
 
@@ -26,7 +27,7 @@ def test_shipped_configs_exist():
     assert [p.name for p in SHIPPED_CONFIGS], "jobs/configs/ must ship at least one config"
 
 
-@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     cfg = load_config(path)
     dumped = tmp_path / "dumped.yaml"

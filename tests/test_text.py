@@ -238,7 +238,8 @@ def test_fortunes_run_end_to_end(ray_local, tmp_path):
                  "max_position_embeddings": MAX_LENGTH}
     cfg = config_from_dict({
         "name": "fortunes_tiny", "run_dir": str(tmp_path / "runs"),
-        "data": {"format": "fortunes", "max_length": MAX_LENGTH, "max_train_samples": 300, "max_eval_samples": 96},
+        "data": {"format": "fortunes", "max_length": MAX_LENGTH, "max_train_samples": 300, "max_eval_samples": 96,
+                 "transfer": "none"},
         "teachers": [
             {"name": "bert", "source": "recipe", "recipe": "hf_config", "path": str(tmp_path / "t/bert"),
              "options": {**tiny_bert, "epochs": 3, "lr": 2e-3, "batch_size": 32}, "num_cpus": 0.25},

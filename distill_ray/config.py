@@ -134,8 +134,8 @@ class DataConfig:
     0.3 standard deviations per feature (tables; images: per pixel); augment: shifts and crops of up to
     1/8 of the side (images), 15% of the tokens masked or dropped (text), noise (tables). auto: none when
     the train split has at least as many unlabeled rows as labeled ones (they are the transfer set) or the
-    task is causal_lm, else the kind docs/first_try.md measured best for the data's kind (tables: mixup,
-    images and text: augment)."""
+    task is causal_lm, else the kind measured best on the project data (docs/defaults.md; tables and
+    images: mixup, text: augment)."""
     transfer_size: int = _field(4, ge=1, le=15)
     """Transfer rows made per train row (data.transfer), each from its own seeded draw."""
     val_fraction: float = _field(0.1, gt=0.0, le=0.5)

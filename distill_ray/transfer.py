@@ -30,8 +30,8 @@ SHIFT_FRACTION = 1 / 8  # images: the largest shift, as a share of the side
 TOKEN_DROP = 0.15       # text: share of the real tokens masked or dropped
 KINDS_FOR = {"tabular": ("mixup", "noise", "augment"), "image": ("mixup", "noise", "augment"),
              "text": ("augment",)}
-AUTO_KIND = {"tabular": "mixup", "image": "augment", "text": "augment"}
-"""``data.transfer: auto`` per kind of input; docs/first_try.md has the figures that chose them."""
+AUTO_KIND = {"tabular": "mixup", "image": "mixup", "text": "augment"}
+"""``data.transfer: auto`` per kind of input; docs/defaults.md has the figures that chose them."""
 
 
 def resolve_transfer(requested: str, kind: str, task: str, labeled: int, unlabeled: int) -> str:

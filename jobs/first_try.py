@@ -7,7 +7,7 @@ Each (config, variant, seed) is one `distill-ray run` in a fresh process (train.
 own baseline (the same student from the labels alone, as many optimizer steps, its best validation
 epoch). A variant is `NAME:` followed by comma-separated `key=value` overrides, or `--search=N`.
 Runs land in --out (default runs/first_try/CONFIG-VARIANT-sSEED); one already finished is read, not
-rerun. Prints a Markdown table (mean ± std over seeds) and writes it to --out/first_try.md.
+rerun (--existing tabulates only those). Prints a Markdown table (mean ± std over seeds) and writes it to --out/first_try.md.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/first_try"))
+    parser.add_argument("--existing", action="store_true", help="only tabulate runs already in --out")
     opts = parser.parse_args()
     variants = [_variant(v) for v in (opts.variant or ["defaults:"])]
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,11 @@ def main() -> None:
              "gap recovered | transfer rows |", "|---|---|---:|---:|---:|---|---:|---:|"]
     for config in opts.configs:
         for variant, args in variants:
-            runs = [_one(config.resolve(), variant, args, seed, opts.out.resolve()) for seed in range(opts.seeds)]
+            seeds = [s for s in range(opts.seeds) if not opts.existing or
+                     (opts.out / f"{config.stem}-{variant}-s{s}" / "metrics.json").is_file()]
+            if not seeds:
+                continue
+            runs = [_one(config.resolve(), variant, args, seed, opts.out.resolve()) for seed in seeds]
             student = [m["student"] for m in runs]
             if any(m["baseline"] is None for m in runs):  # a variant run with train.baseline=false
                 lines.append(f"| {config.stem} | {variant} | {_ms(student)} | - | - | - | - | "

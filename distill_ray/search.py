@@ -147,11 +147,13 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
         best = float(history["val_accuracy"].max()) if history is not None and "val_accuracy" in history else None
         rows.append({"params": config_values({k: result.config.get(k) for k in choices}), "val_accuracy": best,
                      "epochs": (result.metrics or {}).get("epoch"), "error": str(result.error) if result.error else None})
-    scored = sorted((r for r in rows if r["val_accuracy"] is not None), key=lambda r: -r["val_accuracy"])
+    own = config_values(own)
+    # A tie with the config's own values keeps them: the search moves only for a better validation score.
+    scored = sorted((r for r in rows if r["val_accuracy"] is not None),
+                    key=lambda r: (-r["val_accuracy"], r["params"] != own))
     if not scored:
         raise RuntimeError(f"no search trial reported val_accuracy; see {search_dir / 'trials'}")
     winner = scored[0]
-    own = config_values(own)
     own_row = next((r for r in scored if r["params"] == own), None)
     found = {"trials": scored + [r for r in rows if r["val_accuracy"] is None], "picked": winner["params"],
              "own": own, "own_val_accuracy": own_row["val_accuracy"] if own_row else None}

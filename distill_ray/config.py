@@ -242,9 +242,9 @@ class BlendConfig:
 class CurriculumConfig:
     scheduler: str = _field("none", choices=SCHEDULER_KINDS)
     """How data opens: none, linear_ramp, multi_stage (POCL) or confidence-based sampling. Default none: no
-    curriculum beat it on either ablation block (docs/results.md: Fashion-MNIST POCL -0.06, linear ramp
+    curriculum beat it on either ablation block (README, quality tables: Fashion-MNIST POCL -0.06, linear ramp
     +0.02, confidence +0.12 points, all within noise; fortunes POCL -0.39, linear ramp -2.62, confidence
-    -1.30), and multi_stage cost 0.08-4.7 points on four datasets nobody here tuned on (docs/first_try.md)."""
+    -1.30), and multi_stage put a minimal config below its baseline on three held-out sets (docs/first_try.md)."""
     measurers: tuple[str, ...] = _field(("ensemble_entropy", "teacher_disagreement"))
     """Difficulty measures; two or more are fused by reciprocal rank (POCL, k = rrf_k)."""
     rrf_k: int = _field(60, ge=1)

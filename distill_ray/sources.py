@@ -763,6 +763,8 @@ def _with_transfer(fingerprint: str, transfer: str, size: int) -> str:
     if transfer == "none":
         return fingerprint
     return hashlib.sha256(f"{fingerprint}+transfer={transfer}x{size}".encode()).hexdigest()[:16]
+
+
 def _label_column(d, columns: list[str], path: str, folder_images: bool) -> str | None:
     """data.label_field when it is a column of data.path. Classification data without it is refused
     here, by name: read as unlabeled it would only fail later with "no row has a label". Image
@@ -877,8 +879,7 @@ def _compatible(a: pa.DataType, b: pa.DataType) -> bool:
         return True
     if _numeric(a) and _numeric(b):
         return True
-    return pa.types.is_null(a) or pa.types.is_null(b) or (
-        (pa.types.is_string(a) or pa.types.is_large_string(a)) and (pa.types.is_string(b) or pa.types.is_large_string(b)))
+    return pa.types.is_null(a) or pa.types.is_null(b) or (_is_text(a) and _is_text(b))
 
 
 def _folder_classes(path: str) -> tuple[str, ...]:

@@ -24,9 +24,8 @@ from pathlib import Path
 def _variant(text: str) -> tuple[str, list[str]]:
     name, _, rest = text.partition(":")
     args = []
-    for item in filter(None, rest.split(",")):
-        args += [item.replace("=", " ", 1).split(" ", 1)[0], item.split("=", 1)[1]] if item.startswith("--") \
-            else ["--set", item]
+    for item in filter(None, rest.split(",")):  # --flag=value passes as a flag, key=value as --set
+        args += item.split("=", 1) if item.startswith("--") else ["--set", item]
     return name, args
 
 

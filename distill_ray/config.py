@@ -242,7 +242,7 @@ class BlendConfig:
 class CurriculumConfig:
     scheduler: str = _field("none", choices=SCHEDULER_KINDS)
     """How data opens: none, linear_ramp, multi_stage (POCL) or confidence-based sampling. Default none: no
-    curriculum beat it on either ablation block (README, quality tables: Fashion-MNIST POCL -0.06, linear ramp
+    curriculum beat it on either ablation block (docs/results.md: Fashion-MNIST POCL -0.06, linear ramp
     +0.02, confidence +0.12 points, all within noise; fortunes POCL -0.39, linear ramp -2.62, confidence
     -1.30), and multi_stage put a minimal config below its baseline on three held-out sets (docs/first_try.md)."""
     measurers: tuple[str, ...] = _field(("ensemble_entropy", "teacher_disagreement"))
@@ -349,7 +349,7 @@ class CacheConfig:
     """How top-k targets (loss.topk) are stored. q8: the top log-prob (float16) + every entry's offset
     below it companded to 8 bits, indices sorted and delta-coded in the narrowest integer type (about
     half the bytes of plain float16 on SmolLM2 at k = 50, with a mean KL of the loss's target to the
-    exact top-k below 1e-3: README, Performance). plain: log-probs in cache.dtype + int32 indices (the format before q8)."""
+    exact top-k below 1e-3: docs/performance.md). plain: log-probs in cache.dtype + int32 indices (the format before q8)."""
     shard_rows: int = _field(8192, ge=1)
     """Rows per Parquet shard."""
     rebuild: bool = False

@@ -1,4 +1,4 @@
-"""Write the three "your own data" examples the README walks through, from real data that installs
+"""Write the three "your own data" examples docs/data.md walks through, from real data that installs
 offline, in the formats a user brings (nothing here is read by distill-ray's presets):
 
 - ``digits.parquet``: scikit-learn's handwritten digits (1,797 rows, BSD) as a table: 64 numeric

@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill_ray import curriculum as cur
+from distill_ray.kd import curriculum as cur
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import load_model
-from distill_ray.reference import reference_key, with_reference_difficulty
-from distill_ray.response_cache import with_responses
-from distill_ray.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, encode_topk, write_cache
-from distill_ray.sources import DataInfo, SourceData
-from distill_ray.stages import with_teachers
-from distill_ray.streams import DIFFICULTY_PREFIX
-from distill_ray.teacher_setup import teacher_specs
+from distill_ray.lm.reference import reference_key, with_reference_difficulty
+from distill_ray.cache.responses import with_responses
+from distill_ray.cache.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, encode_topk, \
+    write_cache
+from distill_ray.data.sources import DataInfo, SourceData
+from distill_ray.train.stages import with_teachers
+from distill_ray.train.streams import DIFFICULTY_PREFIX
+from distill_ray.teachers.setup import teacher_specs
 
 
 def cache_spec(cfg: ExperimentConfig, info: DataInfo, dirs: dict[str, Path], any_scheduler: bool = False) -> CacheSpec:
@@ -64,7 +65,7 @@ def _dense(values, dtype) -> np.ndarray:
 
 def _with_difficulty(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dtype: str, topk: int | None,
                      num_classes: int, causal: bool, pad_id: int | None) -> dict[str, np.ndarray]:
-    from distill_ray.losses import dense_from_topk, topk_label_logprobs
+    from distill_ray.kd.losses import dense_from_topk, topk_label_logprobs
 
     for t in teachers:
         key = f"{t}/logits" if topk is None else f"{t}/topk_logprobs"

@@ -1,4 +1,4 @@
-"""What the two on-disk caches (``soft_targets``' soft targets, ``response_cache``'s sequence-KD
+"""What the two on-disk caches (``soft_targets``' soft targets, ``cache.responses``'s sequence-KD
 responses) do alike with their files: publish a finished directory by rename, checksum files for the
 manifest, and shorten fingerprints in messages. No Ray."""
 

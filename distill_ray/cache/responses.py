@@ -8,8 +8,8 @@ kept as Parquet with a manifest, like the soft-target cache::
         <file>.parquet     id, x, label, split, source, generated_by, prompt_id
 
 ``with_responses`` returns the source data with those rows joined to the train split (``source`` =
-teacher) beside the references (``source`` = reference); ``cache_build`` builds the soft targets
-from that, so the teachers' token-level targets cover their responses, and ``run_inputs`` picks the
+teacher) beside the references (``source`` = reference); ``cache.build`` builds the soft targets
+from that, so the teachers' token-level targets cover their responses, and ``train.inputs`` picks the
 rows a run trains on (``train_sources``). A cache of the same spec is verified and reused: no
 ``generate`` runs. A spec that changed gets its own directory; the message names what changed against
 the newest cache of the same data.
@@ -33,13 +33,13 @@ import pyarrow.parquet as pq
 import ray
 
 from distill_ray import __version__
-from distill_ray.cache_files import abbreviated, publish_directory, sha256_file
+from distill_ray.cache.files import abbreviated, publish_directory, sha256_file
 from distill_ray.config import ExperimentConfig
-from distill_ray.sequence_kd import (REFERENCE, TEACHER, Decoding, prompt_of, reference_columns, row_seed,
+from distill_ray.lm.sequence_kd import (REFERENCE, TEACHER, Decoding, prompt_of, reference_columns, row_seed,
                                      teacher_rows, window_budget)
-from distill_ray.soft_targets import CorruptCacheError, StaleCacheError
-from distill_ray.sources import SourceData
-from distill_ray.teachers import TeacherRunner, TeacherSpec
+from distill_ray.cache.soft_targets import CorruptCacheError, StaleCacheError
+from distill_ray.data.sources import SourceData
+from distill_ray.teachers.runner import TeacherRunner, TeacherSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -133,7 +133,7 @@ def _validation_nll(model_dir: str, val) -> float:
     recipes' training; the ground truth the learned weights are fit to)."""
     import torch
 
-    from distill_ray.evaluate import lm_label_logprobs
+    from distill_ray.evaluation.metrics import lm_label_logprobs
     from distill_ray.models import freeze, load_model
 
     torch.set_num_threads(1)
@@ -161,8 +161,8 @@ def generate(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, Path], 
              trace_file: str | None = None) -> dict:
     """Generate the writers' responses to every train prompt with Ray Data actor pools whose tasks
     write the Parquet files; then the manifest, and the directory renamed into place."""
-    from distill_ray.data import load_tokenizer
-    from distill_ray.teacher_setup import teacher_specs
+    from distill_ray.data.bundled import load_tokenizer
+    from distill_ray.teachers.setup import teacher_specs
 
     start = time.perf_counter()
     names, choice = writers(cfg, data, dirs)

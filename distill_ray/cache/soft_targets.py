@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill_ray import __version__
-from distill_ray.cache_files import abbreviated, publish_directory, sha256_file
+from distill_ray.cache.files import abbreviated, publish_directory, sha256_file
 
 if TYPE_CHECKING:  # ray is heavy; imported where datasets are made
     import ray.data

@@ -499,11 +499,13 @@ def smollm2_path() -> Path:
     return out
 
 
-# --- pure pieces of the Ray Data spine (sources.py): ids, splits, labels, standardisation ----------
+# --- pure pieces of the Ray Data spine (data/sources.py): ids, splits, labels, standardisation ----------
 
 class DataError(ValueError):
     """User data cannot be used as configured; the message names the file and/or column and the fix."""
 
+
+IGNORE_LABEL = -100  # a label position that trains nothing (prompt tokens, padding), as in transformers
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 

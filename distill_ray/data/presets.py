@@ -1,7 +1,7 @@
 """The bundled datasets as thin readers: each is written once as a Parquet table (id, inputs,
 label, split) under the cache root, then read by ``sources.load_source`` like anyone's data.
 
-The samples and splits are exactly those of the historical loaders in ``data.py`` (seeded, with
+The samples and splits are exactly those of the historical loaders in ``data/bundled.py`` (seeded, with
 ``max_*_samples`` subsets taken there), so results stay comparable across versions.
 """
 
@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill_ray.config import ExperimentConfig
-from distill_ray.data import cache_root, load_fashion_mnist, load_fortunes, load_python_corpus, load_python_functions
+from distill_ray.data.bundled import cache_root, load_fashion_mnist, load_fortunes, load_python_corpus, \
+    load_python_functions
 
 PRESET_VERSION = 1
 

@@ -37,12 +37,12 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from distill_ray.chat import render_chat_prompt
 from distill_ray.config import ExperimentConfig, PRESETS
+from distill_ray.data.bundled import IGNORE_LABEL, DataError, apply_standardise, content_ids, hash_to_id, is_number, \
+    label_ids, normalise_split_names, split_by_id, id_uniform, standardise_stats
+from distill_ray.data.chat import render_chat_prompt
+from distill_ray.data.transfer import resolve_transfer, with_transfer_rows
 from distill_ray.extras import require
-from distill_ray.transfer import resolve_transfer, with_transfer_rows
-from distill_ray.data import DataError, apply_standardise, content_ids, hash_to_id, is_number, label_ids, \
-    normalise_split_names, split_by_id, id_uniform, standardise_stats
 
 SPLITS = ("train", "val", "test")
 EXTENSIONS = {"parquet": ("parquet",), "jsonl": ("jsonl", "json"), "csv": ("csv",), "text": ("txt", "text", "md", "py", "rst"),
@@ -362,9 +362,6 @@ def _windows(batch: dict[str, np.ndarray], text_field: str, tokenizer: str, max_
             "split": np.asarray(splits, dtype=object).astype(str)}
 
 
-IGNORE_LABEL = -100  # a label position that trains nothing (prompt tokens, padding), as in transformers
-
-
 def _instructions(batch: dict[str, np.ndarray], fields: tuple[str, ...], tokenizer: str, max_length: int,
                   pad_id: int) -> dict[str, np.ndarray]:
     """Causal-LM instruction data: prompt + response as one sequence of ``max_length`` tokens (+1 for the
@@ -520,7 +517,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
     DataError naming the file and column."""
     d = cfg.data
     if d.format in PRESETS:
-        from distill_ray.presets import preset_table
+        from distill_ray.data.presets import preset_table
 
         path, meta = preset_table(cfg)
         fmt, split_field, class_names = "parquet", "split", tuple(meta["class_names"])
@@ -682,7 +679,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                                                    "shape": shape, "base_dir": base_dir}, batch_format="numpy")
         input_shape = tuple(shape)
     elif kind == "tokens":
-        from distill_ray.data import load_tokenizer, resolve_tokenizer
+        from distill_ray.data.bundled import load_tokenizer, resolve_tokenizer
 
         tokenizer_dir = str(resolve_tokenizer(d.tokenizer))
         tok = load_tokenizer(tokenizer_dir)
@@ -691,7 +688,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
         pre = rows
         input_shape = (d.max_length,)
     else:
-        from distill_ray.data import load_tokenizer, resolve_tokenizer
+        from distill_ray.data.bundled import load_tokenizer, resolve_tokenizer
 
         tokenizer_dir = str(resolve_tokenizer(d.tokenizer))
         tok = load_tokenizer(tokenizer_dir)

@@ -14,7 +14,7 @@ labelled synthetic points). These functions make such inputs from each train row
 
 A transfer row gets label -1 (KD only, like any unlabeled row), split ``train`` and an id derived from
 its source row's id and its copy number, so it is the same row in every run; every draw is seeded by
-that id. Pure numpy: the Ray Data stage in ``sources.py`` calls ``with_transfer_rows`` per batch.
+that id. Pure numpy: the Ray Data stage in ``data/sources.py`` calls ``with_transfer_rows`` per batch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
-from distill_ray.data import DataError, _mix64
+from distill_ray.data.bundled import DataError, _mix64
 
 NOISE_STD = 0.3        # standard deviations of a standardised feature (or of a [0, 1] pixel)
 SHIFT_FRACTION = 1 / 8  # images: the largest shift, as a share of the side

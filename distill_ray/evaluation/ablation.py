@@ -1,7 +1,7 @@
 """The quality table: which parts of the distillation recipe earn their keep, over seeds.
 
 Every row trains the same student architecture on the same data split with Ray Train
-(``distill_ray.train.run_training``), only the distillation setup differs:
+(``distill_ray.train.loop.run_training``), only the distillation setup differs:
 
 ====================== =========================================================================
 row                    what changes from the config
@@ -81,7 +81,7 @@ import numpy as np
 import torch
 
 from distill_ray.config import ExperimentConfig, TeacherConfig, config_from_dict, config_to_dict, load_config
-from distill_ray.report import final_teacher_weights, gap_recovered
+from distill_ray.evaluation.report import final_teacher_weights, gap_recovered
 
 ROWS = ("scratch", "kd_labeled_only", "kd_best_teacher", "uniform", "confidence", "learned", "learned+multi_stage",
         "learned+linear_ramp", "learned+confidence", "learned+broken_teacher", "scratch+wide", "learned+wide")
@@ -134,9 +134,9 @@ class Prepared:
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Teachers (trained once, reused) and their soft-target cache, plus each teacher's accuracy."""
-    from distill_ray.evaluate import accuracy
+    from distill_ray.evaluation.metrics import accuracy
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
-    from distill_ray.scoring import classifier_outputs
+    from distill_ray.evaluation.scoring import classifier_outputs
 
     timings = {}
     start = time.perf_counter()
@@ -156,15 +156,15 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
 # --- rows -----------------------------------------------------------------------------------------
 
 def _no_curriculum(cfg: ExperimentConfig) -> ExperimentConfig:
-    from distill_ray.run_inputs import without_curriculum
+    from distill_ray.train.inputs import without_curriculum
 
     return without_curriculum(cfg)
 
 
 def _with_scheduler(cfg: ExperimentConfig, scheduler: str, rows: int) -> ExperimentConfig:
     """The curriculum row, with the epochs that give it the no-curriculum row's optimizer steps."""
-    from distill_ray.run_inputs import epochs_for_steps
-    from distill_ray.objectives import planned_steps
+    from distill_ray.train.inputs import epochs_for_steps
+    from distill_ray.kd.objectives import planned_steps
 
     if scheduler == "multi_stage":  # the config's own POCL settings, temperature stages included
         out = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, scheduler="multi_stage"))
@@ -192,7 +192,7 @@ def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[s
     """A Ray Data stage adding a "teacher" of seeded Gaussian logits with, row by row, the mean and
     spread of the real teachers' logits for that row: as confident as a real teacher, right only by
     chance. Each row's logits depend only on (seed, id), never on how rows are batched."""
-    from distill_ray.losses import teacher_topk
+    from distill_ray.kd.losses import teacher_topk
 
     key = "logits" if topk is None else "topk_logprobs"
     first = batch[f"{real[0]}/{key}"]
@@ -213,8 +213,8 @@ def add_broken_teacher(batch: dict[str, np.ndarray], name: str, real: Sequence[s
 
 def row_setup(row: str, prep: Prepared, seed: int):
     """(config, extra Ray Data stage or None, use_teachers, labeled rows only) of one row at one seed."""
-    from distill_ray.run_inputs import baseline_config, epochs_for_steps, with_epochs
-    from distill_ray.objectives import planned_steps
+    from distill_ray.train.inputs import baseline_config, epochs_for_steps, with_epochs
+    from distill_ray.kd.objectives import planned_steps
 
     base = dataclasses.replace(prep.cfg, train=dataclasses.replace(prep.cfg.train, seed=seed, baseline=False))
     learned = dataclasses.replace(base, blend=dataclasses.replace(base.blend, kind="learned_global"))
@@ -255,11 +255,11 @@ def _run_name(row: str, cfg: ExperimentConfig, seed: int) -> str:
 
 def run_row(row: str, prep: Prepared, seed: int, storage: Path) -> dict[str, Any]:
     """Train one row at one seed on Ray Train; test accuracy of the result and its final weights."""
-    from distill_ray.evaluate import classifier_scores
+    from distill_ray.evaluation.metrics import classifier_scores
     from distill_ray.models import num_params
-    from distill_ray.run_inputs import training_inputs
-    from distill_ray.scoring import classifier_outputs
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.inputs import training_inputs
+    from distill_ray.evaluation.scoring import classifier_outputs
+    from distill_ray.train.loop import load_trained_student, run_training
 
     cfg, stage, use_teachers, labeled_only = row_setup(row, prep, seed)
     inputs = training_inputs(cfg, prep.cache, prep.info, use_teachers=use_teachers, stage=stage,
@@ -376,7 +376,7 @@ def ablation_markdown(result: dict[str, Any]) -> str:
 def valid_rows(cfg: ExperimentConfig) -> tuple[str, ...]:
     """The rows an ablation of ``cfg`` can run (all of them by default): the classifier rows, the causal-LM
     rows, or for a language model on plain text (no prompts) the two without responses or POCL."""
-    from distill_ray.scoring import is_instruction_data
+    from distill_ray.evaluation.scoring import is_instruction_data
 
     if cfg.data.task != "causal_lm":
         return ROWS
@@ -422,8 +422,8 @@ def lm_row_setup(row: str, cfg: ExperimentConfig, seed: int, counts: dict[str, i
     """(config, the cache it reads: ``references`` or ``responses``, use_teachers) of one causal-LM row at
     one seed. ``counts``: train rows by source, ``reference`` and (for rows that read the responses)
     ``teacher``. Every row gets at least the token_kd row's optimizer steps."""
-    from distill_ray.objectives import planned_steps
-    from distill_ray.run_inputs import baseline_config, epochs_for_steps, with_epochs
+    from distill_ray.kd.objectives import planned_steps
+    from distill_ray.train.inputs import baseline_config, epochs_for_steps, with_epochs
 
     base = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, baseline=False),
                                blend=dataclasses.replace(cfg.blend, kind="learned_global"))
@@ -467,8 +467,8 @@ def prepare_lm(cfg: ExperimentConfig, rows: Sequence[str]) -> LMPrepared:
     """Teachers (trained once, reused) and the caches the rows read, each the one ``distill-ray run``
     builds for a config of that mode; one with a POCL row gets the reference model's ranking."""
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
-    from distill_ray.response_cache import rows_of_source
-    from distill_ray.sequence_kd import TEACHER
+    from distill_ray.cache.responses import rows_of_source
+    from distill_ray.lm.sequence_kd import TEACHER
 
     timings = {}
     start = time.perf_counter()
@@ -497,10 +497,10 @@ def _cache_variant(cfg: ExperimentConfig, kind: str, pocl: bool, data, dirs: dic
     (responses), with POCL's ranking when a POCL row reads it. Without one, a cache of the same inputs
     that already carries the ranking (an earlier ablation with POCL rows) is reused: its rows and
     targets are the same, so an ablation of fewer rows after a full one builds nothing."""
-    from distill_ray.cache_build import cache_spec
-    from distill_ray.response_cache import with_responses
-    from distill_ray.scoring import is_instruction_data
-    from distill_ray.soft_targets import cache_dir_for
+    from distill_ray.cache.build import cache_spec
+    from distill_ray.cache.responses import with_responses
+    from distill_ray.evaluation.scoring import is_instruction_data
+    from distill_ray.cache.soft_targets import cache_dir_for
 
     mode = "off" if kind == "references" else "mixed"
     plain = _lm_variant(cfg, mode, pocl)
@@ -514,10 +514,10 @@ def _cache_variant(cfg: ExperimentConfig, kind: str, pocl: bool, data, dirs: dic
 def run_lm_row(row: str, prep: LMPrepared, seed: int, storage: Path) -> dict[str, Any]:
     """Train one causal-LM row at one seed on Ray Train; the test figures of its student."""
     from distill_ray.models import num_params
-    from distill_ray.objectives import planned_steps
-    from distill_ray.run_inputs import training_inputs
-    from distill_ray.scoring import language_model_scores
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.kd.objectives import planned_steps
+    from distill_ray.train.inputs import training_inputs
+    from distill_ray.evaluation.scoring import language_model_scores
+    from distill_ray.train.loop import load_trained_student, run_training
 
     cfg, kind, use_teachers = lm_row_setup(row, prep.cfg, seed, prep.counts)
     cache = prep.caches.get(kind) or prep.caches["responses"]  # only scratch may read the other one
@@ -547,9 +547,9 @@ def lm_reference_scores(prep: LMPrepared, runs: list[dict]) -> dict[str, Any]:
     """The teachers' test figures and their blend's, at the mean final learned weights of the first row
     of ``BLEND_WEIGHTS_FROM`` that ran (no blend when none did). Teachers with a tokenizer of their own
     read other tokens and are left out (as in ``distill-ray run``'s table)."""
-    from distill_ray.generation import BlendedLM
+    from distill_ray.lm.generation import BlendedLM
     from distill_ray.models import load_model, num_params
-    from distill_ray.scoring import language_model_scores
+    from distill_ray.evaluation.scoring import language_model_scores
 
     cfg = prep.cfg
     same = [t.name for t in cfg.teachers if t.tokenizer is None]
@@ -611,7 +611,7 @@ def _spread(entry: dict | None, digits: int) -> str:
 
 
 def lm_ablation_markdown(result: dict[str, Any]) -> str:
-    from distill_ray.scoring import GENERATION_ROWS
+    from distill_ray.evaluation.scoring import GENERATION_ROWS
 
     m = result["machine"]
     lines = [f"# Ablation: {result['config_name']} (causal language model)", "",

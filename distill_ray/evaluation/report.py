@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from distill_ray.evaluate import reliability_bins
+from distill_ray.evaluation.metrics import reliability_bins
 from distill_ray.extras import available, install_hint, require
 
 PLOTS = ("val_accuracy.png", "teacher_weights.png", "schedule.png", "reliability.png")
@@ -242,7 +242,7 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
         lines.append(f"Student size: {params['student']:,} params, {params['student'] / smallest:.3f}× "
                      f"the smallest teacher ({smallest:,}).")
     verdict = metrics.get("verdict")
-    if verdict:  # the same lines the run printed last (distill_ray/verdict.py)
+    if verdict:  # the same lines the run printed last (distill_ray/evaluation/verdict.py)
         lines += ["", "## Verdict", "", *(f"- {line}" for line in verdict["lines"])]
     lines += _data_lines(metrics.get("data") or {})
     lines += ["", "## Plots", ""]

@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill_ray.cache_build import teacher_columns
+from distill_ray.cache.build import teacher_columns
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import load_model, num_params
-from distill_ray.report import final_teacher_weights
-from distill_ray.soft_targets import CachedData
+from distill_ray.evaluation.report import final_teacher_weights
+from distill_ray.cache.soft_targets import CachedData
 
 
 def split_outputs(dataset, models: dict, causal: bool) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
     """Every model's outputs over a split streamed from a Ray Dataset with ``x`` and ``label``
     columns: logits [N, C], or for a causal LM (label log-probabilities, top-1 ids), each [N, S];
     the labels; the first input (for latency), None on an empty split."""
-    from distill_ray.evaluate import lm_label_logprobs, predict_logits
+    from distill_ray.evaluation.metrics import lm_label_logprobs, predict_logits
 
     parts: dict[str, list] = {name: [] for name in models}
     labels, example = [], None
@@ -37,7 +37,7 @@ def evaluate_language_models(cfg: ExperimentConfig, cache: CachedData, dirs: dic
                              baseline, history: list[dict]) -> tuple[dict[str, dict], dict]:
     """Test perplexity and next-token accuracy of every teacher (run exactly, not from the top-k
     cache), their learned blend, the baseline and the student, streamed over the test split."""
-    from distill_ray.evaluate import lm_scores, perplexity, single_sample_latency_ms
+    from distill_ray.evaluation.metrics import lm_scores, perplexity, single_sample_latency_ms
 
     # A teacher with a tokenizer of its own reads other tokens: its perplexity is not one on the student's
     # tokens, so it is scored on the test split tokenized its way (own_perplexity, a note under the table)
@@ -68,7 +68,7 @@ def language_model_scores(cfg: ExperimentConfig, cache: CachedData, models: dict
     """Each model's test perplexity and next-token accuracy (streamed over the test split) and, on
     instruction data, the ROUGE-L (and for code, parses) of its greedy responses: the figures of an
     instruction run's test table, without sizes and latencies (the ablation scores its rows with it)."""
-    from distill_ray.evaluate import lm_scores
+    from distill_ray.evaluation.metrics import lm_scores
 
     outputs, y, _ = split_outputs(cache.dataset("test", ["x", "label"]), models, causal=True)
     rows = {name: lm_scores(*outputs[name], y) for name in models}
@@ -89,8 +89,8 @@ def is_instruction_data(cfg: ExperimentConfig) -> bool:
 def instruction_scores(cfg: ExperimentConfig, cache: CachedData, models: dict) -> dict[str, dict[str, float]]:
     """ROUGE-L of each model's greedy responses to the first GENERATION_ROWS test prompts, and for code
     (python_functions) the share that parse: ``generation.generation_scores``."""
-    from distill_ray.data import load_tokenizer
-    from distill_ray.generation import generation_scores, prompts_and_references
+    from distill_ray.data.bundled import load_tokenizer
+    from distill_ray.lm.generation import generation_scores, prompts_and_references
 
     batch = cache.dataset("test", ["x", "label"]).take_batch(GENERATION_ROWS, batch_format="numpy")
     rows = prompts_and_references(np.array(batch["x"]), np.array(batch["label"]))
@@ -106,10 +106,10 @@ def own_tokenizer_scores(cfg: ExperimentConfig, cache: CachedData, name: str, to
     its perplexity and next-token accuracy per token of its own (``own_perplexity``, ``own_accuracy``: not
     comparable with the student's), size, latency and, for instruction data, ROUGE-L (and parses) of its
     greedy responses to the same held-out prompts as the other models, decoded by its tokenizer."""
-    from distill_ray.data import load_tokenizer
-    from distill_ray.evaluate import lm_scores, single_sample_latency_ms
-    from distill_ray.generation import generation_scores, prompts_and_references
-    from distill_ray.teacher_setup import teacher_data
+    from distill_ray.data.bundled import load_tokenizer
+    from distill_ray.evaluation.metrics import lm_scores, single_sample_latency_ms
+    from distill_ray.lm.generation import generation_scores, prompts_and_references
+    from distill_ray.teachers.setup import teacher_data
 
     data = teacher_data(cfg, tokenizer)
     model = load_model(directory)[0]
@@ -137,8 +137,8 @@ def _rows_with_ids(batch: dict[str, np.ndarray], ids: list[int]) -> dict[str, np
 def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, models: dict):
     """Streamed over a cached split: the teachers' logits [K, N, C] (from the cache), each model's
     logits [N, C] and the labels [N]. Unlabeled rows are left out (they have nothing to score)."""
-    from distill_ray.evaluate import predict_logits
-    from distill_ray.objectives import batch_targets
+    from distill_ray.evaluation.metrics import predict_logits
+    from distill_ray.kd.objectives import batch_targets
 
     names = cfg.teacher_names()
     teacher_parts, model_parts, labels = [], {name: [] for name in models}, []
@@ -159,8 +159,8 @@ def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[st
     """Test accuracy, ECE, size and latency of every teacher (from the cache), their blend, the
     baseline and the student, streamed over the test split; plus each one's test probabilities for
     the reliability diagram."""
-    from distill_ray.blending import blend_probs
-    from distill_ray.evaluate import classifier_scores, single_sample_latency_ms
+    from distill_ray.kd.blending import blend_probs
+    from distill_ray.evaluation.metrics import classifier_scores, single_sample_latency_ms
 
     models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
     teachers, outputs, y = classifier_outputs(cfg, cache, "test", models)
@@ -189,7 +189,7 @@ def train_accuracy(cache: CachedData, model, rows: int = TRAIN_FIT_ROWS) -> floa
     the teachers). Above ``rows`` train rows, on a seeded sample of about that many: the figure is
     read to a point, and a split of millions need not pass through the student again. None without
     labeled train rows."""
-    from distill_ray.evaluate import predict_logits
+    from distill_ray.evaluation.metrics import predict_logits
 
     dataset, total = cache.dataset("train", ["x", "label"]), cache.rows("train")
     if total > rows:  # a sample across the split: its storage order may follow the classes

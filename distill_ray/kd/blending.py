@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from distill_ray.losses import compute_dtype
+from distill_ray.kd.losses import compute_dtype
 
 __all__ = [
     "BLEND_KINDS",

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from distill_ray.losses import compute_dtype
+from distill_ray.kd.losses import compute_dtype
 
 __all__ = [
     "MEASURERS",
@@ -193,7 +193,7 @@ def reference_rouge_loss(rouge_l: torch.Tensor, loss: torch.Tensor, k: int = 60)
     reference model's ROUGE-L against each sample's reference response (lower = harder) and its mean
     token loss on that response (higher = harder). Tied values share their mean rank, so the result
     depends on the values alone, not on row order. Ranks are over all ``N`` samples, so this runs on a
-    whole split, not per batch (``reference.py`` gathers the two measures first). NaN has no rank and
+    whole split, not per batch (``lm/reference.py`` gathers the two measures first). NaN has no rank and
     is refused."""
     rouge_l, loss = (torch.as_tensor(v).detach().to(torch.float64) for v in (rouge_l, loss))
     for name, values in (("rouge_l", rouge_l), ("loss", loss)):

@@ -1,7 +1,7 @@
 """What one training step optimises, as functions of tensors and the config: the curriculum's stage
 and open fraction, temperature and alpha, the step budget, the teachers' targets from a batch's
 columns, the KD and task terms per row, causal-LM sequence KD, hint and attention terms. The loop in
-``train.py`` composes them; nothing here knows of Ray."""
+``train/loop.py`` composes them; nothing here knows of Ray."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distill_ray import curriculum as cur
-from distill_ray.blending import TeacherBlend
+from distill_ray.kd import curriculum as cur
+from distill_ray.kd.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig
-from distill_ray.losses import HintProjector, attention_map, attention_map_distance, dense_from_topk, dkd, focal_kd, \
-    kd_divergence, kd_divergence_to_probs, label_smoothing_ce, topk_kd_divergence, topk_label_logprobs, uld_divergence
+from distill_ray.kd.losses import HintProjector, attention_map, attention_map_distance, dense_from_topk, dkd, \
+    focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, topk_kd_divergence, topk_label_logprobs, \
+    uld_divergence
 from distill_ray.models import forward_with_features, unwrap_model
 
 

@@ -31,9 +31,9 @@ import numpy as np
 import ray
 import torch
 
-from distill_ray import curriculum as cur
+from distill_ray.kd import curriculum as cur
 from distill_ray.config import ExperimentConfig
-from distill_ray.streams import DIFFICULTY_PREFIX
+from distill_ray.train.streams import DIFFICULTY_PREFIX
 
 MEASURER = "reference_rouge_loss"
 COLUMN = DIFFICULTY_PREFIX + MEASURER
@@ -60,8 +60,8 @@ def row_measures(model, tokenizer, inputs: np.ndarray, labels: np.ndarray, max_n
     (``generation.prompts_and_references``); the greedy response gets at most the reference's length
     and ``max_new_tokens`` tokens. ROUGE-L compares decoded whitespace words (as the run's scores do).
     A row with no labelled token has nothing to answer: loss inf and ROUGE-L 0, the hardest."""
-    from distill_ray.evaluate import lm_label_logprobs
-    from distill_ray.generation import GENERATE_BATCH, batched_responses, rouge_l
+    from distill_ray.evaluation.metrics import lm_label_logprobs
+    from distill_ray.lm.generation import GENERATE_BATCH, batched_responses, rouge_l
 
     x, y = np.asarray(inputs), np.asarray(labels)
     taught = y >= 0
@@ -86,7 +86,7 @@ class ReferenceColumns:
     """Ray Data callable: the reference's ``rouge_l`` and ``loss`` for a batch of train rows (with ``id``)."""
 
     def __init__(self, model_dir: str, tokenizer: str, max_new_tokens: int, pad_id: int, torch_threads: int = 1):
-        from distill_ray.data import load_tokenizer
+        from distill_ray.data.bundled import load_tokenizer
         from distill_ray.models import freeze, load_model
 
         torch.set_num_threads(torch_threads)
@@ -150,8 +150,8 @@ def reference_key(cfg: ExperimentConfig, data_fingerprint: str, any_scheduler: b
 def prepare_reference(cfg: ExperimentConfig, data, dirs: dict[str, Path]) -> Path:
     """The reference's model directory: a teacher's, or the scratch reference trained now (a Ray task,
     as recipe teachers are) unless already there for this data and these settings."""
-    from distill_ray.data import cache_root
-    from distill_ray.teacher_setup import _train_recipe
+    from distill_ray.data.bundled import cache_root
+    from distill_ray.teachers.setup import _train_recipe
 
     if cfg.curriculum.reference != "scratch":
         return dirs[cfg.curriculum.reference]

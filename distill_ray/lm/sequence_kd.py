@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill_ray.data import hash_to_id
-from distill_ray.generation import batched_responses
-from distill_ray.sources import IGNORE_LABEL
+from distill_ray.data.bundled import IGNORE_LABEL, hash_to_id
+from distill_ray.lm.generation import batched_responses
 
 MODES = ("off", "teacher", "mixed")
 DECODINGS = ("greedy", "sample")

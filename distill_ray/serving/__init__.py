@@ -2,23 +2,25 @@
 
 One job per module, each usable and testable without the ones above it:
 
-- ``serve_model``: find and load a student (safetensors, no pickle), int8, ``StudentPredictor`` /
+- ``model``: find and load a student (safetensors, no pickle), int8, ``StudentPredictor`` /
   ``GeneratorPredictor``. No Ray, no HTTP.
-- ``serve_requests``: pydantic request models of ``/predict`` and ``/generate`` and the 4xx
+- ``schemas``: pydantic request models of ``/predict`` and ``/generate`` and the 4xx
   ``RequestError`` saying what was wrong and what is allowed. Pure.
-- ``serve_auth``: bearer-key auth (FastAPI's ``HTTPBearer``, sha256 digest, constant-time compare).
-- ``serve_service``: ``StudentService``, what one replica does per request, minus Ray.
-- ``serve_options``: ServeConfig from app args, Ray Serve deployment options.
-- ``serve_app``: the Ray Serve deployment with its FastAPI ingress (imports Ray; ``serve/app.py``
+- ``auth``: bearer-key auth (FastAPI's ``HTTPBearer``, sha256 digest, constant-time compare).
+- ``service``: ``StudentService``, what one replica does per request, minus Ray.
+- ``options``: ServeConfig from app args, Ray Serve deployment options.
+- ``app``: the Ray Serve deployment with its FastAPI ingress (imports Ray; ``serve/app.py``
   re-exports its ``build_app``).
-- ``serve_launch``: ``start_serve`` (``distill-ray serve RUN_DIR``).
+- ``launch``: ``start_serve`` (``distill-ray serve RUN_DIR``).
+- ``registry``: the file-based model registry (``registry/NAME/vN``, a ``latest`` pointer) that
+  sweeps publish to and the app reads from.
 
-Importing this module stays Ray-free.
+Importing this package stays Ray-free.
 """
 
-from distill_ray.serve_auth import API_KEY_ENV, ApiKeyCheck, api_key_digest, env_api_key_digest
-from distill_ray.serve_launch import start_serve, url_for, wait_until_healthy
-from distill_ray.serve_model import (
+from distill_ray.serving.auth import API_KEY_ENV, ApiKeyCheck, api_key_digest, env_api_key_digest
+from distill_ray.serving.launch import start_serve, url_for, wait_until_healthy
+from distill_ray.serving.model import (
     GeneratorPredictor,
     StudentLoadError,
     StudentPredictor,
@@ -31,14 +33,14 @@ from distill_ray.serve_model import (
     resolve_student_dir,
     state_dict_bytes,
 )
-from distill_ray.serve_options import (
+from distill_ray.serving.options import (
     APP_NAME,
     batch_wait_timeout_s,
     deployment_options,
     serve_config_from_dict,
     settings_from_app_args,
 )
-from distill_ray.serve_requests import (
+from distill_ray.serving.schemas import (
     GenerateRequest,
     InputSchema,
     PredictRequest,
@@ -47,7 +49,7 @@ from distill_ray.serve_requests import (
     parse_generate_request,
     parse_predict_request,
 )
-from distill_ray.serve_service import StudentService
+from distill_ray.serving.service import StudentService
 
 __all__ = [
     "API_KEY_ENV", "APP_NAME", "ApiKeyCheck", "GenerateRequest", "GeneratorPredictor", "InputSchema",

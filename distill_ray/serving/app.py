@@ -2,7 +2,7 @@
 ``GET /healthz``, ``GET /model`` behind a FastAPI ingress, with dynamic batching.
 
 Thin on purpose: auth, validation, inference and answer formatting live in ``StudentService``
-(``distill_ray.serve_service``); this module adds HTTP, Ray Serve and batching. Importing it defines
+(``distill_ray.serving.service``); this module adds HTTP, Ray Serve and batching. Importing it defines
 the app and the deployment and does nothing else (no model loading, no Ray calls).
 
 - ``start_serve`` (``distill-ray serve RUN_DIR``) binds ``build_student_app``;
@@ -12,7 +12,7 @@ the app and the deployment and does nothing else (no model loading, no Ray calls
 Errors: every ``RequestError`` a route raises (validation, auth) and every ``RequestValidationError``
 FastAPI raises itself become ``{"error": "<what was wrong and what is allowed>", "status": N}``, with
 ``WWW-Authenticate: Bearer`` on 401s. The bodies are validated by the replica's pydantic models
-(``serve_requests``), built at replica start from its ServeConfig limits and the loaded student's
+(``serving.schemas``), built at replica start from its ServeConfig limits and the loaded student's
 input shape, which is why a route reads the raw body instead of declaring a static model.
 """
 
@@ -30,15 +30,15 @@ from ray import serve
 from ray.serve import Application
 
 from distill_ray.config import ServeConfig
-from distill_ray.serve_auth import bearer_scheme, env_api_key_digest
-from distill_ray.serve_options import (
+from distill_ray.serving.auth import bearer_scheme, env_api_key_digest
+from distill_ray.serving.options import (
     batch_wait_timeout_s,
     deployment_options,
     serve_config_from_dict,
     settings_from_app_args,
 )
-from distill_ray.serve_requests import RequestError, validation_error_body
-from distill_ray.serve_service import StudentService
+from distill_ray.serving.schemas import RequestError, validation_error_body
+from distill_ray.serving.service import StudentService
 
 
 def error_response(err: RequestError) -> JSONResponse:

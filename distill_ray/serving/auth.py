@@ -14,7 +14,7 @@ import os
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 
-from distill_ray.serve_requests import RequestError
+from distill_ray.serving.schemas import RequestError
 
 API_KEY_ENV = "DISTILL_RAY_API_KEY"
 """When set, every route but /healthz needs ``Authorization: Bearer <key>``."""

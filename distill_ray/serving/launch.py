@@ -1,6 +1,6 @@
 """``distill-ray serve``: start Ray Serve locally with the student deployment and wait until it answers.
 
-Ray, Serve and the deployment (``distill_ray.serve_app``) are imported inside ``start_serve`` only,
+Ray, Serve and the deployment (``distill_ray.serving.app``) are imported inside ``start_serve`` only,
 so importing this module stays cheap and Ray-free. The library never imports ``serve/app.py``: that
 file is the entry point for ``serve run`` and imports the deployment from here.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Mapping
 
 from distill_ray.config import ServeConfig
-from distill_ray.serve_auth import API_KEY_ENV, env_api_key_digest
-from distill_ray.serve_model import resolve_student_dir
-from distill_ray.serve_options import APP_NAME
+from distill_ray.serving.auth import API_KEY_ENV, env_api_key_digest
+from distill_ray.serving.model import resolve_student_dir
+from distill_ray.serving.options import APP_NAME
 
 
 def url_for(host: str, port: int) -> str:
@@ -71,7 +71,7 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
     if started_ray:
         ray.init(log_to_driver=blocking)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    from distill_ray.serve_app import build_student_app
+    from distill_ray.serving.app import build_student_app
 
     app = build_student_app(student_dir, cfg, api_key_sha256=env_api_key_digest())
     serve.run(app, name=APP_NAME, route_prefix="/")

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill_ray.chat import render_chat_prompt
+from distill_ray.data.chat import render_chat_prompt
 from distill_ray.models import SPEC_FILE, WEIGHTS_FILE, forward_logits, is_hf_model, load_model
-from distill_ray.serve_requests import GenerateRequest, InputSchema
+from distill_ray.serving.schemas import GenerateRequest, InputSchema
 
 CARD_FILE = "distill_card.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -44,7 +44,7 @@ def resolve_student_dir(path: str | Path) -> Path:
     if (path / "student" / SPEC_FILE).is_file():
         return (path / "student").resolve()
     if (path / "latest").is_file():  # a registry entry (registry/NAME): serve its latest version
-        from distill_ray.registry import resolve_registry
+        from distill_ray.serving.registry import resolve_registry
 
         try:
             version = resolve_registry(path)
@@ -177,7 +177,7 @@ class GeneratorPredictor:
     def generate(self, request: GenerateRequest) -> dict[str, Any]:
         """The request's prompts answered together (``generation.batched_responses``, left-padded),
         greedy at temperature 0; each stops at the tokenizer's eos or ``max_new_tokens``."""
-        from distill_ray.generation import batched_responses
+        from distill_ray.lm.generation import batched_responses
 
         # No special tokens added: training tokenized prompts without them (a WordPiece tokenizer would
         # otherwise wrap each prompt in [CLS] ... [SEP], which the student never saw before a response).
@@ -292,7 +292,7 @@ class StudentPredictor:
     def _feature_tensor(self, batch_inputs: Any) -> torch.Tensor:
         x = np.asarray(batch_inputs, dtype=np.float32)
         if self.transform:
-            from distill_ray.data import apply_standardise
+            from distill_ray.data.bundled import apply_standardise
 
             x = apply_standardise(x.reshape(len(x), -1), self.transform)
         return torch.as_tensor(x).reshape(len(x), *self.schema.input_shape)

@@ -1,6 +1,6 @@
 """How the student is deployed: ServeConfig from plain data or app args, and Ray Serve options.
 
-Shared by the launcher (``serve_launch.start_serve``) and the deployment (``serve_app``); imports
+Shared by the launcher (``serving.launch.start_serve``) and the deployment (``serving.app``); imports
 neither Ray nor FastAPI.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from distill_ray.config import ConfigError, ServeConfig
-from distill_ray.serve_model import resolve_student_dir
+from distill_ray.serving.model import resolve_student_dir
 
 APP_NAME = "distill_student"
 """Serve application name used by ``start_serve`` and serve/config.yaml."""

@@ -1,7 +1,7 @@
 """What one Serve replica does per request, minus Ray and HTTP: auth, validation, answers.
 
 ``StudentService`` holds a loaded predictor (classifier or causal LM), the request limits and the
-API-key check; ``distill_ray.serve_app`` puts it behind FastAPI routes and dynamic batching.
+API-key check; ``distill_ray.serving.app`` puts it behind FastAPI routes and dynamic batching.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from fastapi.security import HTTPAuthorizationCredentials
 
 from distill_ray.config import ServeConfig
-from distill_ray.serve_auth import ApiKeyCheck, bearer_credentials
-from distill_ray.serve_model import (
+from distill_ray.serving.auth import ApiKeyCheck, bearer_credentials
+from distill_ray.serving.model import (
     GeneratorPredictor,
     StudentPredictor,
     format_predictions,
@@ -22,7 +22,7 @@ from distill_ray.serve_model import (
     load_student_model,
     resolve_student_dir,
 )
-from distill_ray.serve_requests import (
+from distill_ray.serving.schemas import (
     GenerateRequest,
     PredictRequest,
     RequestError,
@@ -58,7 +58,7 @@ class StudentService:
         return self.api_key.required
 
     def check_credentials(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        """Raise 401 unless auth is off or ``credentials`` (from ``serve_auth.bearer_scheme``) hold the key."""
+        """Raise 401 unless auth is off or ``credentials`` (from ``serving.auth.bearer_scheme``) hold the key."""
         self.api_key.check(credentials)
 
     def authorize(self, authorization: str | None) -> None:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distill_ray.losses import teacher_topk
+from distill_ray.kd.losses import teacher_topk
 from distill_ray.models import forward_logits
-from distill_ray.token_alignment import align_rows, carry_topk, filler_pool, tables, vocab_maps
+from distill_ray.teachers.token_alignment import align_rows, carry_topk, filler_pool, tables, vocab_maps
 
 MODES = ("map", "uld")
 MICRO_BATCH = 8  # teacher rows per forward: [8, L, V] logits, cut to the top k before the next
@@ -30,7 +30,7 @@ class CrossTokenizerTeacher:
     """The tokenizer half of a cross-tokenizer teacher: built once per actor (vocabulary-long passes)."""
 
     def __init__(self, student_tokenizer: str, teacher_tokenizer: str, mode: str, k: int):
-        from distill_ray.data import load_tokenizer
+        from distill_ray.data.bundled import load_tokenizer
 
         if mode not in MODES:
             raise ValueError(f"loss.cross_tokenizer {mode!r}; choose one of: {', '.join(MODES)}")

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill_ray.data import Split
-from distill_ray.losses import label_smoothing_ce
+from distill_ray.data.bundled import Split
+from distill_ray.kd.losses import label_smoothing_ce
 from distill_ray.models import forward_logits
 
 

@@ -4,7 +4,7 @@
 actor-pool stage (``stages.with_teachers``), both when the cache is built and in online mode.
 Teachers return plain data: ``{"logits": [N, C]}`` or ``{"topk_logprobs": [N, k], "topk_indices":
 [N, k]}`` (fp16 / int32), never model objects. A causal-LM teacher with a tokenizer of its own
-answers the same columns for the student's positions and vocabulary (``cross_tokenizer.py``). Asked for ``features``, they add ``"hint"`` [N, D]
+answers the same columns for the student's positions and vocabulary (``teachers/cross_tokenizer.py``). Asked for ``features``, they add ``"hint"`` [N, D]
 and/or ``"attention"`` [N, P] (fp16) for feature distillation (online mode only).
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill_ray.losses import attention_map, teacher_topk
+from distill_ray.kd.losses import attention_map, teacher_topk
 from distill_ray.models import batched_features, batched_logits, fingerprint, forward_logits, freeze, load_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +38,7 @@ class TeacherSpec:
     features: tuple[str, ...] = ()  # "hint" / "attention", online mode
     batch_size: int = 512
     trace_file: str | None = None  # tests and drills: one line per answered batch: "name ids pid"
-    tokenizer: str | None = None  # causal LM: the teacher's own tokenizer directory (cross_tokenizer.py)
+    tokenizer: str | None = None  # causal LM: the teacher's own tokenizer directory (teachers/cross_tokenizer.py)
     student_tokenizer: str | None = None  # ... and the student's, whose ids the rows hold
     cross_tokenizer: str = "map"  # map | uld: how its targets reach the student's vocabulary
 
@@ -70,7 +70,7 @@ class TeacherRunner:
     def from_spec(cls, spec: TeacherSpec, torch_threads: int | None = None) -> "TeacherRunner":
         cross = None
         if spec.tokenizer is not None:
-            from distill_ray.cross_tokenizer import CrossTokenizerTeacher
+            from distill_ray.teachers.cross_tokenizer import CrossTokenizerTeacher
 
             cross = CrossTokenizerTeacher(spec.student_tokenizer, spec.tokenizer, spec.cross_tokenizer, spec.topk)
         return cls(spec.name, spec.model_dir, spec.dtype, spec.topk, torch_threads, cross)
@@ -143,7 +143,7 @@ class TeacherRunner:
     def generate(self, prompts: list[list[int]], decoding, eos_id: int | None, pad_id: int,
                  seeds: list[int] | None = None, max_new_tokens: list[int] | None = None) -> list[list[int]]:
         """Responses to ``prompts`` (token ids) by one batched ``generate``: ``sequence_kd.generate_responses``."""
-        from distill_ray.sequence_kd import generate_responses
+        from distill_ray.lm.sequence_kd import generate_responses
 
         self.assert_frozen()
         start = time.perf_counter()

@@ -19,10 +19,10 @@ import ray
 import torch
 
 from distill_ray.config import ExperimentConfig
-from distill_ray.data import Split, cache_root, resolve_tokenizer, smollm2_path
+from distill_ray.data.bundled import Split, cache_root, resolve_tokenizer, smollm2_path
 from distill_ray.models import build_model, num_params, save_model, save_tokenizer
-from distill_ray.sources import SourceData, load_source
-from distill_ray.teachers import TeacherSpec
+from distill_ray.data.sources import SourceData, load_source
+from distill_ray.teachers.runner import TeacherSpec
 
 
 def _recipe_dir(cfg: ExperimentConfig, index: int, key: str) -> Path:
@@ -58,8 +58,8 @@ def collect_split(dataset, labeled_only: bool = False, limit: int | None = None)
 def _train_recipe(name: str, recipe: str, options: dict, train_ds, val_ds, info: dict, seed: int, out_dir: str) -> dict:
     """Runs as a Ray task: read the train split's labeled rows, train one teacher from them, save it
     as a model directory, atomically."""
-    from distill_ray.evaluate import accuracy, lm_label_logprobs, predict_logits, token_accuracy
-    from distill_ray.recipes import train_recipe
+    from distill_ray.evaluation.metrics import accuracy, lm_label_logprobs, predict_logits, token_accuracy
+    from distill_ray.teachers.recipes import train_recipe
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from distill_ray.cache_build import teacher_columns
+from distill_ray.cache.build import teacher_columns
 from distill_ray.config import ExperimentConfig
-from distill_ray.response_cache import rows_of_source, train_sources
-from distill_ray.sequence_kd import rows_from
-from distill_ray.soft_targets import CachedData
-from distill_ray.sources import DataInfo, SourceData
-from distill_ray.stages import MixSettings, feature_shapes, with_teachers
-from distill_ray.streams import DIFFICULTY_PREFIX
-from distill_ray.teacher_setup import teacher_specs
-from distill_ray.train import TrainInputs
+from distill_ray.cache.responses import rows_of_source, train_sources
+from distill_ray.lm.sequence_kd import rows_from
+from distill_ray.cache.soft_targets import CachedData
+from distill_ray.data.sources import DataInfo, SourceData
+from distill_ray.train.stages import MixSettings, feature_shapes, with_teachers
+from distill_ray.train.streams import DIFFICULTY_PREFIX
+from distill_ray.teachers.setup import teacher_specs
+from distill_ray.train.loop import TrainInputs
 
 
 def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: DataInfo, use_teachers: bool = True,
@@ -107,7 +107,7 @@ def epochs_for_steps(cfg: ExperimentConfig, rows: int, steps: int) -> int:
     ``steps`` optimizer steps: how runs on fewer rows, or holding rows back, get an equal step budget."""
     from dataclasses import replace
 
-    from distill_ray.objectives import planned_steps
+    from distill_ray.kd.objectives import planned_steps
 
     epochs = 1
     while planned_steps(replace(cfg, train=replace(cfg.train, epochs=epochs)), rows, cfg.train.num_workers) < steps:
@@ -129,7 +129,7 @@ def baseline_config(cfg: ExperimentConfig, student_rows: int, labeled_rows: int)
     """The baseline's run: the student's architecture, optimizer and lr schedule on the labeled rows,
     without teachers or curriculum, for train.baseline_epochs or else as many optimizer steps as the
     student takes (so 5k labeled rows against a 54k-row transfer set get ~11x the epochs)."""
-    from distill_ray.objectives import planned_steps
+    from distill_ray.kd.objectives import planned_steps
 
     base = without_curriculum(cfg)
     epochs = cfg.train.baseline_epochs or epochs_for_steps(

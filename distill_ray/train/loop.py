@@ -6,12 +6,12 @@ a split of validation; the worker reads them with ``ray.train.get_dataset_shard`
 streams its shard (``streams.KeptShard`` / ``StreamedShard``). Nothing is ``ray.put`` and no split
 is held whole anywhere.
 
-Before the first step, learned teacher weights are fit to the validation labels (``validation.py``).
+Before the first step, learned teacher weights are fit to the validation labels (``train/validation.py``).
 Per step: curriculum stage -> batch of this rank's shard -> soft targets (columns of the batch: from
 the cache, or from the teacher stages upstream in online mode) -> blend at the fitted weights ->
 per row ``alpha * KD + (1 - alpha) * task`` (unlabeled rows: KD alone; + weighted hint and attention
 terms against one teacher's features, online mode) -> step at the scheduled learning rate. The
-terms themselves live in ``objectives.py``. Checkpoints every N steps
+terms themselves live in ``kd/objectives.py``. Checkpoints every N steps
 carry everything needed to resume mid-epoch: student, optimizers, blend, hint projector, counters,
 RNG, history, and the epoch's order (kept shards) or the count of batches done (streamed shards).
 """
@@ -35,19 +35,19 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from distill_ray import curriculum as cur
-from distill_ray.blending import TeacherBlend
+from distill_ray.kd import curriculum as cur
+from distill_ray.kd.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
 from distill_ray.console import write_progress
-from distill_ray.losses import hint_loss
+from distill_ray.kd.losses import hint_loss
 from distill_ray.models import build_model, forward_logits, forward_with_features, save_model, unwrap_model
-from distill_ray.objectives import _allreduce_grads, attention_loss, batch_targets, classifier_kd, hint_projector, \
+from distill_ray.kd.objectives import _allreduce_grads, attention_loss, batch_targets, classifier_kd, hint_projector, \
     planned_steps, sequence_kd, stage_and_fraction, task_loss, temperature_and_alpha
-from distill_ray.validation import _peak_rss_mb, fit_blend_on_validation, validate
-from distill_ray.schedules import lr_factor
-from distill_ray.stages import EpochPlan, MixSettings, rank_stream, rows_of_rank
-from distill_ray.streams import KeptShard, StreamedShard, fused_difficulty, open_ids_for
-from distill_ray.teachers import TeacherSpec
+from distill_ray.train.validation import _peak_rss_mb, fit_blend_on_validation, validate
+from distill_ray.kd.schedules import lr_factor
+from distill_ray.train.stages import EpochPlan, MixSettings, rank_stream, rows_of_rank
+from distill_ray.train.streams import KeptShard, StreamedShard, fused_difficulty, open_ids_for
+from distill_ray.teachers.runner import TeacherSpec
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -438,7 +438,7 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
     ``val_{rank}``, ``index_{rank}``; see ``TrainInputs.datasets``): disjoint, fixed by the sample id,
     the same after a restart. ``callbacks`` are Ray Train callbacks (a Tune trial passes
     ``TuneReportCallback``); ``placement_group_file`` receives the workers' placement group id (see
-    ``tune.py``). ``resume_from`` starts from another run's checkpoint (used when this run has none of
+    ``tune/sweep.py``). ``resume_from`` starts from another run's checkpoint (used when this run has none of
     its own) and ``stop_at_epoch`` ends after that many epochs while schedules still span
     ``train.epochs``: together they let Population Based Training run a trial in segments."""
     world = cfg.train.num_workers

@@ -25,9 +25,9 @@ import numpy as np
 import ray
 import torch
 
-from distill_ray.losses import cutmix, mixup
-from distill_ray.streams import rank_of
-from distill_ray.teachers import TeacherRunner, TeacherSpec
+from distill_ray.kd.losses import cutmix, mixup
+from distill_ray.train.streams import rank_of
+from distill_ray.teachers.runner import TeacherRunner, TeacherSpec
 
 MIX_BATCH_ROWS = 256  # rows mixed with each other (pairs are drawn inside one such batch)
 

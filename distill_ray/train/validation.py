@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distill_ray.blending import TeacherBlend, fit_blend
+from distill_ray.kd.blending import TeacherBlend, fit_blend
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import forward_logits, unwrap_model
-from distill_ray.objectives import _allreduce_grads, batch_targets
+from distill_ray.kd.objectives import _allreduce_grads, batch_targets
 
 ECE_BINS = 15
 

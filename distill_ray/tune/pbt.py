@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distill_ray.config import ConfigError, ExperimentConfig
-from distill_ray.tune_space import RANGE_KINDS, SearchSpace, _plain
+from distill_ray.tune.space import RANGE_KINDS, SearchSpace, _plain
 
 
 def _train_slots(count: int):
@@ -111,7 +111,7 @@ def _pbt_scheduler(cfg: ExperimentConfig, space: SearchSpace):
 
 def checkpoint_history(checkpoint) -> list[dict]:
     """The history a training checkpoint carries: every logged step and epoch row of its lineage."""
-    from distill_ray.train import HISTORY_FILE
+    from distill_ray.train.loop import HISTORY_FILE
 
     with checkpoint.as_directory() as ckpt_dir:
         return json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())

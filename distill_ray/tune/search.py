@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distill_ray.config import ExperimentConfig, config_to_dict
-from distill_ray.transfer import KINDS_FOR
+from distill_ray.data.transfer import KINDS_FOR
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 ALPHAS = (0.3, 0.5, 0.7, 0.9)
@@ -75,10 +75,10 @@ def _trial(sampled: dict, *, base_raw: dict, caches: dict, storage: str) -> None
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from distill_ray.config import apply_overrides, config_from_dict
-    from distill_ray.run_inputs import training_inputs
-    from distill_ray.train import run_training
-    from distill_ray.transfer import first_copies
-    from distill_ray.tune import PLACEMENT_GROUP_FILE, _trial_dir
+    from distill_ray.train.inputs import training_inputs
+    from distill_ray.train.loop import run_training
+    from distill_ray.data.transfer import first_copies
+    from distill_ray.tune.sweep import PLACEMENT_GROUP_FILE, _trial_dir
 
     cfg = config_from_dict(apply_overrides(base_raw, list(config_values(sampled).items())))
     kind = cfg.data.transfer if cfg.data.transfer in caches else next(iter(caches))
@@ -100,10 +100,10 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from distill_ray.cache_build import build_cache
-    from distill_ray.sources import load_source
-    from distill_ray.teacher_setup import prepare_teachers
-    from distill_ray.tune import _callbacks, _fit_concurrency, _tune_env
+    from distill_ray.cache.build import build_cache
+    from distill_ray.data.sources import load_source
+    from distill_ray.teachers.setup import prepare_teachers
+    from distill_ray.tune.sweep import _callbacks, _fit_concurrency, _tune_env
 
     if cfg.train.mode != "cached":
         raise ValueError("--search reads the cached soft targets in every trial; set train.mode=cached")
@@ -167,7 +167,7 @@ def _step_asha(cfg: ExperimentConfig, choices: dict, caches: dict):
     copies takes 9x the steps of one without, and a trial must not lose for having seen less."""
     from ray.tune.schedulers import ASHAScheduler
 
-    from distill_ray.objectives import planned_steps
+    from distill_ray.kd.objectives import planned_steps
 
     info = next(iter(caches.values()))[1]
     source = info.counts["train"] - info.transfer_rows

@@ -11,8 +11,8 @@ from typing import Any
 
 from distill_ray.config import ExperimentConfig
 from distill_ray.extras import available, install_hint
-from distill_ray.report import pyplot
-from distill_ray.tune_space import SearchSpace, _plain
+from distill_ray.evaluation.report import pyplot
+from distill_ray.tune.space import SearchSpace, _plain
 
 SUMMARY_FILE = "sweep_summary.md"
 

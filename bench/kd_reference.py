@@ -3,7 +3,7 @@
     .venv/bin/python bench/kd_reference.py [--student-hidden 100] [--epochs 40] [--temperature 2]
         [--alpha 0.5] [--schedule cosine] [--lr 5e-3] [--seed 0] [--labeled 5000] [--teacher-cache PATH]
 
-Setting: real Fashion-MNIST (``distill_ray.data.load_fashion_mnist``, val_fraction 0.1, split_seed 0:
+Setting: real Fashion-MNIST (``distill_ray.data.bundled.load_fashion_mnist``, val_fraction 0.1, split_seed 0:
 54k train / 6k val / 10k test). Only ``--labeled`` seeded train rows (``default_rng(0).permutation``)
 keep their labels; the rest is an unlabeled transfer set whose labels are never read.
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill_ray.data import load_fashion_mnist
+from distill_ray.data.bundled import load_fashion_mnist
 
 
 def cnn(channels=(32, 64), hidden=256, num_classes=10) -> nn.Module:

@@ -21,10 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from distill_ray.blending import TeacherBlend
+from distill_ray.kd.blending import TeacherBlend
 from distill_ray.config import config_from_dict
-from distill_ray.losses import topk_kd_divergence
-from distill_ray.objectives import sequence_kd
+from distill_ray.kd.losses import topk_kd_divergence
+from distill_ray.kd.objectives import sequence_kd
 
 
 def masked_full(cfg, weights, student, logp, idx, labels, temperature):

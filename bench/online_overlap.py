@@ -4,7 +4,7 @@
                                              [--eval-rows 1024] [--epochs 3] [--json OUT]
 
 Online mode is a Ray Data pipeline: each rank's stream = rows -> one actor-pool stage per teacher
-(``stages.TeacherColumns`` around ``teachers.TeacherRunner``) -> the Train worker, so the teachers
+(``stages.TeacherColumns`` around ``teachers.runner.TeacherRunner``) -> the Train worker, so the teachers
 should answer the next batches while the student steps. Measured in one run, per student batch
 (``train.batch_size`` rows), on the same rows:
 
@@ -74,8 +74,8 @@ def teacher_times(cfg, dirs, cache) -> list[dict]:
     """Each teacher's forward, in this process, on the shrunk train rows in its stage's batch size."""
     import torch
 
-    from distill_ray.teacher_setup import teacher_specs
-    from distill_ray.teachers import TeacherRunner
+    from distill_ray.teachers.setup import teacher_specs
+    from distill_ray.teachers.runner import TeacherRunner
 
     out = []
     for spec in teacher_specs(cfg, dirs):

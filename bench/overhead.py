@@ -5,7 +5,7 @@
 
 For each config (default: the quickstart's MLP student and the text example's tiny BERT), in one run:
 
-* **product**: ``distill_ray.train.run_training`` (TorchTrainer, one worker, ``train.mode=cached``,
+* **product**: ``distill_ray.train.loop.run_training`` (TorchTrainer, one worker, ``train.mode=cached``,
   ``train.data_mode=memory``) on the config's verified soft-target cache;
 * **plain**: a loop written here, in this process: the same cached train rows (read once into tensors, teacher logits
   stacked as float32 ``[K, N, C]`` once), the same student, batch size, optimizer and seed, and the
@@ -61,7 +61,7 @@ def first_step_hook() -> None:
 
     import torch as _torch
 
-    import distill_ray.train as train_module
+    import distill_ray.train.loop as train_module
 
     done: set[str] = set()
 
@@ -145,8 +145,8 @@ def plain_loop(cfg, cache, info, threads: int) -> dict:
     ``alpha * KD + (1 - alpha) * CE``, an unlabeled one (label -1, the transfer set) KD alone."""
     import torch.nn.functional as F
 
-    from distill_ray.blending import TeacherBlend
-    from distill_ray.losses import kd_divergence_to_probs
+    from distill_ray.kd.blending import TeacherBlend
+    from distill_ray.kd.losses import kd_divergence_to_probs
     from distill_ray.models import build_model, forward_logits
 
     t, loss_cfg = cfg.train, cfg.loss
@@ -223,7 +223,7 @@ def wait_for_free_cpus(timeout_s: float = 120.0) -> None:
 
 
 def product_run(cfg, inputs, workdir: Path, name: str) -> dict:
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.loop import load_trained_student, run_training
 
     wait_for_free_cpus()
     trace = workdir / f"{name}.first_step"

@@ -211,7 +211,7 @@ def cache_phase(cfg, data, dirs, rss: PeakRss) -> tuple[dict, object]:
 
 def train_phase(cfg, cache, info, workdir: Path, name: str, rss: PeakRss) -> dict:
     from distill_ray.pipeline import training_inputs
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.loop import load_trained_student, run_training
 
     inputs = training_inputs(cfg, cache, info)
     overhead.wait_for_free_cpus()

@@ -6,7 +6,7 @@
         [--url URL] [--no-quantization | --quantization-only]
 
 Each max batch size (default 32 and 1) is deployed at once, side by side, as its own Serve
-application on one local Ray Serve (``serve_app.build_student_app``, what ``start_serve`` binds;
+application on one local Ray Serve (``serving.app.build_student_app``, what ``start_serve`` binds;
 route prefixes /bench_0, /bench_1, ...). A SECOND PROCESS (asyncio + httpx) then sends single-input
 POST /predict requests, ``--concurrency`` in flight at once, to one deployment after the other,
 ``--rounds`` times in turn (``--requests`` per deployment in all), so drift in the load of a shared
@@ -105,9 +105,9 @@ def train_quick_student(directory: Path, data, arch: str = "mlp") -> Path:
     """A small MLP (or CNN) on real Fashion-MNIST, saved as a student directory with its card."""
     import torch
 
-    from distill_ray.evaluate import accuracy, predict_logits
+    from distill_ray.evaluation.metrics import accuracy, predict_logits
     from distill_ray.models import build_model, save_model
-    from distill_ray.recipes import train_classifier
+    from distill_ray.teachers.recipes import train_classifier
 
     torch.manual_seed(0)
     options = QUICK_STUDENTS[arch]
@@ -130,9 +130,9 @@ def train_text_student(directory: Path, data, epochs: int) -> Path:
     import torch
 
     from distill_ray.config import load_config
-    from distill_ray.evaluate import accuracy, predict_logits
+    from distill_ray.evaluation.metrics import accuracy, predict_logits
     from distill_ray.models import build_model, save_model, save_tokenizer
-    from distill_ray.recipes import train_classifier
+    from distill_ray.teachers.recipes import train_classifier
 
     cfg = load_config(TEXT_CONFIG)
     torch.manual_seed(0)
@@ -180,7 +180,7 @@ def quantization_report(student_dir: Path, test_inputs: np.ndarray, texts: list[
     top-1 agreement of the predictors on the same inputs (on ``texts`` for a text student)."""
     import torch
 
-    from distill_ray.evaluate import single_sample_latency_ms
+    from distill_ray.evaluation.metrics import single_sample_latency_ms
     from distill_ray.serving import StudentPredictor, state_dict_bytes
 
     float_student = StudentPredictor(student_dir)
@@ -227,12 +227,12 @@ def print_row(label: str, s: dict) -> None:
 def load_data(arch: str):
     if arch == "text":
         from distill_ray.config import load_config
-        from distill_ray.data import load_fortunes
+        from distill_ray.data.bundled import load_fortunes
 
         data_cfg = load_config(TEXT_CONFIG).data
         return load_fortunes(split_seed=data_cfg.split_seed, max_length=data_cfg.max_length,
                              tokenizer=data_cfg.tokenizer)
-    from distill_ray.data import load_fashion_mnist
+    from distill_ray.data.bundled import load_fashion_mnist
 
     return load_fashion_mnist(max_train_samples=2000, max_eval_samples=500)
 
@@ -245,11 +245,11 @@ def request_bodies(data, text: bool) -> list[bytes]:
 
 
 def deploy_side_by_side(student_dir: Path, configs: dict[str, object], port: int) -> dict[str, str]:
-    """Every ServeConfig as its own Serve application (``serve_app.build_student_app``, what
+    """Every ServeConfig as its own Serve application (``serving.app.build_student_app``, what
     ``start_serve`` binds) under its own route prefix on one port; returns label -> URL."""
     from ray import serve
 
-    from distill_ray.serve_app import build_student_app
+    from distill_ray.serving.app import build_student_app
     from distill_ray.serving import url_for, wait_until_healthy
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import os
 
-# Ray Train v2 is chosen when ray.train is first imported (distill_ray.train imports it).
+# Ray Train v2 is chosen when ray.train is first imported (distill_ray.train.loop imports it).
 os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
 
 import argparse
@@ -85,7 +85,7 @@ def make_rows(batch: dict[str, np.ndarray], features: int) -> dict[str, np.ndarr
     onehot = np.eye(NUM_CLASSES, dtype=np.float32)[label]
     logits = {"t1": 4.0 * onehot + rng.standard_normal((n, NUM_CLASSES), dtype=np.float32),
               "t2": 3.0 * onehot + 1.5 * rng.standard_normal((n, NUM_CLASSES), dtype=np.float32)}
-    # Entropy of the mean teacher distribution (what cache_build.finish_rows stores, in numpy).
+    # Entropy of the mean teacher distribution (what cache/build.py's finish_rows stores, in numpy).
     probs = np.stack([np.exp(v - v.max(1, keepdims=True)) for v in logits.values()])
     probs /= probs.sum(-1, keepdims=True)
     mean = probs.mean(0)
@@ -100,7 +100,7 @@ def write_synthetic_cache(directory: Path, n: int, features: int):
     """Write and open the cache of ``n`` rows; Ray Data tasks make and write the rows."""
     import ray.data
 
-    from distill_ray.soft_targets import CacheSpec, CachedData, write_cache
+    from distill_ray.cache.soft_targets import CacheSpec, CachedData, write_cache
 
     spec = CacheSpec(teacher_fingerprints={"t1": "a" * 64, "t2": "b" * 64}, data_fingerprint=f"bench-{n}",
                      num_classes=NUM_CLASSES, topk=None, dtype="float16")
@@ -147,7 +147,7 @@ def peak_rss_mb() -> float:
 
 def rank_shard_rows(n: int) -> list[int]:
     """Train rows each rank owns (the same id hash the trainer uses), computed from the ids alone."""
-    from distill_ray.streams import rank_of
+    from distill_ray.train.streams import rank_of
 
     ids = np.arange(n, dtype=np.int64)
     train_ids = ids[split_of(ids) == "train"]
@@ -156,8 +156,8 @@ def rank_shard_rows(n: int) -> list[int]:
 
 def run_scale(scale: int, args, workdir: Path) -> dict:
     from distill_ray.pipeline import training_inputs
-    from distill_ray.sources import DataInfo
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.data.sources import DataInfo
+    from distill_ray.train.loop import load_trained_student, run_training
 
     n = scale * args.rows
     rss_before = current_rss_mb()

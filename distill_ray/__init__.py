@@ -1,3 +1,3 @@
 """distill-ray: distil several frozen teachers into one small student on Ray."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

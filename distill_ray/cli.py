@@ -11,7 +11,7 @@ import sys
 
 from distill_ray import __version__
 from distill_ray.config import ConfigError, dump_config, load_config
-from distill_ray.data import DataError
+from distill_ray.data.bundled import DataError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     connect_ray(args.address)
     found = None
     if args.search:
-        from distill_ray.search import run_search
+        from distill_ray.tune.search import run_search
 
         cfg, found = run_search(cfg, args.search)
     # run_experiment prints the run directory itself: the verdict must stay the run's last lines.
@@ -68,7 +68,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from distill_ray.pipeline import connect_ray
-    from distill_ray.tune import resume_sweep, run_sweep
+    from distill_ray.tune.sweep import resume_sweep, run_sweep
 
     if args.resume:
         if args.config or args.space or args.samples or args.max_concurrent or args.overrides:
@@ -90,8 +90,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from distill_ray.config import ServeConfig
-    from distill_ray.serve_launch import start_serve
-    from distill_ray.serve_model import StudentLoadError
+    from distill_ray.serving.launch import start_serve
+    from distill_ray.serving.model import StudentLoadError
 
     serve_cfg = load_config(args.config, args.overrides).serve if args.config else ServeConfig()
     if args.quantize:
@@ -108,11 +108,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from distill_ray.evaluate import classifier_scores, lm_scores, single_sample_latency_ms
+    from distill_ray.evaluation.metrics import classifier_scores, lm_scores, single_sample_latency_ms
     from distill_ray.models import load_model, num_params
     from distill_ray.pipeline import connect_ray, load_data
-    from distill_ray.scoring import split_outputs
-    from distill_ray.serve_model import StudentLoadError, resolve_student_dir
+    from distill_ray.evaluation.scoring import split_outputs
+    from distill_ray.serving.model import StudentLoadError, resolve_student_dir
 
     cfg = load_config(args.data, args.overrides)
     try:
@@ -136,7 +136,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
-    from distill_ray.ablation import ablation_main
+    from distill_ray.evaluation.ablation import ablation_main
 
     load_config(args.config, args.overrides)  # a bad config fails here, before any Ray work
     ablation_main(args.config, overrides=args.overrides, seeds=args.seeds, address=args.address,

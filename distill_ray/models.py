@@ -106,7 +106,7 @@ class TextCNN(nn.Module):
         if minilm_embeddings:
             from safetensors import safe_open
 
-            from distill_ray.data import minilm_path
+            from distill_ray.data.bundled import minilm_path
 
             with safe_open(str(minilm_path() / WEIGHTS_FILE), framework="pt") as f:
                 name = next(k for k in f.keys() if k.endswith("word_embeddings.weight"))
@@ -195,7 +195,7 @@ def minilm_embeddings_pca(dim: int, vocab_size: int = MINILM_VOCAB_SIZE) -> torc
     components, rescaled to the original embeddings' standard deviation. Cached: do not modify it."""
     from safetensors import safe_open
 
-    from distill_ray.data import minilm_path
+    from distill_ray.data.bundled import minilm_path
 
     with safe_open(str(minilm_path() / WEIGHTS_FILE), framework="pt") as f:
         name = next(k for k in f.keys() if k.endswith("word_embeddings.weight"))
@@ -216,7 +216,7 @@ def minilm_classifier(num_classes: int, options: Mapping[str, Any]) -> nn.Module
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from distill_ray.data import minilm_path
+    from distill_ray.data.bundled import minilm_path
 
     path = Path(options["path"]).expanduser() if options.get("path") else minilm_path()
     kwargs = {"classifier_dropout": float(options["dropout"])} if "dropout" in options else {}

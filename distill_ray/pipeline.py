@@ -1,5 +1,5 @@
-"""The main job, phase by phase: connect to Ray, prepare teachers (``teacher_setup``), cache soft
-targets (``cache_build``), train student and baseline (``run_inputs`` -> ``train``), score them
+"""The main job, phase by phase: connect to Ray, prepare teachers (``teachers.setup``), cache soft
+targets (``cache.build``), train student and baseline (``train.inputs`` -> ``train.loop``), score them
 (``scoring``), export. The phases' functions are importable from here too, for the CLI and ``jobs/``. Data moves as Ray Datasets
 from storage to the student's loss (``sources.load_source`` -> teacher actor-pool stages that write
 the cache -> ``TorchTrainer(datasets=...)``); the driver holds small facts (counts, label names,
@@ -16,20 +16,20 @@ from pathlib import Path
 
 import ray
 
-from distill_ray.cache_build import build_cache
+from distill_ray.cache.build import build_cache
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.console import RunProgress, log_to_run_dir
-from distill_ray.data import columns_summary
-from distill_ray.evaluate import disagreements
+from distill_ray.data.bundled import columns_summary
+from distill_ray.evaluation.metrics import disagreements
 from distill_ray.models import save_tokenizer
-from distill_ray.report import final_teacher_weights, gap_recovered
-from distill_ray.run_inputs import baseline_config, training_inputs
-from distill_ray.scoring import evaluate_classifiers, evaluate_language_models, print_summary, train_accuracy
-from distill_ray.soft_targets import CachedData
-from distill_ray.sources import SourceData, load_source
-from distill_ray.teacher_setup import prepare_teachers
-from distill_ray.train import TrainInputs
-from distill_ray.verdict import Verdict, classification_verdict
+from distill_ray.evaluation.report import final_teacher_weights, gap_recovered
+from distill_ray.train.inputs import baseline_config, training_inputs
+from distill_ray.evaluation.scoring import evaluate_classifiers, evaluate_language_models, print_summary, train_accuracy
+from distill_ray.cache.soft_targets import CachedData
+from distill_ray.data.sources import SourceData, load_source
+from distill_ray.teachers.setup import prepare_teachers
+from distill_ray.train.loop import TrainInputs
+from distill_ray.evaluation.verdict import Verdict, classification_verdict
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -90,7 +90,7 @@ def _local_parquet_settings(footer_actors: str) -> None:
 
 
 def load_data(cfg: ExperimentConfig) -> SourceData:
-    """The configured data as lazy, preprocessed Ray Datasets per split (see ``sources.py``)."""
+    """The configured data as lazy, preprocessed Ray Datasets per split (see ``data/sources.py``)."""
     return load_source(cfg)
 
 
@@ -100,7 +100,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
                    search: dict | None = None) -> dict:
     """data -> teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR.
     ``search``: what ``--search`` found (``search.run_search``), kept in metrics.json."""
-    from distill_ray.train import export_student, load_trained_student, run_training
+    from distill_ray.train.loop import export_student, load_trained_student, run_training
 
     timings: dict[str, float] = {}
 
@@ -213,7 +213,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     print_summary(rows, cfg.teacher_names(), weights, metric, metrics["gap_recovered"])
 
-    from distill_ray.report import write_report
+    from distill_ray.evaluation.report import write_report
 
     report = write_report(run_dir, metrics, history, base_history if baseline is not None else None, rows,
                           reliability, config_name=cfg.name)
@@ -236,7 +236,7 @@ def run_verdict(cfg: ExperimentConfig, cache: CachedData, student, metrics: dict
     figures: test accuracies, the rows student and baseline disagree on (``reliability`` holds both
     models' test probabilities and the labels), train rows labeled or not, whether every teacher is a
     recipe (trained on those labeled rows) and the reported student's accuracy on its train rows.
-    None for a causal LM (see ``verdict.py``)."""
+    None for a causal LM (see ``evaluation/verdict.py``)."""
     if metrics["metric"] != "accuracy" or metrics.get("baseline") is None or "baseline" not in reliability:
         return None
     (student_probs, labels), (baseline_probs, _) = reliability["student"], reliability["baseline"]

@@ -11,7 +11,7 @@ import argparse
 import shlex
 import sys
 
-from distill_ray.ablation import ROWS, ablation_main
+from distill_ray.evaluation.ablation import ROWS, ablation_main
 
 
 def main(argv: list[str] | None = None) -> int:

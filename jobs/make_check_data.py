@@ -19,7 +19,7 @@ repository uses and that nothing here was tuned on, in the formats a new user br
 Each output is written once (to a temporary name, then renamed) and skipped when it exists. The R
 data (.rda files and R's lazy-load databases) is read with the PyPI package ``rdata`` (extra ``check``);
 the Debian packages are used system-wide when installed, else unpacked from ``apt-get download`` into
-the cache as distill_ray.data does for its presets. ``make check-data`` installs all of it.
+the cache as distill_ray.data.bundled does for its presets. ``make check-data`` installs all of it.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _rdata():
 
 
 def _debian_data(package: str, subdir: Path, marker: str) -> Path:
-    from distill_ray.data import DataUnavailable, _debian_dataset_dir
+    from distill_ray.data.bundled import DataUnavailable, _debian_dataset_dir
 
     try:
         return _debian_dataset_dir(package, subdir, marker=marker)

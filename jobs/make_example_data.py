@@ -33,7 +33,7 @@ def main(out: Path) -> None:
     load_digits = require("sklearn.datasets", "jobs/make_example_data.py").load_digits
     Image = require("PIL.Image", "jobs/make_example_data.py")
 
-    from distill_ray.data import _debian_dataset_dir, _fortune_items, FORTUNES_PACKAGE, FORTUNES_SUBDIR
+    from distill_ray.data.bundled import _debian_dataset_dir, _fortune_items, FORTUNES_PACKAGE, FORTUNES_SUBDIR
 
     out.mkdir(parents=True, exist_ok=True)
     digits = load_digits()

@@ -43,7 +43,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def small_fashion_mnist():
     """A small, fixed, real subset of Fashion-MNIST (skips with the reason if the data is missing)."""
-    from distill_ray.data import DataUnavailable, load_fashion_mnist
+    from distill_ray.data.bundled import DataUnavailable, load_fashion_mnist
 
     try:
         return load_fashion_mnist(max_train_samples=1200, max_eval_samples=300, split_seed=0)
@@ -60,7 +60,7 @@ def tiny_prepared(ray_local, tmp_path_factory):
     import yaml
 
     from distill_ray.config import apply_overrides, config_from_dict
-    from distill_ray.data import DataUnavailable
+    from distill_ray.data.bundled import DataUnavailable
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
 
     root = tmp_path_factory.mktemp("tiny_prepared")

@@ -32,14 +32,14 @@ def tiny_cfg(tmp_path_factory, tiny_prepared):
 
 
 def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
-    from distill_ray.ablation import BROKEN, ROWS as ALL_ROWS, prepare, row_setup
+    from distill_ray.evaluation.ablation import BROKEN, ROWS as ALL_ROWS, prepare, row_setup
     from distill_ray.pipeline import training_inputs
-    from distill_ray.objectives import batch_targets
+    from distill_ray.kd.objectives import batch_targets
 
     prep = prepare(tiny_cfg)
     assert prep.best_teacher in tiny_cfg.teacher_names() and set(prep.teacher_val) == set(tiny_cfg.teacher_names())
     assert all(0.5 < a <= 1 for a in prep.teacher_test.values())
-    from distill_ray.objectives import planned_steps
+    from distill_ray.kd.objectives import planned_steps
 
     rows = prep.info.counts["train"]
     steps = planned_steps(row_setup("learned", prep, seed=7)[0], rows, 1)
@@ -87,7 +87,7 @@ def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
 def test_tiny_ablation_table(ray_local, tiny_cfg, tmp_path):
     from dataclasses import replace
 
-    from distill_ray.ablation import BROKEN, run_ablation
+    from distill_ray.evaluation.ablation import BROKEN, run_ablation
 
     out = tmp_path / "ablation"
     # One epoch per run (2 runs): the table's shape and numbers are under test, not long training. The
@@ -135,7 +135,7 @@ def test_tiny_instruct_ablation_table_and_resume(ray_local, tmp_path, capsys):
     here), one seed: the scratch row and sequence + token KD train, the table has perplexity
     and ROUGE-L per row and the teachers' and blend's once; a second run into the same directory
     reuses the finished runs instead of training them again."""
-    from distill_ray.ablation import run_ablation
+    from distill_ray.evaluation.ablation import run_ablation
     from distill_ray.models import causal_lm_model
 
     for seed, name in enumerate(("a", "b")):

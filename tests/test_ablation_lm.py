@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_ray.ablation import (LM_ROWS, ROWS, check_rows, lm_ablation_markdown, lm_row_setup, summarize_lm,
-                                  valid_rows)
+from distill_ray.evaluation.ablation import (LM_ROWS, ROWS, check_rows, lm_ablation_markdown, lm_row_setup,
+                                             summarize_lm, valid_rows)
 from distill_ray.config import ConfigError, load_config
-from distill_ray.objectives import planned_steps
+from distill_ray.kd.objectives import planned_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def _lm(seed: int, vocab: int = 30):
 
 
 def test_the_blend_decodes_the_teachers_mixture_greedily():
-    from distill_ray.generation import BlendedLM, batched_responses
+    from distill_ray.lm.generation import BlendedLM, batched_responses
 
     def one_by_one(model, prompts):
         return [batched_responses(model, [p], 6, 2, 0)[0] for p in prompts]

@@ -1,4 +1,4 @@
-"""Tests for distill_ray.blending: the weights' invariants, float64 references, and learned blends
+"""Tests for distill_ray.kd.blending: the weights' invariants, float64 references, and learned blends
 on a synthetic problem with two useful teachers and one broken one."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from distill_ray import blending as B
+from distill_ray.kd import blending as B
 
 K, N, C, F = 3, 16, 5, 4
 

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distill_ray import soft_targets as st
-from distill_ray.cache_files import sha256_file
-from distill_ray.losses import teacher_topk, topk_kd_divergence
-from distill_ray.soft_targets import CacheSpec, CorruptCacheError, StaleCacheError
+from distill_ray.cache import soft_targets as st
+from distill_ray.cache.files import sha256_file
+from distill_ray.kd.losses import teacher_topk, topk_kd_divergence
+from distill_ray.cache.soft_targets import CacheSpec, CorruptCacheError, StaleCacheError
 
 
 def _topk(n: int = 400, vocab: int = 3000, k: int = 50, seed: int = 0):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill_ray.blending import TeacherBlend
+from distill_ray.kd.blending import TeacherBlend
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict
-from distill_ray.losses import dense_from_topk, kd_divergence, teacher_topk, topk_label_logprobs
+from distill_ray.kd.losses import dense_from_topk, kd_divergence, teacher_topk, topk_label_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 LM_WINDOW = 16  # tokens per window in the Ray runs (tiny_lm.yaml has 32)
@@ -72,7 +72,7 @@ def test_label_logprob_weight_loss_equals_the_full_logit_weight_loss():
 
 def test_sequence_kd_gradient_equals_forward_kl_to_the_mixture():
     """The weighted sum of per-teacher forward KLs moves the student exactly like KL to the blend."""
-    from distill_ray.objectives import sequence_kd
+    from distill_ray.kd.objectives import sequence_kd
 
     torch.manual_seed(2)
     V, B, L = 30, 2, 4
@@ -100,8 +100,8 @@ def test_sequence_kd_on_the_trained_positions_only_equals_the_masked_full_comput
     """Prompt/padding labels (-100) and a teacher's unaligned positions (NaN) are left out before the
     vocabulary-wide math: the loss and the student's gradient are those of each teacher's divergence
     over every position with its mask, and masked positions get exactly zero gradient."""
-    from distill_ray.losses import topk_kd_divergence
-    from distill_ray.objectives import sequence_kd
+    from distill_ray.kd.losses import topk_kd_divergence
+    from distill_ray.kd.objectives import sequence_kd
 
     torch.manual_seed(3)
     V, B, L, k = 40, 3, 6, 5
@@ -133,7 +133,7 @@ def test_sequence_kd_on_the_trained_positions_only_equals_the_masked_full_comput
 # --- data and config --------------------------------------------------------------------------------
 
 def test_python_corpus_windows_are_next_token_pairs_and_splits_are_disjoint():
-    from distill_ray.data import DataUnavailable, load_python_corpus
+    from distill_ray.data.bundled import DataUnavailable, load_python_corpus
 
     try:
         d = load_python_corpus(max_train_samples=200, max_eval_samples=50, max_length=16)
@@ -180,8 +180,8 @@ def _with_teachers_in(raw: dict, root: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path, lm_teachers_root):
-    from distill_ray.data import DataUnavailable
-    from distill_ray.evaluate import lm_label_logprobs, perplexity
+    from distill_ray.data.bundled import DataUnavailable
+    from distill_ray.evaluation.metrics import lm_label_logprobs, perplexity
     from distill_ray.models import build_model, load_model
     from distill_ray.pipeline import load_data, run_experiment
 
@@ -238,9 +238,9 @@ def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path, lm_teac
 @pytest.mark.slow
 @pytest.mark.ray
 def test_tiny_lm_online_mode_streams_through_the_teacher_stages(ray_local, tmp_path, lm_teachers_root):
-    from distill_ray.data import DataUnavailable
+    from distill_ray.data.bundled import DataUnavailable
     from distill_ray.pipeline import load_data, prepare_teachers, training_inputs
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.loop import load_trained_student, run_training
 
     raw = apply_overrides(_with_teachers_in(_tiny_lm_raw(tmp_path), lm_teachers_root), [
         ("train.mode", "online"), ("train.epochs", 1), ("data.max_train_samples", 192)])
@@ -278,7 +278,7 @@ def test_the_cache_stage_reads_a_teachers_columns_handed_over_as_per_row_arrays(
     blocks of different tensor types (seen with sequence KD and a teacher with its own tokenizer: the
     first teacher's top-k came through the second's stage that way, and the cache build failed). The
     cache stage stores the same numbers as from one dense array."""
-    from distill_ray.cache_build import finish_rows
+    from distill_ray.cache.build import finish_rows
 
     rng = np.random.default_rng(0)
     n, length, k, vocab = 3, 6, 4, 50

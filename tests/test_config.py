@@ -148,7 +148,7 @@ def test_valid_paths_cover_every_section():
 
 
 def test_choice_lists_match_the_modules_that_implement_them():
-    from distill_ray import blending, curriculum, losses
+    from distill_ray.kd import blending, curriculum, losses
 
     assert C.KD_KINDS == losses.KD_KINDS
     assert C.BLEND_KINDS == blending.BLEND_KINDS
@@ -159,8 +159,8 @@ def test_choice_lists_match_the_modules_that_implement_them():
 
 
 def test_pure_modules_do_not_import_ray():
-    code = ("import sys; import distill_ray.config, distill_ray.losses, distill_ray.blending, "
-            "distill_ray.curriculum, distill_ray.data, distill_ray.verdict; "
+    code = ("import sys; import distill_ray.config, distill_ray.kd.losses, distill_ray.kd.blending, "
+            "distill_ray.kd.curriculum, distill_ray.data.bundled, distill_ray.evaluation.verdict; "
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -68,9 +68,9 @@ def test_a_teacher_on_the_students_own_tokenizer_through_the_cross_path_answers_
     every position but the last, which (without its label) has no next token to align."""
     import textwrap
 
-    from distill_ray.cross_tokenizer import CrossTokenizerTeacher
-    from distill_ray.data import DataUnavailable, resolve_tokenizer
-    from distill_ray.losses import teacher_topk
+    from distill_ray.teachers.cross_tokenizer import CrossTokenizerTeacher
+    from distill_ray.data.bundled import DataUnavailable, resolve_tokenizer
+    from distill_ray.kd.losses import teacher_topk
 
     try:
         minilm = str(resolve_tokenizer("minilm"))
@@ -95,9 +95,9 @@ def test_a_teacher_on_the_students_own_tokenizer_through_the_cross_path_answers_
 
 
 def test_unaligned_positions_are_masked_out_of_the_sequence_kd_and_give_no_nan_gradient():
-    from distill_ray.blending import TeacherBlend
-    from distill_ray.losses import teacher_topk
-    from distill_ray.objectives import sequence_kd
+    from distill_ray.kd.blending import TeacherBlend
+    from distill_ray.kd.losses import teacher_topk
+    from distill_ray.kd.objectives import sequence_kd
 
     torch.manual_seed(0)
     V, B, L = 40, 2, 6
@@ -137,10 +137,10 @@ def test_a_wordpiece_teacher_teaches_a_smollm2_student_through_the_cache(ray_loc
     cache; its loss is tested above: one run keeps this test near half a minute.)"""
     import json
 
-    from distill_ray.data import load_tokenizer
+    from distill_ray.data.bundled import load_tokenizer
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
-    from distill_ray.run_inputs import training_inputs
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.inputs import training_inputs
+    from distill_ray.train.loop import load_trained_student, run_training
 
     raw = apply_overrides(_cross_raw(cross_tokenizer=mode, topk=8), [
         ("data.max_length", 16), ("data.max_train_samples", 256), ("data.max_eval_samples", 16),

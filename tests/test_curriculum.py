@@ -1,4 +1,4 @@
-"""Tests for distill_ray.curriculum: measurers against float64 references, rank fusion by hand,
+"""Tests for distill_ray.kd.curriculum: measurers against float64 references, rank fusion by hand,
 schedules at their endpoints and midpoints, and rank-consistent sharding/sampling."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from distill_ray import curriculum as cur
+from distill_ray.kd import curriculum as cur
 
 K, N, C = 3, 12, 6
 
@@ -344,7 +344,7 @@ def test_sample_for_rank_follows_the_weights():
 
 
 def test_the_cache_holds_each_measure_as_the_curriculum_computes_it():
-    from distill_ray.cache_build import finish_rows
+    from distill_ray.cache.build import finish_rows
 
     rng = np.random.default_rng(0)
     logits = torch.as_tensor(rng.normal(size=(2, 40, 5)).astype(np.float32) * 3)

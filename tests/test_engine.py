@@ -86,7 +86,7 @@ def test_preset_reads_the_same_samples_and_splits_as_the_loader(tiny_data, small
 
 
 def test_recipe_teachers_are_real_and_reused(prepared, tiny_cfg, tiny_data, small_fashion_mnist, capsys):
-    from distill_ray.evaluate import accuracy, predict_logits
+    from distill_ray.evaluation.metrics import accuracy, predict_logits
     from distill_ray.pipeline import prepare_teachers
 
     dirs, _ = prepared
@@ -120,7 +120,7 @@ def test_cache_holds_inputs_labels_targets_and_difficulty_for_every_sample(prepa
 
 def test_cache_is_reused_and_corruption_is_refused(prepared, tiny_cfg, tiny_data, capsys):
     from distill_ray.pipeline import build_cache
-    from distill_ray.soft_targets import CorruptCacheError
+    from distill_ray.cache.soft_targets import CorruptCacheError
 
     dirs, cache = prepared
     udfs_before = _teacher_actors_ever()
@@ -145,8 +145,8 @@ def test_teacher_stage_columns_equal_direct_inference(prepared, ray_local, small
     model directly, row for row (ids stay with their rows)."""
     import ray
 
-    from distill_ray.stages import with_teachers
-    from distill_ray.teachers import TeacherSpec
+    from distill_ray.train.stages import with_teachers
+    from distill_ray.teachers.runner import TeacherSpec
 
     dirs, _ = prepared
     x = small_fashion_mnist.val.inputs[:40]
@@ -162,7 +162,7 @@ def test_teacher_stage_columns_equal_direct_inference(prepared, ray_local, small
 
 
 def test_teachers_are_frozen(prepared):
-    from distill_ray.teachers import TeacherRunner
+    from distill_ray.teachers.runner import TeacherRunner
 
     dirs, _ = prepared
     runner = TeacherRunner("mlp_a", str(dirs["mlp_a"]))
@@ -178,7 +178,7 @@ def test_train_loop_learns_resumes_after_failure_and_logs_weights(prepared, tiny
     """Killed at step 15 (last checkpoint at step 10), the run resumes and finishes every step once;
     the replayed steps train exactly what they trained before, and no epoch trains a sample twice,
     whether the worker keeps its shard in memory or streams it from Ray Data every epoch."""
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.loop import load_trained_student, run_training
 
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("train.data_mode", data_mode)]))
     data = _inputs(cfg, prepared, tiny_data)
@@ -225,7 +225,7 @@ def test_online_teachers_are_a_stage_that_answers_exactly_the_rows_each_epoch_op
     """Online mode: the teachers are Ray Data actor-pool stages in front of the trainer. Each epoch
     they answer every row the curriculum opens once (stage 0 opens half) and nothing it holds back;
     the student trains on all of those rows but the last partial batch."""
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.loop import load_trained_student, run_training
 
     dirs, _ = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("train.mode", "online"), ("train.epochs", 1)]))
@@ -255,7 +255,7 @@ def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepare
     import time
     from dataclasses import replace
 
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.loop import load_trained_student, run_training
 
     dirs, _ = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [
@@ -330,8 +330,8 @@ def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared,
     targets are the same numbers, so the two modes give the same student. (With the default fp16
     cache the targets differ by fp16 rounding, ~1e-3 relative, and so do the students.)"""
     from distill_ray.pipeline import build_cache, prepare_teachers, training_inputs
-    from distill_ray.streams import rank_of
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.streams import rank_of
+    from distill_ray.train.loop import load_trained_student, run_training
 
     ids = np.array(sorted(tiny_data.train.to_pandas()["id"]))
     owner = rank_of(ids, 2)
@@ -379,8 +379,8 @@ def test_topk_cache_feeds_training(prepared, tiny_cfg, tiny_data, tmp_path):
     """A top-k cache (k=3 of 10 classes) stores only k values per teacher; training rebuilds full
     distributions from them (tail mass spread evenly) and learns as well as from full logits."""
     from distill_ray.pipeline import build_cache, training_inputs
-    from distill_ray.objectives import batch_targets
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.kd.objectives import batch_targets
+    from distill_ray.train.loop import load_trained_student, run_training
 
     dirs, full = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("loss.topk", 3), ("train.epochs", 1),
@@ -412,7 +412,7 @@ def test_unlabeled_rows_train_on_kd_alone_with_weights_fit_on_validation(prepare
     run, not the uniform init, favouring the stronger teacher."""
     from dataclasses import replace
 
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.loop import load_trained_student, run_training
 
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("train.epochs", 1),
                                                                       ("train.checkpoint_every_steps", 1000)]))

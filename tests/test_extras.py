@@ -24,9 +24,11 @@ def test_every_extra_named_in_errors_is_declared_and_all_holds_them():
 
 def test_importing_every_module_needs_no_extra():
     blocked = list(EXTRAS)
-    modules = sorted(p.stem for p in (REPO / "distill_ray").glob("*.py") if p.stem != "__main__")
+    package = REPO / "distill_ray"
+    modules = sorted(".".join(("distill_ray", *p.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
+                     for p in package.rglob("*.py") if p.stem != "__main__")
     code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
-            f"for m in {modules!r}: __import__('distill_ray.' + m)\n")
+            f"for m in {modules!r}: __import__(m)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -39,7 +41,7 @@ def test_a_missing_extra_is_named(monkeypatch):
 
 def test_a_sweep_without_wandb_says_so_before_any_work(monkeypatch):
     from distill_ray.config import ConfigError, load_config
-    from distill_ray.tune import _check_tracking
+    from distill_ray.tune.sweep import _check_tracking
 
     monkeypatch.setitem(sys.modules, "wandb", None)
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict, config_to_dict
-from distill_ray.losses import HintProjector, attention_map, attention_transfer, hint_loss, mixup
+from distill_ray.kd.losses import HintProjector, attention_map, attention_transfer, hint_loss, mixup
 from distill_ray.models import (attention_features, build_model, forward_logits, forward_with_features,
                                 hint_features, save_model)
 
@@ -151,7 +151,7 @@ def _saved(model, tmp_path: Path, shape, name: str) -> str:
 
 
 def test_teacher_runner_answers_features_when_asked(tmp_path):
-    from distill_ray.teachers import TeacherRunner
+    from distill_ray.teachers.runner import TeacherRunner
 
     torch.manual_seed(0)
     cnn = build_model("cnn", IMAGE_SHAPE, 10, {"channels": [4, 8], "hidden": 24}).eval()
@@ -182,7 +182,7 @@ def test_teacher_runner_answers_features_when_asked(tmp_path):
 
 
 def test_text_teacher_features_keep_input_order_and_width(tmp_path):
-    from distill_ray.teachers import TeacherRunner
+    from distill_ray.teachers.runner import TeacherRunner
 
     torch.manual_seed(0)
     model = _tiny_bert().eval()
@@ -204,7 +204,7 @@ def test_text_teacher_features_keep_input_order_and_width(tmp_path):
 # --- the loop's pieces: attention loss, mixing, config ----------------------------------------------
 
 def test_attention_loss_matches_attention_transfer_and_names_mismatched_grids():
-    from distill_ray.objectives import attention_loss
+    from distill_ray.kd.objectives import attention_loss
 
     student, teacher = torch.randn(4, 8, 7, 7), torch.randn(4, 16, 7, 7)
     torch.testing.assert_close(attention_loss(student, attention_map(teacher)), attention_transfer(student, teacher))
@@ -219,7 +219,7 @@ def _cfg(overrides=()):
 
 
 def test_mixing_is_deterministic_per_seed_rank_epoch_and_batch():
-    from distill_ray.stages import mix_batch, mix_generator
+    from distill_ray.train.stages import mix_batch, mix_generator
 
     x, y = _images(16), torch.arange(16) % 10
     cfg = (0.4, 1.0)  # mixup_alpha, cutmix_alpha
@@ -280,8 +280,8 @@ def teacher_dirs(ray_local, small_fashion_mnist, tmp_path_factory, tiny_prepared
 
 
 def test_teacher_stage_adds_features_as_columns_of_the_named_teacher_only(tmp_path):
-    from distill_ray.stages import TeacherColumns
-    from distill_ray.teachers import TeacherSpec
+    from distill_ray.train.stages import TeacherColumns
+    from distill_ray.teachers.runner import TeacherSpec
 
     torch.manual_seed(0)
     cnn = build_model("cnn", IMAGE_SHAPE, 10, {"channels": [4, 8], "hidden": 24})
@@ -301,7 +301,7 @@ def test_teacher_stage_adds_features_as_columns_of_the_named_teacher_only(tmp_pa
 
 @pytest.mark.ray
 def test_epoch_stage_opens_the_planned_rows_and_mixes_them_per_epoch(ray_local):
-    from distill_ray.stages import EpochPlan, EpochStage, MixSettings
+    from distill_ray.train.stages import EpochPlan, EpochStage, MixSettings
 
     plan = EpochPlan.remote()
     batch = {"id": np.arange(100, 116), "x": _images(16).numpy(), "label": np.arange(16) % 10}
@@ -323,7 +323,7 @@ def test_epoch_stage_opens_the_planned_rows_and_mixes_them_per_epoch(ray_local):
 
 def _online_run(cfg, dirs, storage: Path, **kwargs):
     from distill_ray.pipeline import load_data, training_inputs
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.loop import load_trained_student, run_training
 
     data = load_data(cfg)  # online mode needs no cache: the teachers are stages of the stream
     answered_file = storage.parent / "answered.txt"

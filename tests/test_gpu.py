@@ -33,13 +33,13 @@ def gpu_cfg(tmp_path_factory):
 
 
 def test_bf16_teachers_on_fractional_gpus_match_fp32(ray_local, gpu_cfg, small_fashion_mnist):
-    from distill_ray.evaluate import predict_logits
+    from distill_ray.evaluation.metrics import predict_logits
     from distill_ray.models import load_model
     import ray
 
     from distill_ray.pipeline import load_data, prepare_teachers
-    from distill_ray.teacher_setup import teacher_specs
-    from distill_ray.stages import with_teachers
+    from distill_ray.teachers.setup import teacher_specs
+    from distill_ray.train.stages import with_teachers
 
     dirs = prepare_teachers(gpu_cfg, load_data(gpu_cfg))
     x = small_fashion_mnist.val.inputs[:256]
@@ -55,7 +55,7 @@ def test_bf16_teachers_on_fractional_gpus_match_fp32(ray_local, gpu_cfg, small_f
 
 def test_gpu_worker_with_bf16_autocast_learns(ray_local, gpu_cfg, small_fashion_mnist, tmp_path):
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers, training_inputs
-    from distill_ray.train import load_trained_student, run_training
+    from distill_ray.train.loop import load_trained_student, run_training
 
     source = load_data(gpu_cfg)
     dirs = prepare_teachers(gpu_cfg, source)

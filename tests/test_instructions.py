@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict
-from distill_ray.data import function_pairs, resolve_tokenizer
-from distill_ray.sources import IGNORE_LABEL, _instructions
+from distill_ray.data.bundled import function_pairs, resolve_tokenizer
+from distill_ray.data.sources import IGNORE_LABEL, _instructions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,9 +110,9 @@ def test_chat_turns_render_with_the_template_and_only_the_last_answer_is_learned
 def test_prompt_tokens_contribute_nothing_to_the_loss():
     """Task and KD terms of a causal-LM step: the student's logits at prompt positions get no gradient,
     whatever the teachers say there."""
-    from distill_ray.blending import TeacherBlend
-    from distill_ray.losses import teacher_topk
-    from distill_ray.objectives import sequence_kd, task_loss
+    from distill_ray.kd.blending import TeacherBlend
+    from distill_ray.kd.losses import teacher_topk
+    from distill_ray.kd.objectives import sequence_kd, task_loss
 
     torch.manual_seed(0)
     V, B, L, prompt_len = 40, 3, 10, 4
@@ -156,8 +156,8 @@ def test_instruction_keys_are_checked_together():
 def test_jsonl_instruction_data_through_the_spine(ray_local, tmp_path):
     """Pairs from a JSONL file: split by id, prompt masked, long pairs counted as cut, rows whose prompt
     fills the window dropped; a missing column is named with the file."""
-    from distill_ray.data import DataError
-    from distill_ray.sources import load_source
+    from distill_ray.data.bundled import DataError
+    from distill_ray.data.sources import load_source
 
     rows = [{"q": f"def f{i}(x):" + (" pad" * 60 if i % 10 == 0 else ""), "a": f"return x * {i}" + " + 1" * (i % 7)}
             for i in range(200)]
@@ -183,7 +183,7 @@ def test_jsonl_instruction_data_through_the_spine(ray_local, tmp_path):
 
 
 def test_rouge_l_and_the_parse_check_on_known_cases():
-    from distill_ray.generation import lcs_length, parses, prompts_and_references, rouge_l
+    from distill_ray.lm.generation import lcs_length, parses, prompts_and_references, rouge_l
 
     assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4  # the textbook pair
     assert rouge_l("return a + b", "return a + b") == 1.0 and rouge_l("x", "y") == 0.0

@@ -1,4 +1,4 @@
-"""Tests for distill_ray.losses against independent float64 reference formulas."""
+"""Tests for distill_ray.kd.losses against independent float64 reference formulas."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from distill_ray import losses as L
+from distill_ray.kd import losses as L
 
 PROB_KINDS = tuple(k for k in L.KD_KINDS if k != "mse_logits")
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
@@ -641,12 +641,13 @@ def test_cutmix_sampled_lam_matches_box_area():
 
 
 def test_module_does_not_import_ray():
-    code = "import sys, distill_ray.losses; assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]"
+    code = ("import sys, distill_ray.kd.losses; "
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_dense_from_topk_is_exact_when_k_is_all_classes_and_a_distribution_otherwise():
-    from distill_ray.losses import dense_from_topk, teacher_topk
+    from distill_ray.kd.losses import dense_from_topk, teacher_topk
 
     logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)) * 3
     full = torch.log_softmax(logits, -1)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from distill_ray.evaluate import accuracy, expected_calibration_error
+from distill_ray.evaluation.metrics import accuracy, expected_calibration_error
 from distill_ray.models import build_model, fingerprint, forward_logits, freeze, load_model, num_params, save_model
 
 ARCHS = [("mlp", {"hidden": [32]}), ("cnn", {"channels": [4, 8], "hidden": 16}),

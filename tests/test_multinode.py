@@ -174,7 +174,7 @@ def _runtime_env(cluster: LocalCluster) -> dict:
     """jobs/runtime_env.yaml, with this checkout as the working_dir (as `--working-dir .` does)."""
     env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     env["working_dir"] = str(REPO)
-    from distill_ray.data import cache_root
+    from distill_ray.data.bundled import cache_root
 
     # The Fashion-MNIST table the session already wrote (read only here), so the data fingerprint, and
     # with it the copied soft-target cache, is the session's.
@@ -224,9 +224,9 @@ def _expected_steps(cfg) -> int:
     fewer batches). One worker: its shard is the whole open subset."""
     import torch
 
-    from distill_ray.curriculum import open_subset
+    from distill_ray.kd.curriculum import open_subset
     from distill_ray.pipeline import load_data
-    from distill_ray.objectives import stage_and_fraction
+    from distill_ray.kd.objectives import stage_and_fraction
 
     assert cfg.train.num_workers == 1
     n = load_data(cfg).info.counts["train"]

@@ -60,8 +60,8 @@ def test_the_reference_is_trained_only_for_a_scheduler_that_reads_difficulty(mon
     """Under none nothing reads the reference's ranking (confidence, which reads none either, is
     refused for language models): no reference is trained or measured and the cache's key says so;
     a sweep that varies the scheduler keeps it (no Ray here)."""
-    from distill_ray import reference
-    from distill_ray.tune_space import SearchSpace
+    from distill_ray.lm import reference
+    from distill_ray.tune.space import SearchSpace
 
     calls = []
     monkeypatch.setattr(reference, "prepare_reference", lambda *a: calls.append("train") or Path("ref"))
@@ -99,7 +99,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     """Left padding with an attention mask must not change what greedy decoding says."""
     import torch
 
-    from distill_ray.generation import batched_responses
+    from distill_ray.lm.generation import batched_responses
 
     model = _tiny_lm()
     generator = torch.Generator().manual_seed(1)
@@ -114,7 +114,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
 def test_responses_end_before_eos_unless_kept_and_sampling_ignores_the_batching():
     """Evaluation and the reference score a response without its eos; sequence KD keeps it. Seeded
     sampling in length-sorted batches gives what one batch in the given order gives."""
-    from distill_ray.generation import batched_responses
+    from distill_ray.lm.generation import batched_responses
 
     model = _tiny_lm(vocab=6)
     prompts = [[3, 4], [4, 5, 3], [5], [3, 3, 3, 3], [4]]
@@ -140,9 +140,9 @@ def test_row_measures_are_the_references_loss_and_rouge_per_row():
     import numpy as np
     import torch
 
-    from distill_ray.evaluate import lm_label_logprobs
-    from distill_ray.generation import batched_responses, rouge_l
-    from distill_ray.reference import row_measures
+    from distill_ray.evaluation.metrics import lm_label_logprobs
+    from distill_ray.lm.generation import batched_responses, rouge_l
+    from distill_ray.lm.reference import row_measures
 
     model = _tiny_lm(3)
     x = np.zeros((3, 10), np.int64)
@@ -176,11 +176,11 @@ def test_pocl_ranks_every_train_row_by_rrf_and_stage_0_opens_the_easiest(ray_loc
     import numpy as np
     import torch
 
-    from distill_ray import curriculum as cur
+    from distill_ray.kd import curriculum as cur
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
-    from distill_ray.reference import COLUMN, LOSS_COLUMN, ROUGE_COLUMN
-    from distill_ray.run_inputs import training_inputs
-    from distill_ray.train import run_training
+    from distill_ray.lm.reference import COLUMN, LOSS_COLUMN, ROUGE_COLUMN
+    from distill_ray.train.inputs import training_inputs
+    from distill_ray.train.loop import run_training
 
     cfg = _tiny_instruct(
         "data.max_train_samples=96", "data.max_eval_samples=24", "curriculum.scheduler=multi_stage",

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill_ray.evaluate import expected_calibration_error, reliability_bins
-from distill_ray.report import PLOTS, gap_recovered, stage_boundaries, write_report
+from distill_ray.evaluation.metrics import expected_calibration_error, reliability_bins
+from distill_ray.evaluation.report import PLOTS, gap_recovered, stage_boundaries, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -129,7 +129,7 @@ def test_gap_and_stage_boundaries():
 
 
 def test_report_says_at_which_epoch_student_and_baseline_are_reported():
-    from distill_ray.report import report_markdown
+    from distill_ray.evaluation.report import report_markdown
 
     metrics = {"student": 0.87, "baseline": 0.84, "teachers": {"t": 0.88}, "teacher_weights": {"t": 1.0},
                "best_epoch": {"student": 33, "baseline": 98}, "epochs": {"student": 40, "baseline": 443}}
@@ -140,7 +140,7 @@ def test_report_says_at_which_epoch_student_and_baseline_are_reported():
 
 
 def test_report_names_every_feature_column_and_every_column_left_out():
-    from distill_ray.report import report_markdown
+    from distill_ray.evaluation.report import report_markdown
 
     data = {"format": "parquet", "kind": "tabular", "source": "/d/t.parquet",
             "rows": {"train": 1200, "val": 150, "test": 300}, "labeled": {"train": 1200, "val": 150, "test": 300},
@@ -158,8 +158,8 @@ def test_report_names_every_feature_column_and_every_column_left_out():
 def test_a_teacher_on_its_own_tokenizer_is_reported_apart_and_left_out_of_the_gap(capsys):
     """Its perplexity is per token of another tokenizer: the table leaves the cell empty, a note gives it,
     and the gap is measured to the best teacher scored on the student's tokens."""
-    from distill_ray.report import report_markdown
-    from distill_ray.scoring import print_summary
+    from distill_ray.evaluation.report import report_markdown
+    from distill_ray.evaluation.scoring import print_summary
 
     metrics = {"student": 30.0, "baseline": 40.0, "teachers": {"smol": 20.0, "wp": None}, "metric": "perplexity",
                "teacher_weights": {"smol": 0.7, "wp": 0.3}, "params": {"student": 10, "teachers": {"smol": 200, "wp": 50}}}

@@ -91,7 +91,7 @@ def test_run_writes_metrics_student_and_card(ray_local, small_fashion_mnist, tmp
                                 == d.test.labels)
     assert on_disk["student"] > untrained_acc + 0.3
     # The verdict: the run's last lines, in metrics.json and in report.md.
-    from distill_ray.verdict import paired_se
+    from distill_ray.evaluation.verdict import paired_se
 
     verdict, out = on_disk["verdict"], done.stdout.splitlines()
     assert out[-len(verdict["lines"]):] == verdict["lines"]

@@ -4,8 +4,8 @@ as the student, however few rows they read or hold back."""
 from pathlib import Path
 
 from distill_ray.config import apply_overrides, config_from_dict, config_to_dict, load_config
-from distill_ray.objectives import planned_steps
-from distill_ray.run_inputs import baseline_config, epochs_for_steps
+from distill_ray.kd.objectives import planned_steps
+from distill_ray.train.inputs import baseline_config, epochs_for_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_a_curriculum_that_holds_data_back_gets_more_epochs_for_equal_steps():
 
 
 def test_per_stage_temperatures_apply_only_where_there_are_stages():
-    from distill_ray.objectives import temperature_and_alpha
+    from distill_ray.kd.objectives import temperature_and_alpha
 
     cfg = load_config(REPO / "jobs/configs/fortunes_text.yaml")  # scheduler none, stage temperatures 1 -> 2
     assert (cfg.curriculum.scheduler, cfg.curriculum.temperature_schedule) == ("none", "stage")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from distill_ray.schedules import LR_SCHEDULES, ONECYCLE_START, lr_factor
+from distill_ray.kd.schedules import LR_SCHEDULES, ONECYCLE_START, lr_factor
 
 
 def test_constant_with_warmup_ramps_then_holds():

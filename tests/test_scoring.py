@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill_ray.evaluate import (accuracy, classifier_scores, expected_calibration_error, lm_label_logprobs,
+from distill_ray.evaluation.metrics import (accuracy, classifier_scores, expected_calibration_error, lm_label_logprobs,
                                   lm_scores, perplexity, predict_logits, token_accuracy)
 from distill_ray.models import build_model
-from distill_ray.scoring import split_outputs
+from distill_ray.evaluation.scoring import split_outputs
 
 
 class Split:

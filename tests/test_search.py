@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distill_ray.config import config_from_dict
-from distill_ray.search import ALPHAS, TEMPERATURES, config_values, search_space
+from distill_ray.tune.search import ALPHAS, TEMPERATURES, config_values, search_space
 
 
 def _cfg(tmp_path: Path, **data) -> object:
@@ -57,7 +57,7 @@ def test_a_search_tries_the_config_first_and_hands_the_winner_to_the_run(ray_loc
     import pyarrow.parquet as pq
     from sklearn.datasets import load_digits
 
-    from distill_ray.search import _with, run_search
+    from distill_ray.tune.search import _with, run_search
 
     digits = load_digits()
     keep = np.random.default_rng(0).permutation(len(digits.target))[:600]

@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict
-from distill_ray.sequence_kd import (REFERENCE, TEACHER, Decoding, generate_responses, pack_row, prompt_of,
+from distill_ray.lm.sequence_kd import (REFERENCE, TEACHER, Decoding, generate_responses, pack_row, prompt_of,
                                      reference_columns, row_seed, rows_from, teacher_rows, window_budget)
-from distill_ray.sources import IGNORE_LABEL
+from distill_ray.data.sources import IGNORE_LABEL
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,9 +47,9 @@ def test_a_reference_repacked_from_its_prompt_and_response_is_the_same_row(tmp_p
     and pack them again, and the row comes back bit for bit (long ones cut alike)."""
     from transformers import AutoTokenizer
 
-    from distill_ray.data import resolve_tokenizer
-    from distill_ray.generation import prompts_and_references
-    from distill_ray.sources import _instructions
+    from distill_ray.data.bundled import resolve_tokenizer
+    from distill_ray.lm.generation import prompts_and_references
+    from distill_ray.data.sources import _instructions
 
     tok = AutoTokenizer.from_pretrained(resolve_tokenizer("minilm"), local_files_only=True)
     tok.eos_token = "[SEP]"
@@ -174,7 +174,7 @@ def test_with_best_only_the_teachers_on_the_datas_tokenizer_compete_to_write():
     """A teacher with a tokenizer of its own still teaches token by token but cannot write the data's
     token ids: it is no candidate, the only one left writes without a validation contest (no Ray), and
     the responses cache's spec does not change with that teacher's weights."""
-    from distill_ray.response_cache import candidates, response_spec, writers
+    from distill_ray.cache.responses import candidates, response_spec, writers
 
     raw = _instruct_raw(("sequence_kd.mode", "mixed"), ("teachers.llama_deep.tokenizer", "smollm2"),
                         ("teachers.llama_deep.source", "hf_dir"), ("teachers.llama_deep.path", "t"))
@@ -188,7 +188,7 @@ def test_with_best_only_the_teachers_on_the_datas_tokenizer_compete_to_write():
 
 
 def test_the_baseline_reads_references_and_the_student_what_the_mode_says():
-    from distill_ray.response_cache import train_sources
+    from distill_ray.cache.responses import train_sources
 
     def cfg(mode):
         return config_from_dict(_instruct_raw(("sequence_kd.mode", mode)))
@@ -202,8 +202,8 @@ def test_the_baseline_reads_references_and_the_student_what_the_mode_says():
 # --- the cache's checks -------------------------------------------------------------------------------
 
 def _fake_cache(root: Path, spec) -> Path:
-    from distill_ray.cache_files import sha256_file
-    from distill_ray.response_cache import MANIFEST
+    from distill_ray.cache.files import sha256_file
+    from distill_ray.cache.responses import MANIFEST
 
     d = root / spec.key()
     d.mkdir(parents=True)
@@ -217,8 +217,8 @@ def _fake_cache(root: Path, spec) -> Path:
 def test_a_stale_or_damaged_responses_cache_is_refused_naming_what_changed(tmp_path):
     from dataclasses import asdict
 
-    from distill_ray.response_cache import ResponseSpec, _newest_sibling, changes, verify
-    from distill_ray.soft_targets import CorruptCacheError, StaleCacheError
+    from distill_ray.cache.responses import ResponseSpec, _newest_sibling, changes, verify
+    from distill_ray.cache.soft_targets import CorruptCacheError, StaleCacheError
 
     greedy = ResponseSpec({"a": "f" * 64, "b": "e" * 64}, "all", asdict(Decoding.of("greedy", 8, 1, 1, 0)), "data1")
     sample = ResponseSpec({"a": "f" * 64, "b": "e" * 64}, "all", asdict(Decoding.of("sample", 8, 0.7, 1, 5)), "data1")
@@ -250,10 +250,10 @@ def test_responses_are_generated_once_cached_and_reused_without_generate(ray_loc
     """Two tiny teachers both write (teachers=all, sampled): the responses cache records every teacher's
     fingerprint and the decoding, the soft-target cache holds reference and teacher rows with targets,
     training reads the rows its mode says; a second build calls generate zero times."""
-    from distill_ray.cache_build import build_cache
+    from distill_ray.cache.build import build_cache
     from distill_ray.pipeline import load_data, prepare_teachers
-    from distill_ray.response_cache import MANIFEST, teacher_fingerprints
-    from distill_ray.run_inputs import training_inputs
+    from distill_ray.cache.responses import MANIFEST, teacher_fingerprints
+    from distill_ray.train.inputs import training_inputs
 
     for seed, name in enumerate(("a", "b")):  # saved untrained: what they write does not matter here
         _tiny_lm(vocab=30522, seed=seed).save_pretrained(tmp_path / name)

@@ -16,7 +16,7 @@ import torch
 
 from distill_ray.config import ServeConfig
 from distill_ray.models import build_model, save_model
-from distill_ray.recipes import train_classifier
+from distill_ray.teachers.recipes import train_classifier
 from distill_ray.serving import API_KEY_ENV, StudentPredictor, start_serve
 
 pytestmark = [pytest.mark.ray]

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from distill_ray.config import ServeConfig
 from distill_ray.models import build_model, save_model
-from distill_ray.recipes import train_classifier
+from distill_ray.teachers.recipes import train_classifier
 from distill_ray.serving import (
     API_KEY_ENV,
     InputSchema,
@@ -30,7 +30,7 @@ from distill_ray.serving import (
     settings_from_app_args,
     state_dict_bytes,
 )
-from distill_ray.serve_requests import generate_model, predict_model
+from distill_ray.serving.schemas import generate_model, predict_model
 
 FEATURES = InputSchema(num_classes=10, input_shape=(1, 28, 28))
 LIMITS = RequestLimits(max_inputs_per_request=4, max_text_chars=20)
@@ -341,8 +341,8 @@ def test_fastapi_handlers_answer_auth_and_validation_errors_as_json():
     from fastapi import Depends, FastAPI
     from fastapi.testclient import TestClient
 
-    from distill_ray.serve_app import install_error_handlers
-    from distill_ray.serve_auth import ApiKeyCheck, bearer_scheme
+    from distill_ray.serving.app import install_error_handlers
+    from distill_ray.serving.auth import ApiKeyCheck, bearer_scheme
 
     app, check = install_error_handlers(FastAPI()), ApiKeyCheck(api_key_digest("s3cret"))
 
@@ -370,10 +370,10 @@ def test_the_library_never_imports_serve_app_and_serve_app_does_no_work_at_impor
     from pathlib import Path
 
     script = ("import sys, ray\n"
-              "import distill_ray.serving, distill_ray.serve_launch, distill_ray.serve_app\n"
+              "import distill_ray.serving, distill_ray.serving.launch, distill_ray.serving.app\n"
               "assert 'serve.app' not in sys.modules, 'the library imported serve/app.py'\n"
               "import serve.app\n"
-              "assert serve.app.build_app is distill_ray.serve_app.build_app\n"
+              "assert serve.app.build_app is distill_ray.serving.app.build_app\n"
               "assert not ray.is_initialized()\n"
               "assert not any(name.startswith('transformers') for name in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
@@ -409,7 +409,7 @@ def test_serve_config_yaml_is_a_valid_deploy_config_whose_builder_binds_the_stud
 @pytest.fixture(scope="module")
 def text_student(tmp_path_factory):
     """A tiny random BERT classifier saved with the bundled MiniLM WordPiece tokenizer."""
-    from distill_ray.data import DataUnavailable, load_tokenizer
+    from distill_ray.data.bundled import DataUnavailable, load_tokenizer
 
     try:
         tokenizer = load_tokenizer("minilm")
@@ -481,7 +481,7 @@ def test_text_student_without_tokenizer_takes_token_ids_only(text_student, tmp_p
 def test_a_tabular_student_standardises_raw_features_and_answers_with_its_label_names(tmp_path):
     """The student's spec carries the train split's standardisation and the data's label names (as
     distill-ray run exports them): Serve applies the one to raw requests and answers with the other."""
-    from distill_ray.data import apply_standardise
+    from distill_ray.data.bundled import apply_standardise
 
     torch.manual_seed(0)
     model = build_model("mlp", (3,), 2, {"hidden": [8]})

@@ -16,7 +16,7 @@ def lm_student(tmp_path_factory):
     """A tiny Llama causal LM on MiniLM's WordPiece tokenizer, saved as a student directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distill_ray.data import DataUnavailable, minilm_path
+    from distill_ray.data.bundled import DataUnavailable, minilm_path
     from distill_ray.models import save_model, save_tokenizer
 
     try:
@@ -87,7 +87,7 @@ def _generations(service, body: dict) -> list[str]:
 
 
 def test_messages_are_rendered_with_the_students_chat_template(chat_students):
-    from distill_ray.chat import render_chat_prompt
+    from distill_ray.data.chat import render_chat_prompt
 
     service = _service(chat_students["plain"])
     turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat sat"}]
@@ -115,7 +115,7 @@ def test_prompts_are_tokenized_as_in_training_without_special_tokens(lm_student)
     tok, model = service.predictor.tokenizer, service.predictor.model
     ids = tok("the cat sat", add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert tok.cls_token_id not in ids[0].tolist() and tok.sep_token_id not in ids[0].tolist()
-    from distill_ray.generation import batched_responses
+    from distill_ray.lm.generation import batched_responses
 
     expected = batched_responses(model, [ids[0].tolist()], 6, tok.eos_token_id, tok.pad_token_id)[0]
     assert _generations(service, {"inputs": ["the cat sat"]}) == [tok.decode(expected, skip_special_tokens=True)]

@@ -1,4 +1,4 @@
-"""Tests for distill_ray.soft_targets: the cache as a dataset written by Ray Data, staleness,
+"""Tests for distill_ray.cache.soft_targets: the cache as a dataset written by Ray Data, staleness,
 corruption, atomic publication."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill_ray import soft_targets as st
-from distill_ray.soft_targets import MANIFEST, CacheSpec, CachedData, CorruptCacheError, StaleCacheError
+from distill_ray.cache import soft_targets as st
+from distill_ray.cache.soft_targets import MANIFEST, CacheSpec, CachedData, CorruptCacheError, StaleCacheError
 
 C = 7
 FP_A = "a" * 64
@@ -285,7 +285,7 @@ def test_module_import_does_not_import_ray():
     import subprocess
     import sys
 
-    code = "import sys, distill_ray.soft_targets; print('ray' in sys.modules)"
+    code = "import sys, distill_ray.cache.soft_targets; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -295,7 +295,7 @@ def test_module_import_does_not_import_ray():
 def test_a_q8_topk_cache_reads_back_as_float32_logprobs_and_indices(ray_local, tmp_path):
     """Written by Ray Data in the q8 encoding (with its Parquet options), read back through the same
     logical columns a plain cache has: float32 log-probs and int32 indices, descending."""
-    from distill_ray.losses import teacher_topk
+    from distill_ray.kd.losses import teacher_topk
 
     import torch
 

@@ -1,4 +1,4 @@
-"""Your own data through Ray Data (distill_ray.sources): every format, ids, splits, label maps,
+"""Your own data through Ray Data (distill_ray.data.sources): every format, ids, splits, label maps,
 standardisation, and one clear error for each kind of bad input."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill_ray.config import ConfigError, config_from_dict
-from distill_ray.data import DataError, split_by_id
+from distill_ray.data.bundled import DataError, split_by_id
 
 pytestmark = pytest.mark.ray
 TEACHERS = [{"name": "t", "source": "recipe", "recipe": "mlp"}]
@@ -25,7 +25,7 @@ def _cfg(tmp_path: Path, extra: dict | None = None, **data):
 
 
 def _load(cfg):
-    from distill_ray.sources import load_source
+    from distill_ray.data.sources import load_source
 
     return load_source(cfg)
 
@@ -331,7 +331,7 @@ def test_a_string_column_of_mostly_numbers_is_refused_naming_the_bad_value(ray_l
 
 
 def test_a_bad_value_past_the_sample_is_found_by_the_workers(ray_local, tmp_path, monkeypatch):
-    from distill_ray import sources
+    from distill_ray.data import sources
 
     monkeypatch.setattr(sources, "SAMPLE_ROWS", 10)  # the sample is all numbers; row 30 is not
     pq.write_table(_f3_table(bad_row=30), tmp_path / "late.parquet")
@@ -356,7 +356,7 @@ def test_a_label_field_that_is_not_a_column_is_named(ray_local, tmp_path):
 
 
 def test_the_data_line_shortens_many_features_and_names_every_column_left_out():
-    from distill_ray.data import columns_summary
+    from distill_ray.data.bundled import columns_summary
 
     features = tuple(f"f{i}" for i in range(36) if i != 3)
     assert columns_summary(features, {"f3": "not in data.feature_fields", "label": "label column"}) == \
@@ -369,7 +369,7 @@ def test_the_data_line_shortens_many_features_and_names_every_column_left_out():
 
 
 def test_a_data_info_saved_before_left_out_existed_still_loads():
-    from distill_ray.sources import DataInfo
+    from distill_ray.data.sources import DataInfo
 
     old = {"task": "classification", "kind": "tabular", "num_classes": 2, "class_names": ["a", "b"],
            "input_shape": [3], "counts": {"train": 1}, "labeled": {"train": 1}, "fingerprint": "x",

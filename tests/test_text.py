@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_ray.data import FORTUNES_CATEGORIES, DataUnavailable, load_fortunes
+from distill_ray.data.bundled import FORTUNES_CATEGORIES, DataUnavailable, load_fortunes
 from distill_ray.models import (batched_logits, build_model, forward_logits, load_model, num_params, save_model,
                                 save_tokenizer)
 
@@ -30,7 +30,7 @@ def small_fortunes():
 
 
 def _minilm_dir():
-    from distill_ray.data import minilm_path
+    from distill_ray.data.bundled import minilm_path
 
     try:
         return minilm_path()
@@ -80,7 +80,7 @@ def test_fortunes_has_the_12_classes_and_disjoint_splits(small_fortunes):
 
 
 def test_fortunes_splits_are_fixed_by_seed_and_ids_are_stable(small_fortunes):
-    from distill_ray.data import _text_id
+    from distill_ray.data.bundled import _text_id
 
     again = _fortunes(max_train_samples=240, max_eval_samples=60, max_length=MAX_LENGTH, split_seed=0)
     for a, b in zip((small_fortunes.train, small_fortunes.val, small_fortunes.test), (again.train, again.val, again.test)):
@@ -213,7 +213,7 @@ def test_hf_config_init_embeddings_from_minilm_pca():
 
 
 def test_encoder_param_groups_freeze_all_but_the_top_layers():
-    from distill_ray.recipes import encoder_param_groups
+    from distill_ray.teachers.recipes import encoder_param_groups
 
     model = _tiny_bert()
     groups = encoder_param_groups(model, 5e-5, head_lr=1e-3, train_top_layers=1)
@@ -271,7 +271,7 @@ def test_fortunes_run_end_to_end(ray_local, tmp_path):
         predicted = batched_logits(hf, torch.as_tensor(test_x)).argmax(-1).numpy()
     assert np.mean(predicted == test_y) == pytest.approx(metrics["student"], abs=1e-6)
     # The saved tokenizer turns raw text into the same ids the run trained on.
-    from distill_ray.data import load_fortunes
+    from distill_ray.data.bundled import load_fortunes
 
     ref = load_fortunes(max_length=MAX_LENGTH, max_train_samples=300, max_eval_samples=96).test
     order = np.argsort(ref.ids)[:4]

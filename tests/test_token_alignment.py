@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill_ray.losses import teacher_topk, topk_kd_divergence, uld_divergence
-from distill_ray.token_alignment import (align_next_tokens, align_rows, carry_topk, content_starts,
+from distill_ray.kd.losses import teacher_topk, topk_kd_divergence, uld_divergence
+from distill_ray.teachers.token_alignment import (align_next_tokens, align_rows, carry_topk, content_starts,
                                          decode_with_spans, filler_pool, tables, vocab_maps)
 
 # Real text with capitals, punctuation, indentation and code: docstrings of the standard library.
@@ -21,7 +21,7 @@ DOCS = [textwrap.dedent(f.__doc__).strip() for f in (json.dumps, textwrap.dedent
 
 
 def _tokenizer(name: str):
-    from distill_ray.data import DataUnavailable, load_tokenizer
+    from distill_ray.data.bundled import DataUnavailable, load_tokenizer
 
     try:
         return load_tokenizer(name)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill_ray.data import DataError
-from distill_ray.transfer import NOISE_STD, resolve_transfer, transfer_ids, transfer_inputs, with_transfer_rows
+from distill_ray.data.bundled import DataError
+from distill_ray.data.transfer import NOISE_STD, resolve_transfer, transfer_ids, transfer_inputs, with_transfer_rows
 
 
 def _batch(x, splits, labels=None):
@@ -97,7 +97,7 @@ def test_token_masking_keeps_special_and_pad_tokens_and_masks_or_drops_some_real
 
 
 def test_the_first_copies_of_every_row_can_be_kept_from_a_larger_transfer_set():
-    from distill_ray.transfer import first_copies
+    from distill_ray.data.transfer import first_copies
 
     batch = _batch(np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32), ["train"] * 5)
     out = with_transfer_rows(dict(batch), "mixup", "tabular", copies=8, seed=0)

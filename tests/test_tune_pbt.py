@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
-from distill_ray.tune import _scheduler, _search, run_sweep
-from distill_ray.tune_pbt import ClampToSpace, checkpoint_history, epoch_rows, evolved_schedule, pbt_mutations, \
+from distill_ray.tune.sweep import _scheduler, _search, run_sweep
+from distill_ray.tune.pbt import ClampToSpace, checkpoint_history, epoch_rows, evolved_schedule, pbt_mutations, \
     pbt_train_slots
-from distill_ray.tune_space import load_space, trial_config
-from distill_ray.tune_summary import write_summary
+from distill_ray.tune.space import load_space, trial_config
+from distill_ray.tune.summary import write_summary
 
 REPO = Path(__file__).resolve().parents[1]
 

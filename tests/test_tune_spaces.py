@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from distill_ray.config import ConfigError, config_to_dict, load_config
-from distill_ray.registry import register, resolve_registry
-from distill_ray.tune_space import load_space, trial_config
+from distill_ray.serving.registry import register, resolve_registry
+from distill_ray.tune.space import load_space, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))

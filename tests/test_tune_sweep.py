@@ -53,7 +53,7 @@ TRIALS = 2
 @pytest.fixture(scope="module")
 def sweep(ray_local, root):
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
-    from distill_ray.tune import run_sweep
+    from distill_ray.tune.sweep import run_sweep
 
     cfg = _config(root, "sweep")
     data = load_data(cfg)
@@ -98,10 +98,10 @@ def test_no_trial_ran_a_teacher_and_the_cache_was_reused(sweep):
 
 
 def test_winner_is_exported_and_registered_and_scores_what_tune_saw(sweep):
-    from distill_ray.evaluate import accuracy, predict_logits
+    from distill_ray.evaluation.metrics import accuracy, predict_logits
     from distill_ray.models import load_model
     from distill_ray.pipeline import load_data
-    from distill_ray.registry import resolve_registry
+    from distill_ray.serving.registry import resolve_registry
 
     cfg, out, _, _ = sweep
     student, _ = load_model(out["student_dir"])
@@ -128,7 +128,7 @@ def test_every_trial_wrote_tensorboard_and_wandb_offline_runs(sweep):
 
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(ray_local, root, sweep):
     """Ctrl-C a sweep after its first trial finishes, then `--resume` it."""
-    from distill_ray.tune import resume_sweep
+    from distill_ray.tune.sweep import resume_sweep
 
     # One-epoch trials: what is tested is which trials run again, not how long they train.
     short = ("train.epochs", 1)

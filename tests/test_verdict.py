@@ -1,4 +1,4 @@
-"""The run's verdict (distill_ray/verdict.py): the noise of a student-baseline difference, the
+"""The run's verdict (distill_ray/evaluation/verdict.py): the noise of a student-baseline difference, the
 gain/tie/loss thresholds, and each rule's "try:" line from the figures that trigger it. Pure, no Ray;
 the verdict of a real run is checked in tests/test_run_e2e.py."""
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill_ray.evaluate import disagreements
-from distill_ray.report import report_markdown
-from distill_ray.verdict import classification_verdict, paired_se, unpaired_se
+from distill_ray.evaluation.metrics import disagreements
+from distill_ray.evaluation.report import report_markdown
+from distill_ray.evaluation.verdict import classification_verdict, paired_se, unpaired_se
 
 HOW = "2 standard errors of the paired difference on 300 test rows"
 SEARCH = ("try: a search over the distillation settings (loss.temperature, loss.alpha, train.lr): distill-ray run "
@@ -199,7 +199,7 @@ class _Cache:
 
 
 def test_train_accuracy_scores_labeled_rows_and_samples_a_large_split():
-    from distill_ray.scoring import train_accuracy
+    from distill_ray.evaluation.scoring import train_accuracy
 
     class First(torch.nn.Module):  # predicts the class of the input's first feature
         def forward(self, x):

@@ -1,0 +1,11 @@
+"""Knowledge distillation as pure tensor functions: the losses, how several teachers' distributions
+are blended into one target, the curriculum and the schedules, and what one training step optimises.
+Plain PyTorch, no Ray: every module here imports without it, so the Train loop, Tune and the tests
+call the same functions.
+
+- ``losses``: the distillation losses (KL and its kin, DKD, focal, hint and attention terms), batch-meaned.
+- ``blending``: ``TeacherBlend``, K teachers' distributions mixed by fixed or learned weights.
+- ``curriculum``: difficulty measures, which rows are open, temperature and alpha over training.
+- ``schedules``: learning-rate factor as a pure function of the step.
+- ``objectives``: one step's targets and terms (KD, task, sequence KD, hints) from a batch's columns.
+"""

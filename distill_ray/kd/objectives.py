@@ -1,0 +1,205 @@
+"""What one training step optimises, as functions of tensors and the config: the curriculum's stage
+and open fraction, temperature and alpha, the step budget, the teachers' targets from a batch's
+columns, the KD and task terms per row, causal-LM sequence KD, hint and attention terms. The loop in
+``train/loop.py`` composes them; nothing here knows of Ray."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distill_ray.kd import curriculum as cur
+from distill_ray.kd.blending import TeacherBlend
+from distill_ray.config import ExperimentConfig
+from distill_ray.kd.losses import HintProjector, attention_map, attention_map_distance, dense_from_topk, dkd, \
+    focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, topk_kd_divergence, topk_label_logprobs, \
+    uld_divergence
+from distill_ray.models import forward_with_features, unwrap_model
+
+
+def _allreduce_grads(module: torch.nn.Module, world_size: int) -> None:
+    """Average the blend's gradients over ranks so every rank keeps identical blend weights."""
+    if world_size == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world_size
+
+
+def stage_and_fraction(cfg: ExperimentConfig, epoch: int, step: int) -> tuple[int, float]:
+    """Curriculum stage and fraction of (easiest) data open, the same on every rank."""
+    c = cfg.curriculum
+    if c.scheduler == "multi_stage":
+        # No stage_length: the stages share the run evenly (POCL's 4 stages x 8 epochs layout).
+        length = c.stage_length if c.stage_length is not None else cfg.train.epochs / c.num_stages
+        sched = cur.MultiStage(num_stages=c.num_stages, stage_length=length, unit=c.stage_unit,
+                               temperatures=c.stage_temperatures or (cfg.loss.temperature,) * c.num_stages,
+                               alphas=c.stage_alphas)
+        stage = sched.stage_at(epoch if c.stage_unit == "epoch" else step)
+        return stage, sched.open_fraction(stage)
+    if c.scheduler == "linear_ramp":
+        return 0, cur.LinearRamp(start_fraction=c.start_fraction, full_at_epoch=c.full_at_epoch).open_fraction(epoch)
+    return 0, 1.0
+
+
+def temperature_and_alpha(cfg: ExperimentConfig, step: int, total_steps: int, stage: int) -> tuple[float, float]:
+    c, loss = cfg.curriculum, cfg.loss
+
+    def kind(schedule: str) -> str:  # without stages, a per-stage value is the loss's constant one
+        return "constant" if schedule == "stage" and c.scheduler != "multi_stage" else schedule
+
+    temperature = cur.schedule_value(kind(c.temperature_schedule), step, total_steps, loss.temperature,
+                                     c.temperature_end, stage=stage, stage_values=c.stage_temperatures)
+    alpha = cur.schedule_value(kind(c.alpha_schedule), step, total_steps, loss.alpha, c.alpha_end,
+                               stage=stage, stage_values=c.stage_alphas)
+    return float(temperature), float(alpha)
+
+
+def kd_loss(cfg: ExperimentConfig, student_logits: torch.Tensor, target_probs: torch.Tensor,
+            labels: torch.Tensor | None, temperature: float, reduction: str = "mean") -> torch.Tensor:
+    """The configured KD term between the student and the (blended, detached) teacher distribution
+    (``reduction="none"``: one value per row)."""
+    kind = cfg.loss.kind
+    if kind in ("focal_kd", "dkd"):
+        # Logits whose softmax at T is exactly the blended target: T * log p.
+        teacher_logits = temperature * torch.log(target_probs.clamp_min(1e-12))
+        if kind == "focal_kd":
+            return focal_kd(student_logits, teacher_logits, temperature=temperature, gamma=cfg.loss.focal_gamma,
+                            reduction=reduction)
+        if labels is None:
+            raise ValueError("loss.kind 'dkd' needs labels; use a divergence for unlabeled data")
+        return dkd(student_logits, teacher_logits, labels, alpha=cfg.loss.dkd_alpha, beta=cfg.loss.dkd_beta,
+                   temperature=temperature, reduction=reduction)
+    return kd_divergence_to_probs(student_logits, target_probs, kind=kind, temperature=temperature,
+                                  skew_alpha=cfg.loss.skew_alpha, reduction=reduction)
+
+
+def classifier_kd(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor, teacher: torch.Tensor,
+                  x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row ``[B]``: the configured KD term against the blended teachers ``[K, B, C]`` (weights
+    fit before training, detached: the student's loss never moves them)."""
+    if cfg.loss.kind == "mse_logits":
+        # Logit matching needs logits, not a mixture of distributions: blend logits linearly.
+        weights = blend.weights(teacher, features=x.flatten(1)).detach()
+        target_logits = torch.einsum("nk,knc->nc", weights, teacher)
+        return kd_divergence(student_logits, target_logits, kind="mse_logits", temperature=temperature,
+                             reduction="none")
+    target = blend(teacher, temperature=temperature, features=x.flatten(1)).detach()
+    return kd_loss(cfg, student_logits, target, y, temperature, reduction="none")
+
+
+def task_loss(student_logits: torch.Tensor, y: torch.Tensor, y_b: torch.Tensor | None, lam: torch.Tensor | None,
+              smoothing: float, causal: bool) -> torch.Tensor:
+    """The supervised term: per row ``[B]`` for classifiers (a mixed row weighs its two labels by
+    ``lam``; unlabeled rows get a value the caller discards), the token mean for a language model."""
+    if causal:
+        return label_smoothing_ce(student_logits, y, smoothing=smoothing)
+
+    def rows(labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(student_logits, labels.clamp_min(0), reduction="none", label_smoothing=smoothing)
+
+    return rows(y) if y_b is None else lam * rows(y) + (1 - lam) * rows(y_b)
+
+
+def planned_steps(cfg: ExperimentConfig, rows: int, world: int) -> int:
+    """Optimizer steps a run takes over ``rows`` (each epoch trains the part its curriculum stage
+    opens); what learning-rate schedules span and what the baseline's step budget matches."""
+    per_rank_batch = max(1, cfg.train.batch_size // world)
+    total = 0
+    for epoch in range(cfg.train.epochs):
+        _, fraction = stage_and_fraction(cfg, epoch, total)
+        total += max(1, int(rows * fraction) // world // per_rank_batch)
+    return total
+
+
+def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_logits: torch.Tensor,
+                teacher_topk: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, temperature: float,
+                world: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Causal-LM KD against per-token top-k teachers ``[K, B, L, k]``, labels ``[B, L]`` (< 0 ignored).
+
+    The learned weights are fit to ground truth like the classification blend, from each teacher's
+    log-probability of the true next token. The KD term is ``sum_k w_k D(teacher_k, student)``: for
+    forward KL and soft CE its student gradient is exactly that of the divergence to the mixture
+    ``sum_k w_k p_k`` (cross-entropy is linear in the target), without densifying a vocabulary-wide
+    mixture per token; for the other divergences it is the weighted sum of per-teacher terms."""
+    logp, idx = teacher_topk
+    mask = labels >= 0
+    # A teacher with its own tokenizer marks positions it has no aligned answer for with NaN: they are
+    # masked out of its KD term (and of the blend fit), and replaced by finite numbers so that no NaN
+    # reaches a gradient through the masked branch.
+    aligned = ~torch.isnan(logp[..., 0])  # [K, B, L]
+    logp = torch.where(aligned.unsqueeze(-1), logp, torch.full_like(logp, -math.log(logp.shape[-1])))
+    uld = [t.tokenizer is not None and cfg.loss.cross_tokenizer == "uld" for t in cfg.teachers]
+    parts: dict[str, float] = {}
+    if not aligned.all():
+        parts["aligned_share"] = (aligned & mask).sum().item() / max(mask.sum().item() * len(logp), 1)
+    if blend_opt is not None:
+        label_logp = topk_label_logprobs(logp, idx, labels.unsqueeze(0).expand(len(logp), -1, -1),
+                                         student_logits.shape[-1])
+        blend_loss = blend.weight_loss_from_label_logprobs(label_logp[:, mask & aligned.all(0)])
+        blend_opt.zero_grad(set_to_none=True)
+        blend_loss.backward()
+        _allreduce_grads(blend, world)
+        blend_opt.step()
+        parts["blend_loss"] = blend_loss.item()
+    weights = blend.mean_weights().to(student_logits.device)
+    # Only positions that train (a response token some teacher answers) go through the vocabulary-wide
+    # math: prompt and padding positions would cost each teacher's log-softmax and tail sums over the
+    # whole vocabulary, forward and backward, for a term masked to zero. Each teacher's mean is over
+    # the same positions as before (its aligned ones among them).
+    keep = mask & aligned.any(0)
+    student_kept, logp, idx, aligned = student_logits[keep], logp[:, keep], idx[:, keep], aligned[:, keep]
+    # ULD's teacher tail is tempered as if spread over the student's vocabulary (the teacher's size is
+    # not carried with the targets; exact at temperature 1, where the tail is not tempered).
+    kd = sum(weights[k] * (uld_divergence(student_kept, logp[k], temperature, aligned[k],
+                                          teacher_vocab=max(student_logits.shape[-1], logp.shape[-1])) if uld[k] else
+                           topk_kd_divergence(student_kept, logp[k], idx[k], kind=cfg.loss.kind, temperature=temperature,
+                                              mask=aligned[k], skew_alpha=cfg.loss.skew_alpha))
+             for k in range(len(logp)))
+    return kd, parts
+
+
+def attention_loss(student_features: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """Attention transfer against a teacher's already reduced map [N, P] (as the teachers send it):
+    ``losses.attention_map_distance`` of the student's map, after checking the grids match."""
+    student_map = attention_map(student_features.float())
+    if student_map.shape != teacher_map.shape:
+        raise ValueError(f"attention maps differ in size: the student's features {tuple(student_features.shape[1:])} "
+                         f"give {student_map.shape[1]} positions, the teacher's map has {teacher_map.shape[1]}; "
+                         "use a student and loss.hint_teacher with the same spatial (or token) grid")
+    return attention_map_distance(student_map, teacher_map.float())
+
+
+def hint_projector(model, probe: np.ndarray, shapes: dict, device, want_hint: bool,
+                   want_attention: bool) -> HintProjector | None:
+    """The projector from the student's hint width to the teacher's (``shapes``, asked of the teacher
+    on the driver), sized before the optimizer exists so its parameters join it; mismatched attention
+    grids fail here, before any step."""
+    m = unwrap_model(model)
+    was_training = m.training
+    m.eval()  # no BatchNorm statistics from the probe
+    with torch.no_grad():
+        student = forward_with_features(m, torch.as_tensor(probe).to(device), want_hint, want_attention)
+    m.train(was_training)
+    if want_attention:
+        attention_loss(student["attention"], torch.zeros((len(probe), *shapes["attention"])))
+    return HintProjector(student["hint"].shape[-1], shapes["hint"][-1]).to(device) if want_hint else None
+
+
+def batch_targets(batch: dict[str, torch.Tensor], names: tuple[str, ...], num_classes: int, topk: int | None,
+                  causal: bool, device) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The teachers' targets in a batch's columns: classification [K, B, C] logits (log-probs rebuilt
+    from the top k, tail mass spread evenly, when the cache keeps only k); causal LM the per-token
+    top-k (log-probs, indices), each [K, B, L, k]."""
+    if topk is None:
+        return torch.stack([batch[f"{n}/logits"].float() for n in names]).to(device), None
+    logp = torch.stack([batch[f"{n}/topk_logprobs"].float() for n in names])
+    idx = torch.stack([batch[f"{n}/topk_indices"].long() for n in names])
+    if causal:
+        return None, (logp.to(device), idx.to(device))
+    return torch.stack([dense_from_topk(logp[k], idx[k], num_classes) for k in range(len(names))]).to(device), None

@@ -1,0 +1,10 @@
+"""Training the student with Ray Train: the per-worker loop and its driver, what each run reads, the
+Ray Data stages that feed a worker (online teachers included), how a worker reads its shard, and
+validation.
+
+- ``loop``: the distillation loop (one per-worker function) and ``run_training``, its driver.
+- ``inputs``: the datasets and step budgets of a run, its baseline and the ablation's rows.
+- ``stages``: the Ray Data stages between a split and a Train worker, built on the driver.
+- ``streams``: a worker's own stream of rows, kept in memory or streamed.
+- ``validation``: learned teacher weights fit to validation labels; per-epoch metrics across ranks.
+"""

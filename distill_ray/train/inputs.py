@@ -1,0 +1,147 @@
+"""What each Ray Train run reads and how long it runs: the train and validation datasets with only
+the columns it needs (``training_inputs``), the labeled-rows-only view, and the step budgets that
+make the baseline and the ablation's rows comparable with the student (``baseline_config``,
+``epochs_for_steps``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from distill_ray.cache.build import teacher_columns
+from distill_ray.config import ExperimentConfig
+from distill_ray.cache.responses import rows_of_source, train_sources
+from distill_ray.lm.sequence_kd import rows_from
+from distill_ray.cache.soft_targets import CachedData
+from distill_ray.data.sources import DataInfo, SourceData
+from distill_ray.train.stages import MixSettings, feature_shapes, with_teachers
+from distill_ray.train.streams import DIFFICULTY_PREFIX
+from distill_ray.teachers.setup import teacher_specs
+from distill_ray.train.loop import TrainInputs
+
+
+def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: DataInfo, use_teachers: bool = True,
+                    stage: tuple | None = None, dirs: dict[str, Path] | None = None,
+                    teacher_trace: str | None = None, labeled_only: bool | None = None) -> TrainInputs:
+    """What Ray Train gets: the train and val splits as datasets (only the columns this run reads: its
+    own teachers' targets and the difficulty measures) and the facts about them.
+
+    ``data`` is the verified cache, or (online mode without a cache) the source splits themselves.
+    Online mode (``train.mode=online``, teacher directories in ``dirs``) reads no targets: each rank's
+    stream passes through one actor-pool stage per teacher (``stages.rank_stream``), validation too
+    when it has no cached targets. ``stage`` = (fn, kwargs) adds a Ray Data map_batches stage to both
+    (the ablation's synthetic teacher); ``teacher_trace`` makes the online teachers log the ids they
+    answer (tests). ``labeled_only`` (default: when there are no teachers) trains on the labeled train
+    rows alone."""
+    online = use_teachers and cfg.train.mode == "online"
+    if online and dirs is None:
+        raise ValueError("online mode runs the teachers as stages: pass their directories (dirs=)")
+    causal = info.task == "causal_lm"
+    if isinstance(data, SourceData):
+        if use_teachers and not online:
+            raise ValueError("cached mode reads the teachers' targets from the cache; pass the CachedData")
+        train, val, index = data.train, data.val, data.train.select_columns(["id"])
+        rows, train_bytes = info.counts["train"], 0
+    else:
+        targets = teacher_columns(cfg.teacher_names(), cfg.loss.topk)
+        stored = [c for c in targets if c in data.columns]
+        measures = [c for c in data.columns if c.startswith(DIFFICULTY_PREFIX)] if use_teachers else []
+        train_columns = ["id", "x", "label", *(stored if use_teachers and not online else []), *measures]
+        train = data.dataset("train", train_columns)
+        index = data.dataset("train", ["id", *measures])
+        val = data.dataset("val", ["id", "x", "label", *stored])
+        rows, train_bytes = data.rows("train"), sum(os.path.getsize(f) for f in data.files("train"))
+        source = train_sources(cfg, use_teachers) if "source" in data.columns else None
+        if source is not None:  # sequence-level KD: the references, or the teachers' responses, alone
+            train = data.dataset("train", [*train_columns, "source"]).map_batches(
+                rows_from, fn_kwargs={"source": source}, batch_format="numpy")
+            index = data.dataset("train", ["id", *measures, "source"]).map_batches(
+                rows_from, fn_kwargs={"source": source}, batch_format="numpy")
+            kept = rows_of_source(data.files("train"), source)
+            rows, train_bytes = kept, train_bytes * kept // max(1, rows)
+    if (not use_teachers if labeled_only is None else labeled_only) and info.task == "classification" \
+            and info.labeled["train"] < rows:
+        # The baseline learns from labels alone: the unlabeled transfer rows have nothing to teach it.
+        train, index, rows = train.map_batches(labeled_rows, batch_format="numpy"), None, info.labeled["train"]
+        train_bytes = train_bytes * rows // max(1, info.counts["train"])
+    if stage is not None:
+        fn, kwargs = stage
+        train = train.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy") if use_teachers and not online else train
+        val = val.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy")
+    teachers, shapes, probe = (), {}, None
+    if online:
+        hint_teacher = cfg.loss.hint_teacher or cfg.teacher_names()[0]
+        features = ("hint",) * (cfg.loss.hint_weight > 0) + ("attention",) * (cfg.loss.attention_weight > 0)
+        teachers = tuple(teacher_specs(cfg, dirs, causal, {hint_teacher: features}, teacher_trace))
+        if not any(c.endswith(("/logits", "/topk_logprobs")) for c in val.schema().names):
+            val = with_teachers(val, teachers)  # agreement on validation needs the teachers' answers
+        if features:  # the hint projector is sized before the first step: ask the teacher once, here
+            probe = train.select_columns(["x"]).take_batch(2, batch_format="numpy")["x"]
+            spec = next(t for t in teachers if t.name == hint_teacher)
+            shapes = ray.get(feature_shapes.options(num_cpus=spec.num_cpus).remote(spec, probe))
+    mix = MixSettings(cfg.loss.mixup_alpha, cfg.loss.cutmix_alpha, info.num_classes, cfg.train.seed)
+    # Teachers asked afresh and pairs mixed afresh every epoch: nothing to keep between epochs.
+    streamed_only = online or mix.active
+    mode = cfg.train.data_mode
+    keep = not streamed_only and (mode == "memory" or (
+        mode == "auto" and train_bytes / cfg.train.num_workers <= cfg.train.memory_budget_mb * 2**20))
+    return TrainInputs(train=train, val=val, index=index, teacher_names=cfg.teacher_names(),
+                       num_classes=info.num_classes, input_shape=info.input_shape, train_rows=rows,
+                       train_bytes=train_bytes, task=info.task, topk=cfg.loss.topk,
+                       all_labeled=info.labeled["train"] == info.counts["train"], use_teachers=use_teachers,
+                       online_teachers=teachers, mix=mix if mix.active else None, keep_shard=keep,
+                       epoch_stage=not keep and (mix.active or cfg.curriculum.scheduler != "none"),
+                       feature_shapes=shapes, probe=probe)
+
+
+def labeled_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keep = np.asarray(batch["label"]) >= 0
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def epochs_for_steps(cfg: ExperimentConfig, rows: int, steps: int) -> int:
+    """The fewest epochs over ``rows`` in which ``cfg`` (its curriculum included) takes at least
+    ``steps`` optimizer steps: how runs on fewer rows, or holding rows back, get an equal step budget."""
+    from dataclasses import replace
+
+    from distill_ray.kd.objectives import planned_steps
+
+    epochs = 1
+    while planned_steps(replace(cfg, train=replace(cfg.train, epochs=epochs)), rows, cfg.train.num_workers) < steps:
+        epochs += 1
+    return epochs
+
+
+def without_curriculum(cfg: ExperimentConfig) -> ExperimentConfig:
+    """All data open from the first step, temperature and alpha at their constant or scheduled values."""
+    from dataclasses import replace
+
+    c = cfg.curriculum
+    return replace(cfg, curriculum=replace(
+        c, scheduler="none", temperature_schedule="constant" if c.temperature_schedule == "stage" else c.temperature_schedule,
+        alpha_schedule="constant" if c.alpha_schedule == "stage" else c.alpha_schedule))
+
+
+def baseline_config(cfg: ExperimentConfig, student_rows: int, labeled_rows: int) -> ExperimentConfig:
+    """The baseline's run: the student's architecture, optimizer and lr schedule on the labeled rows,
+    without teachers or curriculum, for train.baseline_epochs or else as many optimizer steps as the
+    student takes (so 5k labeled rows against a 54k-row transfer set get ~11x the epochs)."""
+    from distill_ray.kd.objectives import planned_steps
+
+    base = without_curriculum(cfg)
+    epochs = cfg.train.baseline_epochs or epochs_for_steps(
+        base, labeled_rows, planned_steps(cfg, student_rows, cfg.train.num_workers))
+    return with_epochs(base, epochs)
+
+
+def with_epochs(cfg: ExperimentConfig, epochs: int) -> ExperimentConfig:
+    """``cfg`` trained for ``epochs``, validating about as many times as ``cfg`` did (a run of many
+    short epochs would otherwise validate, report and checkpoint after each)."""
+    from dataclasses import replace
+
+    validations = max(1, cfg.train.epochs / cfg.train.eval_every_epochs)
+    every = max(cfg.train.eval_every_epochs, round(epochs / validations))
+    return replace(cfg, train=replace(cfg.train, epochs=epochs, eval_every_epochs=every))

@@ -1,0 +1,167 @@
+"""The Ray Data stages between a split and a Train worker: one rank's stream, built on the driver.
+
+A rank's training stream is ``rows of the rank -> EpochStage -> one actor-pool stage per teacher
+(online mode) -> the worker``. Everything upstream of the worker is Ray Data, so the teachers run
+while the student trains (by construction: the stream is pulled ahead of the step) and scale out as
+actor pools, and the student gets targets, hint and attention features as columns of its batch,
+exactly as it gets them from the cache in cached mode.
+
+Ray Data starts a dataset's actor stages anew for every execution, that is for every epoch a worker
+streams. ``EpochPlan`` (a tiny actor owned by the driver) is where a worker posts, before it starts
+an epoch, which epoch it is and which rows its curriculum opens; the ``EpochStage`` actor of that
+execution reads the plan when it starts. So the rows a curriculum holds back never reach a teacher,
+and MixUp/CutMix draws fresh pairs every epoch, reproducibly (a function of seed, rank, epoch and
+the rows of the batch), upstream of the teachers: they see exactly the mixed rows the student trains on.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from distill_ray.kd.losses import cutmix, mixup
+from distill_ray.train.streams import rank_of
+from distill_ray.teachers.runner import TeacherRunner, TeacherSpec
+
+MIX_BATCH_ROWS = 256  # rows mixed with each other (pairs are drawn inside one such batch)
+
+
+@dataclass(frozen=True)
+class MixSettings:
+    mixup_alpha: float
+    cutmix_alpha: float
+    num_classes: int
+    seed: int
+
+    @property
+    def active(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+@ray.remote(num_cpus=0)
+class EpochPlan:
+    """Per rank: the epoch it is about to stream and the sorted ids its curriculum opens (None: all)."""
+
+    def __init__(self):
+        self.plans: dict[int, tuple[int, Any]] = {}
+
+    def set(self, rank: int, epoch: int, open_ids: np.ndarray | None) -> None:
+        self.plans[rank] = (epoch, open_ids)
+
+    def get(self, rank: int) -> tuple[int, Any]:
+        return self.plans.get(rank, (0, None))
+
+
+def mix_generator(seed: int, rank: int, epoch: int, batch: int) -> torch.Generator:
+    """The MixUp/CutMix generator of one batch: a function of (seed, rank, epoch, batch) only, so a
+    resumed run mixes every batch exactly as an uninterrupted one (nothing to checkpoint)."""
+    entropy = np.random.SeedSequence([seed % 2**32, rank, epoch, batch]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
+def mix_batch(mixup_alpha: float, cutmix_alpha: float, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """One batch mixed by MixUp (``mixup_alpha``) or CutMix (``cutmix_alpha``; with both on, a coin
+    flip per batch): ``(x, y_a, y_b, lam)``, the task loss being ``lam * CE(y_a) + (1 - lam) * CE(y_b)``.
+    Without mixing: ``(x, y, None, 1.0)``."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return x, y, None, 1.0
+    if not x.is_floating_point():
+        raise ValueError("loss.mixup_alpha / loss.cutmix_alpha mix images; these inputs are token ids")
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand((), generator=generator).item() < 0.5)
+    fn, alpha = (cutmix, cutmix_alpha) if use_cutmix else (mixup, mixup_alpha)
+    # Unlabeled rows (-1) still mix their inputs; only their task loss is skipped.
+    mixed, _, permutation, lam = fn(x, y.clamp_min(0), num_classes, alpha, generator)
+    return mixed, y, y[permutation], lam
+
+
+def _batch_key(ids: np.ndarray) -> int:
+    """A number fixed by the rows of a batch (not by when or where it was cut): seeds its mixing."""
+    return int(np.bitwise_xor.reduce(np.asarray(ids, dtype=np.int64).view(np.uint64)) % np.uint64(2**63))
+
+
+class EpochStage:
+    """Ray Data callable: keeps the rows this epoch opens and mixes them (adds ``label_b``, ``mix_lam``)."""
+
+    def __init__(self, plan, rank: int, mix: MixSettings | None):
+        self.rank, self.mix = rank, mix
+        self.epoch, self.open_ids = ray.get(plan.get.remote(rank))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.open_ids is not None:
+            ids = np.asarray(batch["id"])
+            pos = np.minimum(np.searchsorted(self.open_ids, ids), max(len(self.open_ids) - 1, 0))
+            keep = (self.open_ids[pos] == ids) if len(self.open_ids) else np.zeros(len(ids), bool)
+            batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+        if self.mix is not None and self.mix.active:
+            x, y = torch.as_tensor(np.array(batch["x"])), torch.as_tensor(np.asarray(batch["label"], np.int64))
+            generator = mix_generator(self.mix.seed, self.rank, self.epoch, _batch_key(batch["id"]))
+            if len(y):
+                x, y, y_b, lam = mix_batch(self.mix.mixup_alpha, self.mix.cutmix_alpha, x, y, self.mix.num_classes,
+                                           generator)
+            else:
+                y_b, lam = y, 1.0
+            batch = {**batch, "x": x.numpy(), "label_b": y_b.numpy(), "mix_lam": np.full(len(y), lam, np.float32)}
+        return batch
+
+
+class TeacherColumns:
+    """Ray Data callable: one teacher's soft targets (and asked-for features) as ``{name}/...`` columns."""
+
+    def __init__(self, spec: TeacherSpec):
+        self.runner = TeacherRunner.from_spec(spec, torch_threads=max(1, int(spec.num_cpus)))
+        self.spec = spec
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(batch["id"]):
+            return batch
+        # A teacher with its own tokenizer also reads the labels: the last one is the last position's next token.
+        labels = np.asarray(batch["label"]) if self.spec.tokenizer is not None else None
+        out = self.runner.infer(np.asarray(batch["x"]), self.spec.features, labels)
+        if self.spec.trace_file:
+            with open(self.spec.trace_file, "a") as f:
+                f.write(f"{self.spec.name} {','.join(map(str, np.asarray(batch['id']).tolist()))} {os.getpid()}\n")
+        return {**batch, **{f"{self.spec.name}/{key}": value for key, value in out.items()}}
+
+
+def with_teachers(ds, teachers: tuple[TeacherSpec, ...]):
+    """``ds`` with one streaming actor-pool stage per teacher."""
+    for t in teachers:
+        ds = ds.map_batches(TeacherColumns, fn_constructor_args=(t,), batch_format="numpy", batch_size=t.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=t.replicas), num_cpus=t.num_cpus,
+                            num_gpus=t.num_gpus or None)  # Ray Data restarts a dead actor and retries its batch
+    return ds
+
+
+def _rows_of_rank(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
+    mask = rank_of(batch["id"], world) == rank
+    return {k: v[mask] for k, v in batch.items()}
+
+
+def rows_of_rank(ds, rank: int, world: int):
+    """The rows whose id hashes to ``rank``: disjoint per rank, fixed across restarts."""
+    return ds if world == 1 else ds.map_batches(_rows_of_rank, fn_kwargs={"rank": rank, "world": world},
+                                                batch_format="numpy")
+
+
+def rank_stream(ds, rank: int, world: int, plan=None, mix: MixSettings | None = None,
+                teachers: tuple[TeacherSpec, ...] = ()):
+    """One rank's training stream: its rows, the epoch stage (when a plan is given), the teachers."""
+    ds = rows_of_rank(ds, rank, world)
+    if plan is not None:
+        ds = ds.map_batches(EpochStage, fn_constructor_args=(plan, rank, mix), batch_format="numpy",
+                            batch_size=MIX_BATCH_ROWS, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+    return with_teachers(ds, teachers)
+
+
+@ray.remote
+def feature_shapes(stage: TeacherSpec, x: np.ndarray) -> dict[str, tuple[int, ...]]:
+    """Shapes (without the batch dim) of the features ``stage`` answers for ``x`` (a probe on the driver's
+    side, so workers can size the hint projector before their first step)."""
+    return TeacherRunner.from_spec(stage).feature_shapes(x, stage.features)

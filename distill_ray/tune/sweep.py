@@ -1,0 +1,448 @@
+"""Ray Tune sweeps over any config field, a winner exported and registered.
+
+A search space is a YAML file naming config keys by dotted path (``loss.temperature``), so every
+field is searchable without code changes. Each trial is a function trainable that runs the same
+``TorchTrainer`` as ``distill-ray run`` (Train V2: Tune drives the trainer from inside the function,
+metrics reach Tune through ``TuneReportCallback``). Teachers and their soft-target cache are
+prepared once, before the sweep; trials only read the cached arrays, so no trial runs a teacher.
+
+Population Based Training needs more than metrics: it clones a better trial's state into a weaker
+one (exploit) and perturbs the clone's values (explore). A PBT trial therefore trains in segments of
+``tune.pbt_interval`` epochs, each its own TorchTrainer run resumed from the previous segment's
+checkpoint, and hands that checkpoint to Tune with the segment's last report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from distill_ray.config import ConfigError, ExperimentConfig, config_to_dict, dump_config
+from distill_ray.console import is_verbose
+from distill_ray.extras import available, install_hint
+from distill_ray.evaluation.report import final_teacher_weights
+from distill_ray.serving.registry import register
+from distill_ray.tune.pbt import _epochs_done, _fit_population, _pbt_scheduler, _train_slots, checkpoint_history, \
+    epoch_rows, evolved_schedule
+from distill_ray.tune.space import SearchSpace, load_space, trial_config
+from distill_ray.tune.summary import plot_sweep, trial_table, write_summary
+
+PBT_SEARCHES = ("random", "grid")  # PBT evolves the trials it starts with; a searcher would propose new ones
+SPACE_FILE = "space.yaml"
+CONFIG_FILE = "config.yaml"
+TRIALS_FILE = "trials.json"
+PLACEMENT_GROUP_FILE = "placement_group_id"
+TRIAL_ACTOR_FILE = "trial_actor_id"
+# distill_ray's modules before 0.2, when the package was flat (0.2 moved them into subpackages). A
+# sweep's trials/tuner.pkl (cloudpickle) names the scheduler's explore function and the callbacks'
+# helpers by these paths; four of them (data, teachers, train, tune) are packages now, without those names.
+PRE_0_2_MODULES = frozenset(f"distill_ray.{name}" for name in (
+    "losses", "blending", "curriculum", "schedules", "objectives", "sources", "presets", "data", "transfer", "chat",
+    "teachers", "recipes", "teacher_setup", "cross_tokenizer", "token_alignment", "soft_targets", "cache_build",
+    "cache_files", "response_cache", "train", "run_inputs", "stages", "streams", "validation", "generation",
+    "sequence_kd", "reference", "evaluate", "scoring", "report", "ablation", "verdict", "tune", "tune_pbt",
+    "tune_space", "tune_summary", "search", "serve_app", "serve_auth", "serve_launch", "serve_model",
+    "serve_options", "serve_requests", "serve_service", "registry"))
+
+
+# --- the trial ------------------------------------------------------------------------------------
+
+def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str) -> None:
+    """One Tune trial: a TorchTrainer from inside a function trainable (the Train V2 pattern)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distill_ray.pipeline import training_inputs
+    from distill_ray.train.loop import run_training
+
+    cfg = trial_config(base_raw, space, sampled)
+    trial_id = tune.get_context().get_trial_id()
+    pg_file = _trial_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
+    # The same trial id resumes the same Train run (Tuner.restore re-runs unfinished trials).
+    run_training(cfg, training_inputs(cfg, cache, info), storage, f"train-{trial_id}",
+                 callbacks=[TuneReportCallback()], placement_group_file=str(pg_file))
+
+
+def _trial_dir(storage: str, trial_id: str) -> Path:
+    """``storage/train-ID``, holding the ids ``_release_callback`` needs to free a stopped trial's workers."""
+    import ray
+
+    path = Path(storage) / f"train-{trial_id}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / TRIAL_ACTOR_FILE).write_text(ray.get_runtime_context().get_actor_id())
+    return path
+
+
+# --- Population Based Training --------------------------------------------------------------------
+
+def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str, slots) -> None:
+    """One PBT trial: segments of ``tune.pbt_interval`` epochs, each a TorchTrainer run resumed from the
+    previous segment's checkpoint and ending in a Tune report that carries that checkpoint.
+
+    Between segments PBT may pause the trial, clone a better trial's checkpoint into it and perturb
+    its config. Tune then calls this function again from the top: ``sampled`` holds the perturbed
+    values and ``tune.get_checkpoint()`` is the donor's state, so the donor's student continues under
+    the new values (schedules still span ``train.epochs``). Every segment gets a fresh run name: a
+    reused one would make Train resume that older run instead of the handed-over checkpoint."""
+    from ray import tune
+
+    from distill_ray.pipeline import training_inputs
+    from distill_ray.train.loop import run_training
+
+    cfg = trial_config(base_raw, space, sampled)
+    trial_dir = _trial_dir(storage, tune.get_context().get_trial_id())
+    inputs = training_inputs(cfg, cache, info)
+    checkpoint = tune.get_checkpoint()
+    started_from = checkpoint.path if checkpoint else ""  # a donor's checkpoint after an exploit
+    epoch = _epochs_done(checkpoint)
+    while epoch < cfg.train.epochs:
+        # Segment ends on multiples of the interval, so every PBT decision point has a checkpoint.
+        stop = min((epoch // cfg.tune.pbt_interval + 1) * cfg.tune.pbt_interval, cfg.train.epochs)
+        with _holding(slots):
+            result = run_training(cfg, inputs, str(trial_dir), _next_segment(trial_dir),
+                                  placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
+                                  resume_from=checkpoint, stop_at_epoch=stop)
+        checkpoint = result.checkpoint
+        *earlier, last = epoch_rows(checkpoint_history(checkpoint), after_epoch=epoch)
+        for row in earlier:  # one Tune result per epoch, as TuneReportCallback gives the other schedulers
+            tune.report({**row, "resumed_from": started_from})
+        tune.report({**last, "resumed_from": started_from, "checkpoint_path": checkpoint.path},
+                    checkpoint=tune.Checkpoint.from_directory(checkpoint.path))
+        epoch = stop
+
+
+def _next_segment(trial_dir: Path) -> str:
+    return f"segment-{len(list(trial_dir.glob('segment-*'))):03d}"
+
+
+@contextmanager
+def _holding(slots):
+    import ray
+
+    ray.get(slots.acquire.remote())
+    try:
+        yield
+    finally:
+        slots.release.remote()
+
+
+def _release_callback(storage: str):
+    """A Tune callback that frees a stopped trial's Train workers.
+
+    When ASHA stops a trial, Tune kills the trial's actor mid-``fit()``; the TorchTrainer's controller
+    dies with it, but its workers' placement group outlives it (its lifetime is the driver's job),
+    and Train's own cleaner needs the dashboard's state API, which a local Ray may not run. Left
+    alone, the CPUs stay reserved and the next trial's workers wait forever. The group is removed
+    only once the trial's actor is dead: removed earlier, a live controller would restart its
+    workers in a new group."""
+    import time
+
+    from ray import tune
+
+    class ReleaseTrainWorkers(tune.Callback):
+        def __init__(self):
+            self.pending: dict[str, float] = {}
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.pending[trial.trial_id] = time.monotonic()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.pending[trial.trial_id] = time.monotonic()
+
+        def on_step_begin(self, iteration, trials, **info):
+            for trial_id, since in list(self.pending.items()):
+                if _actor_dead(_read(trial_id, TRIAL_ACTOR_FILE)) or time.monotonic() - since > 120:
+                    _remove_group(_read(trial_id, PLACEMENT_GROUP_FILE))
+                    del self.pending[trial_id]
+
+        def on_experiment_end(self, trials, **info):
+            deadline = time.monotonic() + 30
+            while self.pending and time.monotonic() < deadline:
+                self.on_step_begin(0, trials)
+                time.sleep(0.5)
+
+    def _read(trial_id: str, name: str) -> str | None:
+        path = Path(storage) / f"train-{trial_id}" / name
+        return path.read_text().strip() if path.is_file() else None
+
+    return ReleaseTrainWorkers()
+
+
+def _actor_dead(actor_id: str | None) -> bool:
+    from ray._private.state import actors  # GCS table: works without the dashboard
+
+    if actor_id is None:
+        return True
+    return (actors(actor_id=actor_id) or {}).get("State") in (None, "DEAD")
+
+
+def _remove_group(group_id: str | None) -> None:
+    from ray._raylet import PlacementGroupID
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    if group_id is None:
+        return
+    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
+    if placement_group_table(pg).get("state") not in (None, "REMOVED"):
+        remove_placement_group(pg)
+
+
+def _scheduler(cfg: ExperimentConfig, space: SearchSpace):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = cfg.tune
+    if t.scheduler == "asha":
+        # One Tune result per epoch; "epoch" counts finished epochs (1..epochs). max_t is one past the
+        # last epoch so ASHA never kills a trial at its final report: the trial ends on its own and
+        # its TorchTrainer shuts its workers down cleanly instead of leaving that to Ray's cleaner.
+        return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs + 1,
+                             grace_period=min(t.grace_period, cfg.train.epochs), reduction_factor=2)
+    if t.scheduler == "pbt":
+        return _pbt_scheduler(cfg, space)
+    return FIFOScheduler()
+
+
+def _search(cfg: ExperimentConfig, space: SearchSpace):
+    t = cfg.tune
+    if t.scheduler == "pbt" and t.search not in PBT_SEARCHES:
+        raise ConfigError(f"tune.search={t.search} cannot run with tune.scheduler=pbt: PBT evolves the trials it "
+                          f"starts with, a search algorithm proposes new ones (Ray refuses the pair); "
+                          f"valid choices with pbt: {', '.join(PBT_SEARCHES)}")
+    if t.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("tune.search=optuna needs the optuna package (pip install optuna); "
+                              "valid choices without it: random, grid") from None
+        if space.has_grid():
+            raise ConfigError("tune.search=optuna cannot take 'grid' params; use choice instead")
+        return OptunaSearch()
+    if t.search == "grid" and not all(kind in ("grid", "choice") for _, kind, _ in space.params):
+        raise ConfigError("tune.search=grid needs every param to be 'grid' or 'choice' (a grid has no ranges)")
+    return None  # Tune's variant generator: random sampling, plus grid_search where written
+
+
+def _check_tracking(cfg: ExperimentConfig) -> None:
+    """W&B logging (on by default, offline) needs the wandb extra: say so before teachers and cache."""
+    if cfg.tracking.wandb != "disabled" and not available("wandb"):
+        raise ConfigError(f"tracking.wandb={cfg.tracking.wandb} logs the sweep to W&B and needs the wandb package: "
+                          f"{install_hint('wandb')}, or set tracking.wandb=disabled")
+
+
+def _callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
+    callbacks = [_release_callback(str(sweep_dir / "train"))]
+    mode = cfg.tracking.wandb
+    if mode != "disabled":
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            mode = "offline"  # no key, no network: never block on a login prompt
+        if mode == "offline":
+            os.environ["WANDB_MODE"] = "offline"
+        callbacks.append(WandbLoggerCallback(project=cfg.tracking.project, mode=mode,
+                                             dir=str(sweep_dir), excludes=["checkpoint_path", "resumed_from"]))
+    return callbacks
+
+
+def _fit_concurrency(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Cap concurrent trials at what the cluster's CPUs can hold at once.
+
+    A trial's driver holds ``cpus_per_trial``; its TorchTrainer asks for its workers separately. More
+    trials than fit would start drivers whose workers wait for CPUs until Train's start-up timeout."""
+    import ray
+
+    need = cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker
+    fits = max(1, int(ray.cluster_resources().get("CPU", 0) // need))
+    if cfg.tune.max_concurrent > fits:
+        print(f"tune: {cfg.tune.max_concurrent} concurrent trials asked, {fits} fit in this cluster's CPUs "
+              f"({need:g} CPUs per trial); running {fits} at a time")
+        cfg = replace(cfg, tune=replace(cfg.tune, max_concurrent=fits))
+    return cfg
+
+
+def _tune_env() -> None:
+    # Trials report val_accuracy only per epoch; checkpoint-step reports lack it.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+
+def sweep_path(cfg: ExperimentConfig) -> Path:
+    return (Path(cfg.tune.sweep_dir).expanduser() / cfg.name).resolve()
+
+
+def run_sweep(cfg: ExperimentConfig, space_path: str | Path, samples: int | None = None,
+              max_concurrent: int | None = None) -> dict:
+    """Teachers + cache once -> Tune trials -> trial table, summary, plot -> winner exported and registered."""
+    t = replace(cfg.tune, num_samples=samples or cfg.tune.num_samples,
+                max_concurrent=max_concurrent or cfg.tune.max_concurrent, space=str(space_path))
+    cfg = replace(cfg, tune=t)
+    if cfg.train.mode != "cached":
+        raise ConfigError("tune needs train.mode=cached: trials share the soft-target cache and never run teachers")
+    space = load_space(space_path, cfg)
+    _search(cfg, space)  # a bad search/scheduler combination fails here, before any work
+    _scheduler(cfg, space)
+    _check_tracking(cfg)
+    sweep_dir = sweep_path(cfg)
+    if (sweep_dir / "trials").exists():
+        raise ConfigError(f"{sweep_dir} already holds a sweep; finish it with `distill-ray tune --resume {sweep_dir}`"
+                          f" or pick another name with --set name=...")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(space_path, sweep_dir / SPACE_FILE)
+    (sweep_dir / CONFIG_FILE).write_text(dump_config(cfg))
+    return _execute(cfg, space, sweep_dir, restore=False)
+
+
+def resume_sweep(sweep_dir: str | Path) -> dict:
+    """Finish an interrupted sweep (Tuner.restore): finished trials are kept, unfinished ones run."""
+    from distill_ray.config import load_config
+
+    sweep_dir = Path(sweep_dir).resolve()
+    if not (sweep_dir / CONFIG_FILE).is_file() or not (sweep_dir / "trials").is_dir():
+        raise ConfigError(f"{sweep_dir}: not a sweep directory (needs {CONFIG_FILE} and trials/)")
+    cfg = load_config(sweep_dir / CONFIG_FILE)
+    _check_tracking(cfg)
+    check_resumable(sweep_dir)
+    return _execute(cfg, load_space(sweep_dir / SPACE_FILE, cfg), sweep_dir, restore=True)
+
+
+def check_resumable(sweep_dir: Path) -> None:
+    """Read the sweep's saved Tuner state as ``Tuner.restore`` will, before teachers and cache: a sweep
+    saved before 0.2 names modules that moved, and is refused with what to do instead."""
+    import ray.cloudpickle as pickle
+
+    state = sweep_dir / "trials" / "tuner.pkl"
+    if not state.is_file():
+        return  # Tuner.restore says what is missing
+    try:
+        pickle.loads(state.read_bytes())
+    except (ImportError, AttributeError) as err:
+        _raise_if_pre_0_2(err, sweep_dir)
+        raise
+
+
+def _raise_if_pre_0_2(err: BaseException, sweep_dir: Path) -> None:
+    """ConfigError if ``err`` (or what caused it) is unpickling a name from a pre-0.2 module path."""
+    seen, chain = err, set()
+    while seen is not None and id(seen) not in chain:
+        chain.add(id(seen))
+        module = None
+        if isinstance(seen, ModuleNotFoundError):
+            module = seen.name
+        elif isinstance(seen, AttributeError):  # "Can't get attribute 'x' on <module 'distill_ray.tune' from ...>"
+            found = re.search(r"on <module '([\w.]+)'", str(seen))
+            module = found.group(1) if found else None
+        if module in PRE_0_2_MODULES:
+            raise ConfigError(f"{sweep_dir}: this sweep was saved by distill-ray before 0.2 (flat modules: its "
+                              f"state names {module}, and 0.2 moved the modules into subpackages); it cannot "
+                              f"resume: start it again, `distill-ray tune {sweep_dir / CONFIG_FILE} --space "
+                              f"{sweep_dir / SPACE_FILE} --set name=NEW_NAME`") from err
+        seen = seen.__cause__ or seen.__context__
+
+
+def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore: bool) -> dict:
+    from ray import tune
+
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers
+
+    _tune_env()
+    if cfg.train.mode != "cached":
+        raise ValueError(f"train.mode={cfg.train.mode}: a sweep computes the soft targets once and every trial "
+                         "reads them from the cache; use train.mode=cached")
+    pbt = cfg.tune.scheduler == "pbt"
+    if pbt:
+        cfg, slots = _fit_population(cfg, space)
+        trial_fn, extra = _pbt_trial, {"slots": _train_slots(slots)}
+    else:
+        cfg = _fit_concurrency(cfg)
+        trial_fn, extra = _trial, {}
+    data = load_data(cfg)
+    dirs = prepare_teachers(cfg, data)
+    # Built or verified once, before any trial, with every measure the trials' schedulers may read.
+    cache = build_cache(cfg, data, dirs, any_scheduler=space.sets("curriculum.scheduler"))
+    info = data.info
+
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, base_raw=config_to_dict(cfg), space=space, info=info, cache=cache,
+                             storage=str(sweep_dir / "train"), **extra),
+        {"cpu": cfg.tune.cpus_per_trial})
+    if restore:
+        try:
+            tuner = tune.Tuner.restore(str(sweep_dir / "trials"), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        except (ImportError, AttributeError) as err:
+            _raise_if_pre_0_2(err, sweep_dir)
+            raise
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space.to_tune(),
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
+                                        max_concurrent_trials=cfg.tune.max_concurrent, search_alg=_search(cfg, space),
+                                        scheduler=_scheduler(cfg, space),
+                                        # PBT pauses every trial at every perturbation: reuse its process
+                                        reuse_actors=pbt),
+            run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir), callbacks=_callbacks(cfg, sweep_dir),
+                                      # the status table as trials progress; per-trial boxes only with -v
+                                      verbose=2 if is_verbose() else 1,
+                                      # PBT: the last epoch ends the trial before PBT could clone into it
+                                      stop={"epoch": cfg.train.epochs} if pbt else None),
+        )
+    grid = tuner.fit()
+    return finish_sweep(cfg, space, grid, sweep_dir, info, cache)
+
+
+# --- results --------------------------------------------------------------------------------------
+
+def finish_sweep(cfg: ExperimentConfig, space: SearchSpace, grid, sweep_dir: Path, info, cache) -> dict:
+    rows = trial_table(cfg, space, grid)
+    (sweep_dir / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
+    try:  # Tune's own pick (last reported metric per trial), then its row of the table
+        winner = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last").path
+    except RuntimeError:  # no trial reported the metric
+        winner = None
+    best = next((r for r in rows if r["path"] == winner and r["checkpoint_path"]), None)
+    if best is None:
+        raise RuntimeError(f"no trial reported {cfg.tune.metric!r} with a checkpoint; see {sweep_dir / 'trials'}")
+    student_dir = export_best(cfg, space, best, sweep_dir, info, cache)
+    version_dir = register(student_dir, Path(cfg.tune.registry_dir).expanduser() / cfg.name)
+    plot_path = plot_sweep(rows, space, cfg.tune.metric, sweep_dir / "metric_vs_params.png")
+    schedule = None
+    if cfg.tune.scheduler == "pbt":  # what PBT found is a schedule: the winner's values epoch by epoch
+        from ray.train import Checkpoint
+
+        schedule = evolved_schedule(checkpoint_history(Checkpoint(best["checkpoint_path"])), cfg.tune.metric)
+    write_summary(cfg, space, rows, sweep_dir, plot_path, version_dir, schedule)
+    return {"best": best, "trials": rows, "student_dir": str(student_dir), "registered": str(version_dir),
+            "sweep_dir": str(sweep_dir), "schedule": schedule}
+
+
+def export_best(cfg: ExperimentConfig, space: SearchSpace, best: dict, sweep_dir: Path, info, cache) -> Path:
+    from ray.train import Checkpoint
+
+    from distill_ray.pipeline import training_inputs
+    from distill_ray.models import save_tokenizer
+    from distill_ray.train.loop import export_student, load_trained_student
+
+    trial_cfg = trial_config(config_to_dict(cfg), space, best["params"])
+    inputs = training_inputs(trial_cfg, cache, info)
+    student, history, _ = load_trained_student(trial_cfg, inputs, Checkpoint(best["checkpoint_path"]))
+    weights = final_teacher_weights(history)
+    card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
+            "teacher_weights": weights, "metrics": {cfg.tune.metric: best["metric"]}, "trial_id": best["trial_id"],
+            "params": best["params"], "config": config_to_dict(trial_cfg), "class_names": list(info.class_names),
+            "source": "tune"}
+    out = sweep_dir / "best" / "student"
+    if out.exists():
+        shutil.rmtree(out)
+    export_student(trial_cfg, inputs, student, out, card, info.to_dict())
+    if info.tokenizer:  # a text student serves raw text: its tokenizer goes with it
+        save_tokenizer(info.tokenizer, out, max_length=info.input_shape[-1])
+    (sweep_dir / "best" / "config.yaml").write_text(dump_config(trial_cfg))
+    return out
+
+

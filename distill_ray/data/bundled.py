@@ -16,7 +16,6 @@ too; one loader per bundled dataset. The id, split and label helpers every reade
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import re
 import shutil
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distill_ray.data.preprocess import token_windows
+from distill_ray.data.rows import hash_to_id
 from distill_ray.extras import available, install_hint
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -206,10 +207,9 @@ def _fortune_items(path: Path) -> list[str]:
     return [item.strip() for item in re.split(r"(?m)^%[ \t]*$", raw) if item.strip()]
 
 
-def _text_id(category: str, text: str) -> int:
-    """Stable non-negative int64 id: the first 8 bytes of sha256(category, text)."""
-    digest = hashlib.sha256(f"{category}\0{text}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+def text_id(category: str, text: str) -> int:
+    """Stable non-negative int64 id of a text in its category (or file): ``hash_to_id`` of the two."""
+    return int(hash_to_id([f"{category}\0{text}"])[0])
 
 
 def _stratified_take(labels: np.ndarray, idx: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -277,7 +277,7 @@ def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_s
     items = [(label, text) for key, (label, text) in first.items() if len(seen[key]) == 1]
     labels = np.array([label for label, _ in items], dtype=np.int64)
     texts = np.array([text for _, text in items], dtype=object)
-    ids = np.array([_text_id(categories[label], text) for label, text in items], dtype=np.int64)
+    ids = np.array([text_id(categories[label], text) for label, text in items], dtype=np.int64)
 
     rng = np.random.default_rng(split_seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
@@ -298,7 +298,7 @@ def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_s
         start = len(labels)
         labels = np.concatenate([labels, np.full(len(extra), -1, np.int64)])
         texts = np.concatenate([texts, np.array([text for _, text in extra], dtype=object)])
-        ids = np.concatenate([ids, np.array([_text_id(name, text) for name, text in extra], dtype=np.int64)])
+        ids = np.concatenate([ids, np.array([text_id(name, text) for name, text in extra], dtype=np.int64)])
         train_idx = np.concatenate([train_idx, np.arange(start, len(labels))])
 
     tok_dir = resolve_tokenizer(tokenizer)
@@ -343,7 +343,7 @@ def _python_file_splits(val_fraction: float, test_fraction: float, split_seed: i
     files = python_corpus_files()
     root = _common_root(files)
     rel = [str(f.relative_to(root)) for f in files]
-    order = np.argsort([_text_id("python_stdlib", r) for r in rel], kind="stable")
+    order = np.argsort([text_id("python_stdlib", r) for r in rel], kind="stable")
     order = order[np.random.default_rng(split_seed).permutation(len(order))]
     n_test, n_val = int(round(len(order) * test_fraction)), int(round(len(order) * val_fraction))
     return files, rel, {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
@@ -368,13 +368,10 @@ def load_python_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1, sp
         inputs, labels, ids = [], [], []
         for i in file_idx:
             text = files[i].read_text(encoding="utf-8", errors="replace")
-            stream = tok(text, add_special_tokens=False, return_attention_mask=False,
-                         return_token_type_ids=False, verbose=False)["input_ids"]
-            for w, start in enumerate(range(0, len(stream) - max_length, max_length)):
-                window = stream[start:start + max_length + 1]
-                inputs.append(window[:-1])
-                labels.append(window[1:])
-                ids.append(_text_id(rel[i], str(w)))
+            for number, window_inputs, window_labels in token_windows(tok, text, max_length):
+                inputs.append(window_inputs)
+                labels.append(window_labels)
+                ids.append(text_id(rel[i], str(number)))
                 if limit is not None and len(ids) >= limit:
                     break
             if limit is not None and len(ids) >= limit:
@@ -438,7 +435,7 @@ def load_python_functions(val_fraction: float = 0.1, test_fraction: float = 0.1,
         for i in file_idx:
             for name, prompt, response in function_pairs(files[i].read_text(encoding="utf-8", errors="replace")):
                 if len(prompt) + len(response) <= max_chars:
-                    out.append((_text_id(rel[i], name), prompt, response))
+                    out.append((text_id(rel[i], name), prompt, response))
                 if limit is not None and len(out) >= limit:
                     return out
         return out

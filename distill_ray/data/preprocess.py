@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -36,18 +36,27 @@ def tokenize_rows(batch: dict[str, np.ndarray], text_field: str, tokenizer: str,
             "label": batch["label"], "split": batch["split"]}
 
 
+def token_windows(tok, text: str, length: int) -> Iterator[tuple[int, list[int], list[int]]]:
+    """Causal LM: ``text``'s token stream cut into windows of ``length`` tokens and their next tokens
+    (stride ``length``, so every label is real and nothing is padded; a tail shorter than a window is
+    dropped). Yields (window number, input ids, label ids): the one windowing of user text
+    (``window_rows``) and of the bundled Python source (``bundled.load_python_corpus``)."""
+    stream = tok(text, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                 verbose=False)["input_ids"]
+    for number, start in enumerate(range(0, len(stream) - length, length)):
+        window = stream[start:start + length + 1]
+        yield number, window[:-1], window[1:]
+
+
 def window_rows(batch: dict[str, np.ndarray], text_field: str, tokenizer: str, max_length: int) -> dict[str, np.ndarray]:
-    """Causal LM: each text's token stream cut into windows of ``max_length`` (+1 for the shifted labels)."""
+    """Causal LM: each text's ``token_windows`` as rows, ids hashed from the text's id and the window number."""
     tok = _tokenizer(tokenizer)
     xs, ys, ids, splits = [], [], [], []
-    for text, sid, split in zip(batch[text_field], batch["id"], batch["split"]):
-        stream = tok(str(text), add_special_tokens=False, return_attention_mask=False,
-                     return_token_type_ids=False, verbose=False)["input_ids"]
-        for w, start in enumerate(range(0, len(stream) - max_length, max_length)):
-            window = stream[start:start + max_length + 1]
-            xs.append(window[:-1])
-            ys.append(window[1:])
-            ids.append(f"{sid}/{w}")
+    for text, text_id, split in zip(batch[text_field], batch["id"], batch["split"]):
+        for number, inputs, labels in token_windows(tok, str(text), max_length):
+            xs.append(inputs)
+            ys.append(labels)
+            ids.append(f"{text_id}/{number}")
             splits.append(split)
     shape = (len(xs), max_length)
     return {"id": hash_to_id(ids) if ids else np.zeros(0, np.int64),

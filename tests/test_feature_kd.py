@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict, config_to_dict
-from distill_ray.kd.losses import HintProjector, attention_map, attention_transfer, hint_loss, mixup
+from distill_ray.kd.feature_losses import HintProjector, attention_map, attention_transfer, hint_loss
+from distill_ray.kd.labels import mixup
 from distill_ray.models import (attention_features, build_model, forward_logits, forward_with_features,
                                 hint_features, save_model)
 

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 
 import yaml
 
-# Valid names, kept here so config validation needs no torch import; tests assert they equal the
-# names the implementing modules export (losses.KD_KINDS, blending.BLEND_KINDS, ...).
+# Valid names, kept here once: config validation needs no torch import, and the modules that implement
+# them (kd.losses, kd.blending, kd.curriculum, kd.schedules, cache.soft_targets, ...) import them from here.
 KD_KINDS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "mse_logits", "soft_ce")
 LOSS_KINDS = KD_KINDS + ("focal_kd", "dkd")
 BLEND_KINDS = ("uniform", "confidence", "learned_global", "learned_per_class", "learned_gate")
@@ -44,6 +44,12 @@ SEQKD_MODES = ("off", "teacher", "mixed")
 SEQKD_DECODINGS = ("greedy", "sample")
 SEQKD_TEACHERS = ("best", "all")
 TRANSFER_KINDS = ("auto", "none", "mixup", "noise", "augment")
+HINT_KINDS = ("mse", "cosine")
+STAGE_UNITS = ("epoch", "step")
+LR_SCHEDULES = ("constant", "cosine", "linear", "onecycle")
+CACHE_DTYPES = ("float16", "float32")
+TOPK_ENCODINGS = ("q8", "plain")
+QUANTIZE_KINDS = ("none", "int8")
 
 
 class ConfigError(ValueError):
@@ -211,7 +217,7 @@ class LossConfig:
     """Weight of non-target-class KD in dkd."""
     hint_weight: float = _field(0.0, ge=0.0)
     """Weight of the hint (feature) loss; 0 disables it. Online mode only (features are not cached)."""
-    hint_kind: str = _field("mse", choices=("mse", "cosine"))
+    hint_kind: str = _field("mse", choices=HINT_KINDS)
     """Distance of the hint loss after the learned projector."""
     hint_teacher: str | None = None
     """Teacher whose features the hint and attention losses match; None = the first teacher."""
@@ -263,7 +269,7 @@ class CurriculumConfig:
     stage_length: float | None = _field(None, gt=0.0)
     """Length of a stage in stage_unit; None = the run spread evenly over the stages (train.epochs /
     num_stages epochs each, as the POCL paper runs it)."""
-    stage_unit: str = _field("epoch", choices=("epoch", "step"))
+    stage_unit: str = _field("epoch", choices=STAGE_UNITS)
     """Unit of stage_length."""
     stage_temperatures: tuple[float, ...] | None = (1.0, 1.33, 1.67, 2.0)
     """Temperature per stage (POCL's default rises 1 -> 2); None keeps the loss temperature."""
@@ -305,7 +311,7 @@ class TrainConfig:
     """Student optimizer."""
     lr: float = _field(1e-3, gt=0.0)
     """Student learning rate (the peak, under a schedule)."""
-    lr_schedule: str = _field("constant", choices=("constant", "cosine", "linear", "onecycle"))
+    lr_schedule: str = _field("constant", choices=LR_SCHEDULES)
     """How the learning rate moves over the run's steps, for student and baseline alike."""
     warmup_fraction: float = _field(0.0, ge=0.0, lt=1.0)
     """Share of the steps spent warming the learning rate up linearly (onecycle: 0.3 when 0)."""
@@ -343,9 +349,9 @@ class TrainConfig:
 class CacheConfig:
     dir: str = "~/.cache/distill-ray/soft_targets"
     """Where Parquet shards and manifests live; one subdirectory per (teachers, data) fingerprint."""
-    dtype: str = _field("float16", choices=("float16", "float32"))
+    dtype: str = _field("float16", choices=CACHE_DTYPES)
     """Storage dtype of full logits, and of top-k log-probs when topk_encoding=plain."""
-    topk_encoding: str = _field("q8", choices=("q8", "plain"))
+    topk_encoding: str = _field("q8", choices=TOPK_ENCODINGS)
     """How top-k targets (loss.topk) are stored. q8: the top log-prob (float16) + every entry's offset
     below it companded to 8 bits, indices sorted and delta-coded in the narrowest integer type (about
     half the bytes of plain float16 on SmolLM2 at k = 50, with a mean KL of the loss's target to the
@@ -428,7 +434,7 @@ class ServeConfig:
     """Requests with more inputs get 413."""
     max_text_chars: int = _field(10000, ge=1)
     """Texts longer than this get 422."""
-    quantize: str = _field("none", choices=("none", "int8"))
+    quantize: str = _field("none", choices=QUANTIZE_KINDS)
     """Dynamic int8 quantization of the student's linear layers at load."""
 
 
@@ -707,7 +713,7 @@ def _validate_sequence_kd(cfg: ExperimentConfig) -> None:
 
 
 LM_LOSS_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")
-LM_BLEND_KINDS = ("uniform", "learned_global")
+LM_BLEND_KINDS = ("uniform", "learned_global")  # the kinds that need no full logits: top-k targets suffice
 LM_MEASURERS = ("teacher_ce", "sequence_length", "reference_rouge_loss")
 LM_SCHEDULERS = ("none", "linear_ramp", "multi_stage")
 

@@ -51,6 +51,8 @@ import pyarrow.parquet as pq
 
 from distill_ray import __version__
 from distill_ray.cache.files import abbreviated, publish_directory, sha256_file
+from distill_ray.config import CACHE_DTYPES, TOPK_ENCODINGS
+from distill_ray.data.rows import SPLITS
 
 if TYPE_CHECKING:  # ray is heavy; imported where datasets are made
     import ray.data
@@ -77,8 +79,6 @@ __all__ = [
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3  # 2: inputs, labels, targets and difficulty, split by directory; 3: + spec.topk_encoding
 
-_DTYPES = ("float16", "float32")
-TOPK_ENCODINGS = ("q8", "plain")
 _SHARD_RE = re.compile(r"split=(train|val|test)/[A-Za-z0-9_.-]+\.parquet")
 _REBUILD_HINT = "rebuild it with `distill-ray cache CONFIG --rebuild` (or set cache.rebuild=true)"
 
@@ -148,8 +148,8 @@ class CacheSpec:
             object.__setattr__(self, "topk_encoding", None)  # full logits: no top-k encoding to tell apart
         elif self.topk_encoding not in TOPK_ENCODINGS:
             raise ValueError(f"CacheSpec.topk_encoding={self.topk_encoding!r}; choose one of: {', '.join(TOPK_ENCODINGS)}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"CacheSpec.dtype={self.dtype!r}; choose one of: {', '.join(_DTYPES)}")
+        if self.dtype not in CACHE_DTYPES:
+            raise ValueError(f"CacheSpec.dtype={self.dtype!r}; choose one of: {', '.join(CACHE_DTYPES)}")
         if self.tokenizer is not None and not isinstance(self.tokenizer, str):
             raise ValueError(f"CacheSpec.tokenizer must be a str or None, got {self.tokenizer!r}")
 
@@ -224,10 +224,6 @@ def cache_dir_for(root: str | Path, spec: CacheSpec) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Columns
-
-
-SPLITS = ("train", "val", "test")
-
 
 LOGICAL_TOPK = ("topk_logprobs", "topk_indices")  # what readers get, whatever the encoding
 _STORED_TOPK = {"plain": LOGICAL_TOPK, "q8": ("topk_top", "topk_q8", "topk_delta")}

@@ -23,13 +23,15 @@ from typing import Mapping
 
 import numpy as np
 
+from distill_ray.config import TRANSFER_KINDS
 from distill_ray.data.rows import DataError, mix64
 
 NOISE_STD = 0.3        # standard deviations of a standardised feature (or of a [0, 1] pixel)
 SHIFT_FRACTION = 1 / 8  # images: the largest shift, as a share of the side
 TOKEN_DROP = 0.15       # text: share of the real tokens masked or dropped
-KINDS_FOR = {"tabular": ("mixup", "noise", "augment"), "image": ("mixup", "noise", "augment"),
-             "text": ("augment",)}
+ROW_KINDS = tuple(k for k in TRANSFER_KINDS if k not in ("auto", "none"))
+"""The transfer sets that make rows (``data.transfer`` less auto and none)."""
+KINDS_FOR = {"tabular": ROW_KINDS, "image": ROW_KINDS, "text": ("augment",)}
 AUTO_KIND = {"tabular": "mixup", "image": "mixup", "text": "augment"}
 """``data.transfer: auto`` per kind of input; docs/defaults.md has the figures that chose them."""
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from distill_ray.data.rows import SPLITS
 from distill_ray.evaluation.metrics import reliability_bins
 from distill_ray.extras import available, install_hint, require
 
@@ -268,7 +269,7 @@ def _data_lines(data: Mapping[str, Any]) -> list[str]:
     if not data:
         return []
     rows, labeled = data.get("rows") or {}, (data.get("labeled") or {}).get("train")
-    counts = " / ".join(f"{rows[s]:,} {s}" for s in ("train", "val", "test") if s in rows)
+    counts = " / ".join(f"{rows[s]:,} {s}" for s in SPLITS if s in rows)
     lines = ["", "## Data", "",
              f"{data.get('format')} ({data.get('kind')}) from `{data.get('source')}`: {counts} rows"
              + (f", {labeled:,} train rows labeled." if labeled is not None else ".")]

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from distill_ray.config import BLEND_KINDS, CONFIDENCE_KINDS, LM_BLEND_KINDS
 from distill_ray.kd.losses import compute_dtype
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "TeacherBlend",
 ]
 
-BLEND_KINDS = ("uniform", "confidence", "learned_global", "learned_per_class", "learned_gate")
-CONFIDENCE_KINDS = ("entropy", "max_prob")
 LEARNED_KINDS = ("learned_global", "learned_per_class", "learned_gate")
 
 
@@ -291,7 +290,7 @@ class TeacherBlend(nn.Module):
         Position-independent kinds only (uniform, learned_global): the others need full logits."""
         if label_logprobs.dim() != 2 or label_logprobs.shape[0] != self.num_teachers:
             raise ValueError(f"label_logprobs must be [K={self.num_teachers}, M], got {tuple(label_logprobs.shape)}")
-        if self.kind not in ("uniform", "learned_global"):
+        if self.kind not in LM_BLEND_KINDS:
             raise ValueError(f"blend kind {self.kind!r} needs full teacher logits; with label log-probs only "
                              "(top-k language-model targets) use uniform or learned_global")
         if not self.is_learned:

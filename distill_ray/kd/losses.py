@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from distill_ray.config import KD_KINDS
+
 __all__ = [
     "KD_KINDS",
     "kd_divergence",
@@ -38,8 +40,6 @@ __all__ = [
     "compute_dtype",
     "masked_mean",
 ]
-
-KD_KINDS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "mse_logits", "soft_ce")
 
 # Floor for log(prob) of probability targets: exact zeros (an empty top-k tail, a teacher that
 # rules a class out) would otherwise give 0 * -inf = NaN, and reverse KL an infinite penalty.

@@ -18,12 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distill_ray.config import SEQKD_DECODINGS
 from distill_ray.data.rows import IGNORE_LABEL, hash_to_id
 from distill_ray.lm.generation import batched_responses
 
-MODES = ("off", "teacher", "mixed")
-DECODINGS = ("greedy", "sample")
-PICKS = ("best", "all")
 REFERENCE, TEACHER = "reference", "teacher"  # the ``source`` column
 
 
@@ -40,8 +38,8 @@ class Decoding:
 
     @classmethod
     def of(cls, decoding: str, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> "Decoding":
-        if decoding not in DECODINGS:
-            raise ValueError(f"decoding {decoding!r}; choose one of: {', '.join(DECODINGS)}")
+        if decoding not in SEQKD_DECODINGS:
+            raise ValueError(f"decoding {decoding!r}; choose one of: {', '.join(SEQKD_DECODINGS)}")
         if decoding == "greedy":
             return cls("greedy", max_new_tokens)
         return cls("sample", max_new_tokens, float(temperature), float(top_p), int(seed))

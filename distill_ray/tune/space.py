@@ -73,7 +73,7 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
         kind, args = next(iter(spec.items()))
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}: {kind} needs a non-empty list")
-        if kind in ("uniform", "loguniform", "randint"):
+        if kind in RANGE_KINDS:
             if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or args[0] >= args[1]:
                 raise ConfigError(f"{where}: {kind} needs [low, high] numbers with low < high, got {args}")
             if kind == "loguniform" and args[0] <= 0:

@@ -397,17 +397,6 @@ def _hf_forward_with_features(model: nn.Module, inner: nn.Module, inputs: torch.
     return out
 
 
-def hint_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """[N, D] features for the hint loss (see ``forward_with_features``)."""
-    return forward_with_features(model, inputs, want_hint=True)["hint"]
-
-
-def attention_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """[N, C, *spatial] activations for ``feature_losses.attention_map`` (see ``forward_with_features``);
-    ValueError for models without spatial or token features (MLP, TextCNN)."""
-    return forward_with_features(model, inputs, want_attention=True)["attention"]
-
-
 def batched_features(model: nn.Module, inputs: torch.Tensor, want_hint: bool, want_attention: bool,
                      batch_size: int = 64) -> dict[str, torch.Tensor]:
     """``forward_with_features`` over ``inputs`` in batches, float32, in input order. Token ids run in

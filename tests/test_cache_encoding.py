@@ -116,7 +116,7 @@ def _table(spec: CacheSpec, rows: int = 12) -> pa.Table:
     batch = {"id": np.arange(rows, dtype=np.int64), "x": np.arange(rows * 4, dtype=np.int64).reshape(rows, 4),
              "label": np.zeros((rows, 4), np.int64),
              "t/topk_logprobs": logp.reshape(rows, 4, -1).numpy(), "t/topk_indices": idx.reshape(rows, 4, -1).numpy()}
-    batch = st.encode_targets(batch, spec)
+    batch = st.encode_targets(batch, spec.teachers, spec.topk_encoding, spec.num_classes, spec.dtype)
     return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else v for k, v in batch.items()})
 
 

@@ -301,14 +301,13 @@ def decode_topk(columns: Mapping[str, np.ndarray], encoding: str) -> tuple[np.nd
             np.take_along_axis(indices, order, -1).astype(np.int32))
 
 
-def encode_targets(batch: dict[str, np.ndarray], spec: CacheSpec) -> dict[str, np.ndarray]:
-    """A batch's logical top-k columns (``{t}/topk_logprobs``, ``{t}/topk_indices``) replaced by the
-    stored columns of ``spec.topk_encoding``; full logits are left alone."""
-    if spec.topk is None:
-        return batch
-    for t in spec.teachers:
+def encode_targets(batch: dict[str, np.ndarray], teachers: Sequence[str], encoding: str, num_classes: int,
+                   dtype: str) -> dict[str, np.ndarray]:
+    """The teachers' logical top-k columns (``{t}/topk_logprobs``, ``{t}/topk_indices``) replaced by the
+    stored columns of ``encoding``; full logits are left alone."""
+    for t in teachers:
         logp, idx = batch.pop(f"{t}/topk_logprobs"), batch.pop(f"{t}/topk_indices")
-        for suffix, col in encode_topk(logp, idx, spec.topk_encoding, spec.num_classes, spec.dtype).items():
+        for suffix, col in encode_topk(logp, idx, encoding, num_classes, dtype).items():
             batch[f"{t}/{suffix}"] = col
     return batch
 

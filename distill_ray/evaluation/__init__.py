@@ -2,7 +2,7 @@
 the report with its plots, and the ablation table over seeds. (Named ``evaluation``, not ``eval``,
 which would shadow a builtin.)
 
-- ``metrics``: accuracy, teacher agreement, calibration error, perplexity, latency. No Ray.
+- ``metrics``: accuracy, calibration error, perplexity, latency. No Ray.
 - ``scoring``: teachers, their blend, baseline and student scored on the test split; the final table.
 - ``verdict``: did the student beat its baseline by more than the noise, and what to try. No Ray.
 - ``report``: ``report.md`` and its plots in the run directory. No Ray.

@@ -87,8 +87,8 @@ class TeacherRunner:
               ) -> dict[str, np.ndarray]:
         """Soft targets for one batch: full logits (float32) or top-k log-probs (fp16) + indices (int32).
 
-        ``features`` adds ``"hint"``: [N, D] (``models.hint_features``) and/or ``"attention"``: [N, P]
-        (``feature_losses.attention_map`` of ``models.attention_features``, already reduced and L2-normalised),
+        ``features`` adds ``"hint"``: [N, D] (``models.forward_with_features``) and/or ``"attention"``: [N, P]
+        (``feature_losses.attention_map`` of its attention features, already reduced and L2-normalised),
         both float16 to keep the payload small.
         """
         self.assert_frozen()

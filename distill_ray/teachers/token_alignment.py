@@ -32,8 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FAMILIES = ("byte_level", "wordpiece")
-
 
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:

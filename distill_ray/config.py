@@ -499,7 +499,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return _coerce(value, non_none[0], path)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return build_section(tp, value, path)
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -559,7 +559,9 @@ def _check_field(f: dataclasses.Field, value: Any, path: str) -> None:
             _fail(path, f"{value!r} is out of range; must be {word} {bound}")
 
 
-def _build(cls: type, raw: Any, path: str) -> Any:
+def build_section(cls: type, raw: Any, path: str) -> Any:
+    """One config section (a dataclass) from plain data at dotted ``path``, every field checked (types,
+    choices, ranges): the validator every section goes through, ``serve`` options included."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -767,7 +769,7 @@ def _validate_reference(cfg: ExperimentConfig) -> None:
 
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     """Build and validate an ExperimentConfig from plain data (YAML or Ray's train_loop_config)."""
-    cfg = _build(ExperimentConfig, raw, "")
+    cfg = build_section(ExperimentConfig, raw, "")
     _validate_across(cfg)
     return cfg
 

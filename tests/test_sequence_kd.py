@@ -217,7 +217,7 @@ def _fake_cache(root: Path, spec) -> Path:
 def test_a_stale_or_damaged_responses_cache_is_refused_naming_what_changed(tmp_path):
     from dataclasses import asdict
 
-    from distill_ray.cache.responses import ResponseSpec, _newest_sibling, changes, verify
+    from distill_ray.cache.responses import ResponseSpec, newest_sibling, changes, verify
     from distill_ray.cache.soft_targets import CorruptCacheError, StaleCacheError
 
     greedy = ResponseSpec({"a": "f" * 64, "b": "e" * 64}, "all", asdict(Decoding.of("greedy", 8, 1, 1, 0)), "data1")
@@ -231,8 +231,8 @@ def test_a_stale_or_damaged_responses_cache_is_refused_naming_what_changed(tmp_p
     with pytest.raises(StaleCacheError, match=r"decoding.decoding: cached greedy vs now sample.*decoding.seed"):
         verify(d, sample)
     assert changes(greedy, retrained) == ["teacher_fingerprints.a: cached ffffffffffff… vs now 000000000000…"]
-    assert _newest_sibling(tmp_path, sample) == (d, greedy)
-    assert _newest_sibling(tmp_path, ResponseSpec(greedy.teacher_fingerprints, "all", greedy.decoding, "data2")) is None
+    assert newest_sibling(tmp_path, sample) == (d, greedy)
+    assert newest_sibling(tmp_path, ResponseSpec(greedy.teacher_fingerprints, "all", greedy.decoding, "data2")) is None
     with open(d / "part.parquet", "ab") as f:
         f.write(b"x")
     with pytest.raises(CorruptCacheError, match=r"part.parquet is corrupt"):

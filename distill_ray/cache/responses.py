@@ -241,7 +241,7 @@ def changes(old: ResponseSpec, new: ResponseSpec) -> list[str]:
     return out
 
 
-def _newest_sibling(root: Path, spec: ResponseSpec) -> tuple[Path, ResponseSpec] | None:
+def newest_sibling(root: Path, spec: ResponseSpec) -> tuple[Path, ResponseSpec] | None:
     """The most recent other responses cache of the same data, to say what changed since."""
     found = []
     for manifest in root.glob(f"*/{MANIFEST}"):
@@ -271,7 +271,7 @@ def with_responses(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, P
         print(f"responses: reusing verified cache {directory} ({manifest['num_rows']:,} rows by "
               f"{', '.join(manifest['generated_by'])}; no generate calls)", flush=True)
     else:
-        before = _newest_sibling(root, spec) if root.is_dir() else None
+        before = newest_sibling(root, spec) if root.is_dir() else None
         if before is not None:
             print(f"responses: the cache for this data at {before[0]} was generated with other settings "
                   f"({'; '.join(changes(before[1], spec))}); generating anew", flush=True)

@@ -74,7 +74,7 @@ class ClassificationData:
     """classification (``labels`` [N]) or causal_lm (``labels`` [N, L]: the next token per position)."""
 
 
-def _debian_dataset_dir(package: str, subdir: Path, marker: str | None = None) -> Path:
+def debian_dataset_dir(package: str, subdir: Path, marker: str | None = None) -> Path:
     """The package's data directory: system-wide, else unpacked from the .deb into the cache.
 
     ``marker`` is a file that must be in the directory (another package may share the directory,
@@ -134,7 +134,7 @@ def load_fashion_mnist(val_fraction: float = 0.1, split_seed: int = 0, max_train
     60,000 training images. Sample ids are the image's index in its official file (test ids are
     offset by 60,000), so they stay the same whatever subset is taken.
     """
-    root = _debian_dataset_dir(FASHION_MNIST_PACKAGE, FASHION_MNIST_SUBDIR)
+    root = debian_dataset_dir(FASHION_MNIST_PACKAGE, FASHION_MNIST_SUBDIR)
     train_x = _read_idx(root / "train-images-idx3-ubyte.gz")
     train_y = _read_idx(root / "train-labels-idx1-ubyte.gz")
     test_x = _read_idx(root / "t10k-images-idx3-ubyte.gz")
@@ -201,7 +201,7 @@ def load_tokenizer(name: str | Path | None):
                                          local_files_only=True)
 
 
-def _fortune_items(path: Path) -> list[str]:
+def fortune_items(path: Path) -> list[str]:
     """Items of a fortune file: separated by lines holding only '%'."""
     raw = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
     return [item.strip() for item in re.split(r"(?m)^%[ \t]*$", raw) if item.strip()]
@@ -238,7 +238,7 @@ def fortune_transfer_texts(root: Path, categories: tuple[str, ...], labeled: set
     out, seen = [], set(labeled)
     others = sorted(p for p in root.iterdir() if p.is_file() and not p.suffix and p.name not in categories)
     for path in others:
-        for text in _fortune_items(path):
+        for text in fortune_items(path):
             key = " ".join(text.split())
             if key not in seen:
                 seen.add(key)
@@ -262,7 +262,7 @@ def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_s
     ``transfer_set``: the fortunes of every other category file (~9.9k after de-duplication, none of
     them a text of the 12 categories) join train unlabeled (label -1), a transfer set for KD.
     """
-    root = _debian_dataset_dir(FORTUNES_PACKAGE, FORTUNES_SUBDIR, marker=categories[0])
+    root = debian_dataset_dir(FORTUNES_PACKAGE, FORTUNES_SUBDIR, marker=categories[0])
     missing = [c for c in categories if not (root / c).is_file()]
     if missing:
         raise DataUnavailable(f"{root} lacks fortune categories {missing}; reinstall Debian's {FORTUNES_PACKAGE}")
@@ -270,7 +270,7 @@ def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_s
     seen: dict[str, set[int]] = {}
     first: dict[str, tuple[int, str]] = {}
     for label, category in enumerate(categories):
-        for text in _fortune_items(root / category):
+        for text in fortune_items(root / category):
             key = " ".join(text.split())
             seen.setdefault(key, set()).add(label)
             first.setdefault(key, (label, text))

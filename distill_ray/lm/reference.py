@@ -151,7 +151,7 @@ def prepare_reference(cfg: ExperimentConfig, data, dirs: dict[str, Path]) -> Pat
     """The reference's model directory: a teacher's, or the scratch reference trained now (a Ray task,
     as recipe teachers are) unless already there for this data and these settings."""
     from distill_ray.data.bundled import cache_root
-    from distill_ray.teachers.setup import _train_recipe
+    from distill_ray.teachers.setup import train_teacher_task
 
     if cfg.curriculum.reference != "scratch":
         return dirs[cfg.curriculum.reference]
@@ -161,7 +161,7 @@ def prepare_reference(cfg: ExperimentConfig, data, dirs: dict[str, Path]) -> Pat
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     arch, options = _scratch_recipe(cfg)
-    task = ray.remote(num_cpus=1)(_train_recipe)
+    task = ray.remote(num_cpus=1)(train_teacher_task)
     info = ray.get(task.remote("reference", arch, options, data.train.materialize(), data.val.materialize(),
                                data.info.to_dict(), cfg.train.seed, str(out)))
     print(f"reference: {arch} trained from the labels for {cfg.curriculum.reference_epochs} epoch(s) in "

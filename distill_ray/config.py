@@ -61,10 +61,10 @@ class ConfigError(ValueError):
 def _field(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None,
            default_factory: Any = dataclasses.MISSING):
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    checks = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=default_factory, metadata=checks)
+    return field(default=default, metadata=checks)
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -542,10 +542,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 
 
 def _check_field(f: dataclasses.Field, value: Any, path: str) -> None:
-    meta = f.metadata
+    checks = f.metadata
     if value is None:
         return
-    choices = meta.get("choices")
+    choices = checks.get("choices")
     if choices is not None:
         items = value if isinstance(value, tuple) else (value,)
         for item in items:
@@ -554,7 +554,7 @@ def _check_field(f: dataclasses.Field, value: Any, path: str) -> None:
                       + _closest(str(item), choices))
     for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                           ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
-        bound = meta.get(key)
+        bound = checks.get(key)
         if bound is not None and not ok(value, bound):
             _fail(path, f"{value!r} is out of range; must be {word} {bound}")
 
@@ -599,31 +599,31 @@ def _validate_across(cfg: ExperimentConfig) -> None:
             _fail(f"teachers[{i}].recipe", "is required when source is 'recipe'")
         if t.source in ("hf_dir", "torch_checkpoint") and not t.path:
             _fail(f"teachers[{i}].path", f"is required when source is {t.source!r}")
-    cur = cfg.curriculum
-    if not cur.measurers:
+    curriculum = cfg.curriculum
+    if not curriculum.measurers:
         _fail("curriculum.measurers", f"needs at least one of: {', '.join(MEASURER_KINDS)}")
-    for i, m in enumerate(cur.measurers):
+    for i, m in enumerate(curriculum.measurers):
         if m not in MEASURER_KINDS:
             _fail(f"curriculum.measurers[{i}]", f"{m!r} is not valid; choose from: {', '.join(MEASURER_KINDS)}"
                   + _closest(m, MEASURER_KINDS))
-    if "reference_rouge_loss" in cur.measurers and cfg.data.task != "causal_lm":
+    if "reference_rouge_loss" in curriculum.measurers and cfg.data.task != "causal_lm":
         _fail("curriculum.measurers", "reference_rouge_loss ranks instruction rows of a language model; it needs "
               f"data.task=causal_lm; for {cfg.data.task} choose from: "
               + ", ".join(m for m in MEASURER_KINDS if m != "reference_rouge_loss"))
     for key in ("stage_temperatures", "stage_alphas"):
-        values = getattr(cur, key)
-        if values is not None and len(values) != cur.num_stages:
-            _fail(f"curriculum.{key}", f"has {len(values)} values but curriculum.num_stages is {cur.num_stages}")
-    if cur.stage_temperatures is not None and min(cur.stage_temperatures) <= 0:
-        _fail("curriculum.stage_temperatures", f"{cur.stage_temperatures} must all be > 0")
-    if cur.stage_alphas is not None and not all(0 <= a <= 1 for a in cur.stage_alphas):
-        _fail("curriculum.stage_alphas", f"{cur.stage_alphas} must all be within [0, 1]")
-    if cur.stage_unit == "step" and cur.stage_length is None:
+        values = getattr(curriculum, key)
+        if values is not None and len(values) != curriculum.num_stages:
+            _fail(f"curriculum.{key}", f"has {len(values)} values but curriculum.num_stages is {curriculum.num_stages}")
+    if curriculum.stage_temperatures is not None and min(curriculum.stage_temperatures) <= 0:
+        _fail("curriculum.stage_temperatures", f"{curriculum.stage_temperatures} must all be > 0")
+    if curriculum.stage_alphas is not None and not all(0 <= a <= 1 for a in curriculum.stage_alphas):
+        _fail("curriculum.stage_alphas", f"{curriculum.stage_alphas} must all be within [0, 1]")
+    if curriculum.stage_unit == "step" and curriculum.stage_length is None:
         _fail("curriculum.stage_length", "is required when curriculum.stage_unit is 'step' (without it the stages "
               "share train.epochs evenly)")
-    if cur.temperature_schedule == "stage" and cur.stage_temperatures is None:
+    if curriculum.temperature_schedule == "stage" and curriculum.stage_temperatures is None:
         _fail("curriculum.temperature_schedule", "'stage' needs curriculum.stage_temperatures")
-    if cur.alpha_schedule == "stage" and cur.stage_alphas is None:
+    if curriculum.alpha_schedule == "stage" and curriculum.stage_alphas is None:
         _fail("curriculum.alpha_schedule", "'stage' needs curriculum.stage_alphas")
     if cfg.data.labeled_fraction is not None and cfg.data.max_labeled_samples is not None:
         _fail("data.max_labeled_samples", "set either data.labeled_fraction or data.max_labeled_samples, not both")
@@ -825,26 +825,26 @@ def set_path(raw: dict, dotted: str, value: Any) -> None:
     Teachers are addressed by index or name: ``teachers.0.num_cpus`` or ``teachers.cnn.num_cpus``.
     The value is coerced and validated later, when the whole dict is built.
     """
-    parts = dotted.split(".")
+    keys = dotted.split(".")
     cls: Any = ExperimentConfig
     node = raw
     walked: list[str] = []
     i = 0
-    while i < len(parts):
-        key = parts[i]
+    while i < len(keys):
+        key = keys[i]
         walked.append(key)
         where = ".".join(walked)
         hints = typing.get_type_hints(cls)
         if key not in hints:
             _fail(where, f"unknown key; valid keys here: {', '.join(hints)}" + _closest(key, hints))
         tp = hints[key]
-        last = i == len(parts) - 1
+        last = i == len(keys) - 1
         if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]) and not last:
             teachers = node.setdefault(key, [])
-            index = _teacher_index(teachers, parts[i + 1], f"{where}.{parts[i + 1]}")
-            walked.append(parts[i + 1])
+            index = _teacher_index(teachers, keys[i + 1], f"{where}.{keys[i + 1]}")
+            walked.append(keys[i + 1])
             node, cls, i = teachers[index], typing.get_args(tp)[0], i + 2
-            if i >= len(parts):
+            if i >= len(keys):
                 _fail(".".join(walked), "names a whole teacher; set one of its fields")
             continue
         if dataclasses.is_dataclass(tp) and not last:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill_ray.kd import curriculum as cur
+from distill_ray.kd import curriculum
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import load_model
 from distill_ray.lm.reference import reference_key, with_reference_difficulty
@@ -106,7 +106,7 @@ def _measured(batch: dict[str, np.ndarray], arguments: dict[str, tuple]) -> dict
     """``batch`` with a ``difficulty/NAME`` column per measurer, each computed by its
     ``curriculum.MEASURERS`` function from the arguments given for it."""
     for name, args in arguments.items():
-        batch[DIFFICULTY_PREFIX + name] = cur.MEASURERS[name](*args).numpy().astype(np.float32)
+        batch[DIFFICULTY_PREFIX + name] = curriculum.MEASURERS[name](*args).numpy().astype(np.float32)
     return batch
 
 

@@ -169,11 +169,11 @@ def generate(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, Path], 
     specs = {t.name: t for t in teacher_specs(cfg, dirs, causal=True)}
     eos = load_tokenizer(data.info.tokenizer).eos_token_id
     args = (decoding_of(cfg), eos, int(data.info.pad_id or 0), data.info.input_shape[-1], trace_file)
-    parts = [data.train.select_columns(["id", "x", "label"]).map_batches(
+    per_teacher = [data.train.select_columns(["id", "x", "label"]).map_batches(
         ResponseRows, fn_constructor_args=(specs[t], *args), batch_format="numpy", batch_size=specs[t].batch_size,
         compute=ray.data.ActorPoolStrategy(size=specs[t].replicas), num_cpus=specs[t].num_cpus,
         num_gpus=specs[t].num_gpus or None) for t in names]
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = per_teacher[0].union(*per_teacher[1:]) if len(per_teacher) > 1 else per_teacher[0]
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
     directory.parent.mkdir(parents=True, exist_ok=True)
     try:

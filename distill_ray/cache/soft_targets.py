@@ -572,12 +572,12 @@ class CachedData:
         files = self.files(split)
         if not files:
             raise CorruptCacheError(f"{self.directory}: the cache has no {split} rows; {_REBUILD_HINT}")
-        cols = [c for c in (columns or self.columns) if c != "split"]
+        wanted = [c for c in (columns or self.columns) if c != "split"]
         encoding = self.spec.topk_encoding
         if self.spec.topk is None or encoding == "plain":
-            return ray.data.read_parquet(files, partitioning=None).select_columns(cols)
+            return ray.data.read_parquet(files, partitioning=None).select_columns(wanted)
         stored, decode = [], []
-        for c in cols:
+        for c in wanted:
             teacher, _, suffix = c.rpartition("/")
             if teacher in self.spec.teachers and suffix in LOGICAL_TOPK:
                 decode.append(teacher)
@@ -588,7 +588,7 @@ class CachedData:
         if not decode:
             return ds
         return ds.map_batches(_decode_and_select, fn_kwargs={"teachers": tuple(dict.fromkeys(decode)),
-                                                             "encoding": encoding, "columns": cols},
+                                                             "encoding": encoding, "columns": wanted},
                               batch_format="numpy")
 
 

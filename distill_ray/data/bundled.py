@@ -280,19 +280,19 @@ def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_s
     ids = np.array([text_id(categories[label], text) for label, text in items], dtype=np.int64)
 
     rng = np.random.default_rng(split_seed)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    members_of: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for c in range(len(categories)):
         members = np.flatnonzero(labels == c)
         members = members[np.argsort(ids[members], kind="stable")]
         members = members[rng.permutation(len(members))]
         n_test = int(round(len(members) * test_fraction))
         n_val = int(round(len(members) * val_fraction))
-        parts["test"].append(members[:n_test])
-        parts["val"].append(members[n_test:n_test + n_val])
-        parts["train"].append(members[n_test + n_val:])
-    train_idx = _stratified_take(labels, np.sort(np.concatenate(parts["train"])), max_train_samples, rng)
-    val_idx = _stratified_take(labels, np.sort(np.concatenate(parts["val"])), max_eval_samples, rng)
-    test_idx = _stratified_take(labels, np.sort(np.concatenate(parts["test"])), max_eval_samples, rng)
+        members_of["test"].append(members[:n_test])
+        members_of["val"].append(members[n_test:n_test + n_val])
+        members_of["train"].append(members[n_test + n_val:])
+    train_idx = _stratified_take(labels, np.sort(np.concatenate(members_of["train"])), max_train_samples, rng)
+    val_idx = _stratified_take(labels, np.sort(np.concatenate(members_of["val"])), max_eval_samples, rng)
+    test_idx = _stratified_take(labels, np.sort(np.concatenate(members_of["test"])), max_eval_samples, rng)
     if transfer_set:
         extra = fortune_transfer_texts(root, categories, set(seen))
         start = len(labels)
@@ -477,8 +477,8 @@ def smollm2_path() -> Path:
 
     # Read the GGUF directly (from_pretrained(gguf_file=...) would also need accelerate) and rebuild a
     # plain Llama from its config: save_pretrained refuses a GGUF-loaded model.
-    meta = load_gguf_checkpoint(str(gguf))["config"]
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in meta.items() if k not in ("model_type", "_model_name_or_path")}))
+    gguf_config = load_gguf_checkpoint(str(gguf))["config"]
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in gguf_config.items() if k not in ("model_type", "_model_name_or_path")}))
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
     missing = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False).missing_keys
     if set(missing) - {"lm_head.weight"}:  # the output head is tied to the input embeddings

@@ -146,12 +146,12 @@ def columns_summary(feature_fields: Sequence[str], left_out: Mapping[str, str], 
     """The columns part of the run's data line: the feature columns (first..last when there are more
     than ``named``, so 300 pixels stay one short phrase) and every column left out with its reason,
     in full: a column that silently drops out is what this line exists to prevent. '' if neither."""
-    parts = []
+    phrases = []
     if feature_fields:
         n = len(feature_fields)
         names = ", ".join(feature_fields) if n <= named else f"{feature_fields[0]}..{feature_fields[-1]}"
-        parts.append(f"{n} feature column{'s' if n != 1 else ''} ({names})")
+        phrases.append(f"{n} feature column{'s' if n != 1 else ''} ({names})")
     if left_out:
-        parts.append("left out: " + ", ".join(f"{c} ({why})" for c, why in left_out.items()))
-    return "; ".join(parts)
+        phrases.append("left out: " + ", ".join(f"{c} ({why})" for c, why in left_out.items()))
+    return "; ".join(phrases)
 

@@ -128,8 +128,8 @@ def instruction_stats(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def taught_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rows with at least one response token in the window (a prompt that fills it teaches nothing)."""
-    keep = (np.asarray(batch["label"]) >= 0).any(1)
-    return {k: np.asarray(v)[keep] for k, v in batch.items() if k != "cut"}
+    taught = (np.asarray(batch["label"]) >= 0).any(1)
+    return {k: np.asarray(v)[taught] for k, v in batch.items() if k != "cut"}
 
 
 def feature_rows(batch: dict[str, np.ndarray], fields: tuple[str, ...], transform: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -135,7 +135,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
     if not (layout.kind == "text" and d.task == "causal_lm"):  # LM windows are counted after tokenization
         _check_splits(counts.rows, origin.path)
     pre = _preprocess(d, origin, layout, rows, counts)
-    source_fingerprint = _fingerprint(cfg, origin.sources, origin.meta, pre.counts)
+    source_fingerprint = _fingerprint(cfg, origin.sources, origin.preset_meta, pre.counts)
     staged, transfer, transfer_rows, row_counts = _transfer_stage(d, layout.kind, pre)
     class_names, num_classes = _classes(d, origin.path, class_names, counts.label_max, pre.num_classes)
     info = DataInfo(task=d.task, kind=layout.kind, num_classes=int(num_classes), class_names=class_names,
@@ -158,7 +158,7 @@ class Origin:
     split_field: str | None
     class_names: tuple[str, ...] | None
     """A preset's label names; None for your files (found in ``_label_names``)."""
-    meta: Mapping[str, Any]
+    preset_meta: Mapping[str, Any]
     """A preset's metadata (kind, class_names, instruction columns, its parameters); {} for your files."""
     sources: Mapping[str, str | None]
     """train -> path, val/test -> data.val_path/test_path (when either is set), unlabeled -> data.unlabeled_path."""
@@ -179,14 +179,14 @@ def _origin(cfg: ExperimentConfig) -> Origin:
     if d.format in PRESETS:
         from distill_ray.data.presets import preset_table
 
-        path, meta = preset_table(cfg)
-        fmt, split_field, class_names = "parquet", "split", tuple(meta["class_names"])
+        path, preset_meta = preset_table(cfg)
+        fmt, split_field, class_names = "parquet", "split", tuple(preset_meta["class_names"])
     else:
-        path, fmt, split_field, class_names, meta = d.path, d.format, d.split_field, None, {}
+        path, fmt, split_field, class_names, preset_meta = d.path, d.format, d.split_field, None, {}
     eval_paths = d.val_path is not None or d.test_path is not None
     sources = {"train": path, **({"val": d.val_path, "test": d.test_path} if eval_paths else {}),
                **({"unlabeled": d.unlabeled_path} if d.unlabeled_path else {})}
-    return Origin(path, fmt, split_field, class_names, meta, sources, preset=d.format in PRESETS)
+    return Origin(path, fmt, split_field, class_names, preset_meta, sources, preset=d.format in PRESETS)
 
 
 @dataclass(frozen=True)
@@ -233,8 +233,8 @@ def _layout(d, origin: Origin, train: ray.data.Dataset) -> Layout:
 def _instruction_fields(d, origin: Origin, columns: list[str]) -> tuple[str, ...]:
     """The prompt and response columns (a preset's, or data.prompt_field / response_field), or the
     messages column; each must be a column of the train file."""
-    fields = tuple(f for f in (origin.meta.get("prompt_field", d.prompt_field),
-                               origin.meta.get("response_field", d.response_field), d.messages_field) if f)
+    fields = tuple(f for f in (origin.preset_meta.get("prompt_field", d.prompt_field),
+                               origin.preset_meta.get("response_field", d.response_field), d.messages_field) if f)
     for key, name in zip(("data.prompt_field", "data.response_field") if len(fields) == 2
                          else ("data.messages_field",), fields):
         if name not in columns:
@@ -245,7 +245,7 @@ def _instruction_fields(d, origin: Origin, columns: list[str]) -> tuple[str, ...
 def _infer_kind(d, origin: Origin, columns: list[str], instruction_fields: tuple[str, ...]) -> str:
     """tabular, text, image or tokens: a preset says, images are images, instructions and causal-LM data
     are text; a table is text if its text column is there and no features are named, else tabular."""
-    kind = origin.meta.get("kind") or {"images": "image", "text": "text"}.get(origin.fmt) or \
+    kind = origin.preset_meta.get("kind") or {"images": "image", "text": "text"}.get(origin.fmt) or \
         ("text" if d.task == "causal_lm" else None)
     if instruction_fields:
         kind = "text"
@@ -561,7 +561,7 @@ def _check_splits(counts: Mapping[str, int], path: str, hint: str = "") -> None:
                             f"{how[split]}" + (f"; {hint}" if hint else ""))
 
 
-def _fingerprint(cfg: ExperimentConfig, sources: Mapping[str, str], meta: Mapping[str, Any],
+def _fingerprint(cfg: ExperimentConfig, sources: Mapping[str, str], preset_meta: Mapping[str, Any],
                  counts: Mapping[str, int]) -> str:
     """sha256 of the data config, the files (path, size, mtime) and the row counts per split."""
     from distill_ray.config import config_to_dict
@@ -573,7 +573,7 @@ def _fingerprint(cfg: ExperimentConfig, sources: Mapping[str, str], meta: Mappin
     for key in ("transfer", "transfer_size"):  # the source rows only: transfer rows extend it (with_transfer)
         del data[key]
     h = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
-    h.update(json.dumps(dict(meta), sort_keys=True, default=str).encode())
+    h.update(json.dumps(dict(preset_meta), sort_keys=True, default=str).encode())
     h.update(json.dumps(dict(counts), sort_keys=True).encode())
     for split, path in sorted(sources.items()):
         if not path:

@@ -74,8 +74,8 @@ def transfer_ids(ids: np.ndarray, copy: int) -> np.ndarray:
 def first_copies(batch: dict[str, np.ndarray], copies: int) -> dict[str, np.ndarray]:
     """The labeled rows and the first ``copies`` transfer copies of ``batch`` (a Ray Data stage). Every
     unlabeled row is taken for a transfer row: use it only on data whose unlabeled rows all are."""
-    keep = (np.asarray(batch["label"]) >= 0) | ((np.asarray(batch["id"]) & MAX_COPIES) <= copies)
-    return {k: v[keep] for k, v in batch.items()}
+    kept = (np.asarray(batch["label"]) >= 0) | ((np.asarray(batch["id"]) & MAX_COPIES) <= copies)
+    return {k: v[kept] for k, v in batch.items()}
 
 
 def _row_rngs(ids: np.ndarray, seed: int) -> list[np.random.Generator]:

@@ -232,12 +232,12 @@ def summarize(runs: list[dict], prep: Prepared, rows: Sequence[str]) -> dict[str
     best_acc = prep.teacher_test[best]
     table: dict[str, Any] = {}
     for row in rows:
-        mine = [r for r in runs if r["row"] == row]
-        mean, std = mean_std([r["test_accuracy"] for r in mine])
-        table[row] = {"description": DESCRIPTIONS[row], "mean": mean, "std": std, "n": len(mine),
-                      "per_seed": {r["seed"]: r["test_accuracy"] for r in mine}, "teacher_weights": mean_weights(mine),
-                      "student_params": mine[0].get("student_params") if mine else None,
-                      "train_seconds_mean": mean_std([r["train_seconds"] for r in mine])[0]}
+        row_runs = [r for r in runs if r["row"] == row]
+        mean, std = mean_std([r["test_accuracy"] for r in row_runs])
+        table[row] = {"description": DESCRIPTIONS[row], "mean": mean, "std": std, "n": len(row_runs),
+                      "per_seed": {r["seed"]: r["test_accuracy"] for r in row_runs}, "teacher_weights": mean_weights(row_runs),
+                      "student_params": row_runs[0].get("student_params") if row_runs else None,
+                      "train_seconds_mean": mean_std([r["train_seconds"] for r in row_runs])[0]}
     scratch = table.get("scratch", {}).get("mean")
     for row, entry in table.items():
         entry["gap_recovered"] = gap_recovered(entry["mean"], scratch, best_acc)

@@ -130,10 +130,10 @@ def prepare_lm(cfg: ExperimentConfig, rows: Sequence[str]) -> LMPrepared:
     if "scratch" in rows and not readers["responses"]:  # scratch reads the references of either cache
         readers["references"].append("scratch")
     caches = {}
-    for kind, mine in readers.items():
-        if mine:
+    for kind, readers_of_kind in readers.items():
+        if readers_of_kind:
             start = time.perf_counter()
-            variant = _cache_variant(cfg, kind, any(r.endswith("+pocl") for r in mine), data, dirs)
+            variant = _cache_variant(cfg, kind, any(r.endswith("+pocl") for r in readers_of_kind), data, dirs)
             caches[kind] = build_cache(variant, data, dirs)
             timings[f"cache_{kind}"] = round(time.perf_counter() - start, 2)
     counts = {"reference": data.info.counts["train"]}
@@ -203,8 +203,8 @@ def lm_reference_scores(prep: LMPrepared, runs: list[dict]) -> dict[str, Any]:
                   None)
     weights = {}
     if source is not None and len(same) == len(cfg.teachers):
-        mine = [r["teacher_weights"] for r in runs if r["row"] == source]
-        weights = {name: mean_std([w[name] for w in mine])[0] for name in same}
+        source_weights = [r["teacher_weights"] for r in runs if r["row"] == source]
+        weights = {name: mean_std([w[name] for w in source_weights])[0] for name in same}
         models["blend"] = BlendedLM([models[n] for n in same], [weights[n] for n in same])
     scores = language_model_scores(cfg, next(iter(prep.caches.values())), models)
     teachers = {name: {**scores[name], "params": num_params(models[name])} for name in same}
@@ -223,13 +223,13 @@ def summarize_lm(runs: list[dict], rows: Sequence[str], reference: dict[str, Any
     best = min(teachers, key=lambda n: teachers[n]["perplexity"]) if teachers else None
     table: dict[str, Any] = {}
     for row in rows:
-        mine = [r for r in runs if r["row"] == row]
-        entry: dict[str, Any] = {"description": LM_DESCRIPTIONS[row], "n": len(mine),
-                                 **{metric: seed_spread(mine, key) for metric, key in LM_METRICS.items()}}
-        first = mine[0] if mine else {}
+        row_runs = [r for r in runs if r["row"] == row]
+        entry: dict[str, Any] = {"description": LM_DESCRIPTIONS[row], "n": len(row_runs),
+                                 **{metric: seed_spread(row_runs, key) for metric, key in LM_METRICS.items()}}
+        first = row_runs[0] if row_runs else {}
         entry.update({key: first.get(key) for key in ("epochs", "train_rows", "steps", "student_params")})
-        entry["teacher_weights"] = mean_weights(mine)
-        entry["train_seconds_mean"] = mean_std([r["train_seconds"] for r in mine])[0] if mine else None
+        entry["teacher_weights"] = mean_weights(row_runs)
+        entry["train_seconds_mean"] = mean_std([r["train_seconds"] for r in row_runs])[0] if row_runs else None
         table[row] = entry
     scratch = (table.get("scratch") or {}).get("perplexity")
     for entry in table.values():

@@ -172,10 +172,10 @@ def plot_reliability(path: Path, reliability: Mapping[str, tuple[np.ndarray, np.
     eces = {}
     for name, (probs, labels) in reliability.items():
         bins = reliability_bins(probs, labels, n_bins=n_bins)
-        keep = bins["count"] > 0
+        filled = bins["count"] > 0
         eces[name] = bins["ece"]
         style = "-o" if name in ("student", "baseline") else "-."
-        ax.plot(bins["confidence"][keep], bins["accuracy"][keep], style, markersize=3,
+        ax.plot(bins["confidence"][filled], bins["accuracy"][filled], style, markersize=3,
                 label=f"{name} (ECE {bins['ece']:.4f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)

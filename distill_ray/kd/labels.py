@@ -45,16 +45,16 @@ def label_smoothing_ce(
         raise ValueError(f"labels {tuple(labels.shape)} must be logits {tuple(logits.shape)} without the class dim")
     logprobs = F.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
     labels = labels.to(logprobs.device)
-    keep = labels != ignore_index
+    counted = labels != ignore_index
     if mask is not None:
         if mask.shape != labels.shape:
             raise ValueError(f"mask {tuple(mask.shape)} must match labels {tuple(labels.shape)}")
-        keep = keep & (mask.to(keep.device) != 0)
+        counted = counted & (mask.to(counted.device) != 0)
     # skipped positions may hold ignore_index, which gather cannot index with.
-    safe_labels = labels.masked_fill(~keep, 0).long().unsqueeze(-1)
+    safe_labels = labels.masked_fill(~counted, 0).long().unsqueeze(-1)
     nll = -logprobs.gather(-1, safe_labels).squeeze(-1)
     uniform_ce = -logprobs.mean(-1)
-    return masked_mean((1.0 - smoothing) * nll + smoothing * uniform_ce, keep)
+    return masked_mean((1.0 - smoothing) * nll + smoothing * uniform_ce, counted)
 
 
 

@@ -80,10 +80,10 @@ def masked_mean(per_position: torch.Tensor, mask: Optional[torch.Tensor]) -> tor
         return per_position.mean()
     if mask.shape != per_position.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(per_position.shape)}")
-    keep = mask.to(per_position.device) != 0
+    unmasked = mask.to(per_position.device) != 0
     # where (not multiply) so that inf/NaN at masked positions cannot leak into the sum.
-    total = torch.where(keep, per_position, torch.zeros((), dtype=per_position.dtype, device=per_position.device))
-    return total.sum() / keep.sum().clamp_min(1)
+    total = torch.where(unmasked, per_position, torch.zeros((), dtype=per_position.dtype, device=per_position.device))
+    return total.sum() / unmasked.sum().clamp_min(1)
 
 
 def _reduce(per_position: torch.Tensor, mask: Optional[torch.Tensor], reduction: str) -> torch.Tensor:

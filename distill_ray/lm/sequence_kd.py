@@ -103,11 +103,11 @@ def teacher_rows(batch: dict[str, np.ndarray], teacher: str, responses: list[lis
     ys = np.full((n, max_length), IGNORE_LABEL, np.int64)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         xs[i], ys[i], _ = pack_row(prompt, response, max_length, pad_id)
-    keep = (ys >= 0).any(1)
+    taught = (ys >= 0).any(1)
     ids = np.asarray(batch["id"], np.int64)
-    return {"id": teacher_row_ids(ids, teacher)[keep], "x": xs[keep], "label": ys[keep],
-            "split": np.full(keep.sum(), "train"), "source": np.full(keep.sum(), TEACHER, dtype=object).astype(str),
-            "generated_by": np.full(keep.sum(), teacher, dtype=object).astype(str), "prompt_id": ids[keep]}
+    return {"id": teacher_row_ids(ids, teacher)[taught], "x": xs[taught], "label": ys[taught],
+            "split": np.full(taught.sum(), "train"), "source": np.full(taught.sum(), TEACHER, dtype=object).astype(str),
+            "generated_by": np.full(taught.sum(), teacher, dtype=object).astype(str), "prompt_id": ids[taught]}
 
 
 def reference_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -126,5 +126,5 @@ def window_budget(prompts: list[list[int]], max_length: int, max_new_tokens: int
 
 def rows_from(batch: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """The rows of ``source`` (reference or teacher), without the ``source`` column."""
-    keep = np.asarray(batch["source"]) == source
-    return {k: np.asarray(v)[keep] for k, v in batch.items() if k != "source"}
+    of_source = np.asarray(batch["source"]) == source
+    return {k: np.asarray(v)[of_source] for k, v in batch.items() if k != "source"}

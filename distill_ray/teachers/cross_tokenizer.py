@@ -63,15 +63,15 @@ class CrossTokenizerTeacher:
             logits = forward_logits(model, torch.as_tensor(ids, device=device)).float()  # right padding: causal, harmless
             logp, idx = (t.cpu().numpy() for t in teacher_topk(logits, self.k))
             for r, row in enumerate(chunk):
-                keep = row.aligned
-                at = row.positions[keep]
+                aligned = row.aligned
+                at = row.positions[aligned]
                 if self.mode == "map":
-                    values, student_ids, _ = carry_topk(logp[r, at], idx[r, at], self.maps, row.context[keep],
+                    values, student_ids, _ = carry_topk(logp[r, at], idx[r, at], self.maps, row.context[aligned],
                                                         self.pool, self.student.vocab_size)
-                    out_idx[start + r, keep] = student_ids
+                    out_idx[start + r, aligned] = student_ids
                 else:
                     values = logp[r, at]  # already descending
-                out_logp[start + r, keep] = values
+                out_logp[start + r, aligned] = values
         if labels is not None:
             taught = np.asarray(labels) >= 0
             self.positions += int(taught.sum())

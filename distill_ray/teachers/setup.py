@@ -45,9 +45,9 @@ def collect_split(dataset, labeled_only: bool = False, limit: int | None = None)
     """Rows of a split as numpy, inside a task that needs them in memory (a recipe's training set)."""
     xs, ys, ids = [], [], []
     for batch in dataset.iter_batches(batch_size=4096, batch_format="numpy"):
-        keep = np.ones(len(batch["id"]), bool) if not labeled_only else \
+        taken = np.ones(len(batch["id"]), bool) if not labeled_only else \
             (batch["label"] >= 0 if batch["label"].ndim == 1 else np.ones(len(batch["id"]), bool))
-        xs.append(batch["x"][keep]), ys.append(batch["label"][keep]), ids.append(batch["id"][keep])
+        xs.append(batch["x"][taken]), ys.append(batch["label"][taken]), ids.append(batch["id"][taken])
         if limit is not None and sum(len(i) for i in ids) >= limit:
             break
     if not ids:

@@ -3,8 +3,8 @@
 
 - ``sources``: Ray Data sources (parquet, jsonl, csv, text, images, presets) as one Dataset per split:
   ``load_source`` and its steps.
-- ``readers``: the files a path names, checked and read by Ray Data with a ``path`` column.
-- ``columns``: which columns of a table are inputs, and why each other one is left out.
+- ``readers``: where a source's rows come from; the files a path names, checked and read by Ray Data.
+- ``columns``: the train schema checked, the data's kind and every column's role; label names.
 - ``rows``: the row stage (ids, splits, labels, subsets, counts) and ``DataError``. No Ray.
 - ``preprocess``: the per-kind stages making ``x``: features, images, token ids, LM windows. No Ray.
 - ``presets``: the bundled datasets written once as Parquet tables, read by ``sources``.

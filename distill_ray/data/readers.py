@@ -1,6 +1,8 @@
-"""Reading a source: the files a path names (file, folder, glob or URI), each local file opened the
-cheap way first so a bad one is named before any work starts, then read by Ray Data with a ``path``
-column naming each row's file. Ray Data failures come back as a ``DataError`` saying what was being read.
+"""Reading a source: where its rows come from (``source_origin``: a preset's table or ``data.path``, and
+the val/test/unlabeled paths beside it), the files a path names (file, folder, glob or URI), each local
+file opened the cheap way first so a bad one is named before any work starts, then read by Ray Data with
+a ``path`` column naming each row's file. Ray Data failures come back as a ``DataError`` saying what was
+being read.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ import glob
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import pyarrow as pa
 import ray
 import ray.data
 
+from distill_ray.config import PRESETS, ExperimentConfig
 from distill_ray.data.rows import PATH_COLUMN, DataError
 
 EXTENSIONS = {"parquet": ("parquet",), "jsonl": ("jsonl", "json"), "csv": ("csv",), "text": ("txt", "text", "md", "py", "rst"),
@@ -152,4 +157,46 @@ def run_data_action(what: str, fn):
         lines = [ln for ln in str(err).splitlines() if ln.strip()]
         reason = next((ln for ln in lines if "rror" in ln and "Traceback" not in ln), lines[-1] if lines else repr(err))
         raise DataError(f"{what}: {reason.strip()[:400]}") from None
+
+
+# --- where the rows come from ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Origin:
+    """Where the rows come from: a preset's table or ``data.path``, and the other paths beside it."""
+
+    path: str
+    fmt: str
+    split_field: str | None
+    class_names: tuple[str, ...] | None
+    """A preset's label names; None for your files (found in ``label_names``)."""
+    preset_meta: Mapping[str, Any]
+    """A preset's metadata (kind, class_names, instruction columns, its parameters); {} for your files."""
+    sources: Mapping[str, str | None]
+    """train -> path, val/test -> data.val_path/test_path (when either is set), unlabeled -> data.unlabeled_path."""
+    preset: bool
+
+    @property
+    def eval_paths(self) -> bool:
+        return "val" in self.sources
+
+    @property
+    def folder_images(self) -> bool:
+        return self.fmt == "images" and not is_image_table(self.path)
+
+
+def source_origin(cfg: ExperimentConfig) -> Origin:
+    """A preset is written once as a Parquet table with a ``split`` column; your files are read as they are."""
+    d = cfg.data
+    if d.format in PRESETS:
+        from distill_ray.data.presets import preset_table
+
+        path, preset_meta = preset_table(cfg)
+        fmt, split_field, class_names = "parquet", "split", tuple(preset_meta["class_names"])
+    else:
+        path, fmt, split_field, class_names, preset_meta = d.path, d.format, d.split_field, None, {}
+    eval_paths = d.val_path is not None or d.test_path is not None
+    sources = {"train": path, **({"val": d.val_path, "test": d.test_path} if eval_paths else {}),
+               **({"unlabeled": d.unlabeled_path} if d.unlabeled_path else {})}
+    return Origin(path, fmt, split_field, class_names, preset_meta, sources, preset=d.format in PRESETS)
 

@@ -16,9 +16,11 @@ are written once as Parquet (with their historical splits in a ``split`` column)
 anyone's data.
 
 ``load_source`` is one decision procedure (which columns, which kind, which split, which labels) whose
-every branch must fail the same clear way; it reads as its steps, each a function below it. The
-stages it runs live beside it: reading in ``readers``, the columns' roles in ``columns``, the row stage
-in ``rows``, the per-kind stages in ``preprocess``.
+every branch must fail the same clear way; it reads as its steps, each a named function: where the rows
+come from and reading them (``readers``), the train schema checked and each column's role decided, the
+other files checked against it and the label names (``columns``), then the row stage, subsets, counts,
+preprocessing per kind and the transfer-set stage (below). The Ray Data stages these run are the pure
+functions of ``rows`` and ``preprocess``.
 """
 
 from __future__ import annotations
@@ -33,16 +35,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.data
 
 from distill_ray.config import ExperimentConfig, PRESETS
-from distill_ray.data.columns import compatible_types, label_column, tabular_columns
+from distill_ray.data.columns import Layout, check_split_schemas, column_layout, label_names
 from distill_ray.data.preprocess import decode_image, feature_rows, image_rows, instruction_rows, instruction_stats, \
     pil_image, taught_rows, tokenize_rows, window_rows
-from distill_ray.data.readers import is_image_table, is_uri, read_rows, run_data_action, table_format
-from distill_ray.data.rows import PATH_COLUMN, SPLITS, DataError, RowPlan, keep_train_labels, row_stage, \
+from distill_ray.data.readers import Origin, is_uri, read_rows, run_data_action, source_origin, table_format
+from distill_ray.data.rows import SPLITS, DataError, RowPlan, keep_train_labels, row_stage, \
     rows_of_split, split_stats, standardise_stats, subset_by_id
 from distill_ray.data.transfer import resolve_transfer, with_transfer_rows
 
@@ -123,12 +124,12 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
     """The configured data as preprocessed Ray Datasets per split, validated; bad input raises
     DataError naming the file and column."""
     d = cfg.data
-    origin = _origin(cfg)
+    origin = source_origin(cfg)
     raw = {split: run_data_action(f"reading {path}", functools.partial(read_rows, origin.fmt, path, d.task))
            for split, path in origin.sources.items() if path}
-    layout = _layout(d, origin, raw["train"])
-    _check_split_schemas(d, raw, origin, layout)
-    class_names = _label_names(d, origin, raw, layout)
+    layout = column_layout(d, origin, raw["train"])
+    check_split_schemas(d, raw, origin, layout)
+    class_names = label_names(d, origin, raw, layout)
     rows = _row_stage(d, origin, raw, layout, class_names)
     rows, stats = _subsets(d, origin.path, rows, layout.feature_fields)
     counts = _count_rows(stats, layout.feature_fields)
@@ -147,178 +148,6 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                     left_out=layout.left_out)
     splits = {s: staged.map_batches(rows_of_split, fn_kwargs={"split": s}, batch_format="pyarrow") for s in SPLITS}
     return SourceData(info=info, rows=staged, splits=splits)
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where the rows come from: a preset's table or ``data.path``, and the other paths beside it."""
-
-    path: str
-    fmt: str
-    split_field: str | None
-    class_names: tuple[str, ...] | None
-    """A preset's label names; None for your files (found in ``_label_names``)."""
-    preset_meta: Mapping[str, Any]
-    """A preset's metadata (kind, class_names, instruction columns, its parameters); {} for your files."""
-    sources: Mapping[str, str | None]
-    """train -> path, val/test -> data.val_path/test_path (when either is set), unlabeled -> data.unlabeled_path."""
-    preset: bool
-
-    @property
-    def eval_paths(self) -> bool:
-        return "val" in self.sources
-
-    @property
-    def folder_images(self) -> bool:
-        return self.fmt == "images" and not is_image_table(self.path)
-
-
-def _origin(cfg: ExperimentConfig) -> Origin:
-    """A preset is written once as a Parquet table with a ``split`` column; your files are read as they are."""
-    d = cfg.data
-    if d.format in PRESETS:
-        from distill_ray.data.presets import preset_table
-
-        path, preset_meta = preset_table(cfg)
-        fmt, split_field, class_names = "parquet", "split", tuple(preset_meta["class_names"])
-    else:
-        path, fmt, split_field, class_names, preset_meta = d.path, d.format, d.split_field, None, {}
-    eval_paths = d.val_path is not None or d.test_path is not None
-    sources = {"train": path, **({"val": d.val_path, "test": d.test_path} if eval_paths else {}),
-               **({"unlabeled": d.unlabeled_path} if d.unlabeled_path else {})}
-    return Origin(path, fmt, split_field, class_names, preset_meta, sources, preset=d.format in PRESETS)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What the train file's schema decides: the data's kind and the role of every column."""
-
-    columns: tuple[str, ...]
-    types: Mapping[str, pa.DataType]
-    kind: str
-    instruction_fields: tuple[str, ...]
-    """(prompt column, response column), (messages column,) or () when the data is not instructions."""
-    label_field: str | None
-    feature_fields: tuple[str, ...]
-    input_columns: tuple[str, ...]
-    left_out: dict[str, str]
-
-
-def _layout(d, origin: Origin, train: ray.data.Dataset) -> Layout:
-    """Check the train file's schema against the config and decide each column's role, failing on the
-    first column the config names that is not there."""
-    path = origin.path
-    schema = run_data_action(f"reading {path}", train.schema)
-    columns = [c for c in schema.names if c != PATH_COLUMN]
-    types = dict(zip(schema.names, schema.types))
-    instruction_fields = _instruction_fields(d, origin, columns)
-    kind = _infer_kind(d, origin, columns, instruction_fields)
-    label_field = label_column(d, columns, path, origin.folder_images)
-    _check_named_columns(d, origin, columns)
-    # Why a column is not an input, for the columns every kind sets aside (the label only where it is one).
-    reasons = {c: why for c, why in ((label_field if d.task == "classification" else None, "label column"),
-                                     (d.id_field, "id column"), (origin.split_field, "split column")) if c}
-    feature_fields: tuple[str, ...] = ()
-    left_out: dict[str, str] = {}
-    if kind == "tabular":
-        feature_fields, left_out = tabular_columns(d, train, path, columns, types, reasons)
-    elif kind == "text" and d.text_field not in columns and not origin.preset and not instruction_fields:
-        raise DataError(f"data.text_field: column {d.text_field!r} is not in {path}; its columns are: {', '.join(columns)}")
-    input_columns = _input_columns(d, origin, kind, feature_fields, instruction_fields)
-    if kind != "tabular" and not origin.preset:  # a preset's own columns are no news to anyone
-        left_out = {c: reasons.get(c, "not used") for c in columns if c not in input_columns}
-    return Layout(tuple(columns), types, kind, instruction_fields, label_field, feature_fields, input_columns, left_out)
-
-
-def _instruction_fields(d, origin: Origin, columns: list[str]) -> tuple[str, ...]:
-    """The prompt and response columns (a preset's, or data.prompt_field / response_field), or the
-    messages column; each must be a column of the train file."""
-    fields = tuple(f for f in (origin.preset_meta.get("prompt_field", d.prompt_field),
-                               origin.preset_meta.get("response_field", d.response_field), d.messages_field) if f)
-    for key, name in zip(("data.prompt_field", "data.response_field") if len(fields) == 2
-                         else ("data.messages_field",), fields):
-        if name not in columns:
-            raise DataError(f"{key}: column {name!r} is not in {origin.path}; its columns are: {', '.join(columns)}")
-    return fields
-
-
-def _infer_kind(d, origin: Origin, columns: list[str], instruction_fields: tuple[str, ...]) -> str:
-    """tabular, text, image or tokens: a preset says, images are images, instructions and causal-LM data
-    are text; a table is text if its text column is there and no features are named, else tabular."""
-    kind = origin.preset_meta.get("kind") or {"images": "image", "text": "text"}.get(origin.fmt) or \
-        ("text" if d.task == "causal_lm" else None)
-    if instruction_fields:
-        kind = "text"
-    if kind is None:
-        if d.text_field != "text" and d.text_field not in columns and d.feature_fields is None:
-            raise DataError(f"data.text_field: column {d.text_field!r} is not in {origin.path}; its columns are: "
-                            f"{', '.join(columns)}")
-        kind = "text" if d.text_field in columns and d.feature_fields is None else "tabular"
-    return "image" if origin.fmt == "images" else kind
-
-
-def _check_named_columns(d, origin: Origin, columns: list[str]) -> None:
-    """The id, split and image columns the config names are columns of the train file; a table of images
-    names its image column."""
-    table_images = origin.fmt == "images" and not origin.folder_images
-    for key, name in (("data.id_field", d.id_field), ("data.split_field", origin.split_field),
-                      ("data.image_field", d.image_field if table_images else None)):
-        if name is not None and name not in columns:
-            raise DataError(f"{key}: column {name!r} is not in {origin.path}; its columns are: {', '.join(columns)}")
-    if table_images and d.image_field is None:
-        raise DataError("data.image_field: images read from a table need the column of image paths or bytes; "
-                        f"columns of {origin.path}: {', '.join(columns)}")
-
-
-def _input_columns(d, origin: Origin, kind: str, feature_fields: tuple[str, ...],
-                   instruction_fields: tuple[str, ...]) -> tuple[str, ...]:
-    """The columns the row stage keeps as the model's input."""
-    if kind == "image":
-        return ("image",) if origin.folder_images or origin.preset else (d.image_field,)
-    if kind == "tabular":
-        return feature_fields
-    if kind == "tokens":
-        return ("x", "label")
-    if instruction_fields:
-        return instruction_fields
-    return ("text",) if origin.preset else (d.text_field,)
-
-
-def _check_split_schemas(d, raw: Mapping[str, ray.data.Dataset], origin: Origin, layout: Layout) -> None:
-    """The val, test and unlabeled files must look like train in the columns read from them."""
-    types = layout.types
-    for split, ds in raw.items():
-        if split == "train":
-            continue
-        other = run_data_action(f"reading {origin.sources[split]}", ds.schema)
-        other_types = dict(zip(other.names, other.types))
-        needed = [c for c in (*layout.feature_fields, d.text_field if layout.kind == "text" else None,
-                              layout.label_field if split != "unlabeled" else None, d.id_field, d.image_field) if c]
-        diff = [c for c in needed if c in types and (c not in other_types or
-                                                     not compatible_types(types[c], other_types[c]))]
-        if diff:
-            raise DataError(f"data.{split}_path: {origin.sources[split]} does not match the train data's schema in "
-                            f"{', '.join(repr(c) for c in diff)} (train: {', '.join(f'{c}: {types[c]}' for c in diff)}; "
-                            f"{split}: {', '.join(f'{c}: {other_types.get(c, chr(45))}' for c in diff)})")
-
-
-def _label_names(d, origin: Origin, raw: Mapping[str, ray.data.Dataset], layout: Layout) -> tuple[str, ...] | None:
-    """Given by the preset, the class folders, or the sorted unique strings of the label column (over
-    every labeled source); None for numeric labels."""
-    if origin.folder_images:
-        return _folder_classes(origin.path)
-    label_field = layout.label_field
-    if origin.class_names is not None or label_field is None or d.task != "classification":
-        return origin.class_names
-    if not (pa.types.is_string(layout.types[label_field]) or pa.types.is_large_string(layout.types[label_field])):
-        return None
-    values = set()
-    for ds in (ds for split, ds in raw.items() if split != "unlabeled"):
-        values |= set(run_data_action(f"reading {origin.path}", functools.partial(ds.unique, label_field)))
-    values = {v for v in values if v is not None and not (isinstance(v, float) and v != v)}  # null / NaN
-    if any(not isinstance(v, str) for v in values):
-        raise DataError(f"{origin.path}: column {label_field!r} mixes numbers and strings; use one type for labels")
-    return tuple(sorted(values))
 
 
 def _row_stage(d, origin: Origin, raw: Mapping[str, ray.data.Dataset], layout: Layout,
@@ -538,17 +367,6 @@ def _with_transfer(fingerprint: str, transfer: str, size: int) -> str:
     if transfer == "none":
         return fingerprint
     return hashlib.sha256(f"{fingerprint}+transfer={transfer}x{size}".encode()).hexdigest()[:16]
-
-
-def _folder_classes(path: str) -> tuple[str, ...]:
-    root = Path(path).expanduser()
-    if is_uri(path) or not root.is_dir():
-        raise DataError(f"data.path: {path} must be a local folder with one subfolder per class "
-                        "(or a table with data.image_field)")
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-    if not classes:
-        raise DataError(f"data.path: {path} has no class subfolders; put each class's images in a folder named after it")
-    return classes
 
 
 def _check_splits(counts: Mapping[str, int], path: str, hint: str = "") -> None:

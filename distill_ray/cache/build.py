@@ -15,8 +15,8 @@ from distill_ray.config import ExperimentConfig
 from distill_ray.models import load_model
 from distill_ray.lm.reference import reference_key, with_reference_difficulty
 from distill_ray.cache.responses import with_responses
-from distill_ray.cache.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, encode_targets, \
-    write_cache
+from distill_ray.cache.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
+from distill_ray.cache.topk_encoding import encode_targets
 from distill_ray.data.sources import DataInfo, SourceData
 from distill_ray.train.stages import with_teachers
 from distill_ray.train.streams import DIFFICULTY_PREFIX

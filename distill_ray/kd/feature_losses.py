@@ -30,7 +30,6 @@ class HintProjector(nn.Module):
         return self.linear(student_features)
 
 
-
 def hint_loss(
     student_features: torch.Tensor,
     teacher_features: torch.Tensor,
@@ -70,7 +69,6 @@ def hint_loss(
     return masked_mean(per_position, mask)
 
 
-
 def attention_map(features: torch.Tensor, p: float = 2) -> torch.Tensor:
     """Spatial attention map of Zagoruyko & Komodakis (2017).
 
@@ -86,7 +84,6 @@ def attention_map(features: torch.Tensor, p: float = 2) -> torch.Tensor:
         raise ValueError(f"attention_map expects [B, C, ...] (at least one spatial dim), got {tuple(features.shape)}")
     energy = features.to(compute_dtype(features)).abs().pow(p).mean(dim=1).flatten(1)
     return F.normalize(energy, p=2, dim=1)
-
 
 
 def attention_transfer(student_maps: torch.Tensor, teacher_maps: torch.Tensor, p: float = 2) -> torch.Tensor:
@@ -113,7 +110,6 @@ def attention_transfer(student_maps: torch.Tensor, teacher_maps: torch.Tensor, p
             f"{tuple(student_maps.shape)} vs teacher {tuple(teacher_maps.shape)}"
         )
     return attention_map_distance(attention_map(student_maps, p), attention_map(teacher_maps, p))
-
 
 
 def attention_map_distance(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:

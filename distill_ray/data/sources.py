@@ -118,7 +118,7 @@ class SourceData:
         return self.splits["test"]
 
 
-# --- the entry point: load_source reads as its steps, each a function below, in its order --------------
+# --- the entry point: load_source reads as its steps (from readers, columns, then the ones below) ------
 
 def load_source(cfg: ExperimentConfig) -> SourceData:
     """The configured data as preprocessed Ray Datasets per split, validated; bad input raises

@@ -16,12 +16,12 @@ Teachers (real ones, held-out inputs):
 
 Per teacher, k and encoding, the top k are taken with the product's ``losses.teacher_topk`` and
 rounded to float16, as ``TeacherRunner.infer`` hands them to the cache stage, then stored with
-``soft_targets.encode_topk`` (what ``cache.build.finish_rows`` calls) and read back with
-``soft_targets.decode_topk`` (what ``CachedData.dataset`` calls). ``exact`` is the float32 top k
+``topk_encoding.encode_topk`` (what ``cache.build.finish_rows`` calls) and read back with
+``topk_encoding.decode_topk`` (what ``CachedData.dataset`` calls). ``exact`` is the float32 top k
 before any rounding or storage: what a lossless cache would give.
 
 * **bytes/tok**: one Parquet file of the stored target columns only (``[S, k]`` per row, Ray Data's
-  tensor type, rows = windows or images), written with ``soft_targets.parquet_options(spec)``
+  tensor type, rows = windows or images), written with ``topk_encoding.parquet_options(spec)``
   through ``pyarrow.dataset.write_dataset`` + ``ParquetFileFormat().make_write_options`` (the call
   Ray Data's ``write_parquet`` ends in), its size on disk (footer included) / tokens (or samples).
   ``x cur`` = bytes / bytes of ``plain f16`` at the same k (the format before ``q8``).
@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from distill_ray.cache import soft_targets as st
+from distill_ray.cache import topk_encoding as codec
 from distill_ray.kd.losses import dense_from_topk, teacher_topk, topk_kd_divergence
 
 # (label, topk_encoding, dtype); the first is the format before q8 (the ratios' reference)
@@ -70,7 +71,7 @@ def stored_bytes(columns: dict[str, np.ndarray], spec: st.CacheSpec) -> int:
                       for k, v in columns.items()})
     with tempfile.TemporaryDirectory() as d:
         pds.write_dataset(table, d, format="parquet", basename_template="part-{i}.parquet",
-                          file_options=pds.ParquetFileFormat().make_write_options(**st.parquet_options(spec)))
+                          file_options=pds.ParquetFileFormat().make_write_options(**codec.parquet_options(spec)))
         return sum(f.stat().st_size for f in Path(d).rglob("*.parquet"))
 
 
@@ -96,8 +97,8 @@ class Fidelity:
         for k in ks:
             rows = [("exact", exact_v[:, :k], exact_i[:, :k])]
             for label, enc, dtype in ENCODINGS:
-                cols = st.encode_topk(handed[:, :k].numpy(), exact_i[:, :k].numpy(), enc, vocab, dtype)
-                v, i = st.decode_topk(cols, enc)
+                cols = codec.encode_topk(handed[:, :k].numpy(), exact_i[:, :k].numpy(), enc, vocab, dtype)
+                v, i = codec.decode_topk(cols, enc)
                 rows.append((label, torch.from_numpy(v), torch.from_numpy(i)))
             for label, v, i in rows:
                 # normalised (a no-op but for rounding when k < V; at k = V the stored values alone)
@@ -120,7 +121,7 @@ def size_rows(handed: np.ndarray, indices: np.ndarray, vocab: int, ks: list[int]
     for k in ks:
         for label, enc, dtype in ENCODINGS:
             spec = _spec(vocab, k, enc, dtype)
-            cols = st.encode_topk(handed[..., :k], indices[..., :k], enc, vocab, dtype)
+            cols = codec.encode_topk(handed[..., :k], indices[..., :k], enc, vocab, dtype)
             out[(k, label)] = stored_bytes({f"t/{s}": c for s, c in cols.items()}, spec) / units
     return out
 

@@ -2,7 +2,7 @@
 
 Ray 2.60 reads Parquet through its V2 datasource by default: files are listed by a pool of
 footer-reading actors (new worker processes, started per read). distill-ray's local Ray switches to
-the V1 reader (``pipeline._local_parquet_settings``); this prints what that buys, per read, in one Ray
+the V1 reader (``pipeline.local_parquet_settings``); this prints what that buys, per read, in one Ray
 session, alternating the two readers so that machine load hits both alike::
 
     python bench/parquet_read.py                 # 1,200 rows x 784 floats in 1 file, 5 rounds

@@ -10,8 +10,8 @@ import argparse
 import sys
 
 from distill_ray import __version__
-from distill_ray.config import ConfigError, dump_config, load_config
-from distill_ray.data.bundled import DataError
+from distill_ray.config import QUANTIZE_KINDS, ConfigError, dump_config, load_config
+from distill_ray.data.rows import DataError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="experiment YAML whose serve: section sets batching and limits")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (with --config), e.g. --set serve.max_batch_size=64")
-    p.add_argument("--quantize", choices=("none", "int8"), default=None,
+    p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None,
                    help="dynamic int8 quantization of the student's linear layers at load")
     p.set_defaults(func=_cmd_serve)
 

@@ -5,7 +5,8 @@ live in the field's metadata so one generic validator checks them all and every 
 key path, the bad value and what is allowed. ``load_config`` is the only way in; it returns a
 fully validated ``ExperimentConfig`` or raises ``ConfigError``.
 
-Its length is the field reference: every key of the contract is declared and documented here, once.
+Its length is the field reference: every key of the contract is declared and documented here, once,
+with every list of allowed values the implementing modules import.
 
 This module knows nothing of Ray or torch: workers rebuild the config from a plain dict
 (``config_from_dict(cfg_dict)``) on their first line.
@@ -23,8 +24,8 @@ from typing import Any, Mapping
 
 import yaml
 
-# Valid names, kept here so config validation needs no torch import; tests assert they equal the
-# names the implementing modules export (losses.KD_KINDS, blending.BLEND_KINDS, ...).
+# Valid names, kept here once: config validation needs no torch import, and the modules that implement
+# them (kd.losses, kd.blending, kd.curriculum, kd.schedules, cache.soft_targets, ...) import them from here.
 KD_KINDS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "mse_logits", "soft_ce")
 LOSS_KINDS = KD_KINDS + ("focal_kd", "dkd")
 BLEND_KINDS = ("uniform", "confidence", "learned_global", "learned_per_class", "learned_gate")
@@ -44,6 +45,12 @@ SEQKD_MODES = ("off", "teacher", "mixed")
 SEQKD_DECODINGS = ("greedy", "sample")
 SEQKD_TEACHERS = ("best", "all")
 TRANSFER_KINDS = ("auto", "none", "mixup", "noise", "augment")
+HINT_KINDS = ("mse", "cosine")
+STAGE_UNITS = ("epoch", "step")
+LR_SCHEDULES = ("constant", "cosine", "linear", "onecycle")
+CACHE_DTYPES = ("float16", "float32")
+TOPK_ENCODINGS = ("q8", "plain")
+QUANTIZE_KINDS = ("none", "int8")
 
 
 class ConfigError(ValueError):
@@ -55,10 +62,10 @@ class ConfigError(ValueError):
 def _field(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None,
            default_factory: Any = dataclasses.MISSING):
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    checks = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=default_factory, metadata=checks)
+    return field(default=default, metadata=checks)
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -212,7 +219,7 @@ class LossConfig:
     """Weight of non-target-class KD in dkd."""
     hint_weight: float = _field(0.0, ge=0.0)
     """Weight of the hint (feature) loss; 0 disables it. Online mode only (features are not cached)."""
-    hint_kind: str = _field("mse", choices=("mse", "cosine"))
+    hint_kind: str = _field("mse", choices=HINT_KINDS)
     """Distance of the hint loss after the learned projector."""
     hint_teacher: str | None = None
     """Teacher whose features the hint and attention losses match; None = the first teacher."""
@@ -264,7 +271,7 @@ class CurriculumConfig:
     stage_length: float | None = _field(None, gt=0.0)
     """Length of a stage in stage_unit; None = the run spread evenly over the stages (train.epochs /
     num_stages epochs each, as the POCL paper runs it)."""
-    stage_unit: str = _field("epoch", choices=("epoch", "step"))
+    stage_unit: str = _field("epoch", choices=STAGE_UNITS)
     """Unit of stage_length."""
     stage_temperatures: tuple[float, ...] | None = (1.0, 1.33, 1.67, 2.0)
     """Temperature per stage (POCL's default rises 1 -> 2); None keeps the loss temperature."""
@@ -306,7 +313,7 @@ class TrainConfig:
     """Student optimizer."""
     lr: float = _field(1e-3, gt=0.0)
     """Student learning rate (the peak, under a schedule)."""
-    lr_schedule: str = _field("constant", choices=("constant", "cosine", "linear", "onecycle"))
+    lr_schedule: str = _field("constant", choices=LR_SCHEDULES)
     """How the learning rate moves over the run's steps, for student and baseline alike."""
     warmup_fraction: float = _field(0.0, ge=0.0, lt=1.0)
     """Share of the steps spent warming the learning rate up linearly (onecycle: 0.3 when 0)."""
@@ -344,9 +351,9 @@ class TrainConfig:
 class CacheConfig:
     dir: str = "~/.cache/distill-ray/soft_targets"
     """Where Parquet shards and manifests live; one subdirectory per (teachers, data) fingerprint."""
-    dtype: str = _field("float16", choices=("float16", "float32"))
+    dtype: str = _field("float16", choices=CACHE_DTYPES)
     """Storage dtype of full logits, and of top-k log-probs when topk_encoding=plain."""
-    topk_encoding: str = _field("q8", choices=("q8", "plain"))
+    topk_encoding: str = _field("q8", choices=TOPK_ENCODINGS)
     """How top-k targets (loss.topk) are stored. q8: the top log-prob (float16) + every entry's offset
     below it companded to 8 bits, indices sorted and delta-coded in the narrowest integer type (about
     half the bytes of plain float16 on SmolLM2 at k = 50, with a mean KL of the loss's target to the
@@ -429,7 +436,7 @@ class ServeConfig:
     """Requests with more inputs get 413."""
     max_text_chars: int = _field(10000, ge=1)
     """Texts longer than this get 422."""
-    quantize: str = _field("none", choices=("none", "int8"))
+    quantize: str = _field("none", choices=QUANTIZE_KINDS)
     """Dynamic int8 quantization of the student's linear layers at load."""
 
 
@@ -494,7 +501,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return _coerce(value, non_none[0], path)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return build_section(tp, value, path)
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -537,10 +544,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 
 
 def _check_field(f: dataclasses.Field, value: Any, path: str) -> None:
-    meta = f.metadata
+    checks = f.metadata
     if value is None:
         return
-    choices = meta.get("choices")
+    choices = checks.get("choices")
     if choices is not None:
         items = value if isinstance(value, tuple) else (value,)
         for item in items:
@@ -549,12 +556,14 @@ def _check_field(f: dataclasses.Field, value: Any, path: str) -> None:
                       + _closest(str(item), choices))
     for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                           ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
-        bound = meta.get(key)
+        bound = checks.get(key)
         if bound is not None and not ok(value, bound):
             _fail(path, f"{value!r} is out of range; must be {word} {bound}")
 
 
-def _build(cls: type, raw: Any, path: str) -> Any:
+def build_section(cls: type, raw: Any, path: str) -> Any:
+    """One config section (a dataclass) from plain data at dotted ``path``, every field checked (types,
+    choices, ranges): the validator every section goes through, ``serve`` options included."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -592,31 +601,31 @@ def _validate_across(cfg: ExperimentConfig) -> None:
             _fail(f"teachers[{i}].recipe", "is required when source is 'recipe'")
         if t.source in ("hf_dir", "torch_checkpoint") and not t.path:
             _fail(f"teachers[{i}].path", f"is required when source is {t.source!r}")
-    cur = cfg.curriculum
-    if not cur.measurers:
+    curriculum = cfg.curriculum
+    if not curriculum.measurers:
         _fail("curriculum.measurers", f"needs at least one of: {', '.join(MEASURER_KINDS)}")
-    for i, m in enumerate(cur.measurers):
+    for i, m in enumerate(curriculum.measurers):
         if m not in MEASURER_KINDS:
             _fail(f"curriculum.measurers[{i}]", f"{m!r} is not valid; choose from: {', '.join(MEASURER_KINDS)}"
                   + _closest(m, MEASURER_KINDS))
-    if "reference_rouge_loss" in cur.measurers and cfg.data.task != "causal_lm":
+    if "reference_rouge_loss" in curriculum.measurers and cfg.data.task != "causal_lm":
         _fail("curriculum.measurers", "reference_rouge_loss ranks instruction rows of a language model; it needs "
               f"data.task=causal_lm; for {cfg.data.task} choose from: "
               + ", ".join(m for m in MEASURER_KINDS if m != "reference_rouge_loss"))
     for key in ("stage_temperatures", "stage_alphas"):
-        values = getattr(cur, key)
-        if values is not None and len(values) != cur.num_stages:
-            _fail(f"curriculum.{key}", f"has {len(values)} values but curriculum.num_stages is {cur.num_stages}")
-    if cur.stage_temperatures is not None and min(cur.stage_temperatures) <= 0:
-        _fail("curriculum.stage_temperatures", f"{cur.stage_temperatures} must all be > 0")
-    if cur.stage_alphas is not None and not all(0 <= a <= 1 for a in cur.stage_alphas):
-        _fail("curriculum.stage_alphas", f"{cur.stage_alphas} must all be within [0, 1]")
-    if cur.stage_unit == "step" and cur.stage_length is None:
+        values = getattr(curriculum, key)
+        if values is not None and len(values) != curriculum.num_stages:
+            _fail(f"curriculum.{key}", f"has {len(values)} values but curriculum.num_stages is {curriculum.num_stages}")
+    if curriculum.stage_temperatures is not None and min(curriculum.stage_temperatures) <= 0:
+        _fail("curriculum.stage_temperatures", f"{curriculum.stage_temperatures} must all be > 0")
+    if curriculum.stage_alphas is not None and not all(0 <= a <= 1 for a in curriculum.stage_alphas):
+        _fail("curriculum.stage_alphas", f"{curriculum.stage_alphas} must all be within [0, 1]")
+    if curriculum.stage_unit == "step" and curriculum.stage_length is None:
         _fail("curriculum.stage_length", "is required when curriculum.stage_unit is 'step' (without it the stages "
               "share train.epochs evenly)")
-    if cur.temperature_schedule == "stage" and cur.stage_temperatures is None:
+    if curriculum.temperature_schedule == "stage" and curriculum.stage_temperatures is None:
         _fail("curriculum.temperature_schedule", "'stage' needs curriculum.stage_temperatures")
-    if cur.alpha_schedule == "stage" and cur.stage_alphas is None:
+    if curriculum.alpha_schedule == "stage" and curriculum.stage_alphas is None:
         _fail("curriculum.alpha_schedule", "'stage' needs curriculum.stage_alphas")
     if cfg.data.labeled_fraction is not None and cfg.data.max_labeled_samples is not None:
         _fail("data.max_labeled_samples", "set either data.labeled_fraction or data.max_labeled_samples, not both")
@@ -708,7 +717,7 @@ def _validate_sequence_kd(cfg: ExperimentConfig) -> None:
 
 
 LM_LOSS_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")
-LM_BLEND_KINDS = ("uniform", "learned_global")
+LM_BLEND_KINDS = ("uniform", "learned_global")  # the kinds that need no full logits: top-k targets suffice
 LM_MEASURERS = ("teacher_ce", "sequence_length", "reference_rouge_loss")
 LM_SCHEDULERS = ("none", "linear_ramp", "multi_stage")
 
@@ -762,7 +771,7 @@ def _validate_reference(cfg: ExperimentConfig) -> None:
 
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     """Build and validate an ExperimentConfig from plain data (YAML or Ray's train_loop_config)."""
-    cfg = _build(ExperimentConfig, raw, "")
+    cfg = build_section(ExperimentConfig, raw, "")
     _validate_across(cfg)
     return cfg
 
@@ -818,26 +827,26 @@ def set_path(raw: dict, dotted: str, value: Any) -> None:
     Teachers are addressed by index or name: ``teachers.0.num_cpus`` or ``teachers.cnn.num_cpus``.
     The value is coerced and validated later, when the whole dict is built.
     """
-    parts = dotted.split(".")
+    keys = dotted.split(".")
     cls: Any = ExperimentConfig
     node = raw
     walked: list[str] = []
     i = 0
-    while i < len(parts):
-        key = parts[i]
+    while i < len(keys):
+        key = keys[i]
         walked.append(key)
         where = ".".join(walked)
         hints = typing.get_type_hints(cls)
         if key not in hints:
             _fail(where, f"unknown key; valid keys here: {', '.join(hints)}" + _closest(key, hints))
         tp = hints[key]
-        last = i == len(parts) - 1
+        last = i == len(keys) - 1
         if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]) and not last:
             teachers = node.setdefault(key, [])
-            index = _teacher_index(teachers, parts[i + 1], f"{where}.{parts[i + 1]}")
-            walked.append(parts[i + 1])
+            index = _teacher_index(teachers, keys[i + 1], f"{where}.{keys[i + 1]}")
+            walked.append(keys[i + 1])
             node, cls, i = teachers[index], typing.get_args(tp)[0], i + 2
-            if i >= len(parts):
+            if i >= len(keys):
                 _fail(".".join(walked), "names a whole teacher; set one of its fields")
             continue
         if dataclasses.is_dataclass(tp) and not last:

@@ -351,7 +351,7 @@ def forward_with_features(model: nn.Module, inputs: torch.Tensor, want_hint: boo
 
     Returns ``{"logits": [N, C]}`` plus ``"hint"``: [N, D] (registry models: ``.features``, the last
     hidden layer; transformers models: the last hidden state of the first token, CLS for encoders
-    and ViT) and ``"attention"``: [N, C', *spatial] for ``losses.attention_map`` (SmallCNN: the last
+    and ViT) and ``"attention"``: [N, C', *spatial] for ``feature_losses.attention_map`` (SmallCNN: the last
     conv block's maps [N, C, H, W]; transformers: the last hidden state as [N, D, L], tokens or
     patches being the spatial dim). Token-id inputs are masked as in ``forward_logits``; their
     attention features are zero at padding and span the full input width L, so two models given the
@@ -395,17 +395,6 @@ def _hf_forward_with_features(model: nn.Module, inner: nn.Module, inputs: torch.
             hidden = F.pad(hidden * mask[..., None].to(hidden.dtype), (0, 0, 0, width - hidden.shape[1]))
         out["attention"] = hidden.transpose(1, 2)
     return out
-
-
-def hint_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """[N, D] features for the hint loss (see ``forward_with_features``)."""
-    return forward_with_features(model, inputs, want_hint=True)["hint"]
-
-
-def attention_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """[N, C, *spatial] activations for ``losses.attention_map`` (see ``forward_with_features``);
-    ValueError for models without spatial or token features (MLP, TextCNN)."""
-    return forward_with_features(model, inputs, want_attention=True)["attention"]
 
 
 def batched_features(model: nn.Module, inputs: torch.Tensor, want_hint: bool, want_attention: bool,

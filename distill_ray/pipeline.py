@@ -19,7 +19,7 @@ import ray
 from distill_ray.cache.build import build_cache
 from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
 from distill_ray.console import RunProgress, log_to_run_dir
-from distill_ray.data.bundled import columns_summary
+from distill_ray.data.columns import columns_summary
 from distill_ray.evaluation.metrics import disagreements
 from distill_ray.models import save_tokenizer
 from distill_ray.evaluation.report import final_teacher_weights, gap_recovered
@@ -60,7 +60,7 @@ def connect_ray(address: str | None = None) -> None:
     # 9.7 CPU-s for one read of a 1,200-row cache on 2 cores). Set before ray.init: workers inherit it.
     footer_actors = str(max(1, (os.cpu_count() or 2) // 2))
     if address == "local":  # a private Ray even when another runs on this machine
-        _local_parquet_settings(footer_actors)
+        local_parquet_settings(footer_actors)
         ray.init(address="local", **local, **quiet)
     elif address:
         ray.init(address=address, **quiet)
@@ -68,7 +68,7 @@ def connect_ray(address: str | None = None) -> None:
         try:
             ray.init(address="auto", **quiet)
         except ConnectionError:
-            _local_parquet_settings(footer_actors)
+            local_parquet_settings(footer_actors)
             ray.init(**local, **quiet)
     quiet_ray_loggers()
     try:  # Ray's C++ messages to the session's logs (RUN_DIR/logs/ray links there), not the terminal
@@ -77,7 +77,7 @@ def connect_ray(address: str | None = None) -> None:
         pass
 
 
-def _local_parquet_settings(footer_actors: str) -> None:
+def local_parquet_settings(footer_actors: str) -> None:
     """Parquet reading for a Ray this process starts on one machine (set before ``ray.init``: the
     workers inherit the environment). Ray Data 2.60's V2 Parquet reader lists files through a pool of
     footer-reading actors, new processes per read, sized for thousands of remote files; for the few

@@ -11,7 +11,8 @@ import argparse
 import shlex
 import sys
 
-from distill_ray.evaluation.ablation import ROWS, ablation_main
+from distill_ray.evaluation.ablation import ablation_main
+from distill_ray.evaluation.classifier_ablation import ROWS
 
 
 def main(argv: list[str] | None = None) -> int:

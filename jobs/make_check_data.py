@@ -35,7 +35,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -69,10 +68,10 @@ def _rdata():
 
 
 def _debian_data(package: str, subdir: Path, marker: str) -> Path:
-    from distill_ray.data.bundled import DataUnavailable, _debian_dataset_dir
+    from distill_ray.data.bundled import DataUnavailable, debian_dataset_dir
 
     try:
-        return _debian_dataset_dir(package, subdir, marker=marker)
+        return debian_dataset_dir(package, subdir, marker=marker)
     except DataUnavailable as err:
         raise SourceMissing(f"Debian package {package} is missing: apt-get install {package} ({err})") from None
 

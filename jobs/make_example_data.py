@@ -33,7 +33,7 @@ def main(out: Path) -> None:
     load_digits = require("sklearn.datasets", "jobs/make_example_data.py").load_digits
     Image = require("PIL.Image", "jobs/make_example_data.py")
 
-    from distill_ray.data.bundled import _debian_dataset_dir, _fortune_items, FORTUNES_PACKAGE, FORTUNES_SUBDIR
+    from distill_ray.data.bundled import debian_dataset_dir, fortune_items, FORTUNES_PACKAGE, FORTUNES_SUBDIR
 
     out.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
@@ -48,10 +48,10 @@ def main(out: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.rint(image * 255 / 16).astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
 
-    root = _debian_dataset_dir(FORTUNES_PACKAGE, FORTUNES_SUBDIR, marker=TOPICS[0])
+    root = debian_dataset_dir(FORTUNES_PACKAGE, FORTUNES_SUBDIR, marker=TOPICS[0])
     with open(out / "fortunes_topics.jsonl", "w") as f:
         for topic in TOPICS:
-            for text in _fortune_items(root / topic):
+            for text in fortune_items(root / topic):
                 f.write(json.dumps({"quote": text, "topic": topic}) + "\n")
     print(f"wrote {out / 'digits.parquet'}, {out / 'fortunes_topics.jsonl'} and {images}/")
 

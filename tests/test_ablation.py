@@ -32,7 +32,7 @@ def tiny_cfg(tmp_path_factory, tiny_prepared):
 
 
 def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
-    from distill_ray.evaluation.ablation import BROKEN, ROWS as ALL_ROWS, prepare, row_setup
+    from distill_ray.evaluation.classifier_ablation import BROKEN, ROWS as ALL_ROWS, prepare, row_setup
     from distill_ray.pipeline import training_inputs
     from distill_ray.kd.objectives import batch_targets
 
@@ -87,7 +87,8 @@ def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
 def test_tiny_ablation_table(ray_local, tiny_cfg, tmp_path):
     from dataclasses import replace
 
-    from distill_ray.evaluation.ablation import BROKEN, run_ablation
+    from distill_ray.evaluation.ablation import run_ablation
+    from distill_ray.evaluation.classifier_ablation import BROKEN
 
     out = tmp_path / "ablation"
     # One epoch per run (2 runs): the table's shape and numbers are under test, not long training. The

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_ray.evaluation.ablation import (LM_ROWS, ROWS, check_rows, lm_ablation_markdown, lm_row_setup,
-                                             summarize_lm, valid_rows)
+from distill_ray.evaluation.ablation import check_rows, valid_rows
+from distill_ray.evaluation.classifier_ablation import ROWS
+from distill_ray.evaluation.lm_ablation import LM_ROWS, lm_ablation_markdown, lm_row_setup, summarize_lm
 from distill_ray.config import ConfigError, load_config
 from distill_ray.kd.objectives import planned_steps
 

@@ -41,10 +41,10 @@ def test_a_missing_extra_is_named(monkeypatch):
 
 def test_a_sweep_without_wandb_says_so_before_any_work(monkeypatch):
     from distill_ray.config import ConfigError, load_config
-    from distill_ray.tune.sweep import _check_tracking
+    from distill_ray.tune.sweep import check_tracking
 
     monkeypatch.setitem(sys.modules, "wandb", None)
     cfg = load_config(REPO / "jobs" / "configs" / "tiny.yaml")
     with pytest.raises(ConfigError, match=r"distill-ray\[wandb\].*tracking.wandb=disabled"):
-        _check_tracking(cfg)
-    _check_tracking(load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["tracking.wandb=disabled"]))
+        check_tracking(cfg)
+    check_tracking(load_config(REPO / "jobs" / "configs" / "tiny.yaml", ["tracking.wandb=disabled"]))

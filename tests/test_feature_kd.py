@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict, config_to_dict
-from distill_ray.kd.losses import HintProjector, attention_map, attention_transfer, hint_loss, mixup
-from distill_ray.models import (attention_features, build_model, forward_logits, forward_with_features,
-                                hint_features, save_model)
+from distill_ray.kd.feature_losses import HintProjector, attention_map, attention_transfer, hint_loss
+from distill_ray.kd.labels import mixup
+from distill_ray.models import build_model, forward_logits, forward_with_features, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SHAPE = (1, 28, 28)
@@ -47,15 +47,15 @@ def test_registry_features_come_with_the_logits_of_one_forward():
     assert out["attention"].shape == (6, 8, 7, 7)  # the last conv block's maps: 28 -> 14 -> 7
     torch.testing.assert_close(out["logits"], cnn(x))
     torch.testing.assert_close(out["hint"], cnn.features(x))
-    torch.testing.assert_close(hint_features(cnn, x), cnn.features(x))
-    assert attention_features(cnn, x).shape == (6, 8, 7, 7)
+    torch.testing.assert_close(forward_with_features(cnn, x, want_hint=True)["hint"], cnn.features(x))
+    assert forward_with_features(cnn, x, want_attention=True)["attention"].shape == (6, 8, 7, 7)
     assert forward_with_features(cnn, x).keys() == {"logits"}  # nothing asked: plain forward_logits
 
     mlp = build_model("mlp", IMAGE_SHAPE, 10, {"hidden": [16]})
-    assert hint_features(mlp, x).shape == (6, 16)
+    assert forward_with_features(mlp, x, want_hint=True)["hint"].shape == (6, 16)
     text = build_model("text_cnn", (12,), 4, {"vocab_size": 50, "embed_dim": 8, "filters": 5, "widths": [3]}).eval()
     ids = torch.randint(1, 50, (3, 12))
-    assert hint_features(text, ids).shape == (3, 5)
+    assert forward_with_features(text, ids, want_hint=True)["hint"].shape == (3, 5)
 
 
 @pytest.mark.parametrize("arch, options", [("mlp", {"hidden": [16]}),
@@ -65,7 +65,7 @@ def test_attention_needs_a_cnn_or_a_transformer(arch, options):
     model = build_model(arch, shape, 4, options)
     x = _images(2) if arch == "mlp" else torch.randint(1, 50, (2, 12))
     with pytest.raises(ValueError, match="attention transfer needs a CNN or transformer"):
-        attention_features(model, x)
+        forward_with_features(model, x, want_attention=True)["attention"]
 
 
 def test_vit_features_are_the_cls_token_and_the_token_grid():

@@ -13,7 +13,8 @@ import torch
 
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict
 from distill_ray.data.bundled import function_pairs, resolve_tokenizer
-from distill_ray.data.sources import IGNORE_LABEL, _instructions
+from distill_ray.data.preprocess import instruction_rows
+from distill_ray.data.rows import IGNORE_LABEL
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_response_tokens_are_the_only_labels_and_long_pairs_are_cut(tmp_path):
     prompts, responses = ["def add(a, b):", "def sub(a, b): " + "long " * 40], ["return a + b", "return a - b"]
     batch = {"id": np.array([1, 2]), "split": np.array(["train", "train"], dtype=object),
              "prompt": np.array(prompts, dtype=object), "response": np.array(responses, dtype=object)}
-    out = _instructions(batch, ("prompt", "response"), tok_dir, max_length=24, pad_id=0)
+    out = instruction_rows(batch, ("prompt", "response"), tok_dir, max_length=24, pad_id=0)
     p, r = _ids(tok_dir, prompts[0]), _ids(tok_dir, responses[0]) + [_ids(tok_dir, "[SEP]")[0]]
     x, y = out["x"][0], out["label"][0]
     assert x[:len(p) + len(r) - 1].tolist() == (p + r)[:-1] and (x[len(p) + len(r) - 1:] == 0).all()
@@ -99,12 +100,12 @@ def test_chat_turns_render_with_the_template_and_only_the_last_answer_is_learned
              {"role": "user", "content": "another"}, {"role": "assistant", "content": "blue"}]
     batch = {"id": np.array([7]), "split": np.array(["val"], dtype=object),
              "messages": np.array([json.dumps(turns)], dtype=object)}
-    out = _instructions(batch, ("messages",), tok_dir, max_length=48, pad_id=0)
+    out = instruction_rows(batch, ("messages",), tok_dir, max_length=48, pad_id=0)
     learned = [t for t in out["label"][0].tolist() if t != IGNORE_LABEL]
     assert learned == _ids(tok_dir, "blue [SEP] ")  # the earlier answer ("red") is prompt
     bad = {**batch, "messages": np.array([json.dumps(turns[:1])], dtype=object)}
     with pytest.raises(Exception, match="messages_field.*ending with the assistant"):
-        _instructions(bad, ("messages",), tok_dir, max_length=48, pad_id=0)
+        instruction_rows(bad, ("messages",), tok_dir, max_length=48, pad_id=0)
 
 
 def test_prompt_tokens_contribute_nothing_to_the_loss():
@@ -156,7 +157,7 @@ def test_instruction_keys_are_checked_together():
 def test_jsonl_instruction_data_through_the_spine(ray_local, tmp_path):
     """Pairs from a JSONL file: split by id, prompt masked, long pairs counted as cut, rows whose prompt
     fills the window dropped; a missing column is named with the file."""
-    from distill_ray.data.bundled import DataError
+    from distill_ray.data.rows import DataError
     from distill_ray.data.sources import load_source
 
     rows = [{"q": f"def f{i}(x):" + (" pad" * 60 if i % 10 == 0 else ""), "a": f"return x * {i}" + " + 1" * (i % 7)}

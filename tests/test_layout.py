@@ -23,7 +23,8 @@ PURE = ["distill_ray.kd", *(f"distill_ray.kd.{p.stem}" for p in sorted((PACKAGE 
                             if p.stem != "__init__"),
         "distill_ray.lm.sequence_kd", "distill_ray.lm.generation", "distill_ray.evaluation.metrics",
         "distill_ray.evaluation.verdict", "distill_ray.evaluation.report", "distill_ray.data.transfer",
-        "distill_ray.data.chat", "distill_ray.cache.files", "distill_ray.teachers.recipes",
+        "distill_ray.data.chat", "distill_ray.data.rows", "distill_ray.data.preprocess", "distill_ray.data.bundled",
+        "distill_ray.cache.files", "distill_ray.cache.topk_encoding", "distill_ray.teachers.recipes",
         "distill_ray.teachers.token_alignment", "distill_ray.teachers.cross_tokenizer", "distill_ray.serving.model",
         "distill_ray.serving.schemas", "distill_ray.serving.options", "distill_ray.serving",
         "distill_ray.models", "distill_ray.config"]

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from distill_ray.kd import feature_losses as FL
+from distill_ray.kd import labels as LB
 from distill_ray.kd import losses as L
 
 PROB_KINDS = tuple(k for k in L.KD_KINDS if k != "mse_logits")
@@ -494,17 +496,17 @@ def test_hint_loss_mse_and_cosine_reference():
     sd, td = s.double()[mask], t.double()[mask]
     mse = ((sd - td) ** 2).mean(-1).mean()
     cos = (1 - (sd * td).sum(-1) / (sd.norm(dim=-1) * td.norm(dim=-1))).mean()
-    assert_close(L.hint_loss(s, t, kind="mse", mask=mask).double(), mse, rtol=1e-5, atol=1e-6)
-    assert_close(L.hint_loss(s, t, kind="cosine", mask=mask).double(), cos, rtol=1e-5, atol=1e-6)
-    assert_close(L.hint_loss(s[:, 0], t[:, 0]).double(), ((s[:, 0].double() - t[:, 0].double()) ** 2).mean())
+    assert_close(FL.hint_loss(s, t, kind="mse", mask=mask).double(), mse, rtol=1e-5, atol=1e-6)
+    assert_close(FL.hint_loss(s, t, kind="cosine", mask=mask).double(), cos, rtol=1e-5, atol=1e-6)
+    assert_close(FL.hint_loss(s[:, 0], t[:, 0]).double(), ((s[:, 0].double() - t[:, 0].double()) ** 2).mean())
 
 
 def test_hint_loss_projector_gradients():
     torch.manual_seed(0)
-    projector = L.HintProjector(3, 5)
+    projector = FL.HintProjector(3, 5)
     s = _logits(4, 3, seed=83).requires_grad_(True)
     t = _logits(4, 5, seed=84).requires_grad_(True)
-    loss = L.hint_loss(s, t, projector, "cosine")
+    loss = FL.hint_loss(s, t, projector, "cosine")
     expected = (1 - F.cosine_similarity(projector(s).double(), t.double(), dim=-1)).mean()
     assert_close(loss.double(), expected)
     loss.backward()
@@ -512,21 +514,21 @@ def test_hint_loss_projector_gradients():
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert projector.linear.weight.grad is not None and projector.linear.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="HintProjector"):
-        L.hint_loss(s, t)
+        FL.hint_loss(s, t)
     with pytest.raises(ValueError, match="mse, cosine"):
-        L.hint_loss(s, s, kind="l1")
+        FL.hint_loss(s, s, kind="l1")
 
 
 def test_attention_map_and_transfer_cnn():
     s, t = _logits(3, 4, 5, 6, seed=85), _logits(3, 8, 5, 6, seed=86)  # channel counts differ
     ref_map = s.double().pow(2).mean(1).flatten(1)
     ref_map = ref_map / ref_map.norm(dim=1, keepdim=True)
-    assert_close(L.attention_map(s).double(), ref_map)
+    assert_close(FL.attention_map(s).double(), ref_map)
     t_map = t.double().pow(2).mean(1).flatten(1)
     t_map = t_map / t_map.norm(dim=1, keepdim=True)
     expected = ((ref_map - t_map) ** 2).sum(1).mean()
-    assert_close(L.attention_transfer(s, t).double(), expected)
-    assert_close(L.attention_transfer(t, t.clone()), torch.zeros(()), atol=1e-7, rtol=0)
+    assert_close(FL.attention_transfer(s, t).double(), expected)
+    assert_close(FL.attention_transfer(t, t.clone()), torch.zeros(()), atol=1e-7, rtol=0)
 
 
 def test_attention_transfer_transformer_maps_p1_and_grads():
@@ -534,7 +536,7 @@ def test_attention_transfer_transformer_maps_p1_and_grads():
     t = torch.softmax(_logits(2, 12, 7, 7, seed=88), -1).requires_grad_(True)
     ref = lambda x: F.normalize(x.double().abs().mean(1).flatten(1), dim=1)  # noqa: E731
     expected = ((ref(s.detach()) - ref(t.detach())) ** 2).sum(1).mean()
-    loss = L.attention_transfer(s, t, p=1)
+    loss = FL.attention_transfer(s, t, p=1)
     assert_close(loss.double(), expected)
     loss.backward()
     assert t.grad is None and torch.isfinite(s.grad).all()
@@ -542,7 +544,7 @@ def test_attention_transfer_transformer_maps_p1_and_grads():
 
 def test_attention_transfer_size_mismatch_names_shapes():
     with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 3, 5, 5\)"):
-        L.attention_transfer(torch.ones(2, 3, 4, 4), torch.ones(2, 3, 5, 5))
+        FL.attention_transfer(torch.ones(2, 3, 4, 4), torch.ones(2, 3, 5, 5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,9 +555,9 @@ def test_attention_transfer_size_mismatch_names_shapes():
 def test_label_smoothing_matches_cross_entropy(eps):
     logits = _logits(9, 6, seed=90)
     labels = torch.randint(6, (9,), generator=_gen(91))
-    assert_close(L.label_smoothing_ce(logits, labels, eps), F.cross_entropy(logits, labels, label_smoothing=eps))
+    assert_close(LB.label_smoothing_ce(logits, labels, eps), F.cross_entropy(logits, labels, label_smoothing=eps))
     labels[[1, 4]] = -100
-    assert_close(L.label_smoothing_ce(logits, labels, eps), F.cross_entropy(logits, labels, label_smoothing=eps))
+    assert_close(LB.label_smoothing_ce(logits, labels, eps), F.cross_entropy(logits, labels, label_smoothing=eps))
 
 
 def test_label_smoothing_sequences_mask_and_empty():
@@ -566,8 +568,8 @@ def test_label_smoothing_sequences_mask_and_empty():
     mask[1, :2] = 0
     counted = (labels != -100) & mask.bool()
     expected = F.cross_entropy(logits[counted], labels[counted], label_smoothing=0.2)
-    assert_close(L.label_smoothing_ce(logits, labels, 0.2, mask), expected)
-    none = L.label_smoothing_ce(logits, torch.full((2, 5), -100), 0.2)
+    assert_close(LB.label_smoothing_ce(logits, labels, 0.2, mask), expected)
+    none = LB.label_smoothing_ce(logits, torch.full((2, 5), -100), 0.2)
     assert_close(none, torch.zeros(()), rtol=0, atol=0)
     none.backward()
     assert_close(logits.grad, torch.zeros_like(logits), rtol=0, atol=0)
@@ -576,8 +578,8 @@ def test_label_smoothing_sequences_mask_and_empty():
 def test_mixup_formula_and_determinism():
     x = _logits(6, 3, 4, seed=94)
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    mixed, soft, perm, lam = L.mixup(x, y, 5, alpha=0.4, generator=_gen(7))
-    mixed2, soft2, perm2, lam2 = L.mixup(x, y, 5, alpha=0.4, generator=_gen(7))
+    mixed, soft, perm, lam = LB.mixup(x, y, 5, alpha=0.4, generator=_gen(7))
+    mixed2, soft2, perm2, lam2 = LB.mixup(x, y, 5, alpha=0.4, generator=_gen(7))
     assert lam == lam2 and 0.0 <= lam <= 1.0
     assert torch.equal(perm, perm2) and torch.equal(mixed, mixed2) and torch.equal(soft, soft2)
     assert sorted(perm.tolist()) == list(range(6))
@@ -585,23 +587,23 @@ def test_mixup_formula_and_determinism():
     onehot = F.one_hot(y, 5).float()
     assert_close(soft, lam * onehot + (1 - lam) * onehot[perm])
     assert_close(soft.sum(-1), torch.ones(6))
-    different = [L.mixup(x, y, 5, alpha=0.4, generator=_gen(seed))[3] for seed in range(8, 12)]
+    different = [LB.mixup(x, y, 5, alpha=0.4, generator=_gen(seed))[3] for seed in range(8, 12)]
     assert len(set(different + [lam])) == 5
 
 
 def test_mixup_lam_override_and_alpha_zero():
     x, y = _logits(4, 3, seed=95), torch.tensor([0, 1, 2, 1])
-    mixed, soft, perm, lam = L.mixup(x, y, 3, generator=_gen(1), lam=0.25)
+    mixed, soft, perm, lam = LB.mixup(x, y, 3, generator=_gen(1), lam=0.25)
     assert lam == 0.25
     assert_close(mixed, 0.25 * x + 0.75 * x[perm])
-    _, soft_off, _, lam_off = L.mixup(x, y, 3, alpha=0.0, generator=_gen(1))
+    _, soft_off, _, lam_off = LB.mixup(x, y, 3, alpha=0.0, generator=_gen(1))
     assert lam_off == 1.0 and torch.equal(soft_off, F.one_hot(y, 3).float())
 
 
 @pytest.mark.parametrize("alpha", (0.2, 1.0, 2.0))
 def test_beta_sampler_moments(alpha):
     generator = _gen(123)
-    draws = torch.tensor([L._sample_beta(alpha, generator) for _ in range(4000)], dtype=torch.float64)
+    draws = torch.tensor([LB.sample_beta(alpha, generator) for _ in range(4000)], dtype=torch.float64)
     variance = 1.0 / (4.0 * (2.0 * alpha + 1.0))  # Beta(a, a)
     assert abs(draws.mean().item() - 0.5) < 4 * math.sqrt(variance / 4000)
     assert_close(draws.var().item(), variance, rtol=0.1, atol=0)
@@ -611,8 +613,8 @@ def test_beta_sampler_moments(alpha):
 def test_cutmix_box_and_lam():
     images = torch.arange(4 * 2 * 8 * 10, dtype=torch.float32).reshape(4, 2, 8, 10)
     y = torch.tensor([0, 1, 2, 3])
-    mixed, soft, perm, lam = L.cutmix(images, y, 4, alpha=1.0, generator=_gen(3), lam=0.6)
-    again = L.cutmix(images, y, 4, alpha=1.0, generator=_gen(3), lam=0.6)
+    mixed, soft, perm, lam = LB.cutmix(images, y, 4, alpha=1.0, generator=_gen(3), lam=0.6)
+    again = LB.cutmix(images, y, 4, alpha=1.0, generator=_gen(3), lam=0.6)
     assert torch.equal(mixed, again[0]) and torch.equal(perm, again[2]) and lam == again[3]
     changed = (mixed != images).any(1)  # [B, H, W]; every pixel value is distinct
     moved = perm != torch.arange(4)
@@ -630,7 +632,7 @@ def test_cutmix_box_and_lam():
 def test_cutmix_sampled_lam_matches_box_area():
     images = torch.randn(5, 1, 16, 16, generator=_gen(4))
     for seed in range(5):
-        mixed, _, perm, lam = L.cutmix(images, torch.arange(5), 5, generator=_gen(seed))
+        mixed, _, perm, lam = LB.cutmix(images, torch.arange(5), 5, generator=_gen(seed))
         changed = (mixed != images).any(1)
         moved = (perm != torch.arange(5)).nonzero()
         if len(moved):

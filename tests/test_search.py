@@ -57,7 +57,7 @@ def test_a_search_tries_the_config_first_and_hands_the_winner_to_the_run(ray_loc
     import pyarrow.parquet as pq
     from sklearn.datasets import load_digits
 
-    from distill_ray.tune.search import _with, run_search
+    from distill_ray.tune.search import with_values, run_search
 
     digits = load_digits()
     keep = np.random.default_rng(0).permutation(len(digits.target))[:600]
@@ -70,7 +70,7 @@ def test_a_search_tries_the_config_first_and_hands_the_winner_to_the_run(ray_loc
     assert found["own"] == {"loss.temperature": 2.0, "loss.alpha": 0.5, "data.transfer": "mixup", "data.transfer_size": 4}
     assert found["own_val_accuracy"] in [t["val_accuracy"] for t in trials]  # the config's values ran
     best = max(trials, key=lambda t: t["val_accuracy"])
-    assert found["picked"] == best["params"] and picked_cfg == _with(cfg, best["params"])
+    assert found["picked"] == best["params"] and picked_cfg == with_values(cfg, best["params"])
     search_dir = tmp_path / "runs" / "mine" / "search"
     assert json.loads((search_dir / "search.json").read_text())["picked"] == found["picked"]
     assert len(list((tmp_path / "cache").iterdir())) == 2  # one cache per transfer kind (mixup, noise) at x8

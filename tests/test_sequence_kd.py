@@ -17,7 +17,7 @@ import yaml
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict
 from distill_ray.lm.sequence_kd import (REFERENCE, TEACHER, Decoding, generate_responses, pack_row, prompt_of,
                                      reference_columns, row_seed, rows_from, teacher_rows, window_budget)
-from distill_ray.data.sources import IGNORE_LABEL
+from distill_ray.data.rows import IGNORE_LABEL
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,13 +43,13 @@ def _prompts(n: int = 7, vocab: int = 50) -> list[list[int]]:
 # --- rows -------------------------------------------------------------------------------------------
 
 def test_a_reference_repacked_from_its_prompt_and_response_is_the_same_row(tmp_path):
-    """pack_row has sources._instructions' layout: split an instruction row into prompt and reference
+    """pack_row has preprocess.instruction_rows' layout: split an instruction row into prompt and reference
     and pack them again, and the row comes back bit for bit (long ones cut alike)."""
     from transformers import AutoTokenizer
 
     from distill_ray.data.bundled import resolve_tokenizer
     from distill_ray.lm.generation import prompts_and_references
-    from distill_ray.data.sources import _instructions
+    from distill_ray.data.preprocess import instruction_rows
 
     tok = AutoTokenizer.from_pretrained(resolve_tokenizer("minilm"), local_files_only=True)
     tok.eos_token = "[SEP]"
@@ -58,7 +58,7 @@ def test_a_reference_repacked_from_its_prompt_and_response_is_the_same_row(tmp_p
     responses = ["return a + b", "return a - b", "return x"]
     batch = {"id": np.arange(3), "split": np.array(["train"] * 3, dtype=object),
              "prompt": np.array(prompts, dtype=object), "response": np.array(responses, dtype=object)}
-    out = _instructions(batch, ("prompt", "response"), str(tmp_path / "tok"), max_length=24, pad_id=0)
+    out = instruction_rows(batch, ("prompt", "response"), str(tmp_path / "tok"), max_length=24, pad_id=0)
     for x, y, (prompt, reference) in zip(out["x"], out["label"], prompts_and_references(out["x"], out["label"])):
         x2, y2, _ = pack_row(prompt, reference, 24, 0)
         assert x2.tolist() == x.tolist() and y2.tolist() == y.tolist()
@@ -217,7 +217,7 @@ def _fake_cache(root: Path, spec) -> Path:
 def test_a_stale_or_damaged_responses_cache_is_refused_naming_what_changed(tmp_path):
     from dataclasses import asdict
 
-    from distill_ray.cache.responses import ResponseSpec, _newest_sibling, changes, verify
+    from distill_ray.cache.responses import ResponseSpec, newest_sibling, changes, verify
     from distill_ray.cache.soft_targets import CorruptCacheError, StaleCacheError
 
     greedy = ResponseSpec({"a": "f" * 64, "b": "e" * 64}, "all", asdict(Decoding.of("greedy", 8, 1, 1, 0)), "data1")
@@ -231,8 +231,8 @@ def test_a_stale_or_damaged_responses_cache_is_refused_naming_what_changed(tmp_p
     with pytest.raises(StaleCacheError, match=r"decoding.decoding: cached greedy vs now sample.*decoding.seed"):
         verify(d, sample)
     assert changes(greedy, retrained) == ["teacher_fingerprints.a: cached ffffffffffff… vs now 000000000000…"]
-    assert _newest_sibling(tmp_path, sample) == (d, greedy)
-    assert _newest_sibling(tmp_path, ResponseSpec(greedy.teacher_fingerprints, "all", greedy.decoding, "data2")) is None
+    assert newest_sibling(tmp_path, sample) == (d, greedy)
+    assert newest_sibling(tmp_path, ResponseSpec(greedy.teacher_fingerprints, "all", greedy.decoding, "data2")) is None
     with open(d / "part.parquet", "ab") as f:
         f.write(b"x")
     with pytest.raises(CorruptCacheError, match=r"part.parquet is corrupt"):

@@ -481,7 +481,7 @@ def test_text_student_without_tokenizer_takes_token_ids_only(text_student, tmp_p
 def test_a_tabular_student_standardises_raw_features_and_answers_with_its_label_names(tmp_path):
     """The student's spec carries the train split's standardisation and the data's label names (as
     distill-ray run exports them): Serve applies the one to raw requests and answers with the other."""
-    from distill_ray.data.bundled import apply_standardise
+    from distill_ray.data.rows import apply_standardise
 
     torch.manual_seed(0)
     model = build_model("mlp", (3,), 2, {"hidden": [8]})

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from distill_ray.cache import soft_targets as st
+from distill_ray.cache import topk_encoding as codec
 from distill_ray.cache.soft_targets import MANIFEST, CacheSpec, CachedData, CorruptCacheError, StaleCacheError
 
 C = 7
@@ -307,7 +308,8 @@ def test_a_q8_topk_cache_reads_back_as_float32_logprobs_and_indices(ray_local, t
         lp, ix = teacher_topk(logits, 4)
         logp[t], idx[t] = lp.numpy(), ix.numpy()
         rows[f"{t}/topk_logprobs"], rows[f"{t}/topk_indices"] = logp[t], idx[t]
-    d = st.write_cache(tmp_path / "q8", spec, _dataset(st.encode_targets(dict(rows), spec)))
+    stored = codec.encode_targets(dict(rows), spec.teachers, spec.topk_encoding, spec.num_classes, spec.dtype)
+    d = st.write_cache(tmp_path / "q8", spec, _dataset(stored))
     cache = CachedData.open(d, spec)
     assert cache.manifest["spec"]["topk_encoding"] == "q8" and "cnn/topk_q8" in cache.manifest["columns"]
     assert "cnn/topk_logprobs" in cache.columns and "cnn/topk_q8" not in cache.columns

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill_ray.config import ConfigError, config_from_dict
-from distill_ray.data.bundled import DataError, split_by_id
+from distill_ray.data.rows import DataError, split_by_id
 
 pytestmark = pytest.mark.ray
 TEACHERS = [{"name": "t", "source": "recipe", "recipe": "mlp"}]
@@ -331,9 +331,9 @@ def test_a_string_column_of_mostly_numbers_is_refused_naming_the_bad_value(ray_l
 
 
 def test_a_bad_value_past_the_sample_is_found_by_the_workers(ray_local, tmp_path, monkeypatch):
-    from distill_ray.data import sources
+    from distill_ray.data import columns
 
-    monkeypatch.setattr(sources, "SAMPLE_ROWS", 10)  # the sample is all numbers; row 30 is not
+    monkeypatch.setattr(columns, "SAMPLE_ROWS", 10)  # the sample is all numbers; row 30 is not
     pq.write_table(_f3_table(bad_row=30), tmp_path / "late.parquet")
     with pytest.raises(DataError, match=r"late\.parquet: column 'f3' holds numbers stored as strings, but 'oops' is "
                                         r"not a number"):
@@ -356,7 +356,7 @@ def test_a_label_field_that_is_not_a_column_is_named(ray_local, tmp_path):
 
 
 def test_the_data_line_shortens_many_features_and_names_every_column_left_out():
-    from distill_ray.data.bundled import columns_summary
+    from distill_ray.data.columns import columns_summary
 
     features = tuple(f"f{i}" for i in range(36) if i != 3)
     assert columns_summary(features, {"f3": "not in data.feature_fields", "label": "label column"}) == \

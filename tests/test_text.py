@@ -80,7 +80,7 @@ def test_fortunes_has_the_12_classes_and_disjoint_splits(small_fortunes):
 
 
 def test_fortunes_splits_are_fixed_by_seed_and_ids_are_stable(small_fortunes):
-    from distill_ray.data.bundled import _text_id
+    from distill_ray.data.bundled import text_id
 
     again = _fortunes(max_train_samples=240, max_eval_samples=60, max_length=MAX_LENGTH, split_seed=0)
     for a, b in zip((small_fortunes.train, small_fortunes.val, small_fortunes.test), (again.train, again.val, again.test)):
@@ -91,7 +91,7 @@ def test_fortunes_splits_are_fixed_by_seed_and_ids_are_stable(small_fortunes):
     # An id is a hash of (category, text): the same sample keeps its id whatever subset or length is taken.
     s = small_fortunes.train
     for i in range(0, len(s), 40):
-        assert s.ids[i] == _text_id(FORTUNES_CATEGORIES[s.labels[i]], s.texts[i])
+        assert s.ids[i] == text_id(FORTUNES_CATEGORIES[s.labels[i]], s.texts[i])
     full = _fortunes(max_length=16, split_seed=0)
     assert set(s.ids.tolist()) <= set(full.train.ids.tolist())
     assert len(full.train) + len(full.val) + len(full.test) > 5000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill_ray.data.bundled import DataError
+from distill_ray.data.rows import DataError
 from distill_ray.data.transfer import NOISE_STD, resolve_transfer, transfer_ids, transfer_inputs, with_transfer_rows
 
 

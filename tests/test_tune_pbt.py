@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
-from distill_ray.tune.sweep import _scheduler, _search, run_sweep
+from distill_ray.tune.sweep import trial_scheduler, search_algorithm, run_sweep
 from distill_ray.tune.pbt import ClampToSpace, checkpoint_history, epoch_rows, evolved_schedule, pbt_mutations, \
     pbt_train_slots
 from distill_ray.tune.space import load_space, trial_config
@@ -71,7 +71,7 @@ def test_the_scheduler_perturbs_every_interval_and_clones_the_quantile(tmp_path,
     from ray.tune.schedulers import PopulationBasedTraining
 
     cfg = replace(base, tune=replace(base.tune, pbt_interval=2, pbt_quantile=0.5))
-    pbt = _scheduler(cfg, _space(tmp_path, base, MIXED))
+    pbt = trial_scheduler(cfg, _space(tmp_path, base, MIXED))
     assert isinstance(pbt, PopulationBasedTraining)
     assert (pbt._time_attr, pbt._perturbation_interval, pbt._quantile_fraction, pbt._synch) == ("epoch", 2, 0.5, True)
     assert pbt._metric is None and pbt._mode is None  # they come from TuneConfig, like ASHA's
@@ -93,7 +93,7 @@ def test_the_shipped_pbt_space_evolves_temperature_and_alpha_with_constant_sched
 def test_a_searcher_cannot_drive_pbt(tmp_path, base):
     cfg = replace(base, tune=replace(base.tune, search="optuna"))
     with pytest.raises(ConfigError) as err:
-        _search(cfg, _space(tmp_path, base, "params:\n  loss.alpha: {uniform: [0.1, 0.9]}\n"))
+        search_algorithm(cfg, _space(tmp_path, base, "params:\n  loss.alpha: {uniform: [0.1, 0.9]}\n"))
     assert "tune.search=optuna" in str(err.value) and "tune.scheduler=pbt" in str(err.value)
     assert "random, grid" in str(err.value)
 
@@ -101,12 +101,12 @@ def test_a_searcher_cannot_drive_pbt(tmp_path, base):
 def test_an_interval_as_long_as_training_is_refused(tmp_path, base):
     cfg = replace(base, tune=replace(base.tune, pbt_interval=4))
     with pytest.raises(ConfigError, match=r"tune.pbt_interval=4 must be below train.epochs=4"):
-        _scheduler(cfg, _space(tmp_path, base, "params:\n  loss.alpha: {uniform: [0.1, 0.9]}\n"))
+        trial_scheduler(cfg, _space(tmp_path, base, "params:\n  loss.alpha: {uniform: [0.1, 0.9]}\n"))
 
 
 def test_a_space_of_only_grids_has_nothing_to_evolve(tmp_path, base):
     with pytest.raises(ConfigError, match="needs a param to evolve"):
-        _scheduler(base, _space(tmp_path, base, "params:\n  loss.kind: {grid: [forward_kl, js]}\n"))
+        trial_scheduler(base, _space(tmp_path, base, "params:\n  loss.kind: {grid: [forward_kl, js]}\n"))
 
 
 @pytest.mark.parametrize("key, value, needle", [

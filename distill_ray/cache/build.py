@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill_ray.kd import curriculum as cur
+from distill_ray.kd import curriculum
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import load_model
 from distill_ray.lm.reference import reference_key, with_reference_difficulty
 from distill_ray.cache.responses import with_responses
-from distill_ray.cache.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, encode_topk, \
-    write_cache
+from distill_ray.cache.soft_targets import CacheSpec, CachedData, CorruptCacheError, cache_dir_for, write_cache
+from distill_ray.cache.topk_encoding import encode_targets
 from distill_ray.data.sources import DataInfo, SourceData
 from distill_ray.train.stages import with_teachers
 from distill_ray.train.streams import DIFFICULTY_PREFIX
@@ -45,10 +45,7 @@ def finish_rows(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dtype: 
     config reads the same cache, and top-k targets in the stored columns of ``topk_encoding``."""
     batch = _with_difficulty(batch, teachers, dtype, topk, num_classes, causal, pad_id)
     if topk is not None:
-        for t in teachers:
-            logp, idx = batch.pop(f"{t}/topk_logprobs"), batch.pop(f"{t}/topk_indices")
-            for suffix, col in encode_topk(logp, idx, topk_encoding, num_classes, dtype).items():
-                batch[f"{t}/{suffix}"] = col
+        batch = encode_targets(batch, teachers, topk_encoding, num_classes, dtype)
     return batch
 
 
@@ -109,7 +106,7 @@ def _measured(batch: dict[str, np.ndarray], arguments: dict[str, tuple]) -> dict
     """``batch`` with a ``difficulty/NAME`` column per measurer, each computed by its
     ``curriculum.MEASURERS`` function from the arguments given for it."""
     for name, args in arguments.items():
-        batch[DIFFICULTY_PREFIX + name] = cur.MEASURERS[name](*args).numpy().astype(np.float32)
+        batch[DIFFICULTY_PREFIX + name] = curriculum.MEASURERS[name](*args).numpy().astype(np.float32)
     return batch
 
 

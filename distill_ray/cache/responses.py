@@ -169,11 +169,11 @@ def generate(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, Path], 
     specs = {t.name: t for t in teacher_specs(cfg, dirs, causal=True)}
     eos = load_tokenizer(data.info.tokenizer).eos_token_id
     args = (decoding_of(cfg), eos, int(data.info.pad_id or 0), data.info.input_shape[-1], trace_file)
-    parts = [data.train.select_columns(["id", "x", "label"]).map_batches(
+    per_teacher = [data.train.select_columns(["id", "x", "label"]).map_batches(
         ResponseRows, fn_constructor_args=(specs[t], *args), batch_format="numpy", batch_size=specs[t].batch_size,
         compute=ray.data.ActorPoolStrategy(size=specs[t].replicas), num_cpus=specs[t].num_cpus,
         num_gpus=specs[t].num_gpus or None) for t in names]
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = per_teacher[0].union(*per_teacher[1:]) if len(per_teacher) > 1 else per_teacher[0]
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
     directory.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -241,7 +241,7 @@ def changes(old: ResponseSpec, new: ResponseSpec) -> list[str]:
     return out
 
 
-def _newest_sibling(root: Path, spec: ResponseSpec) -> tuple[Path, ResponseSpec] | None:
+def newest_sibling(root: Path, spec: ResponseSpec) -> tuple[Path, ResponseSpec] | None:
     """The most recent other responses cache of the same data, to say what changed since."""
     found = []
     for manifest in root.glob(f"*/{MANIFEST}"):
@@ -271,7 +271,7 @@ def with_responses(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, P
         print(f"responses: reusing verified cache {directory} ({manifest['num_rows']:,} rows by "
               f"{', '.join(manifest['generated_by'])}; no generate calls)", flush=True)
     else:
-        before = _newest_sibling(root, spec) if root.is_dir() else None
+        before = newest_sibling(root, spec) if root.is_dir() else None
         if before is not None:
             print(f"responses: the cache for this data at {before[0]} was generated with other settings "
                   f"({'; '.join(changes(before[1], spec))}); generating anew", flush=True)
@@ -283,7 +283,7 @@ def with_responses(cfg: ExperimentConfig, data: SourceData, dirs: Mapping[str, P
     files = [str(directory / s["file"]) for s in manifest["shards"]]
     responses = ray.data.read_parquet(files, partitioning=None).select_columns(list(COLUMNS))
     rows = data.rows.map_batches(reference_columns, batch_format="numpy").select_columns(list(COLUMNS))
-    # The splits' rows carry no ``split`` column (``sources._split_rows``); the responses are train rows.
+    # The splits' rows carry no ``split`` column (``rows.rows_of_split``); the responses are train rows.
     per_split = [c for c in COLUMNS if c != "split"]
     splits = {s: ds.map_batches(reference_columns, batch_format="numpy").select_columns(per_split)
               for s, ds in data.splits.items()}

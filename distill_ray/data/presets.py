@@ -38,13 +38,13 @@ def preset_table(cfg: ExperimentConfig) -> tuple[str, dict[str, Any]]:
     table_path, meta_path = out / "data.parquet", out / "preset.json"
     if table_path.is_file() and meta_path.is_file():
         return str(table_path), json.loads(meta_path.read_text())
-    table, meta = _build(cfg)
+    table, metadata = _build(cfg)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".data.{uuid.uuid4().hex[:8]}.parquet"
     pq.write_table(table, tmp, row_group_size=4096)
     os.replace(tmp, table_path)  # readers never see a half-written table
-    meta_path.write_text(json.dumps({**meta, "params": params}, indent=2))
-    return str(table_path), {**meta, "params": params}
+    meta_path.write_text(json.dumps({**metadata, "params": params}, indent=2))
+    return str(table_path), {**metadata, "params": params}
 
 
 def _tensor(x: np.ndarray) -> pa.Array:
@@ -56,14 +56,14 @@ def _tensor(x: np.ndarray) -> pa.Array:
 def _table(data, inputs: dict[str, Any], label_tensor: bool = False) -> pa.Table:
     """One table over the loader's three splits: id, the input columns (``name -> fn(split) -> array``),
     label and split; every column is concatenated in train, val, test order."""
-    parts = (("train", data.train), ("val", data.val), ("test", data.test))
-    labels = np.concatenate([s.labels for _, s in parts])
-    columns = {"id": np.concatenate([s.ids for _, s in parts])}
+    splits = (("train", data.train), ("val", data.val), ("test", data.test))
+    labels = np.concatenate([s.labels for _, s in splits])
+    columns = {"id": np.concatenate([s.ids for _, s in splits])}
     for name, fn in inputs.items():
-        values = [fn(s) for _, s in parts]
+        values = [fn(s) for _, s in splits]
         columns[name] = _tensor(np.concatenate(values)) if isinstance(values[0], np.ndarray) else sum(values, [])
     columns.update(label=_tensor(labels) if label_tensor else labels,
-                   split=[name for name, s in parts for _ in range(len(s))])
+                   split=[name for name, s in splits for _ in range(len(s))])
     return pa.table(columns)
 
 

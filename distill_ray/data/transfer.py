@@ -23,13 +23,15 @@ from typing import Mapping
 
 import numpy as np
 
-from distill_ray.data.bundled import DataError, _mix64
+from distill_ray.config import TRANSFER_KINDS
+from distill_ray.data.rows import DataError, mix64
 
 NOISE_STD = 0.3        # standard deviations of a standardised feature (or of a [0, 1] pixel)
 SHIFT_FRACTION = 1 / 8  # images: the largest shift, as a share of the side
 TOKEN_DROP = 0.15       # text: share of the real tokens masked or dropped
-KINDS_FOR = {"tabular": ("mixup", "noise", "augment"), "image": ("mixup", "noise", "augment"),
-             "text": ("augment",)}
+ROW_KINDS = tuple(k for k in TRANSFER_KINDS if k not in ("auto", "none"))
+"""The transfer sets that make rows (``data.transfer`` less auto and none)."""
+KINDS_FOR = {"tabular": ROW_KINDS, "image": ROW_KINDS, "text": ("augment",)}
 AUTO_KIND = {"tabular": "mixup", "image": "mixup", "text": "augment"}
 """``data.transfer: auto`` per kind of input; docs/defaults.md has the figures that chose them."""
 
@@ -65,15 +67,15 @@ def transfer_ids(ids: np.ndarray, copy: int) -> np.ndarray:
         raise ValueError(f"copy must be within 1..{MAX_COPIES}, got {copy}")
     with np.errstate(over="ignore"):
         key = np.asarray(ids).astype(np.int64).view(np.uint64) + np.uint64(copy) * np.uint64(0x9E3779B97F4A7C15)
-    scrambled = (_mix64(key) >> np.uint64(5)) << np.uint64(4)
+    scrambled = (mix64(key) >> np.uint64(5)) << np.uint64(4)
     return (scrambled | np.uint64(copy)).astype(np.int64)
 
 
 def first_copies(batch: dict[str, np.ndarray], copies: int) -> dict[str, np.ndarray]:
     """The labeled rows and the first ``copies`` transfer copies of ``batch`` (a Ray Data stage). Every
     unlabeled row is taken for a transfer row: use it only on data whose unlabeled rows all are."""
-    keep = (np.asarray(batch["label"]) >= 0) | ((np.asarray(batch["id"]) & MAX_COPIES) <= copies)
-    return {k: v[keep] for k, v in batch.items()}
+    kept = (np.asarray(batch["label"]) >= 0) | ((np.asarray(batch["id"]) & MAX_COPIES) <= copies)
+    return {k: v[kept] for k, v in batch.items()}
 
 
 def _row_rngs(ids: np.ndarray, seed: int) -> list[np.random.Generator]:
@@ -83,7 +85,7 @@ def _row_rngs(ids: np.ndarray, seed: int) -> list[np.random.Generator]:
 def _mixup(x: np.ndarray, ids: np.ndarray, seed: int) -> np.ndarray:
     if len(x) < 2:
         return x.copy()
-    order = np.argsort(_mix64(np.asarray(ids).astype(np.uint64) ^ np.uint64(seed + 1)), kind="stable")
+    order = np.argsort(mix64(np.asarray(ids).astype(np.uint64) ^ np.uint64(seed + 1)), kind="stable")
     partner = np.empty(len(x), dtype=np.int64)
     partner[order] = np.roll(order, 1)  # each row's partner is the next one in a seeded order: never itself
     lam = np.array([r.random() for r in _row_rngs(ids, seed)], dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Metrics: accuracy, agreement with teachers, expected calibration error, perplexity, latency. No Ray."""
+"""Metrics: accuracy, expected calibration error, perplexity, latency. No Ray."""
 
 from __future__ import annotations
 
@@ -24,11 +24,6 @@ def predict_logits(model: nn.Module, inputs: np.ndarray | torch.Tensor, batch_si
 def accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
     """Fraction of rows whose argmax equals the label. logits [N, C], labels [N]."""
     return (logits.argmax(-1) == torch.as_tensor(labels)).float().mean().item()
-
-
-def agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
-    """Fraction of rows where two models predict the same class."""
-    return (logits_a.argmax(-1) == logits_b.argmax(-1)).float().mean().item()
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: np.ndarray | torch.Tensor, num_bins: int = 15) -> float:

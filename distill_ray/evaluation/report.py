@@ -22,10 +22,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from distill_ray.data.rows import SPLITS
 from distill_ray.evaluation.metrics import reliability_bins
 from distill_ray.extras import available, install_hint, require
 
 PLOTS = ("val_accuracy.png", "teacher_weights.png", "schedule.png", "reliability.png")
+VAL_ACCURACY_PLOT, TEACHER_WEIGHTS_PLOT, SCHEDULE_PLOT, RELIABILITY_PLOT = PLOTS
 WEIGHT_PREFIX = "teacher_weight/"
 
 
@@ -170,10 +172,10 @@ def plot_reliability(path: Path, reliability: Mapping[str, tuple[np.ndarray, np.
     eces = {}
     for name, (probs, labels) in reliability.items():
         bins = reliability_bins(probs, labels, n_bins=n_bins)
-        keep = bins["count"] > 0
+        filled = bins["count"] > 0
         eces[name] = bins["ece"]
         style = "-o" if name in ("student", "baseline") else "-."
-        ax.plot(bins["confidence"][keep], bins["accuracy"][keep], style, markersize=3,
+        ax.plot(bins["confidence"][filled], bins["accuracy"][filled], style, markersize=3,
                 label=f"{name} (ECE {bins['ece']:.4f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -249,11 +251,11 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
     if not plots:
         lines += [f"Not drawn: matplotlib is not installed (`{install_hint('matplotlib')}`).", ""]
     else:
-        lines += ["![validation accuracy per epoch](val_accuracy.png)", "",
-                  "![teacher weights over steps](teacher_weights.png)", "",
-                  "![temperature, alpha and open fraction over steps](schedule.png)", ""]
+        lines += [f"![validation accuracy per epoch]({VAL_ACCURACY_PLOT})", "",
+                  f"![teacher weights over steps]({TEACHER_WEIGHTS_PLOT})", "",
+                  f"![temperature, alpha and open fraction over steps]({SCHEDULE_PLOT})", ""]
         if not lm:
-            lines += ["![reliability diagram](reliability.png)", ""]
+            lines += [f"![reliability diagram]({RELIABILITY_PLOT})", ""]
     timings = metrics.get("timings") or {}
     if timings:
         lines += ["## Timings", "", "| phase | seconds |", "|---|---:|"]
@@ -268,7 +270,7 @@ def _data_lines(data: Mapping[str, Any]) -> list[str]:
     if not data:
         return []
     rows, labeled = data.get("rows") or {}, (data.get("labeled") or {}).get("train")
-    counts = " / ".join(f"{rows[s]:,} {s}" for s in ("train", "val", "test") if s in rows)
+    counts = " / ".join(f"{rows[s]:,} {s}" for s in SPLITS if s in rows)
     lines = ["", "## Data", "",
              f"{data.get('format')} ({data.get('kind')}) from `{data.get('source')}`: {counts} rows"
              + (f", {labeled:,} train rows labeled." if labeled is not None else ".")]
@@ -299,11 +301,11 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], history: Seque
     run_dir.mkdir(parents=True, exist_ok=True)
     plots = available("matplotlib")
     if plots:
-        plot_val_accuracy(run_dir / "val_accuracy.png", history, baseline_history)
-        plot_teacher_weights(run_dir / "teacher_weights.png", history)
-        plot_schedule(run_dir / "schedule.png", history)
+        plot_val_accuracy(run_dir / VAL_ACCURACY_PLOT, history, baseline_history)
+        plot_teacher_weights(run_dir / TEACHER_WEIGHTS_PLOT, history)
+        plot_schedule(run_dir / SCHEDULE_PLOT, history)
         if reliability:  # calibration of class probabilities: classification only
-            plot_reliability(run_dir / "reliability.png", reliability)
+            plot_reliability(run_dir / RELIABILITY_PLOT, reliability)
     else:
         print(f"report: plots not drawn (matplotlib is not installed: {install_hint('matplotlib')})")
     path = run_dir / "report.md"

@@ -21,15 +21,15 @@ def split_outputs(dataset, models: dict, causal: bool) -> tuple[dict, torch.Tens
     the labels; the first input (for latency), None on an empty split."""
     from distill_ray.evaluation.metrics import lm_label_logprobs, predict_logits
 
-    parts: dict[str, list] = {name: [] for name in models}
+    batches_of: dict[str, list] = {name: [] for name in models}
     labels, example = [], None
     for batch in dataset.iter_batches(batch_size=64 if causal else 1024, batch_format="numpy"):
         x, y = torch.from_numpy(np.array(batch["x"])), torch.from_numpy(np.array(batch["label"]))
         example = x[:1] if example is None else example
         labels.append(y)
         for name, model in models.items():
-            parts[name].append(lm_label_logprobs(model, x, y) if causal else predict_logits(model, x))
-    outputs = {name: tuple(torch.cat(p) for p in zip(*got)) if causal else torch.cat(got) for name, got in parts.items()}
+            batches_of[name].append(lm_label_logprobs(model, x, y) if causal else predict_logits(model, x))
+    outputs = {name: tuple(torch.cat(p) for p in zip(*got)) if causal else torch.cat(got) for name, got in batches_of.items()}
     return outputs, torch.cat(labels), example
 
 
@@ -130,8 +130,8 @@ def own_tokenizer_scores(cfg: ExperimentConfig, cache: CachedData, name: str, to
 
 
 def _rows_with_ids(batch: dict[str, np.ndarray], ids: list[int]) -> dict[str, np.ndarray]:
-    keep = np.isin(batch["id"], ids)
-    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+    wanted = np.isin(batch["id"], ids)
+    return {k: np.asarray(v)[wanted] for k, v in batch.items()}
 
 
 def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, models: dict):

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from distill_ray.config import BLEND_KINDS, CONFIDENCE_KINDS, LM_BLEND_KINDS
 from distill_ray.kd.losses import compute_dtype
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "TeacherBlend",
 ]
 
-BLEND_KINDS = ("uniform", "confidence", "learned_global", "learned_per_class", "learned_gate")
-CONFIDENCE_KINDS = ("entropy", "max_prob")
 LEARNED_KINDS = ("learned_global", "learned_per_class", "learned_gate")
 
 
@@ -266,23 +265,23 @@ class TeacherBlend(nn.Module):
             raise ValueError(f"labels must be [N] with N = {num_positions}, got shape {tuple(labels.shape)}")
         if not self.is_learned:
             return torch.zeros((), device=teacher_logits.device)
-        keep = labels != ignore_index
-        if not bool(keep.any()):
+        labeled = labels != ignore_index
+        if not bool(labeled.any()):
             # Zero that still touches the parameters, so backward()/DDP all-reduce see a graph.
             return sum(p.sum() for p in self.parameters()) * 0.0
         log_w = self._log_weights(teacher_logits, features, labeled=True)  # [N, K]
         self._last_weights = log_w.detach().exp().mean(0)
-        logits = teacher_logits.detach()[:, keep]
+        logits = teacher_logits.detach()[:, labeled]
         dtype = torch.promote_types(compute_dtype(logits), log_w.dtype)
         logits = logits.to(dtype)
-        safe_labels = labels[keep].to(logits.device)
+        safe_labels = labels[labeled].to(logits.device)
         if bool(((safe_labels < 0) | (safe_labels >= num_classes)).any()):
             raise ValueError(f"labels must be in [0, {num_classes}) or ignore_index={ignore_index}")
         label_logit = logits.gather(-1, safe_labels.view(1, -1, 1).expand(num_teachers, -1, 1)).squeeze(-1)
         log_p_label = (label_logit - torch.logsumexp(logits, dim=-1)).transpose(0, 1)  # [M, K]
-        log_blend_label = torch.logsumexp(log_w[keep].to(dtype) + log_p_label, dim=-1)
+        log_blend_label = torch.logsumexp(log_w[labeled].to(dtype) + log_p_label, dim=-1)
         if reduction == "none":
-            return torch.zeros(num_positions, dtype=dtype, device=log_w.device).masked_scatter(keep, -log_blend_label)
+            return torch.zeros(num_positions, dtype=dtype, device=log_w.device).masked_scatter(labeled, -log_blend_label)
         return -log_blend_label.mean()
 
     def weight_loss_from_label_logprobs(self, label_logprobs: torch.Tensor) -> torch.Tensor:
@@ -291,7 +290,7 @@ class TeacherBlend(nn.Module):
         Position-independent kinds only (uniform, learned_global): the others need full logits."""
         if label_logprobs.dim() != 2 or label_logprobs.shape[0] != self.num_teachers:
             raise ValueError(f"label_logprobs must be [K={self.num_teachers}, M], got {tuple(label_logprobs.shape)}")
-        if self.kind not in ("uniform", "learned_global"):
+        if self.kind not in LM_BLEND_KINDS:
             raise ValueError(f"blend kind {self.kind!r} needs full teacher logits; with label log-probs only "
                              "(top-k language-model targets) use uniform or learned_global")
         if not self.is_learned:

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from distill_ray.config import SCHEDULE_KINDS, SCHEDULER_KINDS, STAGE_UNITS
 from distill_ray.kd.losses import compute_dtype
 
 __all__ = [
@@ -46,12 +47,9 @@ __all__ = [
     "sample_for_rank",
 ]
 
-SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
-SCHEDULER_KINDS = ("none", "linear_ramp", "multi_stage", "confidence")
 # The schedulers that open the easiest rows first: the only ones a difficulty measure decides anything
 # for (none opens every row; confidence ranks by the student's own confidence, live).
 DIFFICULTY_SCHEDULERS = ("linear_ramp", "multi_stage")
-STAGE_UNITS = ("epoch", "step")
 
 # Slack for float boundaries: 0.3 * 10 is 3.0000000000000004 and 3 / 0.1 is 29.999999999999996;
 # without it a ceil/floor would open one sample too many or change stage one step late.

@@ -6,11 +6,13 @@ Every divergence is computed per position and then *batch-meaned*: averaged over
 unmasked tokens. A fully masked batch gives exactly 0 (not NaN) and a zero gradient.
 
 Teacher inputs are detached inside every function, so gradients only ever reach the student
-(and learned projectors). Everything is computed in at least float32: fp16/bf16 inputs are
-upcast, float64 inputs stay float64.
+(and learned projectors). Everything is computed in at least float32 (``compute_dtype``): fp16/bf16
+inputs are upcast, float64 inputs stay float64. ``feature_losses`` (hints, attention transfer) and
+``labels`` (label smoothing, MixUp, CutMix) follow the same conventions.
 
-It is long because it is a library: a dozen independent, documented losses sharing these
-conventions and private helpers; each is tested against a float64 reference in tests/test_losses.py.
+It is long because it is a library: the divergences between distributions (dense, top-k, across
+tokenizers, focal, decoupled) share these conventions and private helpers; each is tested against a
+float64 reference in tests/test_losses.py.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from distill_ray.config import KD_KINDS
 
 __all__ = [
     "KD_KINDS",
@@ -35,16 +37,9 @@ __all__ = [
     "focal_kd",
     "dkd",
     "dkd_parts",
-    "HintProjector",
-    "hint_loss",
-    "attention_map",
-    "attention_transfer",
-    "label_smoothing_ce",
-    "mixup",
-    "cutmix",
+    "compute_dtype",
+    "masked_mean",
 ]
-
-KD_KINDS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "mse_logits", "soft_ce")
 
 # Floor for log(prob) of probability targets: exact zeros (an empty top-k tail, a teacher that
 # rules a class out) would otherwise give 0 * -inf = NaN, and reverse KL an infinite penalty.
@@ -79,22 +74,22 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _masked_mean(per_position: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def masked_mean(per_position: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of ``per_position`` over the positions where ``mask`` is nonzero (all if None)."""
     if mask is None:
         return per_position.mean()
     if mask.shape != per_position.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(per_position.shape)}")
-    keep = mask.to(per_position.device) != 0
+    unmasked = mask.to(per_position.device) != 0
     # where (not multiply) so that inf/NaN at masked positions cannot leak into the sum.
-    total = torch.where(keep, per_position, torch.zeros((), dtype=per_position.dtype, device=per_position.device))
-    return total.sum() / keep.sum().clamp_min(1)
+    total = torch.where(unmasked, per_position, torch.zeros((), dtype=per_position.dtype, device=per_position.device))
+    return total.sum() / unmasked.sum().clamp_min(1)
 
 
 def _reduce(per_position: torch.Tensor, mask: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
-    """``mean`` over the kept positions (see :func:`_masked_mean`), or ``none``: per position, 0 where masked."""
+    """``mean`` over the kept positions (see :func:`masked_mean`), or ``none``: per position, 0 where masked."""
     if reduction == "mean":
-        return _masked_mean(per_position, mask)
+        return masked_mean(per_position, mask)
     if reduction != "none":
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if mask is None:
@@ -151,6 +146,10 @@ def _check_prob_kind(kind: str, skew_alpha: float, where: str) -> None:
             f"{where} does not support 'mse_logits': it compares raw logits and the teacher is only "
             "known as probabilities here (use kd_divergence with teacher logits)"
         )
+    _check_skew_alpha(skew_alpha)
+
+
+def _check_skew_alpha(skew_alpha: float) -> None:
     if not 0.0 <= skew_alpha <= 1.0:
         raise ValueError(f"skew_alpha must be in [0, 1], got {skew_alpha}")
 
@@ -197,8 +196,7 @@ def kd_divergence(
     if kind == "mse_logits":
         per_position = (student - teacher).pow(2).mean(-1)
     else:
-        if not 0.0 <= skew_alpha <= 1.0:
-            raise ValueError(f"skew_alpha must be in [0, 1], got {skew_alpha}")
+        _check_skew_alpha(skew_alpha)
         teacher_logp = F.log_softmax(teacher, dim=-1)
         per_position = _divergence_per_position(
             F.log_softmax(student, dim=-1), teacher_logp.exp(), teacher_logp, kind, skew_alpha
@@ -379,7 +377,7 @@ def topk_kd_divergence(
     per_position = _divergence_per_position(
         student_logq, teacher_p, teacher_logp.clamp_min(_LOG_PROB_FLOOR), kind, skew_alpha
     )
-    return _masked_mean(per_position * temperature**2, mask)
+    return masked_mean(per_position * temperature**2, mask)
 
 
 def uld_divergence(
@@ -561,255 +559,19 @@ def dkd(
 
 
 # --------------------------------------------------------------------------------------------
-# feature distillation
+# moved: feature terms (``feature_losses``) and label terms (``labels``)
+
+_MOVED = {"HintProjector": "feature_losses", "hint_loss": "feature_losses", "attention_map": "feature_losses",
+          "attention_map_distance": "feature_losses", "label_smoothing_ce": "labels"}
 
 
-class HintProjector(nn.Module):
-    """Learned linear map from the student's feature width to the teacher's (FitNets regressor).
+def __getattr__(name: str):
+    """The five names kd/objectives.py and train/loop.py still import from here, found where they now
+    live; goes once those two files import them from ``feature_losses`` and ``labels``."""
+    if name in _MOVED:
+        import importlib
 
-    ``forward``: ``[..., student_dim]`` -> ``[..., teacher_dim]``.
-    """
-
-    def __init__(self, student_dim: int, teacher_dim: int):
-        super().__init__()
-        self.linear = nn.Linear(student_dim, teacher_dim)
-
-    def forward(self, student_features: torch.Tensor) -> torch.Tensor:
-        return self.linear(student_features)
+        return getattr(importlib.import_module(f"distill_ray.kd.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def hint_loss(
-    student_features: torch.Tensor,
-    teacher_features: torch.Tensor,
-    projector: Optional[nn.Module] = None,
-    kind: str = "mse",
-    mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Feature-matching (hint) loss between projected student features and teacher features.
-
-    Args:
-        student_features: ``[B, Ds]`` or ``[B, S, Ds]``.
-        teacher_features: ``[B, Dt]`` or ``[B, S, Dt]``; detached inside.
-        projector: applied to the student side (e.g. :class:`HintProjector`); may be None when
-            Ds == Dt. Gradients reach the student features and the projector.
-        kind: ``"mse"`` (mean over dims of the squared error) or ``"cosine"`` (1 - cosine
-            similarity), per position.
-        mask: ``[B, S]`` (or ``[B]``), bool or 0/1.
-
-    Returns:
-        Scalar tensor: batch-mean over (unmasked) positions.
-    """
-    if kind not in ("mse", "cosine"):
-        raise ValueError(f"unknown hint kind {kind!r}; valid kinds: mse, cosine")
-    projected = projector(student_features) if projector is not None else student_features
-    if projected.shape != teacher_features.shape:
-        raise ValueError(
-            f"student features {tuple(projected.shape)} (after projector) and teacher features "
-            f"{tuple(teacher_features.shape)} differ; pass a HintProjector when widths differ"
-        )
-    dtype = compute_dtype(projected, teacher_features)
-    student = projected.to(dtype)
-    teacher = teacher_features.detach().to(dtype)
-    if kind == "mse":
-        per_position = (student - teacher).pow(2).mean(-1)
-    else:
-        per_position = 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
-    return _masked_mean(per_position, mask)
-
-
-def attention_map(features: torch.Tensor, p: float = 2) -> torch.Tensor:
-    """Spatial attention map of Zagoruyko & Komodakis (2017).
-
-    Args:
-        features: ``[B, C, ...]`` activations, e.g. CNN maps ``[B, C, H, W]`` or transformer
-            attention probabilities ``[B, heads, S, S]`` (heads play the channel role).
-        p: exponent applied to ``|x|`` before averaging over channels.
-
-    Returns:
-        ``[B, N]``, N = product of the dims after the channel dim, L2-normalised per sample.
-    """
-    if features.ndim < 3:
-        raise ValueError(f"attention_map expects [B, C, ...] (at least one spatial dim), got {tuple(features.shape)}")
-    energy = features.to(compute_dtype(features)).abs().pow(p).mean(dim=1).flatten(1)
-    return F.normalize(energy, p=2, dim=1)
-
-
-def attention_transfer(student_maps: torch.Tensor, teacher_maps: torch.Tensor, p: float = 2) -> torch.Tensor:
-    """Attention-transfer loss: batch-mean of ``||a_s - a_t||_2^2`` over attention maps.
-
-    Args:
-        student_maps: ``[B, Cs, ...]`` student activations (not yet reduced; see
-            :func:`attention_map`).
-        teacher_maps: ``[B, Ct, ...]`` teacher activations; channel counts may differ but the
-            batch and spatial dims must match. Detached inside.
-        p: exponent of :func:`attention_map`.
-
-    Returns:
-        Scalar tensor.
-    """
-    if (
-        student_maps.ndim < 3
-        or student_maps.ndim != teacher_maps.ndim
-        or student_maps.shape[0] != teacher_maps.shape[0]
-        or student_maps.shape[2:] != teacher_maps.shape[2:]
-    ):
-        raise ValueError(
-            f"attention transfer needs matching batch and spatial sizes [B, C, ...]: student "
-            f"{tuple(student_maps.shape)} vs teacher {tuple(teacher_maps.shape)}"
-        )
-    return attention_map_distance(attention_map(student_maps, p), attention_map(teacher_maps, p))
-
-
-def attention_map_distance(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
-    """Batch-mean ``||a_s - a_t||_2^2`` between reduced attention maps ``[B, P]`` (teacher detached):
-    the core of :func:`attention_transfer`, for teachers that send their map already reduced."""
-    return (student_map - teacher_map.detach().to(student_map.dtype)).pow(2).sum(-1).mean()
-
-
-# --------------------------------------------------------------------------------------------
-# hard and mixed labels
-
-
-def label_smoothing_ce(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    smoothing: float = 0.0,
-    mask: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Cross-entropy against ``(1 - eps) * one_hot + eps / C``, batch-meaned.
-
-    Matches ``F.cross_entropy(logits, labels, label_smoothing=eps, ignore_index=...)`` on
-    ``[B, C]``.
-
-    Args:
-        logits: ``[B, C]`` or ``[B, S, V]``.
-        labels: ``[B]`` or ``[B, S]`` integer classes; ``ignore_index`` entries are skipped.
-        smoothing: eps in [0, 1].
-        mask: same shape as ``labels``, bool or 0/1; zeros are skipped.
-        ignore_index: label value that marks a position to skip.
-
-    Returns:
-        Scalar tensor: mean over counted positions, 0 if none is counted.
-    """
-    if not 0.0 <= smoothing <= 1.0:
-        raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels {tuple(labels.shape)} must be logits {tuple(logits.shape)} without the class dim")
-    logprobs = F.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
-    labels = labels.to(logprobs.device)
-    keep = labels != ignore_index
-    if mask is not None:
-        if mask.shape != labels.shape:
-            raise ValueError(f"mask {tuple(mask.shape)} must match labels {tuple(labels.shape)}")
-        keep = keep & (mask.to(keep.device) != 0)
-    # skipped positions may hold ignore_index, which gather cannot index with.
-    safe_labels = labels.masked_fill(~keep, 0).long().unsqueeze(-1)
-    nll = -logprobs.gather(-1, safe_labels).squeeze(-1)
-    uniform_ce = -logprobs.mean(-1)
-    return _masked_mean((1.0 - smoothing) * nll + smoothing * uniform_ce, keep)
-
-
-def _sample_beta(alpha: float, generator: Optional[torch.Generator]) -> float:
-    """One Beta(alpha, alpha) draw from numpy's sampler, seeded from ``generator`` (torch.distributions
-    cannot take a generator; this keeps mixup/cutmix reproducible per generator without touching the
-    global RNG); 1.0 when alpha <= 0."""
-    if alpha <= 0:
-        return 1.0
-    device = generator.device if generator is not None else "cpu"
-    seed = int(torch.randint(0, 2**62, (), generator=generator, device=device).item())
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
-
-
-def _randperm(n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    source = generator.device if generator is not None else "cpu"
-    return torch.randperm(n, generator=generator, device=source).to(device)
-
-
-def _mixed_one_hot(labels: torch.Tensor, num_classes: int, permutation: torch.Tensor, lam: float) -> torch.Tensor:
-    one_hot = F.one_hot(labels.long(), num_classes).to(torch.float32)
-    return lam * one_hot + (1.0 - lam) * one_hot[permutation.to(one_hot.device)]
-
-
-def mixup(
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    alpha: float = 0.2,
-    generator: Optional[torch.Generator] = None,
-    *,
-    lam: Optional[float] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Mixup (Zhang et al., 2018): blend each sample with a randomly permuted partner.
-
-    Random draws, in order, all from ``generator`` (the global RNG if None), so a seeded
-    generator reproduces the result exactly: lam ~ Beta(alpha, alpha) (as X / (X + Y) with
-    X, Y ~ Gamma(alpha), sampled by Marsaglia-Tsang since torch.distributions takes no
-    generator; alpha <= 0 means lam = 1), then ``permutation = randperm(B)``.
-
-    Args:
-        inputs: ``[B, ...]`` floating-point batch.
-        labels: ``[B]`` integer classes.
-        num_classes: C, for the one-hot encoding.
-        alpha: Beta concentration.
-        generator: torch.Generator for reproducibility.
-        lam: skip the Beta draw and use this mixing weight.
-
-    Returns:
-        ``(mixed, soft_labels, permutation, lam)``: ``mixed = lam * x + (1 - lam) * x[perm]``
-        ``[B, ...]``; ``soft_labels = lam * onehot(y) + (1 - lam) * onehot(y[perm])`` float32
-        ``[B, C]``; ``permutation`` int64 ``[B]``; ``lam`` a float. Apply the same
-        ``(permutation, lam)`` to teacher targets to mix them identically.
-    """
-    if lam is None:
-        lam = _sample_beta(alpha, generator)
-    permutation = _randperm(inputs.shape[0], generator, inputs.device)
-    mixed = lam * inputs + (1.0 - lam) * inputs[permutation]
-    return mixed, _mixed_one_hot(labels, num_classes, permutation, lam), permutation, lam
-
-
-def cutmix(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    alpha: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    *,
-    lam: Optional[float] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """CutMix (Yun et al., 2019): paste a random box from a permuted partner into each image.
-
-    Draws, in order, from ``generator``: lam ~ Beta(alpha, alpha) (as in :func:`mixup`), the
-    permutation, then the box centre (row, column). The box has side fractions
-    ``sqrt(1 - lam)`` and is clipped at the borders, so lam is recomputed afterwards as
-    1 - (actual box area) / (H * W), and the soft labels use that lam.
-
-    Args:
-        images: ``[B, C, H, W]``.
-        labels: ``[B]`` integer classes.
-        num_classes: C, for the one-hot encoding.
-        alpha: Beta concentration.
-        generator: torch.Generator for reproducibility.
-        lam: skip the Beta draw and use this target mixing weight.
-
-    Returns:
-        ``(mixed, soft_labels, permutation, lam)`` as in :func:`mixup`.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"cutmix expects [B, C, H, W] images, got {tuple(images.shape)}")
-    height, width = images.shape[-2:]
-    if lam is None:
-        lam = _sample_beta(alpha, generator)
-    permutation = _randperm(images.shape[0], generator, images.device)
-    cut_ratio = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut_ratio), int(width * cut_ratio)
-    device = generator.device if generator is not None else "cpu"
-    centre_y = int(torch.randint(height, (), generator=generator, device=device))
-    centre_x = int(torch.randint(width, (), generator=generator, device=device))
-    top, bottom = max(centre_y - cut_h // 2, 0), min(centre_y - cut_h // 2 + cut_h, height)
-    left, right = max(centre_x - cut_w // 2, 0), min(centre_x - cut_w // 2 + cut_w, width)
-
-    mixed = images.clone()
-    mixed[:, :, top:bottom, left:right] = images[permutation, :, top:bottom, left:right]
-    lam = 1.0 - (bottom - top) * (right - left) / (height * width)
-    return mixed, _mixed_one_hot(labels, num_classes, permutation, lam), permutation, lam

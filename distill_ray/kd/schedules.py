@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-LR_SCHEDULES = ("constant", "cosine", "linear", "onecycle")
+from distill_ray.config import LR_SCHEDULES
 
 # One-cycle's start and end as fractions of the peak (torch's OneCycleLR defaults: div_factor=25,
 # final_div_factor=1e4).

@@ -3,7 +3,7 @@ their ROUGE-L against the references, and for code whether prompt + response par
 generator every response in the project comes from (``batched_responses``: evaluation, serving's
 /generate, sequence KD's teacher responses, POCL's reference). No Ray.
 
-Prompts and references come from the instruction rows themselves (``sources._instructions``): the
+Prompts and references come from the instruction rows themselves (``preprocess.instruction_rows``): the
 prompt is every token before the first labelled position plus that position's input, the reference
 the labelled tokens. ROUGE-L is computed on whitespace words of the decoded texts, so models with
 different tokenizers are scored alike.

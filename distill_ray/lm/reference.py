@@ -31,7 +31,7 @@ import numpy as np
 import ray
 import torch
 
-from distill_ray.kd import curriculum as cur
+from distill_ray.kd import curriculum
 from distill_ray.config import ExperimentConfig
 from distill_ray.train.streams import DIFFICULTY_PREFIX
 
@@ -47,7 +47,7 @@ def wanted(cfg: ExperimentConfig, any_scheduler: bool = False) -> bool:
     or, ``any_scheduler``, whichever a sweep's trials run. Under ``none`` or ``confidence`` alone no
     reference is trained: nothing would read what it costs."""
     c = cfg.curriculum
-    return MEASURER in c.measurers and (any_scheduler or c.scheduler in cur.DIFFICULTY_SCHEDULERS)
+    return MEASURER in c.measurers and (any_scheduler or c.scheduler in curriculum.DIFFICULTY_SCHEDULERS)
 
 
 # --- per row, no Ray --------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def prepare_reference(cfg: ExperimentConfig, data, dirs: dict[str, Path]) -> Pat
     """The reference's model directory: a teacher's, or the scratch reference trained now (a Ray task,
     as recipe teachers are) unless already there for this data and these settings."""
     from distill_ray.data.bundled import cache_root
-    from distill_ray.teachers.setup import _train_recipe
+    from distill_ray.teachers.setup import train_teacher_task
 
     if cfg.curriculum.reference != "scratch":
         return dirs[cfg.curriculum.reference]
@@ -161,7 +161,7 @@ def prepare_reference(cfg: ExperimentConfig, data, dirs: dict[str, Path]) -> Pat
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     arch, options = _scratch_recipe(cfg)
-    task = ray.remote(num_cpus=1)(_train_recipe)
+    task = ray.remote(num_cpus=1)(train_teacher_task)
     info = ray.get(task.remote("reference", arch, options, data.train.materialize(), data.val.materialize(),
                                data.info.to_dict(), cfg.train.seed, str(out)))
     print(f"reference: {arch} trained from the labels for {cfg.curriculum.reference_epochs} epoch(s) in "
@@ -186,7 +186,7 @@ def measure_train_rows(cfg: ExperimentConfig, data, model_dir: Path) -> dict[str
     if len(np.unique(ids)) != len(ids):
         raise ValueError("train rows with duplicate ids: the reference cannot tell them apart")
     # Fused from the float32 values stored beside it, so the column is reproducible from the cache alone.
-    difficulty = cur.reference_rouge_loss(torch.from_numpy(rouge), torch.from_numpy(loss), k=cfg.curriculum.rrf_k)
+    difficulty = curriculum.reference_rouge_loss(torch.from_numpy(rouge), torch.from_numpy(loss), k=cfg.curriculum.rrf_k)
     print(f"reference: {len(ids):,} train rows measured in {time.perf_counter() - start:.0f}s (greedy up to "
           f"{cfg.curriculum.reference_max_new_tokens} tokens; mean ROUGE-L {rouge.mean():.3f}, mean loss "
           f"{loss[np.isfinite(loss)].mean():.3f})", flush=True)

@@ -1,7 +1,7 @@
 """Sequence-level KD, the pure part: prompts out of instruction rows, teachers' responses by batched,
 left-padded ``generate`` seeded per row, and the training rows built from them. No Ray.
 
-A teacher row has the layout of ``sources._instructions``: ``x`` = prompt + response (+ eos) right-padded
+A teacher row has the layout of ``preprocess.instruction_rows``: ``x`` = prompt + response (+ eos) right-padded
 to ``max_length``, ``label`` = the next token at every response position and IGNORE_LABEL on the
 prompt and the padding, so the loss and the token-level teacher stage treat it like a reference row.
 
@@ -18,12 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill_ray.data.bundled import IGNORE_LABEL, hash_to_id
+from distill_ray.config import SEQKD_DECODINGS
+from distill_ray.data.rows import IGNORE_LABEL, hash_to_id
 from distill_ray.lm.generation import batched_responses
 
-MODES = ("off", "teacher", "mixed")
-DECODINGS = ("greedy", "sample")
-PICKS = ("best", "all")
 REFERENCE, TEACHER = "reference", "teacher"  # the ``source`` column
 
 
@@ -40,8 +38,8 @@ class Decoding:
 
     @classmethod
     def of(cls, decoding: str, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> "Decoding":
-        if decoding not in DECODINGS:
-            raise ValueError(f"decoding {decoding!r}; choose one of: {', '.join(DECODINGS)}")
+        if decoding not in SEQKD_DECODINGS:
+            raise ValueError(f"decoding {decoding!r}; choose one of: {', '.join(SEQKD_DECODINGS)}")
         if decoding == "greedy":
             return cls("greedy", max_new_tokens)
         return cls("sample", max_new_tokens, float(temperature), float(top_p), int(seed))
@@ -56,7 +54,7 @@ def prompt_of(x: np.ndarray, label: np.ndarray) -> list[int]:
 
 def pack_row(prompt: list[int], response: list[int], max_length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """(x, label, cut) of prompt + response as one row of ``max_length`` (+1 for the shifted labels),
-    the layout of ``sources._instructions``: labels only on the response's tokens."""
+    the layout of ``preprocess.instruction_rows``: labels only on the response's tokens."""
     seq = list(prompt) + list(response)
     cut = len(seq) > max_length + 1
     seq = seq[:max_length + 1]
@@ -77,7 +75,7 @@ def row_seed(seed: int, row_id: int, teacher: str) -> int:
 
 def teacher_row_ids(ids: np.ndarray, teacher: str) -> np.ndarray:
     """Ids of the rows ``teacher`` wrote for the rows ``ids``: hashes of "id/seqkd/teacher" (the id
-    scheme of ``sources._windows``), unique beside the references' and the other teachers' ids."""
+    scheme of ``preprocess.window_rows``), unique beside the references' and the other teachers' ids."""
     return hash_to_id([f"{int(i)}/seqkd/{teacher}" for i in np.asarray(ids)])
 
 
@@ -105,11 +103,11 @@ def teacher_rows(batch: dict[str, np.ndarray], teacher: str, responses: list[lis
     ys = np.full((n, max_length), IGNORE_LABEL, np.int64)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         xs[i], ys[i], _ = pack_row(prompt, response, max_length, pad_id)
-    keep = (ys >= 0).any(1)
+    taught = (ys >= 0).any(1)
     ids = np.asarray(batch["id"], np.int64)
-    return {"id": teacher_row_ids(ids, teacher)[keep], "x": xs[keep], "label": ys[keep],
-            "split": np.full(keep.sum(), "train"), "source": np.full(keep.sum(), TEACHER, dtype=object).astype(str),
-            "generated_by": np.full(keep.sum(), teacher, dtype=object).astype(str), "prompt_id": ids[keep]}
+    return {"id": teacher_row_ids(ids, teacher)[taught], "x": xs[taught], "label": ys[taught],
+            "split": np.full(taught.sum(), "train"), "source": np.full(taught.sum(), TEACHER, dtype=object).astype(str),
+            "generated_by": np.full(taught.sum(), teacher, dtype=object).astype(str), "prompt_id": ids[taught]}
 
 
 def reference_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,5 +126,5 @@ def window_budget(prompts: list[list[int]], max_length: int, max_new_tokens: int
 
 def rows_from(batch: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """The rows of ``source`` (reference or teacher), without the ``source`` column."""
-    keep = np.asarray(batch["source"]) == source
-    return {k: np.asarray(v)[keep] for k, v in batch.items() if k != "source"}
+    of_source = np.asarray(batch["source"]) == source
+    return {k: np.asarray(v)[of_source] for k, v in batch.items() if k != "source"}

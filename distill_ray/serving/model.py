@@ -292,7 +292,7 @@ class StudentPredictor:
     def _feature_tensor(self, batch_inputs: Any) -> torch.Tensor:
         x = np.asarray(batch_inputs, dtype=np.float32)
         if self.transform:
-            from distill_ray.data.bundled import apply_standardise
+            from distill_ray.data.rows import apply_standardise
 
             x = apply_standardise(x.reshape(len(x), -1), self.transform)
         return torch.as_tensor(x).reshape(len(x), *self.schema.input_shape)

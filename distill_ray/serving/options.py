@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from distill_ray.config import ConfigError, ServeConfig
+from distill_ray.config import ConfigError, ServeConfig, build_section
 from distill_ray.serving.model import resolve_student_dir
 
 APP_NAME = "distill_student"
@@ -19,10 +19,7 @@ APP_NAME = "distill_student"
 
 def serve_config_from_dict(raw: Mapping[str, Any]) -> ServeConfig:
     """A validated ServeConfig from plain data (strings from `serve run k=v` are coerced)."""
-    from distill_ray import config as config_module
-
-    # config._build is the validator every config section goes through (types, choices, ranges).
-    return config_module._build(ServeConfig, dict(raw), "serve")
+    return build_section(ServeConfig, dict(raw), "serve")
 
 
 MIN_ONGOING_REQUESTS = 64

@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from distill_ray.config import CROSS_TOKENIZER_KINDS
 from distill_ray.kd.losses import teacher_topk
 from distill_ray.models import forward_logits
 from distill_ray.teachers.token_alignment import align_rows, carry_topk, filler_pool, tables, vocab_maps
 
-MODES = ("map", "uld")
 MICRO_BATCH = 8  # teacher rows per forward: [8, L, V] logits, cut to the top k before the next
 
 
@@ -32,8 +32,8 @@ class CrossTokenizerTeacher:
     def __init__(self, student_tokenizer: str, teacher_tokenizer: str, mode: str, k: int):
         from distill_ray.data.bundled import load_tokenizer
 
-        if mode not in MODES:
-            raise ValueError(f"loss.cross_tokenizer {mode!r}; choose one of: {', '.join(MODES)}")
+        if mode not in CROSS_TOKENIZER_KINDS:
+            raise ValueError(f"loss.cross_tokenizer {mode!r}; choose one of: {', '.join(CROSS_TOKENIZER_KINDS)}")
         self.mode, self.k = mode, k
         self.student_tok, self.teacher_tok = load_tokenizer(student_tokenizer), load_tokenizer(teacher_tokenizer)
         self.student = tables(self.student_tok)
@@ -63,15 +63,15 @@ class CrossTokenizerTeacher:
             logits = forward_logits(model, torch.as_tensor(ids, device=device)).float()  # right padding: causal, harmless
             logp, idx = (t.cpu().numpy() for t in teacher_topk(logits, self.k))
             for r, row in enumerate(chunk):
-                keep = row.aligned
-                at = row.positions[keep]
+                aligned = row.aligned
+                at = row.positions[aligned]
                 if self.mode == "map":
-                    values, student_ids, _ = carry_topk(logp[r, at], idx[r, at], self.maps, row.context[keep],
+                    values, student_ids, _ = carry_topk(logp[r, at], idx[r, at], self.maps, row.context[aligned],
                                                         self.pool, self.student.vocab_size)
-                    out_idx[start + r, keep] = student_ids
+                    out_idx[start + r, aligned] = student_ids
                 else:
                     values = logp[r, at]  # already descending
-                out_logp[start + r, keep] = values
+                out_logp[start + r, aligned] = values
         if labels is not None:
             taught = np.asarray(labels) >= 0
             self.positions += int(taught.sum())

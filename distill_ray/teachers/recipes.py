@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill_ray.data.bundled import Split
-from distill_ray.kd.losses import label_smoothing_ce
+from distill_ray.kd.labels import label_smoothing_ce
 from distill_ray.models import forward_logits
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill_ray.kd.losses import attention_map, teacher_topk
+from distill_ray.kd.feature_losses import attention_map
+from distill_ray.kd.losses import teacher_topk
 from distill_ray.models import batched_features, batched_logits, fingerprint, forward_logits, freeze, load_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,8 +87,8 @@ class TeacherRunner:
               ) -> dict[str, np.ndarray]:
         """Soft targets for one batch: full logits (float32) or top-k log-probs (fp16) + indices (int32).
 
-        ``features`` adds ``"hint"``: [N, D] (``models.hint_features``) and/or ``"attention"``: [N, P]
-        (``losses.attention_map`` of ``models.attention_features``, already reduced and L2-normalised),
+        ``features`` adds ``"hint"``: [N, D] (``models.forward_with_features``) and/or ``"attention"``: [N, P]
+        (``feature_losses.attention_map`` of its attention features, already reduced and L2-normalised),
         both float16 to keep the payload small.
         """
         self.assert_frozen()

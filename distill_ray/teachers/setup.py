@@ -45,9 +45,9 @@ def collect_split(dataset, labeled_only: bool = False, limit: int | None = None)
     """Rows of a split as numpy, inside a task that needs them in memory (a recipe's training set)."""
     xs, ys, ids = [], [], []
     for batch in dataset.iter_batches(batch_size=4096, batch_format="numpy"):
-        keep = np.ones(len(batch["id"]), bool) if not labeled_only else \
+        taken = np.ones(len(batch["id"]), bool) if not labeled_only else \
             (batch["label"] >= 0 if batch["label"].ndim == 1 else np.ones(len(batch["id"]), bool))
-        xs.append(batch["x"][keep]), ys.append(batch["label"][keep]), ids.append(batch["id"][keep])
+        xs.append(batch["x"][taken]), ys.append(batch["label"][taken]), ids.append(batch["id"][taken])
         if limit is not None and sum(len(i) for i in ids) >= limit:
             break
     if not ids:
@@ -55,7 +55,7 @@ def collect_split(dataset, labeled_only: bool = False, limit: int | None = None)
     return Split(np.concatenate(xs), np.concatenate(ys), np.concatenate(ids))
 
 
-def _train_recipe(name: str, recipe: str, options: dict, train_ds, val_ds, info: dict, seed: int, out_dir: str) -> dict:
+def train_teacher_task(name: str, recipe: str, options: dict, train_ds, val_ds, info: dict, seed: int, out_dir: str) -> dict:
     """Runs as a Ray task: read the train split's labeled rows, train one teacher from them, save it
     as a model directory, atomically."""
     from distill_ray.evaluation.metrics import accuracy, lm_label_logprobs, predict_logits, token_accuracy
@@ -110,7 +110,7 @@ def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = Fa
         # CPU without needing more for read tasks, and every recipe reads the same blocks.
         if t.tokenizer not in splits:
             splits[t.tokenizer] = (own.train.materialize(), own.val.materialize())
-        task = ray.remote(num_cpus=1, num_gpus=t.num_gpus)(_train_recipe)
+        task = ray.remote(num_cpus=1, num_gpus=t.num_gpus)(train_teacher_task)
         jobs.append(task.remote(t.name, t.recipe, dict(t.options), *splits[t.tokenizer], own.info.to_dict(),
                                 cfg.train.seed, str(out)))
     for info in ray.get(jobs):

@@ -32,8 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FAMILIES = ("byte_level", "wordpiece")
-
 
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
@@ -295,18 +293,18 @@ def carry_topk(logprobs: np.ndarray, teacher_ids: np.ndarray, maps: np.ndarray, 
     first = np.argmax(same, axis=2)
     merged = np.zeros((n, k))
     np.add.at(merged, (np.repeat(np.arange(n)[:, None], k, 1), first), np.where(ids >= 0, np.exp(logprobs), 0.0))
-    keep = (ids >= 0) & (first == np.arange(k)[None, :])
+    first_slot = (ids >= 0) & (first == np.arange(k)[None, :])
     alone = same.sum(2) == 1  # nothing merged into it: keep the teacher's own number, bit for bit
-    shared = np.where(keep, merged, 0.0).sum(1)
-    free = k - keep.sum(1)
+    shared = np.where(first_slot, merged, 0.0).sum(1)
+    free = k - first_slot.sum(1)
     share = np.log(np.clip(1.0 - shared, 1e-12, None) / np.maximum(student_vocab - (k - free), 1))
-    out_logp = np.where(keep, np.where(alone, logprobs, np.log(np.where(keep, merged, 1.0))), share[:, None])
-    out_ids = np.where(keep, ids, -1)
+    out_logp = np.where(first_slot, np.where(alone, logprobs, np.log(np.where(first_slot, merged, 1.0))), share[:, None])
+    out_ids = np.where(first_slot, ids, -1)
     for r in np.flatnonzero(free):  # free slots: pool ids not already kept in this row, in pool order
         fill = pool[~np.isin(pool, out_ids[r])][:free[r]]
         if len(fill) < free[r]:
             raise ValueError(f"the filler pool ({len(pool)} ids) is too small for top-{k}")
-        out_ids[r, ~keep[r]] = fill
+        out_ids[r, ~first_slot[r]] = fill
     order = np.argsort(-out_logp, axis=1, kind="stable")
     return (np.take_along_axis(out_logp, order, 1).astype(np.float32), np.take_along_axis(out_ids, order, 1),
             shared)

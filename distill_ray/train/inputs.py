@@ -86,20 +86,20 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
     # Teachers asked afresh and pairs mixed afresh every epoch: nothing to keep between epochs.
     streamed_only = online or mix.active
     mode = cfg.train.data_mode
-    keep = not streamed_only and (mode == "memory" or (
+    keep_shard = not streamed_only and (mode == "memory" or (
         mode == "auto" and train_bytes / cfg.train.num_workers <= cfg.train.memory_budget_mb * 2**20))
     return TrainInputs(train=train, val=val, index=index, teacher_names=cfg.teacher_names(),
                        num_classes=info.num_classes, input_shape=info.input_shape, train_rows=rows,
                        train_bytes=train_bytes, task=info.task, topk=cfg.loss.topk,
                        all_labeled=info.labeled["train"] == info.counts["train"], use_teachers=use_teachers,
-                       online_teachers=teachers, mix=mix if mix.active else None, keep_shard=keep,
-                       epoch_stage=not keep and (mix.active or cfg.curriculum.scheduler != "none"),
+                       online_teachers=teachers, mix=mix if mix.active else None, keep_shard=keep_shard,
+                       epoch_stage=not keep_shard and (mix.active or cfg.curriculum.scheduler != "none"),
                        feature_shapes=shapes, probe=probe)
 
 
 def labeled_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    keep = np.asarray(batch["label"]) >= 0
-    return {k: v[keep] for k, v in batch.items()}
+    labeled = np.asarray(batch["label"]) >= 0
+    return {k: v[labeled] for k, v in batch.items()}
 
 
 def epochs_for_steps(cfg: ExperimentConfig, rows: int, steps: int) -> int:

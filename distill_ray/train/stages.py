@@ -25,7 +25,7 @@ import numpy as np
 import ray
 import torch
 
-from distill_ray.kd.losses import cutmix, mixup
+from distill_ray.kd.labels import cutmix, mixup
 from distill_ray.train.streams import rank_of
 from distill_ray.teachers.runner import TeacherRunner, TeacherSpec
 

@@ -24,8 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from distill_ray.kd import curriculum as cur
-from distill_ray.data.bundled import id_uniform
+from distill_ray.kd import curriculum
+from distill_ray.data.rows import id_uniform
 
 RANK_SALT = 7  # the id hash that assigns rows to ranks is independent of the split hash
 DIFFICULTY_PREFIX = "difficulty/"
@@ -42,7 +42,7 @@ def fused_difficulty(measures: dict[str, torch.Tensor], names: Sequence[str], rr
     found = [measures[n].double() for n in names if n in measures]
     if not found:
         return None
-    return found[0] if len(found) == 1 else cur.reciprocal_rank_fusion(*found, k=rrf_k)
+    return found[0] if len(found) == 1 else curriculum.reciprocal_rank_fusion(*found, k=rrf_k)
 
 
 def _to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -155,7 +155,7 @@ def open_ids_for(ids: np.ndarray, difficulty: torch.Tensor | None, fraction: flo
     seeded random part when nothing ranks the data); None when everything is open."""
     if fraction >= 1.0 or len(ids) == 0:
         return None
-    order = cur.difficulty_order(difficulty) if difficulty is not None else \
+    order = curriculum.difficulty_order(difficulty) if difficulty is not None else \
         torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
     count = min(max(math.ceil(fraction * len(ids)), 1), len(ids))
     return np.sort(ids[order[:count].numpy()])

@@ -21,20 +21,20 @@ def fit_blend_on_validation(cfg: ExperimentConfig, blend: TeacherBlend, val_batc
     gradients are averaged), once, before training. Validation is data no recipe teacher trained
     on; fit on the teachers' own training rows, the weights would favour whichever overfits most.
     Returns the fit's loss and the rows it saw, for the history."""
-    parts, labels, features = [], [], []
+    teacher_batches, labels, features = [], [], []
     for batch in val_batches:
-        keep = batch["label"] >= 0
-        if keep.any():
-            parts.append(batch_targets({k: v[keep] for k, v in batch.items()}, names, num_classes, topk, False, "cpu")[0])
-            labels.append(batch["label"][keep].long())
-            features.append(batch["x"][keep].flatten(1).float() if blend.kind == "learned_gate" else None)
+        labeled = batch["label"] >= 0
+        if labeled.any():
+            teacher_batches.append(batch_targets({k: v[labeled] for k, v in batch.items()}, names, num_classes, topk, False, "cpu")[0])
+            labels.append(batch["label"][labeled].long())
+            features.append(batch["x"][labeled].flatten(1).float() if blend.kind == "learned_gate" else None)
     found = torch.tensor([sum(len(y) for y in labels)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(found)
     if found.item() == 0:
         raise ValueError(f"blend.kind={cfg.blend.kind} fits the teacher weights to labeled validation rows, and the "
                          "validation split has none: label some validation rows, or use blend.kind=uniform or confidence")
-    teacher = torch.cat(parts, dim=1).to(device) if parts else torch.zeros(len(names), 0, num_classes, device=device)
+    teacher = torch.cat(teacher_batches, dim=1).to(device) if teacher_batches else torch.zeros(len(names), 0, num_classes, device=device)
     y = torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device)
     x = torch.cat(features).to(device) if features and features[0] is not None else None
     loss = fit_blend(blend, teacher, y, x, lr=cfg.blend.lr, steps=cfg.blend.fit_steps,

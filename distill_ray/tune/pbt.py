@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from distill_ray.config import ConfigError, ExperimentConfig
-from distill_ray.tune.space import RANGE_KINDS, SearchSpace, _plain
+from distill_ray.tune.space import RANGE_KINDS, SearchSpace, plain_value
 
 
-def _train_slots(count: int):
+def train_slots(count: int):
     """An actor lending ``count`` slots; a PBT trial holds one while its TorchTrainer runs.
 
     PBT needs its whole population alive at once (it compares and clones live trials), but Tune only
@@ -53,7 +53,7 @@ def pbt_train_slots(cfg: ExperimentConfig, population: int, cluster_cpus: float)
     return min(fits, cfg.tune.max_concurrent)
 
 
-def _fit_population(cfg: ExperimentConfig, space: SearchSpace) -> tuple[ExperimentConfig, int]:
+def fit_population(cfg: ExperimentConfig, space: SearchSpace) -> tuple[ExperimentConfig, int]:
     """PBT: every trial of the population is live at once; returns that config and the training slots."""
     import ray
 
@@ -84,12 +84,13 @@ class ClampToSpace:
 
     def __call__(self, config: dict) -> dict:
         for path, kind, low, high in self.bounds:
-            value = min(max(_plain(config[path]), low), high)
+            value = min(max(plain_value(config[path]), low), high)
             config[path] = int(round(value)) if kind == "randint" else float(value)
         return config
 
 
-def _pbt_scheduler(cfg: ExperimentConfig, space: SearchSpace):
+def pbt_scheduler(cfg: ExperimentConfig, space: SearchSpace):
+    """Population Based Training evolving the space's non-grid params every tune.pbt_interval epochs."""
     from ray.tune.schedulers import PopulationBasedTraining
 
     t = cfg.tune
@@ -130,7 +131,8 @@ def epoch_rows(history: list[dict], after_epoch: int = 0) -> list[dict]:
     return rows
 
 
-def _epochs_done(checkpoint) -> int:
+def epochs_done(checkpoint) -> int:
+    """The epochs a trial's checkpoint has finished (0 without one)."""
     rows = epoch_rows(checkpoint_history(checkpoint)) if checkpoint else []
     return rows[-1]["epoch"] if rows else 0
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 from distill_ray.config import ExperimentConfig, config_to_dict
 from distill_ray.data.transfer import KINDS_FOR
+from distill_ray.tune.space import plain_value
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 ALPHAS = (0.3, 0.5, 0.7, 0.9)
@@ -54,7 +54,7 @@ def search_space(cfg: ExperimentConfig, info) -> tuple[dict[str, tuple], dict[st
 
 def config_values(params: dict[str, Any]) -> dict[str, Any]:
     """A trial's sampled values as config keys (``transfer`` -> data.transfer, data.transfer_size)."""
-    values = {k: _plain(v) for k, v in params.items() if k != "transfer"}
+    values = {k: plain_value(v) for k, v in params.items() if k != "transfer"}
     if "transfer" in params:
         kind, _, size = str(params["transfer"]).partition(" x")
         values["data.transfer"] = kind
@@ -63,7 +63,8 @@ def config_values(params: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _with(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+def with_values(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+    """``cfg`` with ``values`` (dotted config keys) set, validated."""
     from distill_ray.config import apply_overrides, config_from_dict
 
     return config_from_dict(apply_overrides(config_to_dict(cfg), list(values.items())))
@@ -78,7 +79,7 @@ def _trial(sampled: dict, *, base_raw: dict, caches: dict, storage: str) -> None
     from distill_ray.train.inputs import training_inputs
     from distill_ray.train.loop import run_training
     from distill_ray.data.transfer import first_copies
-    from distill_ray.tune.sweep import PLACEMENT_GROUP_FILE, _trial_dir
+    from distill_ray.tune.sweep import PLACEMENT_GROUP_FILE, trial_storage_dir
 
     cfg = config_from_dict(apply_overrides(base_raw, list(config_values(sampled).items())))
     kind = cfg.data.transfer if cfg.data.transfer in caches else next(iter(caches))
@@ -90,7 +91,7 @@ def _trial(sampled: dict, *, base_raw: dict, caches: dict, storage: str) -> None
         source = info.counts["train"] - info.transfer_rows
         inputs = dataclasses.replace(inputs, train_rows=source * (1 + copies))
     trial_id = tune.get_context().get_trial_id()
-    pg_file = _trial_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
+    pg_file = trial_storage_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
     run_training(cfg, inputs, storage, f"train-{trial_id}", callbacks=[TuneReportCallback()],
                  placement_group_file=str(pg_file))
 
@@ -103,11 +104,11 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
     from distill_ray.cache.build import build_cache
     from distill_ray.data.sources import load_source
     from distill_ray.teachers.setup import prepare_teachers
-    from distill_ray.tune.sweep import _callbacks, _fit_concurrency, _tune_env
+    from distill_ray.tune.sweep import fit_concurrency, set_tune_env, tune_callbacks
 
     if cfg.train.mode != "cached":
         raise ValueError("--search reads the cached soft targets in every trial; set train.mode=cached")
-    _tune_env()
+    set_tune_env()
     data = load_source(cfg)
     choices, own = search_space(cfg, data.info)
     dirs = prepare_teachers(cfg, data)
@@ -115,14 +116,14 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
     transfers = [config_values({"transfer": t}) for t in choices.get("transfer", ())[1:]]
     for kind in dict.fromkeys(t["data.transfer"] for t in transfers):  # one cache per kind, at its largest size
         size = max(t["data.transfer_size"] for t in transfers if t["data.transfer"] == kind)
-        kind_cfg = _with(cfg, {"data.transfer": kind, "data.transfer_size": size})
+        kind_cfg = with_values(cfg, {"data.transfer": kind, "data.transfer_size": size})
         kind_data = load_source(kind_cfg)
         caches[kind] = (build_cache(kind_cfg, kind_data, dirs), kind_data.info, True)
     if not caches:  # nothing to search in the transfer set: the config's own data and cache
         caches["none"] = (build_cache(cfg, data, dirs), data.info, False)
     search_dir = (cfg.run_path() / SEARCH_DIR).resolve()
     search_dir.mkdir(parents=True, exist_ok=True)
-    tune_cfg = _fit_concurrency(dataclasses.replace(cfg, tune=dataclasses.replace(
+    tune_cfg = fit_concurrency(dataclasses.replace(cfg, tune=dataclasses.replace(
         cfg.tune, scheduler="asha", metric="val_accuracy", mode="max", num_samples=samples)))
     log = search_dir / "tune.log"
     trainable = tune.with_resources(
@@ -137,7 +138,7 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
                                                                      max_concurrent=tune_cfg.tune.max_concurrent),
                                     scheduler=_step_asha(cfg, choices, caches)),
         run_config=tune.RunConfig(name="trials", storage_path=str(search_dir),
-                                  callbacks=_callbacks(dataclasses.replace(cfg, tracking=dataclasses.replace(
+                                  callbacks=tune_callbacks(dataclasses.replace(cfg, tracking=dataclasses.replace(
                                       cfg.tracking, wandb="disabled")), search_dir), verbose=0))
     with log.open("a") as out, contextlib.redirect_stdout(out):  # Tune's tables: a file, not the terminal
         grid = tuner.fit()
@@ -159,7 +160,7 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
              "own": own, "own_val_accuracy": own_row["val_accuracy"] if own_row else None}
     (search_dir / "search.json").write_text(json.dumps(found, indent=2))
     _print_found(found)
-    return _with(cfg, winner["params"]), found
+    return with_values(cfg, winner["params"]), found
 
 
 def _step_asha(cfg: ExperimentConfig, choices: dict, caches: dict):
@@ -179,10 +180,6 @@ def _step_asha(cfg: ExperimentConfig, choices: dict, caches: dict):
     # Rungs from one epoch of the smallest set, doubling; no trial is stopped at its own last report.
     return ASHAScheduler(time_attr="step", max_t=max(steps) + 1,
                          grace_period=max(1, min(steps) // cfg.train.epochs), reduction_factor=2)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 def _describe(params: dict) -> str:

@@ -73,7 +73,7 @@ def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
         kind, args = next(iter(spec.items()))
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}: {kind} needs a non-empty list")
-        if kind in ("uniform", "loguniform", "randint"):
+        if kind in RANGE_KINDS:
             if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or args[0] >= args[1]:
                 raise ConfigError(f"{where}: {kind} needs [low, high] numbers with low < high, got {args}")
             if kind == "loguniform" and args[0] <= 0:
@@ -105,10 +105,10 @@ def _check_values(space: SearchSpace, base_raw: dict, path: Path) -> None:
 
 
 def trial_config(base_raw: Mapping[str, Any], space: SearchSpace, sampled: Mapping[str, Any]) -> ExperimentConfig:
-    values = [(k, _plain(v)) for k, v in sampled.items() if k in {p for p, _, _ in space.params}]
+    values = [(k, plain_value(v)) for k, v in sampled.items() if k in {p for p, _, _ in space.params}]
     return config_from_dict(apply_overrides(base_raw, [*space.fixed, *values]))
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """numpy scalars from Tune's samplers -> Python numbers (YAML and the config validator want those)."""
     return value.item() if hasattr(value, "item") else value

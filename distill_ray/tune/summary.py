@@ -12,7 +12,7 @@ from typing import Any
 from distill_ray.config import ExperimentConfig
 from distill_ray.extras import available, install_hint
 from distill_ray.evaluation.report import pyplot
-from distill_ray.tune.space import SearchSpace, _plain
+from distill_ray.tune.space import RANGE_KINDS, SearchSpace, plain_value
 
 SUMMARY_FILE = "sweep_summary.md"
 
@@ -24,7 +24,7 @@ def trial_table(cfg: ExperimentConfig, space: SearchSpace, grid) -> list[dict]:
         metrics = result.metrics or {}
         config = result.config or {}
         rows.append({"trial_id": metrics.get("trial_id") or Path(result.path).name,
-                     "params": {k: _plain(config.get(k)) for k, _, _ in space.params},
+                     "params": {k: plain_value(config.get(k)) for k, _, _ in space.params},
                      "metric": metrics.get(cfg.tune.metric), "epochs": metrics.get("epoch"),
                      "checkpoint_path": metrics.get("checkpoint_path"),
                      "status": "error" if result.error else "done", "path": result.path})
@@ -41,7 +41,7 @@ def plot_sweep(rows: list[dict], space: SearchSpace, metric: str, path: Path) ->
         print(f"sweep: metric plot not drawn (matplotlib is not installed: {install_hint('matplotlib')})")
         return None
     plt = pyplot()
-    numeric = [k for k, kind, _ in space.params if kind in ("uniform", "loguniform", "randint")
+    numeric = [k for k, kind, _ in space.params if kind in RANGE_KINDS
                or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in _args(space, k))]
     preferred = [k for k in ("loss.temperature", "loss.alpha") if k in numeric]
     keys = (preferred + [k for k in numeric if k not in preferred])[:2]

@@ -27,8 +27,8 @@ from distill_ray.console import is_verbose
 from distill_ray.extras import available, install_hint
 from distill_ray.evaluation.report import final_teacher_weights
 from distill_ray.serving.registry import register
-from distill_ray.tune.pbt import _epochs_done, _fit_population, _pbt_scheduler, _train_slots, checkpoint_history, \
-    epoch_rows, evolved_schedule
+from distill_ray.tune.pbt import checkpoint_history, epoch_rows, epochs_done, evolved_schedule, fit_population, \
+    pbt_scheduler, train_slots
 from distill_ray.tune.space import SearchSpace, load_space, trial_config
 from distill_ray.tune.summary import plot_sweep, trial_table, write_summary
 
@@ -62,13 +62,13 @@ def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, st
 
     cfg = trial_config(base_raw, space, sampled)
     trial_id = tune.get_context().get_trial_id()
-    pg_file = _trial_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
+    pg_file = trial_storage_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
     # The same trial id resumes the same Train run (Tuner.restore re-runs unfinished trials).
     run_training(cfg, training_inputs(cfg, cache, info), storage, f"train-{trial_id}",
                  callbacks=[TuneReportCallback()], placement_group_file=str(pg_file))
 
 
-def _trial_dir(storage: str, trial_id: str) -> Path:
+def trial_storage_dir(storage: str, trial_id: str) -> Path:
     """``storage/train-ID``, holding the ids ``_release_callback`` needs to free a stopped trial's workers."""
     import ray
 
@@ -95,11 +95,11 @@ def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache
     from distill_ray.train.loop import run_training
 
     cfg = trial_config(base_raw, space, sampled)
-    trial_dir = _trial_dir(storage, tune.get_context().get_trial_id())
+    trial_dir = trial_storage_dir(storage, tune.get_context().get_trial_id())
     inputs = training_inputs(cfg, cache, info)
     checkpoint = tune.get_checkpoint()
     started_from = checkpoint.path if checkpoint else ""  # a donor's checkpoint after an exploit
-    epoch = _epochs_done(checkpoint)
+    epoch = epochs_done(checkpoint)
     while epoch < cfg.train.epochs:
         # Segment ends on multiples of the interval, so every PBT decision point has a checkpoint.
         stop = min((epoch // cfg.tune.pbt_interval + 1) * cfg.tune.pbt_interval, cfg.train.epochs)
@@ -193,7 +193,8 @@ def _remove_group(group_id: str | None) -> None:
         remove_placement_group(pg)
 
 
-def _scheduler(cfg: ExperimentConfig, space: SearchSpace):
+def trial_scheduler(cfg: ExperimentConfig, space: SearchSpace):
+    """tune.scheduler as Tune's scheduler: ASHA (by epoch), PBT (``pbt.pbt_scheduler``) or FIFO."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = cfg.tune
@@ -204,11 +205,13 @@ def _scheduler(cfg: ExperimentConfig, space: SearchSpace):
         return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs + 1,
                              grace_period=min(t.grace_period, cfg.train.epochs), reduction_factor=2)
     if t.scheduler == "pbt":
-        return _pbt_scheduler(cfg, space)
+        return pbt_scheduler(cfg, space)
     return FIFOScheduler()
 
 
-def _search(cfg: ExperimentConfig, space: SearchSpace):
+def search_algorithm(cfg: ExperimentConfig, space: SearchSpace):
+    """tune.search as Tune's search algorithm (None: random or grid sampling of the space); ConfigError for
+    a search that cannot run with the scheduler or the space."""
     t = cfg.tune
     if t.scheduler == "pbt" and t.search not in PBT_SEARCHES:
         raise ConfigError(f"tune.search={t.search} cannot run with tune.scheduler=pbt: PBT evolves the trials it "
@@ -229,14 +232,15 @@ def _search(cfg: ExperimentConfig, space: SearchSpace):
     return None  # Tune's variant generator: random sampling, plus grid_search where written
 
 
-def _check_tracking(cfg: ExperimentConfig) -> None:
+def check_tracking(cfg: ExperimentConfig) -> None:
     """W&B logging (on by default, offline) needs the wandb extra: say so before teachers and cache."""
     if cfg.tracking.wandb != "disabled" and not available("wandb"):
         raise ConfigError(f"tracking.wandb={cfg.tracking.wandb} logs the sweep to W&B and needs the wandb package: "
                           f"{install_hint('wandb')}, or set tracking.wandb=disabled")
 
 
-def _callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
+def tune_callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
+    """Tune's callbacks: free a stopped trial's Train workers, and log to W&B unless tracking.wandb is disabled."""
     callbacks = [_release_callback(str(sweep_dir / "train"))]
     mode = cfg.tracking.wandb
     if mode != "disabled":
@@ -251,7 +255,7 @@ def _callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
     return callbacks
 
 
-def _fit_concurrency(cfg: ExperimentConfig) -> ExperimentConfig:
+def fit_concurrency(cfg: ExperimentConfig) -> ExperimentConfig:
     """Cap concurrent trials at what the cluster's CPUs can hold at once.
 
     A trial's driver holds ``cpus_per_trial``; its TorchTrainer asks for its workers separately. More
@@ -267,8 +271,9 @@ def _fit_concurrency(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def _tune_env() -> None:
-    # Trials report val_accuracy only per epoch; checkpoint-step reports lack it.
+def set_tune_env() -> None:
+    """Environment Tune needs before it starts: trials report val_accuracy only per epoch (checkpoint-step
+    reports lack it), so its strict metric check is off."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
@@ -285,9 +290,9 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, samples: int | None
     if cfg.train.mode != "cached":
         raise ConfigError("tune needs train.mode=cached: trials share the soft-target cache and never run teachers")
     space = load_space(space_path, cfg)
-    _search(cfg, space)  # a bad search/scheduler combination fails here, before any work
-    _scheduler(cfg, space)
-    _check_tracking(cfg)
+    search_algorithm(cfg, space)  # a bad search/scheduler combination fails here, before any work
+    trial_scheduler(cfg, space)
+    check_tracking(cfg)
     sweep_dir = sweep_path(cfg)
     if (sweep_dir / "trials").exists():
         raise ConfigError(f"{sweep_dir} already holds a sweep; finish it with `distill-ray tune --resume {sweep_dir}`"
@@ -306,7 +311,7 @@ def resume_sweep(sweep_dir: str | Path) -> dict:
     if not (sweep_dir / CONFIG_FILE).is_file() or not (sweep_dir / "trials").is_dir():
         raise ConfigError(f"{sweep_dir}: not a sweep directory (needs {CONFIG_FILE} and trials/)")
     cfg = load_config(sweep_dir / CONFIG_FILE)
-    _check_tracking(cfg)
+    check_tracking(cfg)
     check_resumable(sweep_dir)
     return _execute(cfg, load_space(sweep_dir / SPACE_FILE, cfg), sweep_dir, restore=True)
 
@@ -350,16 +355,16 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
 
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
 
-    _tune_env()
+    set_tune_env()
     if cfg.train.mode != "cached":
         raise ValueError(f"train.mode={cfg.train.mode}: a sweep computes the soft targets once and every trial "
                          "reads them from the cache; use train.mode=cached")
     pbt = cfg.tune.scheduler == "pbt"
     if pbt:
-        cfg, slots = _fit_population(cfg, space)
-        trial_fn, extra = _pbt_trial, {"slots": _train_slots(slots)}
+        cfg, slots = fit_population(cfg, space)
+        trial_fn, extra = _pbt_trial, {"slots": train_slots(slots)}
     else:
-        cfg = _fit_concurrency(cfg)
+        cfg = fit_concurrency(cfg)
         trial_fn, extra = _trial, {}
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)
@@ -382,11 +387,11 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
         tuner = tune.Tuner(
             trainable, param_space=space.to_tune(),
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-                                        max_concurrent_trials=cfg.tune.max_concurrent, search_alg=_search(cfg, space),
-                                        scheduler=_scheduler(cfg, space),
+                                        max_concurrent_trials=cfg.tune.max_concurrent, search_alg=search_algorithm(cfg, space),
+                                        scheduler=trial_scheduler(cfg, space),
                                         # PBT pauses every trial at every perturbation: reuse its process
                                         reuse_actors=pbt),
-            run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir), callbacks=_callbacks(cfg, sweep_dir),
+            run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir), callbacks=tune_callbacks(cfg, sweep_dir),
                                       # the status table as trials progress; per-trial boxes only with -v
                                       verbose=2 if is_verbose() else 1,
                                       # PBT: the last epoch ends the trial before PBT could clone into it

@@ -39,10 +39,9 @@ from distill_ray.kd import curriculum as cur
 from distill_ray.kd.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig, config_from_dict, config_to_dict
 from distill_ray.console import write_progress
-from distill_ray.kd.losses import hint_loss
 from distill_ray.models import build_model, forward_logits, forward_with_features, save_model, unwrap_model
-from distill_ray.kd.objectives import _allreduce_grads, attention_loss, batch_targets, classifier_kd, hint_projector, \
-    planned_steps, sequence_kd, stage_and_fraction, task_loss, temperature_and_alpha
+from distill_ray.kd.objectives import TokenTopK, _allreduce_grads, batch_loss, hint_projector, planned_steps, \
+    stage_and_fraction, teacher_signal, temperature_and_alpha, token_blend_loss
 from distill_ray.train.validation import _peak_rss_mb, fit_blend_on_validation, validate
 from distill_ray.kd.schedules import lr_factor
 from distill_ray.train.stages import EpochPlan, MixSettings, rank_stream, rows_of_rank
@@ -328,8 +327,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # A mixed row (MixUp/CutMix, done upstream so the teachers saw it) counts two labels.
             y_b = cols["label_b"].long().to(device) if "label_b" in cols else None
             lam = cols["mix_lam"].float().to(device) if "mix_lam" in cols else None
-            teacher, teacher_seq = batch_targets(cols, names, num_classes, meta["topk"], causal, device) \
-                if use_teachers else (None, None)  # [K, B, C] logits; causal LM per-token top-k [K, B, L, k]
+            signal = teacher_signal(cols, names, num_classes, meta["topk"], causal, device) if use_teachers else None
             temperature, alpha = temperature_and_alpha(cfg, step, total_steps, stage)
             if not use_teachers:
                 alpha = 0.0
@@ -341,34 +339,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # One DDP forward gives the logits and any features (see forward_with_features).
                 out = forward_with_features(model, x, want_hint, want_attention)
             student_logits = out["logits"].float()
-            parts: dict[str, float] = {} if lam is None else {"mix_lam": lam.mean().item()}
             if causal:  # all-padding columns were cut from the student's input: cut labels and targets alike
                 width = student_logits.shape[1]
                 y = y[:, :width]
-                if teacher_seq is not None:
-                    teacher_seq = tuple(v[:, :, :width] for v in teacher_seq)
-            if teacher is not None:
-                kd = classifier_kd(cfg, blend, student_logits, teacher, x, y, temperature)  # [B]
-            elif teacher_seq is not None:
-                kd, blend_parts = sequence_kd(cfg, blend, blend_opt, student_logits, teacher_seq, y, temperature, world)
-                parts.update(blend_parts)
-            else:
-                kd = torch.zeros((), device=device)
-            task = task_loss(student_logits, y, y_b, lam, cfg.loss.label_smoothing, causal)
-            # Per row: a labeled row learns alpha * KD + (1 - alpha) * task, an unlabeled one (label -1,
-            # or either label of a mixed pair) KD alone. A language model's labels are its own tokens.
-            labeled = torch.ones((), dtype=torch.bool, device=device) if causal else \
-                (y >= 0) & (y_b >= 0 if y_b is not None else True)
-            row_loss = torch.where(labeled, alpha * kd + (1 - alpha) * task, kd)
-            hint = attention = torch.zeros((), device=device)
-            if want_hint:  # FitNets: projected student features regress the hint teacher's
-                hint = hint_loss(out["hint"].float(), cols[f"{hint_teacher}/hint"].to(device).float(), projector,
-                                 kind=cfg.loss.hint_kind)
-                parts["hint_loss"] = hint.item()
-            if want_attention:  # attention transfer against the teacher's map
-                attention = attention_loss(out["attention"], cols[f"{hint_teacher}/attention"].to(device))
-                parts["attention_loss"] = attention.item()
-            loss = row_loss.mean() + cfg.loss.hint_weight * hint + cfg.loss.attention_weight * attention
+                if isinstance(signal, TokenTopK):
+                    signal = signal.cut(width)
+            blend_loss = None
+            if blend_opt is not None and isinstance(signal, TokenTopK):
+                blend_loss = token_blend_loss(blend, signal, y, student_logits.shape[-1])
+                blend_opt.zero_grad(set_to_none=True)
+                blend_loss.backward()
+                _allreduce_grads(blend, world)
+                blend_opt.step()
+            parts = batch_loss(cfg, blend, student_logits, signal, x, y, temperature=temperature, alpha=alpha,
+                               causal=causal, y_b=y_b, lam=lam, features=out, projector=projector,
+                               hint_target=cols[f"{hint_teacher}/hint"].to(device) if want_hint else None,
+                               attention_target=cols[f"{hint_teacher}/attention"].to(device) if want_attention else None)
+            loss = parts.total
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -386,14 +373,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if step % cfg.tracking.log_every_steps == 0 or not more:
                 row = {"step": step, "epoch": epoch, "stage": stage, "open_fraction": fraction,
                        "temperature": temperature, "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
-                       "loss": loss.item(), "kd_loss": kd.mean().item(),
-                       "task_loss": task[labeled].mean().item() if labeled.any() else 0.0,
-                       "labeled_share": labeled.float().mean().item(),
-                       "samples_per_s": seen * world / (time.perf_counter() - epoch_start), **parts}
-                if teacher_seq is not None:
-                    for name, w in zip(names, blend.mean_weights().tolist()):
-                        row[f"teacher_weight/{name}"] = w
-                if teacher is not None:
+                       **parts.metrics(), "samples_per_s": seen * world / (time.perf_counter() - epoch_start)}
+                if lam is not None:
+                    row["mix_lam"] = lam.mean().item()
+                if isinstance(signal, TokenTopK) and (share := signal.aligned_share(y)) is not None:
+                    row["aligned_share"] = share
+                if blend_loss is not None:
+                    row["blend_loss"] = blend_loss.item()
+                row.update(parts.feature_metrics())
+                if signal is not None:
                     for name, w in zip(names, blend.mean_weights().tolist()):
                         row[f"teacher_weight/{name}"] = w
                 history.append(row)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distill_ray.kd.blending import TeacherBlend, fit_blend
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import forward_logits, unwrap_model
-from distill_ray.kd.objectives import _allreduce_grads, batch_targets
+from distill_ray.kd.objectives import _allreduce_grads, teacher_signal
 
 ECE_BINS = 15
 
@@ -25,7 +25,8 @@ def fit_blend_on_validation(cfg: ExperimentConfig, blend: TeacherBlend, val_batc
     for batch in val_batches:
         keep = batch["label"] >= 0
         if keep.any():
-            parts.append(batch_targets({k: v[keep] for k, v in batch.items()}, names, num_classes, topk, False, "cpu")[0])
+            rows = {k: v[keep] for k, v in batch.items()}
+            parts.append(teacher_signal(rows, names, num_classes, topk, False, "cpu").logits)
             labels.append(batch["label"][keep].long())
             features.append(batch["x"][keep].flatten(1).float() if blend.kind == "learned_gate" else None)
     found = torch.tensor([sum(len(y) for y in labels)], dtype=torch.float64)

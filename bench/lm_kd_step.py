@@ -1,4 +1,4 @@
-"""The causal-LM KD term's cost: the product's ``objectives.sequence_kd`` (vocabulary-wide math on the
+"""The causal-LM KD term's cost: the product's ``objectives.token_kd_loss`` (vocabulary-wide math on the
 trained positions only) against the same loss over every position with a mask (how it was computed
 before), side by side in one process, plus the task loss's cross-entropy for scale.
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from distill_ray.kd.blending import TeacherBlend
 from distill_ray.config import config_from_dict
 from distill_ray.kd.losses import topk_kd_divergence
-from distill_ray.kd.objectives import sequence_kd
+from distill_ray.kd.objectives import TokenTopK, token_kd_loss
 
 
 def masked_full(cfg, weights, student, logp, idx, labels, temperature):
@@ -69,11 +69,11 @@ def main() -> None:
     idx = torch.stack([torch.randperm(V)[:args.topk] for _ in range(K * B * L)]).view(K, B, L, args.topk)
     blend = TeacherBlend("learned_global", K)
     weights = blend.mean_weights().detach()
-    product = lambda: sequence_kd(cfg, blend, None, student, (logp, idx), labels, 1.0, 1)[0]  # noqa: E731
+    product = lambda: token_kd_loss(cfg, blend, student, TokenTopK(logp, idx), labels, 1.0)  # noqa: E731
     full = lambda: masked_full(cfg, weights, student, logp, idx, labels, 1.0)  # noqa: E731
     task = lambda: F.cross_entropy(student.view(-1, V), labels.view(-1), ignore_index=-100)  # noqa: E731
     assert torch.allclose(product(), full(), rtol=1e-5), "the two computations disagree"
-    times = {"sequence_kd (trained positions)": [], "masked, every position": [], "task cross-entropy": []}
+    times = {"token_kd_loss (trained positions)": [], "masked, every position": [], "task cross-entropy": []}
     for r in range(args.rounds + 1):
         for (name, fn) in zip(times, (product, full, task)):
             t = timed(fn, student)
@@ -84,8 +84,8 @@ def main() -> None:
           f"{args.threads} thread(s), median of {args.rounds} rounds, forward + backward:")
     for name, m in med.items():
         print(f"  {name:<34} {m:8.3f} s")
-    print(f"masked-every-position / sequence_kd time: {med['masked, every position'] / med['sequence_kd (trained positions)']:.2f}; "
-          f"sequence_kd / task cross-entropy: {med['sequence_kd (trained positions)'] / med['task cross-entropy']:.2f}")
+    print(f"masked-every-position / token_kd_loss time: {med['masked, every position'] / med['token_kd_loss (trained positions)']:.2f}; "
+          f"token_kd_loss / task cross-entropy: {med['token_kd_loss (trained positions)'] / med['task cross-entropy']:.2f}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def tiny_cfg(tmp_path_factory, tiny_prepared):
 def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
     from distill_ray.evaluation.classifier_ablation import BROKEN, ROWS as ALL_ROWS, prepare, row_setup
     from distill_ray.pipeline import training_inputs
-    from distill_ray.kd.objectives import batch_targets
+    from distill_ray.kd.objectives import teacher_signal
 
     prep = prepare(tiny_cfg)
     assert prep.best_teacher in tiny_cfg.teacher_names() and set(prep.teacher_val) == set(tiny_cfg.teacher_names())
@@ -66,7 +66,7 @@ def test_row_setups_pick_and_extend_the_cached_teachers(ray_local, tiny_cfg):
         batch = inputs.train.take_batch(2000, batch_format="numpy")
         cols = {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}
         order = torch.argsort(cols["id"])
-        return batch_targets({k: v[order] for k, v in cols.items()}, cfg.teacher_names(), 10, None, False, "cpu")[0]
+        return teacher_signal({k: v[order] for k, v in cols.items()}, cfg.teacher_names(), 10, None, False, "cpu").logits
 
     full = targets(tiny_cfg, None)
     cfg, stage, *_ = row_setup("kd_best_teacher", prep, seed=0)

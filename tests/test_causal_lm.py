@@ -70,9 +70,9 @@ def test_label_logprob_weight_loss_equals_the_full_logit_weight_loss():
         TeacherBlend("confidence", 3).weight_loss_from_label_logprobs(label_logp)
 
 
-def test_sequence_kd_gradient_equals_forward_kl_to_the_mixture():
+def test_token_kd_loss_gradient_equals_forward_kl_to_the_mixture():
     """The weighted sum of per-teacher forward KLs moves the student exactly like KL to the blend."""
-    from distill_ray.kd.objectives import sequence_kd
+    from distill_ray.kd.objectives import TokenTopK, token_kd_loss
 
     torch.manual_seed(2)
     V, B, L = 30, 2, 4
@@ -86,7 +86,7 @@ def test_sequence_kd_gradient_equals_forward_kl_to_the_mixture():
     cfg = config_from_dict(apply_overrides(_tiny_lm_raw(), [("loss.temperature", 1.0)]))
 
     student = torch.randn(B, L, V, requires_grad=True)
-    kd, _ = sequence_kd(cfg, blend, None, student, topk, labels, temperature=1.0, world=1)
+    kd = token_kd_loss(cfg, blend, student, TokenTopK(*topk), labels, temperature=1.0)
     kd.backward()
     grad_sum = student.grad.clone()
 
@@ -96,12 +96,12 @@ def test_sequence_kd_gradient_equals_forward_kl_to_the_mixture():
     assert torch.allclose(grad_sum, student.grad, atol=1e-6)
 
 
-def test_sequence_kd_on_the_trained_positions_only_equals_the_masked_full_computation():
+def test_token_kd_loss_on_the_trained_positions_only_equals_the_masked_full_computation():
     """Prompt/padding labels (-100) and a teacher's unaligned positions (NaN) are left out before the
     vocabulary-wide math: the loss and the student's gradient are those of each teacher's divergence
     over every position with its mask, and masked positions get exactly zero gradient."""
     from distill_ray.kd.losses import topk_kd_divergence
-    from distill_ray.kd.objectives import sequence_kd
+    from distill_ray.kd.objectives import TokenTopK, token_kd_loss
 
     torch.manual_seed(3)
     V, B, L, k = 40, 3, 6, 5
@@ -116,7 +116,7 @@ def test_sequence_kd_on_the_trained_positions_only_equals_the_masked_full_comput
     cfg = config_from_dict(apply_overrides(_tiny_lm_raw(), [("loss.kind", "reverse_kl")]))
 
     student = torch.randn(B, L, V, requires_grad=True)
-    kd, _ = sequence_kd(cfg, blend, None, student, (logp, idx), labels, temperature=2.0, world=1)
+    kd = token_kd_loss(cfg, blend, student, TokenTopK(logp, idx), labels, temperature=2.0)
     kd.backward()
     fast = student.grad.clone()
     student.grad = None

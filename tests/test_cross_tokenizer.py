@@ -94,10 +94,10 @@ def test_a_teacher_on_the_students_own_tokenizer_through_the_cross_path_answers_
     assert not np.isnan(out["topk_logprobs"]).any() and cross.aligned == cross.positions == x.size
 
 
-def test_unaligned_positions_are_masked_out_of_the_sequence_kd_and_give_no_nan_gradient():
+def test_unaligned_positions_are_masked_out_of_the_token_kd_loss_and_give_no_nan_gradient():
     from distill_ray.kd.blending import TeacherBlend
     from distill_ray.kd.losses import teacher_topk
-    from distill_ray.kd.objectives import sequence_kd
+    from distill_ray.kd.objectives import TokenTopK, token_kd_loss
 
     torch.manual_seed(0)
     V, B, L = 40, 2, 6
@@ -108,18 +108,18 @@ def test_unaligned_positions_are_masked_out_of_the_sequence_kd_and_give_no_nan_g
     unaligned[0, 2] = unaligned[1, 5] = True
     holed = logp.masked_fill(unaligned.view(1, B, L, 1), float("nan"))
     student = torch.randn(B, L, V, requires_grad=True)
-    kd, parts = sequence_kd(cfg, TeacherBlend("uniform", 1), None, student, (holed, idx), labels, 1.0, 1)
+    kd = token_kd_loss(cfg, TeacherBlend("uniform", 1), student, TokenTopK(holed, idx), labels, 1.0)
     (grad,) = torch.autograd.grad(kd, student)
     assert torch.isfinite(grad).all() and grad[unaligned].abs().max() == 0
     masked_labels = labels.masked_fill(unaligned, -100)
-    expected, _ = sequence_kd(cfg, TeacherBlend("uniform", 1), None, student, (logp, idx), masked_labels, 1.0, 1)
+    expected = token_kd_loss(cfg, TeacherBlend("uniform", 1), student, TokenTopK(logp, idx), masked_labels, 1.0)
     assert kd.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert parts["aligned_share"] == pytest.approx(10 / 12)
+    assert TokenTopK(holed, idx).aligned_share(labels) == pytest.approx(10 / 12)
     # ULD for the same teacher: finite, masked alike.
     uld_cfg = config_from_dict(apply_overrides(_cross_raw(), [("loss.topk", 8), ("blend.kind", "uniform"),
                                                               ("loss.cross_tokenizer", "uld"),
                                                               ("curriculum.scheduler", "none")]))
-    uld, _ = sequence_kd(uld_cfg, TeacherBlend("uniform", 1), None, student, (holed, idx), labels, 1.0, 1)
+    uld = token_kd_loss(uld_cfg, TeacherBlend("uniform", 1), student, TokenTopK(holed, idx), labels, 1.0)
     (grad,) = torch.autograd.grad(uld, student)
     assert uld.item() > 0 and torch.isfinite(grad).all() and grad[unaligned].abs().max() == 0
 

@@ -379,7 +379,7 @@ def test_topk_cache_feeds_training(prepared, tiny_cfg, tiny_data, tmp_path):
     """A top-k cache (k=3 of 10 classes) stores only k values per teacher; training rebuilds full
     distributions from them (tail mass spread evenly) and learns as well as from full logits."""
     from distill_ray.pipeline import build_cache, training_inputs
-    from distill_ray.kd.objectives import batch_targets
+    from distill_ray.kd.objectives import teacher_signal
     from distill_ray.train.loop import load_trained_student, run_training
 
     dirs, full = prepared
@@ -395,7 +395,7 @@ def test_topk_cache_feeds_training(prepared, tiny_cfg, tiny_data, tmp_path):
                 if c.split("/")[0] in names or c == "id"}
         rows = {c: torch.from_numpy(np.stack([np.asarray(x) for x in v])) if isinstance(v, list) else v
                 for c, v in rows.items()}
-        return batch_targets(rows, names, 10, k, False, "cpu")[0]
+        return teacher_signal(rows, names, 10, k, False, "cpu").logits
 
     dense, exact = val_targets(topk, 3), val_targets(full, None)
     np.testing.assert_allclose(dense.double().exp().sum(-1).numpy(), 1.0, atol=2e-3)  # fp16 top-3 log-probs

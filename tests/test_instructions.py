@@ -113,7 +113,7 @@ def test_prompt_tokens_contribute_nothing_to_the_loss():
     whatever the teachers say there."""
     from distill_ray.kd.blending import TeacherBlend
     from distill_ray.kd.losses import teacher_topk
-    from distill_ray.kd.objectives import sequence_kd, task_loss
+    from distill_ray.kd.objectives import TokenTopK, task_loss, token_kd_loss
 
     torch.manual_seed(0)
     V, B, L, prompt_len = 40, 3, 10, 4
@@ -123,14 +123,14 @@ def test_prompt_tokens_contribute_nothing_to_the_loss():
     cfg = config_from_dict(apply_overrides(_tiny_lm_raw(), [("loss.topk", 8)]))
     student = torch.randn(B, L, V, requires_grad=True)
     teachers = torch.randn(2, B, L, V)
-    kd, _ = sequence_kd(cfg, TeacherBlend("uniform", 2), None, student, teacher_topk(teachers, 8), labels, 1.0, 1)
+    kd = token_kd_loss(cfg, TeacherBlend("uniform", 2), student, TokenTopK(*teacher_topk(teachers, 8)), labels, 1.0)
     loss = 0.7 * kd + 0.3 * task_loss(student, labels, None, None, 0.0, causal=True)
     (grad,) = torch.autograd.grad(loss, student)
     ignored = labels < 0
     assert grad[ignored].abs().max() == 0 and grad[~ignored].abs().sum(-1).min() > 0
     # Other teacher outputs at the ignored positions leave the loss as it was.
     teachers[:, ignored] = torch.randn_like(teachers[:, ignored]) * 5
-    kd2, _ = sequence_kd(cfg, TeacherBlend("uniform", 2), None, student, teacher_topk(teachers, 8), labels, 1.0, 1)
+    kd2 = token_kd_loss(cfg, TeacherBlend("uniform", 2), student, TokenTopK(*teacher_topk(teachers, 8)), labels, 1.0)
     assert kd2.item() == pytest.approx(kd.item(), rel=1e-6)
 
 

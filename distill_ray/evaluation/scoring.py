@@ -138,7 +138,7 @@ def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, mod
     """Streamed over a cached split: the teachers' logits [K, N, C] (from the cache), each model's
     logits [N, C] and the labels [N]. Unlabeled rows are left out (they have nothing to score)."""
     from distill_ray.evaluation.metrics import predict_logits
-    from distill_ray.kd.objectives import batch_targets
+    from distill_ray.kd.objectives import teacher_signal
 
     names = cfg.teacher_names()
     teacher_parts, model_parts, labels = [], {name: [] for name in models}, []
@@ -148,7 +148,7 @@ def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, mod
         labeled = cols["label"] >= 0
         cols = {k: v[labeled] for k, v in cols.items()}
         labels.append(cols["label"])
-        teacher_parts.append(batch_targets(cols, names, cache.spec.num_classes, cache.spec.topk, False, "cpu")[0])
+        teacher_parts.append(teacher_signal(cols, names, cache.spec.num_classes, cache.spec.topk, False, "cpu").logits)
         for name, model in models.items():
             model_parts[name].append(predict_logits(model, cols["x"]))
     return torch.cat(teacher_parts, dim=1), {n: torch.cat(p) for n, p in model_parts.items()}, torch.cat(labels)

@@ -9,5 +9,6 @@ call the same functions.
 - ``blending``: ``TeacherBlend``, K teachers' distributions mixed by fixed or learned weights.
 - ``curriculum``: difficulty measures, which rows are open, temperature and alpha over training.
 - ``schedules``: learning-rate factor as a pure function of the step.
-- ``objectives``: one step's targets and terms (KD, task, sequence KD, hints) from a batch's columns.
+- ``objectives``: one step's teacher signal from a batch's columns and ``batch_loss``, its loss and parts
+  (KD and task per row, token-level KD on sequences, hints); no optimizer steps here.
 """

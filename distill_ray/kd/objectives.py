@@ -1,11 +1,13 @@
 """What one training step optimises, as functions of tensors and the config: the curriculum's stage
-and open fraction, temperature and alpha, the step budget, the teachers' targets from a batch's
-columns, the KD and task terms per row, causal-LM sequence KD, hint and attention terms. The loop in
-``train/loop.py`` composes them; nothing here knows of Ray."""
+and open fraction, temperature and alpha, the step budget, the teachers' signal from a batch's
+columns (``TeacherSignal``), and ``batch_loss``: one batch's loss and its parts (KD and task per row,
+token-level KD on sequences, hint and attention terms). The loop in ``train/loop.py`` composes them
+and steps the optimizers; nothing here knows of Ray or steps an optimizer."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,8 +18,8 @@ from distill_ray.kd import curriculum as cur
 from distill_ray.kd.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig
 from distill_ray.kd.losses import HintProjector, attention_map, attention_map_distance, dense_from_topk, dkd, \
-    focal_kd, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, topk_kd_divergence, topk_label_logprobs, \
-    uld_divergence
+    focal_kd, hint_loss, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, topk_kd_divergence, \
+    topk_label_logprobs, uld_divergence
 from distill_ray.models import forward_with_features, unwrap_model
 
 
@@ -117,36 +119,69 @@ def planned_steps(cfg: ExperimentConfig, rows: int, world: int) -> int:
     return total
 
 
-def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_logits: torch.Tensor,
-                teacher_topk: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, temperature: float,
-                world: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Causal-LM KD against per-token top-k teachers ``[K, B, L, k]``, labels ``[B, L]`` (< 0 ignored).
+@dataclass(frozen=True, eq=False)
+class DenseLogits:
+    """Classifier teachers' targets: logits ``[K, B, C]`` (log-probs rebuilt from the top k, tail
+    mass spread evenly, when the cache keeps only k)."""
 
-    The learned weights are fit to ground truth like the classification blend, from each teacher's
-    log-probability of the true next token. The KD term is ``sum_k w_k D(teacher_k, student)``: for
-    forward KL and soft CE its student gradient is exactly that of the divergence to the mixture
-    ``sum_k w_k p_k`` (cross-entropy is linear in the target), without densifying a vocabulary-wide
-    mixture per token; for the other divergences it is the weighted sum of per-teacher terms."""
-    logp, idx = teacher_topk
-    mask = labels >= 0
-    # A teacher with its own tokenizer marks positions it has no aligned answer for with NaN: they are
-    # masked out of its KD term (and of the blend fit), and replaced by finite numbers so that no NaN
-    # reaches a gradient through the masked branch.
-    aligned = ~torch.isnan(logp[..., 0])  # [K, B, L]
-    logp = torch.where(aligned.unsqueeze(-1), logp, torch.full_like(logp, -math.log(logp.shape[-1])))
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class TokenTopK:
+    """Causal-LM teachers' per-token top k: log-probs and vocabulary indices, each ``[K, B, L, k]``.
+
+    A teacher with its own tokenizer marks positions it has no aligned answer for with NaN
+    log-probs (``finite`` masks them)."""
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+
+    def cut(self, width: int) -> TokenTopK:
+        """The first ``width`` positions (the student's input lost its all-padding columns)."""
+        return TokenTopK(self.logprobs[:, :, :width], self.indices[:, :, :width])
+
+    def finite(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs, aligned)``: NaN rows replaced by finite numbers (so that no NaN reaches a
+        gradient through a masked branch) and ``aligned [K, B, L]``, where each teacher answers."""
+        aligned = ~torch.isnan(self.logprobs[..., 0])
+        uniform = torch.full_like(self.logprobs, -math.log(self.logprobs.shape[-1]))
+        return torch.where(aligned.unsqueeze(-1), self.logprobs, uniform), aligned
+
+    def aligned_share(self, labels: torch.Tensor) -> float | None:
+        """The share of (teacher, trained position) pairs with an aligned answer; None when all are."""
+        aligned, mask = ~torch.isnan(self.logprobs[..., 0]), labels >= 0
+        if aligned.all():
+            return None
+        return (aligned & mask).sum().item() / max(mask.sum().item() * len(self.logprobs), 1)
+
+
+# The teachers' signal for one batch: one value, its type says which kind (None: no teachers).
+TeacherSignal = DenseLogits | TokenTopK
+
+
+def token_blend_loss(blend: TeacherBlend, targets: TokenTopK, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The learned teacher weights' own loss on a causal-LM batch (``-log sum_k w_k p_k(y)`` from each
+    teacher's log-probability of the true next token, where every teacher answers), fit to ground
+    truth like the classification blend. The caller steps the blend's optimizer on it."""
+    logp, aligned = targets.finite()
+    label_logp = topk_label_logprobs(logp, targets.indices, labels.unsqueeze(0).expand(len(logp), -1, -1), vocab)
+    return blend.weight_loss_from_label_logprobs(label_logp[:, (labels >= 0) & aligned.all(0)])
+
+
+def token_kd_loss(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor, targets: TokenTopK,
+                  labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Token-level KD on sequences: causal-LM KD against per-token top-k teachers, labels ``[B, L]``
+    (< 0 ignored), at the blend's current weights.
+
+    The KD term is ``sum_k w_k D(teacher_k, student)``: for forward KL and soft CE its student
+    gradient is exactly that of the divergence to the mixture ``sum_k w_k p_k`` (cross-entropy is
+    linear in the target), without densifying a vocabulary-wide mixture per token; for the other
+    divergences it is the weighted sum of per-teacher terms. A teacher's unaligned positions (NaN)
+    are masked out of its term."""
+    logp, aligned = targets.finite()
+    idx, mask = targets.indices, labels >= 0
     uld = [t.tokenizer is not None and cfg.loss.cross_tokenizer == "uld" for t in cfg.teachers]
-    parts: dict[str, float] = {}
-    if not aligned.all():
-        parts["aligned_share"] = (aligned & mask).sum().item() / max(mask.sum().item() * len(logp), 1)
-    if blend_opt is not None:
-        label_logp = topk_label_logprobs(logp, idx, labels.unsqueeze(0).expand(len(logp), -1, -1),
-                                         student_logits.shape[-1])
-        blend_loss = blend.weight_loss_from_label_logprobs(label_logp[:, mask & aligned.all(0)])
-        blend_opt.zero_grad(set_to_none=True)
-        blend_loss.backward()
-        _allreduce_grads(blend, world)
-        blend_opt.step()
-        parts["blend_loss"] = blend_loss.item()
     weights = blend.mean_weights().to(student_logits.device)
     # Only positions that train (a response token some teacher answers) go through the vocabulary-wide
     # math: prompt and padding positions would cost each teacher's log-softmax and tail sums over the
@@ -156,12 +191,12 @@ def sequence_kd(cfg: ExperimentConfig, blend: TeacherBlend, blend_opt, student_l
     student_kept, logp, idx, aligned = student_logits[keep], logp[:, keep], idx[:, keep], aligned[:, keep]
     # ULD's teacher tail is tempered as if spread over the student's vocabulary (the teacher's size is
     # not carried with the targets; exact at temperature 1, where the tail is not tempered).
-    kd = sum(weights[k] * (uld_divergence(student_kept, logp[k], temperature, aligned[k],
-                                          teacher_vocab=max(student_logits.shape[-1], logp.shape[-1])) if uld[k] else
-                           topk_kd_divergence(student_kept, logp[k], idx[k], kind=cfg.loss.kind, temperature=temperature,
-                                              mask=aligned[k], skew_alpha=cfg.loss.skew_alpha))
-             for k in range(len(logp)))
-    return kd, parts
+    return sum(weights[k] * (uld_divergence(student_kept, logp[k], temperature, aligned[k],
+                                            teacher_vocab=max(student_logits.shape[-1], logp.shape[-1])) if uld[k] else
+                             topk_kd_divergence(student_kept, logp[k], idx[k], kind=cfg.loss.kind,
+                                                temperature=temperature, mask=aligned[k],
+                                                skew_alpha=cfg.loss.skew_alpha))
+               for k in range(len(logp)))
 
 
 def attention_loss(student_features: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
@@ -191,15 +226,80 @@ def hint_projector(model, probe: np.ndarray, shapes: dict, device, want_hint: bo
     return HintProjector(student["hint"].shape[-1], shapes["hint"][-1]).to(device) if want_hint else None
 
 
-def batch_targets(batch: dict[str, torch.Tensor], names: tuple[str, ...], num_classes: int, topk: int | None,
-                  causal: bool, device) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The teachers' targets in a batch's columns: classification [K, B, C] logits (log-probs rebuilt
-    from the top k, tail mass spread evenly, when the cache keeps only k); causal LM the per-token
-    top-k (log-probs, indices), each [K, B, L, k]."""
+def teacher_signal(batch: dict[str, torch.Tensor], names: tuple[str, ...], num_classes: int, topk: int | None,
+                   causal: bool, device) -> TeacherSignal:
+    """The teachers' targets in a batch's columns: classification ``DenseLogits`` [K, B, C] (rebuilt
+    from the top k when the cache keeps only k); causal LM ``TokenTopK``, the per-token top k."""
     if topk is None:
-        return torch.stack([batch[f"{n}/logits"].float() for n in names]).to(device), None
+        return DenseLogits(torch.stack([batch[f"{n}/logits"].float() for n in names]).to(device))
     logp = torch.stack([batch[f"{n}/topk_logprobs"].float() for n in names])
     idx = torch.stack([batch[f"{n}/topk_indices"].long() for n in names])
     if causal:
-        return None, (logp.to(device), idx.to(device))
-    return torch.stack([dense_from_topk(logp[k], idx[k], num_classes) for k in range(len(names))]).to(device), None
+        return TokenTopK(logp.to(device), idx.to(device))
+    return DenseLogits(torch.stack([dense_from_topk(logp[k], idx[k], num_classes) for k in range(len(names))]).to(device))
+
+
+# --- one batch's loss ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class LossParts:
+    """One batch's loss and what it is made of. ``total`` is what the student's optimizer minimises:
+    ``mean_rows(where(labeled, alpha * kd + (1 - alpha) * task, kd)) + hint_weight * hint +
+    attention_weight * attention``."""
+
+    total: torch.Tensor
+    kd: torch.Tensor  # classifier: per row [B]; causal LM: the token mean; no teachers: 0
+    task: torch.Tensor  # classifier: per row [B] (unlabeled rows: a value never used); causal LM: the token mean
+    labeled: torch.Tensor  # classifier: [B] bool, the rows the task term trains; causal LM: True
+    hint: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """The step's loss parts as the history logs them."""
+        return {"loss": self.total.item(), "kd_loss": self.kd.mean().item(),
+                "task_loss": self.task[self.labeled].mean().item() if self.labeled.any() else 0.0,
+                "labeled_share": self.labeled.float().mean().item()}
+
+    def feature_metrics(self) -> dict[str, float]:
+        """The hint and attention terms, where the step has them."""
+        out = {"hint_loss": self.hint.item()} if self.hint is not None else {}
+        return out | ({"attention_loss": self.attention.item()} if self.attention is not None else {})
+
+
+def kd_term(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor, signal: TeacherSignal | None,
+            x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The KD term for the teachers' signal: per row ``[B]`` for dense targets, the token mean for a
+    causal LM's per-token top k, zero without teachers."""
+    if isinstance(signal, DenseLogits):
+        return classifier_kd(cfg, blend, student_logits, signal.logits, x, y, temperature)
+    if isinstance(signal, TokenTopK):
+        return token_kd_loss(cfg, blend, student_logits, signal, y, temperature)
+    return torch.zeros((), device=student_logits.device)
+
+
+def batch_loss(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor,
+               signal: TeacherSignal | None, x: torch.Tensor, y: torch.Tensor, *, temperature: float, alpha: float,
+               causal: bool, y_b: torch.Tensor | None = None, lam: torch.Tensor | None = None,
+               features: dict[str, torch.Tensor] | None = None, projector: HintProjector | None = None,
+               hint_target: torch.Tensor | None = None, attention_target: torch.Tensor | None = None) -> LossParts:
+    """One batch's loss and its parts, computed from the student's output and the teachers' signal.
+
+    Per row, a labeled row learns ``alpha * KD + (1 - alpha) * task``; an unlabeled one (label -1,
+    or either label of a mixed pair ``y``/``y_b`` weighed by ``lam``) learns KD alone. A language
+    model's labels are its own tokens (prompt and padding positions < 0 are left out of both terms).
+    ``hint_target`` / ``attention_target`` (one teacher's features, online mode) add FitNets' hint
+    term, through ``projector``, and attention transfer, on the student's ``features``."""
+    kd = kd_term(cfg, blend, student_logits, signal, x, y, temperature)
+    task = task_loss(student_logits, y, y_b, lam, cfg.loss.label_smoothing, causal)
+    labeled = torch.ones((), dtype=torch.bool, device=student_logits.device) if causal else \
+        (y >= 0) & (y_b >= 0 if y_b is not None else True)
+    row_loss = torch.where(labeled, alpha * kd + (1 - alpha) * task, kd)
+    hint = attention = None
+    if hint_target is not None:  # FitNets: projected student features regress the hint teacher's
+        hint = hint_loss(features["hint"].float(), hint_target.float(), projector, kind=cfg.loss.hint_kind)
+    if attention_target is not None:  # attention transfer against the teacher's map
+        attention = attention_loss(features["attention"], attention_target)
+    zero = torch.zeros((), device=student_logits.device)
+    total = row_loss.mean() + cfg.loss.hint_weight * (hint if hint is not None else zero) \
+        + cfg.loss.attention_weight * (attention if attention is not None else zero)
+    return LossParts(total, kd, task, labeled, hint, attention)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distill_ray.kd.blending import TeacherBlend, fit_blend
 from distill_ray.config import ExperimentConfig
 from distill_ray.models import forward_logits, unwrap_model
-from distill_ray.kd.objectives import _allreduce_grads, batch_targets
+from distill_ray.kd.objectives import _allreduce_grads, teacher_signal
 
 ECE_BINS = 15
 
@@ -25,7 +25,8 @@ def fit_blend_on_validation(cfg: ExperimentConfig, blend: TeacherBlend, val_batc
     for batch in val_batches:
         labeled = batch["label"] >= 0
         if labeled.any():
-            teacher_batches.append(batch_targets({k: v[labeled] for k, v in batch.items()}, names, num_classes, topk, False, "cpu")[0])
+            rows = {k: v[labeled] for k, v in batch.items()}
+            teacher_batches.append(teacher_signal(rows, names, num_classes, topk, False, "cpu").logits)
             labels.append(batch["label"][labeled].long())
             features.append(batch["x"][labeled].flatten(1).float() if blend.kind == "learned_gate" else None)
     found = torch.tensor([sum(len(y) for y in labels)], dtype=torch.float64)
@@ -62,14 +63,14 @@ def _allreduce_sums(sums: dict[str, torch.Tensor], world: int) -> dict[str, torc
 
 
 @torch.no_grad()
-def validate(model, val_batches, meta: dict, world: int, device) -> dict[str, float]:
+def validate(model, val_batches, names: tuple[str, ...], topk: int | None, causal: bool, world: int,
+             device) -> dict[str, float]:
     """Validation metrics streamed over this rank's part of the split, summed across ranks:
     classification accuracy, loss, ECE and agreement with each teacher; causal LM perplexity,
     next-token accuracy and top-1 agreement."""
     m = unwrap_model(model)
     was_training = m.training
     m.eval()
-    names, causal = tuple(meta["teacher_names"]), meta["task"] == "causal_lm"
     K = len(names)
     sums = {"n": torch.zeros((), dtype=torch.float64), "correct": torch.zeros((), dtype=torch.float64),
             "nll": torch.zeros((), dtype=torch.float64), "agree": torch.zeros(K, dtype=torch.float64),
@@ -99,7 +100,7 @@ def validate(model, val_batches, meta: dict, world: int, device) -> dict[str, fl
             sums["bin_conf"] += torch.bincount(bins, weights=confidence[mask].double(), minlength=ECE_BINS)
             sums["bin_correct"] += torch.bincount(bins, weights=correct[mask].double(), minlength=ECE_BINS)
         for k, name in enumerate(names):
-            top1 = _teacher_top1(batch, name, meta["topk"])
+            top1 = _teacher_top1(batch, name, topk)
             if top1 is not None:
                 top1 = top1[:, :predicted.shape[1]] if causal else top1
                 region = mask & (top1 >= 0) if causal else torch.ones_like(predicted, dtype=torch.bool)

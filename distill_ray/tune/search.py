@@ -71,14 +71,10 @@ def _with(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
 
 def _trial(sampled: dict, *, base_raw: dict, caches: dict, storage: str) -> None:
     """One Tune trial: the Train run of ``distill-ray run`` on the cache of its transfer kind."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from distill_ray.config import apply_overrides, config_from_dict
-    from distill_ray.train.inputs import training_inputs
-    from distill_ray.train.loop import run_training
     from distill_ray.data.transfer import first_copies
-    from distill_ray.tune.sweep import PLACEMENT_GROUP_FILE, _trial_dir
+    from distill_ray.train.inputs import training_inputs
+    from distill_ray.tune.sweep import run_trial_training
 
     cfg = config_from_dict(apply_overrides(base_raw, list(config_values(sampled).items())))
     kind = cfg.data.transfer if cfg.data.transfer in caches else next(iter(caches))
@@ -89,10 +85,7 @@ def _trial(sampled: dict, *, base_raw: dict, caches: dict, storage: str) -> None
     if built:  # the rows this trial trains on: every source row and `copies` transfer copies of each
         source = info.counts["train"] - info.transfer_rows
         inputs = dataclasses.replace(inputs, train_rows=source * (1 + copies))
-    trial_id = tune.get_context().get_trial_id()
-    pg_file = _trial_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
-    run_training(cfg, inputs, storage, f"train-{trial_id}", callbacks=[TuneReportCallback()],
-                 placement_group_file=str(pg_file))
+    run_trial_training(cfg, inputs, storage)
 
 
 def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, dict]:
@@ -103,7 +96,8 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
     from distill_ray.cache.build import build_cache
     from distill_ray.data.sources import load_source
     from distill_ray.teachers.setup import prepare_teachers
-    from distill_ray.tune.sweep import _callbacks, _fit_concurrency, _tune_env
+    from distill_ray.tune.capacity import fit_concurrency
+    from distill_ray.tune.sweep import _callbacks, _tune_env
 
     if cfg.train.mode != "cached":
         raise ValueError("--search reads the cached soft targets in every trial; set train.mode=cached")
@@ -122,7 +116,7 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
         caches["none"] = (build_cache(cfg, data, dirs), data.info, False)
     search_dir = (cfg.run_path() / SEARCH_DIR).resolve()
     search_dir.mkdir(parents=True, exist_ok=True)
-    tune_cfg = _fit_concurrency(dataclasses.replace(cfg, tune=dataclasses.replace(
+    tune_cfg = fit_concurrency(dataclasses.replace(cfg, tune=dataclasses.replace(
         cfg.tune, scheduler="asha", metric="val_accuracy", mode="max", num_samples=samples)))
     log = search_dir / "tune.log"
     trainable = tune.with_resources(

@@ -27,11 +27,20 @@ def trial_table(cfg: ExperimentConfig, space: SearchSpace, grid) -> list[dict]:
                      "params": {k: _plain(config.get(k)) for k, _, _ in space.params},
                      "metric": metrics.get(cfg.tune.metric), "epochs": metrics.get("epoch"),
                      "checkpoint_path": metrics.get("checkpoint_path"),
-                     "status": "error" if result.error else "done", "path": result.path})
+                     "status": "error" if result.error else "done", "path": result.path,
+                     "error": _error_line(result.error)})
     sign = -1 if cfg.tune.mode == "max" else 1
     scored = [r for r in rows if isinstance(r["metric"], (int, float)) and not math.isnan(r["metric"])]
     scored.sort(key=lambda r: sign * r["metric"])
     return scored + [r for r in rows if r not in scored]
+
+
+def _error_line(error) -> str | None:
+    """The line of a failed trial's error that says why (Tune wraps it in its own lines and a traceback)."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if "Error" in line.split(":")[0]), lines[-1] if lines else repr(error))
 
 
 def plot_sweep(rows: list[dict], space: SearchSpace, metric: str, path: Path) -> Path | None:

@@ -27,10 +27,12 @@ from distill_ray.console import is_verbose
 from distill_ray.extras import available, install_hint
 from distill_ray.evaluation.report import final_teacher_weights
 from distill_ray.serving.registry import register
+from distill_ray.tune.capacity import fit_concurrency
 from distill_ray.tune.pbt import _epochs_done, _fit_population, _pbt_scheduler, _train_slots, checkpoint_history, \
     epoch_rows, evolved_schedule
 from distill_ray.tune.space import SearchSpace, load_space, trial_config
 from distill_ray.tune.summary import plot_sweep, trial_table, write_summary
+from distill_ray.tune.watchdog import PROGRESS_FILE, watched
 
 PBT_SEARCHES = ("random", "grid")  # PBT evolves the trials it starts with; a searcher would propose new ones
 SPACE_FILE = "space.yaml"
@@ -54,18 +56,28 @@ PRE_0_2_MODULES = frozenset(f"distill_ray.{name}" for name in (
 
 def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str) -> None:
     """One Tune trial: a TorchTrainer from inside a function trainable (the Train V2 pattern)."""
+    from distill_ray.pipeline import training_inputs
+
+    cfg = trial_config(base_raw, space, sampled)
+    run_trial_training(cfg, training_inputs(cfg, cache, info), storage)
+
+
+def run_trial_training(cfg: ExperimentConfig, inputs, storage: str) -> None:
+    """A trial's Train run, its metrics reaching Tune through ``TuneReportCallback``, under the watchdog
+    (``tune/watchdog.py``): with no progress for ``tune.stall_timeout_s`` the trial fails."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distill_ray.pipeline import training_inputs
     from distill_ray.train.loop import run_training
 
-    cfg = trial_config(base_raw, space, sampled)
     trial_id = tune.get_context().get_trial_id()
-    pg_file = _trial_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
+    trial_dir = _trial_dir(storage, trial_id)
+    callbacks = [TuneReportCallback()]
     # The same trial id resumes the same Train run (Tuner.restore re-runs unfinished trials).
-    run_training(cfg, training_inputs(cfg, cache, info), storage, f"train-{trial_id}",
-                 callbacks=[TuneReportCallback()], placement_group_file=str(pg_file))
+    watched(lambda: run_training(cfg, inputs, storage, f"train-{trial_id}", callbacks=callbacks,
+                                 placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
+                                 progress_file=str(trial_dir / PROGRESS_FILE)),
+            cfg.tune.stall_timeout_s, [trial_dir, trial_dir / PROGRESS_FILE])
 
 
 def _trial_dir(storage: str, trial_id: str) -> Path:
@@ -103,10 +115,13 @@ def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache
     while epoch < cfg.train.epochs:
         # Segment ends on multiples of the interval, so every PBT decision point has a checkpoint.
         stop = min((epoch // cfg.tune.pbt_interval + 1) * cfg.tune.pbt_interval, cfg.train.epochs)
-        with _holding(slots):
-            result = run_training(cfg, inputs, str(trial_dir), _next_segment(trial_dir),
-                                  placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
-                                  resume_from=checkpoint, stop_at_epoch=stop)
+        segment = _next_segment(trial_dir)
+        with _holding(slots):  # the watchdog counts from here: waiting for a slot is no stall
+            result = watched(lambda: run_training(cfg, inputs, str(trial_dir), segment,
+                                                  placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
+                                                  progress_file=str(trial_dir / PROGRESS_FILE),
+                                                  resume_from=checkpoint, stop_at_epoch=stop),
+                             cfg.tune.stall_timeout_s, [trial_dir, trial_dir / segment, trial_dir / PROGRESS_FILE])
         checkpoint = result.checkpoint
         *earlier, last = epoch_rows(checkpoint_history(checkpoint), after_epoch=epoch)
         for row in earlier:  # one Tune result per epoch, as TuneReportCallback gives the other schedulers
@@ -251,22 +266,6 @@ def _callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
     return callbacks
 
 
-def _fit_concurrency(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cap concurrent trials at what the cluster's CPUs can hold at once.
-
-    A trial's driver holds ``cpus_per_trial``; its TorchTrainer asks for its workers separately. More
-    trials than fit would start drivers whose workers wait for CPUs until Train's start-up timeout."""
-    import ray
-
-    need = cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker
-    fits = max(1, int(ray.cluster_resources().get("CPU", 0) // need))
-    if cfg.tune.max_concurrent > fits:
-        print(f"tune: {cfg.tune.max_concurrent} concurrent trials asked, {fits} fit in this cluster's CPUs "
-              f"({need:g} CPUs per trial); running {fits} at a time")
-        cfg = replace(cfg, tune=replace(cfg.tune, max_concurrent=fits))
-    return cfg
-
-
 def _tune_env() -> None:
     # Trials report val_accuracy only per epoch; checkpoint-step reports lack it.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -359,7 +358,7 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
         cfg, slots = _fit_population(cfg, space)
         trial_fn, extra = _pbt_trial, {"slots": _train_slots(slots)}
     else:
-        cfg = _fit_concurrency(cfg)
+        cfg = fit_concurrency(cfg)
         trial_fn, extra = _trial, {}
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)

@@ -14,10 +14,13 @@ checkpoint, and hands that checkpoint to Tune with the segment's last report.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -31,13 +34,14 @@ from distill_ray.tune.capacity import fit_concurrency
 from distill_ray.tune.pbt import _epochs_done, _fit_population, _pbt_scheduler, _train_slots, checkpoint_history, \
     epoch_rows, evolved_schedule
 from distill_ray.tune.space import SearchSpace, load_space, trial_config
-from distill_ray.tune.summary import plot_sweep, trial_table, write_summary
+from distill_ray.tune.summary import plot_sweep, trial_table, trials_text, write_summary
 from distill_ray.tune.watchdog import PROGRESS_FILE, watched
 
 PBT_SEARCHES = ("random", "grid")  # PBT evolves the trials it starts with; a searcher would propose new ones
 SPACE_FILE = "space.yaml"
 CONFIG_FILE = "config.yaml"
 TRIALS_FILE = "trials.json"
+TUNE_LOG = "tune.log"  # Ray Tune's own output (its status tables), unless -v
 PLACEMENT_GROUP_FILE = "placement_group_id"
 TRIAL_ACTOR_FILE = "trial_actor_id"
 # distill_ray's modules before 0.2, when the package was flat (0.2 moved them into subpackages). A
@@ -251,8 +255,77 @@ def _check_tracking(cfg: ExperimentConfig) -> None:
                           f"{install_hint('wandb')}, or set tracking.wandb=disabled")
 
 
-def _callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
+def _trial_lines(cfg: ExperimentConfig, space: SearchSpace):
+    """A Tune callback printing one line per trial result (epoch reports only) and per failed trial to the
+    terminal (``_terminal``: Tune's own tables go to the sweep's log meanwhile, ``_tune_output``)."""
+    from ray import tune
+
+    keys = [k for k, _, _ in space.params]
+    metric, epochs = cfg.tune.metric, cfg.train.epochs
+
+    def values(trial) -> str:
+        return " ".join(f"{k}={_short(trial.config.get(k))}" for k in keys)
+
+    class TrialLines(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("kind", "epoch") == "epoch" and metric in result:
+                print(f"tune: trial {trial.trial_id} epoch {result.get('epoch')}/{epochs} "
+                      f"{metric} {result[metric]:.4f}  {values(trial)}", file=_terminal(), flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"tune: trial {trial.trial_id} failed ({values(trial)}): {_error_line(trial)}", file=_terminal(),
+                  flush=True)
+
+    return TrialLines()
+
+
+def _short(value) -> str:
+    value = getattr(value, "item", lambda: value)()
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _error_line(trial) -> str:
+    """The last line of the trial's error file (the exception and its message), else where to look."""
+    try:
+        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):  # no error file (yet)
+        lines = []
+    return lines[-1] if lines else f"see {trial.path or 'the sweep directory'}"
+
+
+_TERMINAL: dict = {}  # the stream stdout was before _tune_output redirected it (a callback must stay picklable)
+
+
+def _terminal():
+    return _TERMINAL.get("stream") or sys.stdout
+
+
+@contextmanager
+def _tune_output(log: Path):
+    """Tune's status tables and its error tracebacks go to ``log`` (the terminal reads one line per
+    trial result, ``_trial_lines``, and the final table); with ``-v``, to the terminal as well."""
+    if is_verbose():
+        yield
+        return
+    tune_logger = logging.getLogger("ray.tune")
+    _TERMINAL["stream"] = sys.stdout
+    with log.open("a") as stream, contextlib.redirect_stdout(stream):
+        handler = logging.StreamHandler(stream)
+        propagate = tune_logger.propagate
+        tune_logger.addHandler(handler)
+        tune_logger.propagate = False
+        try:
+            yield
+        finally:
+            tune_logger.removeHandler(handler)
+            tune_logger.propagate = propagate
+            _TERMINAL.clear()
+
+
+def _callbacks(cfg: ExperimentConfig, sweep_dir: Path, space: SearchSpace | None = None) -> list:
     callbacks = [_release_callback(str(sweep_dir / "train"))]
+    if space is not None:
+        callbacks.append(_trial_lines(cfg, space))
     mode = cfg.tracking.wandb
     if mode != "disabled":
         from ray.air.integrations.wandb import WandbLoggerCallback
@@ -385,13 +458,17 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
                                         scheduler=_scheduler(cfg, space),
                                         # PBT pauses every trial at every perturbation: reuse its process
                                         reuse_actors=pbt),
-            run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir), callbacks=_callbacks(cfg, sweep_dir),
-                                      # the status table as trials progress; per-trial boxes only with -v
+            run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir),
+                                      callbacks=_callbacks(cfg, sweep_dir, space),
+                                      # the status table as trials progress (to TUNE_LOG); per-trial boxes with -v
                                       verbose=2 if is_verbose() else 1,
                                       # PBT: the last epoch ends the trial before PBT could clone into it
                                       stop={"epoch": cfg.train.epochs} if pbt else None),
         )
-    grid = tuner.fit()
+    if not is_verbose():
+        print(f"tune: Ray Tune's status tables: {sweep_dir / TUNE_LOG}", flush=True)
+    with _tune_output(sweep_dir / TUNE_LOG):
+        grid = tuner.fit()
     return finish_sweep(cfg, space, grid, sweep_dir, info, cache)
 
 
@@ -400,6 +477,7 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
 def finish_sweep(cfg: ExperimentConfig, space: SearchSpace, grid, sweep_dir: Path, info, cache) -> dict:
     rows = trial_table(cfg, space, grid)
     (sweep_dir / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
+    print(f"\n{trials_text(cfg, space, rows)}", flush=True)
     try:  # Tune's own pick (last reported metric per trial), then its row of the table
         winner = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last").path
     except RuntimeError:  # no trial reported the metric

@@ -5,12 +5,17 @@ baseline (CE, labeled rows) vs KD (labeled + 4 mixup copies, T=2, alpha=0.5), eq
 
 Its own seeded 65/15/20 split (not the product's id hash), the same models and schedule as
 jobs/configs/firsttry/satellite.yaml with distill-ray's defaults."""
-import sys
+import argparse
+from pathlib import Path
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("seed", nargs="?", type=int, default=0)
+seed = parser.parse_args().seed
+DATA = Path.home() / ".cache/distill-ray/check/satellite.parquet"
+if not DATA.is_file():
+    raise SystemExit(f"bench/first_try_reference.py reads {DATA}: run `make check-data` first")
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 torch.set_num_threads(1)
-seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
-from pathlib import Path
-df = pd.read_parquet(Path.home() / ".cache/distill-ray/check/satellite.parquet")
+df = pd.read_parquet(DATA)
 y = pd.Categorical(df["land_cover"]).codes.astype(np.int64); X = df.drop(columns=["land_cover"]).to_numpy(np.float32)
 rng = np.random.default_rng(seed); p = rng.permutation(len(y)); n = len(y)
 te, va, tr = p[:int(.2*n)], p[int(.2*n):int(.35*n)], p[int(.35*n):]

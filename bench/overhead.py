@@ -33,7 +33,16 @@ worker group, reading the shard, building the student). The worker records it th
 product's ``trace_file`` hook; a Ray ``worker_process_setup_hook`` set here makes that hook write
 only the first step's wall clock (and the worker's torch threads) and do nothing after, so no
 per-step cost is added. The plain loop's fixed cost: reading the rows + building the student + its
-first step.
+first step. **Overhead** = ``run_training``'s wall time less the seconds of its steps (start-up,
+validation, checkpoints and reports, the end of the run).
+
+**Before/after**: the product's run is repeated with Ray Train's own controller settings
+(``RAY_DEFAULTS``: workers polled every 2 s, a preemption watcher per run), which the product
+replaces (``distill_ray/train/controller_env.py``); both fixed costs and overheads are printed. The
+product's run comes first, so warm-up, if any, counts against it.
+
+The text example's data (``own_text.yaml``) is written by ``jobs/make_example_data.py``; the bench
+writes it when it is missing.
 """
 
 from __future__ import annotations
@@ -52,6 +61,9 @@ import numpy as np
 import torch
 
 DEFAULT_CONFIGS = "jobs/configs/quickstart.yaml,jobs/configs/own_text.yaml"
+REPO = Path(__file__).resolve().parents[1]
+# Ray Train's own controller settings, which distill_ray.train.controller_env replaces: the "before".
+RAY_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
 
 
 def first_step_hook() -> None:
@@ -222,15 +234,25 @@ def wait_for_free_cpus(timeout_s: float = 120.0) -> None:
           "logical CPUs free after waiting; starting anyway", flush=True)
 
 
-def product_run(cfg, inputs, workdir: Path, name: str) -> dict:
+def product_run(cfg, inputs, workdir: Path, name: str, env: dict | None = None) -> dict:
+    """One ``run_training``, timed; ``env``: variables set for it only (Ray's defaults for the "before")."""
     from distill_ray.train.loop import load_trained_student, run_training
 
     wait_for_free_cpus()
     trace = workdir / f"{name}.first_step"
     trace.unlink(missing_ok=True)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     called = time.time()
     start = time.perf_counter()
-    result = run_training(cfg, inputs, str(workdir / "ray_results"), name, trace_file=str(trace))
+    try:
+        result = run_training(cfg, inputs, str(workdir / "ray_results"), name, trace_file=str(trace))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
     wall = time.perf_counter() - start
     if result.error is not None:
         raise RuntimeError(f"{name}: training failed: {result.error}")
@@ -245,7 +267,9 @@ def product_run(cfg, inputs, workdir: Path, name: str) -> dict:
         prev_step = row["step"]
         epochs.append({"steps": n_steps, "seconds": n_steps * per_rank_batch / last["samples_per_s"],
                        "first_batch_s": row.get("first_batch_s", 0.0)})
+    stepping = sum(e["seconds"] for e in epochs)
     return {"epochs": epochs, "fixed_s": float(first_at) - called, "wall_s": wall, "threads": int(threads),
+            "overhead_s": wall - stepping,
             "steps": int(state["step"]), "final_loss": steps[-1]["loss"],
             "val_accuracy": [r for r in history if r.get("kind") == "epoch"][-1].get("val_accuracy")}
 
@@ -264,11 +288,26 @@ def steady(run: dict, batch: int) -> dict:
             "epoch_spread": (min(per_epoch), max(per_epoch))}
 
 
+def ensure_example_data(cfg) -> None:
+    """The own-data examples (own_text.yaml's JSONL) live in the cache, written by jobs/make_example_data.py:
+    write them when the config's file is missing there."""
+    import runpy
+
+    from distill_ray.data.bundled import cache_root
+
+    examples = cache_root() / "examples"
+    path = Path(cfg.data.path).expanduser() if cfg.data.path else None
+    if path is not None and not path.exists() and path.resolve().is_relative_to(examples.resolve()):
+        print(f"{path} is missing: writing the examples (jobs/make_example_data.py)", flush=True)
+        runpy.run_path(str(REPO / "jobs/make_example_data.py"))["main"](examples)
+
+
 def bench_one(path: str, args, workdir: Path) -> dict:
     from distill_ray.models import build_model, num_params
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers, training_inputs
 
     probe = bench_config(path, 2, args.set)
+    ensure_example_data(probe)
     data = load_data(probe)
     dirs = prepare_teachers(probe, data)  # reused when trained for this data
     cache = build_cache(probe, data, dirs)  # reused when verified
@@ -290,6 +329,9 @@ def bench_one(path: str, args, workdir: Path) -> dict:
     print(f"[{cfg.name}] product: {steady(product, batch)['samples_per_s']:,.0f} samples/s, worker torch threads "
           f"{product['threads']}, fixed cost {product['fixed_s']:.1f}s, run_training wall {product['wall_s']:.1f}s",
           flush=True)
+    before = product_run(cfg, inputs, workdir, f"overhead-{cfg.name}-ray-defaults", env=RAY_DEFAULTS)
+    print(f"[{cfg.name}] product with Ray Train's own controller settings: fixed cost {before['fixed_s']:.1f}s, "
+          f"overhead {before['overhead_s']:.1f}s (run_training wall {before['wall_s']:.1f}s)", flush=True)
     # Like for like: the plain loop again, with as many torch threads as the product's worker had.
     plain_same = plain_loop(cfg, cache, info, product["threads"])
     print(f"[{cfg.name}] plain, {product['threads']} thread(s): {steady(plain_same, batch)['samples_per_s']:,.0f} "
@@ -309,7 +351,9 @@ def bench_one(path: str, args, workdir: Path) -> dict:
         "extra_ms_per_step": p["ms_per_step"] - plain_ms,
         "product_epoch_samples_per_s_range": p["epoch_spread"],
         "plain_fixed_s": plain_same["fixed_s"], "product_fixed_s": product["fixed_s"],
-        "product_wall_s": product["wall_s"], "threads": {"plain": plain_same["threads"], "worker": product["threads"]},
+        "product_wall_s": product["wall_s"], "product_overhead_s": product["overhead_s"],
+        "before": {"fixed_s": before["fixed_s"], "overhead_s": before["overhead_s"], "wall_s": before["wall_s"],
+                   "env": RAY_DEFAULTS}, "threads": {"plain": plain_same["threads"], "worker": product["threads"]},
         "final_loss": {"plain": plain_same["final_loss"], "product": product["final_loss"]},
     }
 
@@ -368,6 +412,10 @@ def main() -> None:
               f"thread(s) each (aim <= 1.10: {verdict}); {r['ratio_vs_reserved_threads']:.2f} against the plain loop at "
               f"the worker's reserved {r['plain_reserved_threads']} CPU; product epochs {lo:,.0f}..{hi:,.0f} samples/s; "
               f"fixed cost {r['product_fixed_s']:.1f}s (run_training wall {r['product_wall_s']:.1f}s)")
+        b = r["before"]
+        print(f"{r['name']}: Ray Train run's fixed cost (call to first step) {b['fixed_s']:.1f}s before -> "
+              f"{r['product_fixed_s']:.1f}s after; overhead (wall less steps) {b['overhead_s']:.1f}s before -> "
+              f"{r['product_overhead_s']:.1f}s after (before: Ray Train's controller settings {RAY_DEFAULTS})")
     if args.json:
         Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "ray_cpus": args.num_cpus,
                                                "omp_threads": args.omp_threads, "rows": rows},

@@ -14,6 +14,10 @@ from distill_ray.config import QUANTIZE_KINDS, ConfigError, dump_config, load_co
 from distill_ray.data.rows import DataError
 
 
+ADDRESS_HELP = ("Ray cluster to join: HOST:PORT, or auto for the one running on this machine (default: "
+                "RAY_ADDRESS, else a new local Ray of this command's own)")
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (see jobs/configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -165,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         _add_config_args(p)
-        p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a cluster "
-                                                       "on this machine, or a new local Ray)")
+        p.add_argument("--address", default=None, help=ADDRESS_HELP)
         p.add_argument("--retrain-teachers", action="store_true", help="train recipe teachers even if saved")
         p.add_argument("--rebuild", action="store_true", help="rebuild the soft-target cache even if valid")
         if name == "run":
@@ -186,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: tune.max_concurrent)")
     p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
                    help="finish an interrupted sweep: unfinished trials run, finished ones are kept")
-    p.add_argument("--address", default=None, help="Ray cluster address")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (binds 127.0.0.1 unless told)")
@@ -207,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.max_eval_samples=1000")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
-    p.add_argument("--address", default=None, help="Ray cluster address")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("ablation", help="the quality table: scratch, single teacher, each blend, each curriculum, "
@@ -218,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR's sibling NAME-ablation)")
     p.add_argument("--rows", default=None, help="comma-separated subset of rows (default: all of the config's "
                                                 "task; a row of the other task is refused, naming the valid ones)")
-    p.add_argument("--address", default=None, help="Ray cluster address")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_cmd_ablation)
     return parser
 

@@ -418,6 +418,9 @@ class TuneConfig:
     """File-based model registry: the winner lands in registry_dir/name/vN with a `latest` pointer."""
     cpus_per_trial: float = _field(0.25, ge=0.0)
     """CPUs held by each trial's driver (it only waits on its TorchTrainer; workers hold their own)."""
+    stall_timeout_s: float = _field(1800.0, ge=0.0)
+    """A trial whose training shows no progress for this long (no step logged, no checkpoint: its
+    workers never placed, its rows never read) is failed and the sweep goes on; 0 waits forever."""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,9 @@ from distill_ray.evaluation.verdict import Verdict, classification_verdict
 
 
 def connect_ray(address: str | None = None) -> None:
-    """Join the cluster named by ``address``/RAY_ADDRESS or running on this machine; else start one.
+    """Join the cluster named by ``address`` (``auto``: the one running on this machine) or RAY_ADDRESS;
+    with neither, start a local Ray of this process's own, even when another runs on this machine (a Ray
+    that happens to run there may be someone else's, sized for other work, or a test suite's).
 
     A local Ray started here binds its dashboard to nothing (include_dashboard=False) and advertises
     twice the machine's cores (at least 4) as logical CPUs: teacher actors and Train workers reserve
@@ -59,17 +61,11 @@ def connect_ray(address: str | None = None) -> None:
     # thousands of files on a cluster; a local Ray reading a few files pays ~13x the CPU for it (131 vs
     # 9.7 CPU-s for one read of a 1,200-row cache on 2 cores). Set before ray.init: workers inherit it.
     footer_actors = str(max(1, (os.cpu_count() or 2) // 2))
-    if address == "local":  # a private Ray even when another runs on this machine
+    if not address or address == "local":  # a private Ray even when another runs on this machine
         local_parquet_settings(footer_actors)
         ray.init(address="local", **local, **quiet)
-    elif address:
-        ray.init(address=address, **quiet)
     else:
-        try:
-            ray.init(address="auto", **quiet)
-        except ConnectionError:
-            local_parquet_settings(footer_actors)
-            ray.init(**local, **quiet)
+        ray.init(address=address, **quiet)
     quiet_ray_loggers()
     try:  # Ray's C++ messages to the session's logs (RUN_DIR/logs/ray links there), not the terminal
         native_stderr_to(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "driver_native.err")

@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS / a Ray running here)")
+    parser.add_argument("--address", default="auto",
+                        help="Ray address (default: RAY_ADDRESS, else the Ray running on this machine: the app "
+                             "outlives this script only in a Ray that does)")
     args = parser.parse_args(argv)
     try:
         serve_cfg = load_config(args.config, args.overrides).serve if args.config else ServeConfig()

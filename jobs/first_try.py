@@ -40,7 +40,8 @@ def _one(config: Path, variant: str, args: list[str], seed: int, out: Path) -> d
         with log.open("w") as f:
             code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
         if code != 0 or not metrics.is_file():
-            raise SystemExit(f"{name} failed ({code}); see {log}")
+            last = next((line for line in reversed(log.read_text().splitlines()) if line.strip()), "")
+            raise SystemExit(f"{name} failed ({code}): {last.strip()} (whole log: {log})")
         print(f"{name}: {time.perf_counter() - start:.0f}s", flush=True)
     return json.loads(metrics.read_text())
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -57,5 +56,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
     default = Path(os.environ.get("DISTILL_RAY_CACHE", "~/.cache/distill-ray")).expanduser() / "examples"
-    main(Path(sys.argv[1]).expanduser() if len(sys.argv) > 1 else default)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, default=default, help=f"output directory (default {default})")
+    main(parser.parse_args().out.expanduser())

@@ -399,7 +399,14 @@ def test_topk_cache_feeds_training(prepared, tiny_cfg, tiny_data, tmp_path):
 
     dense, exact = val_targets(topk, 3), val_targets(full, None)
     np.testing.assert_allclose(dense.double().exp().sum(-1).numpy(), 1.0, atol=2e-3)  # fp16 top-3 log-probs
-    assert (dense.argmax(-1) == exact.argmax(-1)).float().mean() == 1.0
+    # The top-1 survives the top-k encoding (test_cache_encoding.py). The full cache holds the logits in
+    # float16, and the two caches come from separate teacher passes: where the exact top two lie within
+    # one float16 step of each other, either may come first. Everywhere else the classes agree.
+    top2 = exact.topk(2, dim=-1).values
+    step = torch.from_numpy(np.spacing(np.abs(top2[..., 0].numpy()).astype(np.float16)).astype(np.float32))
+    decided = (top2[..., 0] - top2[..., 1]) > step
+    assert decided.float().mean() > 0.95  # near-ties are rare: the check covers nearly every row
+    assert (dense.argmax(-1) == exact.argmax(-1))[decided].all()
     inputs = training_inputs(cfg, topk, tiny_data.info)
     result = run_training(cfg, inputs, str(tmp_path / "ray"), "topk")
     _, history, _ = load_trained_student(cfg, inputs, result.checkpoint)

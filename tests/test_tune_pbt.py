@@ -120,8 +120,10 @@ def test_pbt_settings_are_range_checked(key, value, needle):
 
 def test_training_slots_fit_beside_the_whole_population(base):
     cfg = replace(base, tune=replace(base.tune, cpus_per_trial=0.25, max_concurrent=8))
-    assert pbt_train_slots(cfg, population=4, cluster_cpus=4) == 3  # 1 CPU of drivers, 3 for 1-CPU runs
-    assert pbt_train_slots(replace(cfg, tune=replace(cfg.tune, max_concurrent=2)), 4, 4) == 2
+    # 1 CPU of drivers, 1 kept free for the runs' Ray Data tasks, 3 runs of 1.1 CPUs (1-CPU worker + its stage)
+    assert pbt_train_slots(cfg, population=4, cluster_cpus=6) == 3
+    assert pbt_train_slots(replace(cfg, tune=replace(cfg.tune, max_concurrent=2)), 4, 6) == 2
+    assert pbt_train_slots(cfg, population=4, cluster_cpus=4) == 1  # 3 runs would leave no CPU to read data
     with pytest.raises(ConfigError) as err:
         pbt_train_slots(cfg, population=8, cluster_cpus=2)  # drivers alone take both CPUs
     assert "tune.num_samples" in str(err.value) and "2 CPUs" in str(err.value)

@@ -190,3 +190,26 @@ def _finished_trials(sweep_dir: Path) -> list[Path]:
 def _result_rows(trial_dir: Path) -> list[dict]:
     path = trial_dir / "result.json"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+@pytest.mark.timeout(600)
+def test_a_trial_without_progress_is_failed_and_the_sweep_goes_on(ray_local, root, tmp_path):
+    """One trial's Train workers can never be placed (64 CPUs asked of a 4-CPU Ray: Train retries
+    their start forever and the trial never reports). Without a watchdog the sweep waits for it
+    forever; with tune.stall_timeout_s the trial is failed, the other trains, and the sweep finishes."""
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  train.cpus_per_worker: {grid: [1, 64]}\n")
+    cfg = _config(root, "stalled", ("train.epochs", 1), ("tune.stall_timeout_s", 20), ("tracking.wandb", "disabled"))
+    started = time.monotonic()
+    out = run_sweep_within(cfg, space)
+    rows = {r["params"]["train.cpus_per_worker"]: r for r in out["trials"]}
+    assert rows[64]["status"] == "error" and "no training progress" in rows[64]["error"]
+    assert "tune.stall_timeout_s=20" in rows[64]["error"]
+    assert rows[1]["status"] == "done" and out["best"]["trial_id"] == rows[1]["trial_id"]
+    assert time.monotonic() - started < 400  # the stalled trial did not hold the sweep up
+
+
+def run_sweep_within(cfg, space: Path) -> dict:
+    from distill_ray.tune.sweep import run_sweep
+
+    return run_sweep(cfg, space, samples=1, max_concurrent=2)

@@ -43,10 +43,24 @@ def _local_files(path: str, fmt: str) -> list[str]:
         if not files:
             raise DataError(f"data.path: {p} holds no {fmt} files (looked for *.{', *.'.join(exts)})")
     else:
-        raise DataError(f"data.path: {path} does not exist")
+        raise DataError(f"data.path: {path} does not exist{_made_by(p)}")
     if not files:
         raise DataError(f"data.path: {path} matches no files")
     return files
+
+
+# Example data the repository's scripts write into the cache (the configs of jobs/configs/ read it there).
+MADE_BY = {"examples": "python jobs/make_example_data.py", "check": "make check-data"}
+
+
+def _made_by(path: Path) -> str:
+    """What writes a missing path, when it is one of the repository's example or check sets."""
+    from distill_ray.data.bundled import cache_root
+
+    for folder, command in MADE_BY.items():
+        if path.resolve().is_relative_to((cache_root() / folder).resolve()):
+            return f" (it is written by `{command}`: run that first)"
+    return ""
 
 
 def _check_readable(files: list[str], fmt: str) -> None:

@@ -369,8 +369,11 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None),
     )
+    from distill_ray.train.controller_env import controller_env
+
     try:
-        return trainer.fit()
+        with controller_env(world):  # polls that end a run when it ends (see controller_env.py)
+            return trainer.fit()
     finally:
         if plan is not None:
             ray.kill(plan)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distill_ray.config import ConfigError, ExperimentConfig
+from distill_ray.tune.capacity import DATA_CPUS, free_cpus, run_cpus
 from distill_ray.tune.space import RANGE_KINDS, SearchSpace, plain_value
 
 
@@ -38,27 +39,33 @@ def train_slots(count: int):
 
 
 def pbt_train_slots(cfg: ExperimentConfig, population: int, cluster_cpus: float) -> int:
-    """TorchTrainer runs that fit beside the whole population's drivers (at most tune.max_concurrent).
+    """TorchTrainer runs that fit beside the whole population's drivers and ``capacity.DATA_CPUS`` (at most
+    tune.max_concurrent).
 
     Raises ConfigError, with the numbers, when not even one fits."""
     drivers = population * cfg.tune.cpus_per_trial
-    per_run = cfg.train.num_workers * cfg.train.cpus_per_worker
-    fits = int((cluster_cpus - drivers) / per_run + 1e-9)
+    per_run = run_cpus(cfg)
+    fits = int((cluster_cpus - drivers - DATA_CPUS) / per_run + 1e-9)
     if fits < 1:
         raise ConfigError(f"tune.scheduler=pbt keeps all {population} trials alive at once: their drivers hold "
-                          f"{drivers:g} CPUs (tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} each) and one "
-                          f"TorchTrainer needs {per_run:g} more (train.num_workers x train.cpus_per_worker), "
-                          f"but the cluster has {cluster_cpus:g}; lower tune.num_samples, tune.cpus_per_trial "
-                          f"or train.cpus_per_worker")
+                          f"{drivers:g} CPUs (tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} each), one "
+                          f"TorchTrainer needs {per_run:g} more (train.num_workers x train.cpus_per_worker, and "
+                          f"its data stage) and {DATA_CPUS:g} stays free for reading data, but the cluster has "
+                          f"{cluster_cpus:g}; lower tune.num_samples, tune.cpus_per_trial or train.cpus_per_worker")
     return min(fits, cfg.tune.max_concurrent)
 
 
 def fit_population(cfg: ExperimentConfig, space: SearchSpace) -> tuple[ExperimentConfig, int]:
-    """PBT: every trial of the population is live at once; returns that config and the training slots."""
+    """PBT: every trial of the population is live at once; returns that config and the training slots
+    (refused when the cluster could never hold them; as many as the CPUs free now hold, at least one)."""
     import ray
 
     population = cfg.tune.num_samples * space.grid_size()
     slots = pbt_train_slots(cfg, population, ray.cluster_resources().get("CPU", 0))
+    try:
+        slots = min(slots, pbt_train_slots(cfg, population, free_cpus()))
+    except ConfigError:  # held by other work now: one at a time
+        slots = 1
     print(f"tune: PBT keeps its {population} trials alive together; {slots} train at a time")
     return replace(cfg, tune=replace(cfg.tune, max_concurrent=population)), slots
 
@@ -90,7 +97,6 @@ class ClampToSpace:
 
 
 def pbt_scheduler(cfg: ExperimentConfig, space: SearchSpace):
-    """Population Based Training evolving the space's non-grid params every tune.pbt_interval epochs."""
     from ray.tune.schedulers import PopulationBasedTraining
 
     t = cfg.tune
@@ -132,7 +138,6 @@ def epoch_rows(history: list[dict], after_epoch: int = 0) -> list[dict]:
 
 
 def epochs_done(checkpoint) -> int:
-    """The epochs a trial's checkpoint has finished (0 without one)."""
     rows = epoch_rows(checkpoint_history(checkpoint)) if checkpoint else []
     return rows[-1]["epoch"] if rows else 0
 

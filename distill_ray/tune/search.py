@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from distill_ray.config import ExperimentConfig, config_to_dict
 from distill_ray.data.transfer import KINDS_FOR
-from distill_ray.tune.space import plain_value
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 ALPHAS = (0.3, 0.5, 0.7, 0.9)
@@ -64,7 +64,6 @@ def config_values(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_values(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
-    """``cfg`` with ``values`` (dotted config keys) set, validated."""
     from distill_ray.config import apply_overrides, config_from_dict
 
     return config_from_dict(apply_overrides(config_to_dict(cfg), list(values.items())))
@@ -72,14 +71,10 @@ def with_values(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConf
 
 def _trial(sampled: dict, *, base_raw: dict, caches: dict, storage: str) -> None:
     """One Tune trial: the Train run of ``distill-ray run`` on the cache of its transfer kind."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from distill_ray.config import apply_overrides, config_from_dict
-    from distill_ray.train.inputs import training_inputs
-    from distill_ray.train.loop import run_training
     from distill_ray.data.transfer import first_copies
-    from distill_ray.tune.sweep import PLACEMENT_GROUP_FILE, trial_storage_dir
+    from distill_ray.train.inputs import training_inputs
+    from distill_ray.tune.sweep import run_trial_training
 
     cfg = config_from_dict(apply_overrides(base_raw, list(config_values(sampled).items())))
     kind = cfg.data.transfer if cfg.data.transfer in caches else next(iter(caches))
@@ -90,10 +85,7 @@ def _trial(sampled: dict, *, base_raw: dict, caches: dict, storage: str) -> None
     if built:  # the rows this trial trains on: every source row and `copies` transfer copies of each
         source = info.counts["train"] - info.transfer_rows
         inputs = dataclasses.replace(inputs, train_rows=source * (1 + copies))
-    trial_id = tune.get_context().get_trial_id()
-    pg_file = trial_storage_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
-    run_training(cfg, inputs, storage, f"train-{trial_id}", callbacks=[TuneReportCallback()],
-                 placement_group_file=str(pg_file))
+    run_trial_training(cfg, inputs, storage)
 
 
 def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, dict]:
@@ -104,7 +96,8 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
     from distill_ray.cache.build import build_cache
     from distill_ray.data.sources import load_source
     from distill_ray.teachers.setup import prepare_teachers
-    from distill_ray.tune.sweep import fit_concurrency, set_tune_env, tune_callbacks
+    from distill_ray.tune.capacity import fit_concurrency
+    from distill_ray.tune.sweep import tune_callbacks, set_tune_env
 
     if cfg.train.mode != "cached":
         raise ValueError("--search reads the cached soft targets in every trial; set train.mode=cached")
@@ -180,6 +173,10 @@ def _step_asha(cfg: ExperimentConfig, choices: dict, caches: dict):
     # Rungs from one epoch of the smallest set, doubling; no trial is stopped at its own last report.
     return ASHAScheduler(time_attr="step", max_t=max(steps) + 1,
                          grace_period=max(1, min(steps) // cfg.train.epochs), reduction_factor=2)
+
+
+def plain_value(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
 
 
 def _describe(params: dict) -> str:

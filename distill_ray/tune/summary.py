@@ -27,11 +27,31 @@ def trial_table(cfg: ExperimentConfig, space: SearchSpace, grid) -> list[dict]:
                      "params": {k: plain_value(config.get(k)) for k, _, _ in space.params},
                      "metric": metrics.get(cfg.tune.metric), "epochs": metrics.get("epoch"),
                      "checkpoint_path": metrics.get("checkpoint_path"),
-                     "status": "error" if result.error else "done", "path": result.path})
+                     "status": "error" if result.error else "done", "path": result.path,
+                     "error": _error_line(result.error)})
     sign = -1 if cfg.tune.mode == "max" else 1
     scored = [r for r in rows if isinstance(r["metric"], (int, float)) and not math.isnan(r["metric"])]
     scored.sort(key=lambda r: sign * r["metric"])
     return scored + [r for r in rows if r not in scored]
+
+
+def trials_text(cfg: ExperimentConfig, space: SearchSpace, rows: list[dict]) -> str:
+    """The trial table as the terminal shows it at the end of a sweep: best first, columns aligned."""
+    keys = [k for k, _, _ in space.params]
+    head = ["rank", "trial", *keys, cfg.tune.metric, "epochs", "status"]
+    body = [[str(i), str(r["trial_id"]), *(_fmt(r["params"][k]) for k in keys),
+             _fmt(r["metric"]) if r["metric"] is not None else "-",
+             str(r["epochs"] if r["epochs"] is not None else "-"), r["status"]] for i, r in enumerate(rows, 1)]
+    widths = [max(len(row[c]) for row in [head, *body]) for c in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *body])
+
+
+def _error_line(error) -> str | None:
+    """The line of a failed trial's error that says why (Tune wraps it in its own lines and a traceback)."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if "Error" in line.split(":")[0]), lines[-1] if lines else repr(error))
 
 
 def plot_sweep(rows: list[dict], space: SearchSpace, metric: str, path: Path) -> Path | None:

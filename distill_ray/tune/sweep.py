@@ -14,10 +14,13 @@ checkpoint, and hands that checkpoint to Tune with the segment's last report.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -27,15 +30,18 @@ from distill_ray.console import is_verbose
 from distill_ray.extras import available, install_hint
 from distill_ray.evaluation.report import final_teacher_weights
 from distill_ray.serving.registry import register
-from distill_ray.tune.pbt import checkpoint_history, epoch_rows, epochs_done, evolved_schedule, fit_population, \
-    pbt_scheduler, train_slots
+from distill_ray.tune.capacity import fit_concurrency
+from distill_ray.tune.pbt import epochs_done, fit_population, pbt_scheduler, train_slots, checkpoint_history, \
+    epoch_rows, evolved_schedule
 from distill_ray.tune.space import SearchSpace, load_space, trial_config
-from distill_ray.tune.summary import plot_sweep, trial_table, write_summary
+from distill_ray.tune.summary import plot_sweep, trial_table, trials_text, write_summary
+from distill_ray.tune.watchdog import PROGRESS_FILE, watched
 
 PBT_SEARCHES = ("random", "grid")  # PBT evolves the trials it starts with; a searcher would propose new ones
 SPACE_FILE = "space.yaml"
 CONFIG_FILE = "config.yaml"
 TRIALS_FILE = "trials.json"
+TUNE_LOG = "tune.log"  # Ray Tune's own output (its status tables), unless -v
 PLACEMENT_GROUP_FILE = "placement_group_id"
 TRIAL_ACTOR_FILE = "trial_actor_id"
 # distill_ray's modules before 0.2, when the package was flat (0.2 moved them into subpackages). A
@@ -54,18 +60,28 @@ PRE_0_2_MODULES = frozenset(f"distill_ray.{name}" for name in (
 
 def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str) -> None:
     """One Tune trial: a TorchTrainer from inside a function trainable (the Train V2 pattern)."""
+    from distill_ray.pipeline import training_inputs
+
+    cfg = trial_config(base_raw, space, sampled)
+    run_trial_training(cfg, training_inputs(cfg, cache, info), storage)
+
+
+def run_trial_training(cfg: ExperimentConfig, inputs, storage: str) -> None:
+    """A trial's Train run, its metrics reaching Tune through ``TuneReportCallback``, under the watchdog
+    (``tune/watchdog.py``): with no progress for ``tune.stall_timeout_s`` the trial fails."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distill_ray.pipeline import training_inputs
     from distill_ray.train.loop import run_training
 
-    cfg = trial_config(base_raw, space, sampled)
     trial_id = tune.get_context().get_trial_id()
-    pg_file = trial_storage_dir(storage, trial_id) / PLACEMENT_GROUP_FILE
+    trial_dir = trial_storage_dir(storage, trial_id)
+    callbacks = [TuneReportCallback()]
     # The same trial id resumes the same Train run (Tuner.restore re-runs unfinished trials).
-    run_training(cfg, training_inputs(cfg, cache, info), storage, f"train-{trial_id}",
-                 callbacks=[TuneReportCallback()], placement_group_file=str(pg_file))
+    watched(lambda: run_training(cfg, inputs, storage, f"train-{trial_id}", callbacks=callbacks,
+                                 placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
+                                 progress_file=str(trial_dir / PROGRESS_FILE)),
+            cfg.tune.stall_timeout_s, [trial_dir, trial_dir / PROGRESS_FILE])
 
 
 def trial_storage_dir(storage: str, trial_id: str) -> Path:
@@ -103,10 +119,13 @@ def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache
     while epoch < cfg.train.epochs:
         # Segment ends on multiples of the interval, so every PBT decision point has a checkpoint.
         stop = min((epoch // cfg.tune.pbt_interval + 1) * cfg.tune.pbt_interval, cfg.train.epochs)
-        with _holding(slots):
-            result = run_training(cfg, inputs, str(trial_dir), _next_segment(trial_dir),
-                                  placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
-                                  resume_from=checkpoint, stop_at_epoch=stop)
+        segment = _next_segment(trial_dir)
+        with _holding(slots):  # the watchdog counts from here: waiting for a slot is no stall
+            result = watched(lambda: run_training(cfg, inputs, str(trial_dir), segment,
+                                                  placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
+                                                  progress_file=str(trial_dir / PROGRESS_FILE),
+                                                  resume_from=checkpoint, stop_at_epoch=stop),
+                             cfg.tune.stall_timeout_s, [trial_dir, trial_dir / segment, trial_dir / PROGRESS_FILE])
         checkpoint = result.checkpoint
         *earlier, last = epoch_rows(checkpoint_history(checkpoint), after_epoch=epoch)
         for row in earlier:  # one Tune result per epoch, as TuneReportCallback gives the other schedulers
@@ -194,7 +213,6 @@ def _remove_group(group_id: str | None) -> None:
 
 
 def trial_scheduler(cfg: ExperimentConfig, space: SearchSpace):
-    """tune.scheduler as Tune's scheduler: ASHA (by epoch), PBT (``pbt.pbt_scheduler``) or FIFO."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     t = cfg.tune
@@ -210,8 +228,6 @@ def trial_scheduler(cfg: ExperimentConfig, space: SearchSpace):
 
 
 def search_algorithm(cfg: ExperimentConfig, space: SearchSpace):
-    """tune.search as Tune's search algorithm (None: random or grid sampling of the space); ConfigError for
-    a search that cannot run with the scheduler or the space."""
     t = cfg.tune
     if t.scheduler == "pbt" and t.search not in PBT_SEARCHES:
         raise ConfigError(f"tune.search={t.search} cannot run with tune.scheduler=pbt: PBT evolves the trials it "
@@ -239,9 +255,77 @@ def check_tracking(cfg: ExperimentConfig) -> None:
                           f"{install_hint('wandb')}, or set tracking.wandb=disabled")
 
 
-def tune_callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
-    """Tune's callbacks: free a stopped trial's Train workers, and log to W&B unless tracking.wandb is disabled."""
+def _trial_lines(cfg: ExperimentConfig, space: SearchSpace):
+    """A Tune callback printing one line per trial result (epoch reports only) and per failed trial to the
+    terminal (``_terminal``: Tune's own tables go to the sweep's log meanwhile, ``_tune_output``)."""
+    from ray import tune
+
+    keys = [k for k, _, _ in space.params]
+    metric, epochs = cfg.tune.metric, cfg.train.epochs
+
+    def values(trial) -> str:
+        return " ".join(f"{k}={_short(trial.config.get(k))}" for k in keys)
+
+    class TrialLines(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("kind", "epoch") == "epoch" and metric in result:
+                print(f"tune: trial {trial.trial_id} epoch {result.get('epoch')}/{epochs} "
+                      f"{metric} {result[metric]:.4f}  {values(trial)}", file=_terminal(), flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"tune: trial {trial.trial_id} failed ({values(trial)}): {_error_line(trial)}", file=_terminal(),
+                  flush=True)
+
+    return TrialLines()
+
+
+def _short(value) -> str:
+    value = getattr(value, "item", lambda: value)()
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _error_line(trial) -> str:
+    """The last line of the trial's error file (the exception and its message), else where to look."""
+    try:
+        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):  # no error file (yet)
+        lines = []
+    return lines[-1] if lines else f"see {trial.path or 'the sweep directory'}"
+
+
+_TERMINAL: dict = {}  # the stream stdout was before _tune_output redirected it (a callback must stay picklable)
+
+
+def _terminal():
+    return _TERMINAL.get("stream") or sys.stdout
+
+
+@contextmanager
+def _tune_output(log: Path):
+    """Tune's status tables and its error tracebacks go to ``log`` (the terminal reads one line per
+    trial result, ``_trial_lines``, and the final table); with ``-v``, to the terminal as well."""
+    if is_verbose():
+        yield
+        return
+    tune_logger = logging.getLogger("ray.tune")
+    _TERMINAL["stream"] = sys.stdout
+    with log.open("a") as stream, contextlib.redirect_stdout(stream):
+        handler = logging.StreamHandler(stream)
+        propagate = tune_logger.propagate
+        tune_logger.addHandler(handler)
+        tune_logger.propagate = False
+        try:
+            yield
+        finally:
+            tune_logger.removeHandler(handler)
+            tune_logger.propagate = propagate
+            _TERMINAL.clear()
+
+
+def tune_callbacks(cfg: ExperimentConfig, sweep_dir: Path, space: SearchSpace | None = None) -> list:
     callbacks = [_release_callback(str(sweep_dir / "train"))]
+    if space is not None:
+        callbacks.append(_trial_lines(cfg, space))
     mode = cfg.tracking.wandb
     if mode != "disabled":
         from ray.air.integrations.wandb import WandbLoggerCallback
@@ -255,25 +339,8 @@ def tune_callbacks(cfg: ExperimentConfig, sweep_dir: Path) -> list:
     return callbacks
 
 
-def fit_concurrency(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Cap concurrent trials at what the cluster's CPUs can hold at once.
-
-    A trial's driver holds ``cpus_per_trial``; its TorchTrainer asks for its workers separately. More
-    trials than fit would start drivers whose workers wait for CPUs until Train's start-up timeout."""
-    import ray
-
-    need = cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker
-    fits = max(1, int(ray.cluster_resources().get("CPU", 0) // need))
-    if cfg.tune.max_concurrent > fits:
-        print(f"tune: {cfg.tune.max_concurrent} concurrent trials asked, {fits} fit in this cluster's CPUs "
-              f"({need:g} CPUs per trial); running {fits} at a time")
-        cfg = replace(cfg, tune=replace(cfg.tune, max_concurrent=fits))
-    return cfg
-
-
 def set_tune_env() -> None:
-    """Environment Tune needs before it starts: trials report val_accuracy only per epoch (checkpoint-step
-    reports lack it), so its strict metric check is off."""
+    # Trials report val_accuracy only per epoch; checkpoint-step reports lack it.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
@@ -391,13 +458,17 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
                                         scheduler=trial_scheduler(cfg, space),
                                         # PBT pauses every trial at every perturbation: reuse its process
                                         reuse_actors=pbt),
-            run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir), callbacks=tune_callbacks(cfg, sweep_dir),
-                                      # the status table as trials progress; per-trial boxes only with -v
+            run_config=tune.RunConfig(name="trials", storage_path=str(sweep_dir),
+                                      callbacks=tune_callbacks(cfg, sweep_dir, space),
+                                      # the status table as trials progress (to TUNE_LOG); per-trial boxes with -v
                                       verbose=2 if is_verbose() else 1,
                                       # PBT: the last epoch ends the trial before PBT could clone into it
                                       stop={"epoch": cfg.train.epochs} if pbt else None),
         )
-    grid = tuner.fit()
+    if not is_verbose():
+        print(f"tune: Ray Tune's status tables: {sweep_dir / TUNE_LOG}", flush=True)
+    with _tune_output(sweep_dir / TUNE_LOG):
+        grid = tuner.fit()
     return finish_sweep(cfg, space, grid, sweep_dir, info, cache)
 
 
@@ -406,6 +477,7 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
 def finish_sweep(cfg: ExperimentConfig, space: SearchSpace, grid, sweep_dir: Path, info, cache) -> dict:
     rows = trial_table(cfg, space, grid)
     (sweep_dir / TRIALS_FILE).write_text(json.dumps(rows, indent=2, default=str))
+    print(f"\n{trials_text(cfg, space, rows)}", flush=True)
     try:  # Tune's own pick (last reported metric per trial), then its row of the table
         winner = grid.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last").path
     except RuntimeError:  # no trial reported the metric

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 from distill_ray.config import ExperimentConfig, config_to_dict

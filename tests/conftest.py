@@ -81,3 +81,13 @@ def tiny_prepared(ray_local, tmp_path_factory):
         return dest
 
     return fill
+
+
+SLOW_TIMEOUT_S = 900  # end-to-end tests (marked slow): one ran past the 300 s default on a shared 2-core machine
+
+
+def pytest_collection_modifyitems(config, items):
+    """A slow test without its own @pytest.mark.timeout gets SLOW_TIMEOUT_S instead of the 300 s default."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))

@@ -3,6 +3,7 @@ Ray Data stages that feed a worker (online teachers included), how a worker read
 validation.
 
 - ``loop``: the distillation loop (one per-worker function) and ``run_training``, its driver.
+- ``controller_env``: the Ray Train controller settings a run starts with (how often it polls workers).
 - ``inputs``: the datasets and step budgets of a run, its baseline and the ablation's rows.
 - ``stages``: the Ray Data stages between a split and a Train worker, built on the driver.
 - ``streams``: a worker's own stream of rows, kept in memory or streamed.

@@ -30,7 +30,12 @@ os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray, started once. Logical CPUs exceed the 2 real cores on purpose: teacher
-    actors take fractions, and most of the time they wait on each other."""
+    actors take fractions, and most of the time they wait on each other.
+
+    Its own (address="local"), never a Ray that happens to run on the machine. A test that overruns
+    its time limit (pytest-timeout, pyproject.toml) ends this whole pytest process after printing
+    every thread's stack: the Ray started here goes with it (its head processes share the process's
+    fate), so no test is left waiting on a half-torn-down session."""
     import ray
 
     if not ray.is_initialized():

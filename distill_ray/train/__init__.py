@@ -6,6 +6,7 @@ validation.
 - ``options``: ``WorkerOptions``, everything a worker is told, one frozen value built on the driver.
 - ``state``: ``TrainState``, what the loop changes and a checkpoint keeps (save, restore).
 - ``epochs``: a worker's rows and each epoch's selection (curriculum stage, open fraction, order).
+- ``controller_env``: the Ray Train controller settings a run starts with (how often it polls workers).
 - ``inputs``: the datasets and step budgets of a run, its baseline and the ablation's rows.
 - ``stages``: the Ray Data stages between a split and a Train worker, built on the driver.
 - ``streams``: a worker's own stream of rows, kept in memory or streamed.

@@ -28,7 +28,7 @@ def mk(hs):
 def acc(m, k):
     with torch.no_grad(): return (m(Xt[k]).argmax(1) == Yt[k]).float().mean().item()
 def fit(m, X_, targets, steps, epochs_batch=64, lr=3e-3, kd=None):
-    torch.manual_seed(seed); opt = torch.optim.AdamW(m.parameters(), lr=lr); n = len(X_); best=(-1, 0, None); step = 0
+    torch.manual_seed(seed); opt = torch.optim.AdamW(m.parameters(), lr=lr); n = len(X_); best=(-1, 0, None)
     per_epoch = n // epochs_batch; epochs = max(1, steps // per_epoch)
     for ep in range(epochs):
         perm = torch.randperm(n)

@@ -69,7 +69,7 @@ def main() -> None:
     v2, v1 = statistics.median(times["v2"]), statistics.median(times["v1"])
     print(f"{args.rows:,} rows x {args.width} float32 in {args.files} file(s), {args.rounds} rounds, "
           f"footer actors {os.environ['RAY_DATA_PARQUET_FOOTER_NUM_ACTORS']}, {os.cpu_count()} cores")
-    print(f"| reader | median s per full read | min | max |\n|---|---:|---:|---:|")
+    print("| reader | median s per full read | min | max |\n|---|---:|---:|---:|")
     for name in ("v2", "v1"):
         print(f"| {name} | {statistics.median(times[name]):.3f} | {min(times[name]):.3f} | {max(times[name]):.3f} |")
     print(f"V2 / V1 time per read: {v2 / v1:.2f}")

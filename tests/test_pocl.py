@@ -138,7 +138,6 @@ class _WordTokenizer:
 
 def test_row_measures_are_the_references_loss_and_rouge_per_row():
     import numpy as np
-    import torch
 
     from distill_ray.evaluation.metrics import lm_label_logprobs
     from distill_ray.lm.generation import batched_responses, rouge_l

@@ -152,7 +152,7 @@ def test_known_alignment_of_a_docstring_line_from_wordpiece_to_smollm2(smollm2, 
 
 
 def test_real_pair_aligns_most_positions_and_maps_most_teacher_top1_mass(smollm2, minilm):
-    (stok, stab), (ttok, ttab) = minilm, smollm2
+    (stok, stab), (ttok, _) = minilm, smollm2
     rows = [_ids(stok, doc)[:96] for doc in DOCS]
     n = min(map(len, rows))
     aligned = [row.aligned[:-1].mean() for row in align_rows(stab, ttok, np.array([r[:n] for r in rows]))]

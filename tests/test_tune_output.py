@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from distill_ray.config import load_config
 from distill_ray.tune.space import load_space
 from distill_ray.tune.summary import trials_text
-from distill_ray.tune.sweep import _trial_lines, _tune_output
+from distill_ray.tune.terminal import trial_lines, tune_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,12 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_a_line_per_epoch_result_and_per_failure_while_tunes_tables_go_to_the_log(tmp_path, capsys):
     cfg = load_config(REPO / "jobs/configs/tiny.yaml")
     space = load_space(REPO / "tune_spaces/kd_basic.yaml", cfg)
-    lines = _trial_lines(cfg, space)
+    lines = trial_lines(cfg, space)
     error = tmp_path / "error.txt"
     error.write_text("Traceback (most recent call last):\n  ...\nTrialStalled: no training progress for 21 s\n")
     trial = SimpleNamespace(trial_id="f091f_00001", config={"loss.temperature": 1.1671, "loss.alpha": 0.626,
                                                             "loss.kind": "js"}, error_file=str(error), path="x")
-    with _tune_output(tmp_path / "tune.log"):
+    with tune_output(tmp_path / "tune.log"):
         print("╭──── Trial status: 2 RUNNING ────╮")  # what Tune's reporter prints
         logging.getLogger("ray.tune").error("Trial task failed for trial f091f_00001\nTraceback ...")
         lines.on_trial_result(0, [], trial, {"kind": "step", "step": 5, "val_accuracy": 0.1})  # a checkpoint report

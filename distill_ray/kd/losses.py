@@ -556,22 +556,3 @@ def dkd(
     """
     tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, temperature)
     return _reduce(alpha * tckd + beta * nckd, None, reduction)
-
-
-# --------------------------------------------------------------------------------------------
-# moved: feature terms (``feature_losses``) and label terms (``labels``)
-
-_MOVED = {"HintProjector": "feature_losses", "hint_loss": "feature_losses", "attention_map": "feature_losses",
-          "attention_map_distance": "feature_losses", "label_smoothing_ce": "labels"}
-
-
-def __getattr__(name: str):
-    """The five names kd/objectives.py and train/loop.py still import from here, found where they now
-    live; goes once those two files import them from ``feature_losses`` and ``labels``."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"distill_ray.kd.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from distill_ray.kd import curriculum as cur
 from distill_ray.kd.blending import TeacherBlend
 from distill_ray.config import ExperimentConfig
-from distill_ray.kd.losses import HintProjector, attention_map, attention_map_distance, dense_from_topk, dkd, \
-    focal_kd, hint_loss, kd_divergence, kd_divergence_to_probs, label_smoothing_ce, topk_kd_divergence, \
-    topk_label_logprobs, uld_divergence
+from distill_ray.kd.feature_losses import HintProjector, attention_map, attention_map_distance, hint_loss
+from distill_ray.kd.labels import label_smoothing_ce
+from distill_ray.kd.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, \
+    topk_kd_divergence, topk_label_logprobs, uld_divergence
 from distill_ray.models import forward_with_features, unwrap_model
 
 
@@ -201,7 +202,7 @@ def token_kd_loss(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: to
 
 def attention_loss(student_features: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     """Attention transfer against a teacher's already reduced map [N, P] (as the teachers send it):
-    ``losses.attention_map_distance`` of the student's map, after checking the grids match."""
+    ``feature_losses.attention_map_distance`` of the student's map, after checking the grids match."""
     student_map = attention_map(student_features.float())
     if student_map.shape != teacher_map.shape:
         raise ValueError(f"attention maps differ in size: the student's features {tuple(student_features.shape[1:])} "

@@ -25,7 +25,7 @@ import torch
 from ray.train import Checkpoint
 
 from distill_ray.kd.blending import TeacherBlend
-from distill_ray.kd.losses import HintProjector
+from distill_ray.kd.feature_losses import HintProjector
 from distill_ray.models import unwrap_model
 from distill_ray.train.epochs import EpochSelection
 

@@ -14,13 +14,10 @@ checkpoint, and hands that checkpoint to Tune with the segment's last report.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import re
 import shutil
-import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +28,8 @@ from distill_ray.extras import available, install_hint
 from distill_ray.evaluation.report import final_teacher_weights
 from distill_ray.serving.registry import register
 from distill_ray.tune.capacity import fit_concurrency
+from distill_ray.tune.release import PLACEMENT_GROUP_FILE, TRIAL_ACTOR_FILE, release_callback
+from distill_ray.tune.terminal import trial_lines, tune_output
 from distill_ray.tune.pbt import epochs_done, fit_population, pbt_scheduler, train_slots, checkpoint_history, \
     epoch_rows, evolved_schedule
 from distill_ray.tune.space import SearchSpace, load_space, trial_config
@@ -42,8 +41,6 @@ SPACE_FILE = "space.yaml"
 CONFIG_FILE = "config.yaml"
 TRIALS_FILE = "trials.json"
 TUNE_LOG = "tune.log"  # Ray Tune's own output (its status tables), unless -v
-PLACEMENT_GROUP_FILE = "placement_group_id"
-TRIAL_ACTOR_FILE = "trial_actor_id"
 # distill_ray's modules before 0.2, when the package was flat (0.2 moved them into subpackages). A
 # sweep's trials/tuner.pkl (cloudpickle) names the scheduler's explore function and the callbacks'
 # helpers by these paths; four of them (data, teachers, train, tune) are packages now, without those names.
@@ -85,7 +82,7 @@ def run_trial_training(cfg: ExperimentConfig, inputs, storage: str) -> None:
 
 
 def trial_storage_dir(storage: str, trial_id: str) -> Path:
-    """``storage/train-ID``, holding the ids ``_release_callback`` needs to free a stopped trial's workers."""
+    """``storage/train-ID``, holding the ids ``release.release_callback`` needs to free a stopped trial's workers."""
     import ray
 
     path = Path(storage) / f"train-{trial_id}"
@@ -150,68 +147,6 @@ def _holding(slots):
         slots.release.remote()
 
 
-def _release_callback(storage: str):
-    """A Tune callback that frees a stopped trial's Train workers.
-
-    When ASHA stops a trial, Tune kills the trial's actor mid-``fit()``; the TorchTrainer's controller
-    dies with it, but its workers' placement group outlives it (its lifetime is the driver's job),
-    and Train's own cleaner needs the dashboard's state API, which a local Ray may not run. Left
-    alone, the CPUs stay reserved and the next trial's workers wait forever. The group is removed
-    only once the trial's actor is dead: removed earlier, a live controller would restart its
-    workers in a new group."""
-    import time
-
-    from ray import tune
-
-    class ReleaseTrainWorkers(tune.Callback):
-        def __init__(self):
-            self.pending: dict[str, float] = {}
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.pending[trial.trial_id] = time.monotonic()
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.pending[trial.trial_id] = time.monotonic()
-
-        def on_step_begin(self, iteration, trials, **info):
-            for trial_id, since in list(self.pending.items()):
-                if _actor_dead(_read(trial_id, TRIAL_ACTOR_FILE)) or time.monotonic() - since > 120:
-                    _remove_group(_read(trial_id, PLACEMENT_GROUP_FILE))
-                    del self.pending[trial_id]
-
-        def on_experiment_end(self, trials, **info):
-            deadline = time.monotonic() + 30
-            while self.pending and time.monotonic() < deadline:
-                self.on_step_begin(0, trials)
-                time.sleep(0.5)
-
-    def _read(trial_id: str, name: str) -> str | None:
-        path = Path(storage) / f"train-{trial_id}" / name
-        return path.read_text().strip() if path.is_file() else None
-
-    return ReleaseTrainWorkers()
-
-
-def _actor_dead(actor_id: str | None) -> bool:
-    from ray._private.state import actors  # GCS table: works without the dashboard
-
-    if actor_id is None:
-        return True
-    return (actors(actor_id=actor_id) or {}).get("State") in (None, "DEAD")
-
-
-def _remove_group(group_id: str | None) -> None:
-    from ray._raylet import PlacementGroupID
-    from ray.util import placement_group_table, remove_placement_group
-    from ray.util.placement_group import PlacementGroup
-
-    if group_id is None:
-        return
-    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
-    if placement_group_table(pg).get("state") not in (None, "REMOVED"):
-        remove_placement_group(pg)
-
-
 def trial_scheduler(cfg: ExperimentConfig, space: SearchSpace):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -234,14 +169,13 @@ def search_algorithm(cfg: ExperimentConfig, space: SearchSpace):
                           f"starts with, a search algorithm proposes new ones (Ray refuses the pair); "
                           f"valid choices with pbt: {', '.join(PBT_SEARCHES)}")
     if t.search == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-            import optuna  # noqa: F401
-        except ImportError:
+        if not available("optuna"):
             raise ConfigError("tune.search=optuna needs the optuna package (pip install optuna); "
-                              "valid choices without it: random, grid") from None
+                              "valid choices without it: random, grid")
         if space.has_grid():
             raise ConfigError("tune.search=optuna cannot take 'grid' params; use choice instead")
+        from ray.tune.search.optuna import OptunaSearch
+
         return OptunaSearch()
     if t.search == "grid" and not all(kind in ("grid", "choice") for _, kind, _ in space.params):
         raise ConfigError("tune.search=grid needs every param to be 'grid' or 'choice' (a grid has no ranges)")
@@ -255,77 +189,10 @@ def check_tracking(cfg: ExperimentConfig) -> None:
                           f"{install_hint('wandb')}, or set tracking.wandb=disabled")
 
 
-def _trial_lines(cfg: ExperimentConfig, space: SearchSpace):
-    """A Tune callback printing one line per trial result (epoch reports only) and per failed trial to the
-    terminal (``_terminal``: Tune's own tables go to the sweep's log meanwhile, ``_tune_output``)."""
-    from ray import tune
-
-    keys = [k for k, _, _ in space.params]
-    metric, epochs = cfg.tune.metric, cfg.train.epochs
-
-    def values(trial) -> str:
-        return " ".join(f"{k}={_short(trial.config.get(k))}" for k in keys)
-
-    class TrialLines(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if result.get("kind", "epoch") == "epoch" and metric in result:
-                print(f"tune: trial {trial.trial_id} epoch {result.get('epoch')}/{epochs} "
-                      f"{metric} {result[metric]:.4f}  {values(trial)}", file=_terminal(), flush=True)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"tune: trial {trial.trial_id} failed ({values(trial)}): {_error_line(trial)}", file=_terminal(),
-                  flush=True)
-
-    return TrialLines()
-
-
-def _short(value) -> str:
-    value = getattr(value, "item", lambda: value)()
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _error_line(trial) -> str:
-    """The last line of the trial's error file (the exception and its message), else where to look."""
-    try:
-        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
-    except (OSError, TypeError):  # no error file (yet)
-        lines = []
-    return lines[-1] if lines else f"see {trial.path or 'the sweep directory'}"
-
-
-_TERMINAL: dict = {}  # the stream stdout was before _tune_output redirected it (a callback must stay picklable)
-
-
-def _terminal():
-    return _TERMINAL.get("stream") or sys.stdout
-
-
-@contextmanager
-def _tune_output(log: Path):
-    """Tune's status tables and its error tracebacks go to ``log`` (the terminal reads one line per
-    trial result, ``_trial_lines``, and the final table); with ``-v``, to the terminal as well."""
-    if is_verbose():
-        yield
-        return
-    tune_logger = logging.getLogger("ray.tune")
-    _TERMINAL["stream"] = sys.stdout
-    with log.open("a") as stream, contextlib.redirect_stdout(stream):
-        handler = logging.StreamHandler(stream)
-        propagate = tune_logger.propagate
-        tune_logger.addHandler(handler)
-        tune_logger.propagate = False
-        try:
-            yield
-        finally:
-            tune_logger.removeHandler(handler)
-            tune_logger.propagate = propagate
-            _TERMINAL.clear()
-
-
 def tune_callbacks(cfg: ExperimentConfig, sweep_dir: Path, space: SearchSpace | None = None) -> list:
-    callbacks = [_release_callback(str(sweep_dir / "train"))]
+    callbacks = [release_callback(str(sweep_dir / "train"))]
     if space is not None:
-        callbacks.append(_trial_lines(cfg, space))
+        callbacks.append(trial_lines(cfg, space))
     mode = cfg.tracking.wandb
     if mode != "disabled":
         from ray.air.integrations.wandb import WandbLoggerCallback
@@ -467,7 +334,7 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
         )
     if not is_verbose():
         print(f"tune: Ray Tune's status tables: {sweep_dir / TUNE_LOG}", flush=True)
-    with _tune_output(sweep_dir / TUNE_LOG):
+    with tune_output(sweep_dir / TUNE_LOG):
         grid = tuner.fit()
     return finish_sweep(cfg, space, grid, sweep_dir, info, cache)
 

@@ -7,7 +7,7 @@ for the trial's next result, so the sweep would wait as long. ``watched`` runs a
 a thread and raises ``TrialStalled`` in the trial when none of the watched paths has changed for
 ``tune.stall_timeout_s`` seconds: rank 0 rewrites its progress file every logged step, and every report
 adds a checkpoint to the run's directory. Tune marks the trial failed (ERROR, with this message) and
-starts the next one; the trial's actor then ends, and its Train run with it (``sweep._release_callback``
+starts the next one; the trial's actor then ends, and its Train run with it (``release.release_callback``
 frees the workers' placement group).
 """
 

@@ -158,13 +158,6 @@ def test_choice_lists_match_the_modules_that_implement_them():
     assert set(C.MEASURER_KINDS) == set(curriculum.MEASURERS)
 
 
-def test_pure_modules_do_not_import_ray():
-    code = ("import sys; import distill_ray.config, distill_ray.kd.losses, distill_ray.kd.blending, "
-            "distill_ray.kd.curriculum, distill_ray.data.bundled, distill_ray.evaluation.verdict; "
-            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 def test_cli_reports_a_bad_key_in_one_line_and_exits_2(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))

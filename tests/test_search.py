@@ -63,7 +63,7 @@ def test_a_search_tries_the_config_first_and_hands_the_winner_to_the_run(ray_loc
     keep = np.random.default_rng(0).permutation(len(digits.target))[:600]
     pq.write_table(pa.table({**{f"p{i}": digits.data[keep, i] for i in range(64)},
                              "y": [str(v) for v in digits.target[keep]]}), tmp_path / "t.parquet")
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, transfer="mixup")  # a transfer set of its own (the default is none): the first trial keeps it
     picked_cfg, found = run_search(cfg, samples=2)
     trials = found["trials"]
     assert len(trials) == 2 and all(t["val_accuracy"] is not None for t in trials)

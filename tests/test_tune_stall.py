@@ -49,6 +49,22 @@ def test_a_run_that_keeps_touching_its_progress_file_is_left_alone(tmp_path):
     assert watched(lambda: "unwatched", 0, [progress]) == "unwatched"  # 0: no watchdog
 
 
+def test_between_runs_in_the_callers_thread_while_the_run_goes_and_not_after(tmp_path):
+    """A trial forwards its Train reports to Tune from its own thread (tune/reports.py) while the run goes on."""
+    release, calls = threading.Event(), []
+    caller = threading.get_ident()
+
+    def between():
+        calls.append(threading.get_ident())
+        if len(calls) == 3:
+            release.set()
+
+    assert watched(lambda: release.wait(10) and "done", 0, [tmp_path], poll_s=0.05, between=between) == "done"
+    assert len(calls) >= 3 and set(calls) == {caller}
+    # without a watchdog (0) and without `between`, the run is called in the caller's thread
+    assert watched(threading.get_ident, 0, [tmp_path]) == caller
+
+
 @pytest.fixture
 def tiny():
     return load_config(REPO / "jobs/configs/tiny.yaml", [("tune.max_concurrent", 8), ("tune.cpus_per_trial", 0.25)])

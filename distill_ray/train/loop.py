@@ -335,7 +335,7 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
     Each rank gets its own rows of train and val as unsplit datasets (``train_{rank}``,
     ``val_{rank}``, ``index_{rank}``; see ``TrainInputs.datasets``): disjoint, fixed by the sample id,
     the same after a restart. ``callbacks`` are Ray Train callbacks (a Tune trial passes
-    ``TuneReportCallback``); ``placement_group_file`` receives the workers' placement group id (see
+    the one of ``tune/reports.py``); ``placement_group_file`` receives the workers' placement group id (see
     ``tune/sweep.py``). ``resume_from`` starts from another run's checkpoint (used when this run has none of
     its own) and ``stop_at_epoch`` ends after that many epochs while schedules still span
     ``train.epochs``: together they let Population Based Training run a trial in segments."""

@@ -3,7 +3,7 @@
 A search space is a YAML file naming config keys by dotted path (``loss.temperature``), so every
 field is searchable without code changes. Each trial is a function trainable that runs the same
 ``TorchTrainer`` as ``distill-ray run`` (Train V2: Tune drives the trainer from inside the function,
-metrics reach Tune through ``TuneReportCallback``). Teachers and their soft-target cache are
+metrics reach Tune through ``reports.train_to_tune``). Teachers and their soft-target cache are
 prepared once, before the sweep; trials only read the cached arrays, so no trial runs a teacher.
 
 Population Based Training needs more than metrics: it clones a better trial's state into a weaker
@@ -28,6 +28,7 @@ from distill_ray.extras import available, install_hint
 from distill_ray.evaluation.report import final_teacher_weights
 from distill_ray.serving.registry import register
 from distill_ray.tune.capacity import fit_concurrency
+from distill_ray.tune.reports import train_to_tune
 from distill_ray.tune.release import PLACEMENT_GROUP_FILE, TRIAL_ACTOR_FILE, release_callback
 from distill_ray.tune.terminal import trial_lines, tune_output
 from distill_ray.tune.pbt import epochs_done, fit_population, pbt_scheduler, train_slots, checkpoint_history, \
@@ -64,21 +65,25 @@ def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, st
 
 
 def run_trial_training(cfg: ExperimentConfig, inputs, storage: str) -> None:
-    """A trial's Train run, its metrics reaching Tune through ``TuneReportCallback``, under the watchdog
-    (``tune/watchdog.py``): with no progress for ``tune.stall_timeout_s`` the trial fails."""
+    """A trial's Train run under the watchdog (``tune/watchdog.py``: with no progress for
+    ``tune.stall_timeout_s`` the trial fails), its reports reaching Tune from this thread
+    (``tune/reports.py``: not Ray's ``TuneReportCallback``, which can deadlock on the last report)."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from distill_ray.train.loop import run_training
 
     trial_id = tune.get_context().get_trial_id()
     trial_dir = trial_storage_dir(storage, trial_id)
-    callbacks = [TuneReportCallback()]
-    # The same trial id resumes the same Train run (Tuner.restore re-runs unfinished trials).
-    watched(lambda: run_training(cfg, inputs, storage, f"train-{trial_id}", callbacks=callbacks,
-                                 placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
-                                 progress_file=str(trial_dir / PROGRESS_FILE)),
-            cfg.tune.stall_timeout_s, [trial_dir, trial_dir / PROGRESS_FILE])
+    callback, forward, close = train_to_tune()
+    try:
+        # The same trial id resumes the same Train run (Tuner.restore re-runs unfinished trials).
+        watched(lambda: run_training(cfg, inputs, storage, f"train-{trial_id}", callbacks=[callback],
+                                     placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
+                                     progress_file=str(trial_dir / PROGRESS_FILE)),
+                cfg.tune.stall_timeout_s, [trial_dir, trial_dir / PROGRESS_FILE], between=forward)
+        forward()  # the reports of the run's last moments
+    finally:
+        close()
 
 
 def trial_storage_dir(storage: str, trial_id: str) -> Path:

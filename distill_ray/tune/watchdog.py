@@ -26,11 +26,13 @@ class TrialStalled(RuntimeError):
     """A trial's Train run showed no progress for ``tune.stall_timeout_s`` seconds."""
 
 
-def watched(run: Callable[[], T], timeout_s: float, paths: Sequence[Path], poll_s: float = 2.0) -> T:
+def watched(run: Callable[[], T], timeout_s: float, paths: Sequence[Path], poll_s: float = 2.0,
+            between: Callable[[], object] | None = None) -> T:
     """``run()``'s result or exception, or ``TrialStalled`` once no path in ``paths`` has changed for
-    ``timeout_s`` seconds (counted from the call; 0 or less: no watch). ``run`` goes on in a daemon
-    thread after a stall: it ends with the process (a Tune trial's actor)."""
-    if timeout_s <= 0:
+    ``timeout_s`` seconds (counted from the call; 0 or less: no watch). ``run`` goes in a daemon thread
+    (after a stall it goes on until the process, a Tune trial's actor, ends); ``between()`` is called
+    from the caller's thread every ``poll_s`` seconds while it runs (a trial forwards its reports)."""
+    if timeout_s <= 0 and between is None:
         return run()
     outcome: dict = {}
 
@@ -44,9 +46,11 @@ def watched(run: Callable[[], T], timeout_s: float, paths: Sequence[Path], poll_
     thread = threading.Thread(target=target, name="watched-train-run", daemon=True)
     thread.start()
     while thread.is_alive():
-        thread.join(min(poll_s, timeout_s / 4))
+        thread.join(min(poll_s, timeout_s / 4) if timeout_s > 0 else poll_s)
+        if between is not None:
+            between()
         idle = time.time() - max([started, *(_mtime(p) for p in paths)])
-        if thread.is_alive() and idle > timeout_s:
+        if timeout_s > 0 and thread.is_alive() and idle > timeout_s:
             raise TrialStalled(f"no training progress for {idle:.0f} s (tune.stall_timeout_s={timeout_s:g}): the Train "
                                f"run's workers were never placed, never got their rows, or stopped; this trial is "
                                f"failed so the sweep goes on (its Train logs: the Ray session's logs/train/)")

@@ -63,7 +63,15 @@ def connect_ray(address: str | None = None) -> None:
     footer_actors = str(max(1, (os.cpu_count() or 2) // 2))
     if not address or address == "local":  # a private Ray even when another runs on this machine
         local_parquet_settings(footer_actors)
-        ray.init(address="local", **local, **quiet)
+        try:
+            ray.init(address="local", **local, **quiet)
+        except Exception as err:  # Ray raises a bare Exception when its raylet is not up within 30 s
+            if "timed out during startup" not in str(err):
+                raise
+            raise RuntimeError(f"the local Ray did not start within Ray's 30 s (load average {os.getloadavg()[0]:.1f} "
+                               f"on {os.cpu_count()} cores): the machine is too busy to start it; run again when "
+                               f"fewer jobs run, or join a running Ray with --address (its start-up logs: "
+                               f"/tmp/ray/session_latest/logs)") from err
     else:
         ray.init(address=address, **quiet)
     quiet_ray_loggers()

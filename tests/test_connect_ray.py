@@ -41,3 +41,24 @@ def test_the_cli_passes_address_through(monkeypatch):
     args = build_parser().parse_args(["run", "jobs/configs/tiny.yaml"])
     assert args.address is None  # connect_ray then starts a local Ray
     assert build_parser().parse_args(["tune", "--address", "auto"]).address == "auto"
+
+
+def test_a_local_ray_that_does_not_start_in_time_says_why_in_one_line(monkeypatch):
+    """Ray's own message ("The current node timed out during startup ...") names no cause or remedy."""
+    def slow_start(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow_start)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RuntimeError, match=r"did not start within Ray's 30 s \(load average [\d.]+ on \d+ cores\)") as err:
+        pipeline.connect_ray(None)
+    assert "--address" in str(err.value) and "\n" not in str(err.value)
+
+    def other_failure(**kwargs):
+        raise ValueError("some other start-up failure")
+
+    monkeypatch.setattr(ray, "init", other_failure)
+    with pytest.raises(ValueError, match="some other start-up failure"):  # anything else as Ray raised it
+        pipeline.connect_ray(None)

@@ -134,16 +134,16 @@ class DataConfig:
     transfer_set: bool = False
     """The preset's own unlabeled transfer set joins train (fortunes: the ~9.9k fortunes of the other
     category files), whole: data.max_train_samples caps the labeled rows only. Presets with one: fortunes."""
-    transfer: str = _field("none", choices=TRANSFER_KINDS)
+    transfer: str = _field("auto", choices=TRANSFER_KINDS)
     """A transfer set made from the train rows when you have few unlabeled ones: extra inputs the teachers
     label and the student learns from by KD alone (never validation or test; counted on the data line and
-    in the report). Off by default: it paid on one of the project's fully labeled sets and cost on the
-    others (docs/defaults.md); ``--search`` tries it on your validation split. mixup: convex pairs of train inputs (tables, images); noise: Gaussian noise of
-    0.3 standard deviations per feature (tables; images: per pixel); augment: shifts and crops of up to
-    1/8 of the side (images), 15% of the tokens masked or dropped (text), noise (tables). auto: none when
-    the train split has at least as many unlabeled rows as labeled ones (they are the transfer set) or the
-    task is causal_lm, else the kind measured best on the project data (docs/defaults.md; tables and
-    images: mixup, text: augment)."""
+    in the report). auto (the default): what measured best on fully labeled project data for your kind of
+    input (docs/defaults.md): text: augment; tables and images: none; and none whenever the train split
+    already has at least as many unlabeled rows as labeled ones (they are the transfer set) or the task is
+    causal_lm. ``--search`` tries the others on your validation split. mixup: convex pairs of train inputs
+    (tables, images); noise: Gaussian noise of 0.3 standard deviations per feature (tables; images: per
+    pixel); augment: shifts and crops of up to 1/8 of the side (images), 15% of the tokens masked or
+    dropped (text), noise (tables)."""
     transfer_size: int = _field(4, ge=1, le=15)
     """Transfer rows made per train row (data.transfer), each from its own seeded draw."""
     val_fraction: float = _field(0.1, gt=0.0, le=0.5)

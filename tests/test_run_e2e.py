@@ -115,7 +115,7 @@ def test_run_writes_metrics_student_and_card(ray_local, small_fashion_mnist, tmp
     assert verdict["noise"] == pytest.approx(2 * paired_se(b, c, 300)) and verdict["difference"] < -verdict["noise"]
     # The rules, on this run's own figures: every train row labeled and both teachers recipes ...
     assert "labels_only" in verdict["rules"] and (
-        "try: add unlabeled rows (data.unlabeled_path) or a transfer set (data.transfer: auto): all 1,200 train rows "
+        "try: add unlabeled rows (data.unlabeled_path) or a transfer set (data.transfer: mixup, or augment for text): all 1,200 train rows "
         "are labeled and the teachers are recipes trained on them, so the teachers know nothing about these rows "
         "that the labels do not say") in verdict["lines"]
     # ... the exported student's accuracy on the train rows (all 1,200: under the sampling bound) against

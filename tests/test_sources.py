@@ -98,7 +98,7 @@ def test_jsonl_text_with_partial_labels_and_an_id_field(ray_local, tmp_path):
                 row["topic"] = "cats" if i % 2 else "dogs"
             f.write(json.dumps(row) + "\n")
     src = _load(_cfg(tmp_path, format="jsonl", path=str(path), text_field="quote", label_field="topic",
-                     id_field="uid", max_length=16, tokenizer="minilm"))
+                     id_field="uid", max_length=16, tokenizer="minilm", transfer="none"))  # the rows as read
     info = src.info
     assert info.kind == "text" and info.input_shape == (16,) and info.class_names == ("cats", "dogs")
     assert info.left_out == {"uid": "id column", "topic": "label column"}
@@ -291,9 +291,9 @@ def test_labels_kept_on_a_seeded_share_of_train_and_an_unlabeled_file_joins_trai
 def test_transfer_rows_join_train_only_unlabeled_and_change_the_cache_key_but_not_the_teachers_key(tabular):
     cfg, src, t = tabular
     auto = _load(_cfg(Path(cfg.run_dir).parent, format="parquet", path=cfg.data.path, label_field="species",
-                      val_fraction=0.2, test_fraction=0.2, transfer="auto", transfer_size=3))
+                      val_fraction=0.2, test_fraction=0.2, transfer="mixup", transfer_size=3))
     info = auto.info
-    assert info.transfer == "mixup" and info.transfer_rows == 3 * src.info.counts["train"]  # auto on a table
+    assert info.transfer == "mixup" and info.transfer_rows == 3 * src.info.counts["train"]
     assert info.counts == {**src.info.counts, "train": 4 * src.info.counts["train"]} and info.labeled == src.info.labeled
     assert info.fingerprint != src.info.fingerprint and info.source_fingerprint == src.info.source_fingerprint
     train = _rows(auto.splits["train"])

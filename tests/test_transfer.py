@@ -17,8 +17,8 @@ def _batch(x, splits, labels=None):
 
 
 def test_auto_adds_rows_only_when_unlabeled_rows_are_few():
-    assert resolve_transfer("auto", "tabular", "classification", labeled=1000, unlabeled=0) == "mixup"
-    assert resolve_transfer("auto", "image", "classification", labeled=1000, unlabeled=999) == "mixup"
+    assert resolve_transfer("auto", "tabular", "classification", labeled=1000, unlabeled=0) == "none"
+    assert resolve_transfer("auto", "image", "classification", labeled=1000, unlabeled=999) == "none"
     assert resolve_transfer("auto", "text", "classification", labeled=1000, unlabeled=10) == "augment"
     assert resolve_transfer("auto", "image", "classification", labeled=5000, unlabeled=49000) == "none"
     assert resolve_transfer("auto", "tokens", "causal_lm", labeled=100, unlabeled=0) == "none"

@@ -17,7 +17,7 @@ from distill_ray.evaluation.verdict import classification_verdict, paired_se, un
 HOW = "2 standard errors of the paired difference on 300 test rows"
 SEARCH = ("try: a search over the distillation settings (loss.temperature, loss.alpha, train.lr): distill-ray run "
           "CONFIG --search N; nothing in this run's figures points at the data, the teachers or the student's size")
-LABELS_ONLY = ("try: add unlabeled rows (data.unlabeled_path) or a transfer set (data.transfer: auto): all 1,200 "
+LABELS_ONLY = ("try: add unlabeled rows (data.unlabeled_path) or a transfer set (data.transfer: mixup, or augment for text): all 1,200 "
                "train rows are labeled and the teachers are recipes trained on them, so the teachers know nothing "
                "about these rows that the labels do not say")
 

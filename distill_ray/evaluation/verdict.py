@@ -144,7 +144,8 @@ def classification_verdict(*, student: float, baseline: float, teachers: Mapping
                          f"teachers are recipes trained on the {labeled_rows:,} labeled train rows and there are no "
                          "other unlabeled rows, so what they add beyond the labels comes from the transfer rows alone")
         else:
-            lines.append(f"try: add unlabeled rows (data.unlabeled_path) or a transfer set (data.transfer: auto): "
+            lines.append(f"try: add unlabeled rows (data.unlabeled_path) or a transfer set (data.transfer: mixup, or "
+                         f"augment for text): "
                          f"all {train_rows:,} train rows are labeled and the teachers are recipes trained on them, "
                          "so the teachers know nothing about these rows that the labels do not say")
     if student_train_accuracy is not None and best is not None and best - student_train_accuracy > FIT_GAP:

@@ -145,7 +145,7 @@ def classification_verdict(*, student: float, baseline: float, teachers: Mapping
                          "other unlabeled rows, so what they add beyond the labels comes from the transfer rows alone")
         else:
             lines.append(f"try: add unlabeled rows (data.unlabeled_path) or a transfer set (data.transfer: mixup, or "
-                         f"augment for text): "
+                         "augment for text): "
                          f"all {train_rows:,} train rows are labeled and the teachers are recipes trained on them, "
                          "so the teachers know nothing about these rows that the labels do not say")
     if student_train_accuracy is not None and best is not None and best - student_train_accuracy > FIT_GAP:

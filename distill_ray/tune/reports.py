@@ -19,13 +19,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # the metric naming the report's checkpoint, as TuneReportCallback writes it
 
-
-def train_to_tune() -> tuple[Any, Callable[[], int], Callable[[], None]]:
+def train_to_tune() -> tuple[Any, Callable[[], None], Callable[[], None]]:
     """``(callback, forward, close)``: pass ``callback`` to the trial's TorchTrainer, call ``forward()``
-    from the trial function's thread while it runs and after (it reports what arrived and returns how
-    many), then ``close()`` (ends the queue's actor)."""
+    from the trial function's thread while it runs and after (it reports what has arrived), then
+    ``close()`` (ends the queue's actor)."""
     from ray import tune
     from ray.train.v2.api.callback import UserCallback
     from ray.util.queue import Empty, Queue
@@ -39,17 +37,15 @@ def train_to_tune() -> tuple[Any, Callable[[], int], Callable[[], None]]:
         def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
             row = dict(metrics[0])  # rank 0's metrics, as TuneReportCallback takes them
             if checkpoint is not None:  # already in storage: Tune gets its path, not a second copy
-                row[CHECKPOINT_PATH_KEY] = checkpoint.path
+                row["checkpoint_path"] = checkpoint.path  # the key the sweep reads, as TuneReportCallback writes it
             self.reports.put(row)
 
-    def forward() -> int:
-        sent = 0
+    def forward() -> None:
         while True:
             try:
                 row = queue.get_nowait()
             except Empty:
-                return sent
+                return
             tune.report(row)
-            sent += 1
 
     return ReportsToTrial(queue), forward, lambda: queue.shutdown(force=True)

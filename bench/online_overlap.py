@@ -3,17 +3,23 @@
     .venv/bin/python bench/online_overlap.py [--config jobs/configs/quickstart.yaml] [--train-rows 8192]
                                              [--eval-rows 1024] [--epochs 3] [--json OUT]
 
-Online mode is a Ray Data pipeline: each rank's stream = rows -> one actor-pool stage per teacher
-(``stages.TeacherColumns`` around ``teachers.runner.TeacherRunner``) -> the Train worker, so the teachers
-should answer the next batches while the student steps. Measured in one run, per student batch
-(``train.batch_size`` rows), on the same rows:
+Online mode is a Ray Data pipeline: each rank's stream = rows -> one stage per teacher asking the
+teacher's service (``teachers/service.py``: replicas loaded once per run) -> the Train worker, so the
+teachers should answer the next batches while the student steps. Measured in one run, per student
+batch (``train.batch_size`` rows), on the same rows:
 
 * **teacher forward**, each teacher: ``TeacherRunner.infer`` timed in this process on the train rows
   in the batches its stage gets (``teacher_specs``' batch size), with the stage's torch threads
   (``max(1, int(num_cpus))``) and nothing else running here; median seconds per row x batch size;
 * **student step**: the product's cached-mode step (``run_training``, ``train.mode=cached``,
   ``data_mode=memory``) on the same rows' cache: steady-state time per step;
-* **online step**: the product in ``train.mode=online`` on the same rows: steady-state time per step.
+* **online step**: the product in ``train.mode=online`` on the same rows: steady-state time per step;
+* **online step before services** (the "before"): the same run with the teacher stages as distill-ray
+  0.2 ran them, a Ray Data actor pool per teacher whose actors load the teacher (``BEFORE_STAGE``
+  below, ``TeacherRunner`` inside), started anew by Ray Data for every epoch; ``--no-before`` skips it;
+* **teacher loads** of each online run, from Ray's actor table (actors created, and restarts);
+* **per-request overhead** of a service: one caller's request to the first teacher's service against
+  ``TeacherRunner.infer`` in this process, batch sizes 1, 32 and 256 (median of repeated calls).
 
 Steady state, both runs: epochs 1.. (epoch 0 is warm-up), each epoch's seconds from the product's
 own history (the epoch's last step row: ``samples_per_s`` since the epoch's first batch; see
@@ -99,8 +105,82 @@ def teacher_times(cfg, dirs, cache) -> list[dict]:
     return out
 
 
+class BeforeStage:
+    """distill-ray 0.2's teacher stage: a Ray Data actor that loads its teacher in its constructor (so
+    once per epoch, as Ray Data starts an execution's actor pools anew) and answers its batches."""
+
+    def __init__(self, spec):
+        from distill_ray.teachers.runner import TeacherRunner
+
+        self.runner = TeacherRunner.from_spec(spec, torch_threads=max(1, int(spec.num_cpus)))
+        self.name, self.features = spec.name, spec.features
+
+    def __call__(self, batch):
+        if not len(batch["id"]):
+            return batch
+        out = self.runner.infer(np.asarray(batch["x"]), self.features)
+        return {**batch, **{f"{self.name}/{key}": value for key, value in out.items()}}
+
+
+def before_stages(ds, services):
+    import ray
+
+    for service in services:
+        spec = service.spec
+        ds = ds.map_batches(BeforeStage, fn_constructor_args=(spec,), batch_format="numpy", batch_size=spec.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=spec.replicas), num_cpus=spec.num_cpus)
+    return ds
+
+
+def teacher_loads(class_name: str, before: set[str]) -> int:
+    """Teacher loads since ``before`` (actor ids): actors of ``class_name`` created, plus their restarts."""
+    from ray._private.state import actors
+
+    made = [a for a in actors().values() if a["ActorClassName"].endswith(class_name) and a["ActorID"] not in before]
+    return len(made) + sum(int(a["NumRestarts"]) for a in made)
+
+
+def actor_ids() -> set[str]:
+    from ray._private.state import actors
+
+    return set(actors())
+
+
+def request_overhead(cfg, dirs, cache) -> list[dict]:
+    """One caller's request to the first teacher's service against the same call in this process."""
+    from distill_ray.teachers.runner import TeacherRunner
+    from distill_ray.teachers.service import new_scope, start_service, stop_service
+    from distill_ray.teachers.setup import teacher_specs
+
+    spec = teacher_specs(cfg, dirs)[0]
+    x = np.asarray(cache.dataset("train", ["x"]).take_batch(256, batch_format="numpy")["x"])
+    runner = TeacherRunner.from_spec(spec, torch_threads=max(1, int(spec.num_cpus)))
+    service = start_service(spec, new_scope())
+    out = []
+    try:
+        for size in (1, 32, 256):
+            rows = x[:size]
+            times = {"local": [], "service": []}
+            for i in range(31):  # the first call of each warms up
+                for kind, call in (("local", lambda: runner.infer(rows)), ("service", lambda: service.infer(rows))):
+                    start = time.perf_counter()
+                    call()
+                    if i:
+                        times[kind].append(time.perf_counter() - start)
+            local, remote = 1000 * float(np.median(times["local"])), 1000 * float(np.median(times["service"]))
+            out.append({"teacher": spec.name, "batch": size, "local_ms": local, "service_ms": remote,
+                        "ratio": remote / local, "added_ms": remote - local})
+            print(f"request overhead, {spec.name}, batch {size}: service {remote:.2f} ms vs in-process {local:.2f} ms",
+                  flush=True)
+    finally:
+        stop_service(service)
+    return out
+
+
 def run(args, workdir: Path) -> dict:
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers, training_inputs
+    from distill_ray.train import stages
+    from distill_ray.train.inputs import online_teachers
 
     cached_cfg, online_cfg = configs(args.config, args.train_rows, args.eval_rows, args.epochs, args.set)
     data = load_data(cached_cfg)
@@ -117,9 +197,27 @@ def run(args, workdir: Path) -> dict:
     print(f"student step (cached mode): {student['ms_per_step_with_wait']:.2f} ms ({student['ms_per_step']:.2f} ms "
           f"without the first-batch waits), worker torch threads {student_run['threads']}", flush=True)
     # Validation reads the cache's targets; the train stream goes through the teacher stages.
-    online_inputs = training_inputs(online_cfg, cache, info, dirs=dirs)
-    online_run = overhead.product_run(online_cfg, online_inputs, workdir, "overlap-online")
+    before_actors = actor_ids()
+    with online_teachers(online_cfg, dirs, info.task) as services:
+        online_inputs = training_inputs(online_cfg, cache, info, services=services)
+        online_run = overhead.product_run(online_cfg, online_inputs, workdir, "overlap-online")
     online = overhead.steady(online_run, batch)
+    online_loads = teacher_loads("TeacherReplica", before_actors)
+    old = None
+    if not args.no_before:  # the same run with 0.2's stages: a teacher loaded by every epoch's actor pool
+        before_actors, asking = actor_ids(), stages.with_teachers
+        stages.with_teachers = before_stages  # rank_stream builds the streams on this driver
+        try:
+            with online_teachers(online_cfg, dirs, info.task) as services:  # only their specs are read
+                old_run = overhead.product_run(online_cfg, training_inputs(online_cfg, cache, info, services=services),
+                                               workdir, "overlap-online-before")
+        finally:
+            stages.with_teachers = asking
+        old = overhead.steady(old_run, batch)
+        old["loads"] = teacher_loads("BeforeStage", before_actors)
+        print(f"online step before services: {old['ms_per_step_with_wait']:.2f} ms ({old['loads']} teacher loads)",
+              flush=True)
+    overheads = request_overhead(cached_cfg, dirs, cache)
     print(f"online step: {online['ms_per_step_with_wait']:.2f} ms ({online['ms_per_step']:.2f} ms without the "
           f"first-batch waits {', '.join(f'{w:.1f}s' for w in online['first_batch_s'])}; run_training wall "
           f"{online_run['wall_s']:.1f}s for {args.epochs} epochs)", flush=True)
@@ -135,6 +233,8 @@ def run(args, workdir: Path) -> dict:
     import ray
 
     return {
+        "online_teacher_loads": online_loads, "before": old, "request_overhead": overheads,
+        "ratio_ideal_before": old["ms_per_step_with_wait"] / ideal if old else None,
         "config": args.config, "name": cached_cfg.name, "train_rows": cache.rows("train"), "batch_size": batch,
         "epochs": args.epochs, "cores": cores, "ray_cpus": int(ray.cluster_resources().get("CPU", 0)),
         "worker_cpus": cached_cfg.train.cpus_per_worker, "worker_threads": online_run["threads"],
@@ -180,6 +280,7 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=1024, help="data.max_eval_samples (default 1024)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of both runs, the first one untimed (default 3)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    parser.add_argument("--no-before", action="store_true", help="skip the run with 0.2's per-epoch teacher stages")
     overhead.add_ray_args(parser)
     parser.add_argument("--workdir", default=None, help="checkpoints go here (default: a temp dir, removed)")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -214,6 +315,14 @@ def main() -> None:
     print(f"online / max(student step, slowest teacher {r['slowest_teacher']}) = {r['ratio_ideal']:.2f} "
           f"(aim <= 1.15 with a core per part: {verdict}; this machine has {r['cores']} cores for "
           f"{len(r['teachers'])} teachers + 1 student)")
+    print(f"teacher loads in the online run: {r['online_teacher_loads']} for {len(r['teachers'])} teachers and "
+          f"{args.epochs} epochs")
+    if r["before"]:
+        print(f"before services (0.2's per-epoch stages): online / max(student step, slowest teacher) = "
+              f"{r['ratio_ideal_before']:.2f}, {r['before']['loads']} teacher loads")
+    for o in r["request_overhead"]:
+        print(f"service request / in-process call, {o['teacher']}, batch {o['batch']:>3}: {o['ratio']:.2f} "
+              f"({o['service_ms']:.2f} ms vs {o['local_ms']:.2f} ms)")
     print(f"online / max(that, (student + teachers) / {r['cores']} cores) = {r['ratio_core_bound']:.2f} "
           f"(what {r['cores']} cores allow); online / serial sum = {r['ratio_serial']:.2f} (1.00 = no overlap)")
     print(f"without the first-batch waits ({', '.join(f'{w:.1f}s' for w in r['online_first_batch_s'])} online): "

@@ -1,7 +1,7 @@
 """The main job, phase by phase: connect to Ray, prepare teachers (``teachers.setup``), cache soft
 targets (``cache.build``), train student and baseline (``train.inputs`` -> ``train.loop``), score them
 (``scoring``), export. The phases' functions are importable from here too, for the CLI and ``jobs/``. Data moves as Ray Datasets
-from storage to the student's loss (``sources.load_source`` -> teacher actor-pool stages that write
+from storage to the student's loss (``sources.load_source`` -> stages asking the teachers' services that write
 the cache -> ``TorchTrainer(datasets=...)``); the driver holds small facts (counts, label names,
 fingerprints, manifests), never a split.
 """
@@ -23,7 +23,7 @@ from distill_ray.data.columns import columns_summary
 from distill_ray.evaluation.metrics import disagreements
 from distill_ray.models import save_tokenizer
 from distill_ray.evaluation.report import final_teacher_weights, gap_recovered
-from distill_ray.train.inputs import baseline_config, training_inputs
+from distill_ray.train.inputs import baseline_config, online_teachers, training_inputs
 from distill_ray.evaluation.scoring import evaluate_classifiers, evaluate_language_models, print_summary, train_accuracy
 from distill_ray.cache.soft_targets import CachedData
 from distill_ray.data.sources import SourceData, load_source
@@ -142,11 +142,12 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     info = data.info
     dirs = timed("teachers", prepare_teachers, cfg, data, retrain_teachers)
-    cache = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache)
     storage = run_dir / "ray_results"
-
-    student_inputs = training_inputs(cfg, cache, info, dirs=dirs)
-    result = trained("student", student_inputs)
+    # Online: the teachers' services start here, answer the cache build and every epoch, and stop after.
+    with online_teachers(cfg, dirs, info.task) as services:
+        cache = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache, services=services or None)
+        student_inputs = training_inputs(cfg, cache, info, services=services)
+        result = trained("student", student_inputs)
     student, history, state = load_trained_student(cfg, student_inputs, result.checkpoint)
     baseline, base_state = None, {}
     if cfg.train.baseline:

@@ -240,6 +240,7 @@ def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path, lm_teac
 def test_tiny_lm_online_mode_streams_through_the_teacher_stages(ray_local, tmp_path, lm_teachers_root):
     from distill_ray.data.bundled import DataUnavailable
     from distill_ray.pipeline import load_data, prepare_teachers, training_inputs
+    from distill_ray.train.inputs import online_teachers
     from distill_ray.train.loop import load_trained_student, run_training
 
     raw = apply_overrides(_with_teachers_in(_tiny_lm_raw(tmp_path), lm_teachers_root), [
@@ -251,10 +252,14 @@ def test_tiny_lm_online_mode_streams_through_the_teacher_stages(ray_local, tmp_p
         pytest.skip(str(err))
     dirs = prepare_teachers(cfg, data)
     answered = tmp_path / "answered.txt"
-    inputs = training_inputs(cfg, data, data.info, dirs=dirs, teacher_trace=str(answered))  # online: no cache needed
-    assert inputs.online_teachers and not inputs.keep_shard
-    result = run_training(cfg, inputs, str(tmp_path / "ray"), "online")
+    with online_teachers(cfg, dirs, data.info.task, trace_file=str(answered)) as services:
+        inputs = training_inputs(cfg, data, data.info, services=services)  # online: no cache needed
+        assert inputs.online_teachers and not inputs.keep_shard
+        result = run_training(cfg, inputs, str(tmp_path / "ray"), "online")
     _, history, state = load_trained_student(cfg, inputs, result.checkpoint)
+    # Each teacher was loaded once, by its service, for the training and the validation streams.
+    loads = Path(f"{answered}.loads").read_text().split()[::2]
+    assert sorted(loads) == sorted(cfg.teacher_names())
     train_ids = set(data.train.select_columns(["id"]).to_pandas()["id"].tolist())
     served: dict[str, list[int]] = {}
     for line in answered.read_text().splitlines():

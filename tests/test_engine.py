@@ -50,6 +50,18 @@ def _inputs(cfg, prepared, tiny_data, **kw):
     return training_inputs(cfg, prepared[1], tiny_data.info, **kw)
 
 
+def _online(cfg, dirs, trace: Path | None = None):
+    """The online run's teacher services for a ``with`` block (``trace``: the ids they answer, and their loads)."""
+    from distill_ray.train.inputs import online_teachers
+
+    return online_teachers(cfg, dirs, "classification", trace_file=str(trace) if trace else None)
+
+
+def _loads(trace: Path) -> list[str]:
+    """The teacher of every load of a teacher service's replica (one ``.loads`` line per load)."""
+    return [line.split(" ")[0] for line in Path(f"{trace}.loads").read_text().splitlines()]
+
+
 def _trace(path: Path) -> dict[tuple[int, int], list[list[int]]]:
     """(rank, step) -> every record of the ids trained at that step (one per attempt), with the epoch first."""
     records: dict[tuple[int, int], list[list[int]]] = {}
@@ -141,18 +153,21 @@ def test_cache_is_reused_and_corruption_is_refused(prepared, tiny_cfg, tiny_data
 
 
 def test_teacher_stage_columns_equal_direct_inference(prepared, ray_local, small_fashion_mnist):
-    """A teacher as a Ray Data actor-pool stage adds ``{name}/logits`` columns equal to running the
-    model directly, row for row (ids stay with their rows)."""
+    """A teacher as a Ray Data stage asking its service adds ``{name}/logits`` columns equal to running
+    the model directly, row for row (ids stay with their rows), whichever stage tasks' requests the
+    service batched together."""
     import ray
 
     from distill_ray.train.stages import with_teachers
     from distill_ray.teachers.runner import TeacherSpec
+    from distill_ray.teachers.service import teacher_services
 
     dirs, _ = prepared
     x = small_fashion_mnist.val.inputs[:40]
     ds = ray.data.from_items([{"id": i, "x": x[i]} for i in range(len(x))])
     specs = tuple(TeacherSpec(name, str(path), num_cpus=0.25, batch_size=16) for name, path in dirs.items())
-    rows = with_teachers(ds, specs).to_pandas().sort_values("id")
+    with teacher_services(specs) as services:
+        rows = with_teachers(ds, tuple(services.values())).to_pandas().sort_values("id")
     assert rows["id"].tolist() == list(range(len(x)))
     for name, path in dirs.items():
         model, _ = load_model(path)
@@ -222,17 +237,18 @@ def _answered(path: Path) -> dict[str, list[int]]:
 
 def test_online_teachers_are_a_stage_that_answers_exactly_the_rows_each_epoch_opens(prepared, tiny_cfg, tiny_data,
                                                                                      tmp_path):
-    """Online mode: the teachers are Ray Data actor-pool stages in front of the trainer. Each epoch
-    they answer every row the curriculum opens once (stage 0 opens half) and nothing it holds back;
+    """Online mode: the teachers are Ray Data stages (asking their services) in front of the trainer. Each
+    epoch they answer every row the curriculum opens once (stage 0 opens half) and nothing it holds back;
     the student trains on all of those rows but the last partial batch."""
     from distill_ray.train.loop import load_trained_student, run_training
 
     dirs, _ = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [("train.mode", "online"), ("train.epochs", 1)]))
     answered_file, trace = tmp_path / "answered.txt", tmp_path / "trace.txt"
-    data = _inputs(cfg, prepared, tiny_data, dirs=dirs, teacher_trace=str(answered_file))
-    assert not data.keep_shard and data.epoch_stage and [t.name for t in data.online_teachers] == ["mlp_a", "cnn_b"]
-    result = run_training(cfg, data, str(tmp_path / "ray"), "online", trace_file=str(trace))
+    with _online(cfg, dirs, answered_file) as services:
+        data = _inputs(cfg, prepared, tiny_data, services=services)
+        assert not data.keep_shard and data.epoch_stage and [t.name for t in data.online_teachers] == ["mlp_a", "cnn_b"]
+        result = run_training(cfg, data, str(tmp_path / "ray"), "online", trace_file=str(trace))
     _, history, state = load_trained_student(cfg, data, result.checkpoint)
     trained = [i for attempts in _trace(trace).values() for i in attempts[-1][1:]]
     answered = _answered(answered_file)
@@ -247,44 +263,40 @@ def test_online_teachers_are_a_stage_that_answers_exactly_the_rows_each_epoch_op
 
 
 def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepared, tiny_cfg, tiny_data, tmp_path):
-    """Online mode: the process of one teacher stage's actor is killed while it serves the running
-    TorchTrainer. Ray restarts the actor and Ray Data retries its lost batch; the run finishes every step."""
+    """Online mode, 3 epochs: each teacher's service is loaded once for the whole run, not once per
+    epoch. The process of one teacher's replica is killed while it serves the running TorchTrainer: Ray
+    starts the replica again (one more load) and sends it the lost requests again; the run finishes
+    every step."""
     import os
     import signal
     import threading
     import time
-    from dataclasses import replace
 
     from distill_ray.train.loop import load_trained_student, run_training
 
     dirs, _ = prepared
     cfg = config_from_dict(apply_overrides(config_to_dict(tiny_cfg), [
-        ("train.mode", "online"), ("train.epochs", 2), ("curriculum.scheduler", "none"),
-        ("train.checkpoint_every_steps", 4),
-        # No blend fit: its pass over validation runs teacher stages of its own before training,
-        # whose actors may be the ones seen at work (and finished, never restarted) below.
-        ("blend.kind", "uniform")]))
+        ("train.mode", "online"), ("train.epochs", 3), ("curriculum.scheduler", "none"),
+        ("train.checkpoint_every_steps", 4)]))
     storage, answered = tmp_path / "ray", tmp_path / "answered.txt"
-    data = _inputs(cfg, prepared, tiny_data, dirs=dirs, teacher_trace=str(answered))
-    # Small teacher batches keep each stage at work for the whole epoch (a stage that has answered
-    # every batch is torn down, and an actor killed then is never restarted: nothing would be tested).
-    data = replace(data, online_teachers=tuple(replace(t, batch_size=8) for t in data.online_teachers))
     outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, data, str(storage), "kill")))
-    runner.start()
-    deadline, killed, seen = time.time() + 240, None, 0
-    while killed is None and time.time() < deadline and runner.is_alive():
-        time.sleep(0.05)
-        # The process that has just answered cnn_b's first batch: its stage has the epoch still ahead.
-        lines = [line.split(" ") for line in answered.read_text().splitlines()] if answered.exists() else []
-        at_work = [int(line[2]) for line in lines if line[0] == "cnn_b" and len(line) == 3 and line[2]]
-        if at_work:
-            killed = at_work[0]
-            os.kill(killed, signal.SIGKILL)  # the process dies: Ray restarts the actor, Ray Data retries its batch
-            _wait_until_dead(killed)
-            seen = len(answered.read_text().splitlines())  # what it answered before it died
-    assert killed is not None, "no teacher stage was seen at work"
-    runner.join(timeout=300)
+    with _online(cfg, dirs, answered) as services:
+        data = _inputs(cfg, prepared, tiny_data, services=services)
+        runner = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, data, str(storage), "kill")))
+        runner.start()
+        deadline, killed, seen = time.time() + 240, None, 0
+        while killed is None and time.time() < deadline and runner.is_alive():
+            time.sleep(0.05)
+            # The replica that has just answered cnn_b's first train batch (the run has 3 epochs ahead).
+            lines = [line.split(" ") for line in answered.read_text().splitlines()] if answered.exists() else []
+            at_work = [int(line[2]) for line in lines if line[0] == "cnn_b" and len(line) == 3 and line[2]]
+            if at_work:
+                killed = at_work[0]
+                os.kill(killed, signal.SIGKILL)  # the process dies: Ray restarts the replica, retries its calls
+                _wait_until_dead(killed)
+                seen = len(answered.read_text().splitlines())  # what it answered before it died
+        assert killed is not None, "no teacher replica was seen at work"
+        runner.join(timeout=300)
     assert "result" in outcome, "the run did not finish"
     _, history, state = load_trained_student(cfg, data, outcome["result"].checkpoint)
     steps_per_epoch = tiny_data.info.counts["train"] // cfg.train.batch_size
@@ -293,6 +305,8 @@ def test_a_teacher_killed_inside_a_running_trainer_does_not_fail_the_run(prepare
     after = [line.split(" ") for line in answered.read_text().splitlines()[seen:]]
     pids_after = {int(pid) for name, _, pid in after if name == "cnn_b"}
     assert pids_after and killed not in pids_after, (killed, pids_after)
+    # Three epochs, one load per teacher, and one more for the replica that was killed.
+    assert sorted(_loads(answered)) == ["cnn_b", "cnn_b", "mlp_a"]
     assert history[-1]["val_accuracy"] > 0.4
 
 
@@ -357,8 +371,9 @@ def test_two_ddp_workers_read_disjoint_shards_and_cached_equals_online(prepared,
                           trace_file=str(trace))
 
     online_cfg = config_from_dict(apply_overrides(config_to_dict(cfg), [("train.mode", "online")]))
-    online = run_training(online_cfg, training_inputs(online_cfg, cache, tiny_data.info, dirs=dirs),
-                          str(tmp_path / "ray"), "online")
+    with _online(online_cfg, dirs) as services:
+        online = run_training(online_cfg, training_inputs(online_cfg, cache, tiny_data.info, services=services),
+                              str(tmp_path / "ray"), "online")
     _, history, state = load_trained_student(cfg, training_inputs(cfg, cache, tiny_data.info), cached.checkpoint)
     assert len(shards[0]) != len(shards[1]) and state["step"] == last_step
     assert not shards[0] & shards[1] and min(len(s) for s in shards.values()) > 0.4 * len(ids)

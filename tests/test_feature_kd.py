@@ -279,9 +279,11 @@ def teacher_dirs(ray_local, small_fashion_mnist, tmp_path_factory, tiny_prepared
     return cfg, prepare_teachers(cfg, load_data(cfg))
 
 
-def test_teacher_stage_adds_features_as_columns_of_the_named_teacher_only(tmp_path):
-    from distill_ray.train.stages import TeacherColumns
+@pytest.mark.ray
+def test_teacher_stage_adds_features_as_columns_of_the_named_teacher_only(ray_local, tmp_path):
+    from distill_ray.train.stages import ask_teacher
     from distill_ray.teachers.runner import TeacherSpec
+    from distill_ray.teachers.service import teacher_services
 
     torch.manual_seed(0)
     cnn = build_model("cnn", IMAGE_SHAPE, 10, {"channels": [4, 8], "hidden": 24})
@@ -290,13 +292,15 @@ def test_teacher_stage_adds_features_as_columns_of_the_named_teacher_only(tmp_pa
     mlp_dir = str(save_model(mlp, tmp_path / "mlp", {"arch": "mlp", "input_shape": list(IMAGE_SHAPE),
                                                       "num_classes": 10, "options": {"hidden": [16]}}))
     batch = {"id": np.arange(4), "x": _images(4).numpy(), "label": np.arange(4)}
-    out = TeacherColumns(TeacherSpec("cnn", cnn_dir, features=("hint", "attention")))(dict(batch))
-    out = TeacherColumns(TeacherSpec("mlp", mlp_dir))(out)
+    specs = [TeacherSpec("cnn", cnn_dir, num_cpus=0.25, features=("hint", "attention")),
+             TeacherSpec("mlp", mlp_dir, num_cpus=0.25)]
+    with teacher_services(specs) as services:
+        out = ask_teacher(ask_teacher(dict(batch), services["cnn"]), services["mlp"])
+        empty = {k: v[:0] for k, v in batch.items()}  # a batch the curriculum emptied
+        assert ask_teacher(empty, services["mlp"]) is empty
     assert set(out) == {"id", "x", "label", "cnn/logits", "cnn/hint", "cnn/attention", "mlp/logits"}
     assert out["cnn/hint"].shape == (4, 24) and out["cnn/attention"].shape == (4, 49)
     np.testing.assert_array_equal(out["x"], batch["x"])  # the batch passes through untouched
-    empty = {k: v[:0] for k, v in batch.items()}  # a batch the curriculum emptied
-    assert TeacherColumns(TeacherSpec("mlp", mlp_dir))(empty) is empty
 
 
 @pytest.mark.ray
@@ -323,12 +327,14 @@ def test_epoch_stage_opens_the_planned_rows_and_mixes_them_per_epoch(ray_local):
 
 def _online_run(cfg, dirs, storage: Path, **kwargs):
     from distill_ray.pipeline import load_data, training_inputs
+    from distill_ray.train.inputs import online_teachers
     from distill_ray.train.loop import load_trained_student, run_training
 
     data = load_data(cfg)  # online mode needs no cache: the teachers are stages of the stream
     answered_file = storage.parent / "answered.txt"
-    inputs = training_inputs(cfg, data, data.info, dirs=dirs, teacher_trace=str(answered_file))
-    result = run_training(cfg, inputs, str(storage), "student", **kwargs)
+    with online_teachers(cfg, dirs, data.info.task, trace_file=str(answered_file)) as services:
+        inputs = training_inputs(cfg, data, data.info, services=services)
+        result = run_training(cfg, inputs, str(storage), "student", **kwargs)
     _, history, state = load_trained_student(cfg, inputs, result.checkpoint)
     train_ids = set(data.train.select_columns(["id"]).to_pandas()["id"].tolist())
     served: dict[str, int] = {}

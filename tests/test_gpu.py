@@ -38,13 +38,15 @@ def test_bf16_teachers_on_fractional_gpus_match_fp32(ray_local, gpu_cfg, small_f
     import ray
 
     from distill_ray.pipeline import load_data, prepare_teachers
+    from distill_ray.teachers.service import teacher_services
     from distill_ray.teachers.setup import teacher_specs
     from distill_ray.train.stages import with_teachers
 
     dirs = prepare_teachers(gpu_cfg, load_data(gpu_cfg))
     x = small_fashion_mnist.val.inputs[:256]
-    rows = with_teachers(ray.data.from_items([{"id": i, "x": x[i]} for i in range(len(x))]),
-                         tuple(teacher_specs(gpu_cfg, dirs))).to_pandas().sort_values("id")
+    with teacher_services(teacher_specs(gpu_cfg, dirs)) as services:
+        rows = with_teachers(ray.data.from_items([{"id": i, "x": x[i]} for i in range(len(x))]),
+                             tuple(services.values())).to_pandas().sort_values("id")
     for name, path in dirs.items():
         model, _ = load_model(path)
         fp32 = predict_logits(model, x).numpy()

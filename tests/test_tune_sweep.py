@@ -1,5 +1,5 @@
-"""Ray Tune sweeps on a real local Ray: trials share the cache, the best trial wins, dashboards are
-written, and an interrupted sweep resumes without redoing finished trials."""
+"""Ray Tune sweeps on a real local Ray: trials share the teachers (online) or the cache, the best trial
+wins, dashboards are written, and an interrupted sweep resumes without redoing finished trials."""
 
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ def _config(root: Path, name: str, *extra: tuple[str, object]):
     return config_from_dict(apply_overrides(raw, _overrides(root, name, *extra)))
 
 
-def _teacher_actor_count() -> int:
+def _teacher_actors() -> list[dict]:
     """Teacher actors ever created in this Ray (dead ones included), from the GCS actor table."""
     from ray._private.state import actors
 
-    return sum(1 for a in actors().values() if "Teacher" in a["ActorClassName"])
+    return [a for a in actors().values() if "Teacher" in a["ActorClassName"]]
 
 
 # Two trials run side by side (max_concurrent=2): one wave of Ray Train runs, which is what a trial
@@ -52,17 +52,22 @@ TRIALS = 2
 
 @pytest.fixture(scope="module")
 def sweep(ray_local, root):
+    """An online sweep: the teachers answer every trial's batches from services the sweep starts once."""
+    import ray
+
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
+    from distill_ray.teachers.service import NAMESPACE
     from distill_ray.tune.sweep import run_sweep
 
-    cfg = _config(root, "sweep")
+    cfg = _config(root, "sweep", ("train.mode", "online"))
     data = load_data(cfg)
     build_cache(cfg, data, prepare_teachers(cfg, data))  # what `distill-ray cache` does before a sweep
     manifest = next((root / "cache").rglob("manifest.json"))
-    before = (_teacher_actor_count(), manifest.stat().st_mtime_ns)
+    before = ({a["ActorID"] for a in _teacher_actors()}, manifest.stat().st_mtime_ns)
     out = run_sweep(cfg, REPO / "tune_spaces/kd_basic.yaml", samples=TRIALS, max_concurrent=2)
-    after = (_teacher_actor_count(), manifest.stat().st_mtime_ns)
-    return cfg, out, before, after
+    started = [a for a in _teacher_actors() if a["ActorID"] not in before[0]]
+    named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+    return cfg, out, started, (manifest.stat().st_mtime_ns == before[1], named)
 
 
 def test_every_trial_finishes_and_the_best_metric_wins(sweep):
@@ -92,9 +97,14 @@ def test_trials_searched_what_the_space_file_names(sweep):
     assert len({round(r["params"]["loss.temperature"], 6) for r in out["trials"]}) == TRIALS
 
 
-def test_no_trial_ran_a_teacher_and_the_cache_was_reused(sweep):
-    _, _, before, after = sweep
-    assert after == before  # no teacher actor was ever created, the cache manifest untouched
+def test_the_trials_shared_one_service_per_teacher_and_the_sweep_took_them_down(sweep):
+    cfg, _, started, (cache_untouched, named) = sweep
+    # One replica per teacher for the whole sweep (2 trials x 2 epochs), never restarted, now dead.
+    assert sorted(a["Name"].split("/")[-2].rsplit("-", 1)[0] for a in started) == sorted(cfg.teacher_names())
+    assert all(a["NumRestarts"] == 0 for a in started), started
+    assert all(a["State"] == "DEAD" for a in started)
+    assert named == []  # no orphan: the sweep's end took its services down
+    assert cache_untouched  # the cache (validation targets, difficulty) was reused, not rebuilt
 
 
 def test_winner_is_exported_and_registered_and_scores_what_tune_saw(sweep):

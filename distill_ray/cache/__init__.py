@@ -3,7 +3,7 @@ manifest, read as the training dataset) and the sequence-KD response cache, and 
 
 - ``soft_targets``: the soft-target store: spec, Parquet layout, atomic writes, verified reads.
 - ``topk_encoding``: how top-k targets are stored (q8, plain) and decoded on read. No Ray.
-- ``build``: the soft-target cache built by one Ray Data actor-pool stage per teacher.
+- ``build``: the soft-target cache built by one Ray Data stage per teacher, asking its service.
 - ``responses``: sequence-level KD's teacher responses, generated once by Ray Data and kept.
 - ``files``: what both caches do alike with files: publish by rename, checksums. No Ray.
 """

@@ -1,9 +1,10 @@
-"""The soft-target cache, built once: every split's rows through one Ray Data actor-pool stage per
-teacher, finished with the storage dtype and every difficulty measure as columns, written as
+"""The soft-target cache, built once: every split's rows through one Ray Data stage per teacher
+(asking its service), finished with the storage dtype and every difficulty measure as columns, written as
 verified Parquet by the Ray Data tasks themselves (``soft_targets.write_cache``)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from distill_ray.cache.topk_encoding import encode_targets
 from distill_ray.data.sources import DataInfo, SourceData
 from distill_ray.train.stages import with_teachers
 from distill_ray.train.streams import DIFFICULTY_PREFIX
+from distill_ray.teachers.service import TeacherService, teacher_services
 from distill_ray.teachers.setup import teacher_specs
 
 
@@ -111,9 +113,11 @@ def _measured(batch: dict[str, np.ndarray], arguments: dict[str, tuple]) -> dict
 
 
 def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], rebuild: bool = False,
-                trace_file: str | None = None, any_scheduler: bool = False) -> CachedData:
+                trace_file: str | None = None, any_scheduler: bool = False,
+                services: dict[str, TeacherService] | None = None) -> CachedData:
     """Every split's rows with every teacher's soft targets and the difficulty measures, computed once
-    by Ray Data actor pools (one per teacher) whose tasks write the Parquet files themselves.
+    by the teachers' services (``teachers/service.py``: the running ``services`` of an online run, or
+    started here for the build) through Ray Data stages whose tasks write the Parquet files themselves.
     ``trace_file`` (tests): one line per teacher ``generate`` call of sequence-level KD.
     ``any_scheduler``: runs on this cache may use another curriculum scheduler than ``cfg``'s (a sweep),
     so measures only some schedulers read are computed anyway (``reference.wanted``)."""
@@ -131,16 +135,20 @@ def build_cache(cfg: ExperimentConfig, data: SourceData, dirs: dict[str, Path], 
             raise CorruptCacheError(f"{err}. Rebuild it with `distill-ray cache CONFIG --rebuild`.") from None
 
     causal = data.info.task == "causal_lm"
-    ds = with_teachers(data.rows, tuple(teacher_specs(cfg, dirs, causal)))
-    ds = with_reference_difficulty(cfg, data, dirs, ds, any_scheduler)  # POCL's reference_rouge_loss, when read
-    ds = ds.map_batches(finish_rows, fn_kwargs={"teachers": cfg.teacher_names(), "dtype": cfg.cache.dtype,
-                                                "topk": cfg.loss.topk, "num_classes": data.info.num_classes,
-                                                "causal": causal, "pad_id": data.info.pad_id,
-                                                "topk_encoding": spec.topk_encoding},
-                        batch_format="numpy", batch_size=512)
+    specs = teacher_specs(cfg, dirs, causal)
     start = time.perf_counter()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    write_cache(directory, spec, ds, max_rows_per_file=cfg.cache.shard_rows)
+    with contextlib.ExitStack() as stack:
+        running = services or stack.enter_context(teacher_services(specs))
+        # The cache's own requests (no features) to whichever replicas answer them.
+        ds = with_teachers(data.rows, tuple(TeacherService(s, running[s.name].replicas) for s in specs))
+        ds = with_reference_difficulty(cfg, data, dirs, ds, any_scheduler)  # POCL's reference_rouge_loss, when read
+        ds = ds.map_batches(finish_rows, fn_kwargs={"teachers": cfg.teacher_names(), "dtype": cfg.cache.dtype,
+                                                    "topk": cfg.loss.topk, "num_classes": data.info.num_classes,
+                                                    "causal": causal, "pad_id": data.info.pad_id,
+                                                    "topk_encoding": spec.topk_encoding},
+                            batch_format="numpy", batch_size=512)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        write_cache(directory, spec, ds, max_rows_per_file=cfg.cache.shard_rows)
     cache = CachedData.open(directory, spec)
     print(f"soft targets: {cache.manifest['num_rows']:,} rows x {len(cfg.teachers)} teachers cached in "
           f"{time.perf_counter() - start:.1f}s at {directory}")

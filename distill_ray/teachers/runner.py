@@ -1,7 +1,7 @@
 """Frozen teachers: what one is (``TeacherSpec``) and the plain-Python core that answers batches.
 
-``TeacherRunner`` loads, freezes, infers and counts; it runs inside the actors of a Ray Data
-actor-pool stage (``stages.with_teachers``), both when the cache is built and in online mode.
+``TeacherRunner`` loads, freezes, infers and counts; it runs inside the replicas of a teacher's
+service (``teachers/service.py``), which answer both the cache build and online mode.
 Teachers return plain data: ``{"logits": [N, C]}`` or ``{"topk_logprobs": [N, k], "topk_indices":
 [N, k]}`` (fp16 / int32), never model objects. A causal-LM teacher with a tokenizer of its own
 answers the same columns for the student's positions and vocabulary (``teachers/cross_tokenizer.py``). Asked for ``features``, they add ``"hint"`` [N, D]

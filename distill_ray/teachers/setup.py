@@ -1,7 +1,7 @@
 """Teachers ready to answer: recipe teachers trained (parallel Ray tasks reading the labeled train
 rows themselves, each saved atomically as a model directory and reused while recipe and data are
 unchanged; a recipe with a tokenizer of its own trains on the data tokenized its way), and every
-teacher described as an actor-pool stage (``TeacherSpec``)."""
+teacher described as a ``TeacherSpec`` (what its service loads and how it is sized)."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = Fa
 
 def teacher_specs(cfg: ExperimentConfig, dirs: dict[str, Path], causal: bool = False,
                   features: dict[str, tuple[str, ...]] | None = None, trace_file: str | None = None) -> list[TeacherSpec]:
-    """Each teacher as an actor-pool stage: where it lives, its actors' size, what it answers."""
+    """Each teacher's service: where it lives, its replicas' size, what it answers."""
     student_tokenizer = str(resolve_tokenizer(cfg.data.tokenizer)) if any(t.tokenizer for t in cfg.teachers) else None
     return [TeacherSpec(t.name, str(dirs[t.name]), t.num_cpus, t.num_gpus, t.replicas, t.dtype,
                         topk=cfg.loss.topk, features=(features or {}).get(t.name, ()),

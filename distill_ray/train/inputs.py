@@ -5,11 +5,12 @@ make the baseline and the ablation's rows comparable with the student (``baselin
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-import ray
 
 from distill_ray.cache.build import teacher_columns
 from distill_ray.config import ExperimentConfig
@@ -17,29 +18,51 @@ from distill_ray.cache.responses import rows_of_source, train_sources
 from distill_ray.lm.sequence_kd import rows_from
 from distill_ray.cache.soft_targets import CachedData
 from distill_ray.data.sources import DataInfo, SourceData
-from distill_ray.train.stages import MixSettings, feature_shapes, with_teachers
+from distill_ray.train.stages import MixSettings, with_teachers
 from distill_ray.train.streams import DIFFICULTY_PREFIX
+from distill_ray.teachers.runner import TeacherSpec
+from distill_ray.teachers.service import TeacherService, teacher_services
 from distill_ray.teachers.setup import teacher_specs
 from distill_ray.train.loop import TrainInputs
 
 
+def online_specs(cfg: ExperimentConfig, dirs: dict[str, Path], task: str, trace_file: str | None = None
+                 ) -> list[TeacherSpec]:
+    """The teachers of an online run, the hint teacher asked for the features the loss reads."""
+    hint_teacher = cfg.loss.hint_teacher or cfg.teacher_names()[0]
+    features = ("hint",) * (cfg.loss.hint_weight > 0) + ("attention",) * (cfg.loss.attention_weight > 0)
+    return teacher_specs(cfg, dirs, task == "causal_lm", {hint_teacher: features}, trace_file)
+
+
+@contextlib.contextmanager
+def online_teachers(cfg: ExperimentConfig, dirs: dict[str, Path] | None, task: str, trace_file: str | None = None,
+                    scope: str | None = None) -> Iterator[dict[str, TeacherService]]:
+    """For the ``with`` block, the teachers' services of an online run, by name (loaded once, whatever
+    the epochs); nothing in cached mode. Under a sweep's ``scope`` they are the sweep's, found running.
+    ``trace_file`` (tests): the teachers log the ids they answer, and each load."""
+    if cfg.train.mode != "online":
+        yield {}
+        return
+    with teacher_services(online_specs(cfg, dirs, task, trace_file), scope) as services:
+        yield services
+
+
 def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: DataInfo, use_teachers: bool = True,
-                    stage: tuple | None = None, dirs: dict[str, Path] | None = None,
-                    teacher_trace: str | None = None, labeled_only: bool | None = None) -> TrainInputs:
+                    stage: tuple | None = None, services: dict[str, TeacherService] | None = None,
+                    labeled_only: bool | None = None) -> TrainInputs:
     """What Ray Train gets: the train and val splits as datasets (only the columns this run reads: its
     own teachers' targets and the difficulty measures) and the facts about them.
 
     ``data`` is the verified cache, or (online mode without a cache) the source splits themselves.
-    Online mode (``train.mode=online``, teacher directories in ``dirs``) reads no targets: each rank's
-    stream passes through one actor-pool stage per teacher (``stages.rank_stream``), validation too
-    when it has no cached targets. ``stage`` = (fn, kwargs) adds a Ray Data map_batches stage to both
-    (the ablation's synthetic teacher); ``teacher_trace`` makes the online teachers log the ids they
-    answer (tests). ``labeled_only`` (default: when there are no teachers) trains on the labeled train
+    Online mode (``train.mode=online``, the teachers' running ``services``, see ``online_teachers``)
+    reads no targets: each rank's stream passes through one stage per teacher asking its service
+    (``stages.rank_stream``), validation too when it has no cached targets. ``stage`` = (fn, kwargs)
+    adds a Ray Data map_batches stage to both (the ablation's synthetic teacher). ``labeled_only`` (default: when there are no teachers) trains on the labeled train
     rows alone."""
     online = use_teachers and cfg.train.mode == "online"
-    if online and dirs is None:
-        raise ValueError("online mode runs the teachers as stages: pass their directories (dirs=)")
-    causal = info.task == "causal_lm"
+    if online and not services:
+        raise ValueError("online mode asks the teachers' services: start them with online_teachers() and pass "
+                         "them (services=)")
     if isinstance(data, SourceData):
         if use_teachers and not online:
             raise ValueError("cached mode reads the teachers' targets from the cache; pass the CachedData")
@@ -73,15 +96,13 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
         val = val.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy")
     teachers, shapes, probe = (), {}, None
     if online:
-        hint_teacher = cfg.loss.hint_teacher or cfg.teacher_names()[0]
-        features = ("hint",) * (cfg.loss.hint_weight > 0) + ("attention",) * (cfg.loss.attention_weight > 0)
-        teachers = tuple(teacher_specs(cfg, dirs, causal, {hint_teacher: features}, teacher_trace))
+        teachers = tuple(services[name] for name in cfg.teacher_names())
         if not any(c.endswith(("/logits", "/topk_logprobs")) for c in val.schema().names):
             val = with_teachers(val, teachers)  # agreement on validation needs the teachers' answers
-        if features:  # the hint projector is sized before the first step: ask the teacher once, here
+        asking = [t for t in teachers if t.spec.features]
+        if asking:  # the hint projector is sized before the first step: ask the teacher once, here
             probe = train.select_columns(["x"]).take_batch(2, batch_format="numpy")["x"]
-            spec = next(t for t in teachers if t.name == hint_teacher)
-            shapes = ray.get(feature_shapes.options(num_cpus=spec.num_cpus).remote(spec, probe))
+            shapes = asking[0].feature_shapes(probe, asking[0].spec.features)
     mix = MixSettings(cfg.loss.mixup_alpha, cfg.loss.cutmix_alpha, info.num_classes, cfg.train.seed)
     # Teachers asked afresh and pairs mixed afresh every epoch: nothing to keep between epochs.
     streamed_only = online or mix.active

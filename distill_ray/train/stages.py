@@ -1,10 +1,11 @@
 """The Ray Data stages between a split and a Train worker: one rank's stream, built on the driver.
 
-A rank's training stream is ``rows of the rank -> EpochStage -> one actor-pool stage per teacher
-(online mode) -> the worker``. Everything upstream of the worker is Ray Data, so the teachers run
-while the student trains (by construction: the stream is pulled ahead of the step) and scale out as
-actor pools, and the student gets targets, hint and attention features as columns of its batch,
-exactly as it gets them from the cache in cached mode.
+A rank's training stream is ``rows of the rank -> EpochStage -> one stage per teacher (online mode)
+-> the worker``. Everything upstream of the worker is Ray Data, so the teachers answer while the
+student trains (by construction: the stream is pulled ahead of the step), and the student gets
+targets, hint and attention features as columns of its batch, exactly as it gets them from the cache
+in cached mode. A teacher stage only asks the teacher's service (``teachers/service.py``), started
+once per run: the teachers are loaded once, whatever the number of epochs.
 
 Ray Data starts a dataset's actor stages anew for every execution, that is for every epoch a worker
 streams. ``EpochPlan`` (a tiny actor owned by the driver) is where a worker posts, before it starts
@@ -16,8 +17,6 @@ the rows of the batch), upstream of the teachers: they see exactly the mixed row
 
 from __future__ import annotations
 
-import os
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +26,10 @@ import torch
 
 from distill_ray.kd.labels import cutmix, mixup
 from distill_ray.train.streams import rank_of
-from distill_ray.teachers.runner import TeacherRunner, TeacherSpec
+from distill_ray.teachers.service import TeacherService
 
 MIX_BATCH_ROWS = 256  # rows mixed with each other (pairs are drawn inside one such batch)
+ASK_CPUS = 0.1  # a teacher stage's task: it waits on the teacher's service, which holds the teacher's CPUs
 
 
 @dataclass(frozen=True)
@@ -111,31 +111,26 @@ class EpochStage:
         return batch
 
 
-class TeacherColumns:
-    """Ray Data callable: one teacher's soft targets (and asked-for features) as ``{name}/...`` columns."""
-
-    def __init__(self, spec: TeacherSpec):
-        self.runner = TeacherRunner.from_spec(spec, torch_threads=max(1, int(spec.num_cpus)))
-        self.spec = spec
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not len(batch["id"]):
-            return batch
-        # A teacher with its own tokenizer also reads the labels: the last one is the last position's next token.
-        labels = np.asarray(batch["label"]) if self.spec.tokenizer is not None else None
-        out = self.runner.infer(np.asarray(batch["x"]), self.spec.features, labels)
-        if self.spec.trace_file:
-            with open(self.spec.trace_file, "a") as f:
-                f.write(f"{self.spec.name} {','.join(map(str, np.asarray(batch['id']).tolist()))} {os.getpid()}\n")
-        return {**batch, **{f"{self.spec.name}/{key}": value for key, value in out.items()}}
+def ask_teacher(batch: dict[str, np.ndarray], service: TeacherService) -> dict[str, np.ndarray]:
+    """Ray Data function: one teacher's soft targets (and asked-for features) as ``{name}/...`` columns,
+    answered by its service (``teachers/service.py``), which batches every stage's requests."""
+    if not len(batch["id"]):
+        return batch
+    spec = service.spec
+    # A teacher with its own tokenizer also reads the labels: the last one is the last position's next token.
+    labels = np.asarray(batch["label"]) if spec.tokenizer is not None else None
+    out = service.infer(np.asarray(batch["x"]), spec.features, labels,
+                        ids=np.asarray(batch["id"]) if spec.trace_file else None)
+    return {**batch, **{f"{spec.name}/{key}": value for key, value in out.items()}}
 
 
-def with_teachers(ds, teachers: tuple[TeacherSpec, ...]):
-    """``ds`` with one streaming actor-pool stage per teacher."""
-    for t in teachers:
-        ds = ds.map_batches(TeacherColumns, fn_constructor_args=(t,), batch_format="numpy", batch_size=t.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=t.replicas), num_cpus=t.num_cpus,
-                            num_gpus=t.num_gpus or None)  # Ray Data restarts a dead actor and retries its batch
+def with_teachers(ds, services: tuple[TeacherService, ...]):
+    """``ds`` with one stage per teacher asking its service. The stage's tasks only wait on the replicas
+    (a tenth of a CPU each); two per replica keep a replica's next batch queued while it computes."""
+    for service in services:
+        ds = ds.map_batches(ask_teacher, fn_kwargs={"service": service}, batch_format="numpy",
+                            batch_size=service.spec.batch_size, num_cpus=ASK_CPUS,
+                            concurrency=2 * len(service.replicas))
     return ds
 
 
@@ -151,7 +146,7 @@ def rows_of_rank(ds, rank: int, world: int):
 
 
 def rank_stream(ds, rank: int, world: int, plan=None, mix: MixSettings | None = None,
-                teachers: tuple[TeacherSpec, ...] = ()):
+                teachers: tuple[TeacherService, ...] = ()):
     """One rank's training stream: its rows, the epoch stage (when a plan is given), the teachers."""
     ds = rows_of_rank(ds, rank, world)
     if plan is not None:
@@ -160,8 +155,3 @@ def rank_stream(ds, rank: int, world: int, plan=None, mix: MixSettings | None = 
     return with_teachers(ds, teachers)
 
 
-@ray.remote
-def feature_shapes(stage: TeacherSpec, x: np.ndarray) -> dict[str, tuple[int, ...]]:
-    """Shapes (without the batch dim) of the features ``stage`` answers for ``x`` (a probe on the driver's
-    side, so workers can size the hint projector before their first step)."""
-    return TeacherRunner.from_spec(stage).feature_shapes(x, stage.features)

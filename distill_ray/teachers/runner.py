@@ -11,7 +11,6 @@ and/or ``"attention"`` [N, P] (fp16) for feature distillation (online mode only)
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,28 +19,10 @@ import torch
 from distill_ray.kd.feature_losses import attention_map
 from distill_ray.kd.losses import teacher_topk
 from distill_ray.models import batched_features, batched_logits, fingerprint, forward_logits, freeze, load_model
+from distill_ray.teachers.spec import TeacherSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FEATURES = ("hint", "attention")  # what a teacher can serve besides its soft targets
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """Where a trained teacher lives, how its actors are sized and what they answer."""
-
-    name: str
-    model_dir: str
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    replicas: int = 1
-    dtype: str = "float32"
-    topk: int | None = None
-    features: tuple[str, ...] = ()  # "hint" / "attention", online mode
-    batch_size: int = 512
-    trace_file: str | None = None  # tests and drills: one line per answered batch: "name ids pid"
-    tokenizer: str | None = None  # causal LM: the teacher's own tokenizer directory (teachers/cross_tokenizer.py)
-    student_tokenizer: str | None = None  # ... and the student's, whose ids the rows hold
-    cross_tokenizer: str = "map"  # map | uld: how its targets reach the student's vocabulary
 
 
 class TeacherRunner:

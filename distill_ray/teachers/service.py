@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from distill_ray.teachers.runner import TeacherSpec
+from distill_ray.teachers.spec import TeacherSpec
 
 NAMESPACE = "distill-ray"  # named replicas live here, whatever namespace the caller's job has
 BATCH_WAIT_S = 0.005  # how long a replica waits for more requests once one is queued
@@ -227,6 +227,21 @@ class TeacherService:
         import ray
 
         return ray.get([r.stats.remote() for r in self.replicas])
+
+
+def ask_teacher(batch: dict[str, np.ndarray], service: TeacherService) -> dict[str, np.ndarray]:
+    """Ray Data function: one teacher's soft targets (and asked-for features) as ``{name}/...`` columns,
+    answered by its service, which batches every stage's requests. It lives here, in a module that
+    imports neither torch nor the rest of the package: a Ray Data task that runs it in a new worker
+    process imports this and numpy only."""
+    if not len(batch["id"]):
+        return batch
+    spec = service.spec
+    # A teacher with its own tokenizer also reads the labels: the last one is the last position's next token.
+    labels = np.asarray(batch["label"]) if spec.tokenizer is not None else None
+    out = service.infer(np.asarray(batch["x"]), spec.features, labels,
+                        ids=np.asarray(batch["id"]) if spec.trace_file else None)
+    return {**batch, **{f"{spec.name}/{key}": value for key, value in out.items()}}
 
 
 def service_key(spec: TeacherSpec) -> str:

@@ -22,7 +22,7 @@ from distill_ray.config import ExperimentConfig
 from distill_ray.data.bundled import Split, cache_root, resolve_tokenizer, smollm2_path
 from distill_ray.models import build_model, num_params, save_model, save_tokenizer
 from distill_ray.data.sources import SourceData, load_source
-from distill_ray.teachers.runner import TeacherSpec
+from distill_ray.teachers.spec import TeacherSpec
 
 
 def _recipe_dir(cfg: ExperimentConfig, index: int, key: str) -> Path:

@@ -20,7 +20,7 @@ from distill_ray.cache.soft_targets import CachedData
 from distill_ray.data.sources import DataInfo, SourceData
 from distill_ray.train.stages import MixSettings, with_teachers
 from distill_ray.train.streams import DIFFICULTY_PREFIX
-from distill_ray.teachers.runner import TeacherSpec
+from distill_ray.teachers.spec import TeacherSpec
 from distill_ray.teachers.service import TeacherService, teacher_services
 from distill_ray.teachers.setup import teacher_specs
 from distill_ray.train.loop import TrainInputs

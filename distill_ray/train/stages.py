@@ -26,7 +26,7 @@ import torch
 
 from distill_ray.kd.labels import cutmix, mixup
 from distill_ray.train.streams import rank_of
-from distill_ray.teachers.service import TeacherService
+from distill_ray.teachers.service import TeacherService, ask_teacher
 
 MIX_BATCH_ROWS = 256  # rows mixed with each other (pairs are drawn inside one such batch)
 ASK_CPUS = 0.1  # a teacher stage's task: it waits on the teacher's service, which holds the teacher's CPUs
@@ -109,19 +109,6 @@ class EpochStage:
                 y_b, lam = y, 1.0
             batch = {**batch, "x": x.numpy(), "label_b": y_b.numpy(), "mix_lam": np.full(len(y), lam, np.float32)}
         return batch
-
-
-def ask_teacher(batch: dict[str, np.ndarray], service: TeacherService) -> dict[str, np.ndarray]:
-    """Ray Data function: one teacher's soft targets (and asked-for features) as ``{name}/...`` columns,
-    answered by its service (``teachers/service.py``), which batches every stage's requests."""
-    if not len(batch["id"]):
-        return batch
-    spec = service.spec
-    # A teacher with its own tokenizer also reads the labels: the last one is the last position's next token.
-    labels = np.asarray(batch["label"]) if spec.tokenizer is not None else None
-    out = service.infer(np.asarray(batch["x"]), spec.features, labels,
-                        ids=np.asarray(batch["id"]) if spec.trace_file else None)
-    return {**batch, **{f"{spec.name}/{key}": value for key, value in out.items()}}
 
 
 def with_teachers(ds, services: tuple[TeacherService, ...]):

@@ -17,22 +17,23 @@ batch (``train.batch_size`` rows), on the same rows:
 * **online step before services** (the "before"): the same run with the teacher stages as distill-ray
   0.2 ran them, a Ray Data actor pool per teacher whose actors load the teacher (``BEFORE_STAGE``
   below, ``TeacherRunner`` inside), started anew by Ray Data for every epoch; ``--no-before`` skips it;
-* **teacher loads** of each online run, from Ray's actor table (actors created, and restarts);
+* **teacher loads** of each online run: the services' replicas from Ray's actor table (actors created,
+  and restarts); the "before" stages' actors each leave a marker file when they load their teacher;
 * **per-request overhead** of a service: one caller's request to the first teacher's service against
   ``TeacherRunner.infer`` in this process, batch sizes 1, 32 and 256 (median of repeated calls).
 
 Steady state, both runs: epochs 1.. (epoch 0 is warm-up), each epoch's seconds from the product's
 own history (the epoch's last step row: ``samples_per_s`` since the epoch's first batch; see
 ``bench/overhead.py``) **plus the epoch's wait for its first batch** (the epoch row's
-``first_batch_s``), per step. The wait must count: online, the teacher stages start anew each epoch
-and fill ahead while the student waits, so with short epochs the steps alone never wait on a teacher
+``first_batch_s``), per step. The wait must count: online, each epoch's stream starts anew (its
+stage tasks, not the teachers) and fills ahead while the student waits, so with short epochs the steps alone never wait on a teacher
 and the ratio reads far below 1 (0.10 in an earlier version of this bench), which is not overlap.
 The default 16,384 rows make the epochs long enough that the fill is a small part of them. Printed: ``online / max(student step, slowest teacher forward)`` (the bound
 when every teacher and the student have cores of their own; aim <= 1.15) and, since this machine
 has fewer cores than teachers + student, ``online / max(that, (student + all teachers) / cores)``,
 the bound the cores allow. Also printed: per epoch after the first step, the run's wall seconds
 against the seconds of its steps (the steady state above leaves out each epoch's wait for its first
-batch, validation and checkpoint; online, Ray Data also starts the teacher stages anew every epoch).
+batch, validation and checkpoint; online, Ray Data also starts each epoch's stream anew).
 
 Data: the config's data shrunk with ``data.max_train_samples`` / ``data.max_eval_samples``; the
 teachers are the ones trained for the config's own data, reused through ``teachers[].path`` (so
@@ -109,9 +110,12 @@ class BeforeStage:
     """distill-ray 0.2's teacher stage: a Ray Data actor that loads its teacher in its constructor (so
     once per epoch, as Ray Data starts an execution's actor pools anew) and answers its batches."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, markers: str):
+        import uuid
+
         from distill_ray.teachers.runner import TeacherRunner
 
+        (Path(markers) / uuid.uuid4().hex).touch()  # one file per teacher load, counted by the driver
         self.runner = TeacherRunner.from_spec(spec, torch_threads=max(1, int(spec.num_cpus)))
         self.name, self.features = spec.name, spec.features
 
@@ -122,12 +126,12 @@ class BeforeStage:
         return {**batch, **{f"{self.name}/{key}": value for key, value in out.items()}}
 
 
-def before_stages(ds, services):
+def before_stages(ds, services, markers: str):
     import ray
 
     for service in services:
         spec = service.spec
-        ds = ds.map_batches(BeforeStage, fn_constructor_args=(spec,), batch_format="numpy", batch_size=spec.batch_size,
+        ds = ds.map_batches(BeforeStage, fn_constructor_args=(spec, markers), batch_format="numpy", batch_size=spec.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=spec.replicas), num_cpus=spec.num_cpus)
     return ds
 
@@ -205,8 +209,11 @@ def run(args, workdir: Path) -> dict:
     online_loads = teacher_loads("TeacherReplica", before_actors)
     old = None
     if not args.no_before:  # the same run with 0.2's stages: a teacher loaded by every epoch's actor pool
-        before_actors, asking = actor_ids(), stages.with_teachers
-        stages.with_teachers = before_stages  # rank_stream builds the streams on this driver
+        asking = stages.with_teachers
+        markers = workdir / "before-loads"
+        markers.mkdir(parents=True, exist_ok=True)
+        # rank_stream builds the streams on this driver, so the swap reaches every epoch's stream.
+        stages.with_teachers = lambda ds, services: before_stages(ds, services, str(markers))
         try:
             with online_teachers(online_cfg, dirs, info.task) as services:  # only their specs are read
                 old_run = overhead.product_run(online_cfg, training_inputs(online_cfg, cache, info, services=services),
@@ -214,7 +221,7 @@ def run(args, workdir: Path) -> dict:
         finally:
             stages.with_teachers = asking
         old = overhead.steady(old_run, batch)
-        old["loads"] = teacher_loads("BeforeStage", before_actors)
+        old["loads"] = len(list(markers.iterdir()))
         print(f"online step before services: {old['ms_per_step_with_wait']:.2f} ms ({old['loads']} teacher loads)",
               flush=True)
     overheads = request_overhead(cached_cfg, dirs, cache)
@@ -246,7 +253,7 @@ def run(args, workdir: Path) -> dict:
         "online_fixed_s": online_run["fixed_s"], "online_timed_steps": online["steps"],
         "cached_wall_s": student_run["wall_s"], "cached_fixed_s": student_run["fixed_s"],
         # After the first step: wall seconds per epoch (steps, validation, checkpoint and, online, the
-        # teacher stages started anew every epoch) against the seconds of the steps themselves.
+        # epoch's stream started anew) against the seconds of the steps themselves.
         "online_epoch_wall_s": (online_run["wall_s"] - online_run["fixed_s"]) / args.epochs,
         "cached_epoch_wall_s": (student_run["wall_s"] - student_run["fixed_s"]) / args.epochs,
         "online_epoch_steps_s": sum(e["seconds"] for e in online_run["epochs"]) / args.epochs,
@@ -332,7 +339,7 @@ def main() -> None:
           f"after {r['online_fixed_s']:.1f}s")
     print(f"per epoch after the first step, wall / its steps' seconds: online {r['online_epoch_wall_s']:.1f}s / "
           f"{r['online_epoch_steps_s']:.1f}s, cached {r['cached_epoch_wall_s']:.1f}s / {r['cached_epoch_steps_s']:.1f}s "
-          f"(the rest: validation, checkpoint and, online, the teacher stages restarting and refilling each epoch)")
+          f"(the rest: validation, checkpoint and, online, each epoch's stream starting and filling)")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2, default=str) + "\n")
         print(f"numbers: {args.json}")

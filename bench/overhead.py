@@ -98,9 +98,10 @@ def start_ray(args) -> None:
     """A Ray of its own (never one a test suite runs beside it), sized like connect_ray's local one."""
     import ray
 
-    from distill_ray.pipeline import local_parquet_settings
+    from distill_ray.pipeline import local_parquet_settings, local_worker_pool_settings
 
     local_parquet_settings(str(max(1, (os.cpu_count() or 2) // 2)))  # the product's local-Ray Parquet reader
+    local_worker_pool_settings()  # and its worker pool
     env = {"worker_process_setup_hook": first_step_hook}
     if args.omp_threads:
         env["env_vars"] = {"OMP_NUM_THREADS": str(args.omp_threads)}

@@ -117,7 +117,7 @@ def with_teachers(ds, services: tuple[TeacherService, ...]):
     for service in services:
         ds = ds.map_batches(ask_teacher, fn_kwargs={"service": service}, batch_format="numpy",
                             batch_size=service.spec.batch_size, num_cpus=ASK_CPUS,
-                            concurrency=2 * len(service.replicas))
+                            compute=ray.data.TaskPoolStrategy(size=2 * len(service.replicas)))
     return ds
 
 

@@ -30,6 +30,10 @@ os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 # 305 s; tests/test_tune_sweep.py: 210 s against 238 s).
 os.environ.setdefault("RAY_num_workers_soft_limit", "16")
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "30000")
+# Ray Train's controller looks at its workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a
+# finished run is noticed up to 2 s late; the suite runs dozens of short Train runs. The controller
+# reads it in its own process: set before ray.init, the raylet hands it on.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,8 @@ def test_concurrent_callers_share_forwards_and_each_gets_its_own_rows(ray_local,
         x = np.random.default_rng(0).normal(size=(16, 8, 20)).astype(np.float32)
         answers = ray.get([service.infer_async(x[i]) for i in range(16)])  # 16 callers at once
         [stats] = service.stats()
+        # The handle travels: a Ray task (as a Train worker or a Tune trial is a Ray actor) asks it too.
+        from_a_task = ray.get(ray.remote(num_cpus=0.1)(lambda s, rows: s.infer(rows)).remote(service, x[3]))
     finally:
         stop_service(service)
     model, _ = load_model(spec.model_dir)
@@ -61,6 +63,7 @@ def test_concurrent_callers_share_forwards_and_each_gets_its_own_rows(ray_local,
     for i, answer in enumerate(answers):
         np.testing.assert_allclose(answer["logits"], direct[i], rtol=1e-5, atol=1e-5)
     assert stats["rows"] == 16 * 8 and stats["forwards"] < 16, stats  # batched across callers
+    np.testing.assert_allclose(from_a_task["logits"], direct[3], rtol=1e-5, atol=1e-5)
 
 
 def test_a_causal_lm_scores_given_tokens_at_given_positions_as_a_direct_forward(ray_local, tmp_path):

@@ -15,7 +15,9 @@ killed replica costs a reload, never the run.
 Why actors and not Ray Serve deployments: a run's teachers need no HTTP proxy or Serve controller (two
 more processes on every run, and a Serve instance the user's own serving app shares), and the callers
 are Ray tasks and actors already holding the handles; batching is the part Serve would add, and it is
-the forty lines of ``_serve_queue`` below.
+the forty lines of ``_serve_queue`` below. Measured side by side (``bench/service_vs_serve.py``, one
+CNN replica): a Serve handle took 1.27-1.41x the actor's time per request and 8.9 s against 3.2 s
+to start.
 
 ``teacher_services`` starts the services a run needs, or finds the ones a sweep started (same
 ``scope``), and stops only those it started.

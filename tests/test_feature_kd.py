@@ -281,7 +281,7 @@ def teacher_dirs(ray_local, small_fashion_mnist, tmp_path_factory, tiny_prepared
 
 @pytest.mark.ray
 def test_teacher_stage_adds_features_as_columns_of_the_named_teacher_only(ray_local, tmp_path):
-    from distill_ray.train.stages import ask_teacher
+    from distill_ray.teachers.service import ask_teacher
     from distill_ray.teachers.spec import TeacherSpec
     from distill_ray.teachers.service import teacher_services
 

@@ -43,6 +43,7 @@ from distill_ray.kd.objectives import TokenTopK, _allreduce_grads, batch_loss, h
     teacher_signal, temperature_and_alpha, token_blend_loss
 from distill_ray.kd.schedules import lr_factor
 from distill_ray.models import build_model, forward_with_features, save_model
+from distill_ray.teachers.service import TeacherService
 from distill_ray.train.epochs import RankData
 from distill_ray.train.options import WorkerOptions
 from distill_ray.train.stages import EpochPlan, MixSettings, rank_stream, rows_of_rank
@@ -77,7 +78,7 @@ class TrainInputs:
     topk: int | None = None
     all_labeled: bool = True
     use_teachers: bool = True  # False trains the same student from labels alone (the baseline)
-    online_teachers: tuple = ()  # online mode: a TeacherService per teacher (teachers/service.py)
+    online_teachers: tuple[TeacherService, ...] = ()  # online mode: one service per teacher
     mix: MixSettings | None = None
     keep_shard: bool = True
     epoch_stage: bool = False

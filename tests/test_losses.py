@@ -673,3 +673,58 @@ def test_per_row_reduction_averages_to_the_batch_mean_and_zeroes_masked_rows(kin
         assert_close(L.kd_divergence_to_probs(student, probs, kind=kind, temperature=2.0, reduction="none"), rows)
     with pytest.raises(ValueError, match="reduction"):
         L.kd_divergence(student, teacher, kind=kind, reduction="sum")
+
+
+# --- generalized JSD (on-policy distillation's divergence, TRL's GKD definition) ------------------
+
+def _gjsd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, T: float) -> torch.Tensor:
+    """TRL's generalized_jsd_loss written out in float64 over the full vocabulary, meaned over positions, x T^2."""
+    s = torch.log_softmax(student_logits.double() / T, -1)
+    t = torch.log_softmax(teacher_logits.double() / T, -1)
+    if beta == 0:
+        per = (t.exp() * (t - s)).sum(-1)
+    elif beta == 1:
+        per = (s.exp() * (s - t)).sum(-1)
+    else:
+        m = torch.log(beta * t.exp() + (1 - beta) * s.exp())
+        per = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    return per.mean() * T**2
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_topk_gjsd_with_every_class_kept_equals_the_float64_reference(beta, T):
+    from distill_ray.kd.losses import topk_generalized_jsd
+
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(2, 5, 11, generator=g) * 2, torch.randn(2, 5, 11, generator=g) * 2
+    logp, idx = torch.log_softmax(teacher.double(), -1).topk(11, -1)
+    got = topk_generalized_jsd(student.double(), logp, idx, beta, temperature=T)
+    torch.testing.assert_close(got, _gjsd_reference(student, teacher, beta, T), rtol=1e-10, atol=1e-12)
+
+
+def test_topk_gjsd_ends_are_forward_and_reverse_kl_and_its_middle_is_js():
+    from distill_ray.kd.losses import topk_generalized_jsd
+
+    g = torch.Generator().manual_seed(4)
+    student = torch.randn(3, 7, 40, generator=g, requires_grad=True)
+    logp, idx = torch.log_softmax(torch.randn(3, 7, 40, generator=g), -1).topk(6, -1)
+    mask = torch.rand(3, 7, generator=g) > 0.3
+    for beta, kind in ((0.0, "forward_kl"), (1.0, "reverse_kl"), (0.5, "js")):
+        got = topk_generalized_jsd(student, logp, idx, beta, temperature=2.0, mask=mask)
+        want = L.topk_kd_divergence(student, logp, idx, kind=kind, temperature=2.0, mask=mask)
+        torch.testing.assert_close(got, want)
+        g_got, = torch.autograd.grad(got, student)
+        g_want, = torch.autograd.grad(want, student)
+        torch.testing.assert_close(g_got, g_want)
+
+
+def test_topk_gjsd_is_zero_when_the_student_is_the_teacher_and_rejects_a_bad_beta():
+    from distill_ray.kd.losses import topk_generalized_jsd
+
+    teacher = torch.randn(4, 9, generator=torch.Generator().manual_seed(5)).double()
+    logp, idx = torch.log_softmax(teacher, -1).topk(9, -1)
+    for beta in (0.0, 0.3, 1.0):
+        assert float(topk_generalized_jsd(teacher, logp, idx, beta)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="beta"):
+        topk_generalized_jsd(teacher, logp, idx, 1.5)

@@ -31,6 +31,8 @@ __all__ = [
     "kd_divergence_to_probs",
     "teacher_topk",
     "topk_kd_divergence",
+    "topk_generalized_jsd",
+    "generalized_jsd",
     "uld_divergence",
     "topk_label_logprobs",
     "dense_from_topk",
@@ -310,6 +312,73 @@ def topk_label_logprobs(topk_logprobs: torch.Tensor, topk_indices: torch.Tensor,
     return out.masked_fill(labels < 0, 0.0)
 
 
+def _topk_buckets(student_logits: torch.Tensor, topk_logprobs: torch.Tensor, topk_indices: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student log q, teacher log p) over the k stored classes plus one tail bucket, both tempered
+    (see :func:`topk_kd_divergence`); shapes ``[..., k + 1]`` (``[..., k]`` when k is the vocabulary)."""
+    _check_temperature(temperature)
+    vocab, k = student_logits.shape[-1], topk_indices.shape[-1]
+    if topk_logprobs.shape != topk_indices.shape or topk_indices.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"top-k log-probs {tuple(topk_logprobs.shape)} and indices {tuple(topk_indices.shape)} must both be "
+            f"student logits {tuple(student_logits.shape)} with the last dim replaced by k"
+        )
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}] for {vocab} classes, got {k}")
+
+    dtype = compute_dtype(student_logits)
+    indices = topk_indices.to(device=student_logits.device, dtype=torch.long)
+    teacher_top = topk_logprobs.detach().to(device=student_logits.device, dtype=dtype)
+    student_full = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    student_top = student_full.gather(-1, indices)
+    teacher_weights = teacher_top / temperature
+
+    num_tail = vocab - k
+    if num_tail == 0:
+        # No tail: its bucket would hold exactly zero mass on both sides and only add 0 * -inf.
+        return student_top, F.log_softmax(teacher_weights, dim=-1)
+    in_topk = torch.zeros_like(student_full, dtype=torch.bool).scatter(-1, indices, True)
+    student_tail = student_full.masked_fill(in_topk, float("-inf")).logsumexp(-1, keepdim=True)
+    # fp16 storage can make the stored mass exceed 1 slightly: the tail is then empty (-inf).
+    tail_mass = (1.0 - teacher_top.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    log_num_tail = math.log(num_tail)
+    tail_weight = log_num_tail + (tail_mass.log() - log_num_tail) / temperature
+    return torch.cat([student_top, student_tail], dim=-1), \
+        F.log_softmax(torch.cat([teacher_weights, tail_weight], dim=-1), dim=-1)
+
+
+def generalized_jsd(student_logq: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence per position over the last dim, as TRL's GKD defines it:
+    with M = beta * P_teacher + (1 - beta) * Q_student, ``beta * KL(P || M) + (1 - beta) * KL(Q || M)``
+    for 0 < beta < 1; ``beta = 0`` is forward KL(P || Q) and ``beta = 1`` reverse KL(Q || P) (the two
+    limits up to scale). beta = 0.5 is the Jensen-Shannon divergence."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    teacher_p, teacher_logp = teacher_logp.exp(), teacher_logp.clamp_min(_LOG_PROB_FLOOR)
+    if beta == 0.0:
+        return _divergence_per_position(student_logq, teacher_p, teacher_logp, "forward_kl", 0.0)
+    if beta == 1.0:
+        return _divergence_per_position(student_logq, teacher_p, teacher_logp, "reverse_kl", 0.0)
+    log_m = _log_mixture(teacher_logp, student_logq, beta)
+    return beta * (teacher_p * (teacher_logp - log_m)).sum(-1) + \
+        (1.0 - beta) * (student_logq.exp() * (student_logq - log_m)).sum(-1)
+
+
+def topk_generalized_jsd(
+    student_logits: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`generalized_jsd` between the student and a teacher known by its top-k log-probs, over the
+    k + 1 buckets of :func:`topk_kd_divergence` (exact when k is the vocabulary), times T**2, meaned
+    over unmasked positions. On-policy distillation scores the student's own samples with it."""
+    student_logq, teacher_logp = _topk_buckets(student_logits, topk_logprobs, topk_indices, temperature)
+    return masked_mean(generalized_jsd(student_logq, teacher_logp, beta) * temperature**2, mask)
+
+
 def topk_kd_divergence(
     student_logits: torch.Tensor,
     topk_logprobs: torch.Tensor,
@@ -341,41 +410,9 @@ def topk_kd_divergence(
         Scalar tensor.
     """
     _check_prob_kind(kind, skew_alpha, "topk_kd_divergence")
-    _check_temperature(temperature)
-    vocab, k = student_logits.shape[-1], topk_indices.shape[-1]
-    if topk_logprobs.shape != topk_indices.shape or topk_indices.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(
-            f"top-k log-probs {tuple(topk_logprobs.shape)} and indices {tuple(topk_indices.shape)} must both be "
-            f"student logits {tuple(student_logits.shape)} with the last dim replaced by k"
-        )
-    if not 1 <= k <= vocab:
-        raise ValueError(f"k must be in [1, {vocab}] for {vocab} classes, got {k}")
-
-    dtype = compute_dtype(student_logits)
-    indices = topk_indices.to(device=student_logits.device, dtype=torch.long)
-    teacher_top = topk_logprobs.detach().to(device=student_logits.device, dtype=dtype)
-    student_full = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    student_top = student_full.gather(-1, indices)
-    teacher_weights = teacher_top / temperature
-
-    num_tail = vocab - k
-    if num_tail == 0:
-        # No tail: its bucket would hold exactly zero mass on both sides and only add 0 * -inf.
-        student_logq = student_top
-    else:
-        in_topk = torch.zeros_like(student_full, dtype=torch.bool).scatter(-1, indices, True)
-        student_tail = student_full.masked_fill(in_topk, float("-inf")).logsumexp(-1, keepdim=True)
-        student_logq = torch.cat([student_top, student_tail], dim=-1)
-        # fp16 storage can make the stored mass exceed 1 slightly: the tail is then empty (-inf).
-        tail_mass = (1.0 - teacher_top.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-        log_num_tail = math.log(num_tail)
-        tail_weight = log_num_tail + (tail_mass.log() - log_num_tail) / temperature
-        teacher_weights = torch.cat([teacher_weights, tail_weight], dim=-1)
-
-    teacher_logp = F.log_softmax(teacher_weights, dim=-1)
-    teacher_p = teacher_logp.exp()
+    student_logq, teacher_logp = _topk_buckets(student_logits, topk_logprobs, topk_indices, temperature)
     per_position = _divergence_per_position(
-        student_logq, teacher_p, teacher_logp.clamp_min(_LOG_PROB_FLOOR), kind, skew_alpha
+        student_logq, teacher_logp.exp(), teacher_logp.clamp_min(_LOG_PROB_FLOOR), kind, skew_alpha
     )
     return masked_mean(per_position * temperature**2, mask)
 

@@ -184,6 +184,19 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class StudentInit:
+    teacher: str | None = None
+    """Cut the student from this teacher (a Hugging Face causal LM on the student's tokenizer): its
+    embeddings, the kept decoder layers, final norm and head, weights included (depth pruning, as in
+    Minitron). The cut is saved to RUN_DIR/student_init as a plain HF directory and trained from there;
+    student.arch and student.options are then not used. None = the student starts from student.arch."""
+    layers: tuple[int, ...] | None = None
+    """The teacher's decoder layers to keep (0-based indices); or give keep_every."""
+    keep_every: int | None = _field(None, ge=1)
+    """Keep every N-th decoder layer from the first, and always the last (30 layers, 3 -> 11 kept)."""
+
+
+@dataclass(frozen=True)
 class StudentConfig:
     arch: str = _field("mlp", choices=STUDENT_ARCHS)
     """Student architecture: a registry torch model, a transformers config, or a local HF dir."""
@@ -191,6 +204,8 @@ class StudentConfig:
     """For hf_dir: the directory to start from; for hf_config: a config.json to build a fresh model from."""
     options: Mapping[str, Any] = _field(default_factory=dict)
     """Architecture options (hidden sizes, layers, heads, ...)."""
+    init: StudentInit = _field(default_factory=StudentInit)
+    """Where a causal-LM student's weights start: cut from a teacher (init.teacher), else fresh."""
 
 
 @dataclass(frozen=True)
@@ -604,6 +619,7 @@ def _validate_across(cfg: ExperimentConfig) -> None:
             _fail(f"teachers[{i}].recipe", "is required when source is 'recipe'")
         if t.source in ("hf_dir", "torch_checkpoint") and not t.path:
             _fail(f"teachers[{i}].path", f"is required when source is {t.source!r}")
+    _validate_student(cfg)
     curriculum = cfg.curriculum
     if not curriculum.measurers:
         _fail("curriculum.measurers", f"needs at least one of: {', '.join(MEASURER_KINDS)}")
@@ -742,7 +758,7 @@ def _validate_causal_lm(cfg: ExperimentConfig) -> None:
     if cfg.curriculum.scheduler not in LM_SCHEDULERS:
         _fail("curriculum.scheduler", f"{cfg.curriculum.scheduler!r} is not available for causal_lm; choose one of: "
               f"{', '.join(LM_SCHEDULERS)}")
-    if cfg.student.arch not in ("hf_causal_lm", "hf_dir"):
+    if cfg.student.arch not in ("hf_causal_lm", "hf_dir") and cfg.student.init.teacher is None:
         _fail("student.arch", f"{cfg.student.arch!r} is not a language model; causal_lm needs hf_causal_lm or hf_dir")
     cross = [i for i, t in enumerate(cfg.teachers) if t.tokenizer is not None]
     if cross and cfg.loss.cross_tokenizer == "uld":
@@ -752,6 +768,31 @@ def _validate_causal_lm(cfg: ExperimentConfig) -> None:
         if cfg.curriculum.scheduler != "none" and "teacher_ce" in cfg.curriculum.measurers:
             _fail("curriculum.measurers", "teacher_ce needs each teacher's probability of the true token, which "
                   "loss.cross_tokenizer=uld does not keep; choose from: sequence_length")
+
+
+def _validate_student(cfg: ExperimentConfig) -> None:
+    """A student directory exists to start from; a cut names a causal-LM teacher on the student's tokens
+    and exactly one way to pick its layers."""
+    s, init = cfg.student, cfg.student.init
+    if s.arch == "hf_dir" and not s.path:
+        _fail("student.path", "is required when student.arch is 'hf_dir' (the Hugging Face directory to start from)")
+    if init.teacher is None:
+        if init.layers is not None or init.keep_every is not None:
+            _fail("student.init.teacher", "names the teacher to cut the student from; layers and keep_every "
+                  "choose what is kept of it")
+        return
+    names = cfg.teacher_names()
+    if init.teacher not in names:
+        _fail("student.init.teacher", f"{init.teacher!r} is not valid; choose from: {', '.join(names)}"
+              + _closest(init.teacher, names))
+    if cfg.data.task != "causal_lm":
+        _fail("student.init.teacher", "a student is cut from a causal language model's decoder layers: it needs "
+              "data.task=causal_lm")
+    if cfg.teachers[names.index(init.teacher)].tokenizer is not None:
+        _fail("student.init.teacher", f"teacher {init.teacher!r} reads another tokenizer's tokens; a cut student "
+              "keeps its embeddings, so cut from a teacher on the student's tokenizer")
+    if (init.layers is None) == (init.keep_every is None):
+        _fail("student.init", "give exactly one of layers (the teacher's layer indices to keep) and keep_every")
 
 
 def _validate_reference(cfg: ExperimentConfig) -> None:

@@ -27,6 +27,7 @@ from distill_ray.train.inputs import baseline_config, online_teachers, training_
 from distill_ray.evaluation.scoring import evaluate_classifiers, evaluate_language_models, print_summary, train_accuracy
 from distill_ray.cache.soft_targets import CachedData
 from distill_ray.data.sources import SourceData, load_source
+from distill_ray.lm.cut import student_from_teacher
 from distill_ray.teachers.setup import prepare_teachers
 from distill_ray.train.loop import TrainInputs
 from distill_ray.evaluation.verdict import Verdict, classification_verdict
@@ -154,12 +155,16 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     info = data.info
     dirs = timed("teachers", prepare_teachers, cfg, data, retrain_teachers)
+    cfg, cut = student_from_teacher(cfg, dirs, run_dir / "student_init")
+    if cut is not None:
+        print(f"student: cut from {cut['teacher']}, layers {cut['layers']} of {cut['teacher_layers']}, "
+              f"{cut['params']:,} of its {cut['teacher_params']:,} parameters ({run_dir / 'student_init'})", flush=True)
     storage = run_dir / "ray_results"
     # Online: the teachers' services start here, answer the cache build and every epoch, and stop after.
     with online_teachers(cfg, dirs, info.task) as services:
         cache = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache, services=services or None)
         student_inputs = training_inputs(cfg, cache, info, services=services)
-        result = trained("student", student_inputs)
+        result = trained("student", student_inputs, cfg)  # cfg as cut (student_from_teacher), not as called
     student, history, state = load_trained_student(cfg, student_inputs, result.checkpoint)
     baseline, base_state = None, {}
     if cfg.train.baseline:
@@ -203,6 +208,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     }
     if search is not None:
         metrics["search"] = search
+    if cut is not None:
+        metrics["student_init"] = cut
     scored = [v for v in metrics["teachers"].values() if v is not None]
     metrics["gap_recovered"] = gap_recovered(metrics["student"], metrics["baseline"],
                                              (min if metric == "perplexity" else max)(scored) if scored else None,

@@ -182,13 +182,15 @@ def _with_teachers_in(raw: dict, root: Path) -> dict:
 def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path, lm_teachers_root):
     from distill_ray.data.bundled import DataUnavailable
     from distill_ray.evaluation.metrics import lm_label_logprobs, perplexity
-    from distill_ray.models import build_model, load_model
+    from distill_ray.models import build_model, load_model, num_params
     from distill_ray.pipeline import load_data, run_experiment
 
     # No baseline here: an LM student trained from the labels alone is the ablation's scratch row
-    # (tests/test_ablation.py runs it), and it would be a second Ray Train run in this test.
+    # (tests/test_ablation.py runs it), and it would be a second Ray Train run in this test. The
+    # student is cut from llama_deep (its last layer of 3) and trained from there.
     cfg = config_from_dict(apply_overrides(_with_teachers_in(_tiny_lm_raw(tmp_path), lm_teachers_root),
-                                           [("train.baseline", False)]))
+                                           [("train.baseline", False), ("student.init.teacher", "llama_deep"),
+                                            ("student.init.layers", [2])]))
     try:
         data = load_data(cfg)
     except DataUnavailable as err:
@@ -204,14 +206,25 @@ def test_tiny_lm_run_distils_and_reports_perplexity(ray_local, tmp_path, lm_teac
     # Every model is far better than uniform guessing over the 30522-token vocabulary.
     for name, ppl in [("student", metrics["student"]), *metrics["teachers"].items()]:
         assert 1.0 < ppl < 5000, (name, ppl)
-    # The trained student beats its own untrained initialisation by a wide margin, recomputed here.
-    torch.manual_seed(cfg.train.seed)
-    untrained = build_model(cfg.student.arch, data.info.input_shape, data.info.num_classes, cfg.student.options)
-    logp, _ = lm_label_logprobs(untrained, test_x, test_y)
+    # The student trained from the cut it started as (RUN_DIR/student_init), and beats it, recomputed here.
+    cut = metrics["student_init"]
+    assert (cut["teacher"], cut["layers"], cut["teacher_layers"]) == ("llama_deep", [2], 3)
+    start, _ = load_model(run_dir / "student_init")
     exported, _ = load_model(run_dir / "student")
+    assert exported.config.num_hidden_layers == start.config.num_hidden_layers == 1
+    assert num_params(exported) == cut["params"] == metrics["params"]["student"] < cut["teacher_params"]
     logp_student, _ = lm_label_logprobs(exported, test_x, test_y)
     assert perplexity(logp_student, test_y) == pytest.approx(metrics["student"], rel=1e-4)
-    assert metrics["student"] < perplexity(logp, test_y) / 10
+    # Training moved the cut's weights and kept what it knew: a 1-layer student of the config's own
+    # arch, untrained, is >10x worse; the cut ends no worse than it started.
+    assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), exported.state_dict().values()))
+    logp_start, _ = lm_label_logprobs(start, test_x, test_y)
+    torch.manual_seed(cfg.train.seed)
+    untrained = build_model(cfg.student.arch, data.info.input_shape, data.info.num_classes, cfg.student.options)
+    logp_untrained, _ = lm_label_logprobs(untrained, test_x, test_y)
+    assert metrics["student"] < perplexity(logp_untrained, test_y) / 10
+    assert metrics["student"] <= 1.02 * perplexity(logp_start, test_y)
+    assert "Student cut from llama_deep: layers [2] of its 3" in (run_dir / "report.md").read_text()
     # The learned blend puts more weight on the teacher with the lower test perplexity.
     better = min(metrics["teachers"], key=metrics["teachers"].get)
     assert metrics["teacher_weights"][better] > 0.5
@@ -241,22 +254,32 @@ def test_tiny_lm_online_mode_streams_through_the_teacher_stages(ray_local, tmp_p
     from distill_ray.data.bundled import DataUnavailable
     from distill_ray.pipeline import load_data, prepare_teachers, training_inputs
     from distill_ray.train.inputs import online_teachers
+    from distill_ray.lm.cut import student_from_teacher
+    from distill_ray.models import num_params
     from distill_ray.train.loop import load_trained_student, run_training
 
+    # The student is cut from llama_deep (layers 0 and 2 of its 3): the cut is what the worker trains.
     raw = apply_overrides(_with_teachers_in(_tiny_lm_raw(tmp_path), lm_teachers_root), [
-        ("train.mode", "online"), ("train.epochs", 1), ("data.max_train_samples", 192)])
+        ("train.mode", "online"), ("train.epochs", 1), ("data.max_train_samples", 192),
+        ("student.init.teacher", "llama_deep"), ("student.init.keep_every", 2)])
     cfg = config_from_dict(raw)
     try:
         data = load_data(cfg)
     except DataUnavailable as err:
         pytest.skip(str(err))
     dirs = prepare_teachers(cfg, data)
+    with pytest.raises(ValueError, match="student.init"):  # a config that skipped the cut is refused
+        run_training(cfg, None, str(tmp_path / "ray"), "uncut")
+    cfg, cut = student_from_teacher(cfg, dirs, tmp_path / "student_init")
+    assert cut["layers"] == [0, 2] and cut["teacher_layers"] == 3 and cut["params"] < cut["teacher_params"]
     answered = tmp_path / "answered.txt"
     with online_teachers(cfg, dirs, data.info.task, trace_file=str(answered)) as services:
         inputs = training_inputs(cfg, data, data.info, services=services)  # online: no cache needed
         assert inputs.online_teachers and not inputs.keep_shard
         result = run_training(cfg, inputs, str(tmp_path / "ray"), "online")
-    _, history, state = load_trained_student(cfg, inputs, result.checkpoint)
+    student, history, state = load_trained_student(cfg, inputs, result.checkpoint)
+    assert student.config.num_hidden_layers == 2 and student.config.hidden_size == 64  # llama_deep's width
+    assert num_params(student) == cut["params"]
     # Each teacher was loaded once, by its service, for the training and the validation streams.
     loads = Path(f"{answered}.loads").read_text().split()[::2]
     assert sorted(loads) == sorted(cfg.teacher_names())

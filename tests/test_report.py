@@ -139,6 +139,18 @@ def test_report_says_at_which_epoch_student_and_baseline_are_reported():
     assert "= **75.0%**" in text
 
 
+def test_report_gives_a_cut_students_layers_and_size_against_its_teacher():
+    from distill_ray.evaluation.report import report_markdown
+
+    metrics = {"student": 40.0, "baseline": None, "teachers": {"smollm2": 24.0}, "teacher_weights": {"smollm2": 1.0},
+               "metric": "perplexity", "student_init": {"teacher": "smollm2", "layers": [0, 3, 29], "teacher_layers": 30,
+                                                        "params": 50_000_000, "teacher_params": 134_515_008}}
+    text = report_markdown(metrics, {"smollm2": {"perplexity": 24.0}, "student": {"perplexity": 40.0}}, plots=False)
+    assert "Student cut from smollm2: layers [0, 3, 29] of its 30, 50,000,000 of its 134,515,008 params (0.372×)" in text
+    assert "Student cut from" not in report_markdown({**metrics, "student_init": None},
+                                                    {"student": {"perplexity": 40.0}}, plots=False)
+
+
 def test_report_names_every_feature_column_and_every_column_left_out():
     from distill_ray.evaluation.report import report_markdown
 

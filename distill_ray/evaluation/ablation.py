@@ -231,9 +231,10 @@ def write_table(result: dict[str, Any], cfg: ExperimentConfig, prep, num_test: i
                 runs: list[dict], command: str | None, wall: float, out_dir: Path,
                 markdown: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
     """Both tables' common tail: what was run, where and how long, then ablation.json and ablation.md."""
-    from distill_ray.models import build_model, num_params
+    from distill_ray.models import build_student, num_params
 
-    student = build_model(cfg.student.arch, prep.info.input_shape, prep.info.num_classes, cfg.student.options)
+    student = build_student(cfg.student.arch, prep.info.input_shape, prep.info.num_classes, cfg.student.options,
+                            cfg.student.path)
     result.update({
         "config_name": cfg.name, "seeds": seed_list, "num_test": num_test,
         "student": f"{cfg.student.arch} {dict(cfg.student.options)}, {num_params(student):,} params",

@@ -122,9 +122,11 @@ def prepare_lm(cfg: ExperimentConfig, rows: Sequence[str]) -> LMPrepared:
     builds for a config of that mode; one with a POCL row gets the reference model's ranking."""
     from distill_ray.pipeline import build_cache
     from distill_ray.cache.responses import rows_of_source
+    from distill_ray.lm.cut import student_from_teacher
     from distill_ray.lm.sequence_kd import TEACHER
 
     data, dirs, timings = prepare_teachers_timed(cfg)
+    cfg, _ = student_from_teacher(cfg, dirs, Path(cfg.run_dir) / "student_init" / cfg.name)  # every row starts from it
     readers = {"references": [r for r in rows if r in ("token_kd", "token_kd+pocl")],
                "responses": [r for r in rows if "seq_kd" in r]}
     if "scratch" in rows and not readers["responses"]:  # scratch reads the references of either cache

@@ -243,6 +243,11 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
         smallest = min(params["teachers"].values())
         lines.append(f"Student size: {params['student']:,} params, {params['student'] / smallest:.3f}× "
                      f"the smallest teacher ({smallest:,}).")
+    cut = metrics.get("student_init")
+    if cut:  # student.init: where its weights started
+        lines.append(f"Student cut from {cut['teacher']}: layers {cut['layers']} of its {cut['teacher_layers']}, "
+                     f"{cut['params']:,} of its {cut['teacher_params']:,} params "
+                     f"({cut['params'] / cut['teacher_params']:.3f}×), weights copied, then trained.")
     verdict = metrics.get("verdict")
     if verdict:  # the same lines the run printed last (distill_ray/evaluation/verdict.py)
         lines += ["", "## Verdict", "", *(f"- {line}" for line in verdict["lines"])]

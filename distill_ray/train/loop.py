@@ -42,7 +42,7 @@ from distill_ray.kd.blending import TeacherBlend
 from distill_ray.kd.objectives import TokenTopK, _allreduce_grads, batch_loss, hint_projector, planned_steps, \
     teacher_signal, temperature_and_alpha, token_blend_loss
 from distill_ray.kd.schedules import lr_factor
-from distill_ray.models import build_model, forward_with_features, save_model
+from distill_ray.models import build_student, forward_with_features, save_model
 from distill_ray.teachers.service import TeacherService
 from distill_ray.train.epochs import RankData
 from distill_ray.train.options import WorkerOptions
@@ -152,7 +152,7 @@ def _train_state(opts: WorkerOptions, device) -> TrainState:
     the optimizers, built in this order (the seeded RNG draws their initial weights), at step 0."""
     cfg = opts.config
     model = ray.train.torch.prepare_model(
-        build_model(cfg.student.arch, opts.input_shape, opts.num_classes, cfg.student.options))
+        build_student(cfg.student.arch, opts.input_shape, opts.num_classes, cfg.student.options, cfg.student.path))
     blend = TeacherBlend(cfg.blend.kind, len(opts.teacher_names), num_classes=opts.num_classes,
                          gate_in_features=int(np.prod(opts.input_shape)), gate_hidden=cfg.blend.gate_hidden,
                          confidence_kind=cfg.blend.confidence_kind).to(device)
@@ -340,6 +340,9 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
     its own) and ``stop_at_epoch`` ends after that many epochs while schedules still span
     ``train.epochs``: together they let Population Based Training run a trial in segments."""
     world = cfg.train.num_workers
+    if cfg.student.init.teacher is not None and cfg.student.arch != "hf_dir":
+        raise ValueError("student.init asks for a student cut from a teacher, and this config was not cut: pass it "
+                         "through distill_ray.lm.cut.student_from_teacher first")
     if inputs.use_teachers and cfg.loss.kind == "dkd" and not inputs.all_labeled:
         raise ValueError("loss.kind=dkd splits the KD term at each row's label, and some train rows are unlabeled: "
                          "use a divergence (forward_kl, js, ...) for partly labeled data")
@@ -381,7 +384,8 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
 
 def load_trained_student(cfg: ExperimentConfig, inputs: TrainInputs, checkpoint: Checkpoint):
     """The student and its history from a run's final checkpoint (safe load, no pickle)."""
-    student = build_model(cfg.student.arch, inputs.input_shape, inputs.num_classes, cfg.student.options)
+    student = build_student(cfg.student.arch, inputs.input_shape, inputs.num_classes, cfg.student.options,
+                            cfg.student.path)
     with checkpoint.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True, map_location="cpu")
         history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())

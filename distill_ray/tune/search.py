@@ -94,6 +94,7 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
 
     from distill_ray.cache.build import build_cache
     from distill_ray.data.sources import load_source
+    from distill_ray.lm.cut import student_from_teacher
     from distill_ray.teachers.setup import prepare_teachers
     from distill_ray.tune.capacity import fit_concurrency
     from distill_ray.tune.sweep import tune_callbacks, set_tune_env
@@ -104,6 +105,7 @@ def run_search(cfg: ExperimentConfig, samples: int) -> tuple[ExperimentConfig, d
     data = load_source(cfg)
     choices, own = search_space(cfg, data.info)
     dirs = prepare_teachers(cfg, data)
+    cfg, _ = student_from_teacher(cfg, dirs, cfg.run_path() / "student_init")
     caches: dict[str, tuple] = {}
     transfers = [config_values({"transfer": t}) for t in choices.get("transfer", ())[1:]]
     for kind in dict.fromkeys(t["data.transfer"] for t in transfers):  # one cache per kind, at its largest size

@@ -295,12 +295,14 @@ def _raise_if_pre_0_2(err: BaseException, sweep_dir: Path) -> None:
 
 
 def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore: bool) -> dict:
+    from distill_ray.lm.cut import student_from_teacher
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
     from distill_ray.train.inputs import online_teachers
 
     set_tune_env()
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)
+    cfg, _ = student_from_teacher(cfg, dirs, sweep_dir / "student_init")  # every trial starts from one cut
     # Online: each teacher's service starts once for the sweep, every trial asks it (under the sweep's
     # scope), and it stops when the sweep ends. Started before the trials are sized, so the CPUs its
     # replicas hold are not counted as free for trials.

@@ -282,13 +282,14 @@ def build_model(arch: str, input_shape: tuple[int, ...], num_classes: int,
         raise ValueError(f"bad options for architecture {arch!r}: {err}") from None
 
 
-def build_student(arch: str, input_shape: tuple[int, ...], num_classes: int,
-                  options: Mapping[str, Any] | None = None, path: str | None = None) -> nn.Module:
-    """The student at its starting weights: ``build_model``'s fresh model, or for ``hf_dir`` the Hugging
-    Face directory at ``path`` (a pretrained model, or one cut from a teacher by ``lm/cut.py``), whose
-    output size must be the data's ``num_classes`` (a causal LM's: the tokenizer's vocabulary)."""
-    if arch != "hf_dir":
-        return build_model(arch, input_shape, num_classes, options)
+def build_student(student, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The student at its starting weights, from the config's ``student`` section: ``build_model``'s
+    fresh model, or for ``hf_dir`` the Hugging Face directory at ``student.path`` (a pretrained model,
+    or one cut from a teacher by ``lm/cut.py``), whose output size must be the data's ``num_classes``
+    (a causal LM's: the tokenizer's vocabulary)."""
+    if student.arch != "hf_dir":
+        return build_model(student.arch, input_shape, num_classes, student.options)
+    path = student.path
     model, _ = load_hf_dir(path)
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     size = getattr(out, "out_features", None) or getattr(model.config, "vocab_size", None) \

@@ -127,7 +127,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         timings[phase] = round(time.perf_counter() - start, 2)
         return out
 
-    def trained(name: str, inputs: TrainInputs, run_cfg: ExperimentConfig = cfg) -> ray.train.Result:
+    def trained(name: str, inputs: TrainInputs, run_cfg: ExperimentConfig) -> ray.train.Result:
         """One Ray Train run, announced and summed up on one line each."""
         source = 'online teachers' if inputs.online_teachers else 'cached targets' if inputs.use_teachers else 'labels only'
         print(f"{name}: training {run_cfg.train.epochs} epochs on {run_cfg.train.num_workers} Ray Train worker(s), "
@@ -164,7 +164,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     with online_teachers(cfg, dirs, info.task) as services:
         cache = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache, services=services or None)
         student_inputs = training_inputs(cfg, cache, info, services=services)
-        result = trained("student", student_inputs, cfg)  # cfg as cut (student_from_teacher), not as called
+        result = trained("student", student_inputs, cfg)
     student, history, state = load_trained_student(cfg, student_inputs, result.checkpoint)
     baseline, base_state = None, {}
     if cfg.train.baseline:

@@ -233,8 +233,7 @@ def write_table(result: dict[str, Any], cfg: ExperimentConfig, prep, num_test: i
     """Both tables' common tail: what was run, where and how long, then ablation.json and ablation.md."""
     from distill_ray.models import build_student, num_params
 
-    student = build_student(cfg.student.arch, prep.info.input_shape, prep.info.num_classes, cfg.student.options,
-                            cfg.student.path)
+    student = build_student(cfg.student, prep.info.input_shape, prep.info.num_classes)
     result.update({
         "config_name": cfg.name, "seeds": seed_list, "num_test": num_test,
         "student": f"{cfg.student.arch} {dict(cfg.student.options)}, {num_params(student):,} params",

@@ -152,7 +152,7 @@ def _train_state(opts: WorkerOptions, device) -> TrainState:
     the optimizers, built in this order (the seeded RNG draws their initial weights), at step 0."""
     cfg = opts.config
     model = ray.train.torch.prepare_model(
-        build_student(cfg.student.arch, opts.input_shape, opts.num_classes, cfg.student.options, cfg.student.path))
+        build_student(cfg.student, opts.input_shape, opts.num_classes))
     blend = TeacherBlend(cfg.blend.kind, len(opts.teacher_names), num_classes=opts.num_classes,
                          gate_in_features=int(np.prod(opts.input_shape)), gate_hidden=cfg.blend.gate_hidden,
                          confidence_kind=cfg.blend.confidence_kind).to(device)
@@ -384,8 +384,7 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
 
 def load_trained_student(cfg: ExperimentConfig, inputs: TrainInputs, checkpoint: Checkpoint):
     """The student and its history from a run's final checkpoint (safe load, no pickle)."""
-    student = build_student(cfg.student.arch, inputs.input_shape, inputs.num_classes, cfg.student.options,
-                            cfg.student.path)
+    student = build_student(cfg.student, inputs.input_shape, inputs.num_classes)
     with checkpoint.as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / STATE_FILE, weights_only=True, map_location="cpu")
         history = json.loads((Path(ckpt_dir) / HISTORY_FILE).read_text())

@@ -18,20 +18,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_run_writes_metrics_student_and_card(ray_local, small_fashion_mnist, tmp_path):
+def test_run_writes_metrics_student_and_card(ray_local, small_fashion_mnist, tiny_prepared, tmp_path):
     """`distill-ray run` as a user types it (joining this session's Ray): a quiet terminal, the run
     directory per the outputs contract, and the verdict as the run's last lines. The baseline trains 3x
     the student's epochs (train.baseline_epochs=6): a student that loses to its baseline, without a
-    second run (measured: 9 and 12 points below it in two runs, against a noise of ±5.7 and ±5.5 points)."""
+    second run (measured: 9 and 12 points below it in two runs, against a noise of ±5.7 and ±5.5 points).
+
+    The run finds the session's recipe teachers and soft-target cache (``tiny_prepared``: the same
+    config's, built by the same ``prepare_teachers`` / ``build_cache``) and reuses them after checking
+    them, as a second `distill-ray run` of a config does; training them is tested there and in
+    tests/test_engine.py. This saves the subprocess two teacher trainings and a cache build."""
     import subprocess
     import sys
 
     from distill_ray.config import dump_config
 
+    tiny_prepared(tmp_path)
     raw = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
     cfg = config_from_dict(apply_overrides(raw, [
         ("run_dir", str(tmp_path / "runs")), ("cache.dir", str(tmp_path / "cache")),
-        ("teachers.0.path", str(tmp_path / "t/mlp_a")), ("teachers.1.path", str(tmp_path / "t/cnn_b")),
+        ("teachers.0.path", str(tmp_path / "teachers/mlp_a")), ("teachers.1.path", str(tmp_path / "teachers/cnn_b")),
         ("train.baseline", True), ("train.baseline_epochs", 6)]))
     (tmp_path / "run.yaml").write_text(dump_config(cfg))
     address = ray_local.get_runtime_context().gcs_address

@@ -209,6 +209,29 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
+class OnPolicyConfig:
+    """On-policy distillation of a language model (GKD; names as in TRL's GKDTrainer): for a share
+    ``lmbda`` of the steps the student writes responses to the batch's prompts, the teachers score what
+    it wrote, and the student learns the generalized JSD to their blend on its own response tokens."""
+
+    lmbda: float = _field(0.0, ge=0.0, le=1.0)
+    """Share of training steps that are on-policy (each step decided by a seeded draw); 0 = off: every
+    step is today's token-level KD on the references."""
+    beta: float = _field(0.0, ge=0.0, le=1.0)
+    """Generalized JSD interpolation on on-policy steps: 0 = forward KL(teacher || student), 1 = reverse
+    KL(student || teacher), between: beta*KL(P||M) + (1-beta)*KL(Q||M), M = beta*P + (1-beta)*Q."""
+    max_new_tokens: int = _field(32, ge=1)
+    """Longest response the student writes per prompt (also cut to the input window)."""
+    temperature: float = _field(1.0, gt=0.0)
+    """Sampling temperature of the student's responses (the loss uses loss.temperature)."""
+    top_p: float = _field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling of the student's responses; 1 = the full distribution."""
+    collapse_steps: int = _field(5, ge=1)
+    """Stop the run after this many on-policy steps in a row whose responses are all empty or all cut
+    at max_new_tokens without an end of sequence."""
+
+
+@dataclass(frozen=True)
 class LossConfig:
     kind: str = _field("forward_kl", choices=LOSS_KINDS)
     """KD divergence between the student and the blended teacher distribution."""
@@ -244,6 +267,8 @@ class LossConfig:
     """Beta(alpha, alpha) MixUp on inputs (online mode only); 0 disables it."""
     cutmix_alpha: float = _field(0.0, ge=0.0)
     """Beta(alpha, alpha) CutMix on image inputs (online mode only); 0 disables it."""
+    on_policy: OnPolicyConfig = _field(default_factory=OnPolicyConfig)
+    """On-policy distillation (causal LM): the student writes, the teachers score it (lmbda 0 = off)."""
 
 
 @dataclass(frozen=True)
@@ -685,6 +710,7 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         _fail("data.task", f"the {cfg.data.format} data is for language models; set data.task=causal_lm")
     _validate_instruction_fields(cfg.data)
     _validate_sequence_kd(cfg)
+    _validate_on_policy(cfg)
     if cfg.data.task == "classification" and cfg.student.arch == "hf_causal_lm":
         _fail("student.arch", "'hf_causal_lm' is a language model; it needs data.task=causal_lm")
     if cfg.loss.topk is not None and cfg.loss.kind in ("mse_logits", "focal_kd", "dkd"):
@@ -768,6 +794,20 @@ def _validate_causal_lm(cfg: ExperimentConfig) -> None:
         if cfg.curriculum.scheduler != "none" and "teacher_ce" in cfg.curriculum.measurers:
             _fail("curriculum.measurers", "teacher_ce needs each teacher's probability of the true token, which "
                   "loss.cross_tokenizer=uld does not keep; choose from: sequence_length")
+
+
+def _validate_on_policy(cfg: ExperimentConfig) -> None:
+    """On-policy KD sends the student's own token ids to every teacher to score."""
+    if cfg.loss.on_policy.lmbda == 0:
+        return
+    if cfg.data.task != "causal_lm":
+        _fail("loss.on_policy.lmbda", "on-policy distillation has the student write responses: it needs "
+              "data.task=causal_lm")
+    for i, t in enumerate(cfg.teachers):
+        if t.tokenizer is not None:
+            _fail("loss.on_policy.lmbda", f"teacher {t.name!r} (teachers[{i}].tokenizer) reads another tokenizer's "
+                  "tokens, and on-policy steps send it the student's token ids to score; use teachers on the "
+                  "student's tokenizer for on-policy KD, or loss.on_policy.lmbda=0")
 
 
 def _validate_student(cfg: ExperimentConfig) -> None:

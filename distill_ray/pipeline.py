@@ -130,6 +130,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     def trained(name: str, inputs: TrainInputs, run_cfg: ExperimentConfig) -> ray.train.Result:
         """One Ray Train run, announced and summed up on one line each."""
         source = 'online teachers' if inputs.online_teachers else 'cached targets' if inputs.use_teachers else 'labels only'
+        if inputs.scorers:  # on-policy KD: the student writes, the teachers' services score it
+            source += f", {run_cfg.loss.on_policy.lmbda:.0%} of steps on-policy"
         print(f"{name}: training {run_cfg.train.epochs} epochs on {run_cfg.train.num_workers} Ray Train worker(s), "
               f"{inputs.train_rows:,} rows, {source}", flush=True)
         storage.mkdir(parents=True, exist_ok=True)
@@ -160,7 +162,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         print(f"student: cut from {cut['teacher']}, layers {cut['layers']} of {cut['teacher_layers']}, "
               f"{cut['params']:,} of its {cut['teacher_params']:,} parameters ({run_dir / 'student_init'})", flush=True)
     storage = run_dir / "ray_results"
-    # Online: the teachers' services start here, answer the cache build and every epoch, and stop after.
+    # Online or on-policy: the teachers' services start here, answer the cache build and every epoch (and
+    # score what the student writes), and stop after.
     with online_teachers(cfg, dirs, info.task) as services:
         cache = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache, services=services or None)
         student_inputs = training_inputs(cfg, cache, info, services=services)

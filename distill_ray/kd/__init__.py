@@ -10,5 +10,7 @@ call the same functions.
 - ``curriculum``: difficulty measures, which rows are open, temperature and alpha over training.
 - ``schedules``: learning-rate factor as a pure function of the step.
 - ``objectives``: one step's teacher signal from a batch's columns and ``batch_loss``, its loss and parts
-  (KD and task per row, token-level KD on sequences, hints); no optimizer steps here.
+  (KD and task per row, token-level KD on sequences, on-policy GJSD, hints); no optimizer steps here.
+- ``on_policy``: on-policy distillation's pieces: which steps, the batch of the student's own responses,
+  the teachers' scores on it, the facts logged per step, the guard against collapsed responses.
 """

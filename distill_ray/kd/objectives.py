@@ -20,7 +20,7 @@ from distill_ray.config import ExperimentConfig
 from distill_ray.kd.feature_losses import HintProjector, attention_map, attention_map_distance, hint_loss
 from distill_ray.kd.labels import label_smoothing_ce
 from distill_ray.kd.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, \
-    topk_kd_divergence, topk_label_logprobs, uld_divergence
+    topk_generalized_jsd, topk_kd_divergence, topk_label_logprobs, uld_divergence
 from distill_ray.models import forward_with_features, unwrap_model
 
 
@@ -278,18 +278,42 @@ def kd_term(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Te
     return torch.zeros((), device=student_logits.device)
 
 
+def on_policy_loss(blend: TeacherBlend, student_logits: torch.Tensor, targets: TokenTopK, labels: torch.Tensor,
+                   beta: float, temperature: float) -> LossParts:
+    """The loss of an on-policy step: ``sum_k w_k GJSD_beta(teacher_k, student)`` over the k + 1
+    buckets at the positions that predict the student's response tokens (``labels >= 0``), at the
+    blend's current weights (learned on the references' off-policy steps, detached here). There is no
+    task term: the labels are the student's own samples, not ground truth."""
+    logp, aligned = targets.finite()
+    keep = (labels >= 0) & aligned.any(0)
+    if not keep.any():  # no response token: a zero that keeps the graph (DDP expects every parameter)
+        kd = student_logits.sum() * 0.0
+    else:
+        weights = blend.mean_weights().detach().to(student_logits.device)
+        student = student_logits[keep]
+        kd = sum(weights[k] * topk_generalized_jsd(student, logp[k][keep], targets.indices[k][keep], beta=beta,
+                                                   temperature=temperature, mask=aligned[k][keep])
+                 for k in range(len(logp)))
+    none = torch.zeros((), dtype=torch.bool, device=student_logits.device)
+    return LossParts(kd, kd, torch.zeros((), device=student_logits.device), none)
+
+
 def batch_loss(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor,
                signal: TeacherSignal | None, x: torch.Tensor, y: torch.Tensor, *, temperature: float, alpha: float,
                causal: bool, y_b: torch.Tensor | None = None, lam: torch.Tensor | None = None,
                features: dict[str, torch.Tensor] | None = None, projector: HintProjector | None = None,
-               hint_target: torch.Tensor | None = None, attention_target: torch.Tensor | None = None) -> LossParts:
+               hint_target: torch.Tensor | None = None, attention_target: torch.Tensor | None = None,
+               on_policy: bool = False) -> LossParts:
     """One batch's loss and its parts, computed from the student's output and the teachers' signal.
 
     Per row, a labeled row learns ``alpha * KD + (1 - alpha) * task``; an unlabeled one (label -1,
     or either label of a mixed pair ``y``/``y_b`` weighed by ``lam``) learns KD alone. A language
     model's labels are its own tokens (prompt and padding positions < 0 are left out of both terms).
     ``hint_target`` / ``attention_target`` (one teacher's features, online mode) add FitNets' hint
-    term, through ``projector``, and attention transfer, on the student's ``features``."""
+    term, through ``projector``, and attention transfer, on the student's ``features``. ``on_policy``:
+    the batch is the student's own responses, scored by the teachers (``on_policy_loss``)."""
+    if on_policy:
+        return on_policy_loss(blend, student_logits, signal, y, cfg.loss.on_policy.beta, temperature)
     kd = kd_term(cfg, blend, student_logits, signal, x, y, temperature)
     task = task_loss(student_logits, y, y_b, lam, cfg.loss.label_smoothing, causal)
     labeled = torch.ones((), dtype=torch.bool, device=student_logits.device) if causal else \

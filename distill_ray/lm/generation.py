@@ -225,3 +225,26 @@ class BlendedLM(nn.Module):
                 if done.all():
                     break
         return ids
+
+
+@torch.no_grad()
+def reverse_kl_on_own_samples(student: nn.Module, teacher: nn.Module, prompts: list[list[int]], max_new_tokens: int,
+                              eos_id: int | None, pad_id: int, window: int, seed: int = 0) -> float:
+    """Per-token reverse KL(student || teacher) over the full vocabulary at the tokens the student writes
+    (sampled at temperature 1, seeded per prompt) after held-out ``prompts``: what on-policy
+    distillation at beta 1 minimises, measured where the student itself goes."""
+    from distill_ray.kd.on_policy import response_budgets, rollout_batch
+    from distill_ray.models import forward_logits
+
+    budgets = response_budgets(prompts, max_new_tokens, window)
+    responses = batched_responses(student, prompts, budgets, eos_id, pad_id, temperature=1.0,
+                                  seeds=[seed * 100_003 + i for i in range(len(prompts))], keep_eos=True)
+    rollout = rollout_batch(prompts, responses, budgets, pad_id, eos_id)
+    at = rollout.labels >= 0
+    if not at.any():
+        return float("nan")
+    # the same pad for both: each cuts the same all-padding columns (response positions are never in them)
+    logq = torch.log_softmax(forward_logits(student.eval(), rollout.x, pad_id).float(), -1)
+    logp = torch.log_softmax(forward_logits(teacher.eval(), rollout.x, pad_id).float(), -1)
+    logq, logp = logq[at[:, :logq.shape[1]]], logp[at[:, :logp.shape[1]]]
+    return float((logq.exp() * (logq - logp)).sum(-1).mean())

@@ -215,10 +215,14 @@ class TeacherService:
 
         return ray.get(self.infer_async(inputs, features, labels, ids))
 
+    def score_async(self, tokens: np.ndarray, positions: np.ndarray, k: int):
+        """An ObjectRef of the teacher's scores (``TeacherReplica.score``)."""
+        return self._replica().score.remote(tokens, positions, k)
+
     def score(self, tokens: np.ndarray, positions: np.ndarray, k: int) -> dict[str, np.ndarray]:
         import ray
 
-        return ray.get(self._replica().score.remote(tokens, positions, k))
+        return ray.get(self.score_async(tokens, positions, k))
 
     def feature_shapes(self, inputs: np.ndarray, features: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
         import ray

@@ -10,5 +10,6 @@ validation.
 - ``inputs``: the datasets and step budgets of a run, its baseline and the ablation's rows.
 - ``stages``: the Ray Data stages between a split and a Train worker, built on the driver.
 - ``streams``: a worker's own stream of rows, kept in memory or streamed.
+- ``rollouts``: an on-policy step's batch: the student writes in the worker, the teachers' services score it.
 - ``validation``: learned teacher weights fit to validation labels; per-epoch metrics across ranks.
 """

@@ -17,6 +17,7 @@ from distill_ray.config import ExperimentConfig
 from distill_ray.cache.responses import rows_of_source, train_sources
 from distill_ray.lm.sequence_kd import rows_from
 from distill_ray.cache.soft_targets import CachedData
+from distill_ray.data.bundled import load_tokenizer
 from distill_ray.data.sources import DataInfo, SourceData
 from distill_ray.train.stages import MixSettings, with_teachers
 from distill_ray.train.streams import DIFFICULTY_PREFIX
@@ -36,11 +37,12 @@ def online_specs(cfg: ExperimentConfig, dirs: dict[str, Path], task: str, trace_
 
 @contextlib.contextmanager
 def online_teachers(cfg: ExperimentConfig, dirs: dict[str, Path] | None, task: str, trace_file: str | None = None,
-                    scope: str | None = None) -> Iterator[dict[str, TeacherService]]:
-    """For the ``with`` block, the teachers' services of an online run, by name (loaded once, whatever
-    the epochs); nothing in cached mode. Under a sweep's ``scope`` they are the sweep's, found running.
+                    scope: str | None = None, on_policy: bool = False) -> Iterator[dict[str, TeacherService]]:
+    """For the ``with`` block, the teachers' services of an online or on-policy run, by name (loaded once,
+    whatever the epochs); nothing in cached mode. Under a sweep's ``scope`` they are the sweep's, found
+    running. ``on_policy``: start them even if ``cfg`` has no on-policy steps (a sweep whose trials may).
     ``trace_file`` (tests): the teachers log the ids they answer, and each load."""
-    if cfg.train.mode != "online":
+    if cfg.train.mode != "online" and cfg.loss.on_policy.lmbda == 0 and not on_policy:
         yield {}
         return
     with teacher_services(online_specs(cfg, dirs, task, trace_file), scope) as services:
@@ -103,6 +105,14 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
         if asking:  # the hint projector is sized before the first step: ask the teacher once, here
             probe = train.select_columns(["x"]).take_batch(2, batch_format="numpy")["x"]
             shapes = asking[0].feature_shapes(probe, asking[0].spec.features)
+    scorers, eos_id, pad_id = (), None, 0
+    if use_teachers and cfg.loss.on_policy.lmbda > 0:  # the student's responses are scored by every teacher
+        if not services:
+            raise ValueError("on-policy steps ask the teachers' services to score the student's responses: start "
+                             "them with online_teachers() and pass them (services=)")
+        scorers = tuple(services[name] for name in cfg.teacher_names())
+        tokenizer = load_tokenizer(info.tokenizer)
+        eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     mix = MixSettings(cfg.loss.mixup_alpha, cfg.loss.cutmix_alpha, info.num_classes, cfg.train.seed)
     # Teachers asked afresh and pairs mixed afresh every epoch: nothing to keep between epochs.
     streamed_only = online or mix.active
@@ -115,7 +125,7 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
                        all_labeled=info.labeled["train"] == info.counts["train"], use_teachers=use_teachers,
                        online_teachers=teachers, mix=mix if mix.active else None, keep_shard=keep_shard,
                        epoch_stage=not keep_shard and (mix.active or cfg.curriculum.scheduler != "none"),
-                       feature_shapes=shapes, probe=probe)
+                       feature_shapes=shapes, probe=probe, scorers=scorers, eos_id=eos_id, pad_id=pad_id)
 
 
 def labeled_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -12,7 +12,10 @@ of this rank's shard -> the teachers' signal (columns of the batch: from the cac
 teacher stages upstream in online mode) -> student forward -> (causal LM, learned weights: the
 blend's own step) -> ``batch_loss``: per row ``alpha * KD + (1 - alpha) * task`` (unlabeled rows: KD
 alone; + weighted hint and attention terms against one teacher's features, online mode) -> the
-student's step at the scheduled learning rate. The terms live in ``kd/objectives.py``. Checkpoints
+student's step at the scheduled learning rate. On-policy steps (``loss.on_policy``, causal LM): the
+batch is the student's own responses to its prompts, scored by the teachers' services
+(``rollouts.py``), and the loss the generalized JSD on the response tokens; a guard stops a run whose
+responses collapse. The terms live in ``kd/objectives.py``. Checkpoints
 every N steps carry ``state.TrainState``: everything needed to resume mid-epoch (student,
 optimizers, blend, hint projector, counters, RNG, history, and the epoch's order for kept shards or
 the count of batches done for streamed ones).
@@ -41,16 +44,18 @@ from distill_ray.console import write_progress
 from distill_ray.kd.blending import TeacherBlend
 from distill_ray.kd.objectives import TokenTopK, _allreduce_grads, batch_loss, hint_projector, planned_steps, \
     teacher_signal, temperature_and_alpha, token_blend_loss
+from distill_ray.kd.on_policy import CollapseGuard, is_on_policy_step, rollout_metrics
 from distill_ray.kd.schedules import lr_factor
 from distill_ray.models import build_student, forward_with_features, save_model
 from distill_ray.teachers.service import TeacherService
 from distill_ray.train.epochs import RankData
 from distill_ray.train.options import WorkerOptions
+from distill_ray.train.rollouts import student_rollout
 from distill_ray.train.stages import EpochPlan, MixSettings, rank_stream, rows_of_rank
 from distill_ray.train.state import HISTORY_FILE, STATE_FILE, TrainState
 from distill_ray.train.validation import _peak_rss_mb, fit_blend_on_validation, validate
 
-__all__ = ["HISTORY_FILE", "STATE_FILE", "TrainInputs", "export_student", "load_trained_student", "run_training",
+__all__ = ["HISTORY_FILE", "STATE_FILE", "TrainInputs", "TrainingStopped", "export_student", "load_trained_student", "run_training",
            "train_loop_per_worker"]
 
 
@@ -84,6 +89,9 @@ class TrainInputs:
     epoch_stage: bool = False
     feature_shapes: dict = field(default_factory=dict)  # online hint/attention: the teacher's, per feature
     probe: Any = None  # two input rows, for the student's own feature widths
+    scorers: tuple[TeacherService, ...] = ()  # on-policy KD: the services that score the student's responses
+    eos_id: int | None = None  # on-policy KD: the tokenizer's end of sequence, and its padding
+    pad_id: int = 0
 
     def datasets(self, world: int, plan=None) -> dict[str, Any]:
         """TorchTrainer's datasets: per rank its train stream, its index and its validation rows."""
@@ -96,6 +104,10 @@ class TrainInputs:
                     self.index if self.index is not None else self.train.select_columns(["id"]), r, world)
             out[f"val_{r}"] = rows_of_rank(self.val, r, world)
         return out
+
+
+class TrainingStopped(RuntimeError):
+    """The worker stopped the run on purpose (on-policy responses collapsed); the message says why."""
 
 
 def _optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
@@ -133,6 +145,15 @@ def _all_ranks_have(batch: dict | None, world: int) -> bool:
     return bool(flag.item())
 
 
+def _any_rank(message: str | None, world: int) -> str | None:
+    """``message`` if this or any other rank has one (every rank must take the same branch)."""
+    if world == 1:
+        return message
+    flag = torch.tensor([1 if message else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return (message or "on-policy responses collapsed on another rank") if flag.item() else None
+
+
 def _start_worker(opts: WorkerOptions, rank: int) -> None:
     """Placement group file (rank 0), torch threads and seeds, before anything else runs."""
     t = opts.config.train
@@ -168,9 +189,18 @@ def _train_state(opts: WorkerOptions, device) -> TrainState:
     return TrainState(model, optimizer, blend, projector, blend_opt)
 
 
+def _step_blend(blend: TeacherBlend, blend_opt: torch.optim.Optimizer, blend_loss: torch.Tensor, world: int) -> None:
+    """The learned teacher weights' own step (causal LM), gradients averaged over ranks."""
+    blend_opt.zero_grad(set_to_none=True)
+    blend_loss.backward()
+    _allreduce_grads(blend, world)
+    blend_opt.step()
+
+
 def _step_row(state: TrainState, temperature: float, alpha: float, loss, samples_per_s: float, lam, signal, y,
-              blend_loss, names: tuple[str, ...]) -> dict[str, Any]:
-    """A logged step's history row: counters, schedule, loss parts, throughput, teacher weights."""
+              blend_loss, names: tuple[str, ...], rollout=None, logits=None) -> dict[str, Any]:
+    """A logged step's history row: counters, schedule, loss parts, throughput, teacher weights, and on
+    an on-policy step what the student wrote (``rollout_metrics``)."""
     row = {"step": state.step, "epoch": state.epoch, "stage": state.selection.stage,
            "open_fraction": state.selection.fraction, "temperature": temperature, "alpha": alpha,
            "lr": state.optimizer.param_groups[0]["lr"], **loss.metrics(), "samples_per_s": samples_per_s}
@@ -181,6 +211,8 @@ def _step_row(state: TrainState, temperature: float, alpha: float, loss, samples
     if blend_loss is not None:
         row["blend_loss"] = blend_loss.item()
     row.update(loss.feature_metrics())
+    if rollout is not None:
+        row.update(rollout_metrics(rollout, signal, logits.detach()))
     if signal is not None:
         for name, w in zip(names, state.blend.mean_weights().tolist()):
             row[f"teacher_weight/{name}"] = w
@@ -201,6 +233,22 @@ def _validate_epoch(state: TrainState, data: RankData, opts: WorkerOptions, firs
                           "open_fraction": state.selection.fraction, "kind": "epoch", "first_batch_s": first_batch_s,
                           **val})
     return val
+
+
+def _step_inputs(cols: dict, opts: WorkerOptions, model, step: int, device) -> tuple:
+    """A step's ``(x, y, y_b, lam, signal, rollout)``: inputs, labels (a mixed row, MixUp/CutMix upstream,
+    counts two: ``y_b`` weighed by ``lam``) and the teachers' signal; on an on-policy step
+    (``loss.on_policy``), the student's own responses to the batch's prompts scored by the teachers, in
+    place of the batch (``rollout``, else None)."""
+    x, y = cols["x"].to(device), cols["label"].long().to(device)
+    y_b = cols["label_b"].long().to(device) if "label_b" in cols else None
+    lam = cols["mix_lam"].float().to(device) if "mix_lam" in cols else None
+    signal = teacher_signal(cols, opts.teacher_names, opts.num_classes, opts.topk, opts.causal, device) \
+        if opts.use_teachers else None
+    if opts.scorers and is_on_policy_step(opts.config.loss.on_policy.lmbda, opts.config.train.seed, step):
+        rollout, signal = student_rollout(model, x, y, cols["id"], step, opts, device)
+        return rollout.x, rollout.labels, None, None, signal, rollout
+    return x, y, y_b, lam, signal, None
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -239,6 +287,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shown_val: dict[str, float] = {}  # the latest validation score, for the driver's progress bar
     # A Population Based Training segment stops early at an epoch boundary; schedules still span t.epochs.
     last_epoch = min(t.epochs, opts.stop_at_epoch or t.epochs)
+    guard, stopped = CollapseGuard(cfg.loss.on_policy.collapse_steps, opts.eos_id is not None), None  # on-policy
     while state.epoch < last_epoch:
         state.selection, batches = data.epoch(state.epoch, state.step, state.batch_in_epoch, model, device,
                                               resumed=state.resumed)
@@ -253,12 +302,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # checkpointing (ray.train.report waits for every rank) must make the same choice on all ranks.
         more = _all_ranks_have(cols, world)
         while more:
-            # --- batch: inputs, labels (a mixed row, MixUp/CutMix upstream, counts two), the teachers' signal
-            x, y = cols["x"].to(device), cols["label"].long().to(device)
-            y_b = cols["label_b"].long().to(device) if "label_b" in cols else None
-            lam = cols["mix_lam"].float().to(device) if "mix_lam" in cols else None
-            signal = teacher_signal(cols, names, opts.num_classes, opts.topk, causal, device) \
-                if opts.use_teachers else None
+            # --- batch: inputs, labels, the teachers' signal; on-policy steps: the student's own responses
+            x, y, y_b, lam, signal, rollout = _step_inputs(cols, opts, model, state.step, device)
             temperature, alpha = temperature_and_alpha(cfg, state.step, total_steps, state.selection.stage)
             alpha = alpha if opts.use_teachers else 0.0
             for group in optimizer.param_groups:
@@ -274,17 +319,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 signal = signal.cut(logits.shape[1]) if isinstance(signal, TokenTopK) else signal
 
             # --- the blend's step (causal LM, learned weights), before the KD term reads its weights
+            # (learned from the references' true tokens: an on-policy batch's labels are the student's own)
             blend_loss = token_blend_loss(blend, signal, y, logits.shape[-1]) \
-                if blend_opt is not None and isinstance(signal, TokenTopK) else None
+                if blend_opt is not None and isinstance(signal, TokenTopK) and rollout is None else None
             if blend_loss is not None:
-                blend_opt.zero_grad(set_to_none=True)
-                blend_loss.backward()
-                _allreduce_grads(blend, world)
-                blend_opt.step()
+                _step_blend(blend, blend_opt, blend_loss, world)
 
-            # --- loss: per row alpha * KD + (1 - alpha) * task, unlabeled rows KD alone; hint, attention
+            # --- loss: per row alpha * KD + (1 - alpha) * task, unlabeled rows KD alone; hint, attention;
+            # on-policy: the generalized JSD to the teachers on the student's response tokens alone
             loss = batch_loss(cfg, blend, logits, signal, x, y, temperature=temperature, alpha=alpha, causal=causal,
-                              y_b=y_b, lam=lam, features=out, projector=projector,
+                              y_b=y_b, lam=lam, features=out, projector=projector, on_policy=rollout is not None,
                               hint_target=cols[f"{opts.hint_teacher}/hint"].to(device) if opts.want_hint else None,
                               attention_target=cols[f"{opts.hint_teacher}/attention"].to(device)
                               if opts.want_attention else None)
@@ -300,15 +344,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             cols = next(batches, None)
             more = _all_ranks_have(cols, world)
             _maybe_inject_failure(opts.fail_once_at_step, state.step, rank)
+            stopped = _any_rank(guard.update(rollout), world) if rollout is not None else None  # collapsed writing
 
             # --- log, checkpoint
-            if state.step % cfg.tracking.log_every_steps == 0 or not more:
+            if state.step % cfg.tracking.log_every_steps == 0 or not more or stopped:
                 row = _step_row(state, temperature, alpha, loss, seen * world / (time.perf_counter() - epoch_start),
-                                lam, signal, y, blend_loss, names)
+                                lam, signal, y, blend_loss, names, rollout, logits)
                 state.history.append(row)
                 if rank == 0:
                     write_progress(opts.progress_file, step=state.step, total=total_steps, epoch=state.epoch + 1,
                                    loss=round(row["loss"], 4), **shown_val)
+            if stopped:  # every rank stops here together; run_training raises with the reason
+                state.report({**state.history[-1], "kind": "stopped", "stopped": stopped}, rank)
+                return
             if state.step % t.checkpoint_every_steps == 0 and more:
                 state.report({**state.history[-1], "kind": "step"} if state.history else {"step": state.step}, rank)
 
@@ -376,7 +424,10 @@ def run_training(cfg: ExperimentConfig, inputs: TrainInputs, storage_path: str, 
 
     try:
         with controller_env(world):  # polls that end a run when it ends (see controller_env.py)
-            return trainer.fit()
+            result = trainer.fit()
+        if (result.metrics or {}).get("stopped"):  # the worker stopped the run, and says why
+            raise TrainingStopped(result.metrics["stopped"])
+        return result
     finally:
         if plan is not None:
             ray.kill(plan)

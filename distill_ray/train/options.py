@@ -30,6 +30,9 @@ class WorkerOptions:
     keep_shard: bool = True  # keep this rank's shard in memory (else stream it every epoch)
     feature_shapes: dict[str, Any] = field(default_factory=dict)  # online hint/attention: the teacher's
     probe: Any = None  # two input rows, for the student's own feature widths
+    scorers: tuple = ()  # on-policy KD: every teacher's service (TeacherService), in teacher_names order
+    eos_id: int | None = None  # on-policy KD: where the student's responses end (None: the tokenizer has none)
+    pad_id: int = 0
     epoch_plan: Any = None  # the driver's ``stages.EpochPlan`` actor, where streamed epochs are posted
     initial_checkpoint: Checkpoint | None = None  # another run's, used when this run has none (PBT)
     stop_at_epoch: int | None = None  # a PBT segment ends there; schedules still span train.epochs
@@ -62,4 +65,5 @@ class WorkerOptions:
         return cls(config=cfg, teacher_names=tuple(inputs.teacher_names), num_classes=inputs.num_classes,
                    input_shape=tuple(inputs.input_shape), train_rows=inputs.train_rows, task=inputs.task,
                    topk=inputs.topk, use_teachers=inputs.use_teachers, keep_shard=inputs.keep_shard,
-                   feature_shapes=dict(inputs.feature_shapes), probe=inputs.probe, **switches)
+                   feature_shapes=dict(inputs.feature_shapes), probe=inputs.probe, scorers=tuple(inputs.scorers),
+                   eos_id=inputs.eos_id, pad_id=inputs.pad_id, **switches)

@@ -303,11 +303,12 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)
     cfg, _ = student_from_teacher(cfg, dirs, sweep_dir / "student_init")  # every trial starts from one cut
-    # Online: each teacher's service starts once for the sweep, every trial asks it (under the sweep's
+    # Online or on-policy: each teacher's service starts once for the sweep, every trial asks it (under the sweep's
     # scope), and it stops when the sweep ends. Started before the trials are sized, so the CPUs its
     # replicas hold are not counted as free for trials.
     scope = f"sweep-{uuid.uuid4().hex[:12]}"
-    with online_teachers(cfg, dirs, data.info.task, scope=scope) as services:
+    with online_teachers(cfg, dirs, data.info.task, scope=scope,
+                         on_policy=space.sets("loss.on_policy.lmbda")) as services:
         # Built or verified once, before any trial, with every measure the trials' schedulers may read.
         cache = build_cache(cfg, data, dirs, any_scheduler=space.sets("curriculum.scheduler"),
                             services=services or None)

@@ -17,6 +17,7 @@ import torch
 
 from distill_ray.data.rows import IGNORE_LABEL
 from distill_ray.kd.objectives import TokenTopK
+from distill_ray.lm.sequence_kd import row_seed
 
 
 def is_on_policy_step(lmbda: float, seed: int, step: int) -> bool:
@@ -28,10 +29,10 @@ def is_on_policy_step(lmbda: float, seed: int, step: int) -> bool:
 
 
 def sampling_seeds(seed: int, step: int, ids: np.ndarray) -> list[int]:
-    """One sampling seed per row, from (seed, step, row id): a row's response does not depend on the
-    rows beside it, and a resumed step writes the same responses."""
-    return [int(np.random.SeedSequence([seed % 2**32, step % 2**32, int(i) & 0xFFFFFFFF, int(i) >> 32 & 0xFFFFFFFF])
-                .generate_state(1, np.uint32)[0]) for i in np.asarray(ids, np.int64)]
+    """One sampling seed per row, from (seed, step, row id) alone (``sequence_kd.row_seed``, the step in
+    place of a teacher's name): a row's response does not depend on the rows beside it, and a resumed
+    step writes the same responses."""
+    return [row_seed(seed, int(i), f"on-policy/{step}") for i in np.asarray(ids, np.int64)]
 
 
 def response_budgets(prompts: list[list[int]], max_new_tokens: int, window: int) -> list[int]:

@@ -241,13 +241,13 @@ def _step_inputs(cols: dict, opts: WorkerOptions, model, step: int, device) -> t
     (``loss.on_policy``), the student's own responses to the batch's prompts scored by the teachers, in
     place of the batch (``rollout``, else None)."""
     x, y = cols["x"].to(device), cols["label"].long().to(device)
+    if opts.scorers and is_on_policy_step(opts.config.loss.on_policy.lmbda, opts.config.train.seed, step):
+        rollout, signal = student_rollout(model, x, y, cols["id"], step, opts, device)  # the batch's targets unread
+        return rollout.x, rollout.labels, None, None, signal, rollout
     y_b = cols["label_b"].long().to(device) if "label_b" in cols else None
     lam = cols["mix_lam"].float().to(device) if "mix_lam" in cols else None
     signal = teacher_signal(cols, opts.teacher_names, opts.num_classes, opts.topk, opts.causal, device) \
         if opts.use_teachers else None
-    if opts.scorers and is_on_policy_step(opts.config.loss.on_policy.lmbda, opts.config.train.seed, step):
-        rollout, signal = student_rollout(model, x, y, cols["id"], step, opts, device)
-        return rollout.x, rollout.labels, None, None, signal, rollout
     return x, y, y_b, lam, signal, None
 
 

@@ -4,7 +4,6 @@ is the edge where the worker asks Ray."""
 
 from __future__ import annotations
 
-import numpy as np
 import ray
 import torch
 
@@ -29,10 +28,8 @@ def student_rollout(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, id
                                   keep_eos=True)
     rollout = rollout_batch(prompts, responses, budgets, opts.pad_id, opts.eos_id)
     tokens, positions = rollout.x.numpy(), rollout.positions.numpy()
-    if (positions >= 0).any():
-        answers = ray.get([service.score_async(tokens, positions, opts.topk) for service in opts.scorers])
-    else:  # nothing was written: nothing to score
-        empty = np.zeros((*positions.shape, opts.topk))
-        answers = [{"topk_logprobs": empty, "topk_indices": empty.astype(np.int64)} for _ in opts.scorers]
+    # nothing written, nothing to score: scored_targets reads no answer then
+    answers = ray.get([service.score_async(tokens, positions, opts.topk) for service in opts.scorers]) \
+        if (positions >= 0).any() else [{} for _ in opts.scorers]
     targets = scored_targets(answers, rollout.positions, tokens.shape[1], opts.topk)
     return rollout.to(device), TokenTopK(targets.logprobs.to(device), targets.indices.to(device))

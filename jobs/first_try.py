@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("configs", nargs="+", type=Path)
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--only-seeds", type=int, nargs="+", help="run these seeds instead of 0..--seeds-1 "
+                        "(a second seed whose first ran earlier; the table then covers these alone)")
     parser.add_argument("--out", type=Path, default=Path("runs/first_try"))
     parser.add_argument("--existing", action="store_true", help="only tabulate runs already in --out")
     opts = parser.parse_args()
@@ -66,7 +68,7 @@ def main() -> None:
              "gap recovered | transfer rows |", "|---|---|---:|---:|---:|---|---:|---:|"]
     for config in opts.configs:
         for variant, args in variants:
-            seeds = [s for s in range(opts.seeds) if not opts.existing or
+            seeds = [s for s in (opts.only_seeds or range(opts.seeds)) if not opts.existing or
                      (opts.out / f"{config.stem}-{variant}-s{s}" / "metrics.json").is_file()]
             if not seeds:
                 continue

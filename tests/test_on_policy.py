@@ -209,8 +209,9 @@ def test_on_policy_is_off_by_default_and_refused_where_it_cannot_work():
 def on_policy_setup(ray_local, tmp_path_factory):
     """The tiny instruction data on SmolLM2's tokenizer (it has an eos to write), one tiny recipe teacher
     trained here, its service, the cache; a tiny student, every step on-policy (reverse KL). Both runs
-    below share it. The teacher trains 15 epochs so that it has something to say (a peaked
-    distribution): against a near-uniform one the top-k + tail buckets carry almost no signal (docs/llm.md)."""
+    below share it. The teacher trains 5 epochs at a high rate (3e-2) so that it has something to say
+    (a peaked distribution): against a near-uniform one the top-k + tail buckets carry almost no signal
+    (docs/llm.md)."""
     from dataclasses import replace
 
     from distill_ray.pipeline import build_cache, load_data, prepare_teachers
@@ -225,7 +226,7 @@ def on_policy_setup(ray_local, tmp_path_factory):
                ("run_dir", str(tmp_path / "runs")), ("cache.dir", str(tmp_path / "cache")))
     raw["teachers"] = [{**raw["teachers"][0], "options": {
         "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-        "epochs": 15, "lr": 2e-2, "batch_size": 16}}]
+        "epochs": 5, "lr": 3e-2, "batch_size": 16}}]
     cfg = config_from_dict(raw)
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)
@@ -240,7 +241,8 @@ def test_an_on_policy_run_brings_the_student_closer_to_its_teacher_on_its_own_sa
     """Every step: the student samples responses to its batch's prompts in the Train worker, the
     teacher's service scores them, the loss is reverse KL on the response tokens. Afterwards the
     student's per-token reverse KL to the teacher on its own samples of held-out prompts is well below
-    the untrained student's, and each step logged what it wrote."""
+    the untrained student's (4.60 -> 1.05 nats per token when written), and each step logged what it
+    wrote."""
     from distill_ray.data.bundled import load_tokenizer
     from distill_ray.lm.generation import prompts_and_references, reverse_kl_on_own_samples
     from distill_ray.models import build_student, load_model

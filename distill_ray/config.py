@@ -27,7 +27,7 @@ import yaml
 # Valid names, kept here once: config validation needs no torch import, and the modules that implement
 # them (kd.losses, kd.blending, kd.curriculum, kd.schedules, cache.soft_targets, ...) import them from here.
 KD_KINDS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "mse_logits", "soft_ce")
-LOSS_KINDS = KD_KINDS + ("focal_kd", "dkd")
+LOSS_KINDS = KD_KINDS + ("focal_kd", "margin_kd", "dkd")
 BLEND_KINDS = ("uniform", "confidence", "learned_global", "learned_per_class", "learned_gate")
 CONFIDENCE_KINDS = ("entropy", "max_prob")
 MEASURER_KINDS = ("ensemble_entropy", "teacher_disagreement", "teacher_ce", "student_loss", "sequence_length",
@@ -252,6 +252,9 @@ class LossConfig:
     """Label smoothing of the hard-label task loss."""
     focal_gamma: float = _field(2.0, ge=0.0)
     """Focusing exponent of focal_kd."""
+    margin_gamma: float = _field(1.0, ge=0.0)
+    """Exponent of margin_kd's per-row weight, the blended teacher's top-1 minus top-2 probability at the
+    temperature (weights normalised to average 1 over the batch; large margins weigh more): 0 = forward_kl."""
     dkd_alpha: float = _field(1.0, ge=0.0)
     """Weight of target-class KD in dkd."""
     dkd_beta: float = _field(8.0, ge=0.0)
@@ -714,7 +717,9 @@ def _validate_across(cfg: ExperimentConfig) -> None:
     _validate_on_policy(cfg)
     if cfg.data.task == "classification" and cfg.student.arch == "hf_causal_lm":
         _fail("student.arch", "'hf_causal_lm' is a language model; it needs data.task=causal_lm")
-    if cfg.loss.topk is not None and cfg.loss.kind in ("mse_logits", "focal_kd", "dkd"):
+    # margin_kd weighs rows by the full tempered teacher: from a top k its normaliser rests on a tail
+    # assumed spread evenly, and k = 1 keeps no runner-up at all.
+    if cfg.loss.topk is not None and cfg.loss.kind in ("mse_logits", "focal_kd", "margin_kd", "dkd"):
         _fail("loss.topk", f"top-k targets do not support loss.kind={cfg.loss.kind!r}")
     if not cfg.name or "/" in cfg.name:
         _fail("name", f"{cfg.name!r} must be a non-empty name without '/'")

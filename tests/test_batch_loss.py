@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 B, C, K, T = 6, 5, 2, 2.0
 
 
-def _cfg(alpha: float):
+def _cfg(alpha: float, *overrides: tuple[str, object]):
     raw = config_to_dict(load_config(REPO / "jobs/configs/tiny.yaml"))
     return config_from_dict(apply_overrides(raw, [("loss.kind", "forward_kl"), ("loss.alpha", alpha),
-                                                  ("loss.label_smoothing", 0.0)]))
+                                                  ("loss.label_smoothing", 0.0), *overrides]))
 
 
 def _batch(seed: int = 0):
@@ -95,3 +95,18 @@ def test_the_parts_are_what_the_history_logs():
     assert metrics["loss"] == pytest.approx(rows.mean().item(), rel=1e-12)
     assert metrics["task_loss"] == pytest.approx(parts.task[labeled].mean().item(), rel=1e-12)
     assert metrics["labeled_share"] == pytest.approx(4 / 6)
+
+
+def test_margin_kd_weighs_each_rows_kd_gradient_by_the_blended_teachers_margin():
+    """loss.kind=margin_kd reaches the step: a row's KD gradient is forward KL's times m^gamma / mean(m^gamma),
+    m the blended target's top-1 minus top-2 probability, the mean over the whole batch (labeled or not)."""
+    logits, teachers, y = _batch(2)
+    alpha, gamma = 0.3, 2.0
+    grad = _grad(_cfg(alpha, ("loss.kind", "margin_kd"), ("loss.margin_gamma", gamma)), logits, teachers, y, alpha)
+    top2 = torch.softmax(teachers / T, -1).mean(0).topk(2, -1).values
+    weight = (top2[:, 0] - top2[:, 1]) ** gamma
+    kd = (weight / weight.mean())[:, None] * _kd_grad(logits, teachers) / B
+    task = _task_grad(logits, y) / B
+    labeled = y >= 0
+    torch.testing.assert_close(grad[~labeled], kd[~labeled], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad[labeled], (alpha * kd + (1 - alpha) * task)[labeled], rtol=1e-10, atol=1e-12)

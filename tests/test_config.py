@@ -94,6 +94,7 @@ def test_overrides_are_coerced_to_the_field_type(override, getter, expected):
         ("curriculum.stage_unit=minute", ["curriculum.stage_unit", "epoch, step"]),
         ("teachers.a.source=hf_dir", ["teachers[0].path", "hf_dir"]),
         ("loss.topk=0", ["loss.topk", ">= 1"]),
+        ("loss.margin_gamma=-1", ["loss.margin_gamma", "-1", ">= 0"]),
         ("cache.topk_encoding=q4", ["cache.topk_encoding", "'q4'", "q8, plain"]),
         ("loss.mixup_alpha=0.2", ["loss.mixup_alpha", "train.mode=online"]),
         ("data.transfer_set=true", ["data.transfer_set", "'fashion_mnist'", "fortunes", "data.unlabeled_path"]),
@@ -105,6 +106,15 @@ def test_errors_name_the_key_the_value_and_the_choices(override, must_contain):
     message = str(err.value)
     for part in must_contain:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_margin_kd_parses_and_refuses_top_k_targets():
+    cfg = build("loss.kind=margin_kd", "loss.margin_gamma=0.5")
+    assert cfg.loss.kind == "margin_kd" and cfg.loss.margin_gamma == 0.5
+    assert build("loss.kind=margin_kd").loss.margin_gamma == 1.0
+    # The margin is read from the full tempered teacher: a top-k rebuild only guesses its tail.
+    with pytest.raises(ConfigError, match=r"loss\.topk: .*loss\.kind='margin_kd'"):
+        build("loss.kind=margin_kd", "loss.topk=5")
 
 
 def test_unknown_nested_key_in_yaml(tmp_path):

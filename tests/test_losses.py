@@ -435,6 +435,94 @@ def test_focal_kd_gradients_and_equality():
 
 
 # ---------------------------------------------------------------------------------------------
+# margin KD
+
+
+def _ref_margin_kd_rows(s, t, T, gamma, keep):
+    """Per row, one row at a time in float64 Python: w_i * KL_i * T^2 with w_i = m_i^gamma / mean over the
+    kept rows of m^gamma, m_i the teacher's top-1 minus top-2 tempered probability; 0 for dropped rows."""
+    s = s.double()
+    rows, weights = [], []
+    for i in range(s.shape[0]):
+        p = [math.exp(v / T) for v in t[i].double().tolist()]
+        p = [v / sum(p) for v in p]
+        first, second = sorted(p, reverse=True)[:2]
+        weights.append((first - second) ** gamma)
+        q = torch.softmax(s[i] / T, -1)  # the student's side stays a tensor: the gradient flows through it
+        rows.append(sum(p_c * (math.log(p_c) - torch.log(q[c])) for c, p_c in enumerate(p)) * T**2)
+    kept = [w for w, k in zip(weights, keep) if k]
+    mean_w = sum(kept) / len(kept)
+    return torch.stack([w / mean_w * r if k else r * 0.0 for w, r, k in zip(weights, rows, keep)])
+
+
+@pytest.mark.parametrize("gamma", (0.5, 1.0, 2.0))
+@pytest.mark.parametrize("T", (1.0, 4.0))
+def test_margin_kd_matches_a_float64_loop_reference_in_value_and_gradient(gamma, T):
+    s, t = _logits(8, 6, seed=90), _logits(8, 6, seed=91)
+    t[2, 4] = t[2].max()  # row 2: the teacher ties, margin 0, weight 0, no gradient
+    keep = torch.tensor([1, 1, 1, 0, 1, 1, 0, 1])
+    for mask in (None, keep):
+        kept = [True] * 8 if mask is None else keep.bool().tolist()
+        student, student64 = s.clone().requires_grad_(True), s.double().requires_grad_(True)
+        got = L.margin_kd(student, t, T, gamma, mask=mask)
+        expected_rows = _ref_margin_kd_rows(student64, t, T, gamma, kept)
+        expected = expected_rows.sum() / sum(kept)
+        assert got.dtype == torch.float32
+        assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+        (grad,) = torch.autograd.grad(got, student)
+        (grad64,) = torch.autograd.grad(expected, student64)
+        assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-6)
+        assert (grad[2] == 0).all() and not grad[[i for i in range(8) if kept[i] and i != 2]].eq(0).all()
+        rows = L.margin_kd(s, t, T, gamma, mask=mask, reduction="none")
+        assert_close(rows.double(), expected_rows.detach(), rtol=1e-5, atol=1e-6)
+    # float64 inputs stay float64 and meet the reference at float64 precision
+    got64 = L.margin_kd(s.double(), t.double(), T, gamma, mask=keep)
+    assert_close(got64, _ref_margin_kd_rows(s, t, T, gamma, keep.bool().tolist()).sum() / keep.sum(),
+                 rtol=1e-10, atol=1e-12)
+
+
+def test_margin_kd_with_gamma_zero_is_exactly_forward_kl():
+    s, t, mask = _masked_batch(seed=92)
+    for student, teacher, T in ((s, t, 2.0), (s[0], t[0], 0.5)):  # per token and per row
+        assert_close(L.margin_kd(student, teacher, T, gamma=0.0), L.kd_divergence(student, teacher, "forward_kl", T),
+                     rtol=0, atol=0)
+    assert_close(L.margin_kd(s, t, 2.0, gamma=0.0, mask=mask), L.kd_divergence(s, t, "forward_kl", 2.0, mask),
+                 rtol=0, atol=0)
+    assert_close(L.margin_kd(s, t, 2.0, gamma=0.0, mask=mask, reduction="none"),
+                 L.kd_divergence(s, t, "forward_kl", 2.0, mask, reduction="none"), rtol=0, atol=0)
+
+
+def test_margin_kd_up_weights_confident_rows_and_its_weights_average_to_one():
+    s, t = _logits(6, 5, seed=93), _logits(6, 5, seed=94)
+    weights = L.margin_kd(s, t, 2.0, 1.0, reduction="none") / L.kd_divergence(s, t, "forward_kl", 2.0,
+                                                                               reduction="none")
+    top2 = torch.softmax(t / 2.0, -1).topk(2, -1).values
+    margin = top2[:, 0] - top2[:, 1]
+    assert_close(weights, margin / margin.mean())
+    assert_close(weights.mean(), torch.tensor(1.0))
+    assert torch.equal(weights.argsort(), margin.argsort())  # the larger the margin, the larger the weight
+
+
+def test_margin_kd_teacher_gets_no_gradient_and_edge_batches_stay_finite():
+    s = _logits(4, 5, seed=95).requires_grad_(True)
+    t = _logits(4, 5, seed=96).requires_grad_(True)
+    L.margin_kd(s, t, 2.0, 1.5).backward()
+    assert t.grad is None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    # every row a tie: no margin to prefer one row by, so uniform weights (forward KL), not 0 / 0
+    tied = torch.zeros(4, 5)
+    assert_close(L.margin_kd(s, tied, 2.0, 1.0), L.kd_divergence(s, tied, "forward_kl", 2.0))
+    # all masked: exactly 0 with a zero gradient, as every loss here
+    student = s.detach().clone().requires_grad_(True)
+    loss = L.margin_kd(student, t, 2.0, 1.0, mask=torch.zeros(4))
+    (grad,) = torch.autograd.grad(loss, student)
+    assert loss.item() == 0.0 and (grad == 0).all()
+    with pytest.raises(ValueError, match="gamma"):
+        L.margin_kd(s, t, gamma=-0.5)
+    with pytest.raises(ValueError, match="2 classes"):
+        L.margin_kd(s[:, :1], t[:, :1])
+
+
+# ---------------------------------------------------------------------------------------------
 # DKD
 
 

@@ -3,7 +3,7 @@ are blended into one target, the curriculum and the schedules, and what one trai
 Plain PyTorch, no Ray: every module here imports without it, so the Train loop, Tune and the tests
 call the same functions.
 
-- ``losses``: the distillation losses (KL and its kin, top-k, across tokenizers, DKD, focal), batch-meaned.
+- ``losses``: the distillation losses (KL and its kin, top-k, across tokenizers, DKD, focal, margin), batch-meaned.
 - ``feature_losses``: hint (FitNets) and attention-transfer terms on hidden features.
 - ``labels``: label-smoothed cross-entropy, MixUp and CutMix.
 - ``blending``: ``TeacherBlend``, K teachers' distributions mixed by fixed or learned weights.

@@ -11,8 +11,8 @@ inputs are upcast, float64 inputs stay float64. ``feature_losses`` (hints, atten
 ``labels`` (label smoothing, MixUp, CutMix) follow the same conventions.
 
 It is long because it is a library: the divergences between distributions (dense, top-k, across
-tokenizers, focal, decoupled) share these conventions and private helpers; each is tested against a
-float64 reference in tests/test_losses.py.
+tokenizers, focal, margin-weighted, decoupled) share these conventions and private helpers; each is
+tested against a float64 reference in tests/test_losses.py.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = [
     "topk_label_logprobs",
     "dense_from_topk",
     "focal_kd",
+    "margin_kd",
     "dkd",
     "dkd_parts",
     "compute_dtype",
@@ -508,6 +509,71 @@ def focal_kd(
     # Clamp above 0, not at 0: rounding can make KL slightly negative (a negative base breaks
     # pow), and for gamma < 1 the derivative of x**gamma at exactly 0 is inf, giving 0 * inf = NaN.
     weight = (-torch.expm1(-kl)).clamp_min(torch.finfo(kl.dtype).tiny).pow(gamma)
+    return _reduce(weight * kl * temperature**2, mask, reduction)
+
+
+def margin_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    gamma: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Forward KL with each position weighted by the teacher's confidence margin, times T**2.
+
+    The margin is ``m = p_(1) - p_(2)``, the gap between the teacher's two largest probabilities of
+    p = softmax(teacher / T): the "margin" of margin-based uncertainty sampling (Scheffer, Decomain
+    and Wrobel, "Active Hidden Markov Models for Information Extraction", IDA 2001). We found no
+    established KD loss of this form to follow, so the weighting is this package's choice: the
+    weight is ``m ** gamma``, normalised so the weights of the kept positions average to 1, and
+    the loss is the batch-mean of ``weight * KL(p || q) * T**2``.
+
+    Large margins are *up*-weighted. A small margin means the teacher is torn between two
+    classes: its top-1 is then less often right, and the student would copy a doubtful target
+    at full weight. A large margin marks a row the teacher is sure of, whose soft target is the
+    more reliable. This is the reasoning of confidence-aware KD, which weights teacher
+    predictions by their reliability (e.g. Zhang, Chen and Wang, "Confidence-Aware Multi-Teacher
+    Knowledge Distillation", ICASSP 2022, arXiv:2201.00007, which judges it against the labels);
+    the margin needs no label, so unlabeled and transfer rows are weighted too. ``gamma`` sets
+    how strongly: 0 gives exactly forward KL (every weight is 1), larger values concentrate the
+    batch on the confident rows.
+
+    The weights are computed from the detached teacher alone, so no gradient flows through
+    them: the student's gradient is each position's forward-KL gradient times its weight. They
+    are normalised over the positions passed in (this batch, or this rank's shard of it), so the
+    loss keeps forward KL's scale and ``loss.alpha`` its meaning. A batch whose teacher ties on
+    every kept position (all margins 0, gamma > 0) gets uniform weights, the limit of equal small
+    margins, rather than 0 / 0.
+
+    Args:
+        student_logits: ``[B, C]`` or ``[B, S, V]``, C >= 2.
+        teacher_logits: same shape; detached inside.
+        temperature: T > 0; the margin is that of the tempered teacher.
+        gamma: margin exponent >= 0.
+        mask: ``[B, S]`` (or ``[B]``), bool or 0/1; masked positions neither count nor weigh in
+            the normalisation.
+        reduction: ``mean`` (a scalar) or ``none`` (per position, 0 where masked; the weights are
+            still normalised over the batch, so the mean of the kept positions is the scalar).
+
+    Returns:
+        Scalar tensor: batch-mean of ``weight * KL_pos * T**2``, or per position.
+    """
+    _check_temperature(temperature)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    _check_same_shape(student_logits, teacher_logits, "teacher logits")
+    if student_logits.shape[-1] < 2:
+        raise ValueError(f"margin_kd needs at least 2 classes, got {student_logits.shape[-1]}")
+    dtype = compute_dtype(student_logits, teacher_logits)
+    teacher_logp = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    student_logq = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    teacher_p = teacher_logp.exp()
+    kl = _divergence_per_position(student_logq, teacher_p, teacher_logp, "forward_kl", 0.0)
+    top2 = teacher_p.topk(2, dim=-1).values
+    weight = (top2[..., 0] - top2[..., 1]).pow(gamma)  # 0 ** 0 == 1: gamma 0 weighs every position 1
+    mean_weight = masked_mean(weight, mask)
+    weight = torch.where(mean_weight > 0, weight / mean_weight, torch.ones_like(weight))
     return _reduce(weight * kl * temperature**2, mask, reduction)
 
 

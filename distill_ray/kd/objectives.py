@@ -20,7 +20,7 @@ from distill_ray.config import ExperimentConfig
 from distill_ray.kd.feature_losses import HintProjector, attention_map, attention_map_distance, hint_loss
 from distill_ray.kd.labels import label_smoothing_ce
 from distill_ray.kd.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, \
-    topk_generalized_jsd, topk_kd_divergence, topk_label_logprobs, uld_divergence
+    margin_kd, topk_generalized_jsd, topk_kd_divergence, topk_label_logprobs, uld_divergence
 from distill_ray.models import forward_with_features, unwrap_model
 
 
@@ -68,12 +68,17 @@ def kd_loss(cfg: ExperimentConfig, student_logits: torch.Tensor, target_probs: t
     """The configured KD term between the student and the (blended, detached) teacher distribution
     (``reduction="none"``: one value per row)."""
     kind = cfg.loss.kind
-    if kind in ("focal_kd", "dkd"):
+    if kind in ("focal_kd", "margin_kd", "dkd"):
         # Logits whose softmax at T is exactly the blended target: T * log p.
         teacher_logits = temperature * torch.log(target_probs.clamp_min(1e-12))
         if kind == "focal_kd":
             return focal_kd(student_logits, teacher_logits, temperature=temperature, gamma=cfg.loss.focal_gamma,
                             reduction=reduction)
+        if kind == "margin_kd":
+            # Per row ("none") the weights are still normalised over the whole batch, so the loop's row
+            # mean is margin_kd's batch mean.
+            return margin_kd(student_logits, teacher_logits, temperature=temperature, gamma=cfg.loss.margin_gamma,
+                             reduction=reduction)
         if labels is None:
             raise ValueError("loss.kind 'dkd' needs labels; use a divergence for unlabeled data")
         return dkd(student_logits, teacher_logits, labels, alpha=cfg.loss.dkd_alpha, beta=cfg.loss.dkd_beta,

@@ -51,6 +51,10 @@ LR_SCHEDULES = ("constant", "cosine", "linear", "onecycle")
 CACHE_DTYPES = ("float16", "float32")
 TOPK_ENCODINGS = ("q8", "plain")
 QUANTIZE_KINDS = ("none", "int8")
+CLASS_WEIGHT_KINDS = ("none", "inverse_frequency", "effective_number")
+# The KD kinds a per-class temperature applies to: divergences of tempered distributions. mse_logits is
+# temperature-free (its T^2 cancels the 1/T), and focal_kd, margin_kd and dkd take one temperature.
+CLASS_TEMPERATURE_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")
 
 
 class ConfigError(ValueError):
@@ -69,6 +73,20 @@ def _field(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, 
 
 
 # --- sections -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LongTailConfig:
+    """The train split made long-tailed, to study long-tail distillation on a balanced dataset: class c
+    (in label order, 0 the head) keeps about ``n_max * imbalance ** (-c / (C - 1))`` of its labeled train
+    rows, n_max the largest class's (the exponential profile of Cao et al.'s LDAM and Cui et al.'s
+    class-balanced loss). Which rows stay is decided by the sample id and ``seed``, so the subset is the
+    same in every run. Validation, test and unlabeled train rows are untouched."""
+
+    imbalance: float | None = _field(None, ge=1.0)
+    """Ratio of the most to the least frequent class's train rows, e.g. 100; None = off (the data as it is)."""
+    seed: int = 0
+    """Seed of which rows each class keeps; independent of data.split_seed."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -152,6 +170,8 @@ class DataConfig:
     """Share of rows held out for testing, decided by the sample id (presets keep their own test set)."""
     split_seed: int = 0
     """Seed of the fixed train/validation/test split; independent of train.seed."""
+    long_tail: LongTailConfig = _field(default_factory=LongTailConfig)
+    """A seeded long-tailed version of the train split (classification; imbalance None = off)."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +275,19 @@ class LossConfig:
     margin_gamma: float = _field(1.0, ge=0.0)
     """Exponent of margin_kd's per-row weight, the blended teacher's top-1 minus top-2 probability at the
     temperature (weights normalised to average 1 over the batch; large margins weigh more): 0 = forward_kl."""
+    class_weights: str = _field("none", choices=CLASS_WEIGHT_KINDS)
+    """Classifiers, long-tailed data: weigh each row's KD term by its class's weight, from the labeled train
+    rows per class: inverse_frequency (1/n_c) or effective_number ((1 - b) / (1 - b^n_c), b = 0.9999, Cui et
+    al. 2019), normalised to average 1 over the train rows; none = every row 1. A row's class is its label,
+    or for an unlabeled, transfer or mixed row the blended teachers' top class."""
+    class_temperature: float = _field(1.0, ge=1.0)
+    """Classifiers, long-tailed data: the KD temperature of the rarest class, as a multiple of the
+    temperature: the most frequent class keeps it, the classes between are linear in log-frequency, each
+    row taken at its class's temperature (times its square). 1 = one temperature for all."""
+    logit_adjustment: float = _field(0.0, ge=0.0)
+    """Classifiers, long-tailed data: tau of logit adjustment (Menon et al. 2021): the task loss is the
+    cross-entropy of logits + tau * log(class prior from the labeled train rows); predictions use the raw
+    logits. The baseline, the same student without teachers, trains with it too. 0 = plain cross-entropy."""
     dkd_alpha: float = _field(1.0, ge=0.0)
     """Weight of target-class KD in dkd."""
     dkd_beta: float = _field(8.0, ge=0.0)
@@ -698,6 +731,7 @@ def _validate_across(cfg: ExperimentConfig) -> None:
     if cfg.loss.hint_teacher is not None and cfg.loss.hint_teacher not in names:
         _fail("loss.hint_teacher", f"no teacher named {cfg.loss.hint_teacher!r}; teachers: {', '.join(names)}"
               + _closest(cfg.loss.hint_teacher, names))
+    _validate_long_tail(cfg)
     if cfg.data.task == "causal_lm":
         _validate_causal_lm(cfg)
     else:
@@ -723,6 +757,24 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         _fail("loss.topk", f"top-k targets do not support loss.kind={cfg.loss.kind!r}")
     if not cfg.name or "/" in cfg.name:
         _fail("name", f"{cfg.name!r} must be a non-empty name without '/'")
+
+
+def _validate_long_tail(cfg: ExperimentConfig) -> None:
+    """Long-tail KD is for classifiers; a per-class temperature for the divergences of tempered distributions."""
+    loss = cfg.loss
+    if cfg.data.task == "causal_lm":
+        asked = [(f"loss.{key}", value) for key, value, default in (
+            ("class_weights", loss.class_weights, "none"), ("class_temperature", loss.class_temperature, 1.0),
+            ("logit_adjustment", loss.logit_adjustment, 0.0)) if value != default]
+        if cfg.data.long_tail.imbalance is not None:
+            asked.append(("data.long_tail.imbalance", cfg.data.long_tail.imbalance))
+        if asked:
+            key, value = asked[0]
+            _fail(key, f"{value!r}: long-tail distillation is for classifiers (data.task=classification); a "
+                  "language model's classes are its vocabulary")
+    if loss.class_temperature != 1.0 and loss.kind not in CLASS_TEMPERATURE_KINDS:
+        _fail("loss.class_temperature", f"{loss.class_temperature} needs a divergence of tempered distributions; "
+              f"loss.kind={loss.kind!r} takes one temperature; choose one of: {', '.join(CLASS_TEMPERATURE_KINDS)}")
 
 
 def _validate_instruction_fields(d: DataConfig) -> None:

@@ -6,6 +6,7 @@ call the same functions.
 - ``losses``: the distillation losses (KL and its kin, top-k, across tokenizers, DKD, focal, margin), batch-meaned.
 - ``feature_losses``: hint (FitNets) and attention-transfer terms on hidden features.
 - ``labels``: label-smoothed cross-entropy, MixUp and CutMix.
+- ``long_tail``: long-tailed classes: per-class KD weights and temperatures, logit-adjusted cross-entropy.
 - ``blending``: ``TeacherBlend``, K teachers' distributions mixed by fixed or learned weights.
 - ``curriculum``: difficulty measures, which rows are open, temperature and alpha over training.
 - ``schedules``: learning-rate factor as a pure function of the step.

@@ -1,21 +1,26 @@
 """Long-tail distillation for classifiers: per-class KD weights (inverse frequency, effective number),
-per-class temperatures, logit adjustment, each against hand-computed numbers or float64 references,
-and the config keys. Pure: no Ray is started."""
+per-class temperatures, logit adjustment, each against hand-computed numbers or float64 references;
+their way into ``batch_loss`` (rows' gradients written out by hand), the config keys, the seeded
+long-tailed train split (pure row functions). Pure: no Ray is started."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
-from distill_ray.kd.blending import blend_probs
-from distill_ray.kd.long_tail import class_temperatures, class_weights, log_prior, \
+from distill_ray.data.rows import class_counts_text, id_uniform, keep_long_tail, long_tail_shares, \
+    split_stats, sum_class_counts
+from distill_ray.kd.blending import TeacherBlend, blend_probs
+from distill_ray.kd.long_tail import LongTail, class_temperatures, class_weights, log_prior, \
     logit_adjusted_cross_entropy, row_classes, row_temperature_kd
 from distill_ray.kd.losses import KD_KINDS, kd_divergence_to_probs
+from distill_ray.kd.objectives import DenseLogits, batch_loss, long_tail_terms
 
 REPO = Path(__file__).resolve().parents[1]
 PROB_KINDS = tuple(k for k in KD_KINDS if k != "mse_logits")
@@ -221,3 +226,193 @@ def test_a_class_temperature_is_refused_for_kinds_of_one_temperature(kind):
 def test_a_language_model_asking_for_long_tail_kd_is_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=rf"^{key}: .*for classifiers"):
         load_config(REPO / "jobs/configs/tiny_lm.yaml", [f"{key}={value}"])
+
+
+# --- through batch_loss -----------------------------------------------------------------------------
+
+B, C, K, T = 6, 5, 2, 2.0
+COUNTS = (400, 120, 40, 12, 4)
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, C, generator=g, dtype=torch.float64)
+    teachers = torch.randn(K, B, C, generator=g, dtype=torch.float64) * 2
+    y = torch.tensor([3, -1, 0, -1, 4, 1])
+    return logits, teachers, y
+
+
+def _run(cfg, logits, teachers, y, alpha, long_tail, y_b=None, lam=None):
+    student = logits.clone().requires_grad_(True)
+    parts = batch_loss(cfg, TeacherBlend("uniform", K), student, DenseLogits(teachers), student, y,
+                       temperature=T, alpha=alpha, causal=False, y_b=y_b, lam=lam, long_tail=long_tail)
+    (grad,) = torch.autograd.grad(parts.total, student)
+    return parts, grad
+
+
+def _kd_grad(logits, teachers, t):
+    """d/ds of t^2 KL(p || softmax(s / t)) per row, p the teachers' mean softmax at t; t [B, 1] or a number."""
+    return t * (torch.softmax(logits / t, -1) - torch.softmax(teachers / t, -1).mean(0))
+
+
+def _task_grad(logits, y, shift=0.0):
+    return torch.softmax(logits + shift, -1) - F.one_hot(y.clamp_min(0), C).double()
+
+
+def test_the_defaults_leave_batch_loss_bit_identical():
+    cfg = _cfg(0.3)
+    assert long_tail_terms(cfg, COUNTS, C) is None
+    logits, teachers, y = _batch()
+    plain, plain_grad = _run(cfg, logits, teachers, y, 0.3, None)
+    # terms that are all off, handed in explicitly, take the same path
+    off, off_grad = _run(cfg, logits, teachers, y, 0.3, LongTail(None, None, log_prior(COUNTS).float(), 0.0))
+    assert torch.equal(plain.total, off.total) and torch.equal(plain.kd, off.kd) and torch.equal(plain.task, off.task)
+    assert torch.equal(plain_grad, off_grad)
+    # and both are the loss as it was made before these terms existed, bit for bit (float32, as the loop runs)
+    student, teachers32 = logits.float(), teachers.float()
+    target = TeacherBlend("uniform", K)(teachers32, temperature=T, features=student).detach()
+    kd = kd_divergence_to_probs(student, target, kind="forward_kl", temperature=T, skew_alpha=cfg.loss.skew_alpha,
+                                reduction="none")
+    task = F.cross_entropy(student, y.clamp_min(0), reduction="none", label_smoothing=0.0)
+    before = torch.where(y >= 0, 0.3 * kd + 0.7 * task, kd).mean()
+    now = batch_loss(cfg, TeacherBlend("uniform", K), student, DenseLogits(teachers32), student, y, temperature=T,
+                     alpha=0.3, causal=False, long_tail=long_tail_terms(cfg, COUNTS, C))
+    assert torch.equal(now.total, before)
+
+
+def test_class_weights_weigh_each_rows_kd_by_its_label_or_the_teachers_top_class():
+    alpha = 0.3
+    cfg = _cfg(alpha, ("loss.class_weights", "inverse_frequency"))
+    lt = long_tail_terms(cfg, COUNTS, C)
+    assert lt.temperatures is None and lt.tau == 0.0
+    logits, teachers, y = _batch(1)
+    parts, grad = _run(cfg, logits, teachers, y, alpha, lt)
+    n = torch.tensor(COUNTS, dtype=torch.float64)
+    w = (1 / n) * n.sum() / C  # inverse frequency averaging 1 over the rows
+    classes = torch.where(y >= 0, y, torch.softmax(teachers, -1).mean(0).argmax(-1))
+    kd = w[classes][:, None] * _kd_grad(logits, teachers, T) / B
+    task = _task_grad(logits, y) / B
+    labeled = y >= 0
+    torch.testing.assert_close(grad[~labeled], kd[~labeled], rtol=1e-6, atol=1e-9)  # float32 weights
+    torch.testing.assert_close(grad[labeled], (alpha * kd + (1 - alpha) * task)[labeled], rtol=1e-6, atol=1e-9)
+    plain, _ = _run(_cfg(alpha), logits, teachers, y, alpha, None)
+    torch.testing.assert_close(parts.kd, w[classes] * plain.kd, rtol=1e-6, atol=0)
+
+
+def test_class_temperatures_take_each_rows_kd_at_its_class_temperature():
+    alpha = 0.5
+    cfg = _cfg(alpha, ("loss.class_temperature", 2.0))
+    lt = long_tail_terms(cfg, COUNTS, C)
+    assert lt.weights is None
+    logits, teachers, y = _batch(2)
+    _, grad = _run(cfg, logits, teachers, y, alpha, lt)
+    log_n = torch.tensor(COUNTS, dtype=torch.float64).log()
+    multiplier = 1 + (log_n.max() - log_n) / (log_n.max() - log_n.min())
+    classes = torch.where(y >= 0, y, torch.softmax(teachers, -1).mean(0).argmax(-1))
+    t = (T * multiplier[classes])[:, None]
+    kd = _kd_grad(logits, teachers, t) / B
+    labeled = y >= 0
+    torch.testing.assert_close(grad[~labeled], kd[~labeled], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grad[labeled], (alpha * kd + (1 - alpha) * _task_grad(logits, y) / B)[labeled],
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_logit_adjustment_shifts_the_task_terms_logits_by_tau_log_prior():
+    alpha, tau = 0.4, 1.5
+    cfg = _cfg(alpha, ("loss.logit_adjustment", tau))
+    lt = long_tail_terms(cfg, COUNTS, C)
+    assert not lt.shapes_kd
+    logits, teachers, y = _batch(3)
+    _, grad = _run(cfg, logits, teachers, y, alpha, lt)
+    n = torch.tensor(COUNTS, dtype=torch.float64)
+    kd = _kd_grad(logits, teachers, T) / B
+    task = _task_grad(logits, y, tau * (n / n.sum()).log()) / B
+    labeled = y >= 0
+    torch.testing.assert_close(grad[~labeled], kd[~labeled], rtol=1e-12, atol=1e-14)  # KD untouched
+    torch.testing.assert_close(grad[labeled], (alpha * kd + (1 - alpha) * task)[labeled], rtol=1e-6, atol=1e-8)
+
+
+def test_a_mixed_batch_classes_every_row_by_the_teachers():
+    alpha = 0.25
+    cfg = _cfg(alpha, ("loss.class_weights", "inverse_frequency"))
+    lt = long_tail_terms(cfg, COUNTS, C)
+    logits, teachers, _ = _batch(4)
+    y = torch.tensor([3, 2, 0, 1, 4, 1])
+    y_b = torch.tensor([1, 0, 2, 0, 3, 3])
+    lam = torch.tensor([0.7, 0.4, 0.5, 0.9, 0.2, 0.6], dtype=torch.float64)
+    parts, _ = _run(cfg, logits, teachers, y, alpha, lt, y_b=y_b, lam=lam)
+    plain, _ = _run(_cfg(alpha), logits, teachers, y, alpha, None, y_b=y_b, lam=lam)
+    n = torch.tensor(COUNTS, dtype=torch.float64)
+    w = (1 / n) * n.sum() / C
+    torch.testing.assert_close(parts.kd, w[torch.softmax(teachers, -1).mean(0).argmax(-1)] * plain.kd, rtol=1e-6, atol=0)
+
+
+def test_long_tail_terms_pad_the_counts_and_refuse_none_or_too_many():
+    cfg = _cfg(0.5, ("loss.class_weights", "inverse_frequency"), ("loss.class_temperature", 1.5),
+               ("loss.logit_adjustment", 1.0))
+    lt = long_tail_terms(cfg, (8, 2), 3)  # class 2 has no train rows: the rarest's weight, factor, prior
+    # raw 1/8, 1/2, 1/2 over 10 rows, sum n raw = 2 -> x 5; the prior counts class 2 as 2 rows of 12
+    torch.testing.assert_close(lt.weights, torch.tensor([0.625, 2.5, 2.5]))
+    torch.testing.assert_close(lt.temperatures, torch.tensor([1.0, 1.5, 1.5]))
+    torch.testing.assert_close(lt.log_prior, torch.tensor([8 / 12, 2 / 12, 2 / 12]).log())
+    assert lt.tau == 1.0 and lt.weights.dtype == torch.float32
+    with pytest.raises(ValueError, match="labeled rows for each of the 3 classes"):
+        long_tail_terms(cfg, (), 3)
+    with pytest.raises(ValueError, match="labeled rows for each of the 3 classes"):
+        long_tail_terms(cfg, (1, 2, 3, 4), 3)
+
+
+# --- the long-tailed train split ----------------------------------------------------------------------
+
+def test_long_tail_shares_follow_the_exponential_profile():
+    # 3 equal classes at imbalance 100: targets 100, 10, 1 of 100 rows each
+    assert long_tail_shares([100, 100, 100], 100) == pytest.approx([1.0, 0.1, 0.01], rel=1e-12)
+    # the largest class sets n_max; a class already below its target keeps everything, an empty one 1
+    assert long_tail_shares([50, 200, 10, 0, 30], 16) == pytest.approx([1.0, 100 / 200, 1.0, 1.0, 12.5 / 30], rel=1e-12)
+    assert long_tail_shares([7], 100) == [1.0]
+    with pytest.raises(ValueError, match="imbalance"):
+        long_tail_shares([1, 2], 0.5)
+
+
+def _rows(n=30000, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 2**62, size=n, dtype=np.int64)
+    split = rng.choice(np.array(["train", "train", "train", "val", "test"]), size=n)
+    label = rng.integers(0, classes, size=n)
+    label[rng.random(n) < 0.1] = -1  # some unlabeled train rows
+    return {"id": ids, "split": split, "label": label, "x": np.arange(n)}
+
+
+def test_keep_long_tail_cuts_train_classes_by_id_alone_and_leaves_the_rest():
+    batch = _rows()
+    shares = [1.0, 0.1, 0.01]
+    kept = keep_long_tail({k: v.copy() for k, v in batch.items()}, shares, seed=5)
+    # exactly the rows whose seeded uniform is below their class's share, nothing else
+    u = id_uniform(batch["id"], 5, salt=3)
+    cut = (batch["split"] == "train") & (batch["label"] >= 0)
+    want = ~cut | (u < np.asarray(shares)[np.clip(batch["label"], 0, 2)])
+    assert kept["x"].tolist() == batch["x"][want].tolist()
+    # validation, test and unlabeled train rows all stay
+    for split in ("val", "test"):
+        assert (kept["split"] == split).sum() == (batch["split"] == split).sum()
+    assert ((kept["split"] == "train") & (kept["label"] < 0)).sum() == ((batch["split"] == "train") & (batch["label"] < 0)).sum()
+    # about share * rows per class (binomial; 4 standard deviations)
+    for c, share in enumerate(shares):
+        n = int((cut & (batch["label"] == c)).sum())
+        got = int(((kept["split"] == "train") & (kept["label"] == c)).sum())
+        assert abs(got - share * n) <= 4 * math.sqrt(n * share * (1 - share)) + 1, (c, got, share * n)
+    # the same rows whatever the blocks: two halves give the union of the whole
+    halves = [keep_long_tail({k: v[s] for k, v in batch.items()}, shares, seed=5)
+              for s in (slice(0, 12345), slice(12345, None))]
+    assert np.concatenate([h["x"] for h in halves]).tolist() == kept["x"].tolist()
+    # another seed keeps other rows
+    assert keep_long_tail({k: v.copy() for k, v in batch.items()}, shares, seed=6)["x"].tolist() != kept["x"].tolist()
+
+
+def test_split_stats_count_the_labeled_train_rows_per_class():
+    batch = {"id": np.arange(9), "split": np.array(["train"] * 6 + ["val"] * 3),
+             "label": np.array([0, 2, 2, -1, 2, 0, 1, 1, 1])}
+    stats = split_stats(batch, ())
+    assert dict(zip(stats["split"], stats["class_counts"])) == {"train": "2,0,3", "val": ""}
+    assert class_counts_text(np.array([-1, -1])) == ""
+    assert sum_class_counts(["2,0,3", "", "1,1,0,4"]) == (3, 1, 3, 4)

@@ -240,9 +240,53 @@ def keep_train_labels(batch: dict[str, np.ndarray], share: float, seed: int) -> 
     return batch
 
 
+def long_tail_shares(counts: Sequence[int], imbalance: float) -> list[float]:
+    """The share of each class's labeled train rows that ``data.long_tail`` keeps: class c (label order,
+    C classes) is cut to about ``n_max * imbalance ** (-c / (C - 1))`` rows, n_max the largest class's
+    count (Cao et al.'s and Cui et al.'s exponential profile), so ``min(1, that / n_c)``; a class with
+    no rows keeps its share 1 (nothing to cut). One class: nothing is cut."""
+    if imbalance < 1:
+        raise ValueError(f"imbalance must be >= 1, got {imbalance}")
+    counts = np.asarray(counts, dtype=np.float64)
+    if len(counts) < 2:
+        return [1.0] * len(counts)
+    target = counts.max() * float(imbalance) ** (-np.arange(len(counts)) / (len(counts) - 1))
+    return np.where(counts > 0, np.minimum(1.0, target / np.maximum(counts, 1.0)), 1.0).tolist()
+
+
+def keep_long_tail(batch: dict[str, np.ndarray], shares: Sequence[float], seed: int) -> dict[str, np.ndarray]:
+    """The long-tailed train split (``data.long_tail``): a labeled train row of class c stays when its
+    id's seeded uniform is below ``shares[c]`` (``long_tail_shares``), so which rows stay is fixed by
+    (id, seed), whatever the read order; validation, test and unlabeled rows all stay."""
+    label = np.asarray(batch["label"])
+    share = np.asarray(shares, dtype=np.float64)[np.clip(label, 0, len(shares) - 1)]
+    cut = (np.asarray(batch["split"]) == "train") & (label >= 0)
+    keep = ~cut | (id_uniform(batch["id"], seed, salt=3) < share)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def class_counts_text(labels: np.ndarray) -> str:
+    """Labeled rows per class (labels >= 0) as "n_0,n_1,...", up to the largest label: a block's class
+    counts in one string column (blocks differ in their largest label)."""
+    labels = np.asarray(labels)
+    labels = labels[labels >= 0]
+    return ",".join(str(int(n)) for n in np.bincount(labels)) if len(labels) else ""
+
+
+def sum_class_counts(texts: Sequence[str]) -> tuple[int, ...]:
+    """The per-block ``class_counts_text`` strings summed per class."""
+    total: list[int] = []
+    for text in texts:
+        for c, n in enumerate(int(v) for v in text.split(",") if v):
+            total.extend([0] * (c + 1 - len(total)))
+            total[c] += n
+    return tuple(total)
+
+
 def split_stats(batch: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Per block: rows and labeled rows per split, and the train rows' feature sums."""
-    out = {"split": [], "rows": [], "labeled": [], "sum": [], "sum_sq": [], "label_max": []}
+    """Per block: rows and labeled rows per split, the train rows' labeled rows per class
+    (``class_counts_text``; classification) and feature sums."""
+    out = {"split": [], "rows": [], "labeled": [], "sum": [], "sum_sq": [], "label_max": [], "class_counts": []}
     label = np.asarray(batch["label"])
     labeled = (label >= 0) if label.ndim == 1 else np.ones(len(label), bool)
     for split in SPLITS:
@@ -260,10 +304,12 @@ def split_stats(batch: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[s
         out["sum"].append(s)
         out["sum_sq"].append(sq)
         out["label_max"].append(int(label[mask].max()) if label.ndim == 1 else -1)
+        out["class_counts"].append(class_counts_text(label[mask]) if label.ndim == 1 and split == "train" else "")
     width = len(fields)
     return {"split": np.array(out["split"], dtype=object).astype(str), "rows": np.array(out["rows"], np.int64),
             "label_max": np.array(out["label_max"], np.int64),
             "labeled": np.array(out["labeled"], np.int64),
+            "class_counts": np.array(out["class_counts"], dtype=object).astype(str),
             "sum": np.array(out["sum"], np.float64).reshape(len(out["rows"]), width),
             "sum_sq": np.array(out["sum_sq"], np.float64).reshape(len(out["rows"]), width)}
 

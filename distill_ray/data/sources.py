@@ -43,8 +43,8 @@ from distill_ray.data.columns import Layout, check_split_schemas, column_layout,
 from distill_ray.data.preprocess import decode_image, feature_rows, image_rows, instruction_rows, instruction_stats, \
     pil_image, taught_rows, tokenize_rows, window_rows
 from distill_ray.data.readers import Origin, is_uri, read_rows, run_data_action, source_origin, table_format
-from distill_ray.data.rows import SPLITS, DataError, RowPlan, keep_train_labels, row_stage, \
-    rows_of_split, split_stats, standardise_stats, subset_by_id
+from distill_ray.data.rows import SPLITS, DataError, RowPlan, keep_long_tail, keep_train_labels, long_tail_shares, \
+    row_stage, rows_of_split, split_stats, standardise_stats, subset_by_id, sum_class_counts
 from distill_ray.data.transfer import resolve_transfer, with_transfer_rows
 
 
@@ -83,6 +83,10 @@ class DataInfo:
     left_out: Mapping[str, str] = field(default_factory=dict)
     """Columns of data.path that are not model inputs -> why ("label column", "mostly text", ...), in
     column order: the data line and the report name them, so no column drops out in silence."""
+    class_counts: tuple[int, ...] = ()
+    """Classification: labeled train rows per class, [num_classes] (after data.long_tail and the labeled
+    share; transfer rows are unlabeled, not counted): the long-tail loss terms' and the report's. Empty
+    for a language model."""
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -90,7 +94,7 @@ class DataInfo:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DataInfo":
         d = dict(d)
-        for key in ("class_names", "input_shape", "feature_fields"):
+        for key in ("class_names", "input_shape", "feature_fields", "class_counts"):
             d[key] = tuple(d.get(key) or ())
         d["left_out"] = dict(d.get("left_out") or {})  # absent in infos saved before it existed
         return cls(**d)
@@ -131,7 +135,7 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
     check_split_schemas(d, raw, origin, layout)
     class_names = label_names(d, origin, raw, layout)
     rows = _row_stage(d, origin, raw, layout, class_names)
-    rows, stats = _subsets(d, origin.path, rows, layout.feature_fields)
+    rows, stats = _subsets(d, origin.path, rows, layout.feature_fields, len(class_names) if class_names else None)
     counts = _count_rows(stats, layout.feature_fields)
     if not (layout.kind == "text" and d.task == "causal_lm"):  # LM windows are counted after tokenization
         _check_splits(counts.rows, origin.path)
@@ -145,7 +149,8 @@ def load_source(cfg: ExperimentConfig) -> SourceData:
                     source_fingerprint=source_fingerprint, tokenizer=pre.tokenizer_dir, pad_id=pre.pad_id,
                     feature_fields=layout.feature_fields, transform=pre.transform, image_mode=pre.image_mode,
                     source=str(origin.path), truncated=pre.truncated, transfer=transfer, transfer_rows=transfer_rows,
-                    left_out=layout.left_out)
+                    left_out=layout.left_out, class_counts=_padded(counts.classes, num_classes)
+                    if d.task == "classification" else ())
     splits = {s: staged.map_batches(rows_of_split, fn_kwargs={"split": s}, batch_format="pyarrow") for s in SPLITS}
     return SourceData(info=info, rows=staged, splits=splits)
 
@@ -170,10 +175,11 @@ def _row_stage(d, origin: Origin, raw: Mapping[str, ray.data.Dataset], layout: L
     return rows
 
 
-def _subsets(d, path: str, rows: ray.data.Dataset, feature_fields: tuple[str, ...]
+def _subsets(d, path: str, rows: ray.data.Dataset, feature_fields: tuple[str, ...], num_classes: int | None
              ) -> tuple[ray.data.Dataset, list[dict[str, Any]]]:
-    """The seeded subsets (max_train_samples / max_eval_samples, then the labeled share of train), and
-    the per-block statistics of the rows that are left."""
+    """The seeded subsets (max_train_samples / max_eval_samples, the long-tailed train split of
+    data.long_tail, then the labeled share of train), and the per-block statistics of the rows that are
+    left. ``num_classes``: the label names' count (None: labels are numbers, classes 0..largest)."""
     def stats_of(staged: ray.data.Dataset) -> list[dict[str, Any]]:
         return run_data_action(f"reading {path}", lambda: staged.map_batches(
             split_stats, fn_kwargs={"fields": feature_fields}, batch_format="numpy").take_all())
@@ -184,6 +190,12 @@ def _subsets(d, path: str, rows: ray.data.Dataset, feature_fields: tuple[str, ..
         cap = {"train": d.max_train_samples, "val": d.max_eval_samples, "test": d.max_eval_samples}
         shares = {s: (cap[s] / seen[s] if cap[s] and seen[s] > cap[s] else 1.0) for s in SPLITS}
         rows = rows.map_batches(subset_by_id, fn_kwargs={"shares": shares, "seed": d.split_seed}, batch_format="numpy")
+        stats = stats_of(rows)
+    if d.long_tail.imbalance is not None and d.task == "classification":
+        counts = _padded(sum_class_counts([r["class_counts"] for r in stats if r["split"] == "train"]),
+                         num_classes or max(int(r["label_max"]) for r in stats) + 1)
+        rows = rows.map_batches(keep_long_tail, fn_kwargs={"shares": long_tail_shares(counts, d.long_tail.imbalance),
+                                                           "seed": d.long_tail.seed}, batch_format="numpy")
         stats = stats_of(rows)
     if d.labeled_fraction is not None or d.max_labeled_samples is not None:
         labeled_train = sum(int(r["labeled"]) for r in stats if r["split"] == "train")
@@ -205,6 +217,8 @@ class RowCounts:
     label_max: int
     feature_sum: np.ndarray
     feature_sum_sq: np.ndarray
+    classes: tuple[int, ...] = ()
+    """Labeled train rows per class, up to the largest train label."""
 
 
 def _count_rows(stats: list[dict[str, Any]], feature_fields: tuple[str, ...]) -> RowCounts:
@@ -218,7 +232,13 @@ def _count_rows(stats: list[dict[str, Any]], feature_fields: tuple[str, ...]) ->
         if block["split"] == "train":
             total += np.asarray(block["sum"])
             total_sq += np.asarray(block["sum_sq"])
-    return RowCounts(rows, labeled, max([int(b["label_max"]) for b in stats] or [-1]), total, total_sq)
+    return RowCounts(rows, labeled, max([int(b["label_max"]) for b in stats] or [-1]), total, total_sq,
+                     sum_class_counts([b["class_counts"] for b in stats if b["split"] == "train"]))
+
+
+def _padded(counts: tuple[int, ...], num_classes: int) -> tuple[int, ...]:
+    """Per-class counts with a zero for each class past the largest label counted, up to ``num_classes``."""
+    return tuple(int(n) for n in counts) + (0,) * (num_classes - len(counts))
 
 
 # --- preprocessing per kind --------------------------------------------------------------------------------
@@ -390,6 +410,8 @@ def _fingerprint(cfg: ExperimentConfig, sources: Mapping[str, str], preset_meta:
             del data[key]
     for key in ("transfer", "transfer_size"):  # the source rows only: transfer rows extend it (with_transfer)
         del data[key]
+    if data["long_tail"]["imbalance"] is None:  # off: the caches built before it existed stay valid
+        del data["long_tail"]
     h = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
     h.update(json.dumps(dict(preset_meta), sort_keys=True, default=str).encode())
     h.update(json.dumps(dict(counts), sort_keys=True).encode())

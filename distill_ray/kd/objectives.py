@@ -15,10 +15,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distill_ray.kd import curriculum as cur
-from distill_ray.kd.blending import TeacherBlend
+from distill_ray.kd.blending import TeacherBlend, blend_probs
 from distill_ray.config import ExperimentConfig
 from distill_ray.kd.feature_losses import HintProjector, attention_map, attention_map_distance, hint_loss
 from distill_ray.kd.labels import label_smoothing_ce
+from distill_ray.kd.long_tail import LongTail, logit_adjusted_cross_entropy, row_classes, row_temperature_kd
 from distill_ray.kd.losses import dense_from_topk, dkd, focal_kd, kd_divergence, kd_divergence_to_probs, \
     margin_kd, topk_generalized_jsd, topk_kd_divergence, topk_label_logprobs, uld_divergence
 from distill_ray.models import forward_with_features, unwrap_model
@@ -88,9 +89,13 @@ def kd_loss(cfg: ExperimentConfig, student_logits: torch.Tensor, target_probs: t
 
 
 def classifier_kd(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor, teacher: torch.Tensor,
-                  x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+                  x: torch.Tensor, y: torch.Tensor, temperature: float, long_tail: LongTail | None = None,
+                  mixed: bool = False) -> torch.Tensor:
     """Per row ``[B]``: the configured KD term against the blended teachers ``[K, B, C]`` (weights
-    fit before training, detached: the student's loss never moves them)."""
+    fit before training, detached: the student's loss never moves them); with class weights or
+    per-class temperatures, ``long_tail_kd``."""
+    if long_tail is not None and long_tail.shapes_kd:
+        return long_tail_kd(cfg, blend, student_logits, teacher, x, y, temperature, long_tail, mixed)
     if cfg.loss.kind == "mse_logits":
         # Logit matching needs logits, not a mixture of distributions: blend logits linearly.
         weights = blend.weights(teacher, features=x.flatten(1)).detach()
@@ -101,17 +106,56 @@ def classifier_kd(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: to
     return kd_loss(cfg, student_logits, target, y, temperature, reduction="none")
 
 
+def long_tail_kd(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor, teacher: torch.Tensor,
+                 x: torch.Tensor, y: torch.Tensor, temperature: float, long_tail: LongTail, mixed: bool) -> torch.Tensor:
+    """Per row ``[B]``: the KD term of ``classifier_kd`` at the row's class temperature
+    (``temperature * long_tail.temperatures[class]``, ``long_tail.row_temperature_kd``), times the
+    class's weight. A row's class is its label, or (unlabeled rows; every row of a ``mixed`` batch)
+    the top class of the blended teachers at T = 1 (``long_tail.row_classes``)."""
+    weights = blend.weights(teacher, features=x.flatten(1)).detach()
+    classes = row_classes(None if mixed else y, blend_probs(teacher.detach(), weights, temperature=1.0))
+    if cfg.loss.kind == "mse_logits":  # temperature-free: only the class weights apply (config refuses the rest)
+        kd = kd_divergence(student_logits, torch.einsum("nk,knc->nc", weights, teacher), kind="mse_logits",
+                           temperature=temperature, reduction="none")
+    elif long_tail.temperatures is not None:
+        kd = row_temperature_kd(student_logits, teacher, weights, temperature * long_tail.temperatures[classes],
+                                kind=cfg.loss.kind, skew_alpha=cfg.loss.skew_alpha)
+    else:
+        kd = kd_loss(cfg, student_logits, blend_probs(teacher.detach(), weights, temperature), y, temperature,
+                     reduction="none")
+    return kd if long_tail.weights is None else kd * long_tail.weights[classes].to(kd.dtype)
+
+
 def task_loss(student_logits: torch.Tensor, y: torch.Tensor, y_b: torch.Tensor | None, lam: torch.Tensor | None,
-              smoothing: float, causal: bool) -> torch.Tensor:
+              smoothing: float, causal: bool, long_tail: LongTail | None = None) -> torch.Tensor:
     """The supervised term: per row ``[B]`` for classifiers (a mixed row weighs its two labels by
-    ``lam``; unlabeled rows get a value the caller discards), the token mean for a language model."""
+    ``lam``; unlabeled rows get a value the caller discards), the token mean for a language model.
+    ``long_tail`` with ``tau > 0``: the logit-adjusted cross-entropy (``long_tail.logit_adjusted_cross_entropy``)."""
     if causal:
         return label_smoothing_ce(student_logits, y, smoothing=smoothing)
 
     def rows(labels: torch.Tensor) -> torch.Tensor:
+        if long_tail is not None and long_tail.tau > 0:
+            return logit_adjusted_cross_entropy(student_logits, labels.clamp_min(0), long_tail.log_prior,
+                                                long_tail.tau, label_smoothing=smoothing)
         return F.cross_entropy(student_logits, labels.clamp_min(0), reduction="none", label_smoothing=smoothing)
 
     return rows(y) if y_b is None else lam * rows(y) + (1 - lam) * rows(y_b)
+
+
+def long_tail_terms(cfg: ExperimentConfig, class_counts: tuple[int, ...], num_classes: int) -> LongTail | None:
+    """The run's long-tail terms (``loss.class_weights``, ``loss.class_temperature``,
+    ``loss.logit_adjustment``) from the labeled train rows per class (``DataInfo.class_counts``; classes
+    past its end have none); None when none is asked for or for a language model."""
+    loss = cfg.loss
+    asked = loss.class_weights != "none" or loss.class_temperature != 1.0 or loss.logit_adjustment != 0.0
+    if cfg.data.task == "causal_lm" or not asked:
+        return None
+    if not any(class_counts) or len(class_counts) > num_classes:
+        raise ValueError(f"loss.class_weights, loss.class_temperature and loss.logit_adjustment need the train split's "
+                         f"labeled rows for each of the {num_classes} classes; got {list(class_counts)}")
+    counts = tuple(class_counts) + (0,) * (num_classes - len(class_counts))
+    return LongTail.from_counts(counts, loss.class_weights, loss.class_temperature, loss.logit_adjustment)
 
 
 def planned_steps(cfg: ExperimentConfig, rows: int, world: int) -> int:
@@ -273,11 +317,13 @@ class LossParts:
 
 
 def kd_term(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch.Tensor, signal: TeacherSignal | None,
-            x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The KD term for the teachers' signal: per row ``[B]`` for dense targets, the token mean for a
-    causal LM's per-token top k, zero without teachers."""
+            x: torch.Tensor, y: torch.Tensor, temperature: float, long_tail: LongTail | None = None,
+            mixed: bool = False) -> torch.Tensor:
+    """The KD term for the teachers' signal: per row ``[B]`` for dense targets (class-weighted and at
+    per-class temperatures with ``long_tail``), the token mean for a causal LM's per-token top k, zero
+    without teachers."""
     if isinstance(signal, DenseLogits):
-        return classifier_kd(cfg, blend, student_logits, signal.logits, x, y, temperature)
+        return classifier_kd(cfg, blend, student_logits, signal.logits, x, y, temperature, long_tail, mixed)
     if isinstance(signal, TokenTopK):
         return token_kd_loss(cfg, blend, student_logits, signal, y, temperature)
     return torch.zeros((), device=student_logits.device)
@@ -308,7 +354,7 @@ def batch_loss(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch
                causal: bool, y_b: torch.Tensor | None = None, lam: torch.Tensor | None = None,
                features: dict[str, torch.Tensor] | None = None, projector: HintProjector | None = None,
                hint_target: torch.Tensor | None = None, attention_target: torch.Tensor | None = None,
-               on_policy: bool = False) -> LossParts:
+               on_policy: bool = False, long_tail: LongTail | None = None) -> LossParts:
     """One batch's loss and its parts, computed from the student's output and the teachers' signal.
 
     Per row, a labeled row learns ``alpha * KD + (1 - alpha) * task``; an unlabeled one (label -1,
@@ -316,11 +362,14 @@ def batch_loss(cfg: ExperimentConfig, blend: TeacherBlend, student_logits: torch
     model's labels are its own tokens (prompt and padding positions < 0 are left out of both terms).
     ``hint_target`` / ``attention_target`` (one teacher's features, online mode) add FitNets' hint
     term, through ``projector``, and attention transfer, on the student's ``features``. ``on_policy``:
-    the batch is the student's own responses, scored by the teachers (``on_policy_loss``)."""
+    the batch is the student's own responses, scored by the teachers (``on_policy_loss``). ``long_tail``
+    (classifiers; ``long_tail_terms``): the KD term class-weighted and at per-class temperatures, the
+    task term logit-adjusted."""
     if on_policy:
         return on_policy_loss(blend, student_logits, signal, y, cfg.loss.on_policy.beta, temperature)
-    kd = kd_term(cfg, blend, student_logits, signal, x, y, temperature)
-    task = task_loss(student_logits, y, y_b, lam, cfg.loss.label_smoothing, causal)
+    long_tail = long_tail.to(student_logits.device) if long_tail is not None and not causal else None
+    kd = kd_term(cfg, blend, student_logits, signal, x, y, temperature, long_tail, mixed=y_b is not None)
+    task = task_loss(student_logits, y, y_b, lam, cfg.loss.label_smoothing, causal, long_tail)
     labeled = torch.ones((), dtype=torch.bool, device=student_logits.device) if causal else \
         (y >= 0) & (y_b >= 0 if y_b is not None else True)
     row_loss = torch.where(labeled, alpha * kd + (1 - alpha) * task, kd)

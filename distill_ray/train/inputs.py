@@ -125,7 +125,8 @@ def training_inputs(cfg: ExperimentConfig, data: CachedData | SourceData, info: 
                        all_labeled=info.labeled["train"] == info.counts["train"], use_teachers=use_teachers,
                        online_teachers=teachers, mix=mix if mix.active else None, keep_shard=keep_shard,
                        epoch_stage=not keep_shard and (mix.active or cfg.curriculum.scheduler != "none"),
-                       feature_shapes=shapes, probe=probe, scorers=scorers, eos_id=eos_id, pad_id=pad_id)
+                       feature_shapes=shapes, probe=probe, scorers=scorers, eos_id=eos_id, pad_id=pad_id,
+                       class_counts=tuple(info.class_counts))
 
 
 def labeled_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

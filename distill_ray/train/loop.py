@@ -92,6 +92,7 @@ class TrainInputs:
     scorers: tuple[TeacherService, ...] = ()  # on-policy KD: the services that score the student's responses
     eos_id: int | None = None  # on-policy KD: the tokenizer's end of sequence, and its padding
     pad_id: int = 0
+    class_counts: tuple[int, ...] = ()  # classifiers: labeled train rows per class (the long-tail terms')
 
     def datasets(self, world: int, plan=None) -> dict[str, Any]:
         """TorchTrainer's datasets: per rank its train stream, its index and its validation rows."""
@@ -331,7 +332,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               y_b=y_b, lam=lam, features=out, projector=projector, on_policy=rollout is not None,
                               hint_target=cols[f"{opts.hint_teacher}/hint"].to(device) if opts.want_hint else None,
                               attention_target=cols[f"{opts.hint_teacher}/attention"].to(device)
-                              if opts.want_attention else None)
+                              if opts.want_attention else None, long_tail=opts.long_tail)
 
             # --- the student's step
             optimizer.zero_grad(set_to_none=True)

@@ -40,6 +40,7 @@ class WorkerOptions:
     progress_file: str | None = None  # the driver's progress bar reads it
     trace_file: str | None = None  # tests and drills: every trained batch's ids
     fail_once_at_step: dict | None = None  # tests and drills: {"step", "marker"}, rank 0 dies there once
+    long_tail: Any = None  # classifiers: kd.long_tail.LongTail from the train split's class counts (None: off)
 
     @property
     def causal(self) -> bool:
@@ -61,9 +62,13 @@ class WorkerOptions:
 
     @classmethod
     def for_run(cls, cfg: ExperimentConfig, inputs: TrainInputs, **switches: Any) -> WorkerOptions:
-        """The options of one run: ``cfg``, the facts of ``inputs`` and the driver's ``switches``."""
+        """The options of one run: ``cfg``, the facts of ``inputs`` and the driver's ``switches``; the
+        long-tail terms of the loss are built here, once, from the train split's class counts."""
+        from distill_ray.kd.objectives import long_tail_terms
+
         return cls(config=cfg, teacher_names=tuple(inputs.teacher_names), num_classes=inputs.num_classes,
                    input_shape=tuple(inputs.input_shape), train_rows=inputs.train_rows, task=inputs.task,
                    topk=inputs.topk, use_teachers=inputs.use_teachers, keep_shard=inputs.keep_shard,
                    feature_shapes=dict(inputs.feature_shapes), probe=inputs.probe, scorers=tuple(inputs.scorers),
-                   eos_id=inputs.eos_id, pad_id=inputs.pad_id, **switches)
+                   eos_id=inputs.eos_id, pad_id=inputs.pad_id,
+                   long_tail=long_tail_terms(cfg, tuple(inputs.class_counts), inputs.num_classes), **switches)

@@ -207,7 +207,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         "data": {"format": cfg.data.format, "source": info.source, "rows": dict(info.counts),
                  "labeled": dict(info.labeled), "kind": info.kind,
                  "transfer": info.transfer, "transfer_rows": info.transfer_rows,
-                 "feature_fields": list(info.feature_fields), "left_out": dict(info.left_out)},
+                 "feature_fields": list(info.feature_fields), "left_out": dict(info.left_out),
+                 "class_counts": list(info.class_counts)},
     }
     if search is not None:
         metrics["search"] = search
@@ -226,6 +227,13 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         for key in ("rouge_l", "parses"):  # instruction data: greedy responses to held-out prompts
             if any(key in r for r in rows.values()):
                 metrics[key] = {name: r[key] for name, r in rows.items() if key in r}
+    else:  # each class counted once (long-tailed data), and each class's recall, on the test split
+        metrics["balanced_accuracy"] = {name: r.get("balanced_accuracy") for name, r in rows.items()}
+        metrics["per_class_recall"] = {name: r["recall"] for name, r in rows.items() if "recall" in r}
+        metrics["data"]["class_names"] = list(info.class_names)
+        metrics["long_tail"] = {"class_weights": cfg.loss.class_weights, "class_temperature": cfg.loss.class_temperature,
+                                "logit_adjustment": cfg.loss.logit_adjustment,
+                                "imbalance": cfg.data.long_tail.imbalance}
     verdict = run_verdict(cfg, cache, student, metrics, reliability) if baseline is not None else None
     metrics["verdict"] = verdict.to_dict() if verdict is not None else None
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),

@@ -1,7 +1,8 @@
 """Long-tail distillation for classifiers: per-class KD weights (inverse frequency, effective number),
 per-class temperatures, logit adjustment, each against hand-computed numbers or float64 references;
 their way into ``batch_loss`` (rows' gradients written out by hand), the config keys, the seeded
-long-tailed train split (pure row functions). Pure: no Ray is started."""
+long-tailed train split (pure row functions), and the per-class recall and balanced accuracy of the
+report. Pure: no Ray is started."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from distill_ray.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
 from distill_ray.data.rows import class_counts_text, id_uniform, keep_long_tail, long_tail_shares, \
     split_stats, sum_class_counts
+from distill_ray.evaluation.metrics import balanced_accuracy, classifier_scores, per_class_recall
+from distill_ray.evaluation.report import is_long_tailed, report_markdown
 from distill_ray.kd.blending import TeacherBlend, blend_probs
 from distill_ray.kd.long_tail import LongTail, class_temperatures, class_weights, log_prior, \
     logit_adjusted_cross_entropy, row_classes, row_temperature_kd
@@ -416,3 +419,59 @@ def test_split_stats_count_the_labeled_train_rows_per_class():
     assert dict(zip(stats["split"], stats["class_counts"])) == {"train": "2,0,3", "val": ""}
     assert class_counts_text(np.array([-1, -1])) == ""
     assert sum_class_counts(["2,0,3", "", "1,1,0,4"]) == (3, 1, 3, 4)
+
+
+# --- metrics and report ---------------------------------------------------------------------------------
+
+def test_per_class_recall_and_balanced_accuracy_by_hand():
+    # class 0: 3 rows, 2 right; class 1: 1 row, right; class 2: no row; one unlabeled row left out
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.1, 0.9, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 1.0]])
+    labels = torch.tensor([0, 0, 0, 1, -1])
+    assert per_class_recall(scores, labels) == [pytest.approx(2 / 3), 1.0, None]
+    assert balanced_accuracy(scores, labels) == pytest.approx((2 / 3 + 1.0) / 2)
+    scores_of = classifier_scores(scores, labels)
+    assert scores_of["accuracy"] == pytest.approx(3 / 4) and scores_of["balanced_accuracy"] == pytest.approx(5 / 6)
+    # a model that always answers the head class: accuracy 0.9 on a 9:1 split, balanced accuracy 0.5
+    head = torch.tensor([[1.0, 0.0]] * 10)
+    skewed = torch.tensor([0] * 9 + [1])
+    assert classifier_scores(head, skewed)["accuracy"] == pytest.approx(0.9)
+    assert balanced_accuracy(head, skewed) == pytest.approx(0.5)
+    assert balanced_accuracy(head, torch.full((10,), -1)) is None
+
+
+def _metrics(counts, **long_tail):
+    terms = {"class_weights": "none", "class_temperature": 1.0, "logit_adjustment": 0.0, "imbalance": None}
+    return {"teachers": {"t": 0.9}, "student": 0.8, "baseline": 0.7, "metric": "accuracy",
+            "data": {"class_counts": counts, "class_names": ["shirt", "bag"]},
+            "balanced_accuracy": {"t": 0.85, "blend": 0.86, "baseline": 0.6, "student": 0.75},
+            "per_class_recall": {"t": [0.9, 0.8], "blend": [0.92, 0.8], "baseline": [1.0, 0.2], "student": [0.9, None]},
+            "long_tail": {**terms, **long_tail}}
+
+
+def test_the_report_gives_each_classs_recall_on_long_tailed_data_or_a_long_tail_loss():
+    rows = {"t": {"accuracy": 0.9}, "blend": {"accuracy": 0.9}, "baseline": {"accuracy": 0.7},
+            "student": {"accuracy": 0.8}}
+    text = report_markdown(_metrics([500, 5]), rows, plots=False)
+    assert "## Per class" in text and "500 to 5, 100.0× apart" in text
+    assert "| class | train rows | t | blend | baseline | student |" in text
+    assert "| shirt | 500 | 0.9000 | 0.9200 | 1.0000 | 0.9000 |" in text
+    assert "| bag | 5 | 0.8000 | 0.8000 | 0.2000 | - |" in text
+    assert "| **balanced accuracy** | | 0.8500 | 0.8600 | 0.6000 | 0.7500 |" in text
+    assert "Long-tail settings" not in text
+    # balanced data, no long-tail term: no section
+    assert "## Per class" not in report_markdown(_metrics([500, 60]), rows, plots=False)
+    # a long-tail term asks for it whatever the counts, and names the settings
+    text = report_markdown(_metrics([500, 60], class_weights="effective_number", logit_adjustment=1.0), rows,
+                           plots=False)
+    assert "## Per class" in text
+    assert "`loss.class_weights` = effective_number, `loss.logit_adjustment` = 1.0 (the baseline trains with " \
+           "the logit adjustment too)." in text
+    assert is_long_tailed([100, 10]) and not is_long_tailed([100, 11]) and is_long_tailed([3, 0])
+    assert not is_long_tailed([5]) and not is_long_tailed([])
+
+
+def test_the_shipped_long_tail_example_asks_for_every_term():
+    cfg = load_config(REPO / "jobs/configs/long_tail.yaml")
+    assert cfg.data.format == "fashion_mnist" and cfg.data.long_tail.imbalance == 100
+    assert (cfg.loss.class_weights, cfg.loss.class_temperature, cfg.loss.logit_adjustment) == \
+        ("effective_number", 1.5, 1.0)

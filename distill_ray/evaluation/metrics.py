@@ -1,4 +1,5 @@
-"""Metrics: accuracy, expected calibration error, perplexity, latency. No Ray."""
+"""Metrics: accuracy, per-class recall and balanced accuracy, expected calibration error, perplexity,
+latency. No Ray."""
 
 from __future__ import annotations
 
@@ -26,6 +27,28 @@ def accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
     return (logits.argmax(-1) == torch.as_tensor(labels)).float().mean().item()
 
 
+def per_class_recall(scores: torch.Tensor, labels: np.ndarray | torch.Tensor,
+                     num_classes: int | None = None) -> list[float | None]:
+    """Recall of each class, ``[C]``: of the rows labeled c, the share whose argmax is c; None for a class
+    no row is labeled with. ``scores [N, C]`` (logits or probabilities), ``labels [N]``; unlabeled rows
+    (label < 0) are left out. ``num_classes`` defaults to the scores' width."""
+    y = torch.as_tensor(labels)
+    labeled = y >= 0
+    y, predicted = y[labeled].long(), torch.as_tensor(scores)[labeled].argmax(-1)
+    width = num_classes if num_classes is not None else torch.as_tensor(scores).shape[-1]
+    rows = torch.bincount(y, minlength=width)
+    right = torch.bincount(y[predicted == y], minlength=width)
+    return [float(right[c]) / float(rows[c]) if rows[c] > 0 else None for c in range(width)]
+
+
+def balanced_accuracy(scores: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float | None:
+    """The mean of the per-class recalls over the classes the labeled rows have (as scikit-learn's
+    ``balanced_accuracy_score``): each class counts once, however many rows it has, so a model that
+    ignores the rare classes is not hidden by the frequent ones. None without a labeled row."""
+    recalls = [r for r in per_class_recall(scores, labels) if r is not None]
+    return sum(recalls) / len(recalls) if recalls else None
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: np.ndarray | torch.Tensor, num_bins: int = 15) -> float:
     """ECE (Guo et al. 2017): sum over equal-width confidence bins of |accuracy - confidence| * bin share.
 
@@ -36,11 +59,12 @@ def expected_calibration_error(probs: torch.Tensor, labels: np.ndarray | torch.T
 
 
 def classifier_scores(probs: torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float]:
-    """Accuracy and ECE of class probabilities ``[N, C]`` on the labeled rows of ``labels [N]``
-    (an unlabeled row, label < 0, has nothing to score)."""
+    """Accuracy, balanced accuracy and ECE of class probabilities ``[N, C]`` on the labeled rows of
+    ``labels [N]`` (an unlabeled row, label < 0, has nothing to score)."""
     labels = torch.as_tensor(labels)
     labeled = labels >= 0
     return {"accuracy": accuracy(probs[labeled], labels[labeled]),
+            "balanced_accuracy": balanced_accuracy(probs[labeled], labels[labeled]),
             "ece": expected_calibration_error(probs[labeled], labels[labeled])}
 
 

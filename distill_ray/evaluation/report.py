@@ -9,7 +9,8 @@ per-model test rows, and writes:
   boundaries as vertical lines;
 * ``reliability.png``: reliability diagram of every model given, ECE in the legend;
 * ``report.md``: the final table, the gap recovered, the verdict (``metrics['verdict']``, the lines the
-  run printed last), the data (feature columns, columns left out and why), the plots, the timings.
+  run printed last), each class's test recall and the balanced accuracy (long-tailed data, or a
+  long-tail loss), the data (feature columns, columns left out and why), the plots, the timings.
 
 matplotlib runs on the Agg backend (files only, no display).
 """
@@ -26,6 +27,8 @@ from distill_ray.data.rows import SPLITS
 from distill_ray.evaluation.metrics import reliability_bins
 from distill_ray.extras import available, install_hint, require
 
+LONG_TAIL_RATIO = 10  # most / least frequent class's train rows from which the report gives each class's recall
+MAX_CLASSES_SHOWN = 50  # above, per-class recall stays in metrics.json
 PLOTS = ("val_accuracy.png", "teacher_weights.png", "schedule.png", "reliability.png")
 VAL_ACCURACY_PLOT, TEACHER_WEIGHTS_PLOT, SCHEDULE_PLOT, RELIABILITY_PLOT = PLOTS
 WEIGHT_PREFIX = "teacher_weight/"
@@ -251,6 +254,7 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
     verdict = metrics.get("verdict")
     if verdict:  # the same lines the run printed last (distill_ray/evaluation/verdict.py)
         lines += ["", "## Verdict", "", *(f"- {line}" for line in verdict["lines"])]
+    lines += _per_class_lines(metrics)
     lines += _data_lines(metrics.get("data") or {})
     lines += ["", "## Plots", ""]
     if not plots:
@@ -267,6 +271,51 @@ def report_markdown(metrics: Mapping[str, Any], rows: Mapping[str, Mapping[str, 
         lines += [f"| {phase} | {seconds:.2f} |" for phase, seconds in timings.items()]
         lines += [f"| total | {sum(timings.values()):.2f} |", ""]
     return "\n".join(lines)
+
+
+def is_long_tailed(counts: Sequence[int]) -> bool:
+    """Whether the train rows per class are imbalanced: the most frequent class has at least
+    ``LONG_TAIL_RATIO`` times the rows of the rarest (a class without rows counts as that)."""
+    counts = [int(n) for n in counts]
+    return len(counts) > 1 and max(counts) > 0 and max(counts) >= LONG_TAIL_RATIO * min(counts)
+
+
+def _per_class_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The report's per-class section, for long-tailed data or a run that asks for a long-tail term:
+    each class's train rows and every model's test recall, and their mean, the balanced accuracy."""
+    recall = metrics.get("per_class_recall") or {}
+    data, terms = metrics.get("data") or {}, metrics.get("long_tail") or {}
+    counts = list(data.get("class_counts") or [])
+    off = {"class_weights": "none", "class_temperature": 1.0, "logit_adjustment": 0.0, "imbalance": None}
+    asked = {k: v for k, v in terms.items() if k in off and v != off[k]}
+    if not recall or not (asked or is_long_tailed(counts)):
+        return []
+    models = [n for n in (*metrics.get("teachers", {}), "blend", "baseline", "student") if n in recall]
+    balanced = metrics.get("balanced_accuracy") or {}
+    names = list(data.get("class_names") or [])
+    width = len(recall[models[0]])
+    lines = ["", "## Per class", "",
+             "Recall of each class on the test split (of its rows, the share predicted as it); the balanced "
+             "accuracy is their mean, each class counted once however many rows it has."]
+    if counts and min(counts) > 0:
+        lines.append(f"Train rows per class (labeled): {max(counts):,} to {min(counts):,}, "
+                     f"{max(counts) / min(counts):.1f}× apart.")
+    if asked:
+        lines.append("Long-tail settings: " + ", ".join(
+            f"`{'data.long_tail.' if k == 'imbalance' else 'loss.'}{k}` = {v}" for k, v in asked.items())
+            + (" (the baseline trains with the logit adjustment too)." if "logit_adjustment" in asked else "."))
+    header = f"| class | train rows | {' | '.join(models)} |"
+    lines += ["", header, "|---|---:|" + "---:|" * len(models)]
+    if width <= MAX_CLASSES_SHOWN:
+        for c in range(width):
+            label = names[c] if c < len(names) else str(c)
+            train = f"{counts[c]:,}" if c < len(counts) else "-"
+            lines.append(f"| {label} | {train} | " + " | ".join(_fmt(recall[m][c], ".4f") for m in models) + " |")
+    else:
+        lines.append(f"| ({width} classes: each one's recall is in metrics.json, per_class_recall) | | "
+                     + " | ".join("" for _ in models) + " |")
+    lines.append("| **balanced accuracy** | | " + " | ".join(_fmt(balanced.get(m), ".4f") for m in models) + " |")
+    return lines
 
 
 def _data_lines(data: Mapping[str, Any]) -> list[str]:

@@ -156,11 +156,11 @@ def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, mod
 
 def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[str, Path], student, baseline,
                          history: list[dict]) -> tuple[dict[str, dict], dict]:
-    """Test accuracy, ECE, size and latency of every teacher (from the cache), their blend, the
-    baseline and the student, streamed over the test split; plus each one's test probabilities for
-    the reliability diagram."""
+    """Test accuracy, balanced accuracy, per-class recall (``recall``), ECE, size and latency of every
+    teacher (from the cache), their blend, the baseline and the student, streamed over the test split;
+    plus each one's test probabilities for the reliability diagram."""
     from distill_ray.kd.blending import blend_probs
-    from distill_ray.evaluation.metrics import classifier_scores, single_sample_latency_ms
+    from distill_ray.evaluation.metrics import classifier_scores, per_class_recall, single_sample_latency_ms
 
     models = {"student": student, **({"baseline": baseline} if baseline is not None else {})}
     teachers, outputs, y = classifier_outputs(cfg, cache, "test", models)
@@ -173,10 +173,13 @@ def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[st
         rows[t.name] = {**classifier_scores(test_probs[t.name], y), "params": num_params(model),
                         "latency_ms": single_sample_latency_ms(model, example)}
     weights = torch.tensor(list(final_teacher_weights(history).values()))
-    rows["blend"] = classifier_scores(blend_probs(teachers, weights, temperature=1.0), y)
+    blend = blend_probs(teachers, weights, temperature=1.0)
+    rows["blend"] = {**classifier_scores(blend, y), "recall": per_class_recall(blend, y, cache.spec.num_classes)}
     for name, model in models.items():
         rows[name] = {**classifier_scores(test_probs[name], y), "params": num_params(model),
                       "latency_ms": single_sample_latency_ms(model, example)}
+    for name, probs in test_probs.items():
+        rows[name]["recall"] = per_class_recall(probs, y, cache.spec.num_classes)
     return rows, {name: (p.numpy(), y.numpy()) for name, p in test_probs.items()}
 
 

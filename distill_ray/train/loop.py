@@ -263,7 +263,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # --- model, blend, optimizers, in one TrainState --------------------------------------------------
     device = ray.train.torch.get_device()
-    state = _train_state(opts, device)
+    state, long_tail = _train_state(opts, device), opts.long_tail and opts.long_tail.to(device)  # moved once
     model, optimizer, blend, projector, blend_opt = \
         state.model, state.optimizer, state.blend, state.projector, state.blend_optimizer
     total_steps = planned_steps(cfg, opts.train_rows, world)  # what the lr, T and alpha schedules span
@@ -332,7 +332,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               y_b=y_b, lam=lam, features=out, projector=projector, on_policy=rollout is not None,
                               hint_target=cols[f"{opts.hint_teacher}/hint"].to(device) if opts.want_hint else None,
                               attention_target=cols[f"{opts.hint_teacher}/attention"].to(device)
-                              if opts.want_attention else None, long_tail=opts.long_tail)
+                              if opts.want_attention else None, long_tail=long_tail)
 
             # --- the student's step
             optimizer.zero_grad(set_to_none=True)

@@ -475,3 +475,11 @@ def test_the_shipped_long_tail_example_asks_for_every_term():
     assert cfg.data.format == "fashion_mnist" and cfg.data.long_tail.imbalance == 100
     assert (cfg.loss.class_weights, cfg.loss.class_temperature, cfg.loss.logit_adjustment) == \
         ("effective_number", 1.5, 1.0)
+
+
+def test_long_tail_terms_move_to_a_device_whole():
+    """The worker moves the run's terms once to its device (train/loop.py); every tensor goes."""
+    terms = LongTail.from_counts([100, 10, 1], "inverse_frequency", 1.5, 1.0)
+    moved = terms.to("meta")
+    assert all(t.device.type == "meta" for t in (moved.weights, moved.temperatures, moved.log_prior))
+    assert moved.tau == terms.tau == 1.0 and terms.weights.device.type == "cpu"

@@ -1,30 +1,42 @@
-"""Load test of the served student: QPS and latency with dynamic batching on and off, plus int8 effect.
+"""Load test of the served student: distill-ray's Serve app against a plain FastAPI/uvicorn server with
+the same model code, side by side in one run, plus dynamic batching and the int8 effect.
 
-    PYTHONPATH=. RAY_ADDRESS=local .venv/bin/python bench/serve_load.py
+    .venv/bin/python bench/serve_load.py
         [--student RUN_OR_STUDENT_DIR | --arch mlp|cnn|text [--text-epochs 1]] [--requests 2000] [--rounds 2]
-        [--concurrency 64] [--batch-sizes 32,1] [--batch-wait-timeout-s 0.01] [--quantize none|int8]
-        [--url URL] [--no-quantization | --quantization-only]
+        [--concurrency 64] [--servers plain,serve,serve-nobatch] [--batch-size 32] [--batch-wait-timeout-s 0.01]
+        [--quantize none|int8] [--url URL] [--no-quantization | --quantization-only]
 
-Each max batch size (default 32 and 1) is deployed at once, side by side, as its own Serve
-application on one local Ray Serve (``serving.app.build_student_app``, what ``start_serve`` binds;
-route prefixes /bench_0, /bench_1, ...). A SECOND PROCESS (asyncio + httpx) then sends single-input
-POST /predict requests, ``--concurrency`` in flight at once, to one deployment after the other,
-``--rounds`` times in turn (``--requests`` per deployment in all), so drift in the load of a shared
-machine hits both alike. It reports QPS, p50/p95/p99 latency and the non-2xx count per deployment,
-and the QPS ratio of the first to the last batch size (the batching speed-up) overall and per
-round. With ``--url`` an already running deployment is measured as it is.
+Every server runs in its own process, started by this script and idle while the others are measured:
+
+- ``plain``: a minimal FastAPI app under one uvicorn process using distill-ray's own request parsing,
+  model code and answer format (``StudentService``), one forward per request, no batching;
+- ``serve``: ``serving.launch.start_serve`` (what ``distill-ray serve`` runs) on its own local Ray, with
+  ``--batch-size`` as ``serve.max_batch_size`` and Ray Serve's settings as ``start_serve`` chooses them;
+- ``serve-nobatch``: the same with ``max_batch_size=1`` (the batching speed-up is serve / serve-nobatch);
+- ``serve-tp``: ``serve`` with Ray 2.60's throughput mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``: user code
+  and router on the replica's main loop, gRPC between Serve's processes) behind the same Python proxy;
+- ``serve-direct``: the ``serve-tp`` process's replica asked on its own HTTP port (Ray's direct ingress;
+  the bench sets ``RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT`` to a free port), skipping the proxy: what the
+  proxy costs;
+- ``serve-haproxy`` (and ``serve-haproxy-nobatch``): ``distill-ray serve --ingress haproxy``, HAProxy in
+  front of the replica's own HTTP server.
+
+A SECOND PROCESS (asyncio + httpx) then sends single-input POST /predict requests, ``--concurrency`` in
+flight at once, to one server after the other, ``--rounds`` times in turn (``--requests`` per server in
+all), so drift in the load of a shared machine hits all alike. It reports QPS, p50/p95/p99 latency and
+the non-2xx count per server, and every server's QPS over the first one's (the plain server by
+default), overall and per round. With ``--url`` an already running deployment is measured as it is.
 
 Without ``--student`` a quick student is built so the bench runs standalone: an MLP (or ``--arch
 cnn``) trained on real Fashion-MNIST (2000 images), requests are test images; or ``--arch text``:
 the student of jobs/configs/fortunes_text.yaml (4-layer 64-wide BERT, MiniLM tokenizer, texts cut
 at 64 tokens), trained ``--text-epochs`` on the labeled fortunes (0: untrained, the same forward
 cost) and exported as the pipeline exports it; requests are raw fortune texts of the test split,
-tokenized by the replica. Before the load test it prints the int8 effect on the student:
+tokenized by the server. Before the load test it prints the int8 effect on the student:
 state-dict bytes, serialized size and single-sample latency, float vs int8, and their top-1
 agreement.
 """
-
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads plain_app's route annotations as real classes.
 
 import argparse
 import asyncio
@@ -202,6 +214,104 @@ def quantization_report(student_dir: Path, test_inputs: np.ndarray, texts: list[
     print(f"  top-1 agreement float vs int8 on {len(x)} test {'texts' if texts else 'images'}: {agreement.item():.4f}")
 
 
+# --- the servers, each in its own process -----------------------------------------------------------
+
+SERVERS = ("plain", "serve", "serve-nobatch", "serve-tp", "serve-direct", "serve-haproxy", "serve-haproxy-nobatch")
+
+
+def plain_app(student_dir: str, quantize: str = "none"):
+    """The plain server: FastAPI with the same StudentService a Serve replica holds (auth, parsing,
+    model, answer), one forward per request on the event loop, no Ray."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    from distill_ray.config import ServeConfig
+    from distill_ray.serving.app import install_error_handlers
+    from distill_ray.serving.auth import env_api_key_digest
+    from distill_ray.serving.service import StudentService
+
+    service = StudentService.load(student_dir, ServeConfig(quantize=quantize), env_api_key_digest())
+    app = install_error_handlers(FastAPI(docs_url=None, redoc_url=None, openapi_url=None))
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        service.authorize(request.headers.get("authorization"))
+        parsed = service.parse(await request.body())
+        return JSONResponse(service.respond(service.batch_probabilities(parsed.inputs), parsed.top_k))
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse(service.health())
+
+    return app
+
+
+def run_server(kind: str, student_dir: str, port: int, batch_size: int, wait_s: float, quantize: str) -> None:
+    """The body of a server process (``--run-server``): serve until killed."""
+    import torch
+
+    if kind == "plain":
+        import uvicorn
+
+        torch.set_num_threads(1)  # as a Serve replica with num_cpus=1 gets (OMP_NUM_THREADS=1)
+        uvicorn.run(plain_app(student_dir, quantize), host="127.0.0.1", port=port, log_level="warning",
+                    access_log=False)
+        return
+    from distill_ray.config import ServeConfig
+    from distill_ray.serving.launch import start_serve
+
+    cfg = ServeConfig(max_batch_size=1 if kind.endswith("-nobatch") else batch_size, batch_wait_timeout_s=wait_s,
+                      quantize=quantize)
+    start_serve(student_dir, host="127.0.0.1", port=port, serve_config=cfg, blocking=True,
+                ingress="haproxy" if kind.startswith("serve-haproxy") else "proxy")
+
+
+def start_servers(kinds: list[str], student_dir: Path, args, logdir: Path) -> tuple[dict[str, str], list]:
+    """Start every server process; return label -> URL once each answers /healthz, and the processes."""
+    import subprocess
+    import sys
+
+    from distill_ray.serving import wait_until_healthy
+
+    urls, procs = {}, []
+    direct_port = free_port()  # the serve-tp replica's own port (its first direct-ingress port)
+    for kind in kinds:
+        if kind == "serve-direct":
+            continue  # the serve process's replica, on its own port
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_ADDRESS"] = "local"  # each Serve server on a Ray of its own
+        if kind == "serve-tp":
+            env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+            env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(direct_port)
+        log = open(logdir / f"{kind}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--run-server", kind, "--student", str(student_dir), "--port", str(port),
+             "--batch-size", str(args.batch_size), "--batch-wait-timeout-s", str(args.batch_wait_timeout_s),
+             "--quantize", args.quantize], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        urls[kind] = f"http://127.0.0.1:{port}"
+        wait_until_healthy(urls[kind], timeout_s=180)
+    if "serve-direct" in kinds:
+        urls["serve-direct"] = f"http://127.0.0.1:{direct_port}"
+        wait_until_healthy(urls["serve-direct"], timeout_s=30)
+    return {kind: urls[kind] for kind in kinds}, procs
+
+
+def stop_servers(procs: list) -> None:
+    import signal
+
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)  # start_serve deletes its app and shuts its Ray down
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 # --- main ------------------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -244,23 +354,6 @@ def request_bodies(data, text: bool) -> list[bytes]:
     return [json.dumps({"inputs": [image.reshape(-1).tolist()]}).encode() for image in data.test.inputs]
 
 
-def deploy_side_by_side(student_dir: Path, configs: dict[str, object], port: int) -> dict[str, str]:
-    """Every ServeConfig as its own Serve application (``serving.app.build_student_app``, what
-    ``start_serve`` binds) under its own route prefix on one port; returns label -> URL."""
-    from ray import serve
-
-    from distill_ray.serving.app import build_student_app
-    from distill_ray.serving import url_for, wait_until_healthy
-
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    urls = {}
-    for i, (label, cfg) in enumerate(configs.items()):
-        serve.run(build_student_app(student_dir, cfg), name=f"bench_{i}", route_prefix=f"/bench_{i}")
-        urls[label] = f"{url_for('127.0.0.1', port)}/bench_{i}"
-        wait_until_healthy(urls[label], timeout_s=120)
-    return urls
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", help="run or student directory; default: train a quick student (--arch)")
@@ -269,18 +362,32 @@ def main() -> None:
                              "text: the fortunes_text example's BERT student on fortunes (text requests)")
     parser.add_argument("--text-epochs", type=int, default=1,
                         help="--arch text: epochs of supervised training (0: untrained; same forward cost)")
-    parser.add_argument("--requests", type=int, default=2000, help="per deployment, over all rounds")
+    parser.add_argument("--requests", type=int, default=2000, help="per server, over all rounds")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="the deployments take turns this many times (shared machines drift)")
+                        help="the servers take turns this many times (shared machines drift)")
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--batch-sizes", default="32,1", help="max_batch_size values to compare")
+    parser.add_argument("--servers", default="plain,serve,serve-nobatch",
+                        help=f"servers to compare, the first is the reference ({', '.join(SERVERS)})")
+    parser.add_argument("--batch-size", type=int, default=32, help="serve.max_batch_size of the serve servers")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument("--quantize", default="none", choices=("none", "int8"), help="serve the int8 student")
-    parser.add_argument("--port", type=int, default=0, help="0: a free port")
-    parser.add_argument("--url", help="measure this running deployment instead of starting one")
+    parser.add_argument("--url", help="measure this running deployment instead of starting servers")
     parser.add_argument("--no-quantization", action="store_true", help="skip the float vs int8 report")
     parser.add_argument("--quantization-only", action="store_true", help="print the float vs int8 report and stop")
+    parser.add_argument("--run-server", choices=SERVERS, help=argparse.SUPPRESS)  # a server process's body
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.run_server:
+        run_server(args.run_server, args.student, args.port, args.batch_size, args.batch_wait_timeout_s,
+                   args.quantize)
+        return
+    kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in SERVERS]
+    if unknown:
+        parser.error(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
+    if "serve-direct" in kinds and "serve-tp" not in kinds:
+        parser.error("serve-direct asks the serve-tp server's replica: list serve-tp too")
 
     text = args.arch == "text"
     data = load_data(args.arch)
@@ -308,27 +415,18 @@ def main() -> None:
     bodies = request_bodies(data, text)
     key = os.environ.get(API_KEY_ENV, "")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    print(f"\nLoad: {args.requests} single-input requests per deployment ({'texts' if text else 'images'}), "
+    print(f"\nLoad: {args.requests} single-input requests per server ({'texts' if text else 'images'}), "
           f"{args.concurrency} in flight, from a second process, in {args.rounds} alternating rounds; "
+          f"serve max_batch_size {args.batch_size}, wait {args.batch_wait_timeout_s} s; "
           f"{os.cpu_count()} CPU cores on this machine")
     client = multiprocessing.get_context("spawn").Pool(1)
     rounds: dict[str, list[dict]] = {}
+    procs: list = []
     try:
         if args.url:
             urls = {"as deployed": args.url}
         else:
-            import ray
-
-            from distill_ray.config import ServeConfig
-
-            # One logical CPU per replica (each asks for 1) even where the machine has fewer cores.
-            ray.init(num_cpus=max(os.cpu_count() or 1, len(batch_sizes)), include_dashboard=False,
-                     log_to_driver=False)
-            configs = {f"max_batch_size={size}": ServeConfig(max_batch_size=size, quantize=args.quantize,
-                                                             batch_wait_timeout_s=args.batch_wait_timeout_s)
-                       for size in batch_sizes}
-            urls = deploy_side_by_side(student_dir, configs, args.port or free_port())
+            urls, procs = start_servers(kinds, student_dir, args, Path(workdir.name))
         for url in urls.values():
             warm_up(url, bodies, headers)
         share = [args.requests // args.rounds + (r < args.requests % args.rounds) for r in range(args.rounds)]
@@ -338,23 +436,23 @@ def main() -> None:
                                                                             headers)))
     finally:
         client.close()
-        if not args.url:
-            import ray
-            from ray import serve
+        stop_servers(procs)
 
-            serve.shutdown()
-            ray.shutdown()
-
-    print(f"  {'deployment':<22}{'requests':>9}{'QPS':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
+    print(f"  {'server':<22}{'requests':>9}{'QPS':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
     results = {label: summarize(merge(parts)) for label, parts in rounds.items()}
     for label, s in results.items():
         print_row(label, s)
-    *others, (last, base) = list(rounds.items())
-    for label, parts in others:  # each deployment against the last one (batching off by default)
+    (first, base), *others = list(rounds.items())
+    for label, parts in others:  # each server against the first (the plain server by default)
         per_round = [len(x["latencies"]) / x["wall_s"] / (len(y["latencies"]) / y["wall_s"])
                      for x, y in zip(parts, base)]
-        print(f"  QPS ratio {label} / {last}: {results[label]['qps'] / results[last]['qps']:.2f}x "
-              f"(per round: {', '.join(f'{r:.2f}x' for r in per_round)})")
+        print(f"  QPS {label} / {first}: {results[label]['qps'] / results[first]['qps']:.2f}x "
+              f"(per round: {', '.join(f'{r:.2f}x' for r in per_round)}); "
+              f"p99 {results[label]['p99_ms']:.0f} vs {results[first]['p99_ms']:.0f} ms")
+    for batched in ("serve", "serve-haproxy"):
+        if batched in results and f"{batched}-nobatch" in results:
+            print(f"  batching ({batched} / {batched}-nobatch): "
+                  f"{results[batched]['qps'] / results[f'{batched}-nobatch']['qps']:.2f}x")
     print(f"  non-2xx answers in total: {sum(r['non_2xx'] for r in results.values())}")
     workdir.cleanup()
 

@@ -103,7 +103,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         serve_cfg = replace(serve_cfg, quantize=args.quantize)
     try:
-        start_serve(args.path, host=args.host, port=args.port, serve_config=serve_cfg, blocking=True)
+        start_serve(args.path, host=args.host, port=args.port, serve_config=serve_cfg, blocking=True,
+                    ingress=args.ingress)
     except StudentLoadError as err:
         raise ValueError(str(err)) from None
     return 0
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (with --config), e.g. --set serve.max_batch_size=64")
     p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None,
                    help="dynamic int8 quantization of the student's linear layers at load")
+    p.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
+                   help="what answers HTTP: Ray Serve's proxy (default) or HAProxy in front of the replicas "
+                        "(faster; its stats and metrics ports listen on every interface)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("eval", help="score a student (run dir, student dir or registry entry) on a config's data: "

@@ -8,6 +8,8 @@ file is the entry point for ``serve run`` and imports the deployment from here.
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +18,35 @@ from distill_ray.config import ServeConfig
 from distill_ray.serving.auth import API_KEY_ENV, env_api_key_digest
 from distill_ray.serving.model import resolve_student_dir
 from distill_ray.serving.options import APP_NAME
+
+
+INGRESS_KINDS = ("proxy", "haproxy")
+"""What answers HTTP on the user's port: Ray Serve's Python proxy actor (Ray's default), or HAProxy
+(Ray 2.60's bundled binary) in front of replicas that answer HTTP themselves (direct ingress)."""
+
+
+def ingress_settings(ingress: str) -> dict[str, str]:
+    """Ray Serve's environment settings for ``ingress``, read by Serve's controller, proxy and replicas
+    when they start: set before the Ray they run in starts.
+
+    ``haproxy`` takes Ray 2.60's throughput mode (user code and router on the replica's main event
+    loop, gRPC between Serve's processes, buffered request logs, the GC frozen after start-up, each
+    ingress replica answering HTTP on a port of its own) with HAProxy as the front door. HAProxy binds
+    the user's host and port, but Ray renders its stats page and Prometheus exporter as binds on every
+    interface, on ports that default to fixed numbers (8404, 9101): here free ports are picked for
+    them, and ``start_serve`` says where they listen. Measured: serve/README.md, "Speed"."""
+    if ingress not in INGRESS_KINDS:
+        raise ValueError(f"ingress {ingress!r} is not one of {', '.join(INGRESS_KINDS)}")
+    if ingress == "proxy":
+        return {}
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def url_for(host: str, port: int) -> str:
@@ -50,7 +81,7 @@ def wait_until_healthy(url: str, timeout_s: float = 30.0, headers: Mapping[str, 
 
 
 def start_serve(path: str | Path, host: str | None = None, port: int | None = None,
-                serve_config: ServeConfig | None = None, blocking: bool = True) -> str:
+                serve_config: ServeConfig | None = None, blocking: bool = True, ingress: str = "proxy") -> str:
     """Serve a student (run directory or student directory) over HTTP with Ray Serve; return its URL.
 
     Connects to the running Ray if this process already initialised it, otherwise ``ray.init()``
@@ -58,7 +89,10 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
     ``serve_config``'s (127.0.0.1:8000); the rest of ``serve_config`` (replicas, batching, limits,
     quantize) configures the deployment. With ``DISTILL_RAY_API_KEY`` set in this process, /predict
     and /model need ``Authorization: Bearer <key>``. ``blocking=True`` waits until Ctrl-C, then
-    deletes the application (and shuts Ray down if this call started it).
+    deletes the application (and shuts Ray down if this call started it). ``ingress="haproxy"`` puts
+    HAProxy in front (``ingress_settings``); it needs a Ray this call starts, since Serve reads the
+    settings when its processes start (for a ``ray start`` cluster, set them in that command's
+    environment).
     """
     cfg = serve_config or ServeConfig()
     cfg = dataclasses.replace(cfg, host=host or cfg.host, port=port or cfg.port)
@@ -67,8 +101,14 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
     import ray
     from ray import serve
 
+    settings = ingress_settings(ingress)
     started_ray = not ray.is_initialized()
+    if settings and not started_ray:
+        raise ValueError(f"ingress {ingress!r} needs a Ray that distill-ray serve starts itself: this process "
+                         f"already runs one. Set {', '.join(settings)} in the environment of `ray start` instead")
     if started_ray:
+        for name, value in settings.items():
+            os.environ.setdefault(name, value)  # a user's own value wins
         ray.init(log_to_driver=blocking)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     from distill_ray.serving.app import build_student_app
@@ -78,6 +118,10 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
     url = url_for(cfg.host, cfg.port)
     health = wait_until_healthy(url)
     auth = f" (auth: Bearer key from {API_KEY_ENV})" if env_api_key_digest() else ""
+    if settings:
+        print(f"HAProxy in front; its stats page (:{os.environ['RAY_SERVE_HAPROXY_STATS_PORT']}/stats) and "
+              f"Prometheus exporter (:{os.environ['RAY_SERVE_HAPROXY_METRICS_PORT']}) listen on every interface",
+              flush=True)
     print(f"Serving {health.get('model')} at {url}{auth}: POST {url}/predict, GET {url}/healthz, GET {url}/model",
           flush=True)
     if blocking:

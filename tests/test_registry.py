@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from distill_ray.registry.legacy import import_file_registry  # noqa: E402
 from distill_ray.registry.status import needs_retraining, registry_status, retrain_name, version_config  # noqa: E402
 from distill_ray.serving.model import StudentLoadError, resolve_student_dir  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 SPEC = {"arch": "mlp", "input_shape": [4], "num_classes": 2, "options": {"hidden": [8]}, "task": "classification"}
 
 
@@ -206,6 +209,12 @@ def test_status_flags_a_version_once_its_teacher_changed_and_the_cli_exits_on_it
     assert [s.version.version for s in needs_retraining("m", uri)] == [1]
     assert retrain_name(cfg, status).startswith("reg-retrain-v1-")
 
+    # The scheduled job names what it would retrain, from the config the version was trained from.
+    done = subprocess.run([sys.executable, str(REPO / "jobs/retrain_stale.py"), "m", "--tracking-uri", uri, "--dry-run"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "DISTILL_RAY_CACHE": str(root / "cache")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "m v1 is stale:" in done.stdout and f"-> retraining as {cfg.run_path().parent / retrain_name(cfg, status)}" in done.stdout
+
     # A retrained version (with today's teacher) answers it: the next scheduled job leaves v1 be.
     run = _run(root, cfg, 2, 0.85)
     store.register(run / "student", "m", tracking_uri=uri, alias="challenger",
@@ -292,3 +301,12 @@ def test_status_reads_drift_from_the_metrics_of_the_served_version(world, monkey
     monkeypatch.setattr(drift, "fetch_metrics", lambda url, timeout_s=10.0: PROMETHEUS)
     assert main(["registry", "--tracking-uri", uri, "status", "m", "--metrics-url", "http://x/metrics"]) == STALE_EXIT
     assert os.environ.get("MLFLOW_TRACKING_URI") is None
+
+
+def test_the_cli_and_the_run_import_no_mlflow():
+    """mlflow's import takes seconds: only the registry's own paths pay it."""
+    code = ("import sys\nfrom distill_ray.cli import build_parser\nbuild_parser()\n"
+            "import distill_ray.pipeline, distill_ray.tune.sweep, distill_ray.serving, distill_ray.registry.status\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow')[:3])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]

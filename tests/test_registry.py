@@ -310,3 +310,17 @@ def test_the_cli_and_the_run_import_no_mlflow():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow')[:3])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_a_class_mix_too_long_for_a_tag_is_read_from_the_runs_lineage(world):
+    root, cfg, uri = world
+    run = _run(root, cfg, 1, 0.8, lineage=False)
+    names = [f"class_{i:04d}" for i in range(1000)]
+    write_lineage(run, run_lineage(cfg, {"t": Path(cfg.teachers[0].path)}, [1] * 1000, names))
+    store.register(run / "student", "m", tracking_uri=uri)
+    (version,) = store.versions("m", uri)
+    assert len(version.tags["distill.lineage"]) < 8000 and version.lineage.val_class_counts == ()
+    served = "".join(f'distill_student_predictions_total{{model_version="v1",predicted_class="{n}"}} 1\n'
+                     for n in names[:500])  # half the classes, each once
+    (status,) = registry_status("m", uri, metrics_text=served, threshold=0.2, min_predictions=100)
+    assert status.drift.distance == pytest.approx(0.5) and status.stale

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from distill_ray import __version__
 from distill_ray.config import QUANTIZE_KINDS, ConfigError, dump_config, load_config
@@ -149,6 +150,117 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+STALE_EXIT = 1
+"""``registry status``'s exit status when a version is stale (a scheduler retrains on it); 2 is an error."""
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from distill_ray.registry import store
+
+    uri = store.tracking_uri_for(args.run_root, args.tracking_uri)
+    return _REGISTRY_COMMANDS[args.registry_command](args, uri, store)
+
+
+def _registry_register(args, uri, store) -> int:
+    from distill_ray.serving.model import resolve_student_dir
+
+    student_dir = resolve_student_dir(args.path)
+    version = store.register(student_dir, args.name, tracking_uri=uri, alias=args.alias or "auto")
+    aliases = store.get_version(args.name, version, uri).aliases
+    print(f"registered {student_dir} as models:/{args.name}/{version}" + (f" ({', '.join(aliases)})" if aliases else ""))
+    return 0
+
+
+def _registry_list(args, uri, store) -> int:
+    rows = [("version", "aliases", "metric", "teachers", "data")]
+    for v in store.versions(args.name, uri):
+        lineage = v.lineage
+        teachers = ", ".join(f"{t}={fp[:12]}" for t, fp in sorted(lineage.teacher_fingerprints.items())) or "-"
+        rows.append((str(v.version), ",".join(v.aliases) or "-", v.key_metric(), teachers,
+                     lineage.data_fingerprint or "-"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _registry_promote(args, uri, store) -> int:
+    old, new = store.promote(args.name, args.version, uri)
+    print(f"{args.name}: champion is version {new}" + (f" (was {old}, now alias previous)" if old else ""))
+    return 0
+
+
+def _registry_rollback(args, uri, store) -> int:
+    old, new = store.rollback(args.name, uri)
+    print(f"{args.name}: champion is version {new} again (version {old} is now alias previous)")
+    return 0
+
+
+def _registry_import(args, uri, store) -> int:
+    from distill_ray.registry.legacy import import_file_registry
+
+    numbers = import_file_registry(args.path, args.name, uri)
+    name = args.name or Path(args.path).name
+    champion = [v for v in store.versions(name, uri) if v.version in numbers and v.aliases]
+    print(f"imported {len(numbers)} versions of {args.path} as models:/{name}/{numbers[0]}..{numbers[-1]}"
+          + (f"; the latest is version {champion[0].version} ({', '.join(champion[0].aliases)})" if champion else ""))
+    return 0
+
+
+def _registry_status(args, uri, store) -> int:
+    from distill_ray.registry.drift import fetch_metrics
+    from distill_ray.registry.status import registry_status
+
+    text = fetch_metrics(args.metrics_url) if args.metrics_url else None
+    found = registry_status(args.name, uri, text, args.drift_threshold, args.min_predictions, args.all)
+    for status in found:
+        print("\n".join(status.lines()))
+    if not found:
+        print(f"{args.name}: no version holds an alias; --all checks every version")
+    return STALE_EXIT if any(s.stale for s in found) else 0
+
+
+_REGISTRY_COMMANDS = {"register": _registry_register, "list": _registry_list, "promote": _registry_promote,
+                      "rollback": _registry_rollback, "import": _registry_import, "status": _registry_status}
+
+
+def _add_registry_parser(sub) -> None:
+    from distill_ray.config import RegistryConfig
+
+    p = sub.add_parser("registry", help="students in MLflow's Model Registry: register, list, promote, rollback, "
+                                        "import a 0.2 file registry, status (stale versions; exit 1)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///RUN_ROOT/mlflow.db)")
+    p.add_argument("--run-root", default="runs", help="RUN_ROOT of the default store (a config's run_dir; default runs)")
+    rsub = p.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    r = rsub.add_parser("register", help="register a run's student (champion if first, else challenger)")
+    r.add_argument("path", help="a run directory (its config, metrics and lineage are recorded) or a student directory")
+    r.add_argument("--name", required=True, help="registered model name")
+    r.add_argument("--alias", default=None, help="set this alias instead of champion/challenger")
+    r = rsub.add_parser("list", help="versions with aliases, key metric, teacher and data fingerprints")
+    r.add_argument("name")
+    r = rsub.add_parser("promote", help="champion -> the challenger (or VERSION); the old champion becomes previous")
+    r.add_argument("name")
+    r.add_argument("version", nargs="?", type=int, default=None)
+    r = rsub.add_parser("rollback", help="swap champion and previous")
+    r.add_argument("name")
+    r = rsub.add_parser("import", help="move a 0.2 file registry entry (registry/NAME) into MLflow, in order; "
+                                       "its latest becomes champion")
+    r.add_argument("path", help="the entry directory, registry/NAME")
+    r.add_argument("--name", default=None, help="registered model name (default: the entry's directory name)")
+    r = rsub.add_parser("status", help="flag versions whose teachers or data changed, or whose served class mix "
+                                       "drifted; exit 1 when one is stale")
+    r.add_argument("name")
+    r.add_argument("--metrics-url", default=None,
+                   help="Prometheus endpoint of the serving cluster (Ray's metrics export, e.g. http://127.0.0.1:8080/metrics)")
+    r.add_argument("--drift-threshold", type=float, default=RegistryConfig.drift_threshold,
+                   help="total variation distance above which the served class mix is drift (default %(default)s)")
+    r.add_argument("--min-predictions", type=int, default=RegistryConfig.drift_min_predictions,
+                   help="predictions needed before drift is judged (default %(default)s)")
+    r.add_argument("--all", action="store_true", help="every version, not only those holding an alias")
+    p.set_defaults(func=_cmd_registry)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill-ray",
@@ -194,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (binds 127.0.0.1 unless told)")
-    p.add_argument("path", help="a run directory, a student directory, or a registry entry (registry/NAME)")
+    p.add_argument("path", help="a run directory, a student directory, or a registered version (models:/NAME@champion, models:/NAME/3)")
     p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port, 8000)")
     p.add_argument("--config", default=None, help="experiment YAML whose serve: section sets batching and limits")
@@ -209,13 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score a student (run dir, student dir or registry entry) on a config's data: "
                        "accuracy and ECE, or perplexity for a causal LM")
-    p.add_argument("path", help="a run directory, a student directory, or a registry entry (registry/NAME)")
+    p.add_argument("path", help="a run directory, a student directory, or a registered version (models:/NAME@champion, models:/NAME/3)")
     p.add_argument("--data", required=True, metavar="CONFIG", help="experiment YAML whose data: section to score on")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.max_eval_samples=1000")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_cmd_eval)
+
+    _add_registry_parser(sub)
 
     p = sub.add_parser("ablation", help="the quality table: scratch, single teacher, each blend, each curriculum, "
                                         "a broken extra teacher; for a causal LM (data.task=causal_lm) scratch, "

@@ -491,8 +491,6 @@ class TuneConfig:
     """PBT: fraction of the population that clones the top fraction of the same size at each perturbation."""
     sweep_dir: str = "sweeps"
     """Parent directory of sweep directories (SWEEP_DIR = sweep_dir/name)."""
-    registry_dir: str = "registry"
-    """File-based model registry: the winner lands in registry_dir/name/vN with a `latest` pointer."""
     cpus_per_trial: float = _field(0.25, ge=0.0)
     """CPUs held by each trial's driver (it only waits on its TorchTrainer; workers hold their own)."""
     stall_timeout_s: float = _field(1800.0, ge=0.0)
@@ -531,6 +529,19 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    tracking_uri: str | None = None
+    """MLflow tracking (and registry) store that runs, sweeps and students are registered in: a database
+    URI (sqlite:///runs/mlflow.db) or a tracking server's URL. None = MLFLOW_TRACKING_URI when set, else
+    sqlite:///RUN_ROOT/mlflow.db (RUN_ROOT = run_dir); see registry/store.py."""
+    drift_threshold: float = _field(0.2, gt=0.0, le=1.0)
+    """``registry status --metrics-url``: a version is flagged when the total variation distance between
+    its served predicted-class mix and its validation split's class mix exceeds this."""
+    drift_min_predictions: int = _field(100, ge=1)
+    """Served predictions a version needs before its class mix is judged (fewer: no drift verdict)."""
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     """Stable run name (no timestamps): resume and restore find runs by it."""
@@ -549,6 +560,7 @@ class ExperimentConfig:
     tune: TuneConfig = _field(default_factory=TuneConfig)
     serve: ServeConfig = _field(default_factory=ServeConfig)
     tracking: TrackingConfig = _field(default_factory=TrackingConfig)
+    registry: RegistryConfig = _field(default_factory=RegistryConfig)
 
     def run_path(self) -> Path:
         """RUN_DIR: where this run's outputs, checkpoints and report live."""
@@ -641,6 +653,14 @@ def _check_field(f: dataclasses.Field, value: Any, path: str) -> None:
             _fail(path, f"{value!r} is out of range; must be {word} {bound}")
 
 
+# Keys that existed once -> what replaced them: a config naming one fails saying so, not "unknown key".
+REPLACED_KEYS = {
+    "tune.registry_dir": "removed in 0.3.0: students are registered in MLflow's Model Registry (registry.tracking_uri, "
+                         "default sqlite:///RUN_ROOT/mlflow.db); delete the key, and move the old entries with "
+                         "`distill-ray registry import REGISTRY_DIR/NAME`",
+}
+
+
 def build_section(cls: type, raw: Any, path: str) -> Any:
     """One config section (a dataclass) from plain data at dotted ``path``, every field checked (types,
     choices, ranges): the validator every section goes through, ``serve`` options included."""
@@ -651,6 +671,8 @@ def build_section(cls: type, raw: Any, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
+        if key not in fields and f"{path}.{key}" in REPLACED_KEYS:
+            _fail(f"{path}.{key}", REPLACED_KEYS[f"{path}.{key}"])
         if key not in fields:
             _fail(f"{path}.{key}" if path else str(key),
                   f"unknown key; valid keys here: {', '.join(fields)}" + _closest(str(key), fields))

@@ -18,6 +18,7 @@ EXTRAS = {
     "gguf": "lm",
     "sklearn": "examples",
     "rdata": "check",
+    "mlflow": "registry",
 }
 
 

@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 
 from distill_ray.cache.build import build_cache
@@ -28,6 +29,7 @@ from distill_ray.evaluation.scoring import evaluate_classifiers, evaluate_langua
 from distill_ray.cache.soft_targets import CachedData
 from distill_ray.data.sources import SourceData, load_source
 from distill_ray.lm.cut import student_from_teacher
+from distill_ray.registry.lineage import run_lineage, write_lineage
 from distill_ray.teachers.setup import prepare_teachers
 from distill_ray.train.loop import TrainInputs
 from distill_ray.evaluation.verdict import Verdict, classification_verdict
@@ -246,6 +248,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     (run_dir / "distill_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     (run_dir / "history.json").write_text(json.dumps(history))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_lineage(run_dir, run_lineage(cfg, dirs, val_class_counts(cache, info), info.class_names))
     print_summary(rows, cfg.teacher_names(), weights, metric, metrics["gap_recovered"])
 
     from distill_ray.evaluation.report import write_report
@@ -256,6 +259,19 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     if verdict is not None:  # the run's last lines: did distillation pay, and if not, what to try
         print("\n" + "\n".join(verdict.lines), flush=True)
     return metrics
+
+
+def val_class_counts(cache: CachedData, info) -> list[int]:
+    """Labeled validation rows per class (classification; [] for a causal LM): what the model registry
+    measures a served student's predicted-class mix against (``registry/drift.py``)."""
+    if info.task != "classification" or not cache.rows("val"):
+        return []
+    import pyarrow.parquet as pq
+
+    # The label column of a few files, read here: a Ray Data job would cost more than the read.
+    labels = np.concatenate([pq.read_table(f, columns=["label"])["label"].to_numpy() for f in cache.files("val")])
+    labels = labels[labels >= 0].astype("int64")
+    return [int(n) for n in np.bincount(labels, minlength=info.num_classes)]
 
 
 def _transfer_note(cfg: ExperimentConfig, info) -> str:

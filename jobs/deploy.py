@@ -1,9 +1,9 @@
 """Ray Jobs entrypoint that deploys a student with Ray Serve and returns (the app keeps serving).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \\
-        -- python jobs/deploy.py --path registry/quickstart --config jobs/configs/quickstart.yaml
+        -- python jobs/deploy.py --path models:/quickstart@champion --config jobs/configs/quickstart.yaml
 
-``--path`` is a run directory, a student directory or a registry entry (its ``latest`` version).
+``--path`` is a run directory, a student directory or a registered version (``models:/NAME@champion``).
 Serve binds the config's ``serve.host`` (127.0.0.1 unless told otherwise). Bad input exits 2.
 """
 
@@ -17,7 +17,7 @@ from distill_ray.config import ConfigError, ServeConfig, load_config
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobs/deploy.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--path", required=True, help="run dir, student dir, or registry/NAME")
+    parser.add_argument("--path", required=True, help="run dir, student dir, or models:/NAME@ALIAS")
     parser.add_argument("--config", help="experiment YAML whose serve: section configures the deployment")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--host", default=None)

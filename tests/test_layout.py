@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "distill_ray"
 
-SUBPACKAGES = {"kd", "data", "teachers", "cache", "train", "lm", "evaluation", "tune", "serving"}
+SUBPACKAGES = {"kd", "data", "teachers", "cache", "train", "lm", "evaluation", "tune", "serving", "registry"}
 TOP_LEVEL_MODULES = {"__init__", "__main__", "cli", "config", "pipeline", "models", "console", "extras"}
 
 # Modules that say "No Ray" (or "pure") and keep their word: importing them must not import Ray, so
@@ -27,7 +27,7 @@ PURE = ["distill_ray.kd", *(f"distill_ray.kd.{p.stem}" for p in sorted((PACKAGE 
         "distill_ray.cache.files", "distill_ray.cache.topk_encoding", "distill_ray.teachers.recipes",
         "distill_ray.teachers.token_alignment", "distill_ray.teachers.cross_tokenizer", "distill_ray.serving.model",
         "distill_ray.serving.schemas", "distill_ray.serving.options", "distill_ray.serving",
-        "distill_ray.models", "distill_ray.config"]
+        "distill_ray.models", "distill_ray.config", "distill_ray.registry", "distill_ray.registry.drift"]
 
 
 def test_the_pure_modules_import_without_ray():

@@ -71,6 +71,17 @@ def test_run_writes_metrics_student_and_card(ray_local, small_fashion_mnist, tin
     assert np.mean(predicted == d.test.labels) == pytest.approx(on_disk["student"], abs=1e-6)
     card = json.loads((run_dir / "student" / "distill_card.json").read_text())
     assert card["teachers"] == ["mlp_a", "cnn_b"] and card["teacher_weights"] == on_disk["teacher_weights"]
+    # Its lineage, what the model registry records: the teachers' weights by the cache's own fingerprint,
+    # the data's files, and the validation split's class counts.
+    from distill_ray.data.sources import data_files_fingerprint
+    from distill_ray.models import fingerprint
+
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    for name in ("mlp_a", "cnn_b"):
+        assert lineage["teacher_fingerprints"][name] == fingerprint(load_model(tmp_path / "teachers" / name)[0])
+    assert lineage["data_fingerprint"] == data_files_fingerprint(cfg)
+    assert sum(lineage["val_class_counts"]) == on_disk["data"]["labeled"]["val"]
+    assert len(lineage["val_class_counts"]) == 10 and lineage["class_names"] == list(small_fashion_mnist.class_names)
     # `distill-ray eval` scores the run's student on the same split to the same number.
     from distill_ray.cli import main
 

@@ -173,7 +173,7 @@ def pbt_sweep(ray_local, tmp_path_factory, tiny_prepared):
     cfg = config_from_dict(apply_overrides(raw, [
         ("name", "pbt"), ("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
         ("teachers.0.path", str(root / "teachers/mlp_a")), ("teachers.1.path", str(root / "teachers/cnn_b")),
-        ("tune.sweep_dir", str(root / "sweeps")), ("tune.registry_dir", str(root / "registry")),
+        ("tune.sweep_dir", str(root / "sweeps")), ("registry.tracking_uri", f"sqlite:///{root / 'runs' / 'mlflow.db'}"),
         ("tune.scheduler", "pbt"), ("tune.pbt_interval", 1), ("tune.pbt_quantile", 0.5), ("train.epochs", EPOCHS),
         # every epoch sees all the data, so each epoch is the same number of steps
         ("curriculum.scheduler", "none"), ("train.checkpoint_every_steps", 1000), ("tracking.wandb", "disabled")]))

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from distill_ray.config import ConfigError, config_to_dict, load_config
-from distill_ray.serving.registry import register, resolve_registry
 from distill_ray.tune.space import load_space, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,17 +76,3 @@ def test_fixed_overrides_apply_to_every_trial(tmp_path, base):
     assert cfg.curriculum.scheduler == "linear_ramp" and cfg.loss.temperature == 3.5
 
 
-def test_registry_versions_count_up_and_latest_points_at_the_newest(tmp_path):
-    student = tmp_path / "student"
-    student.mkdir()
-    (student / "model.safetensors").write_bytes(b"weights")
-    (student / "distill_card.json").write_text(json.dumps({"name": "m"}))
-    first = register(student, tmp_path / "registry" / "m")
-    second = register(student, tmp_path / "registry" / "m")
-    assert (first.name, second.name) == ("v1", "v2")
-    assert resolve_registry(tmp_path / "registry" / "m") == second
-    assert resolve_registry(tmp_path / "registry" / "m", "v1") == first
-    assert json.loads((second / "distill_card.json").read_text())["version"] == "v2"
-    assert not list((tmp_path / "registry" / "m").glob(".*tmp*"))
-    with pytest.raises(FileNotFoundError, match="v9"):
-        resolve_registry(tmp_path / "registry" / "m", "v9")

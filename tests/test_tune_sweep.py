@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _overrides(root: Path, name: str, *extra: tuple[str, object]) -> list[tuple[str, object]]:
     return [("name", name), ("run_dir", str(root / "runs")), ("cache.dir", str(root / "cache")),
             ("teachers.0.path", str(root / "teachers/mlp_a")), ("teachers.1.path", str(root / "teachers/cnn_b")),
-            ("tune.sweep_dir", str(root / "sweeps")), ("tune.registry_dir", str(root / "registry")),
+            ("tune.sweep_dir", str(root / "sweeps")), ("registry.tracking_uri", f"sqlite:///{root / 'runs' / 'mlflow.db'}"),
             ("train.checkpoint_every_steps", 1000), *extra]
 
 
@@ -111,7 +111,7 @@ def test_winner_is_exported_and_registered_and_scores_what_tune_saw(sweep):
     from distill_ray.evaluation.metrics import accuracy, predict_logits
     from distill_ray.models import load_model
     from distill_ray.pipeline import load_data
-    from distill_ray.serving.registry import resolve_registry
+    from distill_ray.registry import store
 
     cfg, out, _, _ = sweep
     student, _ = load_model(out["student_dir"])
@@ -120,9 +120,18 @@ def test_winner_is_exported_and_registered_and_scores_what_tune_saw(sweep):
     val = load_data(cfg).val.to_pandas()
     val_x, val_y = np.stack(val["x"].to_numpy()), val["label"].to_numpy()
     assert accuracy(predict_logits(student, val_x), val_y) == pytest.approx(out["best"]["metric"], abs=1e-6)
-    registered = resolve_registry(Path(cfg.tune.registry_dir) / cfg.name)
-    assert registered == Path(out["registered"]) and registered.name == "v1"
+    uri = store.tracking_uri_of(cfg)
+    (version,) = store.versions(cfg.name, uri)  # MLflow's registry, the first version: champion
+    assert out["registered"] == f"models:/{cfg.name}/1" and version.aliases == ("champion",)
+    assert version.tags["distill.trial_id"] == str(out["best"]["trial_id"])
+    assert set(version.lineage.teacher_fingerprints) == set(cfg.teacher_names())
+    registered = store.resolve_model_uri(f"models:/{cfg.name}@champion", uri)
     assert (registered / "model.safetensors").read_bytes() == (Path(out["student_dir"]) / "model.safetensors").read_bytes()
+    # every trial logged to the same tracking store, beside the registered version's run
+    client = store.client_for(uri)
+    trials = client.search_runs([client.get_experiment_by_name(f"distill-ray/{cfg.name}-sweep").experiment_id])
+    assert sorted(r.data.tags["mlflow.runName"].rsplit("-", 1)[-1] for r in trials) == \
+        sorted(str(r["trial_id"]).rsplit("-", 1)[-1] for r in out["trials"])
 
 
 def test_every_trial_wrote_tensorboard_and_wandb_offline_runs(sweep):

@@ -415,6 +415,12 @@ def _fingerprint(cfg: ExperimentConfig, sources: Mapping[str, str], preset_meta:
     h = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
     h.update(json.dumps(dict(preset_meta), sort_keys=True, default=str).encode())
     h.update(json.dumps(dict(counts), sort_keys=True).encode())
+    _hash_files(h, sources)
+    return h.hexdigest()[:16]
+
+
+def _hash_files(h, sources: Mapping[str, str]) -> None:
+    """Feed each split's path and its files' (path, size, mtime) to the hash ``h``."""
     for split, path in sorted(sources.items()):
         if not path:
             continue
@@ -426,4 +432,17 @@ def _fingerprint(cfg: ExperimentConfig, sources: Mapping[str, str], preset_meta:
             for f in files:
                 st = f.stat()
                 h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+
+
+def data_files_fingerprint(cfg: ExperimentConfig) -> str:
+    """sha256 of the data config and its files (path, size, mtime), computed without reading a row or
+    starting Ray: what the model registry records beside a student and ``registry status`` recomputes
+    to tell whether the data changed since (the full ``DataInfo.fingerprint`` also counts rows, which
+    needs a pass over the data)."""
+    from distill_ray.config import config_to_dict
+
+    h = hashlib.sha256(json.dumps(config_to_dict(cfg.data), sort_keys=True).encode())
+    origin = source_origin(cfg)
+    h.update(json.dumps(dict(origin.preset_meta), sort_keys=True, default=str).encode())
+    _hash_files(h, origin.sources)
     return h.hexdigest()[:16]

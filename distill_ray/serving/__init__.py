@@ -2,7 +2,8 @@
 
 One job per module, each usable and testable without the ones above it:
 
-- ``model``: find and load a student (safetensors, no pickle), int8, ``StudentPredictor`` /
+- ``model``: find (a run or student directory, ``models:/NAME@ALIAS`` of the MLflow registry in
+  ``distill_ray.registry``) and load a student (safetensors, no pickle), int8, ``StudentPredictor`` /
   ``GeneratorPredictor``. No Ray, no HTTP.
 - ``schemas``: pydantic request models of ``/predict`` and ``/generate`` and the 4xx
   ``RequestError`` saying what was wrong and what is allowed. Pure.
@@ -12,8 +13,6 @@ One job per module, each usable and testable without the ones above it:
 - ``app``: the Ray Serve deployment with its FastAPI ingress (imports Ray; ``serve/app.py``
   re-exports its ``build_app``).
 - ``launch``: ``start_serve`` (``distill-ray serve RUN_DIR``).
-- ``registry``: the file-based model registry (``registry/NAME/vN``, a ``latest`` pointer) that
-  sweeps publish to and the app reads from.
 
 Importing this package stays Ray-free.
 """

@@ -33,18 +33,26 @@ class StudentLoadError(RuntimeError):
 # --- the student directory ----------------------------------------------------------------------
 
 def resolve_student_dir(path: str | Path) -> Path:
-    """The student directory for a run directory (``RUN_DIR/student``), a registry entry
-    (``registry/NAME`` -> its ``latest`` version) or a student directory itself."""
+    """The student directory for a registered version (``models:/NAME@ALIAS`` or ``models:/NAME/N`` of
+    MLflow's registry, downloaded once into the local cache), a run directory (``RUN_DIR/student``), a
+    0.2 file registry entry (``registry/NAME`` -> its ``latest`` version) or a student directory itself."""
+    if str(path).startswith("models:/"):
+        from distill_ray.registry.store import RegistryError, resolve_model_uri
+
+        try:
+            return resolve_model_uri(str(path))
+        except (RegistryError, OSError) as err:
+            raise StudentLoadError(f"{path}: {err}") from None
     path = Path(path).expanduser()
     if not path.exists():
-        raise StudentLoadError(f"{path} does not exist; pass a run directory (holding student/) "
-                               f"or a student directory (holding {SPEC_FILE})")
+        raise StudentLoadError(f"{path} does not exist; pass a run directory (holding student/), a student "
+                               f"directory (holding {SPEC_FILE}) or models:/NAME@ALIAS")
     if (path / SPEC_FILE).is_file():
         return path.resolve()
     if (path / "student" / SPEC_FILE).is_file():
         return (path / "student").resolve()
-    if (path / "latest").is_file():  # a registry entry (registry/NAME): serve its latest version
-        from distill_ray.serving.registry import resolve_registry
+    if (path / "latest").is_file():  # a 0.2 file registry entry (registry/NAME): serve its latest version
+        from distill_ray.registry.legacy import resolve_registry
 
         try:
             version = resolve_registry(path)
@@ -54,8 +62,8 @@ def resolve_student_dir(path: str | Path) -> Path:
             return version.resolve()
         raise StudentLoadError(f"{path}/latest points at {version.name!r}, which holds no {SPEC_FILE}")
     raise StudentLoadError(f"{path} is not a student directory: no {SPEC_FILE} in it or in {path / 'student'}; "
-                           f"pass a run directory (holding student/), a registry entry (registry/NAME, "
-                           f"serving its latest version) or a directory written by models.save_model")
+                           f"pass a run directory (holding student/), a registered version (models:/NAME@champion, "
+                           f"models:/NAME/3) or a directory written by models.save_model")
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

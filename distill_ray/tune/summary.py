@@ -89,7 +89,7 @@ def _args(space: SearchSpace, key: str) -> tuple:
 
 
 def write_summary(cfg: ExperimentConfig, space: SearchSpace, rows: list[dict], sweep_dir: Path,
-                  plot_path: Path | None, version_dir: Path, schedule: list[dict] | None = None) -> Path:
+                  plot_path: Path | None, registered: str, schedule: list[dict] | None = None) -> Path:
     """``sweep_summary.md``: the trial table, best first; for PBT also the winner's evolved schedule."""
     import ray
 
@@ -105,7 +105,7 @@ def write_summary(cfg: ExperimentConfig, space: SearchSpace, rows: list[dict], s
         values = " | ".join(_fmt(r["params"][k]) for k in keys)
         lines.append(f"| {i} | {r['trial_id']} | {values} | {_fmt(r['metric'])} | {r['epochs']} | {r['status']} |")
     lines += ["", f"Winner: trial `{rows[0]['trial_id']}`, exported to `best/student/` and registered as "
-                  f"`{version_dir}`.", ""]
+                  f"`{registered}` (MLflow Model Registry).", ""]
     if schedule:
         lines += _schedule_lines(schedule, cfg.tune.metric)
     if plot_path:

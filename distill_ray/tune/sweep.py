@@ -28,7 +28,6 @@ from distill_ray.config import ConfigError, ExperimentConfig, config_to_dict, du
 from distill_ray.console import is_verbose
 from distill_ray.extras import available, install_hint
 from distill_ray.evaluation.report import final_teacher_weights
-from distill_ray.serving.registry import register
 from distill_ray.tune.capacity import fit_concurrency
 from distill_ray.tune.reports import train_to_tune
 from distill_ray.tune.release import PLACEMENT_GROUP_FILE, TRIAL_ACTOR_FILE, release_callback
@@ -296,13 +295,15 @@ def _raise_if_pre_0_2(err: BaseException, sweep_dir: Path) -> None:
 
 def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore: bool) -> dict:
     from distill_ray.lm.cut import student_from_teacher
-    from distill_ray.pipeline import build_cache, load_data, prepare_teachers
+    from distill_ray.pipeline import build_cache, load_data, prepare_teachers, val_class_counts
+    from distill_ray.registry.lineage import run_lineage, write_lineage
     from distill_ray.train.inputs import online_teachers
 
     set_tune_env()
     data = load_data(cfg)
     dirs = prepare_teachers(cfg, data)
     cfg, _ = student_from_teacher(cfg, dirs, sweep_dir / "student_init")  # every trial starts from one cut
+    lineage = run_lineage(cfg, dirs, class_names=data.info.class_names)  # the winner's, registered with it
     # Online or on-policy: each teacher's service starts once for the sweep, every trial asks it (under the sweep's
     # scope), and it stops when the sweep ends. Started before the trials are sized, so the CPUs its
     # replicas hold are not counted as free for trials.
@@ -312,6 +313,7 @@ def _execute(cfg: ExperimentConfig, space: SearchSpace, sweep_dir: Path, restore
         # Built or verified once, before any trial, with every measure the trials' schedulers may read.
         cache = build_cache(cfg, data, dirs, any_scheduler=space.sets("curriculum.scheduler"),
                             services=services or None)
+        write_lineage(sweep_dir, replace(lineage, val_class_counts=tuple(val_class_counts(cache, data.info))))
         return _fit_trials(cfg, space, sweep_dir, restore, data.info, cache,
                            {"dirs": dirs, "scope": scope} if services else {})
 
@@ -374,16 +376,44 @@ def finish_sweep(cfg: ExperimentConfig, space: SearchSpace, grid, sweep_dir: Pat
     if best is None:
         raise RuntimeError(f"no trial reported {cfg.tune.metric!r} with a checkpoint; see {sweep_dir / 'trials'}")
     student_dir = export_best(cfg, space, best, sweep_dir, info, cache)
-    version_dir = register(student_dir, Path(cfg.tune.registry_dir).expanduser() / cfg.name)
+    registered = register_sweep(cfg, space, rows, best, sweep_dir, student_dir)
     plot_path = plot_sweep(rows, space, cfg.tune.metric, sweep_dir / "metric_vs_params.png")
     schedule = None
     if cfg.tune.scheduler == "pbt":  # what PBT found is a schedule: the winner's values epoch by epoch
         from ray.train import Checkpoint
 
         schedule = evolved_schedule(checkpoint_history(Checkpoint(best["checkpoint_path"])), cfg.tune.metric)
-    write_summary(cfg, space, rows, sweep_dir, plot_path, version_dir, schedule)
-    return {"best": best, "trials": rows, "student_dir": str(student_dir), "registered": str(version_dir),
+    write_summary(cfg, space, rows, sweep_dir, plot_path, registered, schedule)
+    return {"best": best, "trials": rows, "student_dir": str(student_dir), "registered": registered,
             "sweep_dir": str(sweep_dir), "schedule": schedule}
+
+
+def register_sweep(cfg: ExperimentConfig, space: SearchSpace, rows: list[dict], best: dict, sweep_dir: Path,
+                   student_dir: Path) -> str:
+    """Log every trial (its sampled values and last metric) as a run of the experiment ``distill-ray/NAME-sweep``
+    in the registry's tracking store, from the driver after the sweep (one run per trial: no MLflow in
+    the trials, nothing to set up on workers), then register the winner as a version of NAME with its
+    trial's config and the sweep's lineage. Returns ``models:/NAME/N``."""
+    from distill_ray.registry.lineage import LINEAGE_FILE, Lineage
+    from distill_ray.registry.store import client_for, experiment_id, register, tracking_uri_of
+
+    uri = tracking_uri_of(cfg)
+    client = client_for(uri)
+    experiment = experiment_id(client, uri, f"distill-ray/{cfg.name}-sweep")
+    for r in rows:
+        run = client.create_run(experiment, run_name=f"{sweep_dir.name}-{r['trial_id']}",
+                                tags={"distill.sweep_dir": str(sweep_dir), "distill.status": r["status"]})
+        for key, value in r["params"].items():
+            client.log_param(run.info.run_id, key, str(value))
+        if isinstance(r["metric"], (int, float)):
+            client.log_metric(run.info.run_id, cfg.tune.metric, float(r["metric"]))
+        client.set_terminated(run.info.run_id, status="FINISHED" if r["status"] == "done" else "FAILED")
+    trial_cfg = trial_config(config_to_dict(cfg), space, best["params"])
+    lineage_path = sweep_dir / LINEAGE_FILE
+    lineage = Lineage.from_dict(json.loads(lineage_path.read_text())) if lineage_path.is_file() else None
+    version = register(student_dir, cfg.name, run_dir=None, cfg=trial_cfg, tracking_uri=uri, lineage=lineage,
+                       extra_tags={"distill.sweep_dir": str(sweep_dir), "distill.trial_id": str(best["trial_id"])})
+    return f"models:/{cfg.name}/{version}"
 
 
 def export_best(cfg: ExperimentConfig, space: SearchSpace, best: dict, sweep_dir: Path, info, cache) -> Path:

@@ -150,9 +150,16 @@ def canary_app_config(student_dir: str | Path, cfg: ServeConfig, api_key_sha256:
 
 
 def _serve_client():
+    """The Serve controller's client (what ``serve deploy`` / ``serve run CONFIG`` use); a clear error
+    when Serve is not running on this Ray."""
     from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
 
-    return _get_global_client()
+    try:
+        return _get_global_client()
+    except RayServeException:
+        raise TrafficSplitError("Ray Serve is not running on this Ray cluster; start a canary with "
+                                "`distill-ray serve CHAMPION --challenger PATH --challenger-fraction F`") from None
 
 
 def _apply_app_config(app_config: dict, timeout_s: float = DEPLOY_TIMEOUT_S) -> None:
@@ -211,7 +218,11 @@ def change_traffic(action: str, address: str | None = None, timeout_s: float = D
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or "auto", log_to_driver=False)
+        try:
+            ray.init(address=address or "auto", log_to_driver=False)
+        except ConnectionError as err:
+            raise RuntimeError(f"no Ray cluster to join at {address or 'auto'} ({err}); run promote/rollback "
+                               "where the canary runs, or pass --address HOST:PORT") from None
     app_config, split = running_split()
     new = split.promoted() if action == "promote" else split.rolled_back()
     overrides = [d for d in app_config.get("deployments", []) if d.get("name") != DEPLOYMENT_NAME]

@@ -26,6 +26,7 @@ from distill_ray.serving.canary import (
     TrafficSplit,
     TrafficSplitError,
     batch_by_student,
+    check_same_kind,
     goes_to_challenger,
     key_bucket,
     version_label,
@@ -158,6 +159,9 @@ def test_router_reuses_loaded_students_and_refuses_another_kind():
         router.rerouted(TrafficSplit("/a", "/lm", 0.1), load)
     with pytest.raises(TrafficSplitError, match=r"inputs shaped \[4\].*inputs shaped \[8\]"):
         router.rerouted(TrafficSplit("/a", "/small", 0.1), load)
+    twin = LoadedStudent("/twin", fake_service(), router.champion.version)
+    with pytest.raises(TrafficSplitError, match="both identify as 'v1'"):
+        check_same_kind(router.champion, twin)
 
 
 def test_router_pick_follows_the_key_and_batch_by_student_keeps_order():
@@ -178,6 +182,22 @@ def test_app_args_take_the_canary_keys(tmp_path):
     student_dir, cfg = settings_from_app_args({"student_dir": str(a), "challenger": str(b),
                                                "challenger_fraction": "0.25"})
     assert student_dir == a.resolve() and (cfg.challenger, cfg.challenger_fraction) == (str(b), 0.25)
+
+
+def test_start_refuses_a_challenger_of_another_input_before_deploying(tmp_path):
+    from distill_ray.models import build_model, save_model
+    from distill_ray.serving.launch import check_canary_students
+    from distill_ray.serving.options import traffic_split
+
+    a = save_student(tmp_path / "a", "alpha", "v1", seed=0)
+    other = save_model(build_model("mlp", (5,), 3, {"hidden": [4]}), tmp_path / "b" / "student",
+                       {"arch": "mlp", "input_shape": [5], "num_classes": 3, "options": {"hidden": [4]},
+                        "task": "classification"})
+    cfg = ServeConfig(challenger=str(other), challenger_fraction=0.1)
+    with pytest.raises(TrafficSplitError, match=r"inputs shaped \[5\] but the champion .* inputs shaped \[8\]"):
+        check_canary_students(traffic_split(a, cfg), cfg)
+    check_canary_students(traffic_split(a, ServeConfig(challenger=str(save_student(tmp_path / "c", "gamma", "v1", 2)),
+                                                       challenger_fraction=0.1)), cfg)  # same kind: accepted
 
 
 def test_cli_refuses_flags_with_promote_and_a_fraction_out_of_range(tmp_path, capsys):

@@ -200,9 +200,13 @@ def running_split() -> tuple[dict, TrafficSplit]:
                                 "`distill-ray serve CHAMPION --challenger PATH --challenger-fraction F`")
     deployment = app.deployments.get(DEPLOYMENT_NAME)
     user_config = deployment.deployment_config.user_config if deployment else None
-    if app.deployed_app_config is None or not user_config:
+    if not user_config:
         raise TrafficSplitError(f"{APP_NAME!r} runs without a challenger (started without --challenger); there "
                                 "is no canary to promote or roll back")
+    if app.deployed_app_config is None:
+        raise TrafficSplitError(f"{APP_NAME!r} was deployed with serve.run (e.g. `serve run serve.app:build_app "
+                                "...`), whose redeploys restart the replicas; start the canary with `distill-ray "
+                                "serve CHAMPION --challenger PATH` or a config (`serve run serve/config.yaml`)")
     return app.deployed_app_config.model_dump(exclude_unset=True), TrafficSplit.from_user_config(user_config)
 
 

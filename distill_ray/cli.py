@@ -93,16 +93,38 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_ACTIONS = ("promote", "rollback")
+"""``distill-ray serve promote|rollback`` act on the running canary instead of serving a path."""
+CANARY_FLAGS = ("challenger", "challenger_fraction", "sticky_header")
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, replace
+
     from distill_ray.config import ServeConfig
-    from distill_ray.serving.launch import start_serve
+    from distill_ray.serving.launch import change_traffic, start_serve
     from distill_ray.serving.model import StudentLoadError
 
+    if args.path in SERVE_ACTIONS:
+        given = [f"--{k.replace('_', '-')}" for k in (*CANARY_FLAGS, "config", "quantize", "host", "port")
+                 if getattr(args, k) is not None] + (["--set"] if args.overrides else [])
+        if given:
+            raise ConfigError(f"serve {args.path} acts on the running canary and takes only --address; drop "
+                              f"{', '.join(given)}")
+        split = change_traffic(args.path, args.address)
+        print(f"{args.path}: {split.champion} now answers every request", flush=True)
+        return 0
+    if args.address:
+        raise ConfigError("--address is for serve promote|rollback; serve PATH joins RAY_ADDRESS or a local Ray")
     serve_cfg = load_config(args.config, args.overrides).serve if args.config else ServeConfig()
     if args.quantize:
-        from dataclasses import replace
-
         serve_cfg = replace(serve_cfg, quantize=args.quantize)
+    canary = {k: getattr(args, k) for k in CANARY_FLAGS if getattr(args, k) is not None}
+    if canary:
+        from distill_ray.serving.options import serve_config_from_dict
+
+        # The flags go through the same validation as the YAML serve: section (ranges, header name).
+        serve_cfg = serve_config_from_dict({**asdict(serve_cfg), **canary})
     try:
         start_serve(args.path, host=args.host, port=args.port, serve_config=serve_cfg, blocking=True,
                     ingress=args.ingress)
@@ -305,8 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_cmd_tune)
 
-    p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (binds 127.0.0.1 unless told)")
-    p.add_argument("path", help="a run directory, a student directory, or a registered version (models:/NAME@champion, models:/NAME/3)")
+    p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (binds 127.0.0.1 unless told); "
+                                     "`serve promote` / `serve rollback` end a running canary")
+    p.add_argument("path", help="a run directory, a student directory, a registered version (models:/NAME@champion, "
+                                "models:/NAME/3); or "
+                                "promote (the challenger takes all traffic) or rollback (the champion does)")
+    p.add_argument("--challenger", default=None, metavar="PATH",
+                   help="canary / A/B test: a second student answering --challenger-fraction of the requests")
+    p.add_argument("--challenger-fraction", type=float, default=None, metavar="F",
+                   help="share of requests for the challenger, in [0, 1] (default: serve.challenger_fraction, 0)")
+    p.add_argument("--sticky-header", default=None, metavar="NAME",
+                   help="request header whose value pins a client to one version (default: X-Distill-Key)")
+    p.add_argument("--address", default=None, help="with promote/rollback: the Ray cluster running the app "
+                                                   "(default: auto, the one on this machine)")
     p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port, 8000)")
     p.add_argument("--config", default=None, help="experiment YAML whose serve: section sets batching and limits")

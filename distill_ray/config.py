@@ -516,6 +516,18 @@ class ServeConfig:
     """Texts longer than this get 422."""
     quantize: str = _field("none", choices=QUANTIZE_KINDS)
     """Dynamic int8 quantization of the student's linear layers at load."""
+    challenger: str | None = None
+    """A second student (run dir, student dir or registry entry) answering ``challenger_fraction`` of the
+    requests beside the served one (the champion): a canary or A/B test. None: no canary."""
+    challenger_fraction: float = _field(0.0, ge=0.0, le=1.0)
+    """Share of requests (of sticky keys) the challenger answers, in [0, 1]; needs ``challenger``."""
+    sticky_header: str = "X-Distill-Key"
+    """Request header whose value is hashed to pick the version, so one key always gets the same one;
+    requests without it are a random draw."""
+
+    def routing_keys(self) -> tuple[str, ...]:
+        """The fields that say who answers (the deployment's user_config), not how replicas run."""
+        return ("challenger", "challenger_fraction", "sticky_header")
 
 
 @dataclass(frozen=True)
@@ -704,6 +716,7 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         if t.source in ("hf_dir", "torch_checkpoint") and not t.path:
             _fail(f"teachers[{i}].path", f"is required when source is {t.source!r}")
     _validate_student(cfg)
+    validate_serve(cfg.serve)
     curriculum = cfg.curriculum
     if not curriculum.measurers:
         _fail("curriculum.measurers", f"needs at least one of: {', '.join(MEASURER_KINDS)}")
@@ -888,6 +901,21 @@ def _validate_on_policy(cfg: ExperimentConfig) -> None:
             _fail("loss.on_policy.lmbda", f"teacher {t.name!r} (teachers[{i}].tokenizer) reads another tokenizer's "
                   "tokens, and on-policy steps send it the student's token ids to score; use teachers on the "
                   "student's tokenizer for on-policy KD, or loss.on_policy.lmbda=0")
+
+
+HEADER_NAME_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def validate_serve(serve: ServeConfig, path: str = "serve") -> ServeConfig:
+    """ServeConfig checks that involve more than one field (the canary's); returns it unchanged."""
+    if serve.challenger_fraction > 0 and not serve.challenger:
+        _fail(f"{path}.challenger_fraction", f"{serve.challenger_fraction} needs {path}.challenger (the student "
+              "that gets that share of the requests)")
+    header = serve.sticky_header
+    if not header or not set(header) <= HEADER_NAME_CHARS or header.startswith("-"):
+        _fail(f"{path}.sticky_header", f"{header!r} is not a header name; use letters, digits and dashes, "
+              "e.g. X-Distill-Key")
+    return serve
 
 
 def _validate_student(cfg: ExperimentConfig) -> None:

@@ -10,16 +10,38 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from distill_ray.config import ConfigError, ServeConfig, build_section
+from distill_ray.config import ConfigError, ServeConfig, build_section, validate_serve
+from distill_ray.serving.canary import TrafficSplit
 from distill_ray.serving.model import resolve_student_dir
 
 APP_NAME = "distill_student"
 """Serve application name used by ``start_serve`` and serve/config.yaml."""
+DEPLOYMENT_NAME = "StudentDeployment"
+"""The student deployment's name in that application (its per-deployment overrides use it)."""
+APP_IMPORT_PATH = "distill_ray.serving.app:build_app"
+"""The builder a canary is deployed from: Serve's declarative path, whose in-place user_config updates
+promote and rollback rely on (an app deployed with ``serve.run`` restarts its replicas on every redeploy)."""
 
 
 def serve_config_from_dict(raw: Mapping[str, Any]) -> ServeConfig:
     """A validated ServeConfig from plain data (strings from `serve run k=v` are coerced)."""
-    return build_section(ServeConfig, dict(raw), "serve")
+    return validate_serve(build_section(ServeConfig, dict(raw), "serve"))
+
+
+def replica_settings(cfg: ServeConfig) -> dict[str, Any]:
+    """The ServeConfig a replica is constructed with: everything but who answers (that is the
+    user_config, ``traffic_split``), so changing the split never changes the replicas' init args."""
+    defaults = ServeConfig()
+    return dataclasses.asdict(dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in cfg.routing_keys()}))
+
+
+def traffic_split(champion_dir: str | Path, cfg: ServeConfig) -> TrafficSplit | None:
+    """The canary's split for a champion and ``cfg``'s challenger settings; None without a challenger."""
+    if not cfg.challenger:
+        return None
+    return TrafficSplit(champion=str(resolve_student_dir(champion_dir)),
+                        challenger=str(resolve_student_dir(cfg.challenger)),
+                        challenger_fraction=cfg.challenger_fraction, sticky_header=cfg.sticky_header)
 
 
 MIN_ONGOING_REQUESTS = 64
@@ -44,6 +66,9 @@ def batch_wait_timeout_s(cfg: ServeConfig) -> float:
 
 APP_ARG_ALIASES = ("student_dir", "run_dir", "path")
 APP_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ServeConfig) if f.name not in ("host", "port"))
+API_KEY_ARG = "api_key_sha256"
+"""App argument carrying the API key's sha256 when the app is built on the cluster (a canary), where
+the launching process's DISTILL_RAY_API_KEY is not in the environment. Never the key itself."""
 
 
 def settings_from_app_args(args: Mapping[str, Any]) -> tuple[Path, ServeConfig]:

@@ -14,6 +14,11 @@ FastAPI raises itself become ``{"error": "<what was wrong and what is allowed>",
 ``WWW-Authenticate: Bearer`` on 401s. The bodies are validated by the replica's pydantic models
 (``serving.schemas``), built at replica start from its ServeConfig limits and the loaded student's
 input shape, which is why a route reads the raw body instead of declaring a static model.
+
+Metrics (``serving.metrics``): ``RequestMetricsMiddleware`` counts and times every answer with its
+final status, outside the error handlers so 4xx answers count too; the batched call records batch
+size and the predicted-class mix. Each replica's ``StudentMetrics`` lives on the replica object,
+which the middleware reaches through Serve's replica context.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations as real classes.
@@ -31,6 +36,7 @@ from ray.serve import Application
 
 from distill_ray.config import ServeConfig
 from distill_ray.serving.auth import bearer_scheme, env_api_key_digest
+from distill_ray.serving.metrics import RequestMetricsMiddleware, StudentMetrics, model_version_of
 from distill_ray.serving.options import (
     batch_wait_timeout_s,
     deployment_options,
@@ -60,7 +66,13 @@ def install_error_handlers(app: FastAPI) -> FastAPI:
     return app
 
 
+def replica_metrics() -> Optional[StudentMetrics]:
+    """The serving replica's metrics (None until its constructor has set them)."""
+    return getattr(serve.get_replica_context().servable_object, "metrics", None)
+
+
 api = install_error_handlers(FastAPI(title="distill-ray student", docs_url=None, redoc_url=None, openapi_url=None))
+api.add_middleware(RequestMetricsMiddleware, metrics_of=replica_metrics)
 Credentials = Optional[HTTPAuthorizationCredentials]
 
 
@@ -73,6 +85,8 @@ class StudentDeployment:
                  api_key_sha256: Optional[str] = None):
         cfg = serve_config_from_dict(serve_config or {})
         self.service = StudentService.load(student_dir, cfg, api_key_sha256)
+        predictor = self.service.predictor
+        self.metrics = StudentMetrics(model_version_of(predictor.card, predictor.model_id))
         # @serve.batch takes its limits at decoration time; the configured ones are set per replica here.
         self.batched_probabilities.set_max_batch_size(cfg.max_batch_size)
         self.batched_probabilities.set_batch_wait_timeout_s(batch_wait_timeout_s(cfg))
@@ -80,7 +94,13 @@ class StudentDeployment:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def batched_probabilities(self, inputs: list[Any]) -> list[Any]:
         # In a thread so the event loop keeps accepting (and queueing) requests while torch runs.
-        return await asyncio.to_thread(self.service.batch_probabilities, inputs)
+        return await asyncio.to_thread(self.recorded_probabilities, inputs)
+
+    def recorded_probabilities(self, inputs: list[Any]) -> list[Any]:
+        rows = self.service.batch_probabilities(inputs)
+        self.metrics.record_batch(len(rows))
+        self.metrics.record_predictions(rows, self.service.predictor.class_names)
+        return rows
 
     @api.post("/predict")
     async def predict(self, request: Request, credentials: Credentials = Depends(bearer_scheme)) -> JSONResponse:

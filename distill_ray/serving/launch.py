@@ -49,6 +49,17 @@ def wait_until_healthy(url: str, timeout_s: float = 30.0, headers: Mapping[str, 
                        "`serve shutdown` (or serve.shutdown()) first, or use that host/port")
 
 
+def metrics_url() -> str | None:
+    """The Prometheus scrape URL of Ray's metrics agent on this process's node (None if Ray reports none)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+            return f"{url_for(node['NodeManagerAddress'], node['MetricsExportPort'])}/metrics"
+    return None
+
+
 def start_serve(path: str | Path, host: str | None = None, port: int | None = None,
                 serve_config: ServeConfig | None = None, blocking: bool = True) -> str:
     """Serve a student (run directory or student directory) over HTTP with Ray Serve; return its URL.
@@ -69,7 +80,8 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(log_to_driver=blocking)
+        # A Ray started here puts its metrics (Serve's and the student's, serving.metrics) on a fixed port.
+        ray.init(log_to_driver=blocking, _metrics_export_port=cfg.metrics_port)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     from distill_ray.serving.app import build_student_app
 
@@ -80,6 +92,9 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
     auth = f" (auth: Bearer key from {API_KEY_ENV})" if env_api_key_digest() else ""
     print(f"Serving {health.get('model')} at {url}{auth}: POST {url}/predict, GET {url}/healthz, GET {url}/model",
           flush=True)
+    scrape = metrics_url()
+    if scrape:
+        print(f"Prometheus metrics (Ray's agent; the student's are ray_distill_student_*): {scrape}", flush=True)
     if blocking:
         try:
             while True:

@@ -93,15 +93,18 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, replace
+
     from distill_ray.config import ServeConfig
     from distill_ray.serving.launch import start_serve
     from distill_ray.serving.model import StudentLoadError
+    from distill_ray.serving.options import serve_config_from_dict
 
     serve_cfg = load_config(args.config, args.overrides).serve if args.config else ServeConfig()
     if args.quantize:
-        from dataclasses import replace
-
         serve_cfg = replace(serve_cfg, quantize=args.quantize)
+    if args.metrics_port is not None:  # validated as the config key is: serve.metrics_port, 1..65535
+        serve_cfg = serve_config_from_dict({**asdict(serve_cfg), "metrics_port": args.metrics_port})
     try:
         start_serve(args.path, host=args.host, port=args.port, serve_config=serve_cfg, blocking=True)
     except StudentLoadError as err:
@@ -201,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (with --config), e.g. --set serve.max_batch_size=64")
     p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None,
                    help="dynamic int8 quantization of the student's linear layers at load")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus port of the Ray this command starts (default: serve.metrics_port, 8081)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("eval", help="score a student (run dir, student dir or registry entry) on a config's data: "

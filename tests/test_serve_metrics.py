@@ -167,16 +167,49 @@ def test_route_of_reads_the_matched_route_template():
     assert route_of({}) == OTHER_ROUTE
 
 
+def test_the_metrics_port_is_a_serve_key_and_a_flag_but_not_an_app_arg(monkeypatch, tmp_path, capsys):
+    """``distill-ray serve --metrics-port`` reaches start_serve's ServeConfig (checked like the key);
+    ``serve run`` refuses it as an app arg: the port belongs to the Ray it joins."""
+    from distill_ray import cli
+    from distill_ray.config import ServeConfig
+    from distill_ray.serving import launch
+    from distill_ray.serving.options import settings_from_app_args
+
+    assert ServeConfig().metrics_port == 8081
+    started = []
+    monkeypatch.setattr(launch, "start_serve", lambda path, **kw: started.append(kw["serve_config"]))
+    assert cli.main(["serve", str(tmp_path), "--metrics-port", "9464", "--quantize", "int8"]) == 0
+    assert (started[0].metrics_port, started[0].quantize) == (9464, "int8")
+    assert cli.main(["serve", str(tmp_path), "--metrics-port", "70000"]) == 2
+    assert "serve.metrics_port: 70000 is out of range" in capsys.readouterr().err
+    (tmp_path / "distill_spec.json").write_text("{}")  # a student directory, as far as the args check looks
+    with pytest.raises(ValueError, match="unknown app argument.*metrics_port.*ray start --metrics-export-port"):
+        settings_from_app_args({"student_dir": str(tmp_path), "metrics_port": 9464})
+
+
 # -- the dashboard and the alert rules cannot drift from the code
 
 PANEL_TITLES = {"Latency p50 / p95 / p99 (ms)", "QPS", "Error rate", "Batch size", "Predicted class mix",
                 "Mean confidence"}
 SERIES = {series for names in exported_names().values() for series in names}
-METRIC_IN_EXPR = re.compile(r"\bray_[a-zA-Z_:][a-zA-Z0-9_:]*")
+# Grafana's interval variables stand where PromQL wants a duration; Prometheus never sees them.
+GRAFANA_DURATIONS = re.compile(r"\$__(rate_interval|interval|range)\b")
 
 
 def promql_metric_names(expr: str) -> set[str]:
-    return set(METRIC_IN_EXPR.findall(expr))
+    """The metric names an expression selects, read from its syntax tree (promql-parser, a dev
+    dependency): parsing fails on anything Prometheus would refuse."""
+    import promql_parser
+
+    names: set[str] = set()
+
+    def visit(node) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            names.add(node.name)
+        return True
+
+    promql_parser.walk(promql_parser.parse(GRAFANA_DURATIONS.sub("5m", expr)), visit)
+    return names
 
 
 def dashboard() -> dict:
@@ -208,10 +241,9 @@ def test_every_dashboard_expr_uses_series_the_code_exports():
             assert names, (panel["title"], target["expr"])
             assert names <= SERIES, f"{panel['title']}: {sorted(names - SERIES)} are not exported by serving/metrics.py"
             used |= names
-    variable_queries = [v["query"] if isinstance(v["query"], str) else v["query"]["query"]
-                        for v in board["templating"]["list"] if v["type"] == "query"]
-    for query in variable_queries:
-        assert promql_metric_names(query) <= SERIES, query
+    for variable in board["templating"]["list"]:  # Grafana's label_values(metric, label), not PromQL
+        metric, label = re.fullmatch(r"label_values\((\w+), *(\w+)\)", variable["query"]["query"]).groups()
+        assert metric in SERIES and label == variable["name"], variable["query"]
     by_title = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in board["panels"]}
     assert "histogram_quantile(0.99" in by_title["Latency p50 / p95 / p99 (ms)"]
     assert EXPORT_PREFIX + REQUEST_LATENCY_MS + "_bucket" in by_title["Latency p50 / p95 / p99 (ms)"]

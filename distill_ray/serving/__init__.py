@@ -9,6 +9,9 @@ One job per module, each usable and testable without the ones above it:
 - ``auth``: bearer-key auth (FastAPI's ``HTTPBearer``, sha256 digest, constant-time compare).
 - ``service``: ``StudentService``, what one replica does per request, minus Ray.
 - ``options``: ServeConfig from app args, Ray Serve deployment options.
+- ``metrics``: the deployment's Prometheus metrics (``StudentMetrics`` per replica and model version,
+  the ASGI middleware that counts and times every answer, the metric names the dashboard uses); Ray
+  is imported only when a replica builds ``StudentMetrics``.
 - ``app``: the Ray Serve deployment with its FastAPI ingress (imports Ray; ``serve/app.py``
   re-exports its ``build_app``).
 - ``launch``: ``start_serve`` (``distill-ray serve RUN_DIR``).
@@ -20,6 +23,7 @@ Importing this package stays Ray-free.
 
 from distill_ray.serving.auth import API_KEY_ENV, ApiKeyCheck, api_key_digest, env_api_key_digest
 from distill_ray.serving.launch import start_serve, url_for, wait_until_healthy
+from distill_ray.serving.metrics import METRIC_NAMES, StudentMetrics, model_version_of
 from distill_ray.serving.model import (
     GeneratorPredictor,
     StudentLoadError,
@@ -52,10 +56,11 @@ from distill_ray.serving.schemas import (
 from distill_ray.serving.service import StudentService
 
 __all__ = [
-    "API_KEY_ENV", "APP_NAME", "ApiKeyCheck", "GenerateRequest", "GeneratorPredictor", "InputSchema",
-    "PredictRequest", "RequestError", "RequestLimits", "StudentLoadError", "StudentPredictor", "StudentService",
-    "api_key_digest", "batch_wait_timeout_s", "deployment_options", "env_api_key_digest", "format_predictions",
-    "is_causal_lm", "load_student_model", "normalize_quantize", "parse_generate_request", "parse_predict_request",
-    "quantize_int8", "read_card", "resolve_student_dir", "serve_config_from_dict", "settings_from_app_args",
-    "start_serve", "state_dict_bytes", "url_for", "wait_until_healthy",
+    "API_KEY_ENV", "APP_NAME", "ApiKeyCheck", "GenerateRequest", "GeneratorPredictor", "InputSchema", "METRIC_NAMES",
+    "PredictRequest", "RequestError", "RequestLimits", "StudentLoadError", "StudentMetrics", "StudentPredictor",
+    "StudentService", "api_key_digest", "batch_wait_timeout_s", "deployment_options", "env_api_key_digest",
+    "format_predictions", "is_causal_lm", "load_student_model", "model_version_of", "normalize_quantize",
+    "parse_generate_request", "parse_predict_request", "quantize_int8", "read_card", "resolve_student_dir",
+    "serve_config_from_dict", "settings_from_app_args", "start_serve", "state_dict_bytes", "url_for",
+    "wait_until_healthy",
 ]

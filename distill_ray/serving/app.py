@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 
 from distill_ray.config import ServeConfig
 from distill_ray.serving.auth import bearer_scheme, env_api_key_digest
@@ -67,8 +68,12 @@ def install_error_handlers(app: FastAPI) -> FastAPI:
 
 
 def replica_metrics() -> Optional[StudentMetrics]:
-    """The serving replica's metrics (None until its constructor has set them)."""
-    return getattr(serve.get_replica_context().servable_object, "metrics", None)
+    """The serving replica's metrics (None until its constructor has set them, or outside a replica)."""
+    try:
+        replica = serve.get_replica_context().servable_object
+    except RayServeException:  # `api` run in process, e.g. under TestClient: nothing to record into
+        return None
+    return getattr(replica, "metrics", None)
 
 
 api = install_error_handlers(FastAPI(title="distill-ray student", docs_url=None, redoc_url=None, openapi_url=None))

@@ -68,8 +68,10 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
     (which joins a local ``ray start`` cluster when there is one). ``host``/``port`` default to
     ``serve_config``'s (127.0.0.1:8000); the rest of ``serve_config`` (replicas, batching, limits,
     quantize) configures the deployment. With ``DISTILL_RAY_API_KEY`` set in this process, /predict
-    and /model need ``Authorization: Bearer <key>``. ``blocking=True`` waits until Ctrl-C, then
-    deletes the application (and shuts Ray down if this call started it).
+    and /model need ``Authorization: Bearer <key>``. A Ray started here exports Prometheus metrics
+    (``serving.metrics``) on ``serve_config.metrics_port``; a joined Ray on its own port; the scrape
+    URL is printed. ``blocking=True`` waits until Ctrl-C, then deletes the application (and shuts Ray
+    down if this call started it).
     """
     cfg = serve_config or ServeConfig()
     cfg = dataclasses.replace(cfg, host=host or cfg.host, port=port or cfg.port)

@@ -187,6 +187,18 @@ def test_the_metrics_port_is_a_serve_key_and_a_flag_but_not_an_app_arg(monkeypat
         settings_from_app_args({"student_dir": str(tmp_path), "metrics_port": 9464})
 
 
+def test_a_taken_port_is_seen_as_rays_metrics_agent_would_bind_it():
+    """start_serve names a taken metrics port when Ray fails to start (Ray 2.60 names none)."""
+    from distill_ray.serving.launch import port_in_use
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # one interface: binding all of them conflicts too
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert port_in_use(port)
+    assert not port_in_use(port)
+
+
 # -- the dashboard and the alert rules cannot drift from the code
 
 PANEL_TITLES = {"Latency p50 / p95 / p99 (ms)", "QPS", "Error rate", "Batch size", "Predicted class mix",

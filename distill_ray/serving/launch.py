@@ -8,6 +8,7 @@ file is the entry point for ``serve run`` and imports the deployment from here.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from pathlib import Path
 from typing import Mapping
@@ -49,6 +50,17 @@ def wait_until_healthy(url: str, timeout_s: float = 30.0, headers: Mapping[str, 
                        "`serve shutdown` (or serve.shutdown()) first, or use that host/port")
 
 
+def port_in_use(port: int) -> bool:
+    """Whether ``port`` cannot be bound as Ray's metrics agent binds it (all interfaces, address reuse)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
 def metrics_url() -> str | None:
     """The Prometheus scrape URL of Ray's metrics agent on this process's node (None if Ray reports none)."""
     import ray
@@ -83,7 +95,16 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
     started_ray = not ray.is_initialized()
     if started_ray:
         # A Ray started here puts its metrics (Serve's and the student's, serving.metrics) on a fixed port.
-        ray.init(log_to_driver=blocking, _metrics_export_port=cfg.metrics_port)
+        # A taken port only matters if ray.init starts a Ray (it may join a `ray start` one, whose agent
+        # may be what holds it); Ray 2.60 then fails once its raylet start times out, naming no port.
+        metrics_port_taken = port_in_use(cfg.metrics_port)
+        try:
+            ray.init(log_to_driver=blocking, _metrics_export_port=cfg.metrics_port)
+        except Exception as err:
+            if metrics_port_taken:
+                raise RuntimeError(f"Ray did not start, and serve.metrics_port {cfg.metrics_port} (its Prometheus "
+                                   "port) is taken: pass --metrics-port N or set serve.metrics_port") from err
+            raise
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     from distill_ray.serving.app import build_student_app
 

@@ -261,7 +261,7 @@ def run_server(kind: str, student_dir: str, port: int, batch_size: int, wait_s: 
     from distill_ray.serving.launch import start_serve
 
     cfg = ServeConfig(max_batch_size=1 if kind.endswith("-nobatch") else batch_size, batch_wait_timeout_s=wait_s,
-                      quantize=quantize)
+                      quantize=quantize, metrics_port=free_port())  # each server's Ray its own metrics port
     start_serve(student_dir, host="127.0.0.1", port=port, serve_config=cfg, blocking=True,
                 ingress="haproxy" if kind.startswith("serve-haproxy") else "proxy")
 

@@ -104,10 +104,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from distill_ray.config import ServeConfig
     from distill_ray.serving.launch import change_traffic, start_serve
     from distill_ray.serving.model import StudentLoadError
+    from distill_ray.serving.options import serve_config_from_dict
 
     if args.path in SERVE_ACTIONS:
-        given = [f"--{k.replace('_', '-')}" for k in (*CANARY_FLAGS, "config", "quantize", "host", "port")
-                 if getattr(args, k) is not None] + (["--set"] if args.overrides else [])
+        given = [f"--{k.replace('_', '-')}" for k in (*CANARY_FLAGS, "config", "quantize", "host", "port",
+                                                      "metrics_port") if getattr(args, k) is not None] + (["--set"] if args.overrides else [])
         if given:
             raise ConfigError(f"serve {args.path} acts on the running canary and takes only --address; drop "
                               f"{', '.join(given)}")
@@ -119,12 +120,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve_cfg = load_config(args.config, args.overrides).serve if args.config else ServeConfig()
     if args.quantize:
         serve_cfg = replace(serve_cfg, quantize=args.quantize)
-    canary = {k: getattr(args, k) for k in CANARY_FLAGS if getattr(args, k) is not None}
-    if canary:
-        from distill_ray.serving.options import serve_config_from_dict
-
+    flags = {k: getattr(args, k) for k in CANARY_FLAGS if getattr(args, k) is not None}
+    if args.metrics_port is not None:  # validated as the config key is: serve.metrics_port, 1..65535
+        flags["metrics_port"] = args.metrics_port
+    if flags:
         # The flags go through the same validation as the YAML serve: section (ranges, header name).
-        serve_cfg = serve_config_from_dict({**asdict(serve_cfg), **canary})
+        serve_cfg = serve_config_from_dict({**asdict(serve_cfg), **flags})
     try:
         start_serve(args.path, host=args.host, port=args.port, serve_config=serve_cfg, blocking=True,
                     ingress=args.ingress)
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
                    help="what answers HTTP: Ray Serve's proxy (default) or HAProxy in front of the replicas "
                         "(faster; its stats and metrics ports listen on every interface)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus port of the Ray this command starts (default: serve.metrics_port, 8081)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("eval", help="score a student (run dir, student dir or registry entry) on a config's data: "

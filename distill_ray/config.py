@@ -516,6 +516,9 @@ class ServeConfig:
     """Texts longer than this get 422."""
     quantize: str = _field("none", choices=QUANTIZE_KINDS)
     """Dynamic int8 quantization of the student's linear layers at load."""
+    metrics_port: int = _field(8081, ge=1, le=65535)
+    """Port of Ray's Prometheus metrics endpoint (metrics_export_port) when ``distill-ray serve`` starts Ray
+    itself; a Ray it joins keeps its own. Ray-wide, like host/port, so not an app arg of ``serve run``."""
     challenger: str | None = None
     """A second student (run dir, student dir or registry entry) answering ``challenger_fraction`` of the
     requests beside the served one (the champion): a canary or A/B test. None: no canary."""

@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -270,11 +271,38 @@ def test_the_challenger_answers_its_fraction_and_a_key_sticks(canary):
     assert 0.15 <= share <= 0.25, counts
     for key in ("alice", "bob", "carol"):
         expected = "beta@v1" if key_bucket(key) < 0.2 else "v1"
-        assert versions_of(canary.url, 20, keys=[key] * 20) == Counter({expected: 20})
+        sticky = versions_of(canary.url, 20, keys=[key] * 20)
+        assert sticky == Counter({expected: 20})
+        counts += sticky
     # The answer body is what it was (the model field names the student, no new fields).
     with httpx.Client() as client:
         reply = ask(client, canary.url, key="alice")
     assert set(reply.json()) == {"predictions", "prediction_ids", "probabilities", "model"}
+    counts[reply.headers[VERSION_HEADER]] += 1
+
+    # Ray's metrics agent holds each version's answers apart: the challenger's (a version no other test
+    # serves) exactly, with its predictions and batches; the champion's "v1" is shared with other tests.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from distill_ray.serving.launch import metrics_url
+    from distill_ray.serving.metrics import BATCH_SIZE, EXPORT_PREFIX, PREDICTIONS, REQUESTS
+
+    def scraped(name: str, version: str, **labels: str) -> float:
+        text = urllib.request.urlopen(metrics_url(), timeout=10).read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == EXPORT_PREFIX + name and sample.labels.get("model_version") == version
+                   and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+    wanted = {(REQUESTS, "beta@v1"): counts["beta@v1"], (PREDICTIONS, "beta@v1"): counts["beta@v1"],
+              (BATCH_SIZE + "_sum", "beta@v1"): counts["beta@v1"]}
+    deadline = time.monotonic() + 60  # workers report to the agent every 10 s by default
+    while True:
+        found = {(name, v): scraped(name, v, **({"route": "/predict", "status": "200"} if name == REQUESTS else {}))
+                 for name, v in wanted}
+        if found == wanted and scraped(REQUESTS, "v1", route="/predict", status="200") >= counts["v1"]:
+            break
+        assert time.monotonic() < deadline, f"scraped {found}, answered {wanted}"
+        time.sleep(1.0)
 
 
 class Load:

@@ -26,7 +26,7 @@ PURE = ["distill_ray.kd", *(f"distill_ray.kd.{p.stem}" for p in sorted((PACKAGE 
         "distill_ray.data.chat", "distill_ray.data.rows", "distill_ray.data.preprocess", "distill_ray.data.bundled",
         "distill_ray.cache.files", "distill_ray.cache.topk_encoding", "distill_ray.teachers.recipes",
         "distill_ray.teachers.token_alignment", "distill_ray.teachers.cross_tokenizer", "distill_ray.serving.model",
-        "distill_ray.serving.schemas", "distill_ray.serving.options", "distill_ray.serving.canary", "distill_ray.serving",
+        "distill_ray.serving.metrics", "distill_ray.serving.schemas", "distill_ray.serving.options", "distill_ray.serving.canary", "distill_ray.serving",
         "distill_ray.models", "distill_ray.config", "distill_ray.registry", "distill_ray.registry.drift"]
 
 

@@ -53,7 +53,7 @@ def test_cli_serves_behind_haproxy_on_loopback_and_ctrl_c_stops_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_") and k != "RAY_ADDRESS"}
     env["RAY_ADDRESS"] = "local"  # a Ray of its own, as on a laptop with none running
     proc = subprocess.Popen([sys.executable, "-m", "distill_ray", "serve", str(student), "--port", str(port),
-                             "--ingress", "haproxy"],
+                             "--ingress", "haproxy", "--metrics-port", str(free_port())],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"

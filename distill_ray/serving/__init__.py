@@ -12,6 +12,9 @@ One job per module, each usable and testable without the ones above it:
 - ``canary``: champion/challenger routing inside a replica: the ``TrafficSplit`` (the deployment's
   user_config), sha256 sticky buckets, ``StudentRouter``. No Ray, no HTTP.
 - ``options``: ServeConfig from app args, Ray Serve deployment options.
+- ``metrics``: the deployment's Prometheus metrics (``StudentMetrics`` per replica and model version,
+  the ASGI middleware that counts and times every answer, the metric names the dashboard uses); Ray
+  is imported only when a replica builds ``StudentMetrics``.
 - ``app``: the Ray Serve deployment with its FastAPI ingress (imports Ray; ``serve/app.py``
   re-exports its ``build_app``).
 - ``launch``: ``start_serve`` (``distill-ray serve RUN_DIR``), and ``promote`` / ``rollback`` of a
@@ -30,6 +33,7 @@ from distill_ray.serving.canary import (
     key_bucket,
 )
 from distill_ray.serving.launch import change_traffic, promote, rollback, start_serve, url_for, wait_until_healthy
+from distill_ray.serving.metrics import METRIC_NAMES, StudentMetrics, model_version_of
 from distill_ray.serving.model import (
     GeneratorPredictor,
     StudentLoadError,
@@ -62,11 +66,11 @@ from distill_ray.serving.schemas import (
 from distill_ray.serving.service import StudentService
 
 __all__ = [
-    "API_KEY_ENV", "APP_NAME", "ApiKeyCheck", "GenerateRequest", "GeneratorPredictor", "InputSchema",
-    "PredictRequest", "RequestError", "RequestLimits", "STICKY_HEADER", "StudentLoadError", "StudentPredictor",
+    "API_KEY_ENV", "APP_NAME", "ApiKeyCheck", "GenerateRequest", "GeneratorPredictor", "InputSchema", "METRIC_NAMES",
+    "PredictRequest", "RequestError", "RequestLimits", "STICKY_HEADER", "StudentLoadError", "StudentMetrics", "StudentPredictor",
     "StudentRouter", "StudentService", "TrafficSplit", "TrafficSplitError", "VERSION_HEADER", "api_key_digest",
     "batch_wait_timeout_s", "change_traffic", "deployment_options", "env_api_key_digest", "format_predictions",
-    "is_causal_lm", "key_bucket", "load_student_model", "normalize_quantize", "parse_generate_request",
+    "is_causal_lm", "key_bucket", "load_student_model", "model_version_of", "normalize_quantize", "parse_generate_request",
     "parse_predict_request", "promote", "quantize_int8", "read_card", "resolve_student_dir", "rollback",
     "serve_config_from_dict", "settings_from_app_args", "start_serve", "state_dict_bytes", "url_for",
     "wait_until_healthy",

@@ -21,6 +21,12 @@ FastAPI raises itself become ``{"error": "<what was wrong and what is allowed>",
 ``WWW-Authenticate: Bearer`` on 401s. The bodies are validated by the replica's pydantic models
 (``serving.schemas``), built at replica start from its ServeConfig limits and the loaded student's
 input shape, which is why a route reads the raw body instead of declaring a static model.
+
+Metrics (``serving.metrics``): ``RequestMetricsMiddleware`` counts and times every answer with its
+final status, outside the error handlers so 4xx answers count too; the batched call records batch
+size and the predicted-class mix. A replica keeps one ``StudentMetrics`` per version it answers for
+(tagged ``model_version``: a canary's champion and challenger apart), which the middleware reaches
+through Serve's replica context and the answer's ``X-Model-Version``.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations as real classes.
@@ -34,11 +40,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 
 from distill_ray.config import ServeConfig
 from distill_ray.serving.auth import bearer_scheme, env_api_key_digest
 from distill_ray.serving.canary import VERSION_HEADER, LoadedStudent, StudentRouter, TrafficSplit, batch_by_student
 from distill_ray.serving.canary import version_label
+from distill_ray.serving.metrics import RequestMetricsMiddleware, StudentMetrics
 from distill_ray.serving.options import (
     API_KEY_ARG,
     DEPLOYMENT_NAME,
@@ -72,7 +80,20 @@ def install_error_handlers(app: FastAPI) -> FastAPI:
     return app
 
 
+def replica_metrics(version: Optional[str]) -> Optional[StudentMetrics]:
+    """The serving replica's metrics for ``version`` (None until its constructor has loaded the
+    champion, or outside a replica)."""
+    try:
+        replica = serve.get_replica_context().servable_object
+    except RayServeException:  # `api` run in process, e.g. under TestClient: nothing to record into
+        return None
+    if replica is None or not hasattr(replica, "router"):
+        return None
+    return replica.metrics_for(version)
+
+
 api = install_error_handlers(FastAPI(title="distill-ray student", docs_url=None, redoc_url=None, openapi_url=None))
+api.add_middleware(RequestMetricsMiddleware, metrics_of=replica_metrics)
 Credentials = Optional[HTTPAuthorizationCredentials]
 
 
@@ -86,6 +107,7 @@ class StudentDeployment:
                  api_key_sha256: Optional[str] = None):
         self.cfg = serve_config_from_dict(serve_config or {})
         self.api_key_sha256 = api_key_sha256
+        self.metrics_by_version: dict[str, StudentMetrics] = {}
         self.router = StudentRouter.single(self.load_student(student_dir, []))
         # @serve.batch takes its limits at decoration time; the configured ones are set per replica here.
         self.batched_probabilities.set_max_batch_size(self.cfg.max_batch_size)
@@ -114,7 +136,27 @@ class StudentDeployment:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def batched_probabilities(self, items: list[tuple[LoadedStudent, Any]]) -> list[Any]:
         # In a thread so the event loop keeps accepting (and queueing) requests while torch runs.
-        return await asyncio.to_thread(batch_by_student, items)
+        return await asyncio.to_thread(self.recorded_probabilities, items)
+
+    def recorded_probabilities(self, items: list[tuple[LoadedStudent, Any]]) -> list[Any]:
+        rows = batch_by_student(items)
+        by_student: dict[int, list[int]] = {}
+        for i, (student, _) in enumerate(items):
+            by_student.setdefault(id(student), []).append(i)
+        for indices in by_student.values():  # one batch-size and class-mix record per version in the batch
+            student = items[indices[0]][0]
+            metrics = self.metrics_for(student.version)
+            metrics.record_batch(len(indices))
+            metrics.record_predictions([rows[i] for i in indices], student.service.predictor.class_names)
+        return rows
+
+    def metrics_for(self, version: Optional[str]) -> StudentMetrics:
+        """The metrics tagged with ``version`` (None: the champion's), made on first use: one per version
+        this replica has answered for, so a promote or rollback keeps each version's series apart."""
+        version = version or self.router.champion.version
+        if version not in self.metrics_by_version:
+            self.metrics_by_version[version] = StudentMetrics(version)
+        return self.metrics_by_version[version]
 
     @api.post("/predict")
     async def predict(self, request: Request, credentials: Credentials = Depends(bearer_scheme)) -> JSONResponse:

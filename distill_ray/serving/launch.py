@@ -100,6 +100,28 @@ def wait_until_healthy(url: str, timeout_s: float = 30.0, headers: Mapping[str, 
                        "`serve shutdown` (or serve.shutdown()) first, or use that host/port")
 
 
+def port_in_use(port: int) -> bool:
+    """Whether ``port`` cannot be bound as Ray's metrics agent binds it (all interfaces, address reuse)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def metrics_url() -> str | None:
+    """The Prometheus scrape URL of Ray's metrics agent on this process's node (None if Ray reports none)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+            return f"{url_for(node['NodeManagerAddress'], node['MetricsExportPort'])}/metrics"
+    return None
+
+
 def start_serve(path: str | Path, host: str | None = None, port: int | None = None,
                 serve_config: ServeConfig | None = None, blocking: bool = True, ingress: str = "proxy") -> str:
     """Serve a student (run directory or student directory) over HTTP with Ray Serve; return its URL.
@@ -109,7 +131,9 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
     ``serve_config``'s (127.0.0.1:8000); the rest of ``serve_config`` (replicas, batching, limits,
     quantize) configures the deployment. With ``DISTILL_RAY_API_KEY`` set in this process, /predict
     and /model need ``Authorization: Bearer <key>``. ``blocking=True`` waits until Ctrl-C, then
-    deletes the application (and shuts Ray down if this call started it). ``ingress="haproxy"`` puts
+    deletes the application (and shuts Ray down if this call started it). A Ray started here exports
+    Prometheus metrics (``serving.metrics``) on ``serve_config.metrics_port``, a joined Ray on its own
+    port; the scrape URL is printed. ``ingress="haproxy"`` puts
     HAProxy in front (``ingress_settings``); it needs a Ray this call starts, since Serve reads the
     settings when its processes start (for a ``ray start`` cluster, set them in that command's
     environment).
@@ -132,7 +156,17 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
     if started_ray:
         for name, value in settings.items():
             os.environ.setdefault(name, value)  # a user's own value wins
-        ray.init(log_to_driver=blocking)
+        # A Ray started here puts its metrics (Serve's and the student's, serving.metrics) on a fixed port.
+        # A taken port only matters if ray.init starts a Ray (it may join a `ray start` one, whose agent
+        # may be what holds it); Ray 2.60 then fails once its raylet start times out, naming no port.
+        metrics_port_taken = port_in_use(cfg.metrics_port)
+        try:
+            ray.init(log_to_driver=blocking, _metrics_export_port=cfg.metrics_port)
+        except Exception as err:
+            if metrics_port_taken:
+                raise RuntimeError(f"Ray did not start, and serve.metrics_port {cfg.metrics_port} (its Prometheus "
+                                   "port) is taken: pass --metrics-port N or set serve.metrics_port") from err
+            raise
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     if split:
         deploy_canary(student_dir, cfg, api_key_sha256=env_api_key_digest())
@@ -154,6 +188,9 @@ def start_serve(path: str | Path, host: str | None = None, port: int | None = No
         print(f"Canary: {split.challenger_fraction:.0%} of requests to {split.challenger} (sticky by header "
               f"{split.sticky_header}); `distill-ray serve promote` or `distill-ray serve rollback` ends it",
               flush=True)
+    scrape = metrics_url()
+    if scrape:
+        print(f"Prometheus metrics (Ray's agent; the student's are ray_distill_student_*): {scrape}", flush=True)
     if blocking:
         try:
             while True:

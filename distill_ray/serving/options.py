@@ -65,7 +65,10 @@ def batch_wait_timeout_s(cfg: ServeConfig) -> float:
 
 
 APP_ARG_ALIASES = ("student_dir", "run_dir", "path")
-APP_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ServeConfig) if f.name not in ("host", "port"))
+RAY_WIDE_KEYS = ("host", "port", "metrics_port")
+"""ServeConfig fields that configure Serve's proxy or Ray itself, not the app: ``serve run`` takes host and
+port from ``http_options`` and the metrics port from ``ray start --metrics-export-port``."""
+APP_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ServeConfig) if f.name not in RAY_WIDE_KEYS)
 API_KEY_ARG = "api_key_sha256"
 """App argument carrying the API key's sha256 when the app is built on the cluster (a canary), where
 the launching process's DISTILL_RAY_API_KEY is not in the environment. Never the key itself."""
@@ -91,7 +94,8 @@ def settings_from_app_args(args: Mapping[str, Any]) -> tuple[Path, ServeConfig]:
     unknown = [k for k in args if k not in APP_CONFIG_KEYS]
     if unknown:
         raise ValueError(f"unknown app argument(s) {', '.join(unknown)}; allowed: {', '.join(APP_ARG_ALIASES)}, "
-                         f"config, {', '.join(APP_CONFIG_KEYS)} (host and port go in http_options)")
+                         f"config, {', '.join(APP_CONFIG_KEYS)} (host and port go in http_options, the metrics port "
+                         "in `ray start --metrics-export-port`)")
     try:
         return student_dir, serve_config_from_dict({**base, **args})
     except ConfigError as err:

@@ -81,10 +81,10 @@ def run_load(url: str, bodies: list[bytes], total: int, concurrency: int, header
                         statuses[type(err).__name__] += 1
                     latencies.append(time.perf_counter() - start)
 
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
-            wall = time.perf_counter() - start
-        return {"latencies": latencies, "statuses": dict(statuses), "wall_s": wall}
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        return {"latencies": latencies, "statuses": dict(statuses), "wall_s": wall, "client_cpu_s": cpu}
 
     return asyncio.run(main())
 
@@ -94,8 +94,11 @@ def merge(results: list[dict]) -> dict:
     statuses: Counter = Counter()
     for r in results:
         statuses.update(r["statuses"])
+    cpu: Counter = Counter()
+    for r in results:
+        cpu.update(r.get("cpu_s", {}))
     return {"latencies": [t for r in results for t in r["latencies"]], "statuses": dict(statuses),
-            "wall_s": sum(r["wall_s"] for r in results)}
+            "wall_s": sum(r["wall_s"] for r in results), "cpu_s": dict(cpu)}
 
 
 def summarize(result: dict) -> dict:
@@ -103,7 +106,7 @@ def summarize(result: dict) -> dict:
     ok = sum(n for status, n in result["statuses"].items() if isinstance(status, int) and 200 <= status < 300)
     return {"requests": len(ms), "qps": len(ms) / result["wall_s"], "p50_ms": float(np.percentile(ms, 50)),
             "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
-            "non_2xx": len(ms) - ok, "statuses": result["statuses"]}
+            "non_2xx": len(ms) - ok, "statuses": result["statuses"], "cpu_s": result.get("cpu_s", {})}
 
 
 # --- the student -----------------------------------------------------------------------------------
@@ -284,17 +287,53 @@ def start_servers(kinds: list[str], student_dir: Path, args, logdir: Path) -> tu
         if kind == "serve-tp":
             env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
             env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(direct_port)
+            env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(direct_port + 1)  # an exclusive bound
         log = open(logdir / f"{kind}.log", "w")
         procs.append(subprocess.Popen(
             [sys.executable, __file__, "--run-server", kind, "--student", str(student_dir), "--port", str(port),
              "--batch-size", str(args.batch_size), "--batch-wait-timeout-s", str(args.batch_wait_timeout_s),
              "--quantize", args.quantize], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         urls[kind] = f"http://127.0.0.1:{port}"
-        wait_until_healthy(urls[kind], timeout_s=180)
+        try:
+            wait_until_healthy(urls[kind], timeout_s=180)
+        except RuntimeError as err:
+            log.flush()
+            stop_servers(procs)  # the ones already up, and this one: no Ray left behind
+            raise RuntimeError(f"server {kind} did not start; the end of its log:\n"
+                               f"{(logdir / f'{kind}.log').read_text()[-3000:]}") from err
     if "serve-direct" in kinds:
         urls["serve-direct"] = f"http://127.0.0.1:{direct_port}"
         wait_until_healthy(urls["serve-direct"], timeout_s=30)
     return {kind: urls[kind] for kind in kinds}, procs
+
+
+COMPONENTS = (("haproxy", "HAProxy"), ("ray::ProxyActo", "Serve proxy"), ("ray::ServeRepli", "Serve replica"),
+              ("ray::", "Ray workers (other)"), ("raylet", "Ray core"), ("gcs_server", "Ray core"))
+
+
+def component_of(comm: str, plain: bool) -> str:
+    """What a process of a server's session is, from its name (/proc/PID/comm, 15 characters)."""
+    if plain:
+        return "plain server"
+    for prefix, name in COMPONENTS:
+        if comm.startswith(prefix):
+            return name
+    return "Ray core" if comm not in ("python", "python3") else "driver (start_serve)"
+
+
+def session_cpu_s(session: int, plain: bool) -> Counter:
+    """CPU seconds (user + system) each component of one server's process session has used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: Counter = Counter()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == session:  # after the name: state, ppid, pgrp, session, ..., utime (11), stime (12)
+            used[component_of(comm, plain)] += (int(fields[11]) + int(fields[12])) / ticks
+    return used
 
 
 def stop_servers(procs: list) -> None:
@@ -430,10 +469,18 @@ def main() -> None:
         for url in urls.values():
             warm_up(url, bodies, headers)
         share = [args.requests // args.rounds + (r < args.requests % args.rounds) for r in range(args.rounds)]
+        sessions = {kind: proc.pid for kind, proc in zip([k for k in urls if k != "serve-direct"], procs)}
+        sessions["serve-direct"] = sessions.get("serve-tp")
         for n in share:
             for label, url in urls.items():
-                rounds.setdefault(label, []).append(client.apply(run_load, (url, bodies, n, args.concurrency,
-                                                                            headers)))
+                session = sessions.get(label)
+                before = session_cpu_s(session, label == "plain") if session else Counter()
+                result = client.apply(run_load, (url, bodies, n, args.concurrency, headers))
+                if session:
+                    after = session_cpu_s(session, label == "plain")
+                    result["cpu_s"] = {k: after[k] - before[k] for k in after}
+                result.setdefault("cpu_s", {})["load client"] = result["client_cpu_s"]
+                rounds.setdefault(label, []).append(result)
     finally:
         client.close()
         stop_servers(procs)
@@ -449,6 +496,12 @@ def main() -> None:
         print(f"  QPS {label} / {first}: {results[label]['qps'] / results[first]['qps']:.2f}x "
               f"(per round: {', '.join(f'{r:.2f}x' for r in per_round)}); "
               f"p99 {results[label]['p99_ms']:.0f} vs {results[first]['p99_ms']:.0f} ms")
+    print("\n  CPU ms per request, by process (user + system, /proc; the machine's other work not counted):")
+    parts = sorted({part for r in results.values() for part in r["cpu_s"]})
+    print(f"  {'server':<22}" + "".join(f"{part[:13]:>14}" for part in parts) + f"{'total':>10}")
+    for label, s in results.items():
+        per = {part: 1000.0 * s["cpu_s"].get(part, 0.0) / s["requests"] for part in parts}
+        print(f"  {label:<22}" + "".join(f"{per[part]:>14.2f}" for part in parts) + f"{sum(per.values()):>10.2f}")
     for batched in ("serve", "serve-haproxy"):
         if batched in results and f"{batched}-nobatch" in results:
             print(f"  batching ({batched} / {batched}-nobatch): "

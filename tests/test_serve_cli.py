@@ -52,6 +52,9 @@ def test_cli_serves_behind_haproxy_on_loopback_and_ctrl_c_stops_it(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_") and k != "RAY_ADDRESS"}
     env["RAY_ADDRESS"] = "local"  # a Ray of its own, as on a laptop with none running
+    # A replica behind HAProxy drains for 30 s before it stops (Ray's default, for load balancers to
+    # notice); nothing here sends during the stop, so the test does not wait it out.
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "distill_ray", "serve", str(student), "--port", str(port),
                              "--ingress", "haproxy", "--metrics-port", str(free_port())],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

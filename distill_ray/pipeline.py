@@ -319,6 +319,8 @@ def run_generations(cfg: ExperimentConfig, run_one) -> dict:
                        "metric": metrics.get("metric"), "student": metrics.get("student"),
                        "baseline": metrics.get("baseline"), "run_dir": str(gen_cfg.run_path())})
     (run_dir / "generations.json").write_text(json.dumps(scores, indent=2))
+    # RUN_DIR/metrics.json as for any run (the last generation's student), for jobs/ that read it
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "generations": scores}, indent=2, sort_keys=True))
     print("\n".join(f"generation {s['generation']}: test {s['metric']} {s['student']:.4f}" for s in scores), flush=True)
     return {**metrics, "generations": scores}
 

@@ -9,7 +9,8 @@ The worker's options are one frozen ``options.WorkerOptions``, built here on the
 Before the first step, learned teacher weights are fit to the validation labels (``train/validation.py``).
 Per epoch: the curriculum's selection (stage, open fraction, order) and its batches. Per step: batch
 of this rank's shard -> the teachers' signal (columns of the batch: from the cache, or from the
-teacher stages upstream in online mode) -> student forward -> (causal LM, learned weights: the
+teacher stages upstream in online mode; a self_ema teacher's: the moving average of the student's own
+weights run on the batch, updated after each step; none for the first ``loss.kd_warmup_epochs``) -> student forward -> (causal LM, learned weights: the
 blend's own step) -> ``batch_loss``: per row ``alpha * KD + (1 - alpha) * task`` (unlabeled rows: KD
 alone; + weighted hint and attention terms against one teacher's features, online mode) -> the
 student's step at the scheduled learning rate. On-policy steps (``loss.on_policy``, causal LM): the
@@ -17,7 +18,7 @@ batch is the student's own responses to its prompts, scored by the teachers' ser
 (``rollouts.py``), and the loss the generalized JSD on the response tokens; a guard stops a run whose
 responses collapse. The terms live in ``kd/objectives.py``. Checkpoints
 every N steps carry ``state.TrainState``: everything needed to resume mid-epoch (student,
-optimizers, blend, hint projector, counters, RNG, history, and the epoch's order for kept shards or
+optimizers, blend, hint projector, a self_ema teacher's average, counters, RNG, history, and the epoch's order for kept shards or
 the count of batches done for streamed ones).
 """
 
@@ -176,7 +177,8 @@ def _train_state(opts: WorkerOptions, device) -> TrainState:
     cfg = opts.config
     model = ray.train.torch.prepare_model(
         build_student(cfg.student, opts.input_shape, opts.num_classes))
-    blend = TeacherBlend(cfg.blend.kind, len(opts.teacher_names), num_classes=opts.num_classes,
+    # A run with no teacher at all (born-again generation 1) keeps a one-teacher blend it never reads.
+    blend = TeacherBlend(cfg.blend.kind, max(1, len(opts.teacher_names)), num_classes=opts.num_classes,
                          gate_in_features=int(np.prod(opts.input_shape)), gate_hidden=cfg.blend.gate_hidden,
                          confidence_kind=cfg.blend.confidence_kind).to(device)
     # A classifier's blend is fit once, before training, on validation labels (fit_blend_on_validation);

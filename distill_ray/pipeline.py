@@ -207,7 +207,8 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         # Both at their best validation epoch (0-based), never at an arbitrary last one.
         "best_epoch": {"student": state.get("best_epoch"), "baseline": base_state.get("best_epoch")},
         "epochs": {"student": cfg.train.epochs, "baseline": base_cfg.train.epochs if baseline is not None else None},
-        "params": {"student": rows["student"]["params"], "teachers": {t.name: rows[t.name]["params"] for t in outside.teachers}},
+        "params": {"student": rows["student"]["params"],
+                   "teachers": {t.name: rows[t.name]["params"] for t in outside.teachers}},
         "ece": {name: r["ece"] for name, r in rows.items() if r.get("ece") is not None},
         "latency_ms": {name: r["latency_ms"] for name, r in rows.items() if "latency_ms" in r},
         "timings": timings,

@@ -66,7 +66,8 @@ def main() -> None:
     lines = ["| student | test accuracy | − scratch (points, per seed) |", "|---|---:|---|"]
     for c in columns:
         diffs = [100 * (a - b) for a, b in zip(rows[c], rows["scratch"])]
-        lines.append(f"| {c} | {_ms(rows[c])} | {statistics.mean(diffs):+.2f} ({', '.join(f'{d:+.2f}' for d in diffs)}) |")
+        per_seed = ", ".join(f"{d:+.2f}" for d in diffs)
+        lines.append(f"| {c} | {_ms(rows[c])} | {statistics.mean(diffs):+.2f} ({per_seed}) |")
     table = "\n".join(lines)
     (out / "self_distill.md").write_text(table + "\n")
     print(table)

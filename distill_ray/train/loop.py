@@ -9,17 +9,17 @@ The worker's options are one frozen ``options.WorkerOptions``, built here on the
 Before the first step, learned teacher weights are fit to the validation labels (``train/validation.py``).
 Per epoch: the curriculum's selection (stage, open fraction, order) and its batches. Per step: batch
 of this rank's shard -> the teachers' signal (columns of the batch: from the cache, or from the
-teacher stages upstream in online mode; a self_ema teacher's: the moving average of the student's own
-weights run on the batch, updated after each step; none for the first ``loss.kd_warmup_epochs``) -> student forward -> (causal LM, learned weights: the
-blend's own step) -> ``batch_loss``: per row ``alpha * KD + (1 - alpha) * task`` (unlabeled rows: KD
+teacher stages upstream in online mode; a self_ema teacher's: the moving average of the student's
+own weights run on the batch, updated after each step; none in the first ``loss.kd_warmup_epochs``)
+-> student forward -> (causal LM, learned weights: the blend's own step) -> ``batch_loss``: per row ``alpha * KD + (1 - alpha) * task`` (unlabeled rows: KD
 alone; + weighted hint and attention terms against one teacher's features, online mode) -> the
 student's step at the scheduled learning rate. On-policy steps (``loss.on_policy``, causal LM): the
 batch is the student's own responses to its prompts, scored by the teachers' services
 (``rollouts.py``), and the loss the generalized JSD on the response tokens; a guard stops a run whose
 responses collapse. The terms live in ``kd/objectives.py``. Checkpoints
 every N steps carry ``state.TrainState``: everything needed to resume mid-epoch (student,
-optimizers, blend, hint projector, a self_ema teacher's average, counters, RNG, history, and the epoch's order for kept shards or
-the count of batches done for streamed ones).
+optimizers, blend, hint projector, a self_ema teacher's average, counters, RNG, history, and the
+epoch's order for kept shards or the count of batches done for streamed ones).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from ray.train.torch import TorchTrainer
 from distill_ray.config import ExperimentConfig
 from distill_ray.console import write_progress
 from distill_ray.kd.blending import TeacherBlend
-from distill_ray.kd.objectives import DenseLogits, TokenTopK, _allreduce_grads, batch_loss, hint_projector, planned_steps, \
-    teacher_signal, temperature_and_alpha, token_blend_loss
+from distill_ray.kd.objectives import DenseLogits, TokenTopK, _allreduce_grads, batch_loss, hint_projector, \
+    planned_steps, teacher_signal, temperature_and_alpha, token_blend_loss
 from distill_ray.kd.on_policy import CollapseGuard, is_on_policy_step, rollout_metrics
 from distill_ray.kd.schedules import kd_active, lr_factor
 from distill_ray.kd.self_ema import ema_copy, ema_update

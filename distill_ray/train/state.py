@@ -2,8 +2,9 @@
 resuming restores.
 
 ``TrainState`` holds the student, its optimizer, the blend (and its optimizer, a language model's),
-the hint projector, a self_ema teacher's moving average, the counters, the current epoch's selection (curriculum stage, open fraction and
-a kept shard's order), the best validation epoch's student, the blend fit and the history.
+the hint projector, a self_ema teacher's moving average, the counters, the current epoch's selection
+(curriculum stage, open fraction and a kept shard's order), the best validation epoch's student, the
+blend fit and the history.
 ``state_dict()`` is the checkpoint's ``train_state.pt``: tensors, numbers, strings and lists only,
 so it loads with ``torch.load(weights_only=True)``; the history goes beside it as JSON. A mid-epoch
 checkpoint of a kept shard carries the epoch's order, so the resumed epoch trains exactly the rows

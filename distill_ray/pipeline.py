@@ -301,8 +301,8 @@ def run_generations(cfg: ExperimentConfig, run_one) -> dict:
     """Born-again networks (Furlanello et al. 2018): ``run_one(generation_config(cfg, k))`` for k = 1..N in
     turn, a finished generation skipped when run again (its metrics.json is there), so a stopped run
     resumes at the generation it stopped in (which resumes from its own checkpoints). Writes
-    RUN_DIR/generations.json, each generation's test score, and returns the last generation's metrics
-    with ``generations`` added."""
+    RUN_DIR/generations.json and RUN_DIR/report.md (each generation's test score) and RUN_DIR/metrics.json,
+    and returns the last generation's metrics with ``generations`` added."""
     run_dir = cfg.run_path().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -320,10 +320,22 @@ def run_generations(cfg: ExperimentConfig, run_one) -> dict:
                        "metric": metrics.get("metric"), "student": metrics.get("student"),
                        "baseline": metrics.get("baseline"), "run_dir": str(gen_cfg.run_path())})
     (run_dir / "generations.json").write_text(json.dumps(scores, indent=2))
+    (run_dir / "report.md").write_text(generations_report(cfg.name, scores))
     # RUN_DIR/metrics.json as for any run (the last generation's student), for jobs/ that read it
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "generations": scores}, indent=2, sort_keys=True))
     print("\n".join(f"generation {s['generation']}: test {s['metric']} {s['student']:.4f}" for s in scores), flush=True)
     return {**metrics, "generations": scores}
+
+
+def generations_report(name: str, scores: list[dict]) -> str:
+    """RUN_DIR/report.md of a born-again run: each generation's test score, teachers and report."""
+    lines = [f"# {name}: born-again generations", "", "| generation | learns from | test score | report |",
+             "|---:|---|---:|---|"]
+    for s in scores:
+        source = ", ".join(s["teachers"]) or "labels alone"
+        lines.append(f"| {s['generation']} | {source} | {s['student']:.4f} ({s['metric']}) | "
+                     f"[gen{s['generation']}/report.md](gen{s['generation']}/report.md) |")
+    return "\n".join(lines) + "\n"
 
 
 def val_class_counts(cache: CachedData, info) -> list[int]:

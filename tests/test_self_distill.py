@@ -196,6 +196,10 @@ def test_the_generation_loop_runs_each_generation_once_and_resumes(tmp_path):
     assert [g["teachers"] for g in out["generations"]] == [[], ["previous"], ["previous"]]
     on_disk = json.loads((tmp_path / "tiny" / "generations.json").read_text())
     assert on_disk == out["generations"]
+    report = (tmp_path / "tiny" / "report.md").read_text().splitlines()
+    assert report[4].startswith("| 1 | labels alone | 0.7400 (accuracy) |")
+    assert report[6].startswith("| 3 | previous | 0.7400 (accuracy) |")
+    assert json.loads((tmp_path / "tiny" / "metrics.json").read_text())["generations"] == on_disk
 
 
 # --- one short Ray run -----------------------------------------------------------------------------

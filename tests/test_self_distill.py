@@ -250,3 +250,13 @@ def test_a_self_ema_run_warms_up_distils_from_its_average_and_resumes_it(tiny_pr
     assert replayed and replayed[-1] == 25 and steps[replayed[0]]["epoch"] == 1
     assert steps[replayed[0]]["kd_loss"] > 1e-4  # the average went on; a fresh copy would give exactly 0
     assert state["ema"] is not None and not all(torch.equal(state["ema"][k], v) for k, v in state["student"].items())
+
+
+def test_paths_other_than_run_refuse_a_teacher_made_from_the_student():
+    """--search, sweeps and ablations prepare every teacher of the config: one made from the student is
+    refused by key before any work, not a crash on its missing path."""
+    from distill_ray.teachers.setup import prepare_teachers
+
+    cfg = config_from_dict(_tiny(("curriculum.scheduler", "none"), teachers=EMA))
+    with pytest.raises(ValueError, match=r"teachers\[0\].source='self_ema'.*distill-ray run"):
+        prepare_teachers(cfg, data=None)

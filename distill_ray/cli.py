@@ -48,8 +48,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_teachers(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    from distill_ray.pipeline import connect_ray, load_data, prepare_teachers
+    from distill_ray.pipeline import connect_ray, load_data, outside_teachers, prepare_teachers
+
+    cfg = outside_teachers(load_config(args.config, args.overrides))  # self-distillation's are the student
 
     connect_ray(args.address)
     for name, path in prepare_teachers(cfg, load_data(cfg), retrain=args.retrain_teachers).items():
@@ -58,8 +59,9 @@ def _cmd_teachers(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    from distill_ray.pipeline import build_cache, connect_ray, load_data, prepare_teachers
+    from distill_ray.pipeline import build_cache, connect_ray, load_data, outside_teachers, prepare_teachers
+
+    cfg = outside_teachers(load_config(args.config, args.overrides))  # self-distillation's are the student
 
     connect_ray(args.address)
     data = load_data(cfg)

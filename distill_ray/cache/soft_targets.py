@@ -116,8 +116,9 @@ class CacheSpec:
 
     def __post_init__(self) -> None:
         fps = self.teacher_fingerprints
-        if isinstance(fps, (str, bytes)) or not isinstance(fps, Mapping) or not fps:
-            raise ValueError("CacheSpec.teacher_fingerprints must be a non-empty mapping name -> sha256")
+        # Empty: the data alone, for a run whose only teachers are the student itself (self-distillation).
+        if isinstance(fps, (str, bytes)) or not isinstance(fps, Mapping):
+            raise ValueError("CacheSpec.teacher_fingerprints must be a mapping name -> sha256")
         for name, fp in fps.items():
             if not isinstance(name, str) or not name or not isinstance(fp, str):
                 raise ValueError(f"CacheSpec.teacher_fingerprints: bad entry {name!r}: {fp!r}")

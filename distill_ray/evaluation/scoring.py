@@ -148,10 +148,14 @@ def classifier_outputs(cfg: ExperimentConfig, cache: CachedData, split: str, mod
         labeled = cols["label"] >= 0
         cols = {k: v[labeled] for k, v in cols.items()}
         labels.append(cols["label"])
-        teacher_parts.append(teacher_signal(cols, names, cache.spec.num_classes, cache.spec.topk, False, "cpu").logits)
+        if names:  # self-distillation may leave no teacher outside the student
+            teacher_parts.append(teacher_signal(cols, names, cache.spec.num_classes, cache.spec.topk, False,
+                                                "cpu").logits)
         for name, model in models.items():
             model_parts[name].append(predict_logits(model, cols["x"]))
-    return torch.cat(teacher_parts, dim=1), {n: torch.cat(p) for n, p in model_parts.items()}, torch.cat(labels)
+    labels = torch.cat(labels)
+    teachers = torch.cat(teacher_parts, dim=1) if names else torch.zeros(0, len(labels), cache.spec.num_classes)
+    return teachers, {n: torch.cat(p) for n, p in model_parts.items()}, labels
 
 
 def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[str, Path], student, baseline,
@@ -172,9 +176,10 @@ def evaluate_classifiers(cfg: ExperimentConfig, cache: CachedData, dirs: dict[st
         model, _ = load_model(dirs[t.name])
         rows[t.name] = {**classifier_scores(test_probs[t.name], y), "params": num_params(model),
                         "latency_ms": single_sample_latency_ms(model, example)}
-    weights = torch.tensor(list(final_teacher_weights(history).values()))
-    blend = blend_probs(teachers, weights, temperature=1.0)
-    rows["blend"] = {**classifier_scores(blend, y), "recall": per_class_recall(blend, y, cache.spec.num_classes)}
+    if cfg.teachers:  # the blend of the teachers outside the student (a self_ema teacher is not scored)
+        learned = final_teacher_weights(history)
+        blend = blend_probs(teachers, torch.tensor([learned[t.name] for t in cfg.teachers]), temperature=1.0)
+        rows["blend"] = {**classifier_scores(blend, y), "recall": per_class_recall(blend, y, cache.spec.num_classes)}
     for name, model in models.items():
         rows[name] = {**classifier_scores(test_probs[name], y), "params": num_params(model),
                       "latency_ms": single_sample_latency_ms(model, example)}

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as a factor of the base rate, a pure function of the step.
+"""Learning-rate schedules as a factor of the base rate, and the KD warm-up: pure functions of the step or epoch.
 
 The loop sets ``lr = train.lr * lr_factor(...)`` before every step, so a resumed run (or a Population
 Based Training segment with a perturbed ``train.lr``) continues the same curve from its step count,
@@ -45,3 +45,11 @@ def lr_factor(kind: str, step: int, total_steps: int, warmup_fraction: float = 0
     if kind == "linear":
         return 1.0 - progress
     return 1.0
+
+
+def kd_active(epoch: int, warmup_epochs: int) -> bool:
+    """Whether the KD term is on at ``epoch`` (0-based): off for the first ``loss.kd_warmup_epochs``, task
+    loss alone, so a student that will teach itself (self-distillation) has something worth teaching."""
+    if warmup_epochs < 0:
+        raise ValueError(f"kd_warmup_epochs must be >= 0, got {warmup_epochs}")
+    return epoch >= warmup_epochs

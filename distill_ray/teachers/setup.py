@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import torch
 
-from distill_ray.config import ExperimentConfig
+from distill_ray.config import SELF_TEACHER_SOURCES, ExperimentConfig
 from distill_ray.data.bundled import Split, cache_root, resolve_tokenizer, smollm2_path
 from distill_ray.models import build_model, num_params, save_model, save_tokenizer
 from distill_ray.data.sources import SourceData, load_source
@@ -93,6 +93,9 @@ def prepare_teachers(cfg: ExperimentConfig, data: SourceData, retrain: bool = Fa
     sources = {None: data}  # the data per tokenizer: the student's, and each recipe teacher's own
     dirs, jobs, splits = {}, [], {}
     for i, t in enumerate(cfg.teachers):
+        if t.source in SELF_TEACHER_SOURCES:  # `distill-ray run` leaves them out (pipeline.outside_teachers)
+            raise ValueError(f"teachers[{i}].source={t.source!r} is made from the student itself, and only "
+                             "`distill-ray run` supports it (not --search, sweeps or ablations)")
         if t.source != "recipe":
             # 'smollm2' names the pretrained SmolLM2 from PyPI (converted once); anything else is a directory.
             dirs[t.name] = smollm2_path() if t.path == "smollm2" else Path(t.path).expanduser()

@@ -9,16 +9,17 @@ The worker's options are one frozen ``options.WorkerOptions``, built here on the
 Before the first step, learned teacher weights are fit to the validation labels (``train/validation.py``).
 Per epoch: the curriculum's selection (stage, open fraction, order) and its batches. Per step: batch
 of this rank's shard -> the teachers' signal (columns of the batch: from the cache, or from the
-teacher stages upstream in online mode) -> student forward -> (causal LM, learned weights: the
-blend's own step) -> ``batch_loss``: per row ``alpha * KD + (1 - alpha) * task`` (unlabeled rows: KD
+teacher stages upstream in online mode; a self_ema teacher's: the moving average of the student's
+own weights run on the batch, updated after each step; none in the first ``loss.kd_warmup_epochs``)
+-> student forward -> (causal LM, learned weights: the blend's own step) -> ``batch_loss``: per row ``alpha * KD + (1 - alpha) * task`` (unlabeled rows: KD
 alone; + weighted hint and attention terms against one teacher's features, online mode) -> the
 student's step at the scheduled learning rate. On-policy steps (``loss.on_policy``, causal LM): the
 batch is the student's own responses to its prompts, scored by the teachers' services
 (``rollouts.py``), and the loss the generalized JSD on the response tokens; a guard stops a run whose
 responses collapse. The terms live in ``kd/objectives.py``. Checkpoints
 every N steps carry ``state.TrainState``: everything needed to resume mid-epoch (student,
-optimizers, blend, hint projector, counters, RNG, history, and the epoch's order for kept shards or
-the count of batches done for streamed ones).
+optimizers, blend, hint projector, a self_ema teacher's average, counters, RNG, history, and the
+epoch's order for kept shards or the count of batches done for streamed ones).
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ from ray.train.torch import TorchTrainer
 from distill_ray.config import ExperimentConfig
 from distill_ray.console import write_progress
 from distill_ray.kd.blending import TeacherBlend
-from distill_ray.kd.objectives import TokenTopK, _allreduce_grads, batch_loss, hint_projector, planned_steps, \
-    teacher_signal, temperature_and_alpha, token_blend_loss
+from distill_ray.kd.objectives import DenseLogits, TokenTopK, _allreduce_grads, batch_loss, hint_projector, \
+    planned_steps, teacher_signal, temperature_and_alpha, token_blend_loss
 from distill_ray.kd.on_policy import CollapseGuard, is_on_policy_step, rollout_metrics
-from distill_ray.kd.schedules import lr_factor
-from distill_ray.models import build_student, forward_with_features, save_model
+from distill_ray.kd.schedules import kd_active, lr_factor
+from distill_ray.kd.self_ema import ema_copy, ema_update
+from distill_ray.models import build_student, forward_logits, forward_with_features, save_model, unwrap_model
 from distill_ray.teachers.service import TeacherService
 from distill_ray.train.epochs import RankData
 from distill_ray.train.options import WorkerOptions
@@ -175,7 +177,8 @@ def _train_state(opts: WorkerOptions, device) -> TrainState:
     cfg = opts.config
     model = ray.train.torch.prepare_model(
         build_student(cfg.student, opts.input_shape, opts.num_classes))
-    blend = TeacherBlend(cfg.blend.kind, len(opts.teacher_names), num_classes=opts.num_classes,
+    # A run with no teacher at all (born-again generation 1) keeps a one-teacher blend it never reads.
+    blend = TeacherBlend(cfg.blend.kind, max(1, len(opts.teacher_names)), num_classes=opts.num_classes,
                          gate_in_features=int(np.prod(opts.input_shape)), gate_hidden=cfg.blend.gate_hidden,
                          confidence_kind=cfg.blend.confidence_kind).to(device)
     # A classifier's blend is fit once, before training, on validation labels (fit_blend_on_validation);
@@ -187,7 +190,14 @@ def _train_state(opts: WorkerOptions, device) -> TrainState:
     projector = hint_projector(model, opts.probe, opts.feature_shapes, device, opts.want_hint, opts.want_attention) \
         if opts.want_hint or opts.want_attention else None
     optimizer = _optimizer(cfg, [*model.parameters(), *(projector.parameters() if projector is not None else ())])
-    return TrainState(model, optimizer, blend, projector, blend_opt)
+    # Self-distillation: the teacher is the average of the student's own weights, kept here (self_ema.py).
+    ema = ema_copy(unwrap_model(model)) if opts.use_teachers and self_ema_decay(cfg) is not None else None
+    return TrainState(model, optimizer, blend, projector, blend_opt, ema=ema)
+
+
+def self_ema_decay(cfg: ExperimentConfig) -> float | None:
+    """The decay of the config's self_ema teacher (the only teacher when there is one), else None."""
+    return next((t.ema_decay for t in cfg.teachers if t.source == "self_ema"), None)
 
 
 def _step_blend(blend: TeacherBlend, blend_opt: torch.optim.Optimizer, blend_loss: torch.Tensor, world: int) -> None:
@@ -236,19 +246,22 @@ def _validate_epoch(state: TrainState, data: RankData, opts: WorkerOptions, firs
     return val
 
 
-def _step_inputs(cols: dict, opts: WorkerOptions, model, step: int, device) -> tuple:
+def _step_inputs(cols: dict, opts: WorkerOptions, model, step: int, device, kd_on: bool, ema=None) -> tuple:
     """A step's ``(x, y, y_b, lam, signal, rollout)``: inputs, labels (a mixed row, MixUp/CutMix upstream,
-    counts two: ``y_b`` weighed by ``lam``) and the teachers' signal; on an on-policy step
+    counts two: ``y_b`` weighed by ``lam``) and the teachers' signal (None while ``kd_on`` is off: the KD
+    warm-up; a self_ema teacher's: the moving average's logits on this batch); on an on-policy step
     (``loss.on_policy``), the student's own responses to the batch's prompts scored by the teachers, in
     place of the batch (``rollout``, else None)."""
     x, y = cols["x"].to(device), cols["label"].long().to(device)
-    if opts.scorers and is_on_policy_step(opts.config.loss.on_policy.lmbda, opts.config.train.seed, step):
+    if opts.scorers and kd_on and is_on_policy_step(opts.config.loss.on_policy.lmbda, opts.config.train.seed, step):
         rollout, signal = student_rollout(model, x, y, cols["id"], step, opts, device)  # the batch's targets unread
         return rollout.x, rollout.labels, None, None, signal, rollout
     y_b = cols["label_b"].long().to(device) if "label_b" in cols else None
     lam = cols["mix_lam"].float().to(device) if "mix_lam" in cols else None
+    if ema is not None:
+        return x, y, y_b, lam, DenseLogits(forward_logits(ema, x).float()[None]) if kd_on else None, None
     signal = teacher_signal(cols, opts.teacher_names, opts.num_classes, opts.topk, opts.causal, device) \
-        if opts.use_teachers else None
+        if kd_on else None
     return x, y, y_b, lam, signal, None
 
 
@@ -279,7 +292,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             group["lr"] = cfg.blend.lr
 
     # --- teacher weights, fit to held-out labels before the student trains (loss, rows: epoch rows) ---
-    if opts.use_teachers and not causal and blend.is_learned and not checkpoint:
+    if opts.use_teachers and not causal and blend.is_learned and not checkpoint and state.ema is None:
         state.blend_fit = fit_blend_on_validation(cfg, blend, data.val_batches(), names, opts.num_classes, opts.topk,
                                                   device, world)
 
@@ -304,9 +317,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         more = _all_ranks_have(cols, world)
         while more:
             # --- batch: inputs, labels, the teachers' signal; on-policy steps: the student's own responses
-            x, y, y_b, lam, signal, rollout = _step_inputs(cols, opts, model, state.step, device)
+            # (the first loss.kd_warmup_epochs: no signal, task loss alone)
+            kd_on = opts.use_teachers and kd_active(state.epoch, cfg.loss.kd_warmup_epochs)
+            x, y, y_b, lam, signal, rollout = _step_inputs(cols, opts, model, state.step, device, kd_on, state.ema)
             temperature, alpha = temperature_and_alpha(cfg, state.step, total_steps, state.selection.stage)
-            alpha = alpha if opts.use_teachers else 0.0
+            alpha = alpha if kd_on else 0.0
             for group in optimizer.param_groups:
                 group["lr"] = t.lr * lr_factor(t.lr_schedule, state.step, total_steps, t.warmup_fraction)
 
@@ -340,6 +355,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if projector is not None:  # outside DDP: average its gradients like the blend's
                 _allreduce_grads(projector, world)
             optimizer.step()
+            if state.ema is not None:  # every rank averages the same weights: the same teacher on each
+                ema_update(state.ema, unwrap_model(model), self_ema_decay(cfg))
             state.step, state.batch_in_epoch, seen = state.step + 1, state.batch_in_epoch + 1, seen + len(y)
             _trace_batch(opts.trace_file, rank, state.epoch, state.step, cols["id"])
             cols = next(batches, None)

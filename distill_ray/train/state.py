@@ -2,8 +2,9 @@
 resuming restores.
 
 ``TrainState`` holds the student, its optimizer, the blend (and its optimizer, a language model's),
-the hint projector, the counters, the current epoch's selection (curriculum stage, open fraction and
-a kept shard's order), the best validation epoch's student, the blend fit and the history.
+the hint projector, a self_ema teacher's moving average, the counters, the current epoch's selection
+(curriculum stage, open fraction and a kept shard's order), the best validation epoch's student, the
+blend fit and the history.
 ``state_dict()`` is the checkpoint's ``train_state.pt``: tensors, numbers, strings and lists only,
 so it loads with ``torch.load(weights_only=True)``; the history goes beside it as JSON. A mid-epoch
 checkpoint of a kept shard carries the epoch's order, so the resumed epoch trains exactly the rows
@@ -60,6 +61,7 @@ class TrainState:
     blend: TeacherBlend
     projector: HintProjector | None = None
     blend_optimizer: torch.optim.Optimizer | None = None  # a language model's blend learns along the way
+    ema: torch.nn.Module | None = None  # a self_ema teacher: the moving average of the student's weights
     epoch: int = 0
     step: int = 0  # optimizer steps taken, over the whole run
     batch_in_epoch: int = 0  # batches of the current epoch done
@@ -81,7 +83,7 @@ class TrainState:
                 "stage": self.selection.stage, "open_fraction": self.selection.fraction,
                 "order": self.selection.order if self.batch_in_epoch else None,
                 "best_score": self.best_score, "best_epoch": self.best_epoch, "best_student": self.best_student,
-                "blend_fit": self.blend_fit}
+                "blend_fit": self.blend_fit, "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Back to a saved state (modules, optimizers, counters, bookkeeping, RNGs)."""
@@ -96,6 +98,8 @@ class TrainState:
         self.best_score, self.best_epoch = state.get("best_score"), state.get("best_epoch")
         self.best_student = state.get("best_student")
         self.blend_fit = state.get("blend_fit") or {}
+        if self.ema is not None and state.get("ema") is not None:  # the average goes on where it stopped
+            self.ema.load_state_dict(state["ema"])
         if state.get("order") is not None:
             self.resumed = EpochSelection(state["stage"], state["open_fraction"], state["order"])
         _set_rng_state(state["rng"])

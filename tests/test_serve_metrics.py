@@ -34,7 +34,6 @@ from distill_ray.serving.metrics import (
     RequestMetricsMiddleware,
     StudentMetrics,
     exported_names,
-    model_version_of,
     route_of,
     top1_tallies,
 )
@@ -62,6 +61,8 @@ def test_top1_tallies_leave_out_non_finite_rows_and_unpredicted_classes():
 
 
 def test_model_version_is_the_card_version_else_the_model_id():
+    from distill_ray.serving.canary import version_label as model_version_of  # the tag the replica uses
+
     assert model_version_of({"name": "q", "version": "v3"}, "q@v3") == "v3"
     assert model_version_of({"name": "q", "version": 4}, "q@4") == "4"
     assert model_version_of({"name": "q"}, "q@unversioned") == "q@unversioned"

@@ -33,7 +33,7 @@ from distill_ray.serving.canary import (
     key_bucket,
 )
 from distill_ray.serving.launch import change_traffic, promote, rollback, start_serve, url_for, wait_until_healthy
-from distill_ray.serving.metrics import METRIC_NAMES, StudentMetrics, model_version_of
+from distill_ray.serving.metrics import METRIC_NAMES, StudentMetrics
 from distill_ray.serving.model import (
     GeneratorPredictor,
     StudentLoadError,
@@ -70,7 +70,7 @@ __all__ = [
     "PredictRequest", "RequestError", "RequestLimits", "STICKY_HEADER", "StudentLoadError", "StudentMetrics", "StudentPredictor",
     "StudentRouter", "StudentService", "TrafficSplit", "TrafficSplitError", "VERSION_HEADER", "api_key_digest",
     "batch_wait_timeout_s", "change_traffic", "deployment_options", "env_api_key_digest", "format_predictions",
-    "is_causal_lm", "key_bucket", "load_student_model", "model_version_of", "normalize_quantize", "parse_generate_request",
+    "is_causal_lm", "key_bucket", "load_student_model", "normalize_quantize", "parse_generate_request",
     "parse_predict_request", "promote", "quantize_int8", "read_card", "resolve_student_dir", "rollback",
     "serve_config_from_dict", "settings_from_app_args", "start_serve", "state_dict_bytes", "url_for",
     "wait_until_healthy",

@@ -139,16 +139,13 @@ class StudentDeployment:
         return await asyncio.to_thread(self.recorded_probabilities, items)
 
     def recorded_probabilities(self, items: list[tuple[LoadedStudent, Any]]) -> list[Any]:
-        rows = batch_by_student(items)
-        by_student: dict[int, list[int]] = {}
-        for i, (student, _) in enumerate(items):
-            by_student.setdefault(id(student), []).append(i)
-        for indices in by_student.values():  # one batch-size and class-mix record per version in the batch
-            student = items[indices[0]][0]
-            metrics = self.metrics_for(student.version)
-            metrics.record_batch(len(indices))
-            metrics.record_predictions([rows[i] for i in indices], student.service.predictor.class_names)
-        return rows
+        return batch_by_student(items, on_group=self.record_group)
+
+    def record_group(self, student: LoadedStudent, rows: list[Any]) -> None:
+        """One batch-size and class-mix record per version in a batch."""
+        metrics = self.metrics_for(student.version)
+        metrics.record_batch(len(rows))
+        metrics.record_predictions(rows, student.service.predictor.class_names)
 
     def metrics_for(self, version: Optional[str]) -> StudentMetrics:
         """The metrics tagged with ``version`` (None: the champion's), made on first use: one per version

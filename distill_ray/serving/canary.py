@@ -205,15 +205,20 @@ class StudentRouter:
         return StudentRouter(split, champion, challenger)
 
 
-def batch_by_student(items: Sequence[tuple[LoadedStudent, Any]]) -> list[Any]:
+def batch_by_student(items: Sequence[tuple[LoadedStudent, Any]],
+                     on_group: Callable[[LoadedStudent, list[Any]], None] | None = None) -> list[Any]:
     """One ``@serve.batch`` call across versions: each student's inputs go through its own model in
-    one call, and the rows come back in the order of ``items``."""
+    one call, and the rows come back in the order of ``items``. ``on_group(student, its_rows)`` is
+    called once per student in the batch (the replica records its metrics there)."""
     groups: dict[int, list[int]] = {}
     for i, (student, _) in enumerate(items):
         groups.setdefault(id(student), []).append(i)
     rows: list[Any] = [None] * len(items)
     for indices in groups.values():
         student = items[indices[0]][0]
-        for i, row in zip(indices, student.service.batch_probabilities([items[i][1] for i in indices])):
+        group_rows = list(student.service.batch_probabilities([items[i][1] for i in indices]))
+        for i, row in zip(indices, group_rows):
             rows[i] = row
+        if on_group is not None:
+            on_group(student, group_rows)
     return rows

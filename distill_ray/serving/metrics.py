@@ -8,8 +8,8 @@ dashboards, alert rules and other code build on; Ray's agent exports every appli
 the prefix ``ray_`` (``EXPORT_PREFIX``), so Prometheus sees ``ray_distill_student_requests_total``.
 
 Importing this module needs neither Ray nor torch: ``StudentMetrics`` imports ``ray.serve.metrics``
-when a replica builds it, and the pure helpers (``model_version_of``, ``top1_tallies``,
-``route_of``) are tested on their own.
+when a replica builds it, and the pure helpers (``top1_tallies``, ``route_of``) are tested on
+their own. The ``model_version`` tag is ``canary.version_label``, the name in ``X-Model-Version``.
 """
 
 from __future__ import annotations
@@ -64,15 +64,6 @@ def exported_names() -> dict[str, list[str]]:
         base = EXPORT_PREFIX + name
         names[name] = [f"{base}_{part}" for part in ("bucket", "sum", "count")] if name in HISTOGRAMS else [base]
     return names
-
-
-def model_version_of(card: Mapping[str, Any], model_id: str) -> str:
-    """The ``model_version`` tag: the distill card's ``version`` when it has one, else the model id
-    (``name@unversioned`` for a student saved without a versioned card)."""
-    version = card.get("version")
-    if version is None or str(version) in ("", "unversioned"):
-        return model_id
-    return str(version)
 
 
 def route_of(scope: Mapping[str, Any]) -> str:
